@@ -1,0 +1,4 @@
+"""calibrated-rlhf
+"""
+
+__version__ = "0.1"
