@@ -1,0 +1,312 @@
+"""Preference pairs: the formats people have, validation with errors that name rows, splits by prompt.
+
+Canonical form after :func:`standardize`: one row per pair with ``prompt``, ``chosen``, ``rejected``
+(each a string, or a list of ``{"role", "content"}`` messages for conversational data), an optional
+``margin`` and ``pair_id`` (the row's position in the source). Any other source columns ride along.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+Action = Literal["error", "drop"]
+
+
+class PreferenceDataError(ValueError):
+    """Bad preference data; the message names the problem, the field and the rows."""
+
+
+class ValidationParams(BaseModel):
+    """What to do with each kind of bad row: fail the run (``error``) or drop, count and log it (``drop``)."""
+
+    bad_text: Action = Field("error", description="Empty or non-string text, or a malformed message list.")
+    identical: Action = Field("error", description="Chosen identical to rejected.")
+    duplicate: Action = Field("error", description="The same (prompt, chosen, rejected) more than once.")
+    bad_margin: Action = Field("error", description="NaN or infinite margin, or ratings that contradict the label.")
+    too_long: Action = Field("drop", description="Chosen or rejected longer than max_length tokens.")
+    max_length: int = Field(128, ge=8, description="Longest prompt + response in tokens, EOS included.")
+
+
+class MarginParams(BaseModel):
+    """Where graded preference strengths come from, if anywhere."""
+
+    enabled: bool = Field(True, description="Use margins when the data has them (a margin column or ratings).")
+    column: str = Field("margin", description="Column holding a per-pair margin.")
+    rating_columns: tuple[str, str] = Field(
+        ("chosen_rating", "rejected_rating"),
+        description="Per-response ratings; margin = rating_scale * (chosen - rejected), as in Llama 2's RM.",
+    )
+    rating_scale: float = Field(1.0, gt=0, description="Margin per rating point.")
+
+
+class SplitParams(BaseModel):
+    """Fractions of prompts per split; no prompt lands in two splits."""
+
+    train: float = Field(0.6, gt=0)
+    validation: float = Field(0.1, ge=0)
+    calibration: float = Field(0.15, gt=0, description="Held out for the temperature fit only.")
+    test: float = Field(0.15, gt=0)
+    seed: int = 0
+
+
+SPLITS = ("train", "validation", "calibration", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def is_conversational(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and isinstance(value[0], dict)
+
+
+def _as_messages(value: Any) -> list[dict]:
+    # Parquet and Arrow hand nested lists back as numpy arrays of dicts; normalise to plain lists.
+    return [dict(m) for m in value]
+
+
+def _common_prefix_len(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """Split an implicit-prompt pair into (prompt, chosen, rejected) at their shared prefix.
+
+    Text is cut at the last whitespace inside the common prefix so no word is split; messages are
+    cut before the first message that differs.
+    """
+    if is_conversational(chosen) and is_conversational(rejected):
+        c, r = _as_messages(chosen), _as_messages(rejected)
+        n = _common_prefix_len(c, r)
+        return c[:n], c[n:], r[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = _common_prefix_len(chosen, rejected)
+        cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1))
+        cut = cut if cut > 0 else 0
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    return None, chosen, rejected
+
+
+def standardize(raw: pd.DataFrame, margin: MarginParams) -> pd.DataFrame:
+    """Bring explicit- or implicit-prompt data, text or conversational, into the canonical form."""
+    missing = [c for c in ("chosen", "rejected") if c not in raw.columns]
+    if missing:
+        raise PreferenceDataError(
+            f"preference data is missing column(s) {missing}; found {list(raw.columns)}. "
+            "Expected prompt/chosen/rejected (explicit prompt) or chosen/rejected (implicit prompt)."
+        )
+    df = raw.reset_index(drop=True).copy()
+    df.insert(0, "pair_id", np.arange(len(df), dtype=np.int64))
+    if "prompt" not in df.columns:
+        split = [split_implicit_prompt(c, r) for c, r in zip(df["chosen"], df["rejected"])]
+        df["prompt"] = [s[0] for s in split]
+        df["chosen"] = [s[1] for s in split]
+        df["rejected"] = [s[2] for s in split]
+    for col in TEXT_FIELDS:
+        df[col] = [_as_messages(v) if is_conversational(v) else v for v in df[col]]
+
+    if not margin.enabled:
+        return df.drop(columns=[margin.column], errors="ignore")
+    chosen_col, rejected_col = margin.rating_columns
+    if margin.column not in df.columns and chosen_col in df.columns and rejected_col in df.columns:
+        diff = pd.to_numeric(df[chosen_col], errors="coerce") - pd.to_numeric(df[rejected_col], errors="coerce")
+        df["margin"] = margin.rating_scale * diff.astype(float)
+    elif margin.column in df.columns and margin.column != "margin":
+        df["margin"] = df[margin.column]
+    if "margin" in df.columns:
+        df["margin"] = pd.to_numeric(df["margin"], errors="coerce").astype(float)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _text_problem(value: Any, field: str) -> str | None:
+    """Why ``value`` is not usable text for ``field``, or None. Prompts may be empty; responses may not."""
+    if is_conversational(value):
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or set(m) < {"role", "content"}:
+                return f"message {i} lacks role/content"
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                return f"message {i} has a non-string role or content"
+            if field != "prompt" and not m["content"].strip():
+                return f"message {i} has empty content"
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) == 0:
+            return None if field == "prompt" else "empty message list"
+        return "list is not a list of {role, content} messages"
+    if not isinstance(value, str):
+        return f"{type(value).__name__} instead of text"
+    if field != "prompt" and not value.strip():
+        return "empty text"
+    return None
+
+
+def _key(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _describe(rows: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
+
+
+def find_problems(df: pd.DataFrame) -> dict[str, dict[str, list[int]]]:
+    """Every problem found, as {kind: {field: [pair_id, ...]}}; kinds match :class:`ValidationParams`."""
+    problems: dict[str, dict[str, list[int]]] = {}
+
+    def add(kind: str, field: str, pair_id: int) -> None:
+        problems.setdefault(kind, {}).setdefault(field, []).append(int(pair_id))
+
+    for field in TEXT_FIELDS:
+        for pid, value in zip(df["pair_id"], df[field]):
+            if _text_problem(value, field):
+                add("bad_text", field, pid)
+    bad = {pid for rows in problems.get("bad_text", {}).values() for pid in rows}
+    ok = df[~df["pair_id"].isin(bad)]
+    for pid, c, r in zip(ok["pair_id"], ok["chosen"], ok["rejected"]):
+        if _key(c) == _key(r):
+            add("identical", "chosen/rejected", pid)
+    keys = pd.Series([_key(p) + "\x00" + _key(c) + "\x00" + _key(r) for p, c, r in
+                      zip(ok["prompt"], ok["chosen"], ok["rejected"])], index=ok.index)
+    for pid in ok.loc[keys.duplicated(keep="first").to_numpy(), "pair_id"]:
+        add("duplicate", "prompt/chosen/rejected", pid)
+    if "margin" in df.columns:
+        m = df["margin"].to_numpy(dtype=float)
+        for pid in df.loc[~np.isfinite(m), "pair_id"]:
+            add("bad_margin", "margin", pid)
+    return problems
+
+
+def problem_message(kind: str, field: str, rows: Sequence[int]) -> str:
+    what = {
+        "bad_text": "empty, non-string or malformed text",
+        "identical": "chosen identical to rejected",
+        "duplicate": "a duplicate of an earlier pair",
+        "bad_margin": "a NaN or infinite margin",
+        "too_long": "more tokens than max_length",
+    }[kind]
+    return f"{len(rows)} row(s) have {what} in field '{field}': rows {_describe(sorted(rows))}"
+
+
+def apply_validation(
+    df: pd.DataFrame, problems: dict[str, dict[str, list[int]]], params: ValidationParams
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Raise on every kind set to ``error``; drop the rest. Returns the clean frame and drop counts."""
+    errors = [
+        problem_message(kind, field, rows)
+        for kind, fields in problems.items()
+        if getattr(params, kind) == "error"
+        for field, rows in fields.items()
+    ]
+    if errors:
+        raise PreferenceDataError("invalid preference data (rows are pair_id, the 0-based source row):\n- "
+                                  + "\n- ".join(errors))
+    dropped = {kind: sorted({r for rows in fields.values() for r in rows}) for kind, fields in problems.items()}
+    all_dropped = {r for rows in dropped.values() for r in rows}
+    clean = df[~df["pair_id"].isin(all_dropped)].reset_index(drop=True)
+    return clean, {kind: len(rows) for kind, rows in dropped.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def prompt_group(prompt: Any, pair_id: int) -> str:
+    """The key that keeps a prompt's pairs together; pairs with no prompt each form their own group."""
+    key = _key(prompt) if prompt is not None else ""
+    return key if key not in ("", "[]") else f"\x00pair-{pair_id}"
+
+
+def assign_splits(df: pd.DataFrame, params: SplitParams) -> pd.Series:
+    """Split name per row, by prompt: groups are ordered by a seeded hash, then cut at the target sizes.
+
+    Hashing the prompt (rather than shuffling positions) keeps a prompt's split stable when rows are
+    added to or removed from the source.
+    """
+    fractions = np.array([getattr(params, s) for s in SPLITS], dtype=float)
+    fractions /= fractions.sum()
+    groups = pd.Series([prompt_group(p, i) for p, i in zip(df["prompt"], df["pair_id"])], index=df.index)
+    sizes = groups.value_counts()
+    order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{params.seed}\x00{g}".encode()).hexdigest())
+    if len(order) < len(SPLITS):
+        raise PreferenceDataError(f"need at least {len(SPLITS)} distinct prompts to split, found {len(order)}")
+    cum = np.cumsum([sizes[g] for g in order])
+    bounds = np.cumsum(fractions)[:-1] * cum[-1]
+    # Searchsorted puts each group in the split whose cumulative target it falls under.
+    split_of = {g: SPLITS[min(int(np.searchsorted(bounds, c - sizes[g] / 2)), len(SPLITS) - 1)]
+                for g, c in zip(order, cum)}
+    out = groups.map(split_of)
+    empty = [s for s in SPLITS if getattr(params, s) > 0 and not (out == s).any()]
+    if empty:
+        raise PreferenceDataError(f"split(s) {empty} came out empty: too few prompts ({len(order)}) for the fractions")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization, exactly as TRL's RewardTrainer does it, so scoring matches training.
+
+
+def render_ids(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
+    """Token ids of prompt + completion: text gets an EOS appended, messages go through the chat template."""
+    if is_conversational(completion):
+        messages = _as_messages(prompt if prompt is not None else []) + _as_messages(completion)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    text = (prompt or "") + completion
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return list(tokenizer(text)["input_ids"])
+
+
+def tokenize_pairs(df: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:
+    """``chosen_ids`` and ``rejected_ids`` for every pair (and ``margin`` when present)."""
+    out = pd.DataFrame(
+        {
+            "chosen_ids": [render_ids(tokenizer, p, c) for p, c in zip(df["prompt"], df["chosen"])],
+            "rejected_ids": [render_ids(tokenizer, p, r) for p, r in zip(df["prompt"], df["rejected"])],
+        },
+        index=df.index,
+    )
+    if "margin" in df.columns:
+        out["margin"] = df["margin"].astype(float)
+    return out
+
+
+def find_too_long(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
+    """{field: [pair_id]} of pairs whose chosen or rejected side exceeds ``max_length`` tokens."""
+    ids = tokenize_pairs(df, tokenizer)
+    out: dict[str, list[int]] = {}
+    for field in ("chosen", "rejected"):
+        long = ids[f"{field}_ids"].map(len) > max_length
+        if long.any():
+            out[field] = df.loc[long, "pair_id"].astype(int).tolist()
+    return out
+
+
+def content_hash(df: pd.DataFrame) -> str:
+    """SHA-256 of the pairs' content, independent of storage format and column order."""
+    h = hashlib.sha256()
+    for col in sorted(df.columns):
+        h.update(col.encode())
+        for v in df[col]:
+            if isinstance(v, float) and math.isnan(v):
+                v = None
+            h.update(json.dumps(v, sort_keys=True, default=str).encode())
+    return h.hexdigest()

@@ -1,0 +1,66 @@
+"""Nodes of ``reward_model``: thin adapters over ``calibrated_rlhf.core``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from calibrated_rlhf.core import reward_model as rm
+from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
+from calibrated_rlhf.core.preferences import tokenize_pairs
+from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
+
+log = logging.getLogger(__name__)
+
+# TRL's log keys -> this project's MLflow keys.
+TRAIN_CURVES = {
+    "loss": "rm/train/loss",
+    "accuracy": "rm/train/accuracy",
+    "margin": "rm/train/margin",
+    "mean_reward": "rm/train/reward_mean",
+    "grad_norm": "rm/train/grad_norm",
+    "learning_rate": "rm/train/learning_rate",
+    "eval_loss": "rm/validation/loss",
+    "eval_accuracy": "rm/validation/accuracy",
+    "eval_margin": "rm/validation/margin",
+    "eval_mean_reward": "rm/validation/reward_mean",
+}
+
+
+def train_reward_model(
+    tokenizer: Any,
+    train_pairs: pd.DataFrame,
+    validation_pairs: pd.DataFrame,
+    backbone: BackboneParams,
+    training: rm.RewardTrainingParams,
+) -> tuple[Any, dict[str, list[dict[str, float]]]]:
+    """Build the backbone and train it with the centering (and, with margins, the margin) loss."""
+    model = build_reward_backbone(backbone, tokenizer)
+    model, history = rm.train_reward_model(
+        model,
+        tokenizer,
+        tokenize_pairs(train_pairs, tokenizer),
+        tokenize_pairs(validation_pairs, tokenizer) if len(validation_pairs) else None,
+        training,
+    )
+    return model, as_history(history, TRAIN_CURVES)
+
+
+def score_pairs(reward_model: Any, tokenizer: Any, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Raw rewards of both sides of every pair: pair_id, reward_chosen, reward_rejected (+ true_prob)."""
+    r_c, r_r = rm.score_pairs(reward_model, tokenize_pairs(pairs, tokenizer), tokenizer.pad_token_id)
+    out = pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "reward_chosen": r_c, "reward_rejected": r_r})
+    if "true_prob" in pairs.columns:
+        out["true_prob"] = pairs["true_prob"].to_numpy(dtype=float)
+    return out
+
+
+def evaluate_reward_model(test_scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Test accuracy, reward offset and spread, mean margin; Bayes figures on the synthetic task."""
+    true_prob = test_scores["true_prob"].to_numpy() if "true_prob" in test_scores.columns else None
+    m = rm.pair_metrics(test_scores["reward_chosen"].to_numpy(), test_scores["reward_rejected"].to_numpy(), true_prob)
+    log.info("reward model on test: %s", {k: round(v, 4) for k, v in m.items()})
+    return as_metrics({f"rm/test_{k}": v for k, v in m.items() if np.isfinite(v)})
