@@ -1,0 +1,114 @@
+"""Every PPO hyperparameter in one typed, validated, documented model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PPOConfig(BaseModel):
+    """Hyperparameters of :class:`~calibrated_rlhf.core.ppo.trainer.PPOTrainer`.
+
+    Reward units: ``beta`` and ``missing_eos_penalty`` are expressed in *normalized-reward* units.
+    When the score fed to the trainer is not normalized, set ``reward_scale`` to the scale of that
+    score (e.g. its standard deviation): the KL weight actually applied is ``beta * reward_scale``
+    (logged as ``ppo/objective/beta_effective``). Only the ratio of reward scale to KL weight changes
+    the optimum, so this keeps one ``beta`` meaningful across reward models.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- run length and batching -------------------------------------------------------------
+    seed: int = Field(0, description="Seed for prompt order, sampling and minibatch shuffling.")
+    num_updates: int = Field(32, gt=0, description="PPO updates (rollout + optimisation) run by train().")
+    batch_size: int = Field(16, gt=0, description="Episodes (prompts) per update on each process.")
+    num_mini_batches: int = Field(
+        1, gt=0, description="Minibatches per PPO epoch; must divide batch_size (one optimizer step each)."
+    )
+    num_ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout batch.")
+
+    # --- sampling ----------------------------------------------------------------------------
+    response_length: int = Field(24, gt=0, description="Maximum new tokens sampled per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; logprobs use the same temperature.")
+    eos_token_id: int | None = Field(
+        None, description="Token that ends a response; None takes the tokenizer's eos_token_id."
+    )
+    missing_eos_penalty: float | None = Field(
+        None,
+        description="Subtracted from the normalized score of a response that has no EOS within "
+        "response_length (normalized-reward units, scaled by reward_scale). None disables it.",
+    )
+
+    # --- optimisation --------------------------------------------------------------------------
+    learning_rate: float = Field(3e-6, gt=0, description="AdamW learning rate (policy and value).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the joint policy+value gradient norm to this; None = no clipping."
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount over response tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="PPO policy ratio clip epsilon.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the rollout value.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0 = off, as in RLHF practice).")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over valid response tokens (global batch).")
+
+    # --- value model ---------------------------------------------------------------------------
+    value_model: Literal["separate", "shared"] = Field(
+        "separate",
+        description="'separate': a distinct value network (its own backbone); "
+        "'shared': a linear value head on the policy's last hidden states.",
+    )
+
+    # --- KL control ------------------------------------------------------------------------------
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimator: k1 = logp - logp_ref; k3 = (r - 1) - log r, r = p_ref / p."
+    )
+    kl_control: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="'adaptive': Ziegler et al. (2019) proportional controller; 'fixed': constant beta."
+    )
+    beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat.")
+    kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller horizon, in episodes.")
+    reward_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Scale of the score fed in, relative to normalized units; the applied KL weight is "
+        "beta * reward_scale. Leave at 1.0 when the score is already normalized.",
+    )
+
+    # --- safety ----------------------------------------------------------------------------------
+    kl_stop_multiple: float | None = Field(
+        None, gt=0, description="Stop early when the batch KL exceeds this multiple of kl_target; None = off."
+    )
+
+    # --- checkpoints and logging ---------------------------------------------------------------
+    checkpoint_dir: str | None = Field(None, description="Directory for checkpoints; None disables them.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a checkpoint every N updates (and after the last); None = never."
+    )
+    keep_checkpoints: int | None = Field(
+        None, gt=0, description="Keep only the newest N checkpoints; None keeps all."
+    )
+    sample_every: int | None = Field(
+        None, gt=0, description="Record sample responses every K updates (for a table); None = never."
+    )
+    num_samples: int = Field(4, gt=0, description="Sample rows recorded each time (from the first process).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOConfig":
+        if self.batch_size % self.num_mini_batches:
+            raise ValueError(
+                f"num_mini_batches ({self.num_mini_batches}) must divide batch_size ({self.batch_size})"
+            )
+        if self.checkpoint_every is not None and self.checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+        return self
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Episodes per optimizer step on each process."""
+        return self.batch_size // self.num_mini_batches

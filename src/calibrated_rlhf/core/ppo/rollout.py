@@ -1,0 +1,225 @@
+"""Models as PPO sees them, and rollout sampling with a KV cache.
+
+A policy is any transformers causal LM: it is split into its backbone
+(``getattr(model, model.base_model_prefix)``) and output head (``get_output_embeddings()``) so
+logits are only computed over the response window. A separate value model is a transformers
+``*ForSequenceClassification`` with ``num_labels=1`` (backbone + ``score`` head), read per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer trunk of a transformers model (e.g. ``LlamaModel`` inside ``LlamaForCausalLM``)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix or not hasattr(model, prefix):
+        raise TypeError(f"{type(model).__name__} has no base_model_prefix backbone")
+    return getattr(model, prefix)
+
+
+def value_head_of(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification value model."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__} has no 'score' head; pass an AutoModelForSequenceClassification")
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a prompt's tokens sit at 0..n-1 whatever its padding."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class PolicyAndValue(nn.Module):
+    """Policy plus value function behind one ``forward``, so DDP sees a single module.
+
+    ``value_model`` (separate mode) or ``value_head`` (shared mode: a linear map of the policy's
+    last hidden state) must be given, not both.
+    """
+
+    def __init__(
+        self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if (value_model is None) == (value_head is None):
+            raise ValueError("give exactly one of value_model (separate) or value_head (shared)")
+        self.policy = policy
+        self.value_model = value_model
+        self.value_head = value_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        response_start: int,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, R, V] (already divided by temperature) and values [B, R] for the response.
+
+        Position ``response_start - 1 + t`` predicts response token t and holds the value of the
+        state before it is emitted.
+        """
+        h = backbone_of(self.policy)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        h_resp = h[:, response_start - 1 : -1]
+        logits = self.policy.get_output_embeddings()(h_resp)
+        if temperature != 1.0:
+            logits = logits / temperature
+        if self.value_head is not None:
+            values = self.value_head(h_resp).squeeze(-1)
+        else:
+            values = sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start)
+        return logits, values
+
+
+def sequence_values(
+    value_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_start: int,
+) -> torch.Tensor:
+    """Per-token values [B, R] from a sequence-classification model's head applied at every position."""
+    h = backbone_of(value_model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return value_head_of(value_model)(h[:, response_start - 1 : -1]).squeeze(-1).float()
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(response token) [B, R] under a causal LM, with the sampling temperature applied."""
+    h = backbone_of(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    logits = model.get_output_embeddings()(h[:, response_start - 1 : -1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logprobs_from_logits(logits, input_ids[:, response_start:])
+
+
+@dataclass
+class Samples:
+    """Output of :func:`sample_responses` (all [B, R] except the query tensors)."""
+
+    responses: torch.Tensor  # sampled tokens; pad after the first EOS
+    logprobs: torch.Tensor  # log p of each sampled token under the sampling policy (temperature applied)
+    mask: torch.Tensor  # 1 for tokens up to and including the first EOS
+    has_eos: torch.Tensor  # [B] bool
+    values: torch.Tensor | None  # shared-trunk values read off the same forward passes
+
+
+@torch.inference_mode()
+def sample_responses(
+    policy: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_length: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    value_head: nn.Module | None = None,
+) -> Samples:
+    """Ancestral sampling (top_k=0, top_p=1) from left-padded prompts with a KV cache.
+
+    The logprobs of the sampled tokens come from the same cached forward passes, so the rollout
+    needs no second policy forward; with ``value_head`` the values do too. Sampling stops early
+    once every row has produced EOS.
+    """
+    backbone = backbone_of(policy)
+    lm_head = policy.get_output_embeddings()
+    B = query_ids.shape[0]
+    device = query_ids.device
+    responses = torch.full((B, response_length), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, response_length), dtype=torch.float32, device=device)
+    values = torch.zeros((B, response_length), dtype=torch.float32, device=device) if value_head is not None else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    attn = query_mask.long()
+    pos = position_ids_from_mask(attn)
+    out = backbone(input_ids=query_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    h = out.last_hidden_state[:, -1]
+    next_pos = pos[:, -1:] + 1
+    ones = torch.ones((B, 1), dtype=attn.dtype, device=device)
+    for t in range(response_length):
+        logits = lm_head(h).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = sample_categorical(logp.exp(), generator)
+        responses[:, t] = tok.squeeze(1)
+        logprobs[:, t] = logp.gather(-1, tok).squeeze(1)
+        if values is not None:
+            values[:, t] = value_head(h).squeeze(-1).float()
+        done = done | (tok.squeeze(1) == eos_token_id)
+        if t + 1 == response_length or bool(done.all()):
+            break
+        attn = torch.cat([attn, ones], dim=1)
+        out = backbone(input_ids=tok, attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        h = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+
+    mask, has_eos = response_mask(responses, eos_token_id)
+    responses = responses.masked_fill(~mask, pad_token_id)
+    logprobs = logprobs * mask
+    if values is not None:
+        values = values * mask
+    return Samples(responses=responses, logprobs=logprobs, mask=mask, has_eos=has_eos, values=values)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row [B, V] -> [B, 1] by inverting the CDF.
+
+    Needs one uniform per row instead of one per vocabulary entry (multinomial and Gumbel-max
+    draw V), which dominates the cost of a decoding step for small models.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    # scale by the row total so rounding in the cumsum never leaves u above the last bin;
+    # clamp_min keeps u = 0 from landing on a leading zero-probability token
+    u = (u * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, u).clamp_max(probs.shape[-1] - 1)
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of tokens up to and including the first EOS, whether an EOS occurred) per row."""
+    is_eos = responses == eos_token_id
+    # number of EOS strictly before t is 0 exactly for the prefix up to the first EOS
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
+    return eos_before == 0, is_eos.any(-1)
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (ids, mask) [B, L]."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,664 @@
+"""PPO for language models with an adaptive KL penalty, on top of ``accelerate``.
+
+One update (``PPOTrainer.step``) reads top to bottom:
+
+1. take the next batch of prompts; sample responses with a KV cache; truncate at EOS;
+2. score them with the user's ``score_fn``; logprobs under the frozen reference policy; values;
+3. per-token reward ``-beta_eff * KL_t`` plus the normalized score (minus the missing-EOS
+   penalty) on the last response token;
+4. GAE over response tokens, advantage whitening over the global batch;
+5. ``num_ppo_epochs`` passes of ``num_mini_batches`` minibatches: clipped policy loss, clipped
+   value loss, gradient clipping, AdamW;
+6. feed the batch KL to the KL controller; log; sample rows; checkpoint.
+
+Statistics that steer the run (the KL fed to the controller, the stop checks, whitening) are
+reduced across processes, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrated_rlhf.core.ppo.config import PPOConfig
+from calibrated_rlhf.core.ppo.gae import compute_gae, masked_whiten
+from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make_kl_controller
+from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_loss
+from calibrated_rlhf.core.ppo.rollout import (
+    PolicyAndValue,
+    hidden_size_of,
+    left_pad,
+    position_ids_from_mask,
+    response_logprobs,
+    sample_responses,
+    sequence_values,
+)
+
+ScoreFn = Callable[[list[str], list[str]], Mapping[str, torch.Tensor]]
+# Called on the main process after every update: (update number, metrics, sample rows or None).
+UpdateCallback = Callable[[int, dict[str, float], "list[dict[str, Any]] | None"], None]
+
+CHECKPOINT_PREFIX = "update_"
+STATE_FILE = "trainer_state.json"
+
+
+class PPOEarlyStop(RuntimeError):
+    """Training stopped for safety (KL blow-up or non-finite numbers); ``reason`` says which."""
+
+    def __init__(self, reason: str, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = metrics or {}
+
+
+@dataclass
+class PPOResult:
+    """What ``train()`` returns."""
+
+    history: list[dict[str, float]]
+    samples: list[dict[str, Any]]
+    updates: int
+    episodes: int
+    beta: float
+    stopped_early: bool = False
+    stop_reason: str | None = None
+    last_checkpoint: str | None = None
+    controller_state: dict[str, Any] = field(default_factory=dict)
+
+
+class PPOTrainer:
+    """PPO on a causal LM against a frozen reference, scored by ``score_fn``.
+
+    Args:
+        config: hyperparameters.
+        policy: a transformers causal LM (trained in place).
+        tokenizer: its tokenizer (needs ``pad_token_id``; ``eos_token_id`` unless the config sets one).
+        prompts: prompt strings; taken in a seeded shuffled order, epoch after epoch.
+        score_fn: ``score_fn(prompts, responses) -> {"normalized": Tensor[B], ...}``; the other keys'
+            batch means are logged as ``ppo/rewards/<key>``. Must return the same keys every call.
+        ref_policy: frozen reference; a deep copy of ``policy`` (taken now) when None.
+        value_model: separate value network (``*ForSequenceClassification``, ``num_labels=1``); when
+            None in "separate" mode one is built from the policy's config with a fresh trunk.
+        accelerator: an ``accelerate.Accelerator``; one is created when None.
+        callbacks: called on the main process after each update.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        score_fn: ScoreFn,
+        ref_policy: nn.Module | None = None,
+        value_model: nn.Module | None = None,
+        accelerator: Any | None = None,
+        callbacks: Sequence[UpdateCallback] = (),
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        acc = self.accelerator
+        self.rank = acc.process_index
+        self.world_size = acc.num_processes
+        self.device = acc.device
+        self.tokenizer = tokenizer
+        self.score_fn = score_fn
+        self.callbacks = list(callbacks)
+
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None or self.eos_token_id is None:
+            raise ValueError("tokenizer needs a pad token and an EOS token (or set config.eos_token_id)")
+
+        # Distinct sampling noise per rank; prompt order is shared and sliced by rank.
+        self._seed_everything(config.seed + self.rank)
+        self._gen = torch.Generator(device="cpu").manual_seed(config.seed + self.rank)
+        self._np_rng = np.random.default_rng([config.seed, self.rank])
+
+        self.prompts = list(prompts)
+        self._prompt_ids: list[list[int]] = tokenizer(self.prompts, add_special_tokens=True)["input_ids"]
+        self._global_batch = config.batch_size * self.world_size
+        if len(self.prompts) < self._global_batch:
+            raise ValueError(f"{len(self.prompts)} prompts < one global batch ({self._global_batch})")
+        self._data_epoch = 0
+        self._data_pos = 0
+        self._perm = self._permutation(0)
+
+        # Models: the reference is frozen and kept out of the optimizer and DDP.
+        if ref_policy is None:
+            ref_policy = copy.deepcopy(policy)
+        ref_policy.requires_grad_(False)
+        self.ref_policy = ref_policy.eval().to(self.device)
+        self._ref_fingerprint = _fingerprint(self.ref_policy)
+
+        if config.value_model == "shared":
+            if value_model is not None:
+                raise ValueError("value_model given but config.value_model == 'shared'")
+            head = nn.Linear(hidden_size_of(policy), 1)
+            g = torch.Generator().manual_seed(config.seed)
+            with torch.no_grad():
+                # small init: the value head starts near zero, as is usual for RLHF value heads
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) / (hidden_size_of(policy) + 1))
+                head.bias.zero_()
+            wrapper = PolicyAndValue(policy, value_head=head.to(next(policy.parameters()).dtype))
+        else:
+            if value_model is None:
+                value_model = _default_value_model(policy, config.seed)
+            wrapper = PolicyAndValue(policy, value_model=value_model)
+
+        params = [p for p in wrapper.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = acc.prepare(wrapper, optimizer)
+        self.kl_controller: AdaptiveKLController = make_kl_controller(
+            config.kl_control, config.beta, config.kl_target, config.kl_horizon
+        )
+
+        self.update = 0  # completed updates
+        self.episodes = 0  # episodes consumed, all processes
+        self.history: list[dict[str, float]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.last_checkpoint: str | None = None
+        self._score_keys: list[str] | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def beta(self) -> float:
+        """Current KL weight in normalized-reward units."""
+        return self.kl_controller.beta
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def unwrapped(self) -> PolicyAndValue:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.unwrapped.policy
+
+    @property
+    def value_model(self) -> nn.Module:
+        m = self.unwrapped
+        return m.value_model if m.value_model is not None else m.value_head
+
+    def train(self, num_updates: int | None = None, resume_from: str | os.PathLike | None = None) -> PPOResult:
+        """Run updates until ``num_updates`` (default ``config.num_updates``) are done in total.
+
+        ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``.
+        A :class:`PPOEarlyStop` ends the loop; the result carries ``stopped_early`` and the reason.
+        """
+        cfg = self.config
+        total = cfg.num_updates if num_updates is None else num_updates
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        stopped, reason = False, None
+        while self.update < total:
+            try:
+                self.step()
+            except PPOEarlyStop as e:
+                stopped, reason = True, e.reason
+                if self.is_main_process:
+                    print(f"[ppo] early stop at update {self.update + 1}: {e.reason}", flush=True)
+                break
+        if (not stopped and cfg.checkpoint_every is not None
+                and (self.last_checkpoint is None or Path(self.last_checkpoint).name != _ckpt_name(self.update))):
+            self.save_checkpoint()
+        return PPOResult(
+            history=self.history, samples=self.samples, updates=self.update, episodes=self.episodes,
+            beta=self.beta, stopped_early=stopped, stop_reason=reason, last_checkpoint=self.last_checkpoint,
+            controller_state=self.kl_controller.state_dict(),
+        )
+
+    def step(self) -> dict[str, float]:
+        """One PPO update. Returns its metrics (``ppo/...`` keys); raises :class:`PPOEarlyStop`."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        model = self.model
+        unwrapped = self.unwrapped
+        policy = unwrapped.policy
+
+        # 1. rollout ---------------------------------------------------------------------------
+        idx = self._next_prompt_indices()
+        prompt_texts = [self.prompts[i] for i in idx]
+        query, query_mask = left_pad([self._prompt_ids[i] for i in idx], self.pad_token_id, self.device)
+        Lq = query.shape[1]
+        was_training = model.training
+        model.eval()  # no dropout while sampling or computing the old logprobs/values
+        samples = sample_responses(
+            policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_token_id,
+            self.pad_token_id, generator=self._gen,
+            value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
+        )
+        responses, mask_bool = samples.responses, samples.mask
+        R = responses.shape[1]
+        input_ids = torch.cat([query, responses], dim=1)
+        # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
+        attn = torch.cat([query_mask, torch.ones_like(responses)], dim=1)
+        pos = position_ids_from_mask(attn)
+        with torch.inference_mode():
+            ref_logprobs = response_logprobs(self.ref_policy, input_ids, attn, pos, Lq, cfg.temperature)
+            if samples.values is not None:
+                values = samples.values
+            else:
+                values = sequence_values(unwrapped.value_model, input_ids, attn, pos, Lq)
+        # leave inference mode: these become constants inside autograd graphs below
+        mask = mask_bool.float()
+        logprobs = samples.logprobs.clone() * mask
+        ref_logprobs = ref_logprobs.clone() * mask
+        values = values.clone() * mask
+        if was_training:
+            model.train()
+
+        response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = self.score_fn(prompt_texts, response_texts)
+        if "normalized" not in scores:
+            raise KeyError("score_fn must return a 'normalized' entry")
+        score_keys = sorted(scores)
+        if self._score_keys is None:
+            self._score_keys = score_keys
+        elif score_keys != self._score_keys:
+            raise KeyError(f"score_fn keys changed from {self._score_keys} to {score_keys}")
+        score_tensors = {k: torch.as_tensor(scores[k]).detach().float().reshape(-1).to(self.device)
+                         for k in score_keys}
+        if score_tensors["normalized"].numel() != len(idx):
+            raise ValueError("score_fn returned a 'normalized' tensor of the wrong length")
+        t_rollout = time.perf_counter()
+
+        # 2. rewards ---------------------------------------------------------------------------
+        beta = self.kl_controller.beta
+        beta_eff = beta * cfg.reward_scale
+        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        score = score_tensors["normalized"].clone()
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * cfg.reward_scale * (~samples.has_eos).float()
+        rewards = -beta_eff * kl
+        last = (mask.sum(1).long() - 1).clamp_min(0)
+        rewards[torch.arange(len(idx), device=self.device), last] += score
+
+        # 3. advantages ------------------------------------------------------------------------
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce=self._reduce_sum)
+
+        # Global statistics in one reduction: they steer the controller and the stop checks.
+        seq_kl = kl.sum(1)
+        nonfinite = sum(int(not bool(torch.isfinite(x).all())) for x in
+                        (logprobs, ref_logprobs, values, rewards, advantages, *score_tensors.values()))
+        resid = (returns - values) * mask
+        local = [
+            seq_kl.sum(), (-beta_eff * seq_kl).sum(), score.sum(), mask.sum(),
+            samples.has_eos.float().sum(), torch.tensor(float(nonfinite)),
+            (returns * mask).sum(), (returns * returns * mask).sum(), resid.sum(), (resid * resid).sum(),
+            (values * mask).sum(),
+            *[score_tensors[k].sum() for k in score_keys],
+        ]
+        g = self._reduce_sum(torch.stack([x.double().cpu() for x in local]))
+        n_ep = float(self._global_batch)
+        n_tok = max(float(g[3]), 1.0)
+        g_kl = float(g[0]) / n_ep
+        var_ret = float(g[7]) / n_tok - (float(g[6]) / n_tok) ** 2
+        var_res = float(g[9]) / n_tok - (float(g[8]) / n_tok) ** 2
+        metrics: dict[str, float] = {
+            "ppo/objective/kl": g_kl,
+            "ppo/objective/beta": beta,
+            "ppo/objective/beta_effective": beta_eff,
+            "ppo/objective/kl_target": cfg.kl_target,
+            "ppo/objective/non_score_reward": float(g[1]) / n_ep,
+            "ppo/objective/score": float(g[2]) / n_ep,
+            "ppo/objective/rlhf_reward": (float(g[2]) + float(g[1])) / n_ep,
+            "ppo/rollout/response_length": float(g[3]) / n_ep,
+            "ppo/rollout/eos_fraction": float(g[4]) / n_ep,
+            "ppo/value/explained_variance": 1.0 - var_res / var_ret if var_ret > 1e-12 else float("nan"),
+            "ppo/value/mean": float(g[10]) / n_tok,
+        }
+        for j, k in enumerate(score_keys):
+            metrics[f"ppo/rewards/{k}"] = float(g[11 + j]) / n_ep
+        if float(g[5]) > 0:
+            raise PPOEarlyStop("non-finite reward, logprob, value or advantage in the rollout", metrics)
+        if cfg.kl_stop_multiple is not None and g_kl > cfg.kl_stop_multiple * cfg.kl_target:
+            raise PPOEarlyStop(
+                f"KL {g_kl:.3f} exceeds kl_stop_multiple * kl_target = "
+                f"{cfg.kl_stop_multiple * cfg.kl_target:.3f}", metrics,
+            )
+
+        # 4. PPO epochs --------------------------------------------------------------------------
+        B = len(idx)
+        mb = cfg.mini_batch_size
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                                ("policy", "value", "clipfrac", "vclipfrac", "approx_kl",
+                                                 "entropy", "ratio", "grad_norm")}
+        for _epoch in range(cfg.num_ppo_epochs):
+            order = torch.from_numpy(self._np_rng.permutation(B)) if cfg.num_mini_batches > 1 else torch.arange(B)
+            for start in range(0, B, mb):
+                sel = order[start:start + mb].to(self.device)
+                m = mask[sel]
+                logits, vpred = model(input_ids[sel], attn[sel], pos[sel], Lq, cfg.temperature)
+                logits = logits.float()
+                logp_all = torch.log_softmax(logits, dim=-1)
+                new_logprobs = logp_all.gather(-1, responses[sel].unsqueeze(-1)).squeeze(-1)
+                pl = clipped_policy_loss(new_logprobs, logprobs[sel], advantages[sel], m, cfg.cliprange)
+                vl = clipped_value_loss(vpred.float(), values[sel], returns[sel], m, cfg.cliprange_value)
+                loss = pl.loss + cfg.vf_coef * vl.loss
+                if cfg.entropy_coef > 0:
+                    ent = -(logp_all.exp() * logp_all).sum(-1)
+                    loss = loss - cfg.entropy_coef * (ent * m).sum() / m.sum().clamp_min(1)
+                    entropy = (ent.detach() * m).sum() / m.sum().clamp_min(1)
+                else:
+                    with torch.no_grad():
+                        entropy = (-(logp_all.exp() * logp_all).sum(-1) * m).sum() / m.sum().clamp_min(1)
+                self.accelerator.backward(loss)
+                grad_norm = self.accelerator.clip_grad_norm_(
+                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                )
+                bad = (not math.isfinite(float(grad_norm))) or (not math.isfinite(float(loss.detach())))
+                if self.world_size > 1:
+                    # a NaN loss on one rank with finite synced grads must stop every rank
+                    bad = bool(self._reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0)
+                if bad:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise PPOEarlyStop("non-finite loss or gradient norm", metrics)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, v in (("policy", pl.loss), ("value", vl.loss), ("clipfrac", pl.clipfrac),
+                             ("vclipfrac", vl.clipfrac), ("approx_kl", pl.approx_kl), ("entropy", entropy),
+                             ("ratio", pl.ratio_mean), ("grad_norm", torch.as_tensor(grad_norm))):
+                    stats[k].append(v.detach().reshape(()).double().cpu())
+
+        names = list(stats)
+        local_means = torch.stack([torch.stack(stats[k]).mean() for k in names])
+        glob = self._reduce_sum(local_means) / self.world_size
+        gm = dict(zip(names, (float(x) for x in glob)))
+        metrics.update({
+            "ppo/losses/policy": gm["policy"],
+            "ppo/losses/total": gm["policy"] + cfg.vf_coef * gm["value"],
+            "ppo/value/loss": gm["value"],
+            "ppo/value/clipfrac": gm["vclipfrac"],
+            "ppo/policy/clipfrac": gm["clipfrac"],
+            "ppo/policy/approx_kl": gm["approx_kl"],
+            "ppo/policy/entropy": gm["entropy"],
+            "ppo/policy/ratio": gm["ratio"],
+            "ppo/optim/grad_norm": gm["grad_norm"],
+            "ppo/optim/lr": float(self.optimizer.param_groups[0]["lr"]),
+        })
+
+        # 5. KL control, bookkeeping ------------------------------------------------------------
+        self.kl_controller.update(g_kl, self._global_batch)
+        self.update += 1
+        self.episodes += self._global_batch
+        t_end = time.perf_counter()
+        metrics.update({
+            "ppo/step": float(self.update),
+            "ppo/episodes": float(self.episodes),
+            "ppo/objective/beta_next": self.kl_controller.beta,
+            "ppo/perf/episodes_per_s": self._global_batch / (t_end - t_start),
+            "ppo/perf/rollout_s": t_rollout - t_start,
+            "ppo/perf/update_s": t_end - t_start,
+        })
+        self.history.append(metrics)
+
+        rows = None
+        if cfg.sample_every is not None and self.update % cfg.sample_every == 0:
+            rows = []
+            for i in range(min(cfg.num_samples, B)):
+                row: dict[str, Any] = {"update": self.update, "prompt": prompt_texts[i],
+                                       "response": response_texts[i], "score": float(score[i])}
+                for k in score_keys:
+                    row[k] = float(score_tensors[k][i])
+                rows.append(row)
+            self.samples.extend(rows)
+        if cfg.checkpoint_every is not None and self.update % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.is_main_process:
+            for cb in self.callbacks:
+                cb(self.update, metrics, rows)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> str:
+        """Write a checkpoint atomically (temp folder, then rename) and return its path.
+
+        Layout of ``<checkpoint_dir>/update_000042/``: ``policy/`` (save_pretrained + tokenizer),
+        ``value_model/`` (save_pretrained) or ``value_head.pt``, ``optimizer.pt``,
+        ``trainer_state.json`` (update, episodes, controller, data position, history, samples,
+        config), ``rng_state_<rank>.pt`` (python, numpy, torch and the trainer's own generators).
+        """
+        acc = self.accelerator
+        root = Path(directory) if directory is not None else Path(self.config.checkpoint_dir or "checkpoints")
+        final = root / _ckpt_name(self.update)
+        tmp = root / f".{final.name}.tmp"
+        if self.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        m = self.unwrapped
+        if self.is_main_process:
+            m.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp / "policy")
+            if m.value_model is not None:
+                m.value_model.save_pretrained(tmp / "value_model", safe_serialization=True)
+            else:
+                torch.save(m.value_head.state_dict(), tmp / "value_head.pt")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {
+                "update": self.update,
+                "episodes": self.episodes,
+                "kl_controller": self.kl_controller.state_dict(),
+                "data": {"epoch": self._data_epoch, "pos": self._data_pos},
+                "world_size": self.world_size,
+                "score_keys": self._score_keys,
+                "ref_fingerprint": self._ref_fingerprint,
+                "history": self.history,
+                "samples": self.samples,
+                "config": self.config.model_dump(mode="json"),
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        torch.save(self._rng_state(), tmp / f"rng_state_{self.rank}.pt")
+        acc.wait_for_everyone()
+        if self.is_main_process:
+            if final.exists():
+                # same update saved twice: swap in the new one, then drop the old
+                old = root / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(root)
+            self._prune_checkpoints(root)
+        acc.wait_for_everyone()
+        self.last_checkpoint = str(final)
+        return str(final)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore everything ``save_checkpoint`` wrote; "latest" picks the newest in checkpoint_dir."""
+        if str(path) == "latest":
+            found = latest_checkpoint(self.config.checkpoint_dir or "checkpoints")
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in {self.config.checkpoint_dir}")
+            path = found
+        path = Path(path)
+        state = json.loads((path / STATE_FILE).read_text())
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint was written by {state['world_size']} processes, not {self.world_size}")
+        if state["ref_fingerprint"] != self._ref_fingerprint:
+            raise ValueError("the reference policy differs from the one this checkpoint was trained against")
+        m = self.unwrapped
+        _load_pretrained_weights(m.policy, path / "policy")
+        if m.value_model is not None:
+            _load_pretrained_weights(m.value_model, path / "value_model")
+        else:
+            m.value_head.load_state_dict(torch.load(path / "value_head.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+                                                  weights_only=False))
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.update = int(state["update"])
+        self.episodes = int(state["episodes"])
+        self._data_epoch = int(state["data"]["epoch"])
+        self._data_pos = int(state["data"]["pos"])
+        self._perm = self._permutation(self._data_epoch)
+        self._score_keys = state["score_keys"]
+        self.history = list(state["history"])
+        self.samples = list(state["samples"])
+        self._set_rng_state(torch.load(path / f"rng_state_{self.rank}.pt", weights_only=False))
+        self.last_checkpoint = str(path)
+
+    # ------------------------------------------------------------------ internals
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        from accelerate.utils import reduce
+
+        return reduce(t.to(self.device), reduction="sum").to(t.device)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.config.seed, 10_007, epoch]).permutation(len(self.prompts))
+
+    def _next_prompt_indices(self) -> list[int]:
+        G = self._global_batch
+        if self._data_pos + G > len(self.prompts):
+            # drop the ragged tail so every update has a full global batch
+            self._data_epoch += 1
+            self._data_pos = 0
+            self._perm = self._permutation(self._data_epoch)
+        start = self._data_pos + self.rank * self.config.batch_size
+        idx = self._perm[start:start + self.config.batch_size].tolist()
+        self._data_pos += G
+        return idx
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "sampler": self._gen.get_state(),
+            "shuffle": self._np_rng.bit_generator.state,
+        }
+
+    def _set_rng_state(self, s: dict[str, Any]) -> None:
+        random.setstate(s["python"])
+        np.random.set_state(s["numpy"])
+        torch.set_rng_state(s["torch"])
+        if s.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+        self._gen.set_state(s["sampler"])
+        self._np_rng.bit_generator.state = s["shuffle"]
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        keep = self.config.keep_checkpoints
+        if keep is None:
+            return
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- helpers
+def _ckpt_name(update: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{update:06d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temp folders are never listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _default_value_model(policy: nn.Module, seed: int) -> nn.Module:
+    """A fresh sequence-classification model (num_labels=1) with the policy's architecture."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = copy.deepcopy(policy.config)
+    cfg.num_labels = 1
+    state = torch.get_rng_state()
+    torch.manual_seed(seed + 1)
+    try:
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    finally:
+        torch.set_rng_state(state)
+    return model.to(next(policy.parameters()).device)
+
+
+def _load_pretrained_weights(model: nn.Module, folder: Path) -> None:
+    """Load a save_pretrained folder (single or sharded safetensors) into an existing model."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"unexpected keys in {folder}: {unexpected[:5]}")
+    # save_pretrained drops tied weights; anything else missing is an error
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
+    if untied:
+        raise ValueError(f"missing keys in {folder}: {untied[:5]}")
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """Cheap identity of a frozen model: shapes, sums and the leading values of every tensor."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(flat[:256].float().cpu().numpy().tobytes())
+            h.update(np.float64(flat.double().sum().item()).tobytes())
+    return h.hexdigest()

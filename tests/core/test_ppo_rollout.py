@@ -1,0 +1,105 @@
+"""Rollout sampling: EOS truncation, cached logprobs vs a full forward, padding invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrated_rlhf.core.ppo.rollout import (
+    PolicyAndValue,
+    left_pad,
+    position_ids_from_mask,
+    response_logprobs,
+    response_mask,
+    sample_categorical,
+    sample_responses,
+)
+
+from .test_ppo_helpers import PROMPTS, build_tokenizer, tiny_models
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    policy, vm = tiny_models(tok, seed=0)
+    return tok, policy.eval(), vm.eval()
+
+
+def test_response_mask_truncates_after_first_eos() -> None:
+    eos = 2
+    r = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    mask, has_eos = response_mask(r, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_left_pad() -> None:
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_token_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_sample_categorical_matches_probabilities() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.1, 0.6, 0.0, 0.3])
+    draws = sample_categorical(probs.expand(100_000, 5).contiguous(), g).squeeze(1)
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert freq[0] == 0 and freq[3] == 0  # zero-probability tokens are never drawn
+    torch.testing.assert_close(freq, probs.double(), atol=6e-3, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cached_logprobs_match_full_forward(setup, temperature: float) -> None:
+    tok, policy, _ = setup
+    ids = tok(PROMPTS[:6])["input_ids"]
+    ids[1] = ids[1][:2]  # uneven prompt lengths -> real left padding
+    q, qm = left_pad(ids, tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    s = sample_responses(policy, q, qm, 10, temperature, tok.eos_token_id, tok.pad_token_id, g)
+    assert s.responses.shape == (6, 10)
+    assert bool((s.responses[~s.mask] == tok.pad_token_id).all())
+    inp = torch.cat([q, s.responses], 1)
+    attn = torch.cat([qm, torch.ones_like(s.responses)], 1)
+    with torch.inference_mode():
+        full = response_logprobs(policy, inp, attn, position_ids_from_mask(attn), q.shape[1], temperature)
+    torch.testing.assert_close(s.logprobs, full * s.mask, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_logprobs(setup) -> None:
+    tok, policy, _ = setup
+    prompt = tok(PROMPTS[3])["input_ids"]
+    resp = [tok.convert_tokens_to_ids(w) for w in ["w1", "w2", "w3", "<eos>"]]
+    outs = []
+    for extra in (0, 5):
+        q, qm = left_pad([prompt, [1] * (len(prompt) + extra)], tok.pad_token_id)
+        r = torch.tensor([resp, resp])
+        inp = torch.cat([q, r], 1)
+        attn = torch.cat([qm, torch.ones_like(r)], 1)
+        with torch.inference_mode():
+            outs.append(response_logprobs(policy, inp, attn, position_ids_from_mask(attn), q.shape[1])[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_value_head_values_match_wrapper_forward(setup) -> None:
+    tok, policy, _ = setup
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    pv = PolicyAndValue(policy, value_head=head).eval()
+    q, qm = left_pad(tok(PROMPTS[:4])["input_ids"], tok.pad_token_id)
+    s = sample_responses(policy, q, qm, 6, 1.0, tok.eos_token_id, tok.pad_token_id,
+                         torch.Generator().manual_seed(2), value_head=head)
+    inp = torch.cat([q, s.responses], 1)
+    attn = torch.cat([qm, torch.ones_like(s.responses)], 1)
+    with torch.no_grad():
+        logits, values = pv(inp, attn, position_ids_from_mask(attn), q.shape[1])
+    torch.testing.assert_close(s.values, values * s.mask, atol=1e-5, rtol=1e-5)
+    assert logits.shape == (4, 6, policy.config.vocab_size)
+
+
+def test_wrapper_needs_exactly_one_value_function(setup) -> None:
+    _, policy, vm = setup
+    with pytest.raises(ValueError):
+        PolicyAndValue(policy)
+    with pytest.raises(ValueError):
+        PolicyAndValue(policy, value_model=vm, value_head=torch.nn.Linear(4, 1))

@@ -1,0 +1,246 @@
+"""End-to-end PPO on a tiny Llama: learning, KL control, logging, safety stops, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from calibrated_rlhf.core.ppo import PPOConfig, PPOEarlyStop, PPOTrainer, latest_checkpoint, list_checkpoints
+
+from .test_ppo_helpers import PROMPTS, build_tokenizer, score_fn, tiny_models
+
+PERF = "ppo/perf/"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def make_trainer(tok, value_model: str = "separate", seed: int = 0, score=score_fn, **overrides) -> PPOTrainer:
+    base = dict(seed=seed, num_updates=30, batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
+                response_length=8, learning_rate=1e-3, beta=0.02, kl_target=2.0, kl_horizon=200,
+                value_model=value_model)
+    base.update(overrides)
+    cfg = PPOConfig(**base)
+    policy, vm = tiny_models(tok, seed=seed, value=value_model == "separate")
+    return PPOTrainer(cfg, policy, tok, PROMPTS, score, value_model=vm)
+
+
+def _mean(hist, key, sl):
+    xs = [h[key] for h in hist[sl]]
+    return sum(xs) / len(xs)
+
+
+def test_reward_rises_and_beta_follows_the_controller(tok) -> None:
+    trainer = make_trainer(tok)
+    result = trainer.train()
+    h = result.history
+    assert result.updates == 30 and result.episodes == 30 * 16 and not result.stopped_early
+    first, last = _mean(h, "ppo/rewards/gold", slice(0, 5)), _mean(h, "ppo/rewards/gold", slice(-5, None))
+    assert last > first + 0.5, (first, last)
+    # the adaptive controller, replayed from the logged KLs
+    beta = 0.02
+    for rec in h:
+        assert rec["ppo/objective/beta"] == pytest.approx(beta, rel=1e-12)
+        err = min(max(rec["ppo/objective/kl"] / 2.0 - 1.0, -0.2), 0.2)
+        beta *= 1 + err * 16 / 200
+    assert result.beta == pytest.approx(beta, rel=1e-12)
+    # below target beta falls; once the KL overshoots it, beta climbs
+    cross = next(i for i, rec in enumerate(h) if rec["ppo/objective/kl"] > 2.0)
+    if cross > 0:
+        assert h[cross]["ppo/objective/beta"] < 0.02
+    assert result.beta > h[cross]["ppo/objective/beta"] * 1.05
+    required = ["ppo/objective/kl", "ppo/objective/beta", "ppo/objective/kl_target", "ppo/objective/beta_effective",
+                "ppo/rewards/normalized", "ppo/rewards/gold", "ppo/rewards/raw", "ppo/policy/entropy",
+                "ppo/policy/clipfrac", "ppo/policy/approx_kl", "ppo/losses/policy", "ppo/value/loss",
+                "ppo/value/explained_variance", "ppo/rollout/response_length", "ppo/perf/episodes_per_s"]
+    for key in required:
+        assert key in h[-1] and math.isfinite(h[-1][key]), key
+    assert all(k.startswith("ppo/") for k in h[-1])
+    assert h[-1]["ppo/rewards/raw"] == pytest.approx(3 * h[-1]["ppo/rewards/gold"] + 1, abs=1e-5)
+
+
+def test_shared_value_head_learns(tok) -> None:
+    trainer = make_trainer(tok, value_model="shared", num_updates=25)
+    h = trainer.train().history
+    assert _mean(h, "ppo/rewards/gold", slice(-5, None)) > _mean(h, "ppo/rewards/gold", slice(0, 5)) + 0.3
+
+
+def test_fixed_beta_and_reward_scale(tok) -> None:
+    trainer = make_trainer(tok, num_updates=4, kl_control="fixed", beta=0.05, reward_scale=4.0)
+    h = trainer.train().history
+    for rec in h:
+        assert rec["ppo/objective/beta"] == 0.05
+        assert rec["ppo/objective/beta_effective"] == pytest.approx(0.2)
+        # the penalty part of the reward uses beta * reward_scale
+        assert rec["ppo/objective/non_score_reward"] == pytest.approx(-0.2 * rec["ppo/objective/kl"], abs=1e-6)
+
+
+def test_missing_eos_penalty(tok) -> None:
+    # 3 tokens rarely end in EOS: the penalty shows in the score
+    trainer = make_trainer(tok, num_updates=2, response_length=3, missing_eos_penalty=1.5, reward_scale=2.0)
+    for rec in trainer.train().history:
+        no_eos = 1.0 - rec["ppo/rollout/eos_fraction"]
+        assert no_eos > 0.5
+        expected = rec["ppo/rewards/normalized"] - 1.5 * 2.0 * no_eos
+        assert rec["ppo/objective/score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_samples_every_k_and_callback(tok) -> None:
+    seen = []
+    trainer = make_trainer(tok, num_updates=4, sample_every=2, num_samples=3)
+    trainer.callbacks.append(lambda u, m, rows: seen.append((u, m["ppo/step"], rows)))
+    result = trainer.train()
+    assert [u for u, _, _ in seen] == [1, 2, 3, 4] and [s for _, s, _ in seen] == [1.0, 2.0, 3.0, 4.0]
+    assert [rows is None for _, _, rows in seen] == [True, False, True, False]
+    assert len(result.samples) == 6 and {r["update"] for r in result.samples} == {2, 4}
+    row = result.samples[0]
+    assert {"prompt", "response", "score", "normalized", "gold", "raw"} <= set(row)
+    assert row["prompt"] in PROMPTS and isinstance(row["response"], str)
+
+
+def test_kl_stop(tok) -> None:
+    trainer = make_trainer(tok, num_updates=30, kl_control="fixed", beta=0.0, kl_target=0.05, kl_stop_multiple=2.0)
+    result = trainer.train()
+    assert result.stopped_early and "KL" in result.stop_reason and result.updates < 30
+    with pytest.raises(PPOEarlyStop) as e:
+        trainer.step()
+    assert e.value.metrics["ppo/objective/kl"] > 0.1
+
+
+def test_nonfinite_reward_stops(tok) -> None:
+    def bad_score(prompts, responses):
+        out = score_fn(prompts, responses)
+        out["normalized"] = out["normalized"].clone()
+        out["normalized"][3] = float("nan")
+        return out
+
+    trainer = make_trainer(tok, num_updates=3, score=bad_score)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    result = trainer.train()
+    assert result.stopped_early and "non-finite" in result.stop_reason and result.updates == 0
+    # nothing was updated with the bad batch
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_score_fn_contract_errors(tok) -> None:
+    trainer = make_trainer(tok, num_updates=1, score=lambda p, r: {"gold": torch.zeros(len(p))})
+    with pytest.raises(KeyError):
+        trainer.step()
+
+
+def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+
+
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_resume_gives_identical_run(tok, tmp_path: Path, value_model: str) -> None:
+    kw = dict(num_updates=6, checkpoint_every=3, num_mini_batches=4, value_model=value_model)
+    full = make_trainer(tok, checkpoint_dir=str(tmp_path / "a"), **kw)
+    res_full = full.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["update_000003", "update_000006"]
+
+    # a fresh process would rebuild the same starting models, then resume
+    resumed = make_trainer(tok, checkpoint_dir=str(tmp_path / "b"), **kw)
+    resumed.load_checkpoint(tmp_path / "a" / "update_000003")
+    assert resumed.update == 3 and len(resumed.history) == 3
+    assert resumed.kl_controller.state_dict() == {**full.kl_controller.state_dict(), "beta": resumed.beta,
+                                                  "steps": 3}
+    res_resumed = resumed.train()
+    assert res_resumed.updates == 6
+    assert len(res_resumed.history) == len(res_full.history) == 6
+    for a, b in zip(res_full.history, res_resumed.history):
+        assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
+               {k: v for k, v in b.items() if not k.startswith(PERF)}
+    wa, wb = _weights(full), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert res_resumed.beta == res_full.beta
+    opt_a, opt_b = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+def test_resume_latest_through_train(tok, tmp_path: Path) -> None:
+    kw = dict(num_updates=4, checkpoint_every=2, checkpoint_dir=str(tmp_path), kl_control="adaptive")
+    first = make_trainer(tok, **kw)
+    first.train(num_updates=2)
+    second = make_trainer(tok, **kw)
+    res = second.train(resume_from="latest")
+    assert res.updates == 4 and res.last_checkpoint.endswith("update_000004")
+    assert second.episodes == 64
+
+
+def test_checkpoint_layout_and_atomicity(tok, tmp_path: Path, monkeypatch) -> None:
+    trainer = make_trainer(tok, num_updates=2, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    trainer.train(num_updates=1)
+    ck = tmp_path / "update_000001"
+    names = set(os.listdir(ck))
+    assert {"policy", "value_model", "optimizer.pt", "trainer_state.json", "rng_state_0.pt"} <= names
+    assert (ck / "policy" / "config.json").is_file()
+    snapshot = {p: p.read_bytes() for p in ck.rglob("*") if p.is_file()}
+
+    # a save that dies half-way leaves the earlier checkpoint untouched and no new complete one
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        trainer.step()  # update 2 saves a checkpoint
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_checkpoint(tmp_path) == ck
+    assert not (tmp_path / "update_000002").exists()
+    assert {p: p.read_bytes() for p in ck.rglob("*") if p.is_file()} == snapshot
+    # re-saving the same update replaces it whole
+    trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path).name == "update_000002"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_keep_checkpoints(tok, tmp_path: Path) -> None:
+    trainer = make_trainer(tok, num_updates=4, checkpoint_every=1, checkpoint_dir=str(tmp_path), keep_checkpoints=2)
+    trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["update_000003", "update_000004"]
+
+
+def test_resume_against_another_reference_is_refused(tok, tmp_path: Path) -> None:
+    trainer = make_trainer(tok, num_updates=1, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    trainer.train()
+    other = make_trainer(tok, seed=5, num_updates=1)
+    with pytest.raises(ValueError, match="reference"):
+        other.load_checkpoint(tmp_path / "update_000001")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValidationError):
+        PPOConfig(batch_size=0)
+    with pytest.raises(ValidationError):
+        PPOConfig(batch_size=16, num_mini_batches=3)
+    with pytest.raises(ValidationError):
+        PPOConfig(kl_estimator="k2")
+    with pytest.raises(ValidationError):
+        PPOConfig(checkpoint_every=5)  # needs checkpoint_dir
+    with pytest.raises(ValidationError):
+        PPOConfig(not_a_field=1)
+    cfg = PPOConfig()
+    assert (cfg.beta, cfg.kl_target, cfg.kl_horizon, cfg.kl_control, cfg.kl_estimator) == (0.1, 6.0, 10000,
+                                                                                          "adaptive", "k1")
+    for name, field in PPOConfig.model_fields.items():
+        assert field.description, name
