@@ -36,6 +36,17 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+def flatten(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
 class ProvenanceHooks:
     """Tags the active MLflow run (opened by kedro-mlflow) with provenance and loaded dataset versions."""
 
@@ -49,6 +60,24 @@ class ProvenanceHooks:
         load_versions = run_params.get("load_versions") or {}
         for name, version in load_versions.items():
             mlflow.set_tag(f"provenance/load_version/{name}", version)
+
+    @hook_impl
+    def before_node_run(self, node: Any, inputs: dict[str, Any]) -> None:
+        """Log typed (pydantic) parameters flattened, one MLflow param per field.
+
+        Kedro builds the model before hooks see it, so kedro-mlflow can only log its repr.
+        """
+        import mlflow
+        from pydantic import BaseModel
+
+        if mlflow.active_run() is None:
+            return
+        flat: dict[str, Any] = {}
+        for name, value in inputs.items():
+            if name.startswith("params:") and isinstance(value, BaseModel):
+                flat.update(flatten(value.model_dump(mode="json"), prefix=name[len("params:"):]))
+        if flat:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any, node: Any) -> None:

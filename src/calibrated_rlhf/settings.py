@@ -16,4 +16,6 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"env_or": _env_or},
+    # An environment (conf/tiny, a scenario) overrides single fields, not whole parameter blocks.
+    "merge_strategy": {"parameters": "soft"},
 }

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -51,11 +52,19 @@ class MarginParams(BaseModel):
 class SplitParams(BaseModel):
     """Fractions of prompts per split; no prompt lands in two splits."""
 
-    train: float = Field(0.6, gt=0)
+    train: float = Field(0.6, ge=0)
     validation: float = Field(0.1, ge=0)
-    calibration: float = Field(0.15, gt=0, description="Held out for the temperature fit only.")
-    test: float = Field(0.15, gt=0)
+    calibration: float = Field(0.15, ge=0, description="Held out for the temperature fit only.")
+    test: float = Field(0.15, ge=0)
     seed: int = 0
+    fixed_column: str | None = Field(
+        None, description="Column whose values pin rows to a split (e.g. source_file when the data ships its own)."
+    )
+    fixed: dict[str, str] = Field(
+        default_factory=dict,
+        description="fixed_column value -> split name; those rows go there, the rest are split by prompt "
+        "among the splits with a fraction > 0.",
+    )
 
 
 SPLITS = ("train", "validation", "calibration", "test")
@@ -111,6 +120,8 @@ def standardize(raw: pd.DataFrame, margin: MarginParams) -> pd.DataFrame:
         )
     df = raw.reset_index(drop=True).copy()
     df.insert(0, "pair_id", np.arange(len(df), dtype=np.int64))
+    if "true_prob" not in df.columns and "true_prob_chosen" in df.columns:
+        df = df.rename(columns={"true_prob_chosen": "true_prob"})
     if "prompt" not in df.columns:
         split = [split_implicit_prompt(c, r) for c, r in zip(df["chosen"], df["rejected"])]
         df["prompt"] = [s[0] for s in split]
@@ -151,6 +162,8 @@ def _text_problem(value: Any, field: str) -> str | None:
         if len(value) == 0:
             return None if field == "prompt" else "empty message list"
         return "list is not a list of {role, content} messages"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing value"
     if not isinstance(value, str):
         return f"{type(value).__name__} instead of text"
     if field != "prompt" and not value.strip():
@@ -167,18 +180,41 @@ def _describe(rows: Sequence[int], limit: int = 10) -> str:
     return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
 
 
-def find_problems(df: pd.DataFrame) -> dict[str, dict[str, list[int]]]:
-    """Every problem found, as {kind: {field: [pair_id, ...]}}; kinds match :class:`ValidationParams`."""
-    problems: dict[str, dict[str, list[int]]] = {}
+@dataclass
+class Problem:
+    """One kind of problem in one field: the rows (pair_id) and, for the first of them, what is wrong."""
 
-    def add(kind: str, field: str, pair_id: int) -> None:
-        problems.setdefault(kind, {}).setdefault(field, []).append(int(pair_id))
+    kind: str  # a field name of ValidationParams: bad_text, identical, duplicate, bad_margin, too_long
+    field: str
+    rows: list[int]
+    example: str = ""
+
+    def message(self) -> str:
+        what = {
+            "bad_text": "empty, non-string or malformed text",
+            "identical": "chosen identical to rejected",
+            "duplicate": "a duplicate of an earlier pair",
+            "bad_margin": "a NaN or infinite margin",
+            "too_long": "more tokens than max_length",
+        }[self.kind]
+        detail = f" (row {self.rows[0]}: {self.example})" if self.example else ""
+        return f"{len(self.rows)} row(s) have {what} in field '{self.field}': rows {_describe(sorted(self.rows))}{detail}"
+
+
+def find_problems(df: pd.DataFrame) -> list[Problem]:
+    """Every problem found, one :class:`Problem` per kind and field."""
+    found: dict[tuple[str, str], Problem] = {}
+
+    def add(kind: str, field: str, pair_id: int, why: str = "") -> None:
+        p = found.setdefault((kind, field), Problem(kind, field, [], why))
+        p.rows.append(int(pair_id))
 
     for field in TEXT_FIELDS:
         for pid, value in zip(df["pair_id"], df[field]):
-            if _text_problem(value, field):
-                add("bad_text", field, pid)
-    bad = {pid for rows in problems.get("bad_text", {}).values() for pid in rows}
+            why = _text_problem(value, field)
+            if why:
+                add("bad_text", field, pid, why)
+    bad = {r for p in found.values() for r in p.rows}
     ok = df[~df["pair_id"].isin(bad)]
     for pid, c, r in zip(ok["pair_id"], ok["chosen"], ok["rejected"]):
         if _key(c) == _key(r):
@@ -189,37 +225,23 @@ def find_problems(df: pd.DataFrame) -> dict[str, dict[str, list[int]]]:
         add("duplicate", "prompt/chosen/rejected", pid)
     if "margin" in df.columns:
         m = df["margin"].to_numpy(dtype=float)
-        for pid in df.loc[~np.isfinite(m), "pair_id"]:
-            add("bad_margin", "margin", pid)
-    return problems
-
-
-def problem_message(kind: str, field: str, rows: Sequence[int]) -> str:
-    what = {
-        "bad_text": "empty, non-string or malformed text",
-        "identical": "chosen identical to rejected",
-        "duplicate": "a duplicate of an earlier pair",
-        "bad_margin": "a NaN or infinite margin",
-        "too_long": "more tokens than max_length",
-    }[kind]
-    return f"{len(rows)} row(s) have {what} in field '{field}': rows {_describe(sorted(rows))}"
+        for pid, value in zip(df.loc[~np.isfinite(m), "pair_id"], m[~np.isfinite(m)]):
+            add("bad_margin", "margin", pid, f"margin is {value}")
+    return list(found.values())
 
 
 def apply_validation(
-    df: pd.DataFrame, problems: dict[str, dict[str, list[int]]], params: ValidationParams
+    df: pd.DataFrame, problems: list[Problem], params: ValidationParams
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Raise on every kind set to ``error``; drop the rest. Returns the clean frame and drop counts."""
-    errors = [
-        problem_message(kind, field, rows)
-        for kind, fields in problems.items()
-        if getattr(params, kind) == "error"
-        for field, rows in fields.items()
-    ]
+    errors = [p.message() for p in problems if getattr(params, p.kind) == "error"]
     if errors:
         raise PreferenceDataError("invalid preference data (rows are pair_id, the 0-based source row):\n- "
                                   + "\n- ".join(errors))
-    dropped = {kind: sorted({r for rows in fields.values() for r in rows}) for kind, fields in problems.items()}
-    all_dropped = {r for rows in dropped.values() for r in rows}
+    dropped: dict[str, set[int]] = {}
+    for p in problems:
+        dropped.setdefault(p.kind, set()).update(p.rows)
+    all_dropped = set().union(*dropped.values()) if dropped else set()
     clean = df[~df["pair_id"].isin(all_dropped)].reset_index(drop=True)
     return clean, {kind: len(rows) for kind, rows in dropped.items()}
 
@@ -238,25 +260,42 @@ def assign_splits(df: pd.DataFrame, params: SplitParams) -> pd.Series:
     """Split name per row, by prompt: groups are ordered by a seeded hash, then cut at the target sizes.
 
     Hashing the prompt (rather than shuffling positions) keeps a prompt's split stable when rows are
-    added to or removed from the source.
+    added to or removed from the source. Rows pinned by ``fixed_column`` keep their split.
     """
-    fractions = np.array([getattr(params, s) for s in SPLITS], dtype=float)
-    fractions /= fractions.sum()
+    out = pd.Series(pd.NA, index=df.index, dtype=object)
+    if params.fixed_column:
+        if params.fixed_column not in df.columns:
+            raise PreferenceDataError(f"split.fixed_column '{params.fixed_column}' is not a column of the data")
+        bad = sorted(set(params.fixed.values()) - set(SPLITS))
+        if bad:
+            raise PreferenceDataError(f"split.fixed maps to unknown split(s) {bad}; use {list(SPLITS)}")
+        out = df[params.fixed_column].map(params.fixed).astype(object)
+    free = out.isna()
+    names = [s for s in SPLITS if getattr(params, s) > 0]
+    if free.any():
+        if not names:
+            raise PreferenceDataError("every split fraction is 0 but some rows are not pinned by split.fixed")
+        out[free] = _split_by_prompt(df[free], names, [getattr(params, s) for s in names], params.seed)
+    wanted = set(names) | set(params.fixed.values())
+    empty = [s for s in SPLITS if s in wanted and not (out == s).any()]
+    if empty:
+        raise PreferenceDataError(f"split(s) {empty} came out empty: too few prompts for the fractions")
+    return out
+
+
+def _split_by_prompt(df: pd.DataFrame, names: list[str], fractions: list[float], seed: int) -> pd.Series:
+    frac = np.asarray(fractions, dtype=float) / sum(fractions)
     groups = pd.Series([prompt_group(p, i) for p, i in zip(df["prompt"], df["pair_id"])], index=df.index)
     sizes = groups.value_counts()
-    order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{params.seed}\x00{g}".encode()).hexdigest())
-    if len(order) < len(SPLITS):
-        raise PreferenceDataError(f"need at least {len(SPLITS)} distinct prompts to split, found {len(order)}")
+    if len(sizes) < len(names):
+        raise PreferenceDataError(f"need at least {len(names)} distinct prompts to split, found {len(sizes)}")
+    order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{seed}\x00{g}".encode()).hexdigest())
     cum = np.cumsum([sizes[g] for g in order])
-    bounds = np.cumsum(fractions)[:-1] * cum[-1]
-    # Searchsorted puts each group in the split whose cumulative target it falls under.
-    split_of = {g: SPLITS[min(int(np.searchsorted(bounds, c - sizes[g] / 2)), len(SPLITS) - 1)]
+    bounds = np.cumsum(frac)[:-1] * cum[-1]
+    # A group goes to the split whose share of the cumulative count holds the group's midpoint.
+    split_of = {g: names[min(int(np.searchsorted(bounds, c - sizes[g] / 2)), len(names) - 1)]
                 for g, c in zip(order, cum)}
-    out = groups.map(split_of)
-    empty = [s for s in SPLITS if getattr(params, s) > 0 and not (out == s).any()]
-    if empty:
-        raise PreferenceDataError(f"split(s) {empty} came out empty: too few prompts ({len(order)}) for the fractions")
-    return out
+    return groups.map(split_of)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -289,14 +328,16 @@ def tokenize_pairs(df: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:
     return out
 
 
-def find_too_long(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, list[int]]:
-    """{field: [pair_id]} of pairs whose chosen or rejected side exceeds ``max_length`` tokens."""
+def find_too_long(df: pd.DataFrame, tokenizer: Any, max_length: int) -> list[Problem]:
+    """Pairs whose chosen or rejected side (prompt included) exceeds ``max_length`` tokens."""
     ids = tokenize_pairs(df, tokenizer)
-    out: dict[str, list[int]] = {}
+    out = []
     for field in ("chosen", "rejected"):
-        long = ids[f"{field}_ids"].map(len) > max_length
+        n_tokens = ids[f"{field}_ids"].map(len)
+        long = n_tokens > max_length
         if long.any():
-            out[field] = df.loc[long, "pair_id"].astype(int).tolist()
+            rows = df.loc[long, "pair_id"].astype(int).tolist()
+            out.append(Problem("too_long", field, rows, f"{int(n_tokens[long].iloc[0])} tokens > {max_length}"))
     return out
 
 

@@ -35,7 +35,11 @@ class SourceParams(BaseModel):
     kind: Literal["synthetic", "file", "huggingface"] = Field(
         "synthetic", description="synthetic task, a local .jsonl/.json/.parquet/.csv file, or a Hugging Face data set."
     )
-    path: str | None = Field(None, description="file: its path; huggingface: a hub id or a save_to_disk folder.")
+    path: str | list[str] | None = Field(
+        None,
+        description="file: its path, or a list of files (each row gets a source_file column: the file's stem); "
+        "huggingface: a hub id or a save_to_disk folder.",
+    )
     split: str = Field("train", description="huggingface: which split to read.")
     synthetic: SyntheticParams = SyntheticParams()
 
@@ -88,7 +92,14 @@ def load_raw_pairs(source: SourceParams) -> tuple[pd.DataFrame, dict[str, Any]]:
         spec = SyntheticSpec(**source.synthetic.model_dump())
         task = make_task(spec)
         return make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}
-    raw = _read_file(source.path) if source.kind == "file" else _read_huggingface(source.path, source.split)
+    if source.kind == "file":
+        paths = [source.path] if isinstance(source.path, str) else source.path
+        frames = [_read_file(p) for p in paths]
+        if len(paths) > 1:
+            frames = [f.assign(source_file=Path(p).stem) for f, p in zip(frames, paths)]
+        raw = pd.concat(frames, ignore_index=True)
+    else:
+        raw = _read_huggingface(source.path, source.split)
     log.info("read %d pairs from %s '%s'", len(raw), source.kind, source.path)
     return raw, {}
 
@@ -133,15 +144,10 @@ def check_lengths(
     params: prefs.ValidationParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """Enforce ``max_length`` with the real tokenizer: an error naming the rows, or a counted drop."""
-    too_long = {}
-    for name, df in zip(prefs.SPLITS, (train, validation, calibration, test)):
-        for field, rows in prefs.find_too_long(df, tokenizer, params.max_length).items():
-            too_long.setdefault(field, []).extend(rows)
-    frames = []
-    for df in (train, validation, calibration, test):
-        clean, _ = prefs.apply_validation(df, {"too_long": too_long} if too_long else {}, params)
-        frames.append(clean)
-    n = len({r for rows in too_long.values() for r in rows})
+    frames = (train, validation, calibration, test)
+    too_long = [p for df in frames for p in prefs.find_too_long(df, tokenizer, params.max_length)]
+    frames = tuple(prefs.apply_validation(df, too_long, params)[0] for df in frames)
+    n = len({r for p in too_long for r in p.rows})
     if n:
         log.warning("dropped %d pair(s) longer than %d tokens", n, params.max_length)
     return (*frames, {"too_long": n})

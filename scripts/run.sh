@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole pipeline on the embedded default (synthetic task, tiny model, sqlite MLflow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+kedro run "$@"

@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic data, a tokenizer trained on it, and quiet, single-threaded torch."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    import torch
+
+    # Two cores: tests that train run faster without intra-op thread contention.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_pairs() -> pd.DataFrame:
+    from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
+
+    spec = SyntheticSpec(seed=1, n_pairs=240, n_words=12, max_words=5)
+    return make_pairs(spec, make_task(spec))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(synthetic_pairs):
+    from calibrated_rlhf.core.backbone import train_tokenizer
+
+    corpus = list(synthetic_pairs["prompt"]) + list(synthetic_pairs["chosen"]) + list(synthetic_pairs["rejected"])
+    return train_tokenizer(corpus, vocab_size=128)
+
+
+TINY_BACKBONE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=64)

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from calibrated_rlhf.core.synthetic import SyntheticSpec, bayes_accuracy, make_pairs, make_task
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs():
+    spec = SyntheticSpec(seed=3, n_pairs=50)
+    a = make_pairs(spec, make_task(spec))
+    b = make_pairs(spec, make_task(spec))
+    assert a.equals(b)
+    other = SyntheticSpec(seed=4, n_pairs=50)
+    assert not a.equals(make_pairs(other, make_task(other)))
+
+
+def test_true_prob_matches_gold_rewards_and_labels_are_noisy():
+    spec = SyntheticSpec(seed=0, n_pairs=2000, scale=4.0)
+    task = make_task(spec)
+    df = make_pairs(spec, task)
+    expected = task.true_prob(df["gold_chosen"], df["gold_rejected"])
+    np.testing.assert_allclose(df["true_prob"], expected, rtol=1e-12)
+    # Labels are sampled: some chosen responses have the lower gold reward, about as often as 1 - p says.
+    wrong = (df["gold_chosen"] < df["gold_rejected"]).mean()
+    assert 0.05 < wrong < 0.5
+    assert wrong == pytest.approx(1 - bayes_accuracy(df["true_prob"]), abs=0.03)
+
+
+def test_gold_reward_is_mean_word_utility_and_defined_on_any_text():
+    task = make_task(SyntheticSpec(seed=0, n_words=5))
+    w, u = task.words, task.utilities
+    assert task.gold_reward(f"{w[0]} {w[1]}") == pytest.approx((u[0] + u[1]) / 2)
+    assert task.gold_reward(f"{w[0]} zzz") == pytest.approx(u[0] / 2)  # unknown words count as 0
+    assert task.gold_reward("") == 0.0
+    assert make_task(SyntheticSpec(seed=0, n_words=5)).to_dict() == task.to_dict()
+
+
+def test_ratings_are_ordered_like_gold_rewards():
+    spec = SyntheticSpec(seed=0, n_pairs=300, n_rating_levels=5)
+    df = make_pairs(spec, make_task(spec))
+    assert df["chosen_rating"].between(1, 5).all()
+    higher = df["gold_chosen"] > df["gold_rejected"]
+    assert (df.loc[higher, "chosen_rating"] >= df.loc[higher, "rejected_rating"]).all()
+
+
+def test_too_many_pairs_for_the_prompts_is_a_clear_error():
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        spec = SyntheticSpec(n_pairs=100_000, pairs_per_prompt=1)
+        make_pairs(spec, make_task(spec))
