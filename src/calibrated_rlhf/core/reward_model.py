@@ -93,6 +93,7 @@ def train_reward_model(
             save_strategy="no",
             report_to=[],
             disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
             max_length=None,  # lengths were checked in data_prep; nothing is dropped silently here
         )
         trainer = RewardTrainer(

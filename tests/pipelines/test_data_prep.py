@@ -1,0 +1,116 @@
+import json
+
+import pandas as pd
+import pytest
+
+from calibrated_rlhf.core.backbone import BackboneParams
+from calibrated_rlhf.core.preferences import MarginParams, PreferenceDataError, SplitParams, ValidationParams
+from calibrated_rlhf.pipelines.data_prep import create_pipeline
+from calibrated_rlhf.pipelines.data_prep import nodes
+from tests.conftest import TINY_BACKBONE
+from tests.pipelines.helpers import run
+
+
+def params(source: nodes.SourceParams, **validation) -> dict:
+    return {
+        "params:data_prep.source": source,
+        "params:data_prep.margin": MarginParams(),
+        "params:data_prep.validation": ValidationParams(**validation),
+        "params:data_prep.split": SplitParams(),
+        "params:backbone": BackboneParams(**TINY_BACKBONE),
+    }
+
+
+def synthetic(**kw) -> nodes.SourceParams:
+    return nodes.SourceParams(synthetic=nodes.SyntheticParams(n_pairs=240, n_words=12, max_words=5, **kw))
+
+
+def test_data_prep_on_synthetic_task_gives_disjoint_splits_and_metrics():
+    out = run(create_pipeline(), params(synthetic()))
+    splits = [out[f"{s}_pairs"] for s in ("train", "validation", "calibration", "test")]
+    prompts = [set(df["prompt"]) for df in splits]
+    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1:])
+    metrics = {k: v["value"] for k, v in out["data_metrics"].items()}
+    assert metrics["data/n_train"] + metrics["data/n_validation"] + metrics["data/n_calibration"] \
+        + metrics["data/n_test"] == 240
+    assert metrics["data/n_dropped"] == 0
+    assert set(out["data_tags"]) == {f"data/content_hash/{s}" for s in ("train", "validation", "calibration", "test")}
+    assert out["synthetic_task"]["scale"] == 4.0 and "true_prob" in out["test_pairs"].columns
+    ids = out["tokenizer"](out["train_pairs"]["prompt"][0] + out["train_pairs"]["chosen"][0])["input_ids"]
+    assert out["tokenizer"].unk_token_id not in ids  # trained on this text
+
+
+def test_too_long_pairs_are_dropped_and_counted():
+    out = run(create_pipeline(), params(synthetic(), max_length=14))
+    metrics = {k: v["value"] for k, v in out["data_metrics"].items()}
+    assert metrics["data/n_dropped"] == metrics["data/n_dropped_too_long"] > 0
+    assert sum(metrics[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) \
+        == 240 - metrics["data/n_dropped"]
+
+
+def write(df: pd.DataFrame, path, kind: str) -> None:
+    if kind == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif kind == "parquet":
+        df.to_parquet(path)
+    else:
+        out = df.copy()
+        for col in ("prompt", "chosen", "rejected"):
+            out[col] = [json.dumps(v) if isinstance(v, list) else v for v in out[col]]
+        out.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
+@pytest.mark.parametrize("conversational", [False, True])
+def test_file_sources_by_configuration(tmp_path, synthetic_pairs, kind, conversational):
+    df = synthetic_pairs[["prompt", "chosen", "rejected"]].copy()
+    if conversational:
+        df = pd.DataFrame({
+            "prompt": [[{"role": "user", "content": p}] for p in df["prompt"]],
+            "chosen": [[{"role": "assistant", "content": c}] for c in df["chosen"]],
+            "rejected": [[{"role": "assistant", "content": r}] for r in df["rejected"]],
+        })
+    path = tmp_path / f"pairs.{kind}"
+    write(df, path, kind)
+    raw, task = nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(path)))
+    assert task == {} and len(raw) == len(df)
+    valid, dropped = nodes.validate_pairs(raw, MarginParams(), ValidationParams())
+    assert dropped == {}
+    assert valid.loc[0, "chosen"] == df.loc[0, "chosen"]
+
+
+def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
+    from datasets import Dataset, DatasetDict
+
+    ds = Dataset.from_pandas(synthetic_pairs[["prompt", "chosen", "rejected"]])
+    DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(tmp_path / "hf")
+    raw, _ = nodes.load_raw_pairs(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"))
+    assert len(raw) == 10 and list(raw["chosen"]) == list(synthetic_pairs["chosen"][:10])
+    with pytest.raises(ValueError, match="split 'dev' not in"):
+        nodes.load_raw_pairs(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
+
+
+def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):
+    a, b = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    write(synthetic_pairs[:200], a, "jsonl")
+    write(synthetic_pairs[200:], b, "jsonl")
+    raw, _ = nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=[str(a), str(b)]))
+    assert raw["source_file"].value_counts().to_dict() == {"train": 200, "heldout": 40}
+
+
+def test_bad_file_data_fails_naming_rows(tmp_path, synthetic_pairs):
+    df = synthetic_pairs[["prompt", "chosen", "rejected"]].copy()
+    df.loc[7, "chosen"] = ""
+    write(df, tmp_path / "bad.jsonl", "jsonl")
+    with pytest.raises(PreferenceDataError, match=r"field 'chosen': rows 7 \(row 7: empty text\)"):
+        run(create_pipeline(), params(nodes.SourceParams(kind="file", path=str(tmp_path / "bad.jsonl"))))
+
+
+def test_source_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="path is required"):
+        nodes.SourceParams(kind="file")
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "missing.jsonl")))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))

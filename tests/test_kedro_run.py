@@ -1,0 +1,108 @@
+"""The real `kedro run` on the tiny configuration, read back from MLflow with MlflowClient."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project's configuration in a scratch folder (the package is installed)."""
+    dst = tmp_path_factory.mktemp("project")
+    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local"))
+    (dst / "conf" / "local").mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(ROOT / name, dst / name)
+    (dst / "src").mkdir()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def finished_run(project):
+    proc = kedro(project, "--env", "tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("calibrated_rlhf")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_run_logs_parameters_flattened(finished_run):
+    _, run = finished_run
+    p = run.data.params
+    assert p["reward_model.training.center_rewards_coefficient"] == "0.01"
+    assert p["backbone.hidden_size"] == "32"  # the tiny environment's override
+    assert p["data_prep.source.kind"] == "synthetic"
+
+
+def test_run_logs_the_issue_metrics_and_curves(finished_run):
+    client, run = finished_run
+    keys = set(run.data.metrics)
+    for key in ("data/n_train", "data/n_validation", "data/n_calibration", "data/n_test", "data/n_dropped",
+                "rm/test_accuracy", "rm/test_bayes_accuracy", "rm/test_reward_mean", "rm/test_reward_std",
+                "rm/test_margin_mean"):
+        assert key in keys, key
+    history = client.get_metric_history(run.info.run_id, "rm/train/loss")
+    assert len(history) >= 3 and len({m.step for m in history}) == len(history)
+    assert run.data.metrics["data/n_train"] + run.data.metrics["data/n_test"] > 100
+
+
+def test_run_records_provenance_and_data_hashes(finished_run):
+    _, run = finished_run
+    tags = run.data.tags
+    assert len(tags["data/content_hash/train"]) == 64
+    assert tags["provenance/version/trl"]
+    assert "provenance/loaded/train_pairs" in tags  # the Kedro version of a loaded versioned dataset
+
+
+def test_run_logs_a_loadable_model(finished_run, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    client, run = finished_run
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"reward_model", "tokenizer"} <= artifacts
+    model_dir = client.download_artifacts(run.info.run_id, "reward_model", str(tmp_path))
+    tok_dir = client.download_artifacts(run.info.run_id, "tokenizer", str(tmp_path))
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    reward = model(**tok(["Describe the food in Paris. calm bright<eos>"], return_tensors="pt")).logits
+    assert reward.shape == (1, 1) and torch.isfinite(reward).all()
+
+
+def test_bad_parameter_fails_before_training_and_writes_nothing(project, finished_run):
+    before = sorted(p.relative_to(project) for p in (project / "data").rglob("*"))
+    proc = kedro(project, "--env", "tiny", "--params", "reward_model.training.learning_rate=-1")
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr + proc.stdout
+    assert sorted(p.relative_to(project) for p in (project / "data").rglob("*")) == before
+
+
+def test_bad_data_fails_naming_the_row(project, finished_run, tmp_path):
+    primary = sorted((project / "data" / "03_primary").rglob("*"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q?", "chosen": " a", "rejected": " b"}\n'
+                   '{"prompt": "R?", "chosen": " same", "rejected": " same"}\n')
+    proc = kedro(project, "--env", "tiny", "--params", f"data_prep.source.kind=file,data_prep.source.path={bad}")
+    assert proc.returncode != 0
+    assert "chosen identical to rejected in field 'chosen/rejected': rows 1" in proc.stderr + proc.stdout
+    assert sorted((project / "data" / "03_primary").rglob("*")) == primary  # nothing validated, nothing written
