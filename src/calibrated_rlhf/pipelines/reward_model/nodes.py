@@ -27,6 +27,8 @@ TRAIN_CURVES = {
     "eval_accuracy": "rm/validation/accuracy",
     "eval_margin": "rm/validation/margin",
     "eval_mean_reward": "rm/validation/reward_mean",
+    "train_runtime": "rm/train/runtime_s",
+    "train_samples_per_second": "rm/train/pairs_per_s",
 }
 
 
