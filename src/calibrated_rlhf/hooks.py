@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import shlex
 import subprocess
 import sys
@@ -94,8 +95,40 @@ class ProvenanceHooks:
         global _CATALOG
         _CATALOG = catalog
 
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        """Log a saved file or folder to MLflow when its catalog entry asks for it.
+
+        One mechanism for every artifact (plots, transforms, model folders), and it works with
+        versioned datasets, which kedro-mlflow's artifact wrapper does not.
+        """
+        import mlflow
+
+        if mlflow.active_run() is None or _CATALOG is None:
+            return
+        ds = _CATALOG.get(dataset_name)
+        artifact_path = (getattr(ds, "metadata", None) or {}).get("mlflow_artifact_path")
+        if not artifact_path:
+            return
+        path = saved_path(ds)
+        if path is None or not os.path.exists(path):
+            return
+        if os.path.isdir(path):
+            mlflow.log_artifacts(path, artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(path, artifact_path=artifact_path)
+
 
 _CATALOG: Any = None
+
+
+def saved_path(ds: Any) -> str | None:
+    """Where a file-backed dataset just wrote (its save version's path when versioned)."""
+    filepath = getattr(ds, "_filepath", None)
+    if filepath is None:
+        return None
+    version = ds.resolve_save_version() if getattr(ds, "_version", None) else None
+    return str(ds._get_versioned_path(version)) if version else str(filepath)
 
 
 def _loaded_version(name: str) -> str | None:

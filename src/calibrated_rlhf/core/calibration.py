@@ -165,7 +165,7 @@ def _newton_sums(x: np.ndarray, moments: _Moments, beta: float) -> tuple[float, 
     The loss gradient is ``-A / (n beta)``, and the Newton update is ``beta * (1 + A / B)``.
     With ``t = tanh(s / 2)`` we have ``q = (1 - t) / 2`` and ``q (1 - q) = (1 - t^2) / 4``, so
     ``A = (beta sum(x) - sum(s t)) / 2`` and ``B = (beta^2 sum(x^2) - sum((s t)^2)) / 4``: one
-    transcendental and three cheap passes per element, and tanh never overflows. The cancellation
+    transcendental and four cheap passes per element, and tanh never overflows. The cancellation
     in A is the one inherent in a gradient at its root; B only steers the step size.
     """
     half = np.float64(0.5 * beta)  # a float64 scalar promotes float32 chunks to float64
@@ -326,6 +326,8 @@ def fit_temperature(
         raise ValueError(f"bounds must satisfy 0 < t_min < t_max < inf, got {bounds}")
     if min_pairs < 1:
         raise ValueError(f"min_pairs must be >= 1, got {min_pairs}")
+    if not (0.0 < rtol < 1.0) or max_iter < 1:
+        raise ValueError(f"need 0 < rtol < 1 and max_iter >= 1, got rtol={rtol}, max_iter={max_iter}")
     x = _signed_margins(margins, labels)
     n = int(x.size)
     if n < min_pairs:

@@ -7,6 +7,7 @@ rewards at 0; the scale stays free and is fixed afterwards by temperature calibr
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -110,21 +111,20 @@ def train_reward_model(
 
 
 @torch.inference_mode()
-def score_sequences(
+def iter_scores(
     model: PreTrainedModel,
     sequences: list[list[int]],
     pad_token_id: int,
     batch_size: int = 64,
     sort_by_length: bool = True,
-) -> np.ndarray:
-    """Scalar reward of each token sequence, in input order.
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (indices, rewards) batch by batch, so statistics can be streamed without holding all scores.
 
     Sorting by length first makes each batch pad to nearly its own length, which removes most of
     the wasted compute of padding on data with mixed lengths.
     """
     device = next(model.parameters()).device
     order = np.argsort([len(s) for s in sequences], kind="stable") if sort_by_length else np.arange(len(sequences))
-    out = np.empty(len(sequences), dtype=np.float64)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -136,8 +136,32 @@ def score_sequences(
             ids[row, : len(seq)] = torch.as_tensor(seq)
             mask[row, : len(seq)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        out[idx] = logits.squeeze(-1).float().cpu().numpy()
+        yield idx, logits.squeeze(-1).float().cpu().numpy().astype(np.float64)
+
+
+def score_sequences(
+    model: PreTrainedModel,
+    sequences: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 64,
+    sort_by_length: bool = True,
+) -> np.ndarray:
+    """Scalar reward of each token sequence, in input order."""
+    out = np.empty(len(sequences), dtype=np.float64)
+    for idx, rewards in iter_scores(model, sequences, pad_token_id, batch_size, sort_by_length):
+        out[idx] = rewards
     return out
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """SHA-256 of the model's weights: names the exact reward model a transform was computed for."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def score_pairs(model: PreTrainedModel, pair_ids: pd.DataFrame, pad_token_id: int,

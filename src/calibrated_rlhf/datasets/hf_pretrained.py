@@ -33,7 +33,8 @@ class HFPretrainedDataset(AbstractVersionedDataset[Any, Any]):
           filepath: data/06_models/reward_model
           kind: sequence_classification
           versioned: true
-          mlflow_artifact_path: reward_model   # also log the folder to the active MLflow run
+          metadata:
+            mlflow_artifact_path: reward_model   # the project's hook logs the folder to MLflow
     """
 
     def __init__(
@@ -43,7 +44,6 @@ class HFPretrainedDataset(AbstractVersionedDataset[Any, Any]):
         kind: str,
         version: Version | None = None,
         load_args: dict[str, Any] | None = None,
-        mlflow_artifact_path: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if kind not in LOADERS:
@@ -55,7 +55,6 @@ class HFPretrainedDataset(AbstractVersionedDataset[Any, Any]):
                          glob_function=self._glob)
         self._kind = kind
         self._load_args = dict(load_args or {})
-        self._mlflow_artifact_path = mlflow_artifact_path
         self.metadata = metadata
 
     @staticmethod
@@ -81,11 +80,6 @@ class HFPretrainedDataset(AbstractVersionedDataset[Any, Any]):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if self._mlflow_artifact_path:
-            import mlflow
-
-            if mlflow.active_run() is not None:
-                mlflow.log_artifacts(str(target), artifact_path=self._mlflow_artifact_path)
 
     def _exists(self) -> bool:
         try:

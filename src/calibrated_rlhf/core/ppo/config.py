@@ -34,6 +34,13 @@ class PPOConfig(BaseModel):
     eos_token_id: int | None = Field(
         None, description="Token that ends a response; None takes the tokenizer's eos_token_id."
     )
+    decode_threads: int | None = Field(
+        1,
+        gt=0,
+        description="Intra-op CPU threads while decoding (restored afterwards). A decoding step of a small "
+        "model is a chain of tiny ops where extra threads mostly add synchronisation; None keeps torch's "
+        "setting. No effect on GPU work.",
+    )
     missing_eos_penalty: float | None = Field(
         None,
         description="Subtracted from the normalized score of a response that has no EOS within "
@@ -54,6 +61,10 @@ class PPOConfig(BaseModel):
     cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the rollout value.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss in the total loss.")
     entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus (0 = off, as in RLHF practice).")
+    disable_dropout: bool = Field(
+        True, description="Zero every dropout rate in the policy, value and reference models (PPO's ratios "
+        "and values assume a deterministic network)."
+    )
     whiten_advantages: bool = Field(True, description="Whiten advantages over valid response tokens (global batch).")
 
     # --- value model ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@ logits are only computed over the response window. A separate value model is a t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -43,6 +45,25 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _response_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    response_start: int,
+) -> torch.Tensor:
+    """Last hidden states at the positions that predict each response token: [B, R, H].
+
+    The final token is left out of the forward: nothing is predicted from it and, attention being
+    causal, no earlier position depends on it.
+    """
+    h = backbone_of(model)(
+        input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+        use_cache=False,
+    ).last_hidden_state
+    return h[:, response_start - 1 :]
+
+
 class PolicyAndValue(nn.Module):
     """Policy plus value function behind one ``forward``, so DDP sees a single module.
 
@@ -73,10 +94,7 @@ class PolicyAndValue(nn.Module):
         Position ``response_start - 1 + t`` predicts response token t and holds the value of the
         state before it is emitted.
         """
-        h = backbone_of(self.policy)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        h_resp = h[:, response_start - 1 : -1]
+        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
         logits = self.policy.get_output_embeddings()(h_resp)
         if temperature != 1.0:
             logits = logits / temperature
@@ -95,10 +113,8 @@ def sequence_values(
     response_start: int,
 ) -> torch.Tensor:
     """Per-token values [B, R] from a sequence-classification model's head applied at every position."""
-    h = backbone_of(value_model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return value_head_of(value_model)(h[:, response_start - 1 : -1]).squeeze(-1).float()
+    h = _response_hidden(value_model, input_ids, attention_mask, position_ids, response_start)
+    return value_head_of(value_model)(h).squeeze(-1).float()
 
 
 def response_logprobs(
@@ -110,13 +126,25 @@ def response_logprobs(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(response token) [B, R] under a causal LM, with the sampling temperature applied."""
-    h = backbone_of(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    logits = model.get_output_embeddings()(h[:, response_start - 1 : -1]).float()
+    h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start)
+    logits = model.get_output_embeddings()(h).float()
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, input_ids[:, response_start:])
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @dataclass

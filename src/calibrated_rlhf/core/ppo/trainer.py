@@ -39,6 +39,7 @@ from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make
 from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_loss
 from calibrated_rlhf.core.ppo.rollout import (
     PolicyAndValue,
+    cpu_threads,
     hidden_size_of,
     left_pad,
     position_ids_from_mask,
@@ -142,6 +143,8 @@ class PPOTrainer:
         # Models: the reference is frozen and kept out of the optimizer and DDP.
         if ref_policy is None:
             ref_policy = copy.deepcopy(policy)
+        if config.disable_dropout:
+            disable_dropout(ref_policy)
         ref_policy.requires_grad_(False)
         self.ref_policy = ref_policy.eval().to(self.device)
         self._ref_fingerprint = _fingerprint(self.ref_policy)
@@ -161,6 +164,8 @@ class PPOTrainer:
                 value_model = _default_value_model(policy, config.seed)
             wrapper = PolicyAndValue(policy, value_model=value_model)
 
+        if config.disable_dropout:
+            disable_dropout(wrapper)
         params = [p for p in wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
@@ -244,30 +249,36 @@ class PPOTrainer:
         Lq = query.shape[1]
         was_training = model.training
         model.eval()  # no dropout while sampling or computing the old logprobs/values
-        samples = sample_responses(
-            policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_token_id,
-            self.pad_token_id, generator=self._gen,
-            value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
-        )
+        with cpu_threads(cfg.decode_threads if self.device.type == "cpu" else None):
+            samples = sample_responses(
+                policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_token_id,
+                self.pad_token_id, generator=self._gen,
+                value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
+            )
         responses, mask_bool = samples.responses, samples.mask
         R = responses.shape[1]
         input_ids = torch.cat([query, responses], dim=1)
         # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
         attn = torch.cat([query_mask, torch.ones_like(responses)], dim=1)
         pos = position_ids_from_mask(attn)
+        # With one minibatch the first PPO forward runs at the rollout parameters: it can also
+        # provide the old values, which saves the value model's rollout forward.
+        reuse_first = cfg.num_mini_batches == 1 and cfg.value_model == "separate" and cfg.disable_dropout
         with torch.inference_mode():
             ref_logprobs = response_logprobs(self.ref_policy, input_ids, attn, pos, Lq, cfg.temperature)
+            values = None
             if samples.values is not None:
                 values = samples.values
-            else:
+            elif not reuse_first:
                 values = sequence_values(unwrapped.value_model, input_ids, attn, pos, Lq)
         # leave inference mode: these become constants inside autograd graphs below
         mask = mask_bool.float()
+        responses = responses.clone()
         logprobs = samples.logprobs.clone() * mask
         ref_logprobs = ref_logprobs.clone() * mask
-        values = values.clone() * mask
         if was_training:
             model.train()
+        t_gen = time.perf_counter()
 
         response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = self.score_fn(prompt_texts, response_texts)
@@ -283,6 +294,11 @@ class PPOTrainer:
         if score_tensors["normalized"].numel() != len(idx):
             raise ValueError("score_fn returned a 'normalized' tensor of the wrong length")
         t_rollout = time.perf_counter()
+        first_out = None
+        if reuse_first:
+            first_out = model(input_ids, attn, pos, Lq, cfg.temperature)
+            values = first_out[1].detach().float()
+        values = values.clone() * mask
 
         # 2. rewards ---------------------------------------------------------------------------
         beta = self.kl_controller.beta
@@ -352,7 +368,11 @@ class PPOTrainer:
             for start in range(0, B, mb):
                 sel = order[start:start + mb].to(self.device)
                 m = mask[sel]
-                logits, vpred = model(input_ids[sel], attn[sel], pos[sel], Lq, cfg.temperature)
+                if first_out is not None:
+                    logits, vpred = first_out  # epoch 0, the only minibatch: computed above
+                    first_out = None
+                else:
+                    logits, vpred = model(input_ids[sel], attn[sel], pos[sel], Lq, cfg.temperature)
                 logits = logits.float()
                 logp_all = torch.log_softmax(logits, dim=-1)
                 new_logprobs = logp_all.gather(-1, responses[sel].unsqueeze(-1)).squeeze(-1)
@@ -412,6 +432,8 @@ class PPOTrainer:
             "ppo/objective/beta_next": self.kl_controller.beta,
             "ppo/perf/episodes_per_s": self._global_batch / (t_end - t_start),
             "ppo/perf/rollout_s": t_rollout - t_start,
+            "ppo/perf/generate_s": t_gen - t_start,
+            "ppo/perf/score_s": t_rollout - t_gen,
             "ppo/perf/update_s": t_end - t_start,
         })
         self.history.append(metrics)
@@ -649,6 +671,16 @@ def _load_pretrained_weights(model: nn.Module, folder: Path) -> None:
     untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
     if untied:
         raise ValueError(f"missing keys in {folder}: {untied[:5]}")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability in ``model`` to zero (modules and float attributes alike)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "hidden_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
 
 
 def _fingerprint(model: nn.Module) -> str:

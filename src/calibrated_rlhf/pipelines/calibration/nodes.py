@@ -1,0 +1,96 @@
+"""Nodes of ``calibration``: thin adapters over ``calibrated_rlhf.core.calibration`` and ``metrics``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import BaseModel, Field
+
+from calibrated_rlhf.core import metrics, plots
+from calibrated_rlhf.core.calibration import fit_temperature
+from calibrated_rlhf.pipelines.metrics import as_metrics
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationParams(BaseModel):
+    """How the temperature is fitted."""
+
+    enabled: bool = Field(True, description="false keeps T = 1 (the uncalibrated baseline of the scenarios).")
+    min_pairs: int = Field(10, ge=2, description="Fewer calibration pairs than this is an error.")
+    min_temperature: float = Field(1e-3, gt=0)
+    max_temperature: float = Field(1e3, gt=0)
+    n_bins: int = Field(15, ge=2, description="Bins of the ECEs and the reliability diagram.")
+
+
+def _margins(scores: pd.DataFrame) -> np.ndarray:
+    return (scores["reward_chosen"] - scores["reward_rejected"]).to_numpy(dtype=np.float64)
+
+
+def fit_calibration(calibration_scores: pd.DataFrame, params: CalibrationParams) -> dict[str, Any]:
+    """The maximum-likelihood temperature on the held-out calibration pairs (exact, float64)."""
+    if not params.enabled:
+        return {"temperature": 1.0, "enabled": False, "n_pairs": len(calibration_scores)}
+    fit = fit_temperature(_margins(calibration_scores), min_pairs=params.min_pairs,
+                          bounds=(params.min_temperature, params.max_temperature))
+    if fit.warning:
+        log.warning("temperature fit: %s", fit.warning)
+    log.info("temperature %.4f on %d calibration pairs", fit.temperature, fit.n_pairs)
+    return {**fit.to_dict(), "enabled": True}
+
+
+def recovered_scale(margins: np.ndarray, gold_diff: np.ndarray, temperature: float) -> float:
+    """Least-squares slope of calibrated margins on gold-reward differences (through the origin).
+
+    On the synthetic task the true model is p = sigmoid(scale * gold_diff), so a calibrated reward
+    model should show a slope near ``scale``; noise in the learned rewards pulls it below.
+    """
+    return float(np.dot(margins / temperature, gold_diff) / np.dot(gold_diff, gold_diff))
+
+
+def report_calibration(
+    test_scores: pd.DataFrame,
+    test_pairs: pd.DataFrame,
+    temperature_fit: dict[str, Any],
+    synthetic_task: dict[str, Any],
+    params: CalibrationParams,
+) -> tuple[dict[str, dict[str, float]], Figure, Figure]:
+    """Test-split NLL, Brier, ECE and accuracy before (T = 1) and after; reliability diagram; margins."""
+    margins = _margins(test_scores)
+    temperature = float(temperature_fit["temperature"])
+    true_prob = test_scores["true_prob"].to_numpy() if "true_prob" in test_scores.columns else None
+    before = metrics.preference_report(margins, 1.0, true_prob, n_bins=params.n_bins)
+    after = metrics.preference_report(margins, temperature, true_prob, n_bins=params.n_bins)
+    values = {"calibration/temperature": temperature, "calibration/n_pairs": temperature_fit["n_pairs"]}
+    for name, key in (("nll", "nll"), ("ece", "ece_equal_mass"), ("ece_equal_width", "ece_equal_width"),
+                      ("brier", "brier"), ("accuracy", "accuracy")):
+        values[f"calibration/test_{name}_before"] = before[key]
+        values[f"calibration/test_{name}_after"] = after[key]
+    if temperature_fit.get("std_error") is not None:
+        values["calibration/temperature_std_error"] = temperature_fit["std_error"]
+    if true_prob is not None:
+        values["calibration/test_bayes_nll"] = after["bayes_nll"]
+        values["calibration/test_oracle_ece"] = after["oracle_ece"]
+        values["calibration/test_nll_gap_to_bayes"] = after["nll"] - after["bayes_nll"]
+    if synthetic_task and {"gold_chosen", "gold_rejected"} <= set(test_pairs.columns):
+        gold = test_pairs.set_index("pair_id").loc[test_scores["pair_id"]]
+        gold_diff = (gold["gold_chosen"] - gold["gold_rejected"]).to_numpy(dtype=np.float64)
+        values["calibration/true_scale"] = float(synthetic_task["scale"])
+        values["calibration/recovered_scale"] = recovered_scale(margins, gold_diff, temperature)
+    log.info("calibration on test: %s", {k: round(v, 4) for k, v in values.items()})
+
+    curves = {
+        "before (T = 1)": metrics.preference_reliability(margins, 1.0, n_bins=params.n_bins),
+        f"after (T = {temperature:.3g})": metrics.preference_reliability(margins, temperature, n_bins=params.n_bins),
+    }
+    if true_prob is not None:
+        # The true probabilities' own curve: the best any model can look on these finite pairs.
+        logit = np.log(true_prob) - np.log1p(-true_prob)
+        curves["true probabilities"] = metrics.preference_reliability(logit, 1.0, n_bins=params.n_bins)
+    diagram = plots.reliability_diagram(curves, title="Test pairs, both orientations, equal-mass bins")
+    histograms = plots.margin_histograms(margins, margins / temperature)
+    return as_metrics(values), diagram, histograms

@@ -1,0 +1,5 @@
+"""Frozen mean/std of calibrated rewards on a reference distribution: the reward transform."""
+
+from calibrated_rlhf.pipelines.normalization.pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

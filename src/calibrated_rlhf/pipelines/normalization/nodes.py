@@ -1,0 +1,108 @@
+"""Nodes of ``normalization``: thin adapters over ``calibrated_rlhf.core.normalization``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import BaseModel, Field
+
+from calibrated_rlhf.core import plots
+from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
+from calibrated_rlhf.core.preferences import _key, render_ids
+from calibrated_rlhf.core.reward_model import iter_scores, model_fingerprint
+from calibrated_rlhf.pipelines.metrics import as_metrics
+
+log = logging.getLogger(__name__)
+
+
+class NormalizationParams(BaseModel):
+    """Which reference distribution fixes the reward's mean and std, and the clip."""
+
+    enabled: bool = Field(True, description="false: mean 0, std 1 (calibration only), the 'none' baseline.")
+    reference: Literal["dataset_responses", "policy_samples"] = Field(
+        "dataset_responses",
+        description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
+        "responses sampled from the reference policy for held-out prompts (as the original RLHF work did).",
+    )
+    clip: float | None = Field(5.0, gt=0, description="Bound on |normalized reward|; null = no clip.")
+    batch_size: int = Field(64, ge=1, description="Scoring batch; batches are formed from length-sorted responses.")
+
+
+def reference_responses(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Distinct (prompt, response) rows from both sides of held-out pairs."""
+    rows = pd.DataFrame({"prompt": list(pairs["prompt"]) * 2,
+                         "response": list(pairs["chosen"]) + list(pairs["rejected"])})
+    keys = rows["prompt"].map(_key) + "\x00" + rows["response"].map(_key)
+    return rows[~keys.duplicated()].reset_index(drop=True)
+
+
+def compute_reward_transform(
+    reward_model: Any,
+    tokenizer: Any,
+    responses: pd.DataFrame,
+    temperature_fit: dict[str, Any],
+    params: NormalizationParams,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], Figure]:
+    """Stream calibrated rewards of the reference responses through mergeable stats; freeze the transform."""
+    temperature = float(temperature_fit["temperature"])
+    sequences = [render_ids(tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
+    stats = RewardStats()
+    raw = np.empty(len(sequences))
+    for idx, rewards in iter_scores(reward_model, sequences, tokenizer.pad_token_id, params.batch_size):
+        stats.update(rewards / temperature)
+        raw[idx] = rewards  # kept only for the plot
+    computed_on = params.reference if params.enabled else "none"
+    if params.enabled:
+        transform = transform_from_stats(temperature, stats, params.clip, computed_on, model_fingerprint(reward_model))
+    else:
+        transform = RewardTransform(temperature=temperature, mean=0.0, std=1.0, clip=params.clip,
+                                    computed_on=computed_on, reward_model_version=model_fingerprint(reward_model),
+                                    n=stats.count, quantiles=stats.quantiles())
+    normalized = transform.normalize(raw)
+    values = {
+        "normalization/mean": transform.mean,
+        "normalization/std": transform.std,
+        "normalization/n": transform.n,
+        "normalization/clip_fraction": float(np.mean(np.abs((raw / temperature - transform.mean) / transform.std)
+                                                     > (transform.clip or np.inf))),
+        **{f"normalization/calibrated_{k}": v for k, v in stats.quantiles().items()},
+    }
+    log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
+             transform.n, computed_on)
+    figure = plots.reward_distributions(raw, raw / temperature, normalized)
+    return transform.to_dict(), as_metrics(values), figure
+
+
+class ServingParams(BaseModel):
+    """How the deployable reward model is logged to MLflow."""
+
+    enabled: bool = Field(True, description="Log the pyfunc bundle (reward model + tokenizer + transform).")
+    name: str = Field("calibrated_reward_model", description="Name of the logged model in the run.")
+    registered_model_name: str | None = Field(
+        "calibrated-rlhf-reward-model", description="Model-registry name; null logs without registering."
+    )
+
+
+def publish_reward_model(
+    reward_model: Any, tokenizer: Any, reward_transform: dict[str, Any], pairs: pd.DataFrame, params: ServingParams
+) -> dict[str, Any]:
+    """Log the reward model, its tokenizer and transform as one MLflow pyfunc model; returns where it went."""
+    import mlflow
+
+    from calibrated_rlhf.serving import log_reward_model
+
+    if not params.enabled or mlflow.active_run() is None:
+        log.warning("no active MLflow run (or serving.enabled is false): the pyfunc model is not logged")
+        return {"logged": False}
+    example = pd.DataFrame({c: [v if isinstance(v, str) else str(v) for v in pairs[c][:2]]
+                            for c in ("prompt", "chosen", "rejected")})
+    info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, params.registered_model_name,
+                            example)
+    version = getattr(info, "registered_model_version", None)
+    log.info("logged %s%s", info.model_uri, f" (registered version {version})" if version else "")
+    return {"logged": True, "model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id,
+            "registered_model_name": params.registered_model_name, "registered_model_version": version}

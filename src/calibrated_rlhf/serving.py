@@ -1,0 +1,137 @@
+"""The reward model shipped as one MLflow pyfunc model: reward model + tokenizer + reward transform.
+
+``mlflow.pyfunc.load_model(uri).predict(df)``:
+
+- rows with ``prompt`` and ``response`` get ``raw``, ``calibrated`` and ``normalized`` rewards;
+- rows with ``prompt``, ``chosen`` and ``rejected`` get those for both sides (``*_chosen``,
+  ``*_rejected``) and ``p_chosen_preferred``, the calibrated probability that chosen is preferred.
+
+``prompt`` may be omitted or empty (the text is then scored as is). Bad requests fail with an error that
+names the column and rows.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+PAIR_COLUMNS = ("chosen", "rejected")
+SINGLE_COLUMNS = ("response",)
+REQUIREMENTS = ("torch", "transformers", "tokenizers", "pandas", "numpy", "pydantic", "mlflow")
+
+
+class RequestError(ValueError):
+    """A request the model cannot score; the message names the column and rows."""
+
+
+def _check_text(df: pd.DataFrame, column: str, allow_empty: bool) -> None:
+    bad = [i for i, v in enumerate(df[column]) if not isinstance(v, str) or (not allow_empty and not v.strip())]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise RequestError(f"column '{column}' needs {'text' if allow_empty else 'non-empty text'}; "
+                           f"bad rows: {shown}")
+
+
+def check_request(df: Any) -> str:
+    """'pairs' or 'responses'; raises :class:`RequestError` on anything else."""
+    if not isinstance(df, pd.DataFrame):
+        raise RequestError(f"expected a DataFrame, got {type(df).__name__}")
+    cols = set(df.columns)
+    if set(PAIR_COLUMNS) <= cols:
+        mode, texts = "pairs", PAIR_COLUMNS
+    elif set(SINGLE_COLUMNS) <= cols:
+        mode, texts = "responses", SINGLE_COLUMNS
+    else:
+        raise RequestError("expected columns prompt/response or prompt/chosen/rejected, got "
+                           f"{sorted(cols) or 'none of them (MLflow drops columns outside the signature)'}")
+    for col in texts:
+        _check_text(df, col, allow_empty=False)
+    if "prompt" in cols:
+        _check_text(df, "prompt", allow_empty=True)
+    return mode
+
+
+class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
+    """Scores text with the reward model and applies the frozen reward transform."""
+
+    def load_context(self, context: Any) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from calibrated_rlhf.core.normalization import RewardTransform
+
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["reward_model"]).eval()
+        self.transform = RewardTransform.from_dict(json.loads(Path(context.artifacts["reward_transform"]).read_text()))
+
+    def _raw(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        from calibrated_rlhf.core.preferences import render_ids
+        from calibrated_rlhf.core.reward_model import score_sequences
+
+        ids = [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return score_sequences(self.model, ids, self.tokenizer.pad_token_id)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        mode = check_request(model_input)
+        prompts = list(model_input["prompt"]) if "prompt" in model_input.columns else [""] * len(model_input)
+        t = self.transform
+        if mode == "responses":
+            raw = self._raw(prompts, list(model_input["response"]))
+            return pd.DataFrame({"raw": raw, "calibrated": t.calibrate(raw), "normalized": t.normalize(raw)})
+        raw = self._raw(prompts * 2, list(model_input["chosen"]) + list(model_input["rejected"]))
+        r_c, r_r = raw[: len(model_input)], raw[len(model_input):]
+        return pd.DataFrame({
+            "raw_chosen": r_c, "raw_rejected": r_r,
+            "calibrated_chosen": t.calibrate(r_c), "calibrated_rejected": t.calibrate(r_r),
+            "normalized_chosen": t.normalize(r_c), "normalized_rejected": t.normalize(r_r),
+            "p_chosen_preferred": t.preference_probability(r_c, r_r),
+        })
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", c, required=False) for c in ("prompt", "response", "chosen", "rejected")])
+    outputs = Schema([ColSpec("double", c, required=False) for c in (
+        "raw", "calibrated", "normalized", "raw_chosen", "raw_rejected", "calibrated_chosen",
+        "calibrated_rejected", "normalized_chosen", "normalized_rejected", "p_chosen_preferred")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_reward_model(
+    reward_model: Any,
+    tokenizer: Any,
+    reward_transform: dict[str, Any],
+    name: str = "calibrated_reward_model",
+    registered_model_name: str | None = None,
+    input_example: pd.DataFrame | None = None,
+) -> Any:
+    """Log (and optionally register) the bundle in the active MLflow run; returns MLflow's ModelInfo."""
+    package = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="pyfunc-") as tmp:
+        tmp_path = Path(tmp)
+        reward_model.save_pretrained(tmp_path / "reward_model")
+        tokenizer.save_pretrained(tmp_path / "tokenizer")
+        (tmp_path / "reward_transform.json").write_text(json.dumps(reward_transform, indent=1))
+        # Ship the library code with the model so it loads where this project is not installed.
+        code = tmp_path / "code" / "calibrated_rlhf"
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "pipelines"))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=CalibratedRewardModel(),
+            artifacts={"reward_model": str(tmp_path / "reward_model"), "tokenizer": str(tmp_path / "tokenizer"),
+                       "reward_transform": str(tmp_path / "reward_transform.json")},
+            code_paths=[str(code)],
+            signature=signature(),
+            input_example=input_example,
+            pip_requirements=[f"{p}=={md.version(p)}" for p in REQUIREMENTS],
+            registered_model_name=registered_model_name,
+        )
