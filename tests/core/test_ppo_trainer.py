@@ -244,3 +244,14 @@ def test_config_validation() -> None:
                                                                                           "adaptive", "k1")
     for name, field in PPOConfig.model_fields.items():
         assert field.description, name
+
+
+def test_single_minibatch_fast_path_matches_plain_path(tok) -> None:
+    # one minibatch reuses the first PPO forward for the old values; with dropout left on (Llama's is
+    # 0 anyway) the plain path runs a separate value forward: the runs must agree
+    fast = make_trainer(tok, num_updates=4, num_mini_batches=1).train().history
+    plain = make_trainer(tok, num_updates=4, num_mini_batches=1, disable_dropout=False).train().history
+    for a, b in zip(fast, plain):
+        for k, v in a.items():
+            if not k.startswith(PERF):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k

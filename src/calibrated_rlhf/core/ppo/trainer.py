@@ -255,8 +255,8 @@ class PPOTrainer:
                 self.pad_token_id, generator=self._gen,
                 value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
             )
+        t_gen = time.perf_counter()
         responses, mask_bool = samples.responses, samples.mask
-        R = responses.shape[1]
         input_ids = torch.cat([query, responses], dim=1)
         # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
         attn = torch.cat([query_mask, torch.ones_like(responses)], dim=1)
@@ -278,7 +278,7 @@ class PPOTrainer:
         ref_logprobs = ref_logprobs.clone() * mask
         if was_training:
             model.train()
-        t_gen = time.perf_counter()
+        t_fwd = time.perf_counter()
 
         response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = self.score_fn(prompt_texts, response_texts)
@@ -433,7 +433,7 @@ class PPOTrainer:
             "ppo/perf/episodes_per_s": self._global_batch / (t_end - t_start),
             "ppo/perf/rollout_s": t_rollout - t_start,
             "ppo/perf/generate_s": t_gen - t_start,
-            "ppo/perf/score_s": t_rollout - t_gen,
+            "ppo/perf/score_s": t_rollout - t_fwd,
             "ppo/perf/update_s": t_end - t_start,
         })
         self.history.append(metrics)
