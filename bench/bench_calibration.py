@@ -1,0 +1,197 @@
+"""Benchmarks for calibration: this project's exact temperature fit against the common LBFGS recipe.
+
+Section ``calibration``: at each N, the median wall time (``--repeats`` runs) and the fitted
+temperature of
+
+* ``fit_temperature`` (float64 safeguarded Newton on 1/T; the timing includes input validation), and
+* the LBFGS recipe as usually written (float32 torch, timed around the single ``opt.step`` call)::
+
+      T = nn.Parameter(torch.ones(1)); opt = LBFGS([T], lr=0.1, max_iter=100)
+      closure: loss = BCELoss()(sigmoid(m / T.clamp(min=1e-3)), y); loss.backward()
+
+with the time ratio, the relative difference of the two temperatures, and how much higher the
+float64 NLL is at the LBFGS temperature. The data match ``shared/anchors/calibration_anchor.py``
+(seed 0 per N): ``z ~ N(0, 1.5^2)``, ``y ~ Bernoulli(sigmoid(z))``, ``margins = 2.5 z`` as float32.
+
+Usage::
+
+    python bench/bench_calibration.py                              # --ns 1e4,1e5,1e6,1e7 --repeats 3
+    python bench/bench_calibration.py --ns 1e4,1e5 --repeats 5
+
+Results go to ``bench/results/<section>.json``. Further sections (e.g. scoring throughput with
+sorted vs unsorted batches) register a runner and a printer in ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from calibrated_rlhf.core.calibration import fit_temperature, preference_nll
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+
+TRUE_TEMPERATURE = 2.5
+Z_STD = 1.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def parse_ns(text: str) -> list[int]:
+    return [int(float(part)) for part in text.split(",") if part.strip()]
+
+
+def write_json(section: str, payload: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{section}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Section: calibration
+
+
+def make_calibration_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 margins and labels exactly as the reference anchor draws them."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, Z_STD, size=n)
+    labels = (rng.random(n) < 1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    margins = (TRUE_TEMPERATURE * z).astype(np.float32)
+    return margins, labels
+
+
+def time_fit_temperature(margins: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    start = time.perf_counter()
+    fit = fit_temperature(margins, labels)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "temperature": fit.temperature, "n_iter": fit.n_iter,
+            "n_subsample_iter": fit.n_subsample_iter}
+
+
+def time_lbfgs_recipe(margins: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    temperature = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.LBFGS([temperature], lr=0.1, max_iter=100)
+    bce = torch.nn.BCELoss()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = bce(torch.sigmoid(margins / torch.clamp(temperature, min=1e-3)), labels)
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    opt.step(closure)
+    seconds = time.perf_counter() - start
+    state = opt.state[temperature]
+    return {"seconds": seconds, "temperature": float(temperature.detach()),
+            "n_iter": int(state["n_iter"]), "func_evals": int(state["func_evals"])}
+
+
+def run_calibration(ns: list[int], repeats: int) -> dict[str, Any]:
+    per_n = {}
+    for n in ns:
+        margins, labels = make_calibration_data(n)
+        margins_t, labels_t = torch.from_numpy(margins), torch.from_numpy(labels)
+        ours, lbfgs = [], []
+        for _ in range(repeats):
+            lbfgs.append(time_lbfgs_recipe(margins_t, labels_t))
+            ours.append(time_fit_temperature(margins, labels))
+        t_ours = statistics.median(r["seconds"] for r in ours)
+        t_lbfgs = statistics.median(r["seconds"] for r in lbfgs)
+        temp_ours, temp_lbfgs = ours[0]["temperature"], lbfgs[0]["temperature"]
+        per_n[str(n)] = {
+            "fit_temperature": {"seconds_median": t_ours, "seconds_all": [r["seconds"] for r in ours], **{
+                k: v for k, v in ours[0].items() if k != "seconds"}},
+            "lbfgs_recipe_f32": {"seconds_median": t_lbfgs, "seconds_all": [r["seconds"] for r in lbfgs], **{
+                k: v for k, v in lbfgs[0].items() if k != "seconds"}},
+            "speedup": t_lbfgs / t_ours,
+            "temperature_rel_diff": (temp_lbfgs - temp_ours) / temp_ours,
+            # >= 0 when ours is the maximum-likelihood temperature: what stopping early costs.
+            "nll_excess_at_lbfgs_temperature": preference_nll(margins, temp_lbfgs, labels)
+            - preference_nll(margins, temp_ours, labels),
+        }
+        print_calibration_row(n, per_n[str(n)])
+    return {
+        "section": "calibration",
+        "true_temperature": TRUE_TEMPERATURE,
+        "z_std": Z_STD,
+        "repeats": repeats,
+        "per_n": per_n,
+    }
+
+
+def print_calibration_header() -> None:
+    print(f"{'N':>10} | {'fit_temperature':>15} {'T':>10} | {'LBFGS f32':>10} {'T':>10} | "
+          f"{'speedup':>8} {'T rel diff':>11} {'NLL excess':>11}", flush=True)
+
+
+def print_calibration_row(n: int, row: dict[str, Any]) -> None:
+    ours, lbfgs = row["fit_temperature"], row["lbfgs_recipe_f32"]
+    print(f"{n:>10} | {ours['seconds_median'] * 1e3:>12.1f} ms {ours['temperature']:>10.6f} | "
+          f"{lbfgs['seconds_median']:>8.2f} s {lbfgs['temperature']:>10.6f} | "
+          f"{row['speedup']:>7.0f}x {row['temperature_rel_diff']:>11.2e} "
+          f"{row['nll_excess_at_lbfgs_temperature']:>11.2e}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+
+
+SECTIONS: dict[str, tuple[Callable[[], None], Callable[..., dict[str, Any]]]] = {
+    "calibration": (print_calibration_header, run_calibration),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="calibration", help=f"comma-separated, of {sorted(SECTIONS)}")
+    parser.add_argument("--ns", default="1e4,1e5,1e6,1e7", help="comma-separated problem sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per size and method (median)")
+    args = parser.parse_args(argv)
+
+    for section in args.sections.split(","):
+        if section not in SECTIONS:
+            sys.exit(f"unknown section {section!r}; choose from {sorted(SECTIONS)}")
+        header, run = SECTIONS[section]
+        print(f"== {section} (median of {args.repeats})")
+        header()
+        result = run(parse_ns(args.ns), args.repeats)
+        result |= {
+            "command": " ".join([sys.executable, *sys.argv]),
+            "environment": environment(),
+            "peak_rss_mib": peak_rss_mib(),
+        }
+        print("wrote", write_json(section, result))
+
+
+if __name__ == "__main__":
+    main()
