@@ -10,7 +10,8 @@ temperature of
       closure: loss = BCELoss()(sigmoid(m / T.clamp(min=1e-3)), y); loss.backward()
 
 with the time ratio, the relative difference of the two temperatures, and how much higher the
-float64 NLL is at the LBFGS temperature. The data match ``shared/anchors/calibration_anchor.py``
+float64 NLL is at the LBFGS temperature. ``T err`` is the relative error of ``fit_temperature``
+against an independent, untimed float64 Newton solve on all data (tolerance 1e-14). The data match ``shared/anchors/calibration_anchor.py``
 (seed 0 per N): ``z ~ N(0, 1.5^2)``, ``y ~ Bernoulli(sigmoid(z))``, ``margins = 2.5 z`` as float32.
 
 Usage::
@@ -116,6 +117,20 @@ def time_lbfgs_recipe(margins: torch.Tensor, labels: torch.Tensor) -> dict[str, 
             "n_iter": int(state["n_iter"]), "func_evals": int(state["func_evals"])}
 
 
+def reference_temperature(margins: np.ndarray, labels: np.ndarray, tol: float = 1e-14) -> float:
+    """Independent check (untimed): plain float64 Newton on beta from beta = 0, full data every step."""
+    m = margins.astype(np.float64)
+    y = labels.astype(np.float64)
+    beta = 0.0
+    for _ in range(100):
+        p = 0.5 * (1.0 + np.tanh(0.5 * beta * m))
+        step = np.mean((p - y) * m) / np.mean(p * (1.0 - p) * m * m)
+        beta -= step
+        if abs(step) < tol * beta:
+            return 1.0 / beta
+    raise RuntimeError("reference Newton did not converge")
+
+
 def run_calibration(ns: list[int], repeats: int) -> dict[str, Any]:
     per_n = {}
     for n in ns:
@@ -128,11 +143,14 @@ def run_calibration(ns: list[int], repeats: int) -> dict[str, Any]:
         t_ours = statistics.median(r["seconds"] for r in ours)
         t_lbfgs = statistics.median(r["seconds"] for r in lbfgs)
         temp_ours, temp_lbfgs = ours[0]["temperature"], lbfgs[0]["temperature"]
+        temp_reference = reference_temperature(margins, labels)
         per_n[str(n)] = {
             "fit_temperature": {"seconds_median": t_ours, "seconds_all": [r["seconds"] for r in ours], **{
                 k: v for k, v in ours[0].items() if k != "seconds"}},
             "lbfgs_recipe_f32": {"seconds_median": t_lbfgs, "seconds_all": [r["seconds"] for r in lbfgs], **{
                 k: v for k, v in lbfgs[0].items() if k != "seconds"}},
+            "reference_temperature": temp_reference,
+            "temperature_rel_err_vs_reference": (temp_ours - temp_reference) / temp_reference,
             "speedup": t_lbfgs / t_ours,
             "temperature_rel_diff": (temp_lbfgs - temp_ours) / temp_ours,
             # >= 0 when ours is the maximum-likelihood temperature: what stopping early costs.
@@ -150,13 +168,14 @@ def run_calibration(ns: list[int], repeats: int) -> dict[str, Any]:
 
 
 def print_calibration_header() -> None:
-    print(f"{'N':>10} | {'fit_temperature':>15} {'T':>10} | {'LBFGS f32':>10} {'T':>10} | "
+    print(f"{'N':>10} | {'fit_temperature':>15} {'T':>10} {'T err':>9} | {'LBFGS f32':>10} {'T':>10} | "
           f"{'speedup':>8} {'T rel diff':>11} {'NLL excess':>11}", flush=True)
 
 
 def print_calibration_row(n: int, row: dict[str, Any]) -> None:
     ours, lbfgs = row["fit_temperature"], row["lbfgs_recipe_f32"]
-    print(f"{n:>10} | {ours['seconds_median'] * 1e3:>12.1f} ms {ours['temperature']:>10.6f} | "
+    print(f"{n:>10} | {ours['seconds_median'] * 1e3:>12.1f} ms {ours['temperature']:>10.6f} "
+          f"{row['temperature_rel_err_vs_reference']:>9.1e} | "
           f"{lbfgs['seconds_median']:>8.2f} s {lbfgs['temperature']:>10.6f} | "
           f"{row['speedup']:>7.0f}x {row['temperature_rel_diff']:>11.2e} "
           f"{row['nll_excess_at_lbfgs_temperature']:>11.2e}", flush=True)

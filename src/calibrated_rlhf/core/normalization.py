@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from calibrated_rlhf.core.metrics import sigmoid
+
 DEFAULT_QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
@@ -429,9 +431,7 @@ class RewardTransform:
 
     def preference_probability(self, raw_a: Any, raw_b: Any) -> np.ndarray:
         """Calibrated ``P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature)``."""
-        z = (np.asarray(raw_a, dtype=np.float64) - np.asarray(raw_b, dtype=np.float64)) / self.temperature
-        e = np.exp(-np.abs(z))
-        return np.where(z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+        return sigmoid((np.asarray(raw_a, dtype=np.float64) - np.asarray(raw_b, dtype=np.float64)) / self.temperature)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable dict; :meth:`from_dict` restores an equal transform."""
