@@ -100,17 +100,33 @@ def test_requests_are_checked_with_clear_errors():
         check_request([["a"]])
 
 
-@pytest.mark.slow
-def test_pyfunc_predicts_in_a_fresh_process_from_logged_artifacts(model, tiny_tokenizer, pairs, tmp_path):
+@pytest.fixture(scope="module")
+def logged(model, tiny_tokenizer, pairs, tmp_path_factory):
+    """The pyfunc bundle logged and registered in a scratch tracking store."""
     import mlflow
 
     t, _ = transform_for(model, tiny_tokenizer, pairs)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run():
-        info = log_reward_model(model, tiny_tokenizer, t.to_dict(), registered_model_name="rm-test",
-                                input_example=pairs[["prompt", "chosen", "rejected"]][:2])
-    mlflow.set_tracking_uri(None)
+    try:
+        with mlflow.start_run():
+            info = log_reward_model(model, tiny_tokenizer, t.to_dict(), registered_model_name="rm-test",
+                                    input_example=pairs[["prompt", "chosen", "rejected"]][:2])
+    finally:
+        mlflow.set_tracking_uri(None)
+    return {"uri": uri, "transform": t, "info": info, "dir": store}
+
+
+def clean_env(home) -> dict:
+    import os
+
+    return {"PATH": os.environ["PATH"], "HOME": str(home)}
+
+
+@pytest.mark.slow
+def test_pyfunc_predicts_in_a_fresh_process_from_logged_artifacts(model, tiny_tokenizer, pairs, logged):
+    t = logged["transform"]
     rows = pairs[["prompt", "chosen", "rejected"]][:5]
     code = f"""
 import json, mlflow, pandas as pd
@@ -121,8 +137,8 @@ single = m.predict(pd.DataFrame({{"prompt": rows["prompt"], "response": rows["ch
 print("RESULT=" + json.dumps({{"pairs": out.to_dict("list"), "single": single.to_dict("list"),
                                "has_signature": m.metadata.signature is not None}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env={"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=logged["dir"],
+                          env={**clean_env(logged["dir"]), "MLFLOW_TRACKING_URI": logged["uri"]})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT=")[-1])
     raw_c = score_pairs(model, tiny_tokenizer, pairs[:5])["reward_chosen"].to_numpy()
@@ -132,4 +148,57 @@ print("RESULT=" + json.dumps({{"pairs": out.to_dict("list"), "single": single.to
                                t.preference_probability(np.array(result["pairs"]["raw_chosen"]),
                                                         np.array(result["pairs"]["raw_rejected"])), atol=1e-9)
     assert result["has_signature"]
-    assert info.model_uri.startswith("models:/")
+    assert logged["info"].model_uri.startswith("models:/")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_scores_on_loopback(model, tiny_tokenizer, pairs, logged):
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/rm-test/1", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env={**clean_env(logged["dir"]), "MLFLOW_TRACKING_URI": logged["uri"]}, cwd=logged["dir"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(payload: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"{base}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "server did not come up in 120 s"
+            time.sleep(0.5)
+        rows = pairs[["prompt", "chosen"]][:3].rename(columns={"chosen": "response"})
+        status, body = post({"dataframe_records": rows.to_dict("records")})
+        assert status == 200, body
+        normalized = [row["normalized"] for row in body["predictions"]]
+        raw = score_pairs(model, tiny_tokenizer, pairs[:3])["reward_chosen"].to_numpy()
+        np.testing.assert_allclose(normalized, logged["transform"].normalize(raw), atol=1e-5)
+        status, body = post({"dataframe_records": [{"prompt": "x", "response": "  "}]})
+        assert status >= 400 and "needs non-empty text" in json.dumps(body)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
