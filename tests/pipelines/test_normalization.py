@@ -49,7 +49,10 @@ def pairs(model, tiny_tokenizer, synthetic_pairs):
     return df
 
 
-def transform_for(model, tokenizer, pairs, params=nodes.NormalizationParams()):
+DATASET = nodes.NormalizationParams(reference="dataset_responses")
+
+
+def transform_for(model, tokenizer, pairs, params=DATASET):
     fit = fit_calibration(score_pairs(model, tokenizer, pairs), CalibrationParams())
     responses = nodes.reference_responses(pairs)
     transform, metrics, figure = nodes.compute_reward_transform(model, tokenizer, responses, fit, params)
@@ -72,7 +75,7 @@ def test_scale_and_offset_of_the_reward_model_do_not_reach_normalized_rewards(mo
 
 
 def test_transform_is_z_score_of_calibrated_rewards_on_the_reference(model, tiny_tokenizer, pairs):
-    t, metrics = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(clip=None))
+    t, metrics = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(reference="dataset_responses", clip=None))
     responses = nodes.reference_responses(pairs)
     assert len(responses) == t.n == metrics["normalization/n"]["value"]
     from calibrated_rlhf.core.preferences import render_ids
@@ -83,7 +86,7 @@ def test_transform_is_z_score_of_calibrated_rewards_on_the_reference(model, tiny
     normalized = t.normalize(raw)
     assert normalized.mean() == pytest.approx(0.0, abs=1e-9) and normalized.std() == pytest.approx(1.0, rel=1e-9)
     assert t.computed_on == "dataset_responses" and len(t.reward_model_version) == 64
-    disabled, _ = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(enabled=False))
+    disabled, _ = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(reference="dataset_responses", enabled=False))
     assert (disabled.mean, disabled.std, disabled.computed_on) == (0.0, 1.0, "none")
 
 

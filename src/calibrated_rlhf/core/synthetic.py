@@ -125,7 +125,8 @@ def make_pairs(spec: SyntheticSpec, task: SyntheticTask) -> pd.DataFrame:
     def response() -> tuple[str, float]:
         n = int(rng.integers(spec.min_words, spec.max_words + 1))
         idx = rng.integers(len(utility), size=n)
-        return " ".join(task.words[i] for i in idx), float(utility[idx].mean())
+        # A leading space: TRL joins prompt and completion as plain strings.
+        return " " + " ".join(task.words[i] for i in idx), float(utility[idx].mean())
 
     rows = []
     for k in range(spec.n_pairs):

@@ -24,12 +24,30 @@ class NormalizationParams(BaseModel):
 
     enabled: bool = Field(True, description="false: mean 0, std 1 (calibration only), the 'none' baseline.")
     reference: Literal["dataset_responses", "policy_samples"] = Field(
-        "dataset_responses",
+        "policy_samples",
         description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
         "responses sampled from the reference policy for held-out prompts (as the original RLHF work did).",
     )
     clip: float | None = Field(5.0, gt=0, description="Bound on |normalized reward|; null = no clip.")
     batch_size: int = Field(64, ge=1, description="Scoring batch; batches are formed from length-sorted responses.")
+    samples_per_prompt: int = Field(2, ge=1, description="policy_samples: responses drawn per held-out prompt.")
+    max_new_tokens: int = Field(24, ge=1, description="policy_samples: response length, as in PPO.")
+    seed: int = Field(0)
+
+
+def reference_set(pairs: pd.DataFrame, reference_policy: Any, tokenizer: Any,
+                  params: NormalizationParams) -> pd.DataFrame:
+    """The reference distribution: the reference policy's responses to held-out prompts, or the pairs' own."""
+    if params.reference == "dataset_responses":
+        return reference_responses(pairs)
+    from calibrated_rlhf.core.policy import sample_responses
+
+    prompts = list(dict.fromkeys(_key(p) for p in pairs["prompt"]))
+    if not all(isinstance(p, str) for p in pairs["prompt"]):
+        raise ValueError("normalization.reference=policy_samples needs text prompts; use dataset_responses")
+    rows = sample_responses(reference_policy, tokenizer, prompts, params.samples_per_prompt, params.max_new_tokens,
+                            seed=params.seed)
+    return pd.DataFrame(rows, columns=["prompt", "response"])
 
 
 def reference_responses(pairs: pd.DataFrame) -> pd.DataFrame:

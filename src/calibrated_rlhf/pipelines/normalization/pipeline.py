@@ -8,8 +8,8 @@ from calibrated_rlhf.pipelines.normalization import nodes
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(nodes.reference_responses, "calibration_pairs", "reference_responses",
-                 name="reference_responses"),
+            Node(nodes.reference_set, ["calibration_pairs", "reference_policy", "tokenizer", "params:normalization"],
+                 "reference_responses", name="reference_responses"),
             Node(nodes.compute_reward_transform,
                  ["reward_model", "tokenizer", "reference_responses", "temperature_fit", "params:normalization"],
                  ["reward_transform", "normalization_metrics", "reward_distributions_histograms"],
