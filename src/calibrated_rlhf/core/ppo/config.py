@@ -76,7 +76,9 @@ class PPOConfig(BaseModel):
 
     # --- KL control ------------------------------------------------------------------------------
     kl_estimator: Literal["k1", "k3"] = Field(
-        "k1", description="Per-token KL estimator: k1 = logp - logp_ref; k3 = (r - 1) - log r, r = p_ref / p."
+        "k1",
+        description="Per-token KL estimator: k1 = logp - logp_ref; k3 = (r - 1) - log r, r = p_ref / p. "
+        "It sets both the penalty in the reward and ppo/objective/kl, the KL the controller sees.",
     )
     kl_control: Literal["adaptive", "fixed"] = Field(
         "adaptive", description="'adaptive': Ziegler et al. (2019) proportional controller; 'fixed': constant beta."

@@ -192,6 +192,15 @@ def sample_responses(
     h = out.last_hidden_state[:, -1]
     next_pos = pos[:, -1:] + 1
     ones = torch.ones((B, 1), dtype=attn.dtype, device=device)
+    # For SDPA, a decoding step's mask is just "which keys are not padding" ([B, 1, 1, keys], True =
+    # attend); slicing one prepared mask skips rebuilding it on every step, a sizeable share of a
+    # small model's step. Other attention kernels get the usual 2D mask.
+    step_masks = None
+    if getattr(policy.config, "_attn_implementation", None) == "sdpa":
+        step_masks = torch.cat(
+            [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
+        )[:, None, None, :]
+    Lq = query_ids.shape[1]
     for t in range(response_length):
         logits = lm_head(h).float()
         if temperature != 1.0:
@@ -205,8 +214,14 @@ def sample_responses(
         done = done | (tok.squeeze(1) == eos_token_id)
         if t + 1 == response_length or bool(done.all()):
             break
-        attn = torch.cat([attn, ones], dim=1)
-        out = backbone(input_ids=tok, attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        if step_masks is not None:
+            step_mask = step_masks[..., : Lq + t + 1]
+        else:
+            attn = torch.cat([attn, ones], dim=1)
+            step_mask = attn
+        out = backbone(
+            input_ids=tok, attention_mask=step_mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
         cache = out.past_key_values
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1

@@ -166,12 +166,11 @@ class PPOTrainer:
 
         if config.disable_dropout:
             disable_dropout(wrapper)
+        wrapper.to(self.device)
         params = [p for p in wrapper.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
+        optimizer = _adamw(params, config)
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
+        self._unwrapped = wrapper  # the module DDP (if any) wraps; unwrap_model is slow per call
         self.kl_controller: AdaptiveKLController = make_kl_controller(
             config.kl_control, config.beta, config.kl_target, config.kl_horizon
         )
@@ -195,7 +194,8 @@ class PPOTrainer:
 
     @property
     def unwrapped(self) -> PolicyAndValue:
-        return self.accelerator.unwrap_model(self.model)
+        """Policy and value function without any DDP wrapper."""
+        return self._unwrapped
 
     @property
     def policy(self) -> nn.Module:
@@ -363,27 +363,33 @@ class PPOTrainer:
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in
                                                 ("policy", "value", "clipfrac", "vclipfrac", "approx_kl",
                                                  "entropy", "ratio", "grad_norm")}
-        for _epoch in range(cfg.num_ppo_epochs):
-            order = torch.from_numpy(self._np_rng.permutation(B)) if cfg.num_mini_batches > 1 else torch.arange(B)
+        batch = (input_ids, attn, pos, responses, mask, logprobs, advantages, values, returns)
+        for epoch in range(cfg.num_ppo_epochs):
+            order = torch.from_numpy(self._np_rng.permutation(B)) if cfg.num_mini_batches > 1 else None
             for start in range(0, B, mb):
-                sel = order[start:start + mb].to(self.device)
-                m = mask[sel]
+                if order is None:
+                    mb_ids, mb_attn, mb_pos, mb_resp, m, mb_old, mb_adv, mb_val, mb_ret = batch
+                else:
+                    sel = order[start:start + mb].to(self.device)
+                    mb_ids, mb_attn, mb_pos, mb_resp, m, mb_old, mb_adv, mb_val, mb_ret = (x[sel] for x in batch)
                 if first_out is not None:
                     logits, vpred = first_out  # epoch 0, the only minibatch: computed above
                     first_out = None
                 else:
-                    logits, vpred = model(input_ids[sel], attn[sel], pos[sel], Lq, cfg.temperature)
+                    logits, vpred = model(mb_ids, mb_attn, mb_pos, Lq, cfg.temperature)
                 logits = logits.float()
                 logp_all = torch.log_softmax(logits, dim=-1)
-                new_logprobs = logp_all.gather(-1, responses[sel].unsqueeze(-1)).squeeze(-1)
-                pl = clipped_policy_loss(new_logprobs, logprobs[sel], advantages[sel], m, cfg.cliprange)
-                vl = clipped_value_loss(vpred.float(), values[sel], returns[sel], m, cfg.cliprange_value)
+                new_logprobs = logp_all.gather(-1, mb_resp.unsqueeze(-1)).squeeze(-1)
+                pl = clipped_policy_loss(new_logprobs, mb_old, mb_adv, m, cfg.cliprange)
+                vl = clipped_value_loss(vpred.float(), mb_val, mb_ret, m, cfg.cliprange_value)
                 loss = pl.loss + cfg.vf_coef * vl.loss
+                entropy = None
                 if cfg.entropy_coef > 0:
                     ent = -(logp_all.exp() * logp_all).sum(-1)
                     loss = loss - cfg.entropy_coef * (ent * m).sum() / m.sum().clamp_min(1)
                     entropy = (ent.detach() * m).sum() / m.sum().clamp_min(1)
-                else:
+                elif epoch == 0:
+                    # the entropy of the sampling policy is a diagnostic: the first epoch sees it
                     with torch.no_grad():
                         entropy = (-(logp_all.exp() * logp_all).sum(-1) * m).sum() / m.sum().clamp_min(1)
                 self.accelerator.backward(loss)
@@ -402,7 +408,8 @@ class PPOTrainer:
                 for k, v in (("policy", pl.loss), ("value", vl.loss), ("clipfrac", pl.clipfrac),
                              ("vclipfrac", vl.clipfrac), ("approx_kl", pl.approx_kl), ("entropy", entropy),
                              ("ratio", pl.ratio_mean), ("grad_norm", torch.as_tensor(grad_norm))):
-                    stats[k].append(v.detach().reshape(()).double().cpu())
+                    if v is not None:
+                        stats[k].append(v.detach().reshape(()).double().cpu())
 
         names = list(stats)
         local_means = torch.stack([torch.stack(stats[k]).mean() for k in names])
@@ -635,6 +642,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _adamw(params: list[nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it for these parameters (one kernel instead of a
+    per-tensor loop: the step of a small model is otherwise dominated by dispatch overhead)."""
+    kw = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+              weight_decay=config.weight_decay)
+    if all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+           and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, **kw)
 
 
 def _default_value_model(policy: nn.Module, seed: int) -> nn.Module:
