@@ -16,11 +16,14 @@ against an independent, untimed float64 Newton solve on all data (tolerance 1e-1
 
 Usage::
 
-    python bench/bench_calibration.py                              # --ns 1e4,1e5,1e6,1e7 --repeats 3
+    python bench/bench_calibration.py                              # both sections, --ns 1e4,1e5,1e6,1e7 --repeats 3
     python bench/bench_calibration.py --ns 1e4,1e5 --repeats 5
 
-Results go to ``bench/results/<section>.json``. Further sections (e.g. scoring throughput with
-sorted vs unsorted batches) register a runner and a printer in ``SECTIONS``.
+Section ``scoring``: reward-model scoring throughput (pairs/s) with length-sorted batches against
+batches in input order, on the reference workload's held-out pairs (its tokenizer and 2-layer Llama,
+``shared/anchors/workload.py``), batch 64, median of ``--repeats``; the scores of both must agree.
+
+Results go to ``bench/results/<section>.json``.
 """
 
 from __future__ import annotations
@@ -182,17 +185,67 @@ def print_calibration_row(n: int, row: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Scoring throughput: length-sorted vs unsorted batches
+
+
+def run_scoring(ns: list[int], repeats: int, batch_size: int = 64) -> dict[str, Any]:
+    """Pairs/s of ``score_pairs``-style scoring with and without sorting by length (ns is unused)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from calibrated_rlhf.core.preferences import MarginParams, standardize, tokenize_pairs
+    from calibrated_rlhf.core.reward_model import score_sequences
+
+    anchors = HERE.parent.parent / "shared" / "anchors"
+    sys.path.insert(0, str(anchors))
+    import workload as W  # the anchors' reference workload
+
+    wl = W.build_workload()
+    tok = W.build_tokenizer(wl)
+    cfg = W.llama_config(len(tok), tok)
+    cfg.num_labels = 1
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    import pandas as pd
+
+    pairs = standardize(pd.DataFrame(wl["heldout"]), MarginParams(enabled=False))
+    ids = tokenize_pairs(pairs, tok)
+    seqs = [list(x) for x in ids["chosen_ids"]] + [list(x) for x in ids["rejected_ids"]]
+    lengths = np.array([len(x) for x in seqs])
+    out: dict[str, Any] = {"n_pairs": len(pairs), "batch_size": batch_size,
+                           "length_min_mean_max": [int(lengths.min()), float(lengths.mean()), int(lengths.max())]}
+    scores = {}
+    for name, sort in (("sorted", True), ("unsorted", False)):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            scores[name] = score_sequences(model, seqs, tok.pad_token_id, batch_size, sort_by_length=sort)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"seconds_median": float(np.median(times)), "pairs_per_s": len(pairs) / float(np.median(times))}
+    out["max_abs_score_diff"] = float(np.max(np.abs(scores["sorted"] - scores["unsorted"])))
+    out["speedup_sorted_over_unsorted"] = out["sorted"]["pairs_per_s"] / out["unsorted"]["pairs_per_s"]
+    print(f"{'sorted':>10} {out['sorted']['pairs_per_s']:10.0f} pairs/s | {'unsorted':>10} "
+          f"{out['unsorted']['pairs_per_s']:10.0f} pairs/s | ratio {out['speedup_sorted_over_unsorted']:.2f}x | "
+          f"max |score diff| {out['max_abs_score_diff']:.1e}", flush=True)
+    return out
+
+
+def print_scoring_header() -> None:
+    print("reward-model scoring on the reference workload's held-out pairs, batch 64")
+
+
+# --------------------------------------------------------------------------------------------------
 # Driver
 
 
 SECTIONS: dict[str, tuple[Callable[[], None], Callable[..., dict[str, Any]]]] = {
     "calibration": (print_calibration_header, run_calibration),
+    "scoring": (print_scoring_header, run_scoring),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="calibration", help=f"comma-separated, of {sorted(SECTIONS)}")
+    parser.add_argument("--sections", default="calibration,scoring", help=f"comma-separated, of {sorted(SECTIONS)}")
     parser.add_argument("--ns", default="1e4,1e5,1e6,1e7", help="comma-separated problem sizes")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per size and method (median)")
     args = parser.parse_args(argv)
