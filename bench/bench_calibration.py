@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -256,12 +257,17 @@ def main(argv: list[str] | None = None) -> None:
         header, run = SECTIONS[section]
         print(f"== {section} (median of {args.repeats})")
         header()
+        # Other work on a 2-core machine skews timings; record how busy it was around the run.
+        load_before = os.getloadavg()
         result = run(parse_ns(args.ns), args.repeats)
         result |= {
             "command": " ".join([sys.executable, *sys.argv]),
             "environment": environment(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
             "peak_rss_mib": peak_rss_mib(),
         }
+        print(f"load average (1 min) before/after: {load_before[0]:.2f} / {result['loadavg_after'][0]:.2f}")
         print("wrote", write_json(section, result))
 
 
