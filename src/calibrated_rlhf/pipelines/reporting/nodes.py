@@ -1,0 +1,51 @@
+"""Nodes of ``reporting``: a thin adapter over ``calibrated_rlhf.core.report``."""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import BaseModel, Field
+
+from calibrated_rlhf.core import report
+
+log = logging.getLogger(__name__)
+
+
+class ReportingParams(BaseModel):
+    """Which runs the comparison reads, and the thresholds of its verdicts."""
+
+    experiment: str = Field("calibrated_rlhf", description="MLflow experiment to read.")
+    run_ids: list[str] = Field(default_factory=list,
+                               description="Exactly these runs (any experiment); the other selectors are ignored.")
+    last: int | None = Field(20, ge=1, description="Only the N most recent matching runs; null for all.")
+    filter_string: str = Field("", description="MLflow search filter, e.g. \"tags.scenario != ''\".")
+    scenarios: list[str] = Field(default_factory=list, description="Only runs tagged with these scenarios.")
+    tolerance: float = Field(0.10, gt=0, description="Relative spread across a that the scale verdict calls "
+                             "'the same'.")
+    ece_margin: float = Field(0.01, ge=0, description="How far above the oracle ECE a calibrated run may be.")
+
+    def selection(self) -> report.RunSelection:
+        return report.RunSelection(experiment=self.experiment, run_ids=tuple(self.run_ids), last=self.last,
+                                   filter_string=self.filter_string, scenarios=tuple(self.scenarios))
+
+
+def compare_runs(params: ReportingParams) -> tuple[str, str, pd.DataFrame, Figure]:
+    """Markdown and HTML reports, the comparison table and the curves, from the current tracking URI.
+
+    The run this node is logged to is left out: under ``__default__`` it is still training.
+    """
+    active = mlflow.active_run()
+    selection = params.selection()
+    runs, notes = report.load_runs(selection, exclude_run_ids=[active.info.run_id] if active else [])
+    histories = report.load_histories(runs["run_id"])
+    result = report.build_report(runs, histories, experiment=params.experiment, source=mlflow.get_tracking_uri(),
+                                 selection=selection.describe(), notes=notes, tolerance=params.tolerance,
+                                 ece_margin=params.ece_margin)
+    for verdict in result.verdicts:
+        log.info("%s: %s. %s", verdict.topic, verdict.status, verdict.evidence)
+    if result.table.empty:
+        log.warning("no matching runs for %s", selection.describe())
+    return result.markdown, result.html, result.table, result.figure
