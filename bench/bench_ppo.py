@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def single(ppo_epochs: int, total_episodes: int, value_model: str) -> dict:
+def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: dict | None = None) -> dict:
     """One measured run of this project's PPO, in this process."""
     sys.path.insert(0, str(ANCHORS))
     import numpy as np
@@ -77,7 +77,7 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str) -> dict:
     config = PPOConfig(
         seed=0, num_updates=total_episodes // batch, batch_size=batch, num_mini_batches=1,
         num_ppo_epochs=ppo_epochs, response_length=24, temperature=1.0, learning_rate=5e-5,
-        kl_control="fixed", beta=0.05, value_model=value_model,
+        kl_control="fixed", beta=0.05, value_model=value_model, **(overrides or {}),
     )
     prompts = [r["prompt"] for r in wl["train"]]
     trainer = PPOTrainer(config, policy, tok, prompts, score_fn, ref_policy=ref_policy, value_model=value)
@@ -96,6 +96,7 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "num_ppo_epochs": ppo_epochs,
         "value_model": value_model,
+        "overrides": overrides or {},
         "episodes_done": result.episodes,
         "ppo_updates": result.updates,
         "setup_s": t_setup,
@@ -169,6 +170,12 @@ def median(runs: list[dict], key: str) -> float:
     return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
 
 
+def clean(runs: list[dict], max_foreign: float = 0.05) -> list[dict]:
+    """Runs that no other process disturbed; all runs if none qualifies."""
+    ok = [r for r in runs if r["foreign_cpu_frac"] <= max_foreign]
+    return ok or runs
+
+
 KEYS = ["episodes_per_s", "steady_state_episodes_per_s", "s_per_update_median", "train_wall_s", "peak_rss_mib",
         "foreign_cpu_frac"]
 
@@ -181,9 +188,10 @@ def main() -> None:
     ap.add_argument("--total-episodes", type=int, default=512)
     ap.add_argument("--value-model", choices=["separate", "shared"], default="separate")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
+    ap.add_argument("--override", default="{}", help='PPOConfig fields as JSON, e.g. \'{"cpu_parallel": false}\'')
     a = ap.parse_args()
     if a.single:
-        res = single(a.ppo_epochs[0], a.total_episodes, a.value_model)
+        res = single(a.ppo_epochs[0], a.total_episodes, a.value_model, json.loads(a.override))
         print("RESULT_JSON=" + json.dumps(res))
         return
 
@@ -199,7 +207,8 @@ def main() -> None:
         ours, trl = [], []
         for i in range(a.repeats):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--single", "--ppo-epochs", str(ep),
-                   "--total-episodes", str(a.total_episodes), "--value-model", a.value_model]
+                   "--total-episodes", str(a.total_episodes), "--value-model", a.value_model,
+                   "--override", a.override]
             ours.append(run_child(cmd))
             print(f"[ours epochs={ep} run {i + 1}] " + json.dumps({k: round(ours[-1][k], 3) for k in KEYS}), flush=True)
             if have_trl:
@@ -209,9 +218,9 @@ def main() -> None:
                 r.pop("log_history", None)
                 trl.append(r)
                 print(f"[trl  epochs={ep} run {i + 1}] " + json.dumps({k: round(r[k], 3) for k in KEYS}), flush=True)
-        setting["ours"] = {"medians": {k: median(ours, k) for k in KEYS}, "runs": ours}
+        setting["ours"] = {"medians": {k: median(clean(ours), k) for k in KEYS}, "runs": ours}
         if trl:
-            setting["trl_gc_freeze"] = {"medians": {k: median(trl, k) for k in KEYS}, "runs": trl}
+            setting["trl_gc_freeze"] = {"medians": {k: median(clean(trl), k) for k in KEYS}, "runs": trl}
             mo, mt = setting["ours"]["medians"], setting["trl_gc_freeze"]["medians"]
             setting["ratio_ours_over_trl"] = {
                 "episodes_per_s": mo["episodes_per_s"] / mt["episodes_per_s"],

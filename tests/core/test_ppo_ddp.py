@@ -51,8 +51,15 @@ def _worker(out_dir: str) -> None:
     trainer.score_fn = spy
     result = trainer.train()
     checksum = float(sum(p.detach().double().sum() for p in trainer.unwrapped.parameters()))
+    # the other code paths, briefly: one minibatch (first forward reused) and a shared value head
+    variants = {}
+    for name, kw in {"one_minibatch": dict(num_mini_batches=1), "shared": dict(value_model="shared")}.items():
+        vcfg = cfg.model_copy(update=dict(num_updates=2, checkpoint_every=None, checkpoint_dir=None, **kw))
+        p2, v2 = H.tiny_models(tok, seed=3, value=vcfg.value_model == "separate")
+        r2 = PPOTrainer(vcfg, p2, tok, H.PROMPTS, H.score_fn, value_model=v2, accelerator=acc).train()
+        variants[name] = r2.history
     out = {"rank": acc.process_index, "beta": result.beta, "history": result.history, "checksum": checksum,
-           "prompts": seen_prompts, "last_checkpoint": result.last_checkpoint}
+           "prompts": seen_prompts, "last_checkpoint": result.last_checkpoint, "variants": variants}
     Path(out_dir, f"rank{acc.process_index}.json").write_text(json.dumps(out))
 
 
@@ -83,6 +90,12 @@ def test_two_processes_agree_on_beta_and_statistics(tmp_path: Path) -> None:
         p0, p1 = r0["prompts"][8 * u:8 * u + 8], r1["prompts"][8 * u:8 * u + 8]
         assert not set(p0) & set(p1)
     assert r0["history"][-1]["ppo/episodes"] == 48
+    for name in ("one_minibatch", "shared"):
+        h0, h1 = r0["variants"][name], r1["variants"][name]
+        assert len(h0) == len(h1) == 2
+        for a, b in zip(h0, h1):
+            assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
+                   {k: v for k, v in b.items() if not k.startswith(PERF)}, name
     ck = Path(r0["last_checkpoint"])
     assert ck.name == "update_000003"
     assert (ck / "rng_state_0.pt").is_file() and (ck / "rng_state_1.pt").is_file()

@@ -255,3 +255,18 @@ def test_single_minibatch_fast_path_matches_plain_path(tok) -> None:
         for k, v in a.items():
             if not k.startswith(PERF):
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("num_mini_batches", [1, 2])
+def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int) -> None:
+    # with one intra-op thread everywhere the two schedules do the same float operations
+    runs = []
+    for parallel in (True, False):
+        trainer = make_trainer(tok, num_updates=3, num_mini_batches=num_mini_batches, cpu_parallel=parallel)
+        assert (trainer._pool is not None) == parallel
+        runs.append((trainer.train().history, _weights(trainer)))
+    (h_par, w_par), (h_seq, w_seq) = runs
+    for a, b in zip(h_par, h_seq):
+        assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
+               {k: v for k, v in b.items() if not k.startswith(PERF)}
+    assert all(torch.equal(w_par[k], w_seq[k]) for k in w_par)

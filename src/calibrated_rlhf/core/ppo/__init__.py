@@ -1,7 +1,33 @@
 """PPO for language models with an adaptive KL controller (plain library: no Kedro, no MLflow).
 
-Entry points: :class:`PPOConfig` (every hyperparameter) and :class:`PPOTrainer`
-(``step()`` runs one update, ``train()`` runs many, with checkpoints and resume).
+Usage::
+
+    config = PPOConfig(num_updates=200, batch_size=16, kl_target=6.0, checkpoint_dir="ckpt",
+                       checkpoint_every=50, sample_every=10)
+    trainer = PPOTrainer(config, policy, tokenizer, prompts, score_fn)
+    result = trainer.train()                      # or trainer.train(resume_from="latest")
+    result.history[-1]["ppo/objective/beta"], result.stopped_early, result.samples
+
+``score_fn(prompts: list[str], responses: list[str]) -> dict[str, Tensor]`` returns at least
+``"normalized"`` (shape [batch]: the reward in normalized units, i.e. the units ``beta`` is in);
+any other keys (``"raw"``, ``"calibrated"``, ``"gold"``, ...) are logged as batch means under
+``ppo/rewards/<key>``. Responses are decoded without special tokens and cut at the first EOS.
+Under several processes each rank scores its own shard, and the keys must be the same every call.
+
+The per-token reward is ``-beta * reward_scale * KL_t`` with the normalized score (minus
+``missing_eos_penalty * reward_scale`` when a response has no EOS) added on its last token.
+
+Metrics (``step()`` returns them, ``trainer.history`` keeps them) are named ``ppo/<group>/<name>``
+so they map onto MLflow keys: ``objective/{kl,beta,beta_effective,kl_target,score,
+non_score_reward,rlhf_reward,beta_next}``, ``rewards/<key>``, ``policy/{entropy,clipfrac,approx_kl,
+ratio}``, ``value/{loss,clipfrac,explained_variance,mean}``, ``losses/{policy,total}``,
+``rollout/{response_length,eos_fraction}``, ``optim/{grad_norm,lr}``, ``perf/{episodes_per_s,
+update_s,rollout_s,generate_s,score_s}``, ``step``, ``episodes``.
+
+Checkpoints (``<checkpoint_dir>/update_000050/``, written to a hidden temp folder and renamed):
+``policy/`` and ``value_model/`` (``save_pretrained``; ``value_head.pt`` in shared mode),
+``optimizer.pt``, ``trainer_state.json`` (update, episodes, KL controller state, data position,
+history, samples, config, reference fingerprint) and ``rng_state_<rank>.pt``.
 """
 
 from calibrated_rlhf.core.ppo.config import PPOConfig

@@ -41,6 +41,12 @@ class PPOConfig(BaseModel):
         "model is a chain of tiny ops where extra threads mostly add synchronisation; None keeps torch's "
         "setting. No effect on GPU work.",
     )
+    cpu_parallel: bool = Field(
+        True,
+        description="On CPU, in a single process with a separate value model, run the value model's "
+        "forward/backward on a second thread alongside the policy's (one intra-op thread each). Same "
+        "gradients; for small models it keeps two cores busier than one two-threaded stream.",
+    )
     missing_eos_penalty: float | None = Field(
         None,
         description="Subtracted from the normalized score of a response that has no EOS within "

@@ -104,6 +104,25 @@ class PolicyAndValue(nn.Module):
             values = sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start)
         return logits, values
 
+    def policy_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        response_start: int,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """The policy half of ``forward`` (separate value model only)."""
+        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
+        logits = self.policy.get_output_embeddings()(h_resp)
+        return logits / temperature if temperature != 1.0 else logits
+
+    def values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int
+    ) -> torch.Tensor:
+        """The value half of ``forward`` (separate value model only)."""
+        return sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start)
+
 
 def sequence_values(
     value_model: nn.Module,
@@ -241,7 +260,9 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     draw V), which dominates the cost of a decoding step for small models.
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    # draw on the generator's device (a CPU generator keeps runs reproducible across devices)
+    gen_device = generator.device if generator is not None else probs.device
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=gen_device, dtype=cdf.dtype).to(probs.device)
     # scale by the row total so rounding in the cumsum never leaves u above the last bin;
     # clamp_min keeps u = 0 from landing on a leading zero-probability token
     u = (u * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)

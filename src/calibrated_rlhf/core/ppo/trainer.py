@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core.ppo.config import PPOConfig
-from calibrated_rlhf.core.ppo.gae import compute_gae, masked_whiten
+from calibrated_rlhf.core.ppo.gae import compute_gae, masked_mean, masked_whiten
 from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make_kl_controller
 from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_loss
 from calibrated_rlhf.core.ppo.rollout import (
@@ -171,6 +172,10 @@ class PPOTrainer:
         optimizer = _adamw(params, config)
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
         self._unwrapped = wrapper  # the module DDP (if any) wraps; unwrap_model is slow per call
+        self._pool = None
+        if (config.cpu_parallel and self.device.type == "cpu" and self.world_size == 1
+                and config.value_model == "separate"):
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-value")
         self.kl_controller: AdaptiveKLController = make_kl_controller(
             config.kl_control, config.beta, config.kl_target, config.kl_horizon
         )
@@ -294,10 +299,13 @@ class PPOTrainer:
         if score_tensors["normalized"].numel() != len(idx):
             raise ValueError("score_fn returned a 'normalized' tensor of the wrong length")
         t_rollout = time.perf_counter()
-        first_out = None
+        first_logits = first_vpred = None
         if reuse_first:
-            first_out = model(input_ids, attn, pos, Lq, cfg.temperature)
-            values = first_out[1].detach().float()
+            if self._pool is not None:
+                first_vpred = unwrapped.values(input_ids, attn, pos, Lq)  # the policy half runs later, in parallel
+            else:
+                first_logits, first_vpred = model(input_ids, attn, pos, Lq, cfg.temperature)
+            values = first_vpred.detach().float()
         values = values.clone() * mask
 
         # 2. rewards ---------------------------------------------------------------------------
@@ -372,31 +380,39 @@ class PPOTrainer:
                 else:
                     sel = order[start:start + mb].to(self.device)
                     mb_ids, mb_attn, mb_pos, mb_resp, m, mb_old, mb_adv, mb_val, mb_ret = (x[sel] for x in batch)
-                if first_out is not None:
-                    logits, vpred = first_out  # epoch 0, the only minibatch: computed above
-                    first_out = None
+                # epoch 0 of a single minibatch starts from the forward made at rollout time
+                pre_logits, pre_vpred = first_logits, first_vpred
+                first_logits = first_vpred = None
+
+                def policy_part(logits: torch.Tensor | None) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
+                    if logits is None:
+                        logits = unwrapped.policy_logits(mb_ids, mb_attn, mb_pos, Lq, cfg.temperature)
+                    return self._policy_terms(logits, mb_resp, mb_old, mb_adv, m, epoch)
+
+                def value_part(vpred: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
+                    if vpred is None:
+                        vpred = unwrapped.values(mb_ids, mb_attn, mb_pos, Lq)
+                    vl = clipped_value_loss(vpred.float(), mb_val, mb_ret, m, cfg.cliprange_value)
+                    return vl, cfg.vf_coef * vl.loss
+
+                if self._pool is not None:
+                    # policy and value are independent networks: two single-threaded streams, one
+                    # per core, beat one two-threaded stream of ops this small (gradients identical)
+                    pl, entropy, vl, loss = self._parallel_backward(
+                        lambda: policy_part(pre_logits), lambda: value_part(pre_vpred)
+                    )
                 else:
-                    logits, vpred = model(mb_ids, mb_attn, mb_pos, Lq, cfg.temperature)
-                logits = logits.float()
-                logp_all = torch.log_softmax(logits, dim=-1)
-                new_logprobs = logp_all.gather(-1, mb_resp.unsqueeze(-1)).squeeze(-1)
-                pl = clipped_policy_loss(new_logprobs, mb_old, mb_adv, m, cfg.cliprange)
-                vl = clipped_value_loss(vpred.float(), mb_val, mb_ret, m, cfg.cliprange_value)
-                loss = pl.loss + cfg.vf_coef * vl.loss
-                entropy = None
-                if cfg.entropy_coef > 0:
-                    ent = -(logp_all.exp() * logp_all).sum(-1)
-                    loss = loss - cfg.entropy_coef * (ent * m).sum() / m.sum().clamp_min(1)
-                    entropy = (ent.detach() * m).sum() / m.sum().clamp_min(1)
-                elif epoch == 0:
-                    # the entropy of the sampling policy is a diagnostic: the first epoch sees it
-                    with torch.no_grad():
-                        entropy = (-(logp_all.exp() * logp_all).sum(-1) * m).sum() / m.sum().clamp_min(1)
-                self.accelerator.backward(loss)
+                    if pre_logits is None:  # through the (possibly DDP-wrapped) module
+                        pre_logits, pre_vpred = model(mb_ids, mb_attn, mb_pos, Lq, cfg.temperature)
+                    pl, entropy, p_loss = policy_part(pre_logits)
+                    vl, v_loss = value_part(pre_vpred)
+                    total = p_loss + v_loss
+                    self.accelerator.backward(total)
+                    loss = total.detach()
                 grad_norm = self.accelerator.clip_grad_norm_(
                     model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 )
-                bad = (not math.isfinite(float(grad_norm))) or (not math.isfinite(float(loss.detach())))
+                bad = (not math.isfinite(float(grad_norm))) or (not math.isfinite(float(loss)))
                 if self.world_size > 1:
                     # a NaN loss on one rank with finite synced grads must stop every rank
                     bad = bool(self._reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0)
@@ -506,6 +522,9 @@ class PPOTrainer:
         torch.save(self._rng_state(), tmp / f"rng_state_{self.rank}.pt")
         acc.wait_for_everyone()
         if self.is_main_process:
+            # data on disk before the rename publishes the folder: a crash never leaves a complete-
+            # looking checkpoint with truncated files
+            _fsync_tree(tmp)
             if final.exists():
                 # same update saved twice: swap in the new one, then drop the old
                 old = root / f".{final.name}.old"
@@ -555,6 +574,47 @@ class PPOTrainer:
         self.last_checkpoint = str(path)
 
     # ------------------------------------------------------------------ internals
+    def _policy_terms(
+        self, logits: torch.Tensor, responses: torch.Tensor, old_logprobs: torch.Tensor,
+        advantages: torch.Tensor, mask: torch.Tensor, epoch: int,
+    ) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
+        """(clipped-loss output, entropy statistic or None, policy part of the loss)."""
+        cfg = self.config
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        new_logprobs = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        pl = clipped_policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.cliprange)
+        loss = pl.loss
+        entropy = None
+        if cfg.entropy_coef > 0:
+            ent = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask)
+            loss = loss - cfg.entropy_coef * ent
+            entropy = ent.detach()
+        elif epoch == 0:
+            # the entropy of the sampling policy is a diagnostic: the first epoch sees it
+            with torch.no_grad():
+                entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask)
+        return pl, entropy, loss
+
+    def _parallel_backward(
+        self, policy_part: Callable[[], tuple], value_part: Callable[[], tuple]
+    ) -> tuple[Any, torch.Tensor | None, Any, torch.Tensor]:
+        """Forward and backward of the policy (here) and the value model (worker thread) at once."""
+
+        def value_job() -> tuple[Any, torch.Tensor]:
+            torch.set_num_threads(1)  # a thread's intra-op setting is its own
+            vl, v_loss = value_part()
+            self.accelerator.backward(v_loss)
+            return vl, v_loss.detach()
+
+        with cpu_threads(1):
+            future = self._pool.submit(value_job)
+            try:
+                pl, entropy, p_loss = policy_part()
+                self.accelerator.backward(p_loss)
+            finally:
+                vl, v_loss = future.result()  # waits even when the policy half failed
+        return pl, entropy, vl, p_loss.detach() + v_loss
+
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return t
@@ -629,6 +689,16 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """Newest complete checkpoint under ``root``, or None."""
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in sorted(p for p in root.rglob("*") if p.is_dir()):
+        _fsync_dir(path)
+    _fsync_dir(root)
 
 
 def _fsync_dir(path: Path) -> None:
