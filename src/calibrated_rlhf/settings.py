@@ -2,9 +2,12 @@
 
 import os
 
-from calibrated_rlhf.hooks import ProvenanceHooks
+from calibrated_rlhf.hooks import ProvenanceHooks, TrackingServerCheck
 
-HOOKS = (ProvenanceHooks(),)
+# kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
+# (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
+# connects to the server, ProvenanceHooks' before_pipeline_run after kedro-mlflow has started the run.
+HOOKS = (TrackingServerCheck(), ProvenanceHooks())
 
 
 def _env_or(name: str, default: str) -> str:
