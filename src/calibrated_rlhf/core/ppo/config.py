@@ -92,6 +92,11 @@ class PPOConfig(BaseModel):
     beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat.")
     kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the adaptive controller.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller horizon, in episodes.")
+    score_key: str = Field(
+        "normalized",
+        description="Which score_fn output is optimized (the others are only logged); its units are the "
+        "units of beta once divided by reward_scale.",
+    )
     reward_scale: float = Field(
         1.0,
         gt=0,

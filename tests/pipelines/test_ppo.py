@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
+from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.synthetic import SyntheticSpec, make_task
+from calibrated_rlhf.pipelines.ppo import nodes
+from tests.conftest import TINY_BACKBONE
+
+
+def transform(temperature=0.5, mean=0.2, std=2.0, clip=3.0) -> RewardTransform:
+    return RewardTransform(temperature=temperature, mean=mean, std=std, clip=clip, computed_on="policy_samples",
+                           reward_model_version=None, n=100)
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_tokenizer):
+    torch.manual_seed(0)
+    m = build_reward_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer)
+    with torch.no_grad():
+        m.score.weight.mul_(50.0)
+    return m.eval()
+
+
+PROMPTS = ["Describe the food in Paris.", "Tell me about the parks in Oslo."] * 3
+RESPONSES = [" calm bright", " dull", " grey cold rainy", " lively", " bright bright", " quiet"]
+
+
+def test_score_fn_applies_the_frozen_transform_and_adds_gold(reward_model, tiny_tokenizer):
+    task = make_task(SyntheticSpec(seed=1, n_words=12))
+    t = transform()
+    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "normalized", 1.0)
+    out = fn(PROMPTS, RESPONSES)
+    raw = out["raw"].double().numpy()
+    np.testing.assert_allclose(out["calibrated"].numpy(), raw / 0.5, rtol=1e-5)
+    np.testing.assert_allclose(out["normalized"].numpy(), np.clip((raw / 0.5 - 0.2) / 2.0, -3, 3), rtol=1e-5)
+    torch.testing.assert_close(out["score"], out["normalized"])
+    assert out["gold"][0].item() == pytest.approx(task.gold_reward(" calm bright"))
+
+
+def test_min_max_is_per_batch_and_scale_free(reward_model, tiny_tokenizer):
+    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, transform(), None, "minmax_batch", 1.0)
+    a, b = fn(PROMPTS, RESPONSES)["score"], fn(PROMPTS[:3], RESPONSES[:3])["score"]
+    assert a.min() == 0 and a.max() == 1
+    # the same response gets a different score in a different batch: the instability min-max brings
+    assert not torch.allclose(a[:3], b)
+
+
+@pytest.mark.parametrize("a", [0.25, 4.0])
+def test_the_scale_experiment_leaves_the_transformed_score_unchanged(reward_model, tiny_tokenizer, a):
+    t = transform()
+    base = nodes.make_score_fn(reward_model, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
+    scaled_fn = nodes.make_score_fn(reward_model, tiny_tokenizer, nodes.rescaled_transform(t, a), None,
+                                    "normalized", a)
+    scaled = scaled_fn(PROMPTS, RESPONSES)
+    torch.testing.assert_close(scaled["score"], base["score"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled["raw"], a * base["raw"], rtol=1e-5, atol=1e-6)
+
+
+def test_reward_scale_keeps_beta_in_normalized_units():
+    t = transform(temperature=0.5, std=2.0)
+    assert nodes.reward_scale_of("normalized", t) == 1.0
+    assert nodes.reward_scale_of("calibrated", t) == 2.0
+    assert nodes.reward_scale_of("raw", t) == pytest.approx(1.0)  # std of raw = T * std of calibrated
