@@ -63,3 +63,40 @@ def test_reward_scale_keeps_beta_in_normalized_units():
     assert nodes.reward_scale_of("normalized", t) == 1.0
     assert nodes.reward_scale_of("calibrated", t) == 2.0
     assert nodes.reward_scale_of("raw", t) == pytest.approx(1.0)  # std of raw = T * std of calibrated
+
+
+ISSUE_KEYS = ("ppo/objective/kl", "ppo/objective/beta", "ppo/rewards/raw", "ppo/rewards/calibrated",
+              "ppo/rewards/normalized", "ppo/rewards/gold", "ppo/policy/entropy", "ppo/policy/clipfrac",
+              "ppo/policy/approx_kl", "ppo/value/loss", "ppo/value/explained_variance",
+              "ppo/rollout/response_length", "ppo/perf/episodes_per_s")
+
+
+@pytest.mark.slow
+def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, tiny_tokenizer, synthetic_pairs,
+                                                                  tmp_path):
+    from calibrated_rlhf.core.backbone import build_causal_backbone
+    from calibrated_rlhf.core.ppo import PPOConfig
+    from calibrated_rlhf.pipelines.ppo import create_pipeline
+    from tests.pipelines.helpers import run
+
+    task = make_task(SyntheticSpec(seed=1, n_words=12))
+    params = nodes.PPOParams(
+        trainer=PPOConfig(num_updates=3, batch_size=8, response_length=6, sample_every=1, num_ppo_epochs=2),
+        evaluation=nodes.EvaluationParams(n_prompts=6, samples_per_prompt=2),
+        checkpoint_root=str(tmp_path / "ckpt"), checkpoint_every=2)
+    out = run(create_pipeline(), {
+        "reference_policy": build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer),
+        "tokenizer": tiny_tokenizer, "reward_model": reward_model, "reward_transform": transform().to_dict(),
+        "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
+        "synthetic_task": {**task.to_dict()}, "params:ppo": params,
+    })
+    history = out["ppo_history"]
+    for key in ISSUE_KEYS:
+        assert [p["step"] for p in history[key]] == [1, 2, 3], key
+    assert all(np.isfinite(p["value"]) for k in ISSUE_KEYS for p in history[k])
+    ev = {k: v["value"] for k, v in out["ppo_evaluation"].items()}
+    assert ev["ppo/eval/gold_gain_ci_low"] <= ev["ppo/eval/gold_gain"] <= ev["ppo/eval/gold_gain_ci_high"]
+    assert {"prompt", "response"} <= set(out["ppo_samples"].columns) and len(out["ppo_samples"]) > 0
+    runs = list((tmp_path / "ckpt").iterdir())
+    assert len(runs) == 1 and any(runs[0].iterdir())  # this run's own folder
+    assert out["kl_control_diagram"].axes
