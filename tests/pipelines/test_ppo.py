@@ -94,7 +94,8 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
     for key in ISSUE_KEYS:
         assert [p["step"] for p in history[key]] == [1, 2, 3], key
     assert all(np.isfinite(p["value"]) for k in ISSUE_KEYS for p in history[k])
-    ev = {k: v["value"] for k, v in out["ppo_evaluation"].items()}
+    ev = {k: v["value"] for k, v in {**out["ppo_evaluation"], **out["ppo_summary"]}.items()}
+    assert ev["ppo/eval/updates"] == 3 and ev["ppo/eval/final_beta"] == history["ppo/objective/beta"][-1]["value"]
     assert ev["ppo/eval/gold_gain_ci_low"] <= ev["ppo/eval/gold_gain"] <= ev["ppo/eval/gold_gain_ci_high"]
     assert {"prompt", "response"} <= set(out["ppo_samples"].columns) and len(out["ppo_samples"]) > 0
     runs = list((tmp_path / "ckpt").iterdir())

@@ -106,9 +106,9 @@ def train_ppo(
     train_pairs: pd.DataFrame,
     synthetic_task: dict[str, Any],
     params: PPOParams,
-) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure]:
+) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
     """PPO from the reference policy against the frozen reward transform; returns the final policy,
-    per-update metrics, sample responses and the KL-control plot."""
+    per-update metrics, sample responses, the KL-control plot and a summary of the run."""
     original = RewardTransform.from_dict(reward_transform)
     transform = rescaled_transform(original, params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
@@ -134,7 +134,24 @@ def train_ppo(
     points = [{**p, "step": int(p["ppo/step"])} for p in result.history]
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", "ppo/step")})
     samples = pd.DataFrame(result.samples)
-    return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config)
+    summary = training_summary(result.history, config, result.stopped_early)
+    return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
+
+
+def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:
+    """How well KL tracked its target over the second half of training, the final beta, the throughput."""
+    kl = np.array([h["ppo/objective/kl"] for h in history])
+    second = kl[len(kl) // 2:]
+    values = {
+        "ppo/eval/kl_second_half_mean": float(second.mean()),
+        "ppo/eval/kl_tracking_error": float(second.mean() / config.kl_target - 1.0),
+        "ppo/eval/final_beta": float(history[-1]["ppo/objective/beta"]),
+        "ppo/eval/episodes_per_s": float(np.median([h["ppo/perf/episodes_per_s"] for h in history])),
+        "ppo/eval/updates": float(len(history)),
+        "ppo/eval/stopped_early": float(stopped_early),
+    }
+    log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
+    return as_metrics(values)
 
 
 def rescaled_transform(transform: RewardTransform, multiplier: float) -> RewardTransform:
@@ -165,17 +182,10 @@ def kl_control_plot(history: list[dict[str, float]], config: PPOConfig) -> Figur
 
 
 def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pairs: pd.DataFrame,
-                    synthetic_task: dict[str, Any], ppo_history: dict[str, list[dict[str, float]]],
-                    params: PPOParams) -> dict[str, dict[str, float]]:
-    """Gold reward of the final policy against the reference policy on test prompts (95% interval of the
-    gain, paired by prompt), and how well the KL tracked its target over the second half of training."""
+                    synthetic_task: dict[str, Any], params: PPOParams) -> dict[str, dict[str, float]]:
+    """Gold reward of the final policy against the reference policy on test prompts, with a 95% interval
+    of the gain paired by prompt (synthetic task only: elsewhere there is no gold reward)."""
     values: dict[str, float] = {}
-    kl = [p["value"] for p in ppo_history.get("ppo/objective/kl", [])]
-    if kl:
-        second = np.asarray(kl[len(kl) // 2:])
-        target = params.trainer.kl_target
-        values |= {"ppo/eval/kl_second_half_mean": float(second.mean()),
-                   "ppo/eval/kl_tracking_error": float(second.mean() / target - 1.0)}
     if synthetic_task:
         task = SyntheticTask.from_dict(synthetic_task)
         ev = params.evaluation
