@@ -103,3 +103,24 @@ def test_wrapper_needs_exactly_one_value_function(setup) -> None:
         PolicyAndValue(policy)
     with pytest.raises(ValueError):
         PolicyAndValue(policy, value_model=vm, value_head=torch.nn.Linear(4, 1))
+
+
+def test_responses_decode_as_continuations_of_their_prompts() -> None:
+    # Metaspace folds the space before a word into its token: decoded alone, a response loses it
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "\u2581say", "\u2581red", "\u2581w1", "\u2581w2", "w3"]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    from calibrated_rlhf.core.ppo.rollout import decode_responses
+
+    prompt = [2, 3]  # "say red"
+    responses = torch.tensor([[4, 5, 1, 0], [4, 6, 6, 6]])  # "▁w1 ▁w2 <eos>", "▁w1 w3 w3 w3"
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    assert tok.decode([4, 5]) == "w1 w2"  # alone: the leading space is gone
+    texts = decode_responses(tok, [prompt, prompt], ["say red", "say red"], responses, mask)
+    assert texts == [" w1 w2", " w1w3w3w3"]
+    assert "say red" + texts[0] == tok.decode(prompt + [4, 5])

@@ -270,3 +270,14 @@ def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int) 
         assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
                {k: v for k, v in b.items() if not k.startswith(PERF)}
     assert all(torch.equal(w_par[k], w_seq[k]) for k in w_par)
+
+
+def test_score_key_selects_the_optimized_entry(tok) -> None:
+    def keyed(prompts, responses):
+        out = score_fn(prompts, responses)
+        return {"score": out.pop("normalized"), **out}
+
+    trainer = make_trainer(tok, num_updates=2, score=keyed, score_key="score")
+    h = trainer.train().history
+    assert all(rec["ppo/objective/score"] == pytest.approx(rec["ppo/rewards/score"], abs=1e-6) for rec in h)
+    assert "ppo/rewards/normalized" not in h[0]

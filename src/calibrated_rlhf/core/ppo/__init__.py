@@ -9,10 +9,12 @@ Usage::
     result.history[-1]["ppo/objective/beta"], result.stopped_early, result.samples
 
 ``score_fn(prompts: list[str], responses: list[str]) -> dict[str, Tensor]`` returns at least
-``"normalized"`` (shape [batch]: the reward in normalized units, i.e. the units ``beta`` is in);
-any other keys (``"raw"``, ``"calibrated"``, ``"gold"``, ...) are logged as batch means under
-``ppo/rewards/<key>``. Responses are decoded without special tokens and cut at the first EOS.
-Under several processes each rank scores its own shard, and the keys must be the same every call.
+``"normalized"`` (shape [batch]: the reward in normalized units, i.e. the units ``beta`` is in;
+``config.score_key`` names another entry to optimize instead); every entry (``"raw"``,
+``"calibrated"``, ``"gold"``, ``"ensemble_std"``, ...) is logged as a batch mean under
+``ppo/rewards/<key>``. A response is cut at its first EOS, decoded without special tokens, as the
+continuation of its prompt (``prompt + response`` is the decoded text, leading space included).
+Under several processes each rank scores its own shard; the keys must be the same every call.
 
 The per-token reward is ``-beta * reward_scale * KL_t`` with the normalized score (minus
 ``missing_eos_penalty * reward_scale`` when a response has no EOS) added on its last token.

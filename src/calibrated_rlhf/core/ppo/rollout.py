@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -275,6 +275,32 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Ten
     # number of EOS strictly before t is 0 exactly for the prefix up to the first EOS
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return eos_before == 0, is_eos.any(-1)
+
+
+def decode_responses(
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str],
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+) -> list[str]:
+    """Response texts as continuations of their prompts, so ``prompt + response`` reads right.
+
+    Decoding a response on its own loses what some tokenizers fold into its first token (the
+    leading space of a Metaspace/SentencePiece word), so each prompt + response is decoded together
+    and the decoded prompt is cut off the front; when that prefix does not match (a tokenizer
+    that rewrites text across the boundary), the response is decoded alone. Special tokens (EOS,
+    padding) are dropped.
+    """
+    rows = [ids + r[m].tolist() for ids, r, m in zip(prompt_ids, responses.cpu(), mask.cpu())]
+    full = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    out = []
+    for text, prefix, ids, r, m in zip(full, prompt_texts, prompt_ids, responses.cpu(), mask.cpu()):
+        if text.startswith(prefix):
+            out.append(text[len(prefix):])
+        else:
+            out.append(tokenizer.decode(r[m].tolist(), skip_special_tokens=True))
+    return out
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

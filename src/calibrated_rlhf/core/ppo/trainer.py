@@ -41,6 +41,7 @@ from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_l
 from calibrated_rlhf.core.ppo.rollout import (
     PolicyAndValue,
     cpu_threads,
+    decode_responses,
     hidden_size_of,
     left_pad,
     position_ids_from_mask,
@@ -89,13 +90,17 @@ class PPOTrainer:
         policy: a transformers causal LM (trained in place).
         tokenizer: its tokenizer (needs ``pad_token_id``; ``eos_token_id`` unless the config sets one).
         prompts: prompt strings; taken in a seeded shuffled order, epoch after epoch.
-        score_fn: ``score_fn(prompts, responses) -> {"normalized": Tensor[B], ...}``; the other keys'
+        score_fn: ``score_fn(prompts, responses) -> {config.score_key: Tensor[B], ...}``; the other keys'
             batch means are logged as ``ppo/rewards/<key>``. Must return the same keys every call.
         ref_policy: frozen reference; a deep copy of ``policy`` (taken now) when None.
         value_model: separate value network (``*ForSequenceClassification``, ``num_labels=1``); when
             None in "separate" mode one is built from the policy's config with a fresh trunk.
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         callbacks: called on the main process after each update.
+
+    The constructor seeds Python's, numpy's and torch's global generators with ``seed + rank``;
+    sampling and minibatch shuffling use the trainer's own generators, saved in checkpoints.
+    Prompts are tokenized once, with the tokenizer's special tokens and no truncation.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class PPOTrainer:
 
         self.prompts = list(prompts)
         self._prompt_ids: list[list[int]] = tokenizer(self.prompts, add_special_tokens=True)["input_ids"]
+        self._prompt_text_cache: dict[int, str] = {}
         self._global_batch = config.batch_size * self.world_size
         if len(self.prompts) < self._global_batch:
             raise ValueError(f"{len(self.prompts)} prompts < one global batch ({self._global_batch})")
@@ -285,10 +291,14 @@ class PPOTrainer:
             model.train()
         t_fwd = time.perf_counter()
 
-        response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        response_texts = decode_responses(
+            self.tokenizer, [self._prompt_ids[i] for i in idx], [self._prompt_decoded(i) for i in idx], responses,
+            mask_bool,
+        )
         scores = self.score_fn(prompt_texts, response_texts)
-        if "normalized" not in scores:
-            raise KeyError("score_fn must return a 'normalized' entry")
+        key = cfg.score_key
+        if key not in scores:
+            raise KeyError(f"score_fn must return the optimized score under '{key}' (config.score_key)")
         score_keys = sorted(scores)
         if self._score_keys is None:
             self._score_keys = score_keys
@@ -296,8 +306,8 @@ class PPOTrainer:
             raise KeyError(f"score_fn keys changed from {self._score_keys} to {score_keys}")
         score_tensors = {k: torch.as_tensor(scores[k]).detach().float().reshape(-1).to(self.device)
                          for k in score_keys}
-        if score_tensors["normalized"].numel() != len(idx):
-            raise ValueError("score_fn returned a 'normalized' tensor of the wrong length")
+        if score_tensors[key].numel() != len(idx):
+            raise ValueError(f"score_fn returned a '{key}' tensor of the wrong length")
         t_rollout = time.perf_counter()
         first_logits = first_vpred = None
         if reuse_first:
@@ -312,7 +322,7 @@ class PPOTrainer:
         beta = self.kl_controller.beta
         beta_eff = beta * cfg.reward_scale
         kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        score = score_tensors["normalized"].clone()
+        score = score_tensors[key].clone()
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * cfg.reward_scale * (~samples.has_eos).float()
         rewards = -beta_eff * kl
@@ -621,6 +631,14 @@ class PPOTrainer:
         from accelerate.utils import reduce
 
         return reduce(t.to(self.device), reduction="sum").to(t.device)
+
+    def _prompt_decoded(self, i: int) -> str:
+        """The prompt's tokens decoded back to text (cached: every response is cut against it)."""
+        text = self._prompt_text_cache.get(i)
+        if text is None:
+            text = self.tokenizer.decode(self._prompt_ids[i], skip_special_tokens=True)
+            self._prompt_text_cache[i] = text
+        return text
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.config.seed, 10_007, epoch]).permutation(len(self.prompts))
