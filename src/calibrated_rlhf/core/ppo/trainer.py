@@ -312,7 +312,7 @@ class PPOTrainer:
         first_logits = first_vpred = None
         if reuse_first:
             if self._pool is not None:
-                first_vpred = unwrapped.values(input_ids, attn, pos, Lq)  # the policy half runs later, in parallel
+                first_logits, first_vpred = self._parallel_forward(input_ids, attn, pos, Lq)
             else:
                 first_logits, first_vpred = model(input_ids, attn, pos, Lq, cfg.temperature)
             values = first_vpred.detach().float()
@@ -604,6 +604,24 @@ class PPOTrainer:
             with torch.no_grad():
                 entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask)
         return pl, entropy, loss
+
+    def _parallel_forward(
+        self, input_ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, Lq: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits (here) and values (worker thread) at once, both recorded for backward."""
+        unwrapped = self.unwrapped
+
+        def value_job() -> torch.Tensor:
+            torch.set_num_threads(1)
+            return unwrapped.values(input_ids, attn, pos, Lq)
+
+        with cpu_threads(1):
+            future = self._pool.submit(value_job)
+            try:
+                logits = unwrapped.policy_logits(input_ids, attn, pos, Lq, self.config.temperature)
+            finally:
+                values = future.result()
+        return logits, values
 
     def _parallel_backward(
         self, policy_part: Callable[[], tuple], value_part: Callable[[], tuple]
