@@ -375,9 +375,13 @@ class ProvenanceHooks:
         replay_of = os.environ.get(REPLAY_OF_ENV)
         if replay_of:
             tags["replay_of"] = replay_of
+        parameters = self._raw_parameters(catalog)
+        if parameters.get("scenario"):
+            # conf/scenario_*/ names its runs, so reports can group them
+            tags["scenario"] = str(parameters["scenario"])
         mlflow.set_tags(tags)
 
-        mlflow.log_dict(self._raw_parameters(catalog), f"{RUN_CONFIG_DIR}/parameters.json")
+        mlflow.log_dict(parameters, f"{RUN_CONFIG_DIR}/parameters.json")
         mlflow.log_dict(config, f"{RUN_CONFIG_DIR}/run_params.json")
         self._log_git_changes(states)
 
