@@ -112,7 +112,7 @@ def train_ppo(
     original = RewardTransform.from_dict(reward_transform)
     transform = rescaled_transform(original, params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    run_dir = Path(params.checkpoint_root) / time.strftime("%Y%m%dT%H%M%S")
+    run_dir = _shared_run_dir(Path(params.checkpoint_root))
     config = PPOConfig(**{
         **params.trainer.model_dump(),
         # The KL weight follows the scale known at calibration time: with the transform the optimized
@@ -136,6 +136,18 @@ def train_ppo(
     samples = pd.DataFrame(result.samples)
     summary = training_summary(result.history, config, result.stopped_early)
     return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
+
+
+def _shared_run_dir(root: Path) -> Path:
+    """This run's checkpoint folder, named by the main process's clock and the same on every rank."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    name = [time.strftime("%Y%m%dT%H%M%S")]
+    state = PartialState()
+    if state.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    return root / name[0]
 
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:
