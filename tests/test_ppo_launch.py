@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from tests.test_kedro_run import kedro, project  # noqa: F401 - the project-copy fixture
+from tests.project import kedro, make_project
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_train_one_policy_and_log_one_run(project):  # noqa: F811
+def test_two_processes_train_one_policy_and_log_one_run(tmp_path):
+    project = make_project(tmp_path)
     assert kedro(project, "--env", "tiny", "--pipelines", "data_prep,reward_model,calibration,policy_init,"
                  "normalization").returncode == 0
     with socket.socket() as s:

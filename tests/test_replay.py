@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +14,13 @@ import yaml
 
 from calibrated_rlhf import replay
 
+from tests.project import make_project
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = re.compile(r"(runtime(_s)?|_per_s(econd)?)$")  # wall-clock measurements, not results
 TOL = 1e-6
 
 
-def make_project(dst: Path) -> Path:
-    """A copy of the project's configuration (the package itself is installed)."""
-    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local", "replay_*"))
-    (dst / "conf" / "local").mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(ROOT / name, dst / name)
-    (dst / "src").mkdir()
-    return dst
 
 
 def _env(project: Path) -> dict[str, str]:

@@ -7,12 +7,13 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = "data_prep,reward_model,calibration"
@@ -24,14 +25,6 @@ TOL = 1e-6
 pytestmark = pytest.mark.slow
 
 
-def make_project(dst: Path) -> Path:
-    """A copy of the project's configuration (the package itself is installed)."""
-    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local", "replay_*"))
-    (dst / "conf" / "local").mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(ROOT / name, dst / name)
-    (dst / "src").mkdir()
-    return dst
 
 
 def kedro(project: Path, *args: str, hash_seed: str = "0", **env: str) -> subprocess.CompletedProcess:

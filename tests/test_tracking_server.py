@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,18 +18,12 @@ import pytest
 
 from calibrated_rlhf.hooks import TrackingServerUnreachable, check_tracking_server
 
+from tests.project import make_project
+
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 
 
-def make_project(dst: Path) -> Path:
-    """A copy of the project's configuration (the package itself is installed)."""
-    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local", "replay_*"))
-    (dst / "conf" / "local").mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(ROOT / name, dst / name)
-    (dst / "src").mkdir()
-    return dst
 
 
 def kedro(project: Path, tracking_uri: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

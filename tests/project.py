@@ -1,0 +1,29 @@
+"""A scratch copy of the project for tests that run the real `kedro run` (the package is installed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project(dst: Path) -> Path:
+    """Copy the configuration, pyproject.toml and the telemetry opt-out; no data, no local or replay envs."""
+    shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local", "replay_*"))
+    (dst / "conf" / "local").mkdir()
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(ROOT / name, dst / name)
+    (dst / "src").mkdir()
+    return dst
+
+
+def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`kedro run ARGS` in ``project`` with its own sqlite MLflow store."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
