@@ -12,7 +12,8 @@ Each measured run is a fresh process (``--single``) so peak RSS is per run. Usag
 
 The TRL anchor runs in ``.venv-trl112`` (``python3 -m venv .venv-trl112 &&
 .venv-trl112/bin/pip install torch==2.13.0 trl==1.12.0``) with ``--single --gc-freeze``.
-Results go to ``bench/results/ppo.json``.
+Results go to ``bench/results/ppo.json`` (``ppo_shared.json`` with ``--value-model shared``: a value
+head on the policy trunk instead of TRL's separate value network, so not like-for-like).
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main() -> None:
     if not have_trl and not a.no_trl:
         print(f"no TRL venv at {TRL_PY}; reporting ours only", flush=True)
     out: dict = {"workload": "shared/anchors/workload.py: batch 16, response_length 24, fixed beta 0.05",
+                 "value_model": a.value_model, "override": json.loads(a.override),
                  "total_episodes": a.total_episodes, "repeats": a.repeats, "settings": {}}
     anchor_env = dict(os.environ, ANCHOR_OUT=os.path.join(tempfile.gettempdir(), "anchors_bench"))
     for ep in a.ppo_epochs:
@@ -228,10 +230,9 @@ def main() -> None:
                 "peak_rss": mo["peak_rss_mib"] / mt["peak_rss_mib"],
             }
         out["settings"][f"ppo_epochs_{ep}"] = setting
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    summary = {k: {kk: vv for kk, vv in v.items() if kk != "runs" and not isinstance(vv, dict) or kk in
-                   ("ratio_ours_over_trl",)} for k, v in out["settings"].items()}
+    results = RESULTS if a.value_model == "separate" else RESULTS.with_name(f"ppo_{a.value_model}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(out, indent=1))
     for name, s in out["settings"].items():
         line = {"ours_eps": round(s["ours"]["medians"]["episodes_per_s"], 1),
                 "ours_rss_mib": round(s["ours"]["medians"]["peak_rss_mib"])}
@@ -240,8 +241,7 @@ def main() -> None:
                          "trl_rss_mib": round(s["trl_gc_freeze"]["medians"]["peak_rss_mib"]),
                          "ratio": round(s["ratio_ours_over_trl"]["episodes_per_s"], 2)})
         print(name, json.dumps(line))
-    del summary
-    print("wrote", RESULTS)
+    print("wrote", results)
 
 
 if __name__ == "__main__":
