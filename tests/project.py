@@ -27,3 +27,26 @@ def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
            "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def wait_until_up(url: str, server: subprocess.Popen, describe, timeout_s: float = 120.0) -> None:
+    """Poll ``url`` until it answers 200; fail with ``describe()`` (e.g. the server's log) if the server
+    exits or does not come up in time."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"server exited {server.returncode}: {describe()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not up after {timeout_s:.0f} s: {describe()}")
+        time.sleep(0.5)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from calibrated_rlhf.hooks import TrackingServerUnreachable, check_tracking_server
 
-from tests.project import make_project
+from tests.project import make_project, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -115,19 +114,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     )
     uri = f"http://{LOOPBACK}:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode}: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up after 120 s: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, lambda: (root / "server.log").read_text()[-2000:])
         yield uri, root / "artifacts"
     finally:
         # The server forks workers: end the whole group, then make sure.

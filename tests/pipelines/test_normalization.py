@@ -14,6 +14,7 @@ from calibrated_rlhf.pipelines.normalization import nodes
 from calibrated_rlhf.pipelines.reward_model.nodes import score_pairs
 from calibrated_rlhf.serving import RequestError, check_request, log_reward_model
 from tests.conftest import TINY_BACKBONE
+from tests.project import wait_until_up
 
 
 class Affine(torch.nn.Module):
@@ -159,7 +160,6 @@ def test_mlflow_models_serve_scores_on_loopback(model, tiny_tokenizer, pairs, lo
     import os
     import signal
     import socket
-    import time
     import urllib.error
     import urllib.request
 
@@ -183,17 +183,7 @@ def test_mlflow_models_serve_scores_on_loopback(model, tiny_tokenizer, pairs, lo
             return e.code, json.loads(e.read() or b"{}")
 
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "server did not come up in 120 s"
-            time.sleep(0.5)
+        wait_until_up(f"{base}/ping", server, lambda: server.stdout.read().decode()[-3000:])
         rows = pairs[["prompt", "chosen"]][:3].rename(columns={"chosen": "response"})
         status, body = post({"dataframe_records": rows.to_dict("records")})
         assert status == 200, body
