@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from calibrated_rlhf.pipelines.metrics import as_metrics
     from calibrated_rlhf.pipelines.ppo import nodes
 
     import torch
@@ -60,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         evaluation = nodes.evaluate_policy(policy, data["reference_policy"], data["tokenizer"], data["test_pairs"],
                                            data["synthetic_task"], params)
         _publish(catalog, context.params, state.num_processes, policy, history, samples, figure,
-                 {**summary, **evaluation}, as_metrics)
+                 {**summary, **evaluation})
 
 
 def _publish(catalog: Any, params: dict[str, Any], n_processes: int, policy: Any, history: dict, samples: Any,
-             figure: Any, metrics: dict, as_metrics: Any) -> None:
+             figure: Any, metrics: dict) -> None:
     import mlflow
 
     from calibrated_rlhf.hooks import flatten

@@ -188,3 +188,12 @@ def test_content_hash_changes_with_content_only():
     b = a.copy()
     b.loc[0, "chosen"] = " other"
     assert prefs.content_hash(a) != prefs.content_hash(b)
+
+
+def test_text_prompts_are_distinct_in_order_and_refuse_messages():
+    df = prefs.standardize(pd.concat([explicit(3), explicit(2)], ignore_index=True), MarginParams())
+    assert prefs.text_prompts(df) == ["Q0?", "Q1?", "Q2?"]
+    df["prompt"] = df["prompt"].astype(object)
+    df.at[4, "prompt"] = msgs(("user", "Hi?"))
+    with pytest.raises(PreferenceDataError, match=r"non-text .* rows 4"):
+        prefs.text_prompts(df)

@@ -171,7 +171,8 @@ def _text_problem(value: Any, field: str) -> str | None:
     return None
 
 
-def _key(value: Any) -> str:
+def text_key(value: Any) -> str:
+    """A hashable, comparable key for text or a message list."""
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
@@ -217,9 +218,9 @@ def find_problems(df: pd.DataFrame) -> list[Problem]:
     bad = {r for p in found.values() for r in p.rows}
     ok = df[~df["pair_id"].isin(bad)]
     for pid, c, r in zip(ok["pair_id"], ok["chosen"], ok["rejected"]):
-        if _key(c) == _key(r):
+        if text_key(c) == text_key(r):
             add("identical", "chosen/rejected", pid)
-    keys = pd.Series([_key(p) + "\x00" + _key(c) + "\x00" + _key(r) for p, c, r in
+    keys = pd.Series([text_key(p) + "\x00" + text_key(c) + "\x00" + text_key(r) for p, c, r in
                       zip(ok["prompt"], ok["chosen"], ok["rejected"])], index=ok.index)
     for pid in ok.loc[keys.duplicated(keep="first").to_numpy(), "pair_id"]:
         add("duplicate", "prompt/chosen/rejected", pid)
@@ -250,9 +251,19 @@ def apply_validation(
 # Splits
 
 
+def text_prompts(pairs: pd.DataFrame) -> list[str]:
+    """The pairs' distinct prompts, in first-seen order; sampling from a policy needs plain-text prompts."""
+    ids = pairs["pair_id"] if "pair_id" in pairs.columns else range(len(pairs))
+    bad = [int(pid) for pid, p in zip(ids, pairs["prompt"]) if not isinstance(p, str)]
+    if bad:
+        raise PreferenceDataError(f"{len(bad)} pair(s) have a non-text (e.g. conversational) prompt, which "
+                                  f"sampling from a policy does not support: rows {_describe(bad)}")
+    return list(dict.fromkeys(pairs["prompt"]))
+
+
 def prompt_group(prompt: Any, pair_id: int) -> str:
     """The key that keeps a prompt's pairs together; pairs with no prompt each form their own group."""
-    key = _key(prompt) if prompt is not None else ""
+    key = text_key(prompt) if prompt is not None else ""
     return key if key not in ("", "[]") else f"\x00pair-{pair_id}"
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
-from calibrated_rlhf.core.preferences import _key, render_ids
+from calibrated_rlhf.core.preferences import render_ids, text_key, text_prompts
 from calibrated_rlhf.core.reward_model import iter_scores, model_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
 
@@ -42,11 +42,8 @@ def reference_set(pairs: pd.DataFrame, reference_policy: Any, tokenizer: Any,
         return reference_responses(pairs)
     from calibrated_rlhf.core.policy import sample_responses
 
-    prompts = list(dict.fromkeys(_key(p) for p in pairs["prompt"]))
-    if not all(isinstance(p, str) for p in pairs["prompt"]):
-        raise ValueError("normalization.reference=policy_samples needs text prompts; use dataset_responses")
-    rows = sample_responses(reference_policy, tokenizer, prompts, params.samples_per_prompt, params.max_new_tokens,
-                            seed=params.seed)
+    rows = sample_responses(reference_policy, tokenizer, text_prompts(pairs), params.samples_per_prompt,
+                            params.max_new_tokens, seed=params.seed)
     return pd.DataFrame(rows, columns=["prompt", "response"])
 
 
@@ -54,7 +51,7 @@ def reference_responses(pairs: pd.DataFrame) -> pd.DataFrame:
     """Distinct (prompt, response) rows from both sides of held-out pairs."""
     rows = pd.DataFrame({"prompt": list(pairs["prompt"]) * 2,
                          "response": list(pairs["chosen"]) + list(pairs["rejected"])})
-    keys = rows["prompt"].map(_key) + "\x00" + rows["response"].map(_key)
+    keys = rows["prompt"].map(text_key) + "\x00" + rows["response"].map(text_key)
     return rows[~keys.duplicated()].reset_index(drop=True)
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
-from calibrated_rlhf.core.preferences import render_ids
+from calibrated_rlhf.core.preferences import render_ids, text_prompts
 from calibrated_rlhf.core.reward_model import score_sequences
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
@@ -55,13 +55,6 @@ class PPOParams(BaseModel):
     resume_from: str | None = Field(None, description="A checkpoint folder to resume from (its run's config).")
 
 
-def _prompts(pairs: pd.DataFrame) -> list[str]:
-    prompts = list(dict.fromkeys(p for p in pairs["prompt"] if isinstance(p, str)))
-    if not prompts:
-        raise ValueError("PPO needs text prompts; the pairs have none")
-    return prompts
-
-
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
                   reward: RewardKind, multiplier: float):
     """score_fn(prompts, responses) -> raw, calibrated, normalized (and gold) rewards, plus the optimized
@@ -83,7 +76,7 @@ def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform,
     return score_fn
 
 
-def reward_scale_of(reward: RewardKind, transform: RewardTransform, multiplier: float = 1.0) -> float:
+def reward_scale_of(reward: RewardKind, transform: RewardTransform) -> float:
     """Spread of the optimized score relative to normalized units, so beta keeps its meaning.
 
     Only the ratio of reward scale to KL weight matters; without normalization the applied KL
@@ -117,14 +110,14 @@ def train_ppo(
         **params.trainer.model_dump(),
         # The KL weight follows the scale known at calibration time: with the transform the optimized
         # score is scale-free; without it (raw) a drift of the reward model's scale goes unnoticed.
-        "reward_scale": reward_scale_of(params.reward, original, params.raw_reward_multiplier),
+        "reward_scale": reward_scale_of(params.reward, original),
         "score_key": "score",
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
         "keep_checkpoints": params.keep_checkpoints,
     })
     policy = copy.deepcopy(reference_policy)
-    trainer = PPOTrainer(config, policy, tokenizer, _prompts(train_pairs),
+    trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, params.reward,
                                        params.raw_reward_multiplier),
                          ref_policy=reference_policy)
@@ -201,7 +194,7 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
     if synthetic_task:
         task = SyntheticTask.from_dict(synthetic_task)
         ev = params.evaluation
-        prompts = _prompts(test_pairs)[: ev.n_prompts]
+        prompts = text_prompts(test_pairs)[: ev.n_prompts]
         length = params.trainer.response_length
 
         def gold_per_prompt(model: Any) -> np.ndarray:
