@@ -250,6 +250,16 @@ def configured_tracking_uri(context: Any) -> str | None:
     return (conf.get("server") or {}).get("mlflow_tracking_uri")
 
 
+class PipelineShape:
+    """Hands the run's configuration to the pipeline registry: ``reward_model.ensemble_size`` shapes the DAG."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        from calibrated_rlhf.pipeline_registry import use_config
+
+        use_config(context.config_loader)
+
+
 class TrackingServerCheck:
     """Fail fast, before kedro-mlflow connects, when the tracking server is unreachable."""
 

@@ -6,7 +6,8 @@
 Every process loads the same upstream artifacts from the catalog (the latest versions, or those pinned
 with ``--load-versions``) and runs the same ``train_ppo`` node; the trainer's ``Accelerator`` wraps the
 models in DDP and reduces the statistics the KL controller sees, so every rank holds the same beta.
-Only the main process saves the node's outputs through the catalog (versioned, as ``kedro run`` would)
+With a reward ensemble the members are loaded by the names the transform's ensemble implies
+(``member_<i>.reward_model``). Only the main process saves the node's outputs through the catalog (versioned, as ``kedro run`` would)
 and logs the run to MLflow, so N processes give one policy version and one MLflow run.
 """
 
@@ -16,8 +17,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-INPUTS = ("reference_policy", "tokenizer", "reward_model", "reward_transform", "train_pairs", "test_pairs",
+INPUTS = ("reference_policy", "tokenizer", "reward_transform", "reference_responses", "train_pairs", "test_pairs",
           "synthetic_task")
+
+
+def load_reward_model(catalog: Any, reward_transform: dict[str, Any]) -> Any:
+    """The reward model the transform was computed for: one model, or the ensemble of its members."""
+    from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
+
+    if not reward_transform.get("ensemble"):
+        return catalog.load("reward_model")
+    spec = EnsembleSpec.from_dict(reward_transform["ensemble"])
+    return RewardEnsemble([catalog.load(f"member_{i}.reward_model") for i in range(spec.size)], spec)
 
 
 def _load_versions(text: str | None) -> dict[str, str]:
@@ -51,9 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         data: dict[str, Any] = {name: catalog.load(name) for name in INPUTS}
         raw = context.params["ppo"]  # Kedro has already built the typed model
         params = raw if isinstance(raw, nodes.PPOParams) else nodes.PPOParams(**raw)
+        reward_model = load_reward_model(catalog, data["reward_transform"])
         policy, history, samples, figure, summary = nodes.train_ppo(
-            data["reference_policy"], data["tokenizer"], data["reward_model"], data["reward_transform"],
-            data["train_pairs"], data["synthetic_task"], params)
+            data["reference_policy"], data["tokenizer"], reward_model, data["reward_transform"],
+            data["reference_responses"], data["train_pairs"], data["synthetic_task"], params)
         if not state.is_main_process:
             return
         evaluation = nodes.evaluate_policy(policy, data["reference_policy"], data["tokenizer"], data["test_pairs"],

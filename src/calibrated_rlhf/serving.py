@@ -1,10 +1,13 @@
-"""The reward model shipped as one MLflow pyfunc model: reward model + tokenizer + reward transform.
+"""The reward model shipped as one MLflow pyfunc model: reward model (or ensemble) + tokenizer + transform.
 
 ``mlflow.pyfunc.load_model(uri).predict(df)``:
 
 - rows with ``prompt`` and ``response`` get ``raw``, ``calibrated`` and ``normalized`` rewards;
 - rows with ``prompt``, ``chosen`` and ``rejected`` get those for both sides (``*_chosen``,
   ``*_rejected``) and ``p_chosen_preferred``, the calibrated probability that chosen is preferred.
+
+An ensemble's model also returns the members' spread, ``ensemble_std`` (``ensemble_std_chosen``,
+``ensemble_std_rejected``): the std of the members' calibrated rewards, where "raw" is their aggregate.
 
 ``prompt`` may be omitted or empty (the text is then scored as is). Bad requests fail with an error that
 names the column and rows.
@@ -67,32 +70,49 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
 
         from calibrated_rlhf.core.normalization import RewardTransform
 
+        from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
+
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
-        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["reward_model"]).eval()
         self.transform = RewardTransform.from_dict(json.loads(Path(context.artifacts["reward_transform"]).read_text()))
 
-    def _raw(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        def load(key: str) -> Any:
+            return AutoModelForSequenceClassification.from_pretrained(context.artifacts[key]).eval()
+
+        if self.transform.ensemble is None:
+            self.model = load("reward_model")
+        else:
+            spec = EnsembleSpec.from_dict(self.transform.ensemble)
+            self.model = RewardEnsemble([load(f"reward_model_{i}") for i in range(spec.size)], spec)
+
+    def _raw(self, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        from calibrated_rlhf.core.ensemble import score_rewards
         from calibrated_rlhf.core.preferences import render_ids
-        from calibrated_rlhf.core.reward_model import score_sequences
 
         ids = [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        return score_sequences(self.model, ids, self.tokenizer.pad_token_id)
+        return score_rewards(self.model, ids, self.tokenizer.pad_token_id)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = check_request(model_input)
         prompts = list(model_input["prompt"]) if "prompt" in model_input.columns else [""] * len(model_input)
         t = self.transform
         if mode == "responses":
-            raw = self._raw(prompts, list(model_input["response"]))
-            return pd.DataFrame({"raw": raw, "calibrated": t.calibrate(raw), "normalized": t.normalize(raw)})
-        raw = self._raw(prompts * 2, list(model_input["chosen"]) + list(model_input["rejected"]))
-        r_c, r_r = raw[: len(model_input)], raw[len(model_input):]
-        return pd.DataFrame({
+            raw, spread = self._raw(prompts, list(model_input["response"]))
+            out = pd.DataFrame({"raw": raw, "calibrated": t.calibrate(raw), "normalized": t.normalize(raw)})
+            if spread is not None:
+                out["ensemble_std"] = spread
+            return out
+        n = len(model_input)
+        raw, spread = self._raw(prompts * 2, list(model_input["chosen"]) + list(model_input["rejected"]))
+        r_c, r_r = raw[:n], raw[n:]
+        out = pd.DataFrame({
             "raw_chosen": r_c, "raw_rejected": r_r,
             "calibrated_chosen": t.calibrate(r_c), "calibrated_rejected": t.calibrate(r_r),
             "normalized_chosen": t.normalize(r_c), "normalized_rejected": t.normalize(r_r),
             "p_chosen_preferred": t.preference_probability(r_c, r_r),
         })
+        if spread is not None:
+            out["ensemble_std_chosen"], out["ensemble_std_rejected"] = spread[:n], spread[n:]
+        return out
 
 
 def signature() -> Any:
@@ -102,7 +122,8 @@ def signature() -> Any:
     inputs = Schema([ColSpec("string", c, required=False) for c in ("prompt", "response", "chosen", "rejected")])
     outputs = Schema([ColSpec("double", c, required=False) for c in (
         "raw", "calibrated", "normalized", "raw_chosen", "raw_rejected", "calibrated_chosen",
-        "calibrated_rejected", "normalized_chosen", "normalized_rejected", "p_chosen_preferred")])
+        "calibrated_rejected", "normalized_chosen", "normalized_rejected", "p_chosen_preferred",
+        "ensemble_std", "ensemble_std_chosen", "ensemble_std_rejected")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -114,11 +135,21 @@ def log_reward_model(
     registered_model_name: str | None = None,
     input_example: pd.DataFrame | None = None,
 ) -> Any:
-    """Log (and optionally register) the bundle in the active MLflow run; returns MLflow's ModelInfo."""
+    """Log (and optionally register) the bundle in the active MLflow run; returns MLflow's ModelInfo.
+
+    ``reward_model`` is one model or a ``RewardEnsemble`` (its members go in as ``reward_model_<i>``).
+    """
+    from calibrated_rlhf.core.ensemble import RewardEnsemble
+
     package = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as tmp:
         tmp_path = Path(tmp)
-        reward_model.save_pretrained(tmp_path / "reward_model")
+        if isinstance(reward_model, RewardEnsemble):
+            models = {f"reward_model_{i}": m for i, m in enumerate(reward_model.members)}
+        else:
+            models = {"reward_model": reward_model}
+        for key, model in models.items():
+            model.save_pretrained(tmp_path / key)
         tokenizer.save_pretrained(tmp_path / "tokenizer")
         (tmp_path / "reward_transform.json").write_text(json.dumps(reward_transform, indent=1))
         # Ship the library code with the model so it loads where this project is not installed.
@@ -127,7 +158,7 @@ def log_reward_model(
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=CalibratedRewardModel(),
-            artifacts={"reward_model": str(tmp_path / "reward_model"), "tokenizer": str(tmp_path / "tokenizer"),
+            artifacts={**{key: str(tmp_path / key) for key in models}, "tokenizer": str(tmp_path / "tokenizer"),
                        "reward_transform": str(tmp_path / "reward_transform.json")},
             code_paths=[str(code)],
             signature=signature(),

@@ -2,12 +2,14 @@
 
 import os
 
-from calibrated_rlhf.hooks import ProvenanceHooks, TrackingServerCheck
+from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, TrackingServerCheck
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
 # connects to the server, ProvenanceHooks' before_pipeline_run after kedro-mlflow has started the run.
-HOOKS = (TrackingServerCheck(), ProvenanceHooks())
+# PipelineShape runs first of all: the registry must see the run's configuration before anything asks
+# for the pipelines (reading the parameters does).
+HOOKS = (PipelineShape(), TrackingServerCheck(), ProvenanceHooks())
 
 
 def _env_or(name: str, default: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from calibrated_rlhf.core.ensemble import EnsembleSpec
 from calibrated_rlhf.core.metrics import sigmoid
 
 DEFAULT_QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -361,6 +362,10 @@ class RewardTransform:
     on the reference set named by ``computed_on`` (e.g. ``"reference_policy_samples"`` or
     ``"dataset_responses"``), of size ``n``. ``clip`` is ``None`` or a positive bound on
     ``|normalized|``. Every field is validated on construction, with an error naming the field.
+
+    ``ensemble`` (an :class:`~calibrated_rlhf.core.ensemble.EnsembleSpec` as a dict) is set when the
+    reward comes from an ensemble: "raw" is then the members' aggregate, and the transform describes
+    the whole chain members -> aggregate -> calibrated -> normalized. ``None`` for one reward model.
     """
 
     temperature: float
@@ -371,6 +376,7 @@ class RewardTransform:
     reward_model_version: str | None
     n: int
     quantiles: dict[str, float] = field(default_factory=dict)
+    ensemble: dict[str, Any] | None = None
 
     FORMAT_VERSION = 1
 
@@ -412,6 +418,12 @@ class RewardTransform:
         object.__setattr__(self, "clip", None if self.clip is None else float(self.clip))
         object.__setattr__(self, "n", int(self.n))
         object.__setattr__(self, "quantiles", quantiles)
+        if self.ensemble is not None:
+            try:
+                spec = EnsembleSpec.from_dict(self.ensemble)
+            except ValueError as err:
+                raise ValueError(f"{name}.ensemble: {err}") from None
+            object.__setattr__(self, "ensemble", spec.to_dict())
 
     def calibrate(self, raw: Any) -> Any:
         """``raw / temperature``: rewards on the calibrated logit scale (differences are log-odds)."""
@@ -445,6 +457,8 @@ class RewardTransform:
             "reward_model_version": self.reward_model_version,
             "n": self.n,
             "quantiles": dict(self.quantiles),
+            # Only ensembles carry the key, so one model's transform reads as it always did.
+            **({"ensemble": dict(self.ensemble)} if self.ensemble is not None else {}),
         }
 
     @classmethod
@@ -457,10 +471,10 @@ class RewardTransform:
         if version != cls.FORMAT_VERSION:
             raise ValueError(f"{name}.format_version {version!r} is not supported (expected {cls.FORMAT_VERSION})")
         fields = ("temperature", "mean", "std", "clip", "computed_on", "reward_model_version", "n", "quantiles")
-        unknown = sorted(set(data) - set(fields) - {"format_version"})
+        unknown = sorted(set(data) - set(fields) - {"format_version", "ensemble"})
         if unknown:
             raise ValueError(f"{name} dict has unknown fields {unknown}")
-        return cls(**{key: _require(data, key, name) for key in fields})
+        return cls(**{key: _require(data, key, name) for key in fields}, ensemble=data.get("ensemble"))
 
 
 def transform_from_stats(
@@ -470,6 +484,7 @@ def transform_from_stats(
     computed_on: str,
     reward_model_version: str | None,
     quantile_levels: Iterable[float] = DEFAULT_QUANTILE_LEVELS,
+    ensemble: dict[str, Any] | None = None,
 ) -> RewardTransform:
     """Freeze a :class:`RewardTransform` from statistics of *calibrated* rewards ``raw / temperature``."""
     if stats.count < 2:
@@ -485,4 +500,5 @@ def transform_from_stats(
         reward_model_version=reward_model_version,
         n=stats.count,
         quantiles=stats.quantiles(quantile_levels),
+        ensemble=ensemble,
     )

@@ -108,6 +108,10 @@ class PPOConfig(BaseModel):
     kl_stop_multiple: float | None = Field(
         None, gt=0, description="Stop early when the batch KL exceeds this multiple of kl_target; None = off."
     )
+    ensemble_std_stop: float | None = Field(
+        None, gt=0, description="Stop early when the batch mean of score_fn's 'ensemble_std' (the reward "
+        "ensemble's disagreement, logged as ppo/rewards/ensemble_std) exceeds this; None = off.",
+    )
 
     # --- checkpoints and logging ---------------------------------------------------------------
     checkpoint_dir: str | None = Field(None, description="Directory for checkpoints; None disables them.")

@@ -374,6 +374,11 @@ class PPOTrainer:
                 f"KL {g_kl:.3f} exceeds kl_stop_multiple * kl_target = "
                 f"{cfg.kl_stop_multiple * cfg.kl_target:.3f}", metrics,
             )
+        disagreement = metrics.get("ppo/rewards/ensemble_std")
+        if cfg.ensemble_std_stop is not None and disagreement is not None and disagreement > cfg.ensemble_std_stop:
+            # The policy has moved to where the reward models disagree: past it, the proxy is not to be trusted.
+            raise PPOEarlyStop(f"reward ensemble std {disagreement:.3f} exceeds ensemble_std_stop = "
+                               f"{cfg.ensemble_std_stop:.3f}", metrics)
 
         # 4. PPO epochs --------------------------------------------------------------------------
         B = len(idx)

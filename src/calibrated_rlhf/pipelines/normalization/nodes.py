@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
 from calibrated_rlhf.core.preferences import render_ids, text_key, text_prompts
-from calibrated_rlhf.core.reward_model import iter_scores, model_fingerprint
+from calibrated_rlhf.core.ensemble import RewardEnsemble, iter_rewards, reward_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
 
 log = logging.getLogger(__name__)
@@ -62,21 +62,32 @@ def compute_reward_transform(
     temperature_fit: dict[str, Any],
     params: NormalizationParams,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]], Figure]:
-    """Stream calibrated rewards of the reference responses through mergeable stats; freeze the transform."""
+    """Stream calibrated rewards of the reference responses through mergeable stats; freeze the transform.
+
+    ``reward_model`` is one model or a ``RewardEnsemble``; an ensemble's transform also carries its
+    members, their aggregation and their mean spread on the reference set.
+    """
     temperature = float(temperature_fit["temperature"])
     sequences = [render_ids(tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
     stats = RewardStats()
     raw = np.empty(len(sequences))
-    for idx, rewards in iter_scores(reward_model, sequences, tokenizer.pad_token_id, params.batch_size):
+    spread = np.empty(len(sequences))
+    for idx, rewards, members_std in iter_rewards(reward_model, sequences, tokenizer.pad_token_id, params.batch_size):
         stats.update(rewards / temperature)
         raw[idx] = rewards  # kept only for the plot
+        if members_std is not None:
+            spread[idx] = members_std
     computed_on = params.reference if params.enabled else "none"
+    ensemble = None
+    if isinstance(reward_model, RewardEnsemble):
+        ensemble = {**reward_model.spec.to_dict(), "reference_std": float(spread.mean())}
+    version = reward_fingerprint(reward_model)
     if params.enabled:
-        transform = transform_from_stats(temperature, stats, params.clip, computed_on, model_fingerprint(reward_model))
+        transform = transform_from_stats(temperature, stats, params.clip, computed_on, version, ensemble=ensemble)
     else:
         transform = RewardTransform(temperature=temperature, mean=0.0, std=1.0, clip=params.clip,
-                                    computed_on=computed_on, reward_model_version=model_fingerprint(reward_model),
-                                    n=stats.count, quantiles=stats.quantiles())
+                                    computed_on=computed_on, reward_model_version=version,
+                                    n=stats.count, quantiles=stats.quantiles(), ensemble=ensemble)
     normalized = transform.normalize(raw)
     values = {
         "normalization/mean": transform.mean,
@@ -86,6 +97,8 @@ def compute_reward_transform(
                                                      > (transform.clip or np.inf))),
         **{f"normalization/calibrated_{k}": v for k, v in stats.quantiles().items()},
     }
+    if ensemble is not None:
+        values["normalization/ensemble_std"] = ensemble["reference_std"]
     log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
              transform.n, computed_on)
     figure = plots.reward_distributions(raw, raw / temperature, normalized)

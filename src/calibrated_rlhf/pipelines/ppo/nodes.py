@@ -14,11 +14,11 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
 
+from calibrated_rlhf.core.ensemble import score_rewards
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
 from calibrated_rlhf.core.preferences import render_ids, text_prompts
-from calibrated_rlhf.core.reward_model import score_sequences
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
@@ -53,17 +53,30 @@ class PPOParams(BaseModel):
     checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints; null = none.")
     keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
     resume_from: str | None = Field(None, description="A checkpoint folder to resume from (its run's config).")
+    ensemble_std_stop_multiple: float | None = Field(
+        None, gt=0, description="Reward ensembles: stop early when the members' disagreement on the sampled "
+        "responses (ppo/rewards/ensemble_std) exceeds this multiple of their disagreement on the reference "
+        "set (stored in the reward transform); null = off.")
 
 
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
-                  reward: RewardKind, multiplier: float):
+                  reward: RewardKind, multiplier: float, gold_offset: float | None = None):
     """score_fn(prompts, responses) -> raw, calibrated, normalized (and gold) rewards, plus the optimized
-    ``score``. The reward model sees exactly its training format: prompt + response + EOS."""
+    ``score``. The reward model sees exactly its training format: prompt + response + EOS.
+
+    A reward ensemble adds ``ensemble_std``, its members' disagreement. With a gold reward and
+    ``gold_offset`` (see :func:`gold_offset`) it adds ``gold_gap``: calibrated proxy minus the true logit
+    ``scale * gold``, relative to the reference set, so it starts near 0 and grows when PPO exploits the
+    reward model's errors (calibrated-logit units).
+    """
 
     def score_fn(prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         ids = [render_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
-        raw = multiplier * score_sequences(reward_model, ids, tokenizer.pad_token_id)
+        raw, spread = score_rewards(reward_model, ids, tokenizer.pad_token_id)
+        raw = multiplier * raw
         out = {"raw": raw, "calibrated": transform.calibrate(raw), "normalized": transform.normalize(raw)}
+        if spread is not None:
+            out["ensemble_std"] = spread
         if reward == "minmax_batch":
             span = raw.max() - raw.min()
             out["score"] = (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
@@ -71,9 +84,26 @@ def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform,
             out["score"] = out[reward]
         if task is not None:
             out["gold"] = np.array([task.gold_reward(r) for r in responses])
+            if gold_offset is not None:
+                out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - gold_offset
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
     return score_fn
+
+
+def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask,
+                responses: pd.DataFrame, multiplier: float = 1.0) -> float | None:
+    """Mean of ``calibrated - scale * gold`` over the reference set: where the proxy-gold gap counts from.
+
+    A calibrated reward model estimates the true logit ``scale * gold`` up to a constant; this is that
+    constant on the distribution PPO starts from (None when there is no reference set).
+    """
+    if not len(responses):
+        return None
+    ids = [render_ids(tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
+    raw, _ = score_rewards(reward_model, ids, tokenizer.pad_token_id)
+    gold = np.array([task.gold_reward(r) for r in responses["response"]])
+    return float(np.mean(transform.calibrate(multiplier * raw) - task.scale * gold))
 
 
 def reward_scale_of(reward: RewardKind, transform: RewardTransform) -> float:
@@ -96,12 +126,16 @@ def train_ppo(
     tokenizer: Any,
     reward_model: Any,
     reward_transform: dict[str, Any],
+    reference_responses: pd.DataFrame,
     train_pairs: pd.DataFrame,
     synthetic_task: dict[str, Any],
     params: PPOParams,
 ) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
     """PPO from the reference policy against the frozen reward transform; returns the final policy,
-    per-update metrics, sample responses, the KL-control plot and a summary of the run."""
+    per-update metrics, sample responses, the KL-control plot and a summary of the run.
+
+    ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
+    reference set) anchors the proxy-gold gap on the synthetic task."""
     original = RewardTransform.from_dict(reward_transform)
     transform = rescaled_transform(original, params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
@@ -115,11 +149,14 @@ def train_ppo(
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
         "keep_checkpoints": params.keep_checkpoints,
+        "ensemble_std_stop": ensemble_std_stop(original, params.ensemble_std_stop_multiple),
     })
+    offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
+              if task is not None else None)
     policy = copy.deepcopy(reference_policy)
     trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, params.reward,
-                                       params.raw_reward_multiplier),
+                                       params.raw_reward_multiplier, offset),
                          ref_policy=reference_policy)
     result = trainer.train(resume_from=params.resume_from)
     if result.stopped_early:
@@ -129,6 +166,17 @@ def train_ppo(
     samples = pd.DataFrame(result.samples)
     summary = training_summary(result.history, config, result.stopped_early)
     return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
+
+
+def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> float | None:
+    """The trainer's absolute threshold on the ensemble's disagreement, from a multiple of the reference one."""
+    if multiple is None:
+        return None
+    reference = (transform.ensemble or {}).get("reference_std")
+    if reference is None:
+        raise ValueError("ppo.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
+                         "whose transform records its reference disagreement")
+    return multiple * reference
 
 
 def _shared_run_dir(root: Path) -> Path:
@@ -155,6 +203,11 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
         "ppo/eval/updates": float(len(history)),
         "ppo/eval/stopped_early": float(stopped_early),
     }
+    # Over-optimization signals at the end of training (the last tenth of the updates).
+    tail = history[-max(1, len(history) // 10):]
+    for key, name in (("ppo/rewards/gold_gap", "final_gold_gap"), ("ppo/rewards/ensemble_std", "final_ensemble_std")):
+        if key in history[-1]:
+            values[f"ppo/eval/{name}"] = float(np.mean([h[key] for h in tail]))
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from calibrated_rlhf.core import reward_model as rm
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
+from calibrated_rlhf.core.ensemble import Aggregation, bootstrap_indices
 from calibrated_rlhf.core.preferences import tokenize_pairs
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
@@ -49,6 +52,44 @@ def train_reward_model(
         training,
     )
     return model, as_history(history, TRAIN_CURVES)
+
+
+class EnsembleParams(BaseModel):
+    """How the members of a reward-model ensemble differ and how their rewards are combined.
+
+    The number of members is ``reward_model.ensemble_size`` (it shapes the pipeline, so it sits beside
+    this block); with 1 the pipeline trains a single reward model, exactly as without an ensemble.
+    """
+
+    aggregation: Aggregation = Field(
+        "mean", description="mean | min (worst case) | mean_minus_std (mean - std_penalty * members' std), "
+        "over the members' calibrated rewards r_i / T_i.")
+    std_penalty: float = Field(1.0, ge=0, description="lambda of mean_minus_std.")
+    bootstrap: bool = Field(False, description="Each member trains on its own bootstrap resample of the train "
+                            "pairs (with replacement); false: all on the same pairs, differing by seed only.")
+
+
+def member_trainer(member: int) -> Callable[..., tuple[Any, dict[str, list[dict[str, float]]]]]:
+    """The training node of ensemble member ``member``: its seed is ``training.seed + member``."""
+
+    def train_member(
+        tokenizer: Any,
+        train_pairs: pd.DataFrame,
+        validation_pairs: pd.DataFrame,
+        backbone: BackboneParams,
+        training: rm.RewardTrainingParams,
+        ensemble: EnsembleParams,
+    ) -> tuple[Any, dict[str, list[dict[str, float]]]]:
+        """Train one member: its own seed (initialization and data order), and its own resample if asked."""
+        seed = training.seed + member
+        if ensemble.bootstrap:
+            train_pairs = train_pairs.iloc[bootstrap_indices(len(train_pairs), seed)].reset_index(drop=True)
+        log.info("ensemble member %d: seed %d, %d training pairs%s", member, seed, len(train_pairs),
+                 " (bootstrap)" if ensemble.bootstrap else "")
+        return train_reward_model(tokenizer, train_pairs, validation_pairs, backbone,
+                                  training.model_copy(update={"seed": seed}))
+
+    return train_member
 
 
 def score_pairs(reward_model: Any, tokenizer: Any, pairs: pd.DataFrame) -> pd.DataFrame:

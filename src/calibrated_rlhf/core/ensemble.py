@@ -1,0 +1,204 @@
+"""Reward-model ensembles: K members, each on its own calibrated scale, aggregated into one reward.
+
+Each member i has its own temperature T_i (fitted on the held-out pairs on its own), so the members are
+compared on the calibrated logit scale ``c_i = r_i / T_i`` rather than on their arbitrary raw scales.
+The ensemble's reward before its own calibration is an aggregate of the ``c_i``:
+
+- ``mean``: the average member;
+- ``min``: the worst case, pessimistic wherever any member is;
+- ``mean_minus_std``: ``mean - std_penalty * std``, penalized where the members disagree.
+
+That aggregate plays the role of one model's raw output downstream: a second temperature is fitted to
+it on the held-out pairs and the frozen normalization is taken on it, so the reward transform keeps its
+meaning. ``std`` is the members' spread (population std over members), reported as ``ensemble_std``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Aggregation = Literal["mean", "min", "mean_minus_std"]
+AGGREGATIONS: tuple[str, ...] = ("mean", "min", "mean_minus_std")
+
+
+def member_spread(calibrated: np.ndarray) -> np.ndarray:
+    """Per row, the population std of the members' calibrated rewards (shape (n, K) -> (n,))."""
+    calibrated = _as_matrix(calibrated)
+    return calibrated.std(axis=1)
+
+
+def aggregate_rewards(calibrated: np.ndarray, aggregation: Aggregation, std_penalty: float = 1.0) -> np.ndarray:
+    """One reward per row from the members' calibrated rewards (shape (n, K) -> (n,))."""
+    calibrated = _as_matrix(calibrated)
+    if aggregation == "mean":
+        return calibrated.mean(axis=1)
+    if aggregation == "min":
+        return calibrated.min(axis=1)
+    if aggregation == "mean_minus_std":
+        return calibrated.mean(axis=1) - std_penalty * member_spread(calibrated)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def _as_matrix(calibrated: Any) -> np.ndarray:
+    m = np.asarray(calibrated, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] < 1:
+        raise ValueError(f"member rewards must be a matrix (rows, members), got shape {m.shape}")
+    return m
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """What turns K members' raw rewards into the ensemble's reward: temperatures and aggregation.
+
+    ``member_versions`` are the members' weight fingerprints (as ``RewardTransform.reward_model_version``)
+    so a transform names exactly which models it was computed for. ``reference_std`` is the members' mean
+    spread on the normalization's reference set (filled in by the normalization stage): the disagreement
+    the reference policy itself sees, against which PPO's disagreement is judged.
+    """
+
+    aggregation: Aggregation
+    member_temperatures: tuple[float, ...]
+    std_penalty: float = 1.0
+    member_versions: tuple[str | None, ...] = ()
+    reference_std: float | None = None
+    FIELDS = ("aggregation", "std_penalty", "member_temperatures", "member_versions", "reference_std")
+
+    def __post_init__(self) -> None:
+        name = "EnsembleSpec"
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"{name}.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        temps = tuple(float(t) for t in self.member_temperatures)
+        if len(temps) < 1:
+            raise ValueError(f"{name}.member_temperatures needs one temperature per member, got none")
+        for i, t in enumerate(temps):
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f"{name}.member_temperatures[{i}] must be finite and > 0, got {t}")
+        if not (math.isfinite(float(self.std_penalty)) and float(self.std_penalty) >= 0):
+            raise ValueError(f"{name}.std_penalty must be finite and >= 0, got {self.std_penalty}")
+        versions = tuple(self.member_versions) or (None,) * len(temps)
+        if len(versions) != len(temps):
+            raise ValueError(f"{name}.member_versions has {len(versions)} entries for {len(temps)} members")
+        if self.reference_std is not None and not (math.isfinite(float(self.reference_std))
+                                                   and float(self.reference_std) >= 0):
+            raise ValueError(f"{name}.reference_std must be None or finite and >= 0, got {self.reference_std}")
+        object.__setattr__(self, "member_temperatures", temps)
+        object.__setattr__(self, "member_versions", versions)
+        object.__setattr__(self, "std_penalty", float(self.std_penalty))
+        if self.reference_std is not None:
+            object.__setattr__(self, "reference_std", float(self.reference_std))
+
+    @property
+    def size(self) -> int:
+        return len(self.member_temperatures)
+
+    def calibrate_members(self, raw: np.ndarray) -> np.ndarray:
+        """Members' raw rewards (n, K) -> their calibrated rewards ``r_i / T_i``."""
+        raw = _as_matrix(raw)
+        if raw.shape[1] != self.size:
+            raise ValueError(f"expected rewards of {self.size} members, got {raw.shape[1]}")
+        return raw / np.asarray(self.member_temperatures)
+
+    def aggregate(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Members' raw rewards (n, K) -> (the ensemble's reward, the members' spread), both (n,)."""
+        calibrated = self.calibrate_members(raw)
+        return aggregate_rewards(calibrated, self.aggregation, self.std_penalty), member_spread(calibrated)
+
+    def fingerprint(self) -> str:
+        """Names the ensemble: its members' fingerprints and how they are combined."""
+        h = hashlib.sha256(f"{self.aggregation}:{self.std_penalty!r}".encode())
+        for version, t in zip(self.member_versions, self.member_temperatures):
+            h.update(f"|{version}:{t!r}".encode())
+        return h.hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"aggregation": self.aggregation, "std_penalty": self.std_penalty,
+                "member_temperatures": list(self.member_temperatures),
+                "member_versions": list(self.member_versions), "reference_std": self.reference_std}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnsembleSpec:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"EnsembleSpec.from_dict needs a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.FIELDS))
+        if unknown:
+            raise ValueError(f"EnsembleSpec dict has unknown fields {unknown}")
+        for key in ("aggregation", "member_temperatures"):
+            if key not in data:
+                raise ValueError(f"EnsembleSpec dict is missing the field '{key}'")
+        return cls(aggregation=data["aggregation"], member_temperatures=tuple(data["member_temperatures"]),
+                   std_penalty=data.get("std_penalty", 1.0), member_versions=tuple(data.get("member_versions") or ()),
+                   reference_std=data.get("reference_std"))
+
+
+@dataclass
+class RewardEnsemble:
+    """K reward models scored together and combined by an :class:`EnsembleSpec`."""
+
+    members: Sequence[Any]
+    spec: EnsembleSpec
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.members) != self.spec.size:
+            raise ValueError(f"{len(self.members)} member models for a spec of {self.spec.size} temperatures")
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.spec.fingerprint()
+        return self._fingerprint
+
+
+def iter_rewards(
+    reward_model: Any, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yield (indices, reward, members' spread or None) batch by batch, for one model or an ensemble.
+
+    For one model the reward is its raw output; for a :class:`RewardEnsemble` it is the aggregate of the
+    members' calibrated rewards, which the ensemble's own temperature then calibrates.
+    """
+    from calibrated_rlhf.core.reward_model import iter_scores
+
+    if not isinstance(reward_model, RewardEnsemble):
+        for idx, raw in iter_scores(reward_model, sequences, pad_token_id, batch_size):
+            yield idx, raw, None
+        return
+    # Members score the same length-sorted batches, so the batches line up row for row.
+    streams = [iter_scores(m, sequences, pad_token_id, batch_size) for m in reward_model.members]
+    for batches in zip(*streams):
+        idx = batches[0][0]
+        reward, spread = reward_model.spec.aggregate(np.stack([r for _, r in batches], axis=1))
+        yield idx, reward, spread
+
+
+def score_rewards(reward_model: Any, sequences: list[list[int]], pad_token_id: int,
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """(reward, members' spread or None) of each sequence, in input order; see :func:`iter_rewards`."""
+    reward = np.empty(len(sequences))
+    spread = np.empty(len(sequences)) if isinstance(reward_model, RewardEnsemble) else None
+    for idx, r, s in iter_rewards(reward_model, sequences, pad_token_id, batch_size):
+        reward[idx] = r
+        if spread is not None:
+            spread[idx] = s
+    return reward, spread
+
+
+def reward_fingerprint(reward_model: Any) -> str:
+    """The weight fingerprint of one model, or the ensemble's fingerprint."""
+    if isinstance(reward_model, RewardEnsemble):
+        return reward_model.fingerprint()
+    from calibrated_rlhf.core.reward_model import model_fingerprint
+
+    return model_fingerprint(reward_model)
+
+
+def bootstrap_indices(n: int, seed: int) -> np.ndarray:
+    """A bootstrap resample (with replacement) of ``n`` rows, sorted so the data order stays stable."""
+    if n < 1:
+        raise ValueError("cannot resample an empty training set")
+    return np.sort(np.random.default_rng(seed).integers(0, n, size=n))
