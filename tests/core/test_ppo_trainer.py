@@ -122,6 +122,23 @@ def test_kl_stop(tok) -> None:
     assert e.value.metrics["ppo/objective/kl"] > 0.1
 
 
+def test_ensemble_disagreement_stop(tok) -> None:
+    """Disagreement that grows with the reward the policy chases stops the run once past the threshold."""
+
+    def ensemble_score(prompts, responses):
+        out = score_fn(prompts, responses)
+        out["ensemble_std"] = out["normalized"].abs() + 0.1
+        return out
+
+    calm = make_trainer(tok, num_updates=3, score=ensemble_score, ensemble_std_stop=1e6).train()
+    assert not calm.stopped_early and "ppo/rewards/ensemble_std" in calm.history[-1]
+    threshold = calm.history[0]["ppo/rewards/ensemble_std"] * 0.5
+    stopped = make_trainer(tok, num_updates=3, score=ensemble_score, ensemble_std_stop=threshold).train()
+    assert stopped.stopped_early and "ensemble std" in stopped.stop_reason and stopped.updates == 0
+    # without an 'ensemble_std' from score_fn the threshold has nothing to judge: training runs
+    assert not make_trainer(tok, num_updates=1, ensemble_std_stop=1e-6).train().stopped_early
+
+
 def test_nonfinite_reward_stops(tok) -> None:
     def bad_score(prompts, responses):
         out = score_fn(prompts, responses)

@@ -195,3 +195,64 @@ def test_mlflow_models_serve_scores_on_loopback(model, tiny_tokenizer, pairs, lo
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ensemble(model, tiny_tokenizer):
+    from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
+
+    torch.manual_seed(1)
+    other = build_reward_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer)
+    with torch.no_grad():
+        other.score.weight.mul_(30.0)
+    return RewardEnsemble([model, other.eval()], EnsembleSpec("mean_minus_std", (0.5, 2.0), std_penalty=0.5))
+
+
+def ensemble_transform(ensemble, tokenizer, pairs):
+    """The transform of an ensemble whose aggregate has temperature 0.8 (calibration is tested elsewhere)."""
+    transform, metrics, _ = nodes.compute_reward_transform(ensemble, tokenizer, nodes.reference_responses(pairs),
+                                                           {"temperature": 0.8}, DATASET)
+    return RewardTransform.from_dict(transform), metrics
+
+
+def test_an_ensembles_transform_normalizes_its_aggregate_and_carries_the_members(ensemble, tiny_tokenizer, pairs):
+    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.preferences import render_ids
+
+    t, metrics = ensemble_transform(ensemble, tiny_tokenizer, pairs)
+    responses = nodes.reference_responses(pairs)
+    ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
+    reward, spread = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
+    z = (reward / t.temperature - t.mean) / t.std
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1.0) < 1e-9
+    assert t.ensemble["member_temperatures"] == [0.5, 2.0] and t.ensemble["aggregation"] == "mean_minus_std"
+    assert t.ensemble["reference_std"] == pytest.approx(spread.mean())
+    assert metrics["normalization/ensemble_std"]["value"] == pytest.approx(spread.mean())
+    assert t.reward_model_version == ensemble.fingerprint()
+
+
+@pytest.mark.slow
+def test_an_ensembles_pyfunc_carries_every_member_and_returns_their_spread(ensemble, tiny_tokenizer, pairs,
+                                                                          tmp_path):
+    import mlflow
+
+    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.preferences import render_ids
+
+    t, _ = ensemble_transform(ensemble, tiny_tokenizer, pairs)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            info = log_reward_model(ensemble, tiny_tokenizer, t.to_dict())
+        loaded = mlflow.pyfunc.load_model(info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    rows = pairs[["prompt", "chosen", "rejected"]][:6].reset_index(drop=True)
+    out = loaded.predict(rows)
+    ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(rows["prompt"], rows["chosen"])]
+    reward, spread = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
+    np.testing.assert_allclose(out["raw_chosen"], reward, atol=1e-5)
+    np.testing.assert_allclose(out["ensemble_std_chosen"], spread, atol=1e-5)
+    np.testing.assert_allclose(out["normalized_chosen"], t.normalize(reward), atol=1e-5)
+    single = loaded.predict(pd.DataFrame({"prompt": rows["prompt"], "response": rows["chosen"]}))
+    np.testing.assert_allclose(single["ensemble_std"], spread, atol=1e-5)

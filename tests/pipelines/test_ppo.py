@@ -65,6 +65,65 @@ def test_reward_scale_keeps_beta_in_normalized_units():
     assert nodes.reward_scale_of("raw", t) == pytest.approx(1.0)  # std of raw = T * std of calibrated
 
 
+def reference_set(pairs):
+    from calibrated_rlhf.pipelines.normalization.nodes import reference_responses
+
+    return reference_responses(pairs[:30])
+
+
+def members(tokenizer, k=3):
+    out = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        out.append(build_reward_backbone(BackboneParams(**TINY_BACKBONE), tokenizer).eval())
+    return out
+
+
+def test_score_fn_of_an_ensemble_reports_its_disagreement(tiny_tokenizer):
+    from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble, score_rewards
+    from calibrated_rlhf.core.preferences import render_ids
+
+    models = members(tiny_tokenizer)
+    ens = RewardEnsemble(models, EnsembleSpec("min", (0.5, 1.0, 2.0)))
+    t = transform()
+    out = nodes.make_score_fn(ens, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
+    ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(PROMPTS, RESPONSES)]
+    reward, spread = score_rewards(ens, ids, tiny_tokenizer.pad_token_id)
+    np.testing.assert_allclose(out["ensemble_std"].numpy(), spread, rtol=1e-5)
+    np.testing.assert_allclose(out["normalized"].numpy(), t.normalize(reward), rtol=1e-5)
+    assert "ensemble_std" not in nodes.make_score_fn(models[0], tiny_tokenizer, t, None, "normalized", 1.0)(
+        PROMPTS, RESPONSES)
+
+
+def test_gold_gap_counts_from_the_reference_set(reward_model, tiny_tokenizer, synthetic_pairs):
+    task = make_task(SyntheticSpec(seed=1, n_words=12))
+    ref = reference_set(synthetic_pairs)
+    t = transform()
+    offset = nodes.gold_offset(reward_model, tiny_tokenizer, t, task, ref)
+    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "normalized", 1.0, offset)
+    out = fn(list(ref["prompt"]), list(ref["response"]))
+    # on the reference set itself the gap averages to zero; per response it is calibrated - scale * gold - offset
+    assert abs(out["gold_gap"].double().mean().item()) < 1e-4
+    want = out["calibrated"].double() - task.scale * out["gold"].double() - offset
+    torch.testing.assert_close(out["gold_gap"].double(), want, rtol=1e-5, atol=1e-4)
+    # the scale experiment moves neither the offset nor the gap
+    a = 4.0
+    scaled = nodes.gold_offset(reward_model, tiny_tokenizer, nodes.rescaled_transform(t, a), task, ref, a)
+    assert scaled == pytest.approx(offset, rel=1e-6, abs=1e-6)
+
+
+def test_ensemble_stop_needs_an_ensemble_and_scales_its_reference_std():
+    t = transform()
+    assert nodes.ensemble_std_stop(t, None) is None
+    with pytest.raises(ValueError, match="ensemble_std_stop_multiple needs a reward ensemble"):
+        nodes.ensemble_std_stop(t, 2.0)
+    from calibrated_rlhf.core.ensemble import EnsembleSpec
+
+    ens = RewardTransform.from_dict({**t.to_dict(),
+                                     "ensemble": EnsembleSpec("mean", (1.0, 1.0), reference_std=0.25).to_dict()})
+    assert nodes.ensemble_std_stop(ens, 3.0) == pytest.approx(0.75)
+
+
 ISSUE_KEYS = ("ppo/objective/kl", "ppo/objective/beta", "ppo/rewards/raw", "ppo/rewards/calibrated",
               "ppo/rewards/normalized", "ppo/rewards/gold", "ppo/policy/entropy", "ppo/policy/clipfrac",
               "ppo/policy/approx_kl", "ppo/value/loss", "ppo/value/explained_variance",
@@ -87,11 +146,11 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
     out = run(create_pipeline(), {
         "reference_policy": build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer),
         "tokenizer": tiny_tokenizer, "reward_model": reward_model, "reward_transform": transform().to_dict(),
-        "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
+        "reference_responses": reference_set(synthetic_pairs), "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
         "synthetic_task": {**task.to_dict()}, "params:ppo": params,
     })
     history = out["ppo_history"]
-    for key in ISSUE_KEYS:
+    for key in (*ISSUE_KEYS, "ppo/rewards/gold_gap"):
         assert [p["step"] for p in history[key]] == [1, 2, 3], key
     assert all(np.isfinite(p["value"]) for k in ISSUE_KEYS for p in history[k])
     ev = {k: v["value"] for k, v in {**out["ppo_evaluation"], **out["ppo_summary"]}.items()}
