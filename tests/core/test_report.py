@@ -201,6 +201,41 @@ def test_kl_control_verdict():
 
 # ---- rendering --------------------------------------------------------------------------------------------------
 
+def ensemble_run(run_id, scenario, size, aggregation, nll, best, gap, gold, minute=0):
+    return run_row(run_id, scenario, minute=minute,
+                   params={"reward_model.ensemble_size": size, "reward_model.ensemble.aggregation": aggregation},
+                   metrics={"ensemble/test_nll_after": nll, "ensemble/best_member_test_nll_after": best,
+                            "calibration/test_nll_after": nll, "ppo/eval/final_gold_gap": gap,
+                            "ppo/eval/gold_policy": gold})
+
+
+def test_ensemble_calibration_verdict_checks_every_ensemble_run():
+    baseline = run_row("b", "baseline", params={"reward_model.ensemble_size": 1},
+                       metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    good = [ensemble_run("m", "ensemble_mean", 5, "mean", 0.550, 0.556, 0.5, 0.65),
+            ensemble_run("n", "ensemble_min", 5, "min", 0.553, 0.556, 0.4, 0.62)]
+    v = report.ensemble_calibration_verdict(table_of([baseline, *good]))
+    assert v.holds is True and "ensemble_mean: 0.55 vs best member 0.556" in v.evidence
+    worse = ensemble_run("s", "ensemble_mean_minus_std", 5, "mean_minus_std", 0.560, 0.556, 0.3, 0.6)
+    assert report.ensemble_calibration_verdict(table_of([baseline, *good, worse])).holds is False
+    assert report.ensemble_calibration_verdict(table_of([baseline])).holds is None
+
+
+def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
+    baseline = run_row("b", "baseline", params={"reward_model.ensemble_size": 1},
+                       metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    runs = [baseline, ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, 0.5, 0.65),
+            ensemble_run("n", "ensemble_min", 5, "min", 0.55, 0.556, 0.4, 0.62)]
+    v = report.over_optimization_verdict(table_of(runs))
+    assert v.holds is True and "baseline 0.9 / 0.6" in v.evidence and "ensemble_min 0.4 / 0.62" in v.evidence
+    runs.append(ensemble_run("s", "ensemble_mean_minus_std", 5, "mean_minus_std", 0.55, 0.556, 1.2, 0.6))
+    assert report.over_optimization_verdict(table_of(runs)).holds is False
+    assert report.over_optimization_verdict(table_of(runs[1:])).holds is None  # no baseline
+    table = table_of(runs)
+    assert list(table.loc[table["scenario"] == "ensemble_min", "final_gold_gap"]) == [0.4]
+    assert "Reward ensembles and over-optimization" in report.render_markdown(table, [v], experiment="e")
+
+
 def test_report_renders_tables_verdicts_and_an_embedded_figure():
     keys = (report.KL, report.KL_TARGET, report.BETA, report.GOLD)
     histories = pd.concat([history(rid, key, list(np.linspace(0.5, 1.0, 6))) for rid in ("t025", "r4") for key in keys])
@@ -211,7 +246,8 @@ def test_report_renders_tables_verdicts_and_an_embedded_figure():
     assert f"]({report.FIGURE_FILE})" in r.markdown
     assert "data:image/png;base64," in r.html and "x&lt;y&gt;" in r.html and "<script" not in r.html
     assert "Normalization" in r.markdown and "Not logged by the selected runs." in r.markdown
-    assert len(r.figure.axes) == 3 and len(r.figure.axes[0].get_lines()) == 4  # two runs, each with its target
+    assert len(r.figure.axes) == 4 and len(r.figure.axes[0].get_lines()) == 4  # two runs, each with its target
+    assert not r.figure.axes[3].get_lines()  # no gold gap logged: the panel says so instead of plotting
 
 
 def test_report_without_runs_says_so():

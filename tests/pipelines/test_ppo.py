@@ -160,3 +160,13 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
     runs = list((tmp_path / "ckpt").iterdir())
     assert len(runs) == 1 and any(runs[0].iterdir())  # this run's own folder
     assert out["kl_control_diagram"].axes
+
+
+def test_a_transform_of_other_weights_is_refused(reward_model, tiny_tokenizer):
+    from calibrated_rlhf.core.reward_model import model_fingerprint
+
+    mine = RewardTransform.from_dict({**transform().to_dict(), "reward_model_version": model_fingerprint(reward_model)})
+    nodes.check_transform_matches(mine, reward_model)  # its own model passes
+    other = RewardTransform.from_dict({**mine.to_dict(), "reward_model_version": "0" * 64})
+    with pytest.raises(ValueError, match="computed for one reward model with fingerprint 000000000000"):
+        nodes.check_transform_matches(other, reward_model)

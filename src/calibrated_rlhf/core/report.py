@@ -54,6 +54,10 @@ METRICS: dict[str, str] = {
     "gold_gain_ci_low": "ppo/eval/gold_gain_ci_low",
     "gold_gain_ci_high": "ppo/eval/gold_gain_ci_high",
     "episodes_per_s": "ppo/perf/episodes_per_s",
+    "ensemble_nll_after": "ensemble/test_nll_after",
+    "best_member_nll_after": "ensemble/best_member_test_nll_after",
+    "final_gold_gap": "ppo/eval/final_gold_gap",
+    "final_ensemble_std": "ppo/eval/final_ensemble_std",
 }
 
 # Table column -> flattened MLflow param key.
@@ -64,11 +68,14 @@ PARAMS: dict[str, str] = {
     "center_rewards_coefficient": "reward_model.training.center_rewards_coefficient",
     "calibration_enabled": "calibration.enabled",
     "normalization_enabled": "normalization.enabled",
+    "ensemble_size": "reward_model.ensemble_size",
+    "aggregation": "reward_model.ensemble.aggregation",
 }
 
-KL, KL_TARGET, BETA, GOLD, EPISODES_PER_S = (
-    "ppo/objective/kl", "ppo/objective/kl_target", "ppo/objective/beta", "ppo/rewards/gold", "ppo/perf/episodes_per_s")
-HISTORY_KEYS: tuple[str, ...] = (KL, KL_TARGET, BETA, GOLD, EPISODES_PER_S)
+KL, KL_TARGET, BETA, GOLD, GOLD_GAP, EPISODES_PER_S = (
+    "ppo/objective/kl", "ppo/objective/kl_target", "ppo/objective/beta", "ppo/rewards/gold", "ppo/rewards/gold_gap",
+    "ppo/perf/episodes_per_s")
+HISTORY_KEYS: tuple[str, ...] = (KL, KL_TARGET, BETA, GOLD, GOLD_GAP, EPISODES_PER_S)
 
 # A run with none of these metric prefixes did not train anything (a reporting run, an aborted one).
 PIPELINE_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/")
@@ -83,6 +90,9 @@ SECTIONS: dict[str, list[str]] = {
     "Normalization": ["label", "norm_mean", "norm_std", "norm_n"],
     "PPO": ["label", "kl_second_half_mean", "kl_target", "kl_tracking_error", "final_beta", "gold_reward",
             "gold_reference", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high", "episodes_per_s"],
+    "Reward ensembles and over-optimization": [
+        "label", "ensemble_size", "aggregation", "nll_after", "best_member_nll_after", "gold_reward", "gold_gain",
+        "final_gold_gap", "final_ensemble_std"],
 }
 
 SCALE_MULTIPLIERS: tuple[float, ...] = (0.25, 1.0, 4.0)
@@ -454,19 +464,61 @@ def kl_control_verdict(table: pd.DataFrame) -> Verdict:
                              ("baseline", "adaptive"), [("kl_fixed", "fixed")])
 
 
+def _is_ensemble(row: pd.Series) -> bool:
+    return _float(row.get("ensemble_size")) > 1
+
+
+def ensemble_calibration_verdict(table: pd.DataFrame) -> Verdict:
+    """Every ensemble run: the calibrated ensemble's test NLL <= its best calibrated member's."""
+    claim = "A calibrated reward ensemble predicts held-out preferences at least as well (test NLL) as its best member."
+    runs = table[table.apply(_is_ensemble, axis=1)] if len(table) else table
+    runs = runs[runs[["ensemble_nll_after", "best_member_nll_after"]].notna().all(axis=1)]
+    if runs.empty:
+        return Verdict("Ensemble calibration", claim, None, "No ensemble run (reward_model.ensemble_size > 1) "
+                       "logged ensemble/test_nll_after; run the ensemble_* scenarios.", ("ensemble_mean",))
+    gain = runs["best_member_nll_after"] - runs["ensemble_nll_after"]
+    evidence = "; ".join(f"{r['label']}: {_num(r['ensemble_nll_after'])} vs best member "
+                         f"{_num(r['best_member_nll_after'])}" for _, r in runs.iterrows()) + "."
+    return Verdict("Ensemble calibration", claim, bool((gain >= 0).all()), evidence)
+
+
+def over_optimization_verdict(table: pd.DataFrame) -> Verdict:
+    """Each ensemble scenario against one reward model (baseline): final proxy-gold gap and gold reward."""
+    claim = ("Optimizing an ensemble leaves a smaller proxy-gold gap at the end of PPO than optimizing one reward "
+             "model (baseline), for every aggregation.")
+    latest = latest_by_scenario(table)
+    ensembles = {s: r for s, r in latest.items() if _is_ensemble(r)}
+    if "baseline" not in latest or not ensembles:
+        missing = tuple(s for s in ("baseline", "ensemble_mean") if s not in latest)
+        return Verdict("Over-optimization", claim, None, "Needs the baseline and at least one ensemble scenario.",
+                       missing)
+    rows = {"baseline": latest["baseline"], **ensembles}
+    lacking = _lacking(rows, "final_gold_gap")
+    if lacking:
+        return Verdict("Over-optimization", claim, None, f"Proxy-gold gap not logged: {', '.join(lacking)}.")
+    base = rows["baseline"]["final_gold_gap"]
+    holds = all(r["final_gold_gap"] < base for r in ensembles.values())
+    evidence = "Final proxy-gold gap (calibrated-logit units) and gold reward: " + ", ".join(
+        f"{s} {_num(r['final_gold_gap'])} / {_num(r['gold_reward'])}" for s, r in rows.items()) + "."
+    return Verdict("Over-optimization", claim, holds, evidence)
+
+
 def all_verdicts(table: pd.DataFrame, tolerance: float = 0.10, ece_margin: float = 0.01) -> list[Verdict]:
     return [scale_verdict(table, tolerance), centering_verdict(table), calibration_verdict(table, ece_margin),
-            normalization_verdict(table), kl_control_verdict(table)]
+            normalization_verdict(table), kl_control_verdict(table), ensemble_calibration_verdict(table),
+            over_optimization_verdict(table)]
 
 
 # ---- figure ---------------------------------------------------------------------------------------------------
 
 def curves_figure(histories: pd.DataFrame, labels: Mapping[str, str]) -> Figure:
-    """KL per update (dashed: each run's target), beta and gold reward, one line per run (``labels``: id -> label)."""
-    fig = Figure(figsize=(15.0, 4.4), layout="constrained")
+    """KL per update (dashed: each run's target), beta, gold reward and proxy-gold gap, one line per run
+    (``labels``: id -> label)."""
+    fig = Figure(figsize=(19.0, 4.4), layout="constrained")
     FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot state, nothing opens a window
-    axes = fig.subplots(1, 3)
-    panels = ((KL, "KL per update (nats)"), (BETA, "beta"), (GOLD, "gold reward (batch mean)"))
+    axes = fig.subplots(1, 4)
+    panels = ((KL, "KL per update (nats)"), (BETA, "beta"), (GOLD, "gold reward (batch mean)"),
+              (GOLD_GAP, "proxy - gold gap (calibrated logits)"))
     # One colour per run across the three panels; tab20 keeps up to 20 runs apart.
     palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
     for ax, (key, title) in zip(axes, panels):

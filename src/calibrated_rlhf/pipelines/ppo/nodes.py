@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
 
-from calibrated_rlhf.core.ensemble import score_rewards
+from calibrated_rlhf.core.ensemble import reward_fingerprint, score_rewards
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
@@ -137,6 +137,7 @@ def train_ppo(
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
     reference set) anchors the proxy-gold gap on the synthetic task."""
     original = RewardTransform.from_dict(reward_transform)
+    check_transform_matches(original, reward_model)
     transform = rescaled_transform(original, params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     run_dir = _shared_run_dir(Path(params.checkpoint_root))
@@ -166,6 +167,18 @@ def train_ppo(
     samples = pd.DataFrame(result.samples)
     summary = training_summary(result.history, config, result.stopped_early)
     return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
+
+
+def check_transform_matches(transform: RewardTransform, reward_model: Any) -> None:
+    """Refuse a transform computed for other weights (another run's model, or one model vs an ensemble)."""
+    if transform.reward_model_version is None:
+        return
+    actual = reward_fingerprint(reward_model)
+    if actual != transform.reward_model_version:
+        kind = "an ensemble" if transform.ensemble else "one reward model"
+        raise ValueError(f"reward_transform was computed for {kind} with fingerprint "
+                         f"{transform.reward_model_version[:12]}..., but the reward model given has {actual[:12]}...: "
+                         "pin matching versions with --load-versions, or rerun normalization")
 
 
 def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> float | None:
