@@ -105,7 +105,7 @@ def test_pipeline_lays_the_runs_side_by_side_with_computed_verdicts(store):
     assert baseline["final_beta"] == pytest.approx(0.1 / 1.01 + 0.07)
     assert baseline["episodes_per_s"] == pytest.approx(43.5)
     assert "data:image/png;base64," in page and "<table" in page
-    assert len(out["comparison_curves"].axes) == 3
+    assert len(out["comparison_curves"].axes) == 4
 
 
 def test_parameters_narrow_the_runs(store):
