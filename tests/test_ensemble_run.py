@@ -52,6 +52,7 @@ def test_transform_carries_the_ensemble(finished):
 
 def test_run_logs_members_ensemble_and_over_optimization_curves(finished):
     _, client, run = finished
+    assert run.data.params["reward_model.ensemble_size"] == "2"  # shapes the DAG, reaches no node: logged anyway
     keys = set(run.data.metrics)
     for i in (0, 1):
         assert {f"rm/member_{i}/test_accuracy", f"calibration/member_{i}/test_nll_after",
@@ -82,3 +83,28 @@ def test_registered_model_scores_with_the_whole_ensemble(finished):
                                       "response": [" calm bright", " grey cold"]}))
     assert {"raw", "calibrated", "normalized", "ensemble_std"} <= set(out.columns)
     assert (out["ensemble_std"] >= 0).all() and out["ensemble_std"].gt(0).any()
+
+
+def test_the_readmes_parallel_members_recipe_runs(tmp_path):
+    """Members in parallel processes (one per GPU in the README; CPU here), then the rest against them."""
+    import os
+    import subprocess
+    import sys
+
+    project = make_project(tmp_path)
+    size = ("--params", "reward_model.ensemble_size=2")
+    assert kedro(project, "--env", "tiny", *size, "--pipelines", "data_prep,policy_init").returncode == 0
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "KEDRO_DISABLE_TELEMETRY": "true"}
+    members = [subprocess.Popen([sys.executable, "-m", "kedro", "run", "--env", "tiny", *size, "--namespaces",
+                                 f"member_{i}"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+               for i in (0, 1)]
+    for proc in members:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    rest = kedro(project, "--env", "tiny", *size, "--from-nodes", "assemble_reward_ensemble,reference_responses")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    models = project / "data" / "06_models"
+    transform = json.loads((latest(models / "reward_transform.json") / "reward_transform.json").read_text())
+    assert len(transform["ensemble"]["member_versions"]) == 2
+    assert len(list((models / "policy").iterdir())) == 1

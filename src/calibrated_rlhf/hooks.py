@@ -390,6 +390,10 @@ class ProvenanceHooks:
             # conf/scenario_*/ names its runs, so reports can group them
             tags["scenario"] = str(parameters["scenario"])
         mlflow.set_tags(tags)
+        # It shapes the DAG and reaches no node, so kedro-mlflow (which logs node inputs) would miss it.
+        from calibrated_rlhf.pipeline_registry import ensemble_size
+
+        mlflow.log_param("reward_model.ensemble_size", ensemble_size())
 
         mlflow.log_dict(parameters, f"{RUN_CONFIG_DIR}/parameters.json")
         mlflow.log_dict(config, f"{RUN_CONFIG_DIR}/run_params.json")

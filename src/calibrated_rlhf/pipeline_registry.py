@@ -60,6 +60,7 @@ def register_pipelines() -> dict[str, Pipeline]:
             pipelines["calibration"] += reward_ensemble.create_pipeline(ensemble_size=size)
         for stage in ("normalization", "ppo"):
             if stage in pipelines:
-                pipelines[stage] = pipeline(pipelines[stage], inputs={"reward_model": "reward_ensemble"})
+                pipelines[stage] = reward_ensemble.assembly_pipeline(size) + pipeline(
+                    pipelines[stage], inputs={"reward_model": "reward_ensemble"})
     pipelines["__default__"] = sum(pipelines.values())
     return pipelines

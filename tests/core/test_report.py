@@ -202,16 +202,14 @@ def test_kl_control_verdict():
 # ---- rendering --------------------------------------------------------------------------------------------------
 
 def ensemble_run(run_id, scenario, size, aggregation, nll, best, gap, gold, minute=0):
-    return run_row(run_id, scenario, minute=minute,
-                   params={"reward_model.ensemble_size": size, "reward_model.ensemble.aggregation": aggregation},
-                   metrics={"ensemble/test_nll_after": nll, "ensemble/best_member_test_nll_after": best,
+    return run_row(run_id, scenario, minute=minute, params={"reward_model.ensemble.aggregation": aggregation},
+                   metrics={"ensemble/size": size, "ensemble/test_nll_after": nll, "ensemble/best_member_test_nll_after": best,
                             "calibration/test_nll_after": nll, "ppo/eval/final_gold_gap": gap,
                             "ppo/eval/gold_policy": gold})
 
 
 def test_ensemble_calibration_verdict_checks_every_ensemble_run():
-    baseline = run_row("b", "baseline", params={"reward_model.ensemble_size": 1},
-                       metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
     good = [ensemble_run("m", "ensemble_mean", 5, "mean", 0.550, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.553, 0.556, 0.4, 0.62)]
     v = report.ensemble_calibration_verdict(table_of([baseline, *good]))
@@ -222,8 +220,7 @@ def test_ensemble_calibration_verdict_checks_every_ensemble_run():
 
 
 def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
-    baseline = run_row("b", "baseline", params={"reward_model.ensemble_size": 1},
-                       metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
     runs = [baseline, ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.55, 0.556, 0.4, 0.62)]
     v = report.over_optimization_verdict(table_of(runs))
@@ -234,6 +231,11 @@ def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
     table = table_of(runs)
     assert list(table.loc[table["scenario"] == "ensemble_min", "final_gold_gap"]) == [0.4]
     assert "Reward ensembles and over-optimization" in report.render_markdown(table, [v], experiment="e")
+    assert "Every gap is negative" not in v.evidence
+    cautious = [run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": -0.7, "ppo/eval/gold_policy": 0.6}),
+                ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, -0.75, 0.65)]
+    v = report.over_optimization_verdict(table_of(cautious))
+    assert v.holds is True and "Every gap is negative" in v.evidence
 
 
 def test_report_renders_tables_verdicts_and_an_embedded_figure():

@@ -74,6 +74,13 @@ def test_members_are_namespaced_and_never_collide(size):
     assert {"reward_ensemble", "temperature_fit", "test_scores", "ensemble_metrics"} <= set(writers)
 
 
+def test_ppo_alone_assembles_the_ensemble_from_the_members_versions():
+    ppo = registered(3)["ppo"]
+    assert "assemble_reward_ensemble" in {n.name for n in ppo.nodes}
+    assert {f"member_{i}.reward_model" for i in range(3)} <= ppo.inputs()
+    assert "reward_ensemble" not in ppo.inputs()
+
+
 def test_members_artifacts_resolve_to_distinct_files_and_mlflow_paths():
     conf = OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="base")
     catalog = DataCatalog.from_config(conf["catalog"])

@@ -54,6 +54,7 @@ METRICS: dict[str, str] = {
     "gold_gain_ci_low": "ppo/eval/gold_gain_ci_low",
     "gold_gain_ci_high": "ppo/eval/gold_gain_ci_high",
     "episodes_per_s": "ppo/perf/episodes_per_s",
+    "ensemble_size": "ensemble/size",
     "ensemble_nll_after": "ensemble/test_nll_after",
     "best_member_nll_after": "ensemble/best_member_test_nll_after",
     "final_gold_gap": "ppo/eval/final_gold_gap",
@@ -68,7 +69,6 @@ PARAMS: dict[str, str] = {
     "center_rewards_coefficient": "reward_model.training.center_rewards_coefficient",
     "calibration_enabled": "calibration.enabled",
     "normalization_enabled": "normalization.enabled",
-    "ensemble_size": "reward_model.ensemble_size",
     "aggregation": "reward_model.ensemble.aggregation",
 }
 
@@ -484,8 +484,8 @@ def ensemble_calibration_verdict(table: pd.DataFrame) -> Verdict:
 
 def over_optimization_verdict(table: pd.DataFrame) -> Verdict:
     """Each ensemble scenario against one reward model (baseline): final proxy-gold gap and gold reward."""
-    claim = ("Optimizing an ensemble leaves a smaller proxy-gold gap at the end of PPO than optimizing one reward "
-             "model (baseline), for every aggregation.")
+    claim = ("Optimizing an ensemble leaves no more over-optimization (final proxy-gold gap, positive when the proxy "
+             "has run ahead of the gold reward) than optimizing one reward model (baseline), for every aggregation.")
     latest = latest_by_scenario(table)
     ensembles = {s: r for s, r in latest.items() if _is_ensemble(r)}
     if "baseline" not in latest or not ensembles:
@@ -497,9 +497,12 @@ def over_optimization_verdict(table: pd.DataFrame) -> Verdict:
     if lacking:
         return Verdict("Over-optimization", claim, None, f"Proxy-gold gap not logged: {', '.join(lacking)}.")
     base = rows["baseline"]["final_gold_gap"]
-    holds = all(r["final_gold_gap"] < base for r in ensembles.values())
+    holds = all(r["final_gold_gap"] <= base for r in ensembles.values())
     evidence = "Final proxy-gold gap (calibrated-logit units) and gold reward: " + ", ".join(
         f"{s} {_num(r['final_gold_gap'])} / {_num(r['gold_reward'])}" for s, r in rows.items()) + "."
+    if all(r["final_gold_gap"] <= 0 for r in rows.values()):
+        evidence += (" Every gap is negative: the proxy under-credits the gold improvement, so at this KL budget "
+                     "none of these runs is over-optimized and the comparison is between degrees of caution.")
     return Verdict("Over-optimization", claim, holds, evidence)
 
 

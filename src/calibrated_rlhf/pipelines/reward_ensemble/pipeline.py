@@ -53,12 +53,25 @@ def create_pipeline(ensemble_size: int = 1, **kwargs) -> Pipeline:
         return _aggregate_pipeline(members)
 
 
+def assembly_pipeline(ensemble_size: int) -> Pipeline:
+    """The node that loads the members' versioned models and temperatures as one ``reward_ensemble``.
+
+    Stages after calibration include it, so ``kedro run --pipelines ppo`` works on its own for an
+    ensemble as it does for one model (the DAG keeps a single copy of the node).
+    """
+    members = [namespace(i) for i in range(ensemble_size)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        return Pipeline([
+            Node(nodes.assemble_reward_ensemble,
+                 ["params:reward_model.ensemble", *[f"{m}.reward_model" for m in members],
+                  *[f"{m}.temperature_fit" for m in members]],
+                 "reward_ensemble", name="assemble_reward_ensemble"),
+        ])
+
+
 def _aggregate_pipeline(members: list[str]) -> Pipeline:
-    aggregate = Pipeline([
-        Node(nodes.assemble_reward_ensemble,
-             ["params:reward_model.ensemble", *[f"{m}.reward_model" for m in members],
-              *[f"{m}.temperature_fit" for m in members]],
-             "reward_ensemble", name="assemble_reward_ensemble"),
+    aggregate = assembly_pipeline(len(members)) + Pipeline([
         *[Node(nodes.aggregate_scores, ["reward_ensemble", *[f"{m}.{split}_scores" for m in members]],
                f"{split}_scores", name=f"aggregate_{split}_scores") for split in ("test", "calibration")],
     ])
