@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 ppo_only=(scale_1 scale_0.25 scale_4 scale_1_raw scale_0.25_raw scale_4_raw norm_minmax kl_fixed)
-full=(no_centering no_calibration norm_none margin no_margin ensemble_mean ensemble_min ensemble_mean_minus_std)
+full=(no_centering no_calibration norm_none margin no_margin ensemble_mean ensemble_min ensemble_mean_minus_std
+      lowdata lowdata_ensemble_mean lowdata_ensemble_min lowdata_ensemble_mean_minus_std)
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=(baseline "${ppo_only[@]}" "${full[@]}")
 for s in "${scenarios[@]}"; do

@@ -236,6 +236,12 @@ def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
                 ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, -0.75, 0.65)]
     v = report.over_optimization_verdict(table_of(cautious))
     assert v.holds is True and "Every gap is negative" in v.evidence
+    # a regime compares its own scenarios only
+    lowdata = [run_row("l", "lowdata", metrics={"ppo/eval/final_gold_gap": 0.5, "ppo/eval/gold_policy": 0.3}),
+               ensemble_run("lm", "lowdata_ensemble_mean", 5, "mean", 0.62, 0.63, 0.2, 0.4)]
+    v = report.over_optimization_verdict(table_of(cautious + lowdata), "lowdata")
+    assert v.holds is True and v.topic == "Over-optimization (lowdata)"
+    assert "lowdata 0.5 / 0.3" in v.evidence and "ensemble_mean -0.75" not in v.evidence
 
 
 def test_report_renders_tables_verdicts_and_an_embedded_figure():

@@ -482,34 +482,40 @@ def ensemble_calibration_verdict(table: pd.DataFrame) -> Verdict:
     return Verdict("Ensemble calibration", claim, bool((gain >= 0).all()), evidence)
 
 
-def over_optimization_verdict(table: pd.DataFrame) -> Verdict:
-    """Each ensemble scenario against one reward model (baseline): final proxy-gold gap and gold reward."""
+def over_optimization_verdict(table: pd.DataFrame, regime: str = "") -> Verdict:
+    """Each ensemble scenario of a regime against its one-model scenario: final proxy-gold gap, gold reward.
+
+    Regime "" compares ``ensemble_*`` with ``baseline``; regime "lowdata" compares
+    ``lowdata_ensemble_*`` with ``lowdata``.
+    """
+    single = regime or "baseline"
+    prefix = f"{regime}_ensemble_" if regime else "ensemble_"
+    topic = f"Over-optimization ({regime})" if regime else "Over-optimization"
     claim = ("Optimizing an ensemble leaves no more over-optimization (final proxy-gold gap, positive when the proxy "
-             "has run ahead of the gold reward) than optimizing one reward model (baseline), for every aggregation.")
+             f"has run ahead of the gold reward) than optimizing one reward model ({single}), for every aggregation.")
     latest = latest_by_scenario(table)
-    ensembles = {s: r for s, r in latest.items() if _is_ensemble(r)}
-    if "baseline" not in latest or not ensembles:
-        missing = tuple(s for s in ("baseline", "ensemble_mean") if s not in latest)
-        return Verdict("Over-optimization", claim, None, "Needs the baseline and at least one ensemble scenario.",
-                       missing)
-    rows = {"baseline": latest["baseline"], **ensembles}
+    ensembles = {s: r for s, r in latest.items() if s.startswith(prefix) and _is_ensemble(r)}
+    if single not in latest or not ensembles:
+        missing = tuple(s for s in (single, f"{prefix}mean") if s not in latest)
+        return Verdict(topic, claim, None, f"Needs {single} and at least one {prefix}* scenario.", missing)
+    rows = {single: latest[single], **ensembles}
     lacking = _lacking(rows, "final_gold_gap")
     if lacking:
-        return Verdict("Over-optimization", claim, None, f"Proxy-gold gap not logged: {', '.join(lacking)}.")
-    base = rows["baseline"]["final_gold_gap"]
+        return Verdict(topic, claim, None, f"Proxy-gold gap not logged: {', '.join(lacking)}.")
+    base = rows[single]["final_gold_gap"]
     holds = all(r["final_gold_gap"] <= base for r in ensembles.values())
     evidence = "Final proxy-gold gap (calibrated-logit units) and gold reward: " + ", ".join(
         f"{s} {_num(r['final_gold_gap'])} / {_num(r['gold_reward'])}" for s, r in rows.items()) + "."
     if all(r["final_gold_gap"] <= 0 for r in rows.values()):
         evidence += (" Every gap is negative: the proxy under-credits the gold improvement, so at this KL budget "
                      "none of these runs is over-optimized and the comparison is between degrees of caution.")
-    return Verdict("Over-optimization", claim, holds, evidence)
+    return Verdict(topic, claim, holds, evidence)
 
 
 def all_verdicts(table: pd.DataFrame, tolerance: float = 0.10, ece_margin: float = 0.01) -> list[Verdict]:
     return [scale_verdict(table, tolerance), centering_verdict(table), calibration_verdict(table, ece_margin),
             normalization_verdict(table), kl_control_verdict(table), ensemble_calibration_verdict(table),
-            over_optimization_verdict(table)]
+            over_optimization_verdict(table), over_optimization_verdict(table, "lowdata")]
 
 
 # ---- figure ---------------------------------------------------------------------------------------------------
