@@ -275,27 +275,50 @@ class PPOTrainer:
         # With one minibatch the first PPO forward runs at the rollout parameters: it can also
         # provide the old values, which saves the value model's rollout forward.
         reuse_first = cfg.num_mini_batches == 1 and cfg.value_model == "separate" and cfg.disable_dropout
-        with torch.inference_mode():
-            ref_logprobs = response_logprobs(self.ref_policy, input_ids, attn, pos, Lq, cfg.temperature)
-            values = None
-            if samples.values is not None:
-                values = samples.values
-            elif not reuse_first:
-                values = sequence_values(unwrapped.value_model, input_ids, attn, pos, Lq)
-        # leave inference mode: these become constants inside autograd graphs below
+        # With the worker core available, the reference and value forwards run there while this core
+        # decodes, scores and runs the policy forward: four independent passes, two per core.
+        overlap = reuse_first and self._pool is not None
+        worker = None
+        values = None
+        if overlap:
+            if was_training:
+                model.train()  # dropout is off (reuse_first): the mode only matters for consistency
+
+            def worker_job() -> tuple[torch.Tensor, torch.Tensor]:
+                torch.set_num_threads(1)
+                with torch.inference_mode():
+                    ref = response_logprobs(self.ref_policy, input_ids, attn, pos, Lq, cfg.temperature)
+                return ref, unwrapped.values(input_ids, attn, pos, Lq)
+
+            worker = self._pool.submit(worker_job)
+        else:
+            with torch.inference_mode():
+                ref_logprobs = response_logprobs(self.ref_policy, input_ids, attn, pos, Lq, cfg.temperature)
+                if samples.values is not None:
+                    values = samples.values
+                elif not reuse_first:
+                    values = sequence_values(unwrapped.value_model, input_ids, attn, pos, Lq)
+            if was_training:
+                model.train()
         mask = mask_bool.float()
+        t_fwd = time.perf_counter()
+
+        with cpu_threads(1 if overlap else None):
+            try:
+                response_texts = decode_responses(
+                    self.tokenizer, [self._prompt_ids[i] for i in idx], [self._prompt_decoded(i) for i in idx],
+                    responses, mask_bool,
+                )
+                scores = self.score_fn(prompt_texts, response_texts)
+                first_logits = (unwrapped.policy_logits(input_ids, attn, pos, Lq, cfg.temperature)
+                                if overlap else None)
+            finally:
+                if worker is not None:
+                    ref_logprobs, first_vpred = worker.result()  # waits even when scoring failed
+        # leave inference mode: these become constants inside autograd graphs below
         responses = responses.clone()
         logprobs = samples.logprobs.clone() * mask
         ref_logprobs = ref_logprobs.clone() * mask
-        if was_training:
-            model.train()
-        t_fwd = time.perf_counter()
-
-        response_texts = decode_responses(
-            self.tokenizer, [self._prompt_ids[i] for i in idx], [self._prompt_decoded(i) for i in idx], responses,
-            mask_bool,
-        )
-        scores = self.score_fn(prompt_texts, response_texts)
         key = cfg.score_key
         if key not in scores:
             raise KeyError(f"score_fn must return the optimized score under '{key}' (config.score_key)")
@@ -309,13 +332,12 @@ class PPOTrainer:
         if score_tensors[key].numel() != len(idx):
             raise ValueError(f"score_fn returned a '{key}' tensor of the wrong length")
         t_rollout = time.perf_counter()
-        first_logits = first_vpred = None
         if reuse_first:
-            if self._pool is not None:
-                first_logits, first_vpred = self._parallel_forward(input_ids, attn, pos, Lq)
-            else:
+            if not overlap:
                 first_logits, first_vpred = model(input_ids, attn, pos, Lq, cfg.temperature)
             values = first_vpred.detach().float()
+        else:
+            first_logits = first_vpred = None
         values = values.clone() * mask
 
         # 2. rewards ---------------------------------------------------------------------------
@@ -471,6 +493,7 @@ class PPOTrainer:
             "ppo/perf/episodes_per_s": self._global_batch / (t_end - t_start),
             "ppo/perf/rollout_s": t_rollout - t_start,
             "ppo/perf/generate_s": t_gen - t_start,
+            # decoding and scoring; when overlapped, with the old-logprob and value forwards beside them
             "ppo/perf/score_s": t_rollout - t_fwd,
             "ppo/perf/update_s": t_end - t_start,
         })
@@ -609,24 +632,6 @@ class PPOTrainer:
             with torch.no_grad():
                 entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask)
         return pl, entropy, loss
-
-    def _parallel_forward(
-        self, input_ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, Lq: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Policy logits (here) and values (worker thread) at once, both recorded for backward."""
-        unwrapped = self.unwrapped
-
-        def value_job() -> torch.Tensor:
-            torch.set_num_threads(1)
-            return unwrapped.values(input_ids, attn, pos, Lq)
-
-        with cpu_threads(1):
-            future = self._pool.submit(value_job)
-            try:
-                logits = unwrapped.policy_logits(input_ids, attn, pos, Lq, self.config.temperature)
-            finally:
-                values = future.result()
-        return logits, values
 
     def _parallel_backward(
         self, policy_part: Callable[[], tuple], value_part: Callable[[], tuple]
