@@ -228,6 +228,10 @@ def main() -> None:
                 "episodes_per_s": mo["episodes_per_s"] / mt["episodes_per_s"],
                 "steady_state_episodes_per_s": mo["steady_state_episodes_per_s"] / mt["steady_state_episodes_per_s"],
                 "peak_rss": mo["peak_rss_mib"] / mt["peak_rss_mib"],
+                # each run against the TRL run right after it: the machine's speed drifts between
+                # minutes (shared host), and adjacent runs share most of that drift
+                "paired_episodes_per_s_median": median(
+                    [{"r": o["episodes_per_s"] / t["episodes_per_s"]} for o, t in zip(ours, trl)], "r"),
             }
         out["settings"][f"ppo_epochs_{ep}"] = setting
     results = RESULTS if a.value_model == "separate" else RESULTS.with_name(f"ppo_{a.value_model}.json")
@@ -239,7 +243,8 @@ def main() -> None:
         if "trl_gc_freeze" in s:
             line.update({"trl_eps": round(s["trl_gc_freeze"]["medians"]["episodes_per_s"], 1),
                          "trl_rss_mib": round(s["trl_gc_freeze"]["medians"]["peak_rss_mib"]),
-                         "ratio": round(s["ratio_ours_over_trl"]["episodes_per_s"], 2)})
+                         "ratio": round(s["ratio_ours_over_trl"]["episodes_per_s"], 2),
+                         "paired_ratio_median": round(s["ratio_ours_over_trl"]["paired_episodes_per_s_median"], 2)})
         print(name, json.dumps(line))
     print("wrote", results)
 
