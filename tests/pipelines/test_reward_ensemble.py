@@ -105,6 +105,21 @@ def test_member_metric_keys_never_meet_the_ensembles():
     assert member_key("rm/train/loss", 2) == "rm/member_2/train/loss"
 
 
+def test_members_scores_of_other_pairs_are_refused_naming_the_member():
+    import pandas as pd
+
+    from calibrated_rlhf.core.ensemble import EnsembleSpec
+    from calibrated_rlhf.pipelines.reward_ensemble.nodes import aggregate_scores
+
+    ens = RewardEnsemble([None, None], EnsembleSpec("mean", (1.0, 2.0)))
+    a = pd.DataFrame({"pair_id": [0, 1, 2], "reward_chosen": [1.0, 2.0, 3.0], "reward_rejected": [0.0, 0.0, 0.0]})
+    out = aggregate_scores(ens, a, a.assign(reward_chosen=[2.0, 4.0, 6.0]))
+    np.testing.assert_allclose(out["reward_chosen"], [1.0, 2.0, 3.0])  # (r / 1 + 2r / 2) / 2
+    np.testing.assert_allclose(out["ensemble_std_chosen"], 0.0)
+    with pytest.raises(ValueError, match="member_1's scores are not of the same pairs"):
+        aggregate_scores(ens, a, a.iloc[::-1])
+
+
 def test_bad_ensemble_size_is_named():
     for bad in (0, 2.5, "3", True):
         with pytest.raises(ValueError, match="reward_model.ensemble_size must be an integer >= 1"):

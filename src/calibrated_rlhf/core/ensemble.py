@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -142,16 +142,13 @@ class RewardEnsemble:
 
     members: Sequence[Any]
     spec: EnsembleSpec
-    _fingerprint: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.members) != self.spec.size:
             raise ValueError(f"{len(self.members)} member models for a spec of {self.spec.size} temperatures")
 
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = self.spec.fingerprint()
-        return self._fingerprint
+        return self.spec.fingerprint()
 
 
 def iter_rewards(

@@ -95,9 +95,7 @@ class PolicyAndValue(nn.Module):
         state before it is emitted.
         """
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
-        logits = self.policy.get_output_embeddings()(h_resp)
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = self._logits(h_resp, temperature)
         if self.value_head is not None:
             values = self.value_head(h_resp).squeeze(-1)
         else:
@@ -114,6 +112,9 @@ class PolicyAndValue(nn.Module):
     ) -> torch.Tensor:
         """The policy half of ``forward`` (separate value model only)."""
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
+        return self._logits(h_resp, temperature)
+
+    def _logits(self, h_resp: torch.Tensor, temperature: float) -> torch.Tensor:
         logits = self.policy.get_output_embeddings()(h_resp)
         return logits / temperature if temperature != 1.0 else logits
 

@@ -8,6 +8,8 @@ an ensemble as it reads one model, through ``reward_ensemble`` in place of ``rew
 """
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kedro.pipeline import Node, Pipeline, pipeline
 
@@ -17,6 +19,14 @@ from calibrated_rlhf.pipelines.reward_ensemble import nodes
 SHARED_DATA = {"tokenizer", "train_pairs", "validation_pairs", "test_pairs", "calibration_pairs", "synthetic_task"}
 SHARED_PARAMS = {"params:backbone", "params:reward_model.training", "params:reward_model.ensemble",
                  "params:calibration"}
+
+
+@contextmanager
+def _member_names_read_outside() -> Iterator[None]:
+    """The aggregation nodes read the members' namespaced outputs by their dotted names on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        yield
 
 
 def namespace(member: int) -> str:
@@ -46,11 +56,7 @@ def create_pipeline(ensemble_size: int = 1, **kwargs) -> Pipeline:
     """
     if ensemble_size < 2:
         return Pipeline([])
-    members = [namespace(i) for i in range(ensemble_size)]
-    with warnings.catch_warnings():
-        # These nodes read the members' namespaced outputs by their dotted names on purpose.
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        return _aggregate_pipeline(members)
+    return _aggregate_pipeline([namespace(i) for i in range(ensemble_size)])
 
 
 def assembly_pipeline(ensemble_size: int) -> Pipeline:
@@ -60,8 +66,7 @@ def assembly_pipeline(ensemble_size: int) -> Pipeline:
     ensemble as it does for one model (the DAG keeps a single copy of the node).
     """
     members = [namespace(i) for i in range(ensemble_size)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+    with _member_names_read_outside():
         return Pipeline([
             Node(nodes.assemble_reward_ensemble,
                  ["params:reward_model.ensemble", *[f"{m}.reward_model" for m in members],
@@ -71,16 +76,17 @@ def assembly_pipeline(ensemble_size: int) -> Pipeline:
 
 
 def _aggregate_pipeline(members: list[str]) -> Pipeline:
-    aggregate = assembly_pipeline(len(members)) + Pipeline([
-        *[Node(nodes.aggregate_scores, ["reward_ensemble", *[f"{m}.{split}_scores" for m in members]],
-               f"{split}_scores", name=f"aggregate_{split}_scores") for split in ("test", "calibration")],
-    ])
+    with _member_names_read_outside():
+        aggregate = assembly_pipeline(len(members)) + Pipeline([
+            *[Node(nodes.aggregate_scores, ["reward_ensemble", *[f"{m}.{split}_scores" for m in members]],
+                   f"{split}_scores", name=f"aggregate_{split}_scores") for split in ("test", "calibration")],
+        ])
+        report = Pipeline([
+            Node(nodes.report_ensemble, ["test_scores", "temperature_fit", *[f"{m}.test_scores" for m in members],
+                                         *[f"{m}.temperature_fit" for m in members]],
+                 "ensemble_metrics", name="report_ensemble"),
+        ])
     # One reward model's evaluation and calibration nodes, on the aggregate.
     evaluate = reward_model.create_pipeline().only_nodes("evaluate_reward_model")
     calibrate = calibration.create_pipeline().only_nodes("fit_temperature", "report_calibration")
-    report = Pipeline([
-        Node(nodes.report_ensemble, ["test_scores", "temperature_fit", *[f"{m}.test_scores" for m in members],
-                                     *[f"{m}.temperature_fit" for m in members]],
-             "ensemble_metrics", name="report_ensemble"),
-    ])
     return aggregate + evaluate + calibrate + report
