@@ -51,13 +51,15 @@ def test_sample_categorical_matches_probabilities() -> None:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_cached_logprobs_match_full_forward(setup, temperature: float) -> None:
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_cached_logprobs_match_full_forward(setup, temperature: float, fast_decode: bool) -> None:
     tok, policy, _ = setup
     ids = tok(PROMPTS[:6])["input_ids"]
     ids[1] = ids[1][:2]  # uneven prompt lengths -> real left padding
     q, qm = left_pad(ids, tok.pad_token_id)
     g = torch.Generator().manual_seed(1)
-    s = sample_responses(policy, q, qm, 10, temperature, tok.eos_token_id, tok.pad_token_id, g)
+    s = sample_responses(policy, q, qm, 10, temperature, tok.eos_token_id, tok.pad_token_id, g,
+                         fast_decode=fast_decode)
     assert s.responses.shape == (6, 10)
     assert bool((s.responses[~s.mask] == tok.pad_token_id).all())
     inp = torch.cat([q, s.responses], 1)
@@ -82,13 +84,14 @@ def test_left_padding_does_not_change_logprobs(setup) -> None:
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_shared_value_head_values_match_wrapper_forward(setup) -> None:
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_shared_value_head_values_match_wrapper_forward(setup, fast_decode: bool) -> None:
     tok, policy, _ = setup
     head = torch.nn.Linear(policy.config.hidden_size, 1)
     pv = PolicyAndValue(policy, value_head=head).eval()
     q, qm = left_pad(tok(PROMPTS[:4])["input_ids"], tok.pad_token_id)
     s = sample_responses(policy, q, qm, 6, 1.0, tok.eos_token_id, tok.pad_token_id,
-                         torch.Generator().manual_seed(2), value_head=head)
+                         torch.Generator().manual_seed(2), value_head=head, fast_decode=fast_decode)
     inp = torch.cat([q, s.responses], 1)
     attn = torch.cat([qm, torch.ones_like(s.responses)], 1)
     with torch.no_grad():

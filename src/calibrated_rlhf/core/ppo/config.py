@@ -41,6 +41,18 @@ class PPOConfig(BaseModel):
         "model is a chain of tiny ops where extra threads mostly add synchronisation; None keeps torch's "
         "setting. No effect on GPU work.",
     )
+    fast_decode: bool = Field(
+        True,
+        description="Sample with a lean KV-cached decoding step (preallocated cache, fused projections) "
+        "for Llama, Mistral and Qwen2 policies; other architectures, and any model whose first step "
+        "disagrees with its own forward, use the model's forward. Same samples up to float rounding.",
+    )
+    cpu_malloc_tuning: bool = Field(
+        True,
+        description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds once per process, so "
+        "the activation buffers autograd frees after every op are reused instead of being unmapped and "
+        "mapped again, a page fault per page touched. Process-wide; keeps a pool of freed memory mapped.",
+    )
     cpu_parallel: bool = Field(
         True,
         description="On CPU, in a single process with a separate value model, run the value model's "

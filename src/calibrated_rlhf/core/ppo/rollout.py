@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from calibrated_rlhf.core.ppo.fast_decode import agrees_with, lean_decoder, needs_check
 from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
 
 
@@ -189,12 +190,14 @@ def sample_responses(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     value_head: nn.Module | None = None,
+    fast_decode: bool = False,
 ) -> Samples:
     """Ancestral sampling (top_k=0, top_p=1) from left-padded prompts with a KV cache.
 
     The logprobs of the sampled tokens come from the same cached forward passes, so the rollout
     needs no second policy forward; with ``value_head`` the values do too. Sampling stops early
-    once every row has produced EOS.
+    once every row has produced EOS. ``fast_decode`` runs the steps after the prompt through
+    :class:`~calibrated_rlhf.core.ppo.fast_decode.LeanDecoder` when the architecture allows it.
     """
     backbone = backbone_of(policy)
     lm_head = policy.get_output_embeddings()
@@ -221,6 +224,7 @@ def sample_responses(
             [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
         )[:, None, None, :]
     Lq = query_ids.shape[1]
+    decoder = lean_decoder(policy, cache, query_mask, next_pos, response_length) if fast_decode else None
     for t in range(response_length):
         logits = lm_head(h).float()
         if temperature != 1.0:
@@ -234,6 +238,9 @@ def sample_responses(
         done = done | (tok.squeeze(1) == eos_token_id)
         if t + 1 == response_length or bool(done.all()):
             break
+        if decoder is not None and not needs_check(policy):
+            h = decoder.step(tok)
+            continue
         if step_masks is not None:
             step_mask = step_masks[..., : Lq + t + 1]
         else:
@@ -245,6 +252,14 @@ def sample_responses(
         cache = out.past_key_values
         h = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
+        if decoder is not None:
+            # first lean step for this model, checked against its own: a run's samples never depend
+            # on which update happened to run the check (a resumed run checks again)
+            lean_h = decoder.step(tok)
+            if agrees_with(policy, lean_h, h):
+                h = lean_h
+            else:
+                decoder = None  # the model's own cache is still current: carry on with it
 
     mask, has_eos = response_mask(responses, eos_token_id)
     responses = responses.masked_fill(~mask, pad_token_id)
