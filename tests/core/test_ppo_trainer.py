@@ -274,15 +274,19 @@ def test_single_minibatch_fast_path_matches_plain_path(tok) -> None:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
-@pytest.mark.parametrize("num_mini_batches", [1, 2])
-def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int) -> None:
-    # with one intra-op thread everywhere the two schedules do the same float operations
+@pytest.mark.parametrize("num_mini_batches,max_grad_norm", [(1, 1.0), (2, 1.0), (1, 1e-3)])
+def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int, max_grad_norm: float) -> None:
+    # with one intra-op thread everywhere the two schedules do the same float operations, the
+    # gradient clipping included (split across the two threads in the parallel schedule)
     runs = []
     for parallel in (True, False):
-        trainer = make_trainer(tok, num_updates=3, num_mini_batches=num_mini_batches, cpu_parallel=parallel)
+        trainer = make_trainer(tok, num_updates=3, num_mini_batches=num_mini_batches, cpu_parallel=parallel,
+                               max_grad_norm=max_grad_norm)
         assert (trainer._pool is not None) == parallel
         runs.append((trainer.train().history, _weights(trainer)))
     (h_par, w_par), (h_seq, w_seq) = runs
+    if max_grad_norm < 1.0:
+        assert all(h["ppo/optim/grad_norm"] > 10 * max_grad_norm for h in h_par)  # clipping did scale
     for a, b in zip(h_par, h_seq):
         assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
                {k: v for k, v in b.items() if not k.startswith(PERF)}
@@ -298,3 +302,13 @@ def test_score_key_selects_the_optimized_entry(tok) -> None:
     h = trainer.train().history
     assert all(rec["ppo/objective/score"] == pytest.approx(rec["ppo/rewards/score"], abs=1e-6) for rec in h)
     assert "ppo/rewards/normalized" not in h[0]
+
+
+def test_glibc_malloc_tuning_applies_where_there_is_glibc() -> None:
+    import platform
+    import sys
+
+    from calibrated_rlhf.core.ppo.trainer import tune_glibc_malloc
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert tune_glibc_malloc() is expected

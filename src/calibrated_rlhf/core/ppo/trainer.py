@@ -18,12 +18,14 @@ reduced across processes, so every rank takes the same decisions.
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -178,10 +180,15 @@ class PPOTrainer:
         optimizer = _adamw(params, config)
         self.model, self.optimizer = acc.prepare(wrapper, optimizer)
         self._unwrapped = wrapper  # the module DDP (if any) wraps; unwrap_model is slow per call
+        if config.cpu_malloc_tuning and self.device.type == "cpu":
+            tune_glibc_malloc()
         self._pool = None
         if (config.cpu_parallel and self.device.type == "cpu" and self.world_size == 1
                 and config.value_model == "separate"):
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-value")
+            # in model.parameters() order: the policy's, then the value model's
+            self._grad_params = tuple([p for p in part.parameters() if p.requires_grad]
+                                      for part in (wrapper.policy, wrapper.value_model))
         self.kl_controller: AdaptiveKLController = make_kl_controller(
             config.kl_control, config.beta, config.kl_target, config.kl_horizon
         )
@@ -265,6 +272,7 @@ class PPOTrainer:
                 policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_token_id,
                 self.pad_token_id, generator=self._gen,
                 value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
+                fast_decode=cfg.fast_decode,
             )
         t_gen = time.perf_counter()
         responses, mask_bool = samples.responses, samples.mask
@@ -435,7 +443,7 @@ class PPOTrainer:
                 if self._pool is not None:
                     # policy and value are independent networks: two single-threaded streams, one
                     # per core, beat one two-threaded stream of ops this small (gradients identical)
-                    pl, entropy, vl, loss = self._parallel_backward(
+                    pl, entropy, vl, loss, grad_norms = self._parallel_backward(
                         lambda: policy_part(pre_logits), lambda: value_part(pre_vpred)
                     )
                 else:
@@ -446,9 +454,11 @@ class PPOTrainer:
                     total = p_loss + v_loss
                     self.accelerator.backward(total)
                     loss = total.detach()
-                grad_norm = self.accelerator.clip_grad_norm_(
-                    model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-                )
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                if self._pool is not None:
+                    grad_norm = self._clip_by_norms(grad_norms, max_norm)
+                else:
+                    grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 bad = (not math.isfinite(float(grad_norm))) or (not math.isfinite(float(loss)))
                 if self.world_size > 1:
                     # a NaN loss on one rank with finite synced grads must stop every rank
@@ -635,23 +645,41 @@ class PPOTrainer:
 
     def _parallel_backward(
         self, policy_part: Callable[[], tuple], value_part: Callable[[], tuple]
-    ) -> tuple[Any, torch.Tensor | None, Any, torch.Tensor]:
-        """Forward and backward of the policy (here) and the value model (worker thread) at once."""
+    ) -> tuple[Any, torch.Tensor | None, Any, torch.Tensor, list[torch.Tensor]]:
+        """Forward and backward of the policy (here) and the value model (worker thread) at once.
 
-        def value_job() -> tuple[Any, torch.Tensor]:
+        Each side also takes the norms of its own gradients, the first half of the clipping.
+        """
+        policy_params, value_params = self._grad_params
+
+        def value_job() -> tuple[Any, torch.Tensor, list[torch.Tensor]]:
             torch.set_num_threads(1)  # a thread's intra-op setting is its own
             vl, v_loss = value_part()
             self.accelerator.backward(v_loss)
-            return vl, v_loss.detach()
+            return vl, v_loss.detach(), _grad_norms(value_params)
 
         with cpu_threads(1):
             future = self._pool.submit(value_job)
             try:
                 pl, entropy, p_loss = policy_part()
                 self.accelerator.backward(p_loss)
+                p_norms = _grad_norms(policy_params)
             finally:
-                vl, v_loss = future.result()  # waits even when the policy half failed
-        return pl, entropy, vl, p_loss.detach() + v_loss
+                vl, v_loss, v_norms = future.result()  # waits even when the policy half failed
+        return pl, entropy, vl, p_loss.detach() + v_loss, p_norms + v_norms
+
+    def _clip_by_norms(self, norms: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` from per-tensor norms already taken, in ``model.parameters()`` order.
+
+        Same total norm and scaling as torch's; the multiply is skipped when the factor is exactly 1.
+        """
+        if not norms:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if float(factor) < 1.0:
+            torch._foreach_mul_([p.grad for group in self._grad_params for p in group if p.grad is not None], factor)
+        return total
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -758,6 +786,32 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _grad_norms(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The 2-norm of each gradient present, as ``clip_grad_norm_`` takes them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return list(torch._foreach_norm(grads, 2.0)) if grads else []
+
+
+# glibc's mallopt parameters (malloc.h) and the values set: buffers up to 32 MiB come from the heap
+# and stay there, where the default dynamic threshold hands many activation-sized ones to mmap
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def tune_glibc_malloc() -> bool:
+    """Raise glibc malloc's mmap and trim thresholds for this process; False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl) has no such entry point
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, 2 * MALLOC_MMAP_THRESHOLD_BYTES)
+    )
 
 
 def _adamw(params: list[nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
