@@ -55,13 +55,14 @@ def test_lean_steps_match_the_models_own_decoding(kind: str) -> None:
 def test_early_eos_and_other_seeds_still_match() -> None:
     model = _model("llama")
     with torch.no_grad():
-        model.lm_head.bias = None
         model.lm_head.weight[EOS] += 0.6  # EOS likely enough that rows stop at different steps
+    stopped_early = False
     for seed in range(4):
         slow, fast = _sample(model, False, seed=seed, temperature=1.0), _sample(model, True, seed=seed, temperature=1.0)
         assert torch.equal(fast.responses, slow.responses)
         torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
-    assert not bool(slow.has_eos.all()) or bool((slow.mask.sum(1) < slow.mask.shape[1]).any())
+        stopped_early |= bool((slow.mask.sum(1) < slow.mask.shape[1]).any())
+    assert stopped_early  # the case this test is for did happen
 
 
 def test_unsupported_models_fall_back() -> None:

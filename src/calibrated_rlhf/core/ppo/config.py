@@ -49,7 +49,8 @@ class PPOConfig(BaseModel):
     )
     cpu_malloc_tuning: bool = Field(
         True,
-        description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds once per process, so "
+        description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds for the process when the "
+        "trainer is built, so "
         "the activation buffers autograd frees after every op are reused instead of being unmapped and "
         "mapped again, a page fault per page touched. Process-wide; keeps a pool of freed memory mapped.",
     )
