@@ -95,11 +95,15 @@ class LeanDecoder:
         B, Lq = key_mask.shape
         self.length = Lq  # keys filled so far
         self.step_index = 0
+        prompt_keys = _cached_kv(cache, 0)[0]  # [B, H_kv, Lq, D]
+        self.kv_heads, self.head_dim = prompt_keys.shape[1], prompt_keys.shape[3]
+        self.heads = backbone.layers[0].self_attn.q_proj.out_features // self.head_dim
+        self.intermediate = backbone.layers[0].mlp.gate_proj.out_features
         self.layers = []
         for i, layer in enumerate(backbone.layers):
             attn, mlp = layer.self_attn, layer.mlp
             k0, v0 = _cached_kv(cache, i)
-            keys = k0.new_empty((B, k0.shape[1], Lq + max_new_tokens, k0.shape[3]))
+            keys = k0.new_empty((B, self.kv_heads, Lq + max_new_tokens, self.head_dim))
             values = torch.empty_like(keys)
             keys[:, :, :Lq] = k0
             values[:, :, :Lq] = v0
@@ -112,17 +116,13 @@ class LeanDecoder:
                 torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None,
                 keys, values,
             ))
-        self.kv_heads, self.head_dim = self.layers[0][5].shape[1], self.layers[0][5].shape[3]
-        self.heads = self.layers[0][0].self_attn.q_proj.out_features // self.head_dim
-        self.intermediate = self.layers[0][0].mlp.gate_proj.out_features
-        dtype = self.layers[0][5].dtype
         # additive mask over every key slot: prompt padding stays masked, generated slots are real
-        keep = torch.cat([key_mask.bool(), torch.ones((B, max_new_tokens), dtype=torch.bool, device=key_mask.device)], 1)
-        self.mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[
-            :, None, None, :
-        ]
+        generated = torch.ones((B, max_new_tokens), dtype=torch.bool, device=key_mask.device)
+        keep = torch.cat([key_mask.bool(), generated], 1)
+        mask = torch.zeros(keep.shape, dtype=prompt_keys.dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+        self.mask = mask[:, None, None, :]
         positions = next_positions + torch.arange(max_new_tokens, device=next_positions.device)[None]
-        cos, sin = backbone.rotary_emb(keys, positions)  # [B, T, D], for every step at once
+        cos, sin = backbone.rotary_emb(prompt_keys, positions)  # [B, T, D], for every step at once
         self.cos, self.sin = cos[:, None], sin[:, None]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,8 @@ def needs_check(model: nn.Module) -> bool:
 def agrees_with(model: nn.Module, lean_hidden: torch.Tensor, reference_hidden: torch.Tensor) -> bool:
     """Record (and return) whether a lean step matched the transformers step; warn once if not."""
     scale = 1.0 + float(reference_hidden.abs().max())
-    ok = bool(torch.isfinite(lean_hidden).all()) and float((lean_hidden - reference_hidden).abs().max()) <= CHECK_RTOL * scale
+    error = float((lean_hidden - reference_hidden).abs().max())
+    ok = bool(torch.isfinite(lean_hidden).all()) and error <= CHECK_RTOL * scale
     _checked[model] = ok
     if not ok:
         warnings.warn(
