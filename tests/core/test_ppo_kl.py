@@ -101,3 +101,63 @@ def test_k1_is_log_ratio_and_unknown_estimator_raises() -> None:
     assert torch.equal(kl_per_token(lp, lq, "k1"), lp - lq)
     with pytest.raises(ValueError):
         kl_per_token(lp, lq, "k2")  # type: ignore[arg-type]
+
+
+# ---- the trainer's logged KL, recomputed from scratch on a tiny run ------------------------------
+
+@pytest.mark.parametrize("estimator,temperature", [("k1", 1.0), ("k3", 0.7)])
+def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator: str, temperature: float) -> None:
+    """ppo/objective/kl = batch mean of sum_t KL_t, KL_t from the sampled tokens' logprobs under the
+    sampling policy and the reference. Recomputed here with a plain unpadded forward pass per episode."""
+    import copy
+
+    from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
+    from calibrated_rlhf.core.ppo import trainer as trainer_module
+
+    from .test_ppo_helpers import PROMPTS, build_tokenizer, score_fn, tiny_models
+
+    tok = build_tokenizer()
+    policy, vm = tiny_models(tok, seed=0)
+    ref, _ = tiny_models(tok, seed=5, value=False)  # a different reference: the KL is far from zero
+    cfg = PPOConfig(seed=0, num_updates=1, batch_size=8, num_ppo_epochs=1, response_length=6,
+                    learning_rate=1e-3, beta=0.1, kl_target=2.0, kl_estimator=estimator, temperature=temperature)
+    trainer = PPOTrainer(cfg, policy, tok, PROMPTS, score_fn, ref_policy=ref, value_model=vm)
+    sampling_policy = copy.deepcopy(trainer.policy).eval()  # the weights the rollout samples from
+
+    seen = []
+    real_sample = trainer_module.sample_responses
+
+    def spy(policy, query, query_mask, *args, **kwargs):
+        out = real_sample(policy, query, query_mask, *args, **kwargs)
+        seen.append((query.clone(), query_mask.clone(), out.responses.clone(), out.mask.clone()))
+        return out
+
+    monkeypatch.setattr(trainer_module, "sample_responses", spy)
+    metrics = trainer.step()
+    assert len(seen) == 1
+    query, qmask, responses, rmask = seen[0]
+
+    def token_logprobs(model, prompt_ids, resp_ids):
+        ids = torch.tensor([prompt_ids + resp_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double() / temperature
+        logp = torch.log_softmax(logits, -1)
+        # the token at position p is predicted by the logits at p - 1
+        pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(resp_ids) - 1)
+        return logp[pos, torch.tensor(resp_ids)]
+
+    seq_kls = []
+    for b in range(query.shape[0]):
+        prompt_ids = query[b][qmask[b].bool()].tolist()
+        resp_ids = responses[b][rmask[b].bool()].tolist()
+        assert resp_ids, "every response has at least one token"
+        lp = token_logprobs(sampling_policy, prompt_ids, resp_ids)
+        lr = token_logprobs(trainer.ref_policy, prompt_ids, resp_ids)
+        d = lp - lr
+        per_token = d if estimator == "k1" else torch.expm1(-d) + d
+        seq_kls.append(float(per_token.sum()))
+    expected = sum(seq_kls) / len(seq_kls)
+    assert abs(expected) > 0.05, "the two policies differ, so should their KL"
+    assert metrics["ppo/objective/kl"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    # the penalty entered the reward with the same KL: non_score_reward = -beta * kl
+    assert metrics["ppo/objective/non_score_reward"] == pytest.approx(-0.1 * expected, rel=1e-3, abs=1e-5)
