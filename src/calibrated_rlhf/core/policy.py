@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel
 
 from calibrated_rlhf.core.reward_model import HistoryCallback
+from calibrated_rlhf.core.staging import staging_dir
 
 
 class SFTParams(BaseModel):
@@ -36,9 +37,9 @@ def sft_policy(
     from trl import SFTConfig, SFTTrainer
 
     history = HistoryCallback()
-    with tempfile.TemporaryDirectory(prefix="sft-") as out:
+    with staging_dir(tempfile.gettempdir(), "sft") as out:
         args = SFTConfig(
-            output_dir=out,
+            output_dir=str(out),
             learning_rate=params.learning_rate,
             num_train_epochs=params.num_train_epochs,
             per_device_train_batch_size=params.per_device_train_batch_size,

@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, TrainerCallback
 
+from calibrated_rlhf.core.staging import staging_dir
+
 
 class RewardTrainingParams(BaseModel):
     """Training settings of the reward model; mapped onto TRL's ``RewardConfig``."""
@@ -73,9 +75,9 @@ def train_reward_model(
 
     with_margin = params.use_margin and "margin" in train_ids.columns
     history = HistoryCallback()
-    with tempfile.TemporaryDirectory(prefix="rm-train-") as out:
+    with staging_dir(tempfile.gettempdir(), "rm-train") as out:
         args = RewardConfig(
-            output_dir=out,
+            output_dir=str(out),
             center_rewards_coefficient=params.center_rewards_coefficient,
             learning_rate=params.learning_rate,
             num_train_epochs=params.num_train_epochs,

@@ -3,18 +3,20 @@
 kedro-datasets has no dataset for transformers models or tokenizers, so this one stores a folder per
 version (``filepath/<version>/<name>/``). A save goes to a temporary sibling first and is renamed into
 place only when complete: an interrupted run never leaves a half-written model, and an existing
-version is never overwritten.
+version is never overwritten. (Whether the run that saved a version completed is recorded apart, by
+``calibrated_rlhf.run_integrity``.)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+
+from calibrated_rlhf.core.staging import make_staging_dir
 
 LOADERS = {
     "sequence_classification": ("transformers", "AutoModelForSequenceClassification"),
@@ -72,8 +74,8 @@ class HFPretrainedDataset(AbstractVersionedDataset[Any, Any]):
 
     def _save(self, data: Any) -> None:
         target = Path(get_filepath_str(self._get_save_path(), "file"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        # The staging folder names its process, so the debris of a killed save is removed by the next run.
+        staging = make_staging_dir(target.parent, target.name)
         try:
             data.save_pretrained(staging)
             os.replace(staging, target)  # atomic on one filesystem; target must not exist (checked above)
