@@ -2,14 +2,17 @@
 
 import os
 
+from calibrated_rlhf.crash_recovery import CrashRecovery
 from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, TrackingServerCheck
+from calibrated_rlhf.run_integrity import RunIsolation
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
 # connects to the server, ProvenanceHooks' before_pipeline_run after kedro-mlflow has started the run.
 # PipelineShape runs first of all: the registry must see the run's configuration before anything asks
-# for the pipelines (reading the parameters does).
-HOOKS = (PipelineShape(), TrackingServerCheck(), ProvenanceHooks())
+# for the pipelines (reading the parameters does). RunIsolation pins every dataset's version before any
+# other hook or node reads one; CrashRecovery registers models only after kedro-mlflow has ended the run.
+HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), CrashRecovery(), ProvenanceHooks())
 
 
 def _env_or(name: str, default: str) -> str:

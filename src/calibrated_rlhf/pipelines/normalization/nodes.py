@@ -118,7 +118,11 @@ class ServingParams(BaseModel):
 def publish_reward_model(
     reward_model: Any, tokenizer: Any, reward_transform: dict[str, Any], pairs: pd.DataFrame, params: ServingParams
 ) -> dict[str, Any]:
-    """Log the reward model, its tokenizer and transform as one MLflow pyfunc model; returns where it went."""
+    """Log the reward model, its tokenizer and transform as one MLflow pyfunc model; returns where it went.
+
+    The model is registered under ``registered_model_name`` only once the whole run has finished (a
+    hook does it), so a failed or killed run never becomes the registry's latest version.
+    """
     import mlflow
 
     from calibrated_rlhf.serving import log_reward_model
@@ -128,9 +132,8 @@ def publish_reward_model(
         return {"logged": False}
     example = pd.DataFrame({c: [v if isinstance(v, str) else str(v) for v in pairs[c][:2]]
                             for c in ("prompt", "chosen", "rejected")})
-    info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, params.registered_model_name,
-                            example)
-    version = getattr(info, "registered_model_version", None)
-    log.info("logged %s%s", info.model_uri, f" (registered version {version})" if version else "")
+    info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, None, example)
+    log.info("logged %s%s", info.model_uri, f" (registered as {params.registered_model_name} when the run ends)"
+             if params.registered_model_name else "")
     return {"logged": True, "model_uri": info.model_uri, "run_id": mlflow.active_run().info.run_id,
-            "registered_model_name": params.registered_model_name, "registered_model_version": version}
+            "registered_model_name": params.registered_model_name}

@@ -1,0 +1,206 @@
+"""Run integrity: a run reads only its own artifacts and those of runs that completed, and they must fit.
+
+Kedro resolves an unpinned versioned dataset to the newest version on disk, at every load. With two
+runs in one project folder, or after a failed or killed run, "newest" can be another run's half-work.
+This module keeps Kedro's own mechanisms (the session's save version, load versions, the catalog,
+hooks) and adds one fact Kedro lacks: which versions come from runs that completed.
+
+- **Completion marker.** When a run completes, every versioned dataset it saved gets a marker beside
+  it, ``<filepath>/<version>/_complete.json``, holding the marker's lineage (below). A failed or killed
+  run writes none, so nothing it saved is ever "latest".
+- **Isolation.** At the start of a run every versioned dataset of its pipeline is pinned once: what
+  the run produces to the run's own save version, everything else to the newest *completed* version
+  (or the user's ``--load-versions`` pin). No later load consults the disk again.
+- **Lineage.** A marker records the version of every versioned dataset its artifact was made from,
+  directly or through loaded artifacts (a transform inherits the tokenizer its reward model was
+  trained with). Before anything runs, a node whose inputs disagree on the version of a common
+  ancestor (a tokenizer of one run, a reward model trained with another's) is refused, naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import PurePosixPath
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+from kedro.io.core import AbstractVersionedDataset, Version
+
+log = logging.getLogger(__name__)
+
+MARKER = "_complete.json"
+
+
+class InconsistentArtifacts(ValueError):
+    """Upstream artifacts that do not belong together, or one that no completed run has produced."""
+
+
+# ---- completion markers -----------------------------------------------------------------------------
+
+
+def _marker_path(ds: AbstractVersionedDataset, version: str) -> str:
+    return str(PurePosixPath(ds._filepath) / version / MARKER)
+
+
+def _fs(ds: AbstractVersionedDataset) -> Any:
+    """The dataset's fsspec filesystem; local datasets of this project (HFPretrainedDataset) have none."""
+    import fsspec
+
+    return getattr(ds, "_fs", None) or fsspec.filesystem("file")
+
+
+def versions_on_disk(ds: AbstractVersionedDataset) -> list[str]:
+    """Every version of ``ds`` present, newest first (Kedro's timestamps sort as text)."""
+    return [PurePosixPath(p).parent.name for p in ds._get_versions()]
+
+
+def read_marker(ds: AbstractVersionedDataset, version: str) -> dict[str, Any] | None:
+    """The marker of a version, or None if the run that saved it did not complete."""
+    fs = _fs(ds)
+    path = _marker_path(ds, version)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def latest_complete(ds: AbstractVersionedDataset) -> str | None:
+    """The newest version of ``ds`` saved by a run that completed."""
+    return next((v for v in versions_on_disk(ds) if read_marker(ds, v) is not None), None)
+
+
+def write_marker(ds: AbstractVersionedDataset, version: str, record: dict[str, Any]) -> None:
+    """Write a marker atomically: a reader sees no marker or a whole one."""
+    fs = _fs(ds)
+    path = _marker_path(ds, version)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with fs.open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1, sort_keys=True)
+    fs.mv(tmp, path)
+
+
+# ---- resolving versions at the start of a run -------------------------------------------------------
+
+
+def _versioned(catalog: Any, name: str) -> AbstractVersionedDataset | None:
+    if name == "parameters" or name.startswith("params:"):
+        return None
+    ds = catalog.get(name, fallback_to_runtime_pattern=True)
+    return ds if isinstance(ds, AbstractVersionedDataset) and ds._version is not None else None
+
+
+def resolve_versions(pipeline: Any, catalog: Any, load_versions: dict[str, str] | None = None) -> dict[str, str]:
+    """Pin every versioned dataset of ``pipeline`` in ``catalog``; returns name -> version.
+
+    Outputs of the pipeline load the run's own save version. Inputs load the user's pin, else the newest
+    version of a completed run; an input with none is an error now, before anything is written.
+    """
+    load_versions = load_versions or {}
+    produced = pipeline.all_outputs()
+    resolved: dict[str, str] = {}
+    for name in sorted(pipeline.datasets()):
+        ds = _versioned(catalog, name)
+        if ds is None:
+            continue
+        save = ds.resolve_save_version()
+        if name in produced:
+            load = save
+        elif name in load_versions:
+            load = load_versions[name]
+            if read_marker(ds, load) is None:
+                log.warning("%s: the pinned version %s is not from a completed run", name, load)
+        else:
+            load = latest_complete(ds)
+            if load is None:
+                found = versions_on_disk(ds)
+                raise InconsistentArtifacts(
+                    f"'{name}' ({ds._filepath}): no completed run has produced it"
+                    + (f" ({len(found)} version(s) of runs that failed or were killed, newest {found[0]})"
+                       if found else "")
+                    + ". Run the pipeline that makes it, or pin a version with --load-versions.")
+        catalog[name] = catalog.get(name, version=Version(load, save))
+        resolved[name] = load
+    return resolved
+
+
+def lineage(pipeline: Any, catalog: Any, resolved: dict[str, str]) -> dict[str, dict[str, str]]:
+    """For every dataset of the pipeline, the versions of the versioned datasets it was made from.
+
+    Raises ``InconsistentArtifacts`` where one node's inputs were made from two versions of one dataset.
+    """
+    produced = pipeline.all_outputs()
+    origins: dict[str, dict[str, str]] = {}
+    for name, version in resolved.items():
+        if name not in produced:
+            origins[name] = dict((read_marker(catalog.get(name), version) or {}).get("lineage", {}))
+    for node in pipeline.nodes:  # topologically sorted
+        merged: dict[str, str] = {}
+        source: dict[str, str] = {}
+        conflicts = []
+        for inp in node.inputs:
+            direct = {inp: resolved[inp]} if inp in resolved else {}
+            for ancestor, version in {**origins.get(inp, {}), **direct}.items():
+                if merged.setdefault(ancestor, version) != version:
+                    conflicts.append((ancestor, source[ancestor], merged[ancestor], inp, version))
+                source.setdefault(ancestor, inp)
+        if conflicts:
+            # Name the disagreement a user can act on: an input itself (the tokenizer) before its ancestors.
+            conflicts.sort(key=lambda c: c[0] not in node.inputs)
+            raise InconsistentArtifacts(_conflict(node.name, *conflicts[0], resolved))
+        for out in node.outputs:
+            origins[out] = merged
+    return origins
+
+
+def _conflict(node: str, ancestor: str, first: str, first_version: str, second: str, second_version: str,
+              resolved: dict[str, str]) -> str:
+    def how(inp: str, version: str) -> str:
+        if inp == ancestor:
+            return f"this run loads '{ancestor}' version {version}"
+        return f"'{inp}' (version {resolved.get(inp, 'of this run')}) was made from '{ancestor}' version {version}"
+
+    return (f"node '{node}': its inputs do not belong together: {how(first, first_version)}, but "
+            f"{how(second, second_version)}. Rerun the stages after '{ancestor}', or pin matching versions "
+            "with --load-versions.")
+
+
+# ---- the hook ---------------------------------------------------------------------------------------
+
+
+class RunIsolation:
+    """Pins versions when a run starts (before any other hook reads them); marks its outputs when it completes."""
+
+    def __init__(self) -> None:
+        self._resolved: dict[str, str] = {}
+        self._lineage: dict[str, dict[str, str]] = {}
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._resolved = resolve_versions(pipeline, catalog, run_params.get("load_versions"))
+        self._lineage = lineage(pipeline, catalog, self._resolved)
+        upstream = {k: v for k, v in self._resolved.items() if k not in pipeline.all_outputs()}
+        if upstream:
+            log.info("upstream versions (completed runs or pinned): %s",
+                     ", ".join(f"{k}={v}" for k, v in upstream.items()))
+
+    # tryfirst: while kedro-mlflow's run is still active, so the marker names it.
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        record = {"session_id": run_params.get("run_id"), "mlflow_run_id": _active_mlflow_run_id()}
+        for name in sorted(pipeline.all_outputs()):
+            ds = _versioned(catalog, name)
+            if ds is None or not ds.exists():  # an output a node did not write (an optional plot)
+                continue
+            write_marker(ds, ds.resolve_save_version(), {**record, "dataset": name,
+                                                         "lineage": self._lineage.get(name, {})})
+
+
+def _active_mlflow_run_id() -> str | None:
+    try:
+        import mlflow
+    except ImportError:
+        return None
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
