@@ -26,12 +26,23 @@ ratio}``, ``value/{loss,clipfrac,explained_variance,mean}``, ``losses/{policy,to
 ``rollout/{response_length,eos_fraction}``, ``optim/{grad_norm,lr}``, ``perf/{episodes_per_s,
 update_s,rollout_s,generate_s,score_s}``, ``step``, ``episodes``.
 
-Checkpoints (``<checkpoint_dir>/update_000050/``, written to a hidden temp folder and renamed):
-``policy/`` and ``value_model/`` (``save_pretrained``; ``value_head.pt`` in shared mode),
-``optimizer.pt``, ``trainer_state.json`` (update, episodes, KL controller state, data position,
-history, samples, config, reference fingerprint) and ``rng_state_<rank>.pt``.
+Checkpoints (``<checkpoint_dir>/update_000050/``, written to a staging folder named after its writer
+and renamed; ``checkpoint.py``): ``policy/`` and ``value_model/`` (``save_pretrained``;
+``value_head.pt`` in shared mode), ``optimizer.pt``, ``trainer_state.json`` (update, episodes, KL
+controller state, data position, history, samples, config, resume fingerprint) and
+``rng_state_<rank>.pt``. ``checkpoint_dir`` is one run's folder: ``run.json`` names its writer and
+``COMPLETE`` marks it finished; ``find_resumable(root, trainer.fingerprint)`` finds the newest
+interrupted run of the same configuration among the run folders under ``root``.
 """
 
+from calibrated_rlhf.core.ppo.checkpoint import (
+    ResumeMismatchError,
+    ResumePoint,
+    find_resumable,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+)
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_mean, masked_whiten
 from calibrated_rlhf.core.ppo.kl import (
@@ -47,8 +58,6 @@ from calibrated_rlhf.core.ppo.trainer import (
     PPOResult,
     PPOTrainer,
     ScoreFn,
-    latest_checkpoint,
-    list_checkpoints,
 )
 
 __all__ = [
@@ -59,15 +68,19 @@ __all__ = [
     "PPOResult",
     "PPOTrainer",
     "PolicyAndValue",
+    "ResumeMismatchError",
+    "ResumePoint",
     "ScoreFn",
     "clipped_policy_loss",
     "clipped_value_loss",
     "compute_gae",
+    "find_resumable",
     "kl_per_token",
     "latest_checkpoint",
     "list_checkpoints",
     "make_kl_controller",
     "masked_mean",
     "masked_whiten",
+    "resolve_resume",
     "sample_responses",
 ]

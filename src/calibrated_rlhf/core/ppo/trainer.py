@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibrated_rlhf.core.ppo.checkpoint import (
+    STATE_FILE,
+    check_fingerprint,
+    ckpt_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_pretrained_weights,
+    mark_complete,
+    mark_started,
+    prune,
+    publish,
+    read_state,
+    resume_fingerprint,
+    rng_state,
+    set_rng_state,
+    staging_dir,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_mean, masked_whiten
 from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make_kl_controller
@@ -56,8 +74,7 @@ ScoreFn = Callable[[list[str], list[str]], Mapping[str, torch.Tensor]]
 # Called on the main process after every update: (update number, metrics, sample rows or None).
 UpdateCallback = Callable[[int, dict[str, float], "list[dict[str, Any]] | None"], None]
 
-CHECKPOINT_PREFIX = "update_"
-STATE_FILE = "trainer_state.json"
+__all__ = ["PPOEarlyStop", "PPOResult", "PPOTrainer", "ScoreFn", "latest_checkpoint", "list_checkpoints"]
 
 
 class PPOEarlyStop(RuntimeError):
@@ -99,6 +116,10 @@ class PPOTrainer:
             None in "separate" mode one is built from the policy's config with a fresh trunk.
         accelerator: an ``accelerate.Accelerator``; one is created when None.
         callbacks: called on the main process after each update.
+        fingerprint: settings that change the run's result but that the trainer cannot see (the reward
+            model's weight fingerprint, the reward transform, ...), flat ``name -> JSON value``. They join
+            the trainer's own (config, reference and initial policy, tokenizer, prompts) in
+            ``self.fingerprint``, which every checkpoint records and a resume must match.
 
     The constructor seeds Python's, numpy's and torch's global generators with ``seed + rank``;
     sampling and minibatch shuffling use the trainer's own generators, saved in checkpoints.
@@ -116,6 +137,7 @@ class PPOTrainer:
         value_model: nn.Module | None = None,
         accelerator: Any | None = None,
         callbacks: Sequence[UpdateCallback] = (),
+        fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -150,13 +172,18 @@ class PPOTrainer:
         self._perm = self._permutation(0)
 
         # Models: the reference is frozen and kept out of the optimizer and DDP.
+        initial_fingerprint = weights_fingerprint(policy)
         if ref_policy is None:
             ref_policy = copy.deepcopy(policy)
         if config.disable_dropout:
             disable_dropout(ref_policy)
         ref_policy.requires_grad_(False)
         self.ref_policy = ref_policy.eval().to(self.device)
-        self._ref_fingerprint = _fingerprint(self.ref_policy)
+        self._ref_fingerprint = weights_fingerprint(self.ref_policy)
+        self.fingerprint = resume_fingerprint(
+            config, reference_policy=self._ref_fingerprint, initial_policy=initial_fingerprint,
+            tokenizer=tokenizer_fingerprint(tokenizer), prompts=self.prompts, world_size=self.world_size,
+            extra=fingerprint)
 
         if config.value_model == "shared":
             if value_model is not None:
@@ -198,6 +225,8 @@ class PPOTrainer:
         self.history: list[dict[str, float]] = []
         self.samples: list[dict[str, Any]] = []
         self.last_checkpoint: str | None = None
+        # {"run", "update", "checkpoint"} of the checkpoint this trainer continued from
+        self.resumed_from: dict[str, Any] | None = None
         self._score_keys: list[str] | None = None
 
     # ------------------------------------------------------------------ public API
@@ -229,11 +258,16 @@ class PPOTrainer:
 
         ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``.
         A :class:`PPOEarlyStop` ends the loop; the result carries ``stopped_early`` and the reason.
+        With a ``checkpoint_dir``, the run folder records its writer when training starts and is marked
+        complete once ``config.num_updates`` are done or training stopped early (see ``checkpoint.py``).
         """
         cfg = self.config
         total = cfg.num_updates if num_updates is None else num_updates
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        run_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+        if run_dir is not None and self.is_main_process:
+            mark_started(run_dir, self.resumed_from)
         stopped, reason = False, None
         while self.update < total:
             try:
@@ -244,8 +278,10 @@ class PPOTrainer:
                     print(f"[ppo] early stop at update {self.update + 1}: {e.reason}", flush=True)
                 break
         if (not stopped and cfg.checkpoint_every is not None
-                and (self.last_checkpoint is None or Path(self.last_checkpoint).name != _ckpt_name(self.update))):
+                and (self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt_name(self.update))):
             self.save_checkpoint()
+        if run_dir is not None and self.is_main_process and (stopped or self.update >= cfg.num_updates):
+            mark_complete(run_dir, {"update": self.update, "stopped_early": stopped, "stop_reason": reason})
         return PPOResult(
             history=self.history, samples=self.samples, updates=self.update, episodes=self.episodes,
             beta=self.beta, stopped_early=stopped, stop_reason=reason, last_checkpoint=self.last_checkpoint,
@@ -528,83 +564,90 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> str:
-        """Write a checkpoint atomically (temp folder, then rename) and return its path.
+        """Write a checkpoint atomically (staging folder, then rename) and return its path.
 
         Layout of ``<checkpoint_dir>/update_000042/``: ``policy/`` (save_pretrained + tokenizer),
         ``value_model/`` (save_pretrained) or ``value_head.pt``, ``optimizer.pt``,
         ``trainer_state.json`` (update, episodes, controller, data position, history, samples,
-        config), ``rng_state_<rank>.pt`` (python, numpy, torch and the trainer's own generators).
+        config, resume fingerprint, where this run resumed from), ``rng_state_<rank>.pt`` (python,
+        numpy, torch and the trainer's own generators).
         """
         acc = self.accelerator
         root = Path(directory) if directory is not None else Path(self.config.checkpoint_dir or "checkpoints")
-        final = root / _ckpt_name(self.update)
-        tmp = root / f".{final.name}.tmp"
-        if self.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        m = self.unwrapped
-        if self.is_main_process:
-            m.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-            if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp / "policy")
-            if m.value_model is not None:
-                m.value_model.save_pretrained(tmp / "value_model", safe_serialization=True)
-            else:
-                torch.save(m.value_head.state_dict(), tmp / "value_head.pt")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {
-                "update": self.update,
-                "episodes": self.episodes,
-                "kl_controller": self.kl_controller.state_dict(),
-                "data": {"epoch": self._data_epoch, "pos": self._data_pos},
-                "world_size": self.world_size,
-                "score_keys": self._score_keys,
-                "ref_fingerprint": self._ref_fingerprint,
-                "history": self.history,
-                "samples": self.samples,
-                "config": self.config.model_dump(mode="json"),
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        torch.save(self._rng_state(), tmp / f"rng_state_{self.rank}.pt")
-        acc.wait_for_everyone()
-        if self.is_main_process:
-            # data on disk before the rename publishes the folder: a crash never leaves a complete-
-            # looking checkpoint with truncated files
-            _fsync_tree(tmp)
-            if final.exists():
-                # same update saved twice: swap in the new one, then drop the old
-                old = root / f".{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(root)
-            self._prune_checkpoints(root)
-        acc.wait_for_everyone()
+        final = root / ckpt_name(self.update)
+        # the staging name is the main process's (it carries its pid): every rank writes into that one
+        shared = [str(staging_dir(root, final.name)) if self.is_main_process else None]
+        if self.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(shared, from_process=0)
+        tmp = Path(shared[0])
+        try:
+            if self.is_main_process:
+                self._write_checkpoint_files(tmp)
+            torch.save(rng_state(self._gen, self._np_rng), tmp / f"rng_state_{self.rank}.pt")
+            acc.wait_for_everyone()
+            if self.is_main_process:
+                publish(tmp, final)
+                prune(root, self.config.keep_checkpoints)
+            acc.wait_for_everyone()
+        except BaseException:
+            # a save that failed in this process leaves nothing behind; a killed one is swept later
+            if self.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.last_checkpoint = str(final)
         return str(final)
 
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        m = self.unwrapped
+        m.policy.save_pretrained(folder / "policy", safe_serialization=True)
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(folder / "policy")
+        if m.value_model is not None:
+            m.value_model.save_pretrained(folder / "value_model", safe_serialization=True)
+        else:
+            torch.save(m.value_head.state_dict(), folder / "value_head.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        state = {
+            "update": self.update,
+            "episodes": self.episodes,
+            "kl_controller": self.kl_controller.state_dict(),
+            "data": {"epoch": self._data_epoch, "pos": self._data_pos},
+            "world_size": self.world_size,
+            "score_keys": self._score_keys,
+            "ref_fingerprint": self._ref_fingerprint,
+            "fingerprint": self.fingerprint,
+            "resumed_from": self.resumed_from,
+            "saved_at": time.time(),
+            "history": self.history,
+            "samples": self.samples,
+            "config": self.config.model_dump(mode="json"),
+        }
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything ``save_checkpoint`` wrote; "latest" picks the newest in checkpoint_dir."""
+        """Restore everything ``save_checkpoint`` wrote; "latest" picks the newest in checkpoint_dir.
+
+        Refused, naming the fields, when the checkpoint's resume fingerprint differs from this trainer's.
+        """
         if str(path) == "latest":
             found = latest_checkpoint(self.config.checkpoint_dir or "checkpoints")
             if found is None:
                 raise FileNotFoundError(f"no checkpoint in {self.config.checkpoint_dir}")
             path = found
         path = Path(path)
-        state = json.loads((path / STATE_FILE).read_text())
+        state = read_state(path)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint was written by {state['world_size']} processes, not {self.world_size}")
-        if state["ref_fingerprint"] != self._ref_fingerprint:
+        if "fingerprint" in state:
+            check_fingerprint(path, state["fingerprint"], self.fingerprint)
+        elif state["ref_fingerprint"] != self._ref_fingerprint:  # written before resume fingerprints
             raise ValueError("the reference policy differs from the one this checkpoint was trained against")
         m = self.unwrapped
-        _load_pretrained_weights(m.policy, path / "policy")
+        load_pretrained_weights(m.policy, path / "policy")
         if m.value_model is not None:
-            _load_pretrained_weights(m.value_model, path / "value_model")
+            load_pretrained_weights(m.value_model, path / "value_model")
         else:
             m.value_head.load_state_dict(torch.load(path / "value_head.pt", map_location=self.device))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
@@ -618,8 +661,9 @@ class PPOTrainer:
         self._score_keys = state["score_keys"]
         self.history = list(state["history"])
         self.samples = list(state["samples"])
-        self._set_rng_state(torch.load(path / f"rng_state_{self.rank}.pt", weights_only=False))
+        set_rng_state(torch.load(path / f"rng_state_{self.rank}.pt", weights_only=False), self._gen, self._np_rng)
         self.last_checkpoint = str(path)
+        self.resumed_from = {"run": path.resolve().parent.name, "update": self.update, "checkpoint": str(path)}
 
     # ------------------------------------------------------------------ internals
     def _policy_terms(
@@ -717,77 +761,8 @@ class PPOTrainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _rng_state(self) -> dict[str, Any]:
-        return {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "sampler": self._gen.get_state(),
-            "shuffle": self._np_rng.bit_generator.state,
-        }
-
-    def _set_rng_state(self, s: dict[str, Any]) -> None:
-        random.setstate(s["python"])
-        np.random.set_state(s["numpy"])
-        torch.set_rng_state(s["torch"])
-        if s.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s["cuda"])
-        self._gen.set_state(s["sampler"])
-        self._np_rng.bit_generator.state = s["shuffle"]
-
-    def _prune_checkpoints(self, root: Path) -> None:
-        keep = self.config.keep_checkpoints
-        if keep is None:
-            return
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
 
 # ---------------------------------------------------------------------- helpers
-def _ckpt_name(update: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{update:06d}"
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temp folders are never listed)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint under ``root``, or None."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for path in sorted(p for p in root.rglob("*") if p.is_dir()):
-        _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _grad_norms(params: list[nn.Parameter]) -> list[torch.Tensor]:
     """The 2-norm of each gradient present, as ``clip_grad_norm_`` takes them."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -843,27 +818,6 @@ def _default_value_model(policy: nn.Module, seed: int) -> nn.Module:
     return model.to(next(policy.parameters()).device)
 
 
-def _load_pretrained_weights(model: nn.Module, folder: Path) -> None:
-    """Load a save_pretrained folder (single or sharded safetensors) into an existing model."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"unexpected keys in {folder}: {unexpected[:5]}")
-    # save_pretrained drops tied weights; anything else missing is an error
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"missing keys in {folder}: {untied[:5]}")
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability in ``model`` to zero (modules and float attributes alike)."""
     for module in model.modules():
@@ -872,16 +826,3 @@ def disable_dropout(model: nn.Module) -> None:
         for attr in ("attention_dropout", "dropout", "hidden_dropout"):
             if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, 0.0)
-
-
-def _fingerprint(model: nn.Module) -> str:
-    """Cheap identity of a frozen model: shapes, sums and the leading values of every tensor."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(flat[:256].float().cpu().numpy().tobytes())
-            h.update(np.float64(flat.double().sum().item()).tobytes())
-    return h.hexdigest()
