@@ -8,16 +8,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calibrated_rlhf.core import metrics, plots
 from calibrated_rlhf.core.calibration import fit_temperature
 from calibrated_rlhf.pipelines.metrics import as_metrics
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
 
-class CalibrationParams(BaseModel):
+class CalibrationParams(StrictParams):
     """How the temperature is fitted."""
 
     enabled: bool = Field(True, description="false keeps T = 1 (the uncalibrated baseline of the scenarios).")

@@ -8,18 +8,19 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
 from calibrated_rlhf.core.preferences import render_ids, text_key, text_prompts
 from calibrated_rlhf.core.ensemble import RewardEnsemble, iter_rewards, reward_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
 
-class NormalizationParams(BaseModel):
+class NormalizationParams(StrictParams):
     """Which reference distribution fixes the reward's mean and std, and the clip."""
 
     enabled: bool = Field(True, description="false: mean 0, std 1 (calibration only), the 'none' baseline.")
@@ -105,7 +106,7 @@ def compute_reward_transform(
     return transform.to_dict(), as_metrics(values), figure
 
 
-class ServingParams(BaseModel):
+class ServingParams(StrictParams):
     """How the deployable reward model is logged to MLflow."""
 
     enabled: bool = Field(True, description="Log the pyfunc bundle (reward model + tokenizer + transform).")

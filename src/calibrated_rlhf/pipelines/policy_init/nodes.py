@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
 from calibrated_rlhf.core.policy import SFTParams, sft_policy
 from calibrated_rlhf.pipelines.metrics import as_history
+from calibrated_rlhf.pipelines.params import StrictParams
 
 
-class PolicyInitParams(BaseModel):
+class PolicyInitParams(StrictParams):
     """Where the reference policy comes from."""
 
     name_or_path: str | None = Field(

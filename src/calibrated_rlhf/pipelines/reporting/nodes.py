@@ -7,14 +7,15 @@ import logging
 import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calibrated_rlhf.core import report
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
 
-class ReportingParams(BaseModel):
+class ReportingParams(StrictParams):
     """Which runs the comparison reads, and the thresholds of its verdicts."""
 
     experiment: str = Field("calibrated_rlhf", description="MLflow experiment to read.")

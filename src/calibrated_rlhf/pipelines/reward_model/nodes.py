@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from calibrated_rlhf.core import reward_model as rm
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.ensemble import Aggregation, bootstrap_indices
 from calibrated_rlhf.core.preferences import tokenize_pairs
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def train_reward_model(
     return model, as_history(history, TRAIN_CURVES)
 
 
-class EnsembleParams(BaseModel):
+class EnsembleParams(StrictParams):
     """How the members of a reward-model ensemble differ and how their rewards are combined.
 
     The number of members is ``reward_model.ensemble_size`` (it shapes the pipeline, so it sits beside
