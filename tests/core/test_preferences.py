@@ -119,6 +119,97 @@ def test_too_long_is_measured_in_real_tokens(tiny_tokenizer):
     assert dropped == {"too_long": 1} and list(clean["pair_id"]) == [0, 2]
 
 
+def rated(chosen, rejected):
+    return explicit(len(chosen)).assign(chosen_rating=chosen, rejected_rating=rejected)
+
+
+def test_ratings_that_contradict_the_label_are_a_bad_margin():
+    df = rated([5, 2, 3, 1, 4, 4], [1, 4, 3, 2, 4, 1])  # rows 1 and 3: chosen rated below rejected
+    with pytest.raises(PreferenceDataError) as err:
+        prefs.validate(df, MarginParams(), ValidationParams(), source="'pairs.csv'")
+    assert ("invalid preference data in 'pairs.csv' (rows are pair_id, the 0-based source row):\n"
+            "- 2 row(s) have ratings that contradict the label (chosen rated below rejected) in field "
+            "'chosen_rating/rejected_rating': rows 1, 3 (row 1: chosen_rating 2 < rejected_rating 4)") in str(err.value)
+    clean, dropped = prefs.validate(df, MarginParams(), ValidationParams(bad_margin="drop"))
+    assert dropped == {"bad_margin": 2} and list(clean["pair_id"]) == [0, 2, 4, 5]
+    assert list(clean["margin"]) == [4.0, 0.0, 0.0, 3.0]  # ties are no contradiction
+
+
+def test_contradiction_and_nan_margin_count_once_per_row():
+    df = rated([1, 2, 5, 4], [3, 1, 5, 1])
+    df["chosen_rating"] = df["chosen_rating"].astype(object)
+    df.at[3, "chosen_rating"] = "n/a"
+    clean, dropped = prefs.validate(df, MarginParams(), ValidationParams(bad_margin="drop"))
+    assert dropped == {"bad_margin": 2} and list(clean["pair_id"]) == [1, 2]
+
+
+def test_ratings_are_not_checked_when_asked_not_to():
+    clean, dropped = prefs.validate(rated([1, 5], [5, 1]), MarginParams(), ValidationParams(), check_ratings=False)
+    assert dropped == {} and list(clean["margin"]) == [-4.0, 4.0]
+
+
+def test_plain_turns_arrow_arrays_into_lists_recursively():
+    df = pd.DataFrame({"prompt": [msgs(("user", "Hi?"))], "chosen": [msgs(("assistant", "a"))],
+                       "rejected": [msgs(("assistant", "b"))], "tags": [["x", "y"]]})
+    path_like = pa_roundtrip(df)
+    assert isinstance(path_like.loc[0, "chosen"], np.ndarray)
+    back = prefs.plain_frame(path_like)
+    assert back.loc[0, "chosen"] == msgs(("assistant", "a")) and back.loc[0, "tags"] == ["x", "y"]
+    assert prefs.plain({"a": np.array([np.array([1, 2])])}) == {"a": [[1, 2]]}
+    assert prefs.text_key(path_like.loc[0, "prompt"]) == prefs.text_key(msgs(("user", "Hi?")))
+
+
+def pa_roundtrip(df):
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf)
+    return pd.read_parquet(io.BytesIO(buf.getvalue()))
+
+
+def test_repeated_header_rows_are_found_and_reported_or_dropped():
+    df = pd.concat([explicit(3), pd.DataFrame({"prompt": ["prompt"], "chosen": ["chosen"],
+                                               "rejected": ["rejected"]}), explicit(2)], ignore_index=True)
+    df.loc[4:, "prompt"] = ["Q8?", "Q9?"]
+    assert prefs.find_header_rows(df) == [3]
+    with pytest.raises(PreferenceDataError, match=r"the column names as values \(a repeated header row\) in field "
+                                                  r"'all columns': rows 3 "):
+        prefs.validate(df, MarginParams(), ValidationParams())
+    clean, dropped = prefs.validate(df, MarginParams(), ValidationParams(repeated_header="drop"))
+    assert dropped == {"repeated_header": 1} and list(clean["pair_id"]) == [0, 1, 2, 4, 5]
+
+
+def test_a_column_mixing_kinds_of_values_is_named_with_its_row():
+    df = explicit(4).assign(source=["a", "b", 7, "d"])
+    with pytest.raises(PreferenceDataError, match=r"in 'x.jsonl': column 'source' mixes \['number', 'str'\] "
+                                                  r"values; row 2 holds 7"):
+        prefs.validate(df, MarginParams(), ValidationParams(), source="'x.jsonl'")
+
+
+def test_no_rows_is_an_error_naming_the_source():
+    with pytest.raises(PreferenceDataError, match="no preference pairs in 'e.csv'"):
+        prefs.validate(explicit(0), MarginParams(), ValidationParams(), source="'e.csv'")
+
+
+def test_unknown_parameter_keys_are_refused():
+    with pytest.raises(ValueError, match="bad_txt"):
+        ValidationParams(bad_txt="drop")
+    with pytest.raises(ValueError, match="rating_column"):
+        MarginParams(rating_column=["a", "b"])
+    with pytest.raises(ValueError, match="trian"):
+        SplitParams(trian=0.6)
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ValueError, match=r"fractions must sum to 1: train 0.6 \+ validation 0.1 \+ calibration "
+                                         r"0.15 \+ test 0.2 = 1.05"):
+        SplitParams(test=0.2)
+    SplitParams(train=0.7, validation=0.1, calibration=0.1, test=0.1)  # sums to 1 up to rounding
+    SplitParams(train=0, validation=0, calibration=0, test=0, fixed_column="f", fixed={"a": "train"})
+    with pytest.raises(ValueError, match="= 0"):
+        SplitParams(train=0, validation=0, calibration=0, test=0)
+
+
 # ---- splits ------------------------------------------------------------------------------------------
 
 

@@ -72,11 +72,11 @@ def test_file_sources_by_configuration(tmp_path, synthetic_pairs, kind, conversa
         })
     path = tmp_path / f"pairs.{kind}"
     write(df, path, kind)
-    raw, task = nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(path)))
-    assert task == {} and len(raw) == len(df)
-    valid, dropped = nodes.validate_pairs(raw, MarginParams(), ValidationParams())
-    assert dropped == {}
+    valid, dropped, task = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(path)), MarginParams(),
+                                            ValidationParams())
+    assert task == {} and dropped == {} and len(valid) == len(df)
     assert valid.loc[0, "chosen"] == df.loc[0, "chosen"]
+    assert all(type(v) is type(df.loc[0, "chosen"]) for v in valid["chosen"])  # lists, not numpy arrays
 
 
 def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
@@ -84,17 +84,18 @@ def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
 
     ds = Dataset.from_pandas(synthetic_pairs[["prompt", "chosen", "rejected"]])
     DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(tmp_path / "hf")
-    raw, _ = nodes.load_raw_pairs(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"))
+    raw, _ = nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"))
     assert len(raw) == 10 and list(raw["chosen"]) == list(synthetic_pairs["chosen"][:10])
     with pytest.raises(ValueError, match="split 'dev' not in"):
-        nodes.load_raw_pairs(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
+        nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
 
 
 def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):
     a, b = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     write(synthetic_pairs[:200], a, "jsonl")
     write(synthetic_pairs[200:], b, "jsonl")
-    raw, _ = nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=[str(a), str(b)]))
+    raw, where = nodes.read_source(nodes.SourceParams(kind="file", path=[str(a), str(b)]))
+    assert where == f"'{a}' (pair_id 0-199), '{b}' (pair_id 200-239)"
     assert raw["source_file"].value_counts().to_dict() == {"train": 200, "heldout": 40}
 
 
@@ -110,7 +111,7 @@ def test_source_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="path is required"):
         nodes.SourceParams(kind="file")
     with pytest.raises(FileNotFoundError, match="no file at"):
-        nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "missing.jsonl")))
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "missing.jsonl")))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="unsupported file type"):
-        nodes.load_raw_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))

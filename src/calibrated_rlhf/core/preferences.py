@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
 Action = Literal["error", "drop"]
+# Parameter models reject unknown keys: a typo in a YAML key must fail the run, not fall back to a default.
+STRICT = ConfigDict(extra="forbid")
 
 
 class PreferenceDataError(ValueError):
@@ -29,17 +31,22 @@ class PreferenceDataError(ValueError):
 class ValidationParams(BaseModel):
     """What to do with each kind of bad row: fail the run (``error``) or drop, count and log it (``drop``)."""
 
+    model_config = STRICT
+
     bad_text: Action = Field("error", description="Empty or non-string text, or a malformed message list.")
     identical: Action = Field("error", description="Chosen identical to rejected.")
     duplicate: Action = Field("error", description="The same (prompt, chosen, rejected) more than once.")
     bad_margin: Action = Field("error", description="NaN or infinite margin, or ratings that contradict the label.")
     too_long: Action = Field("drop", description="Chosen or rejected longer than max_length tokens.")
+    repeated_header: Action = Field("error", description="A row whose values are the column names (a CSV header "
+                                    "repeated, e.g. where files were concatenated).")
     max_length: int = Field(128, ge=8, description="Longest prompt + response in tokens, EOS included.")
 
 
 class MarginParams(BaseModel):
     """Where graded preference strengths come from, if anywhere."""
 
+    model_config = STRICT
     enabled: bool = Field(True, description="Use margins when the data has them (a margin column or ratings).")
     column: str = Field("margin", description="Column holding a per-pair margin.")
     rating_columns: tuple[str, str] = Field(
@@ -52,6 +59,7 @@ class MarginParams(BaseModel):
 class SplitParams(BaseModel):
     """Fractions of prompts per split; no prompt lands in two splits."""
 
+    model_config = STRICT
     train: float = Field(0.6, ge=0)
     validation: float = Field(0.1, ge=0)
     calibration: float = Field(0.15, ge=0, description="Held out for the temperature fit only.")
@@ -66,6 +74,16 @@ class SplitParams(BaseModel):
         "among the splits with a fraction > 0.",
     )
 
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        fractions = {s: getattr(self, s) for s in SPLITS}
+        total = sum(fractions.values())
+        # All zero is meaningful only when split.fixed pins every row; assign_splits checks that.
+        if abs(total - 1.0) > 1e-9 and not (total == 0 and self.fixed):
+            shown = " + ".join(f"{s} {v:g}" for s, v in fractions.items())
+            raise ValueError(f"data_prep.split fractions must sum to 1: {shown} = {total:.12g}")
+        return self
+
 
 SPLITS = ("train", "validation", "calibration", "test")
 
@@ -74,13 +92,34 @@ SPLITS = ("train", "validation", "calibration", "test")
 # Formats
 
 
+def plain(value: Any) -> Any:
+    """``value`` with numpy arrays and tuples turned into lists, recursively (dict values included).
+
+    Parquet and Arrow hand nested lists back as numpy arrays (of dicts, for messages), which compare,
+    hash and serialize unlike the lists the data was written from.
+    """
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every object column's values made :func:`plain`; call it where pairs are read."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = pd.Series([plain(v) for v in out[col]], index=out.index, dtype=object)
+    return out
+
+
 def is_conversational(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and isinstance(value[0], dict)
 
 
 def _as_messages(value: Any) -> list[dict]:
-    # Parquet and Arrow hand nested lists back as numpy arrays of dicts; normalise to plain lists.
-    return [dict(m) for m in value]
+    return [plain(dict(m)) for m in value]
 
 
 def _common_prefix_len(a: Sequence, b: Sequence) -> int:
@@ -172,8 +211,8 @@ def _text_problem(value: Any, field: str) -> str | None:
 
 
 def text_key(value: Any) -> str:
-    """A hashable, comparable key for text or a message list."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    """A hashable, comparable key for text or a message list (numpy arrays from Parquet included)."""
+    return value if isinstance(value, str) else json.dumps(plain(value), sort_keys=True)
 
 
 def _describe(rows: Sequence[int], limit: int = 10) -> str:
@@ -181,33 +220,63 @@ def _describe(rows: Sequence[int], limit: int = 10) -> str:
     return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
 
 
+WHAT = {
+    "bad_text": "empty, non-string or malformed text",
+    "identical": "chosen identical to rejected",
+    "duplicate": "a duplicate of an earlier pair",
+    "bad_margin": "a NaN or infinite margin",
+    "too_long": "more tokens than max_length",
+    "repeated_header": "the column names as values (a repeated header row)",
+}
+
+
 @dataclass
 class Problem:
     """One kind of problem in one field: the rows (pair_id) and, for the first of them, what is wrong."""
 
-    kind: str  # a field name of ValidationParams: bad_text, identical, duplicate, bad_margin, too_long
+    kind: str  # a field name of ValidationParams: bad_text, identical, duplicate, bad_margin, too_long, ...
     field: str
     rows: list[int]
     example: str = ""
+    what: str = ""  # what the rows have, when it differs from the kind's usual wording
 
     def message(self) -> str:
-        what = {
-            "bad_text": "empty, non-string or malformed text",
-            "identical": "chosen identical to rejected",
-            "duplicate": "a duplicate of an earlier pair",
-            "bad_margin": "a NaN or infinite margin",
-            "too_long": "more tokens than max_length",
-        }[self.kind]
         detail = f" (row {self.rows[0]}: {self.example})" if self.example else ""
-        return f"{len(self.rows)} row(s) have {what} in field '{self.field}': rows {_describe(sorted(self.rows))}{detail}"
+        return (f"{len(self.rows)} row(s) have {self.what or WHAT[self.kind]} in field '{self.field}': "
+                f"rows {_describe(sorted(self.rows))}{detail}")
 
 
-def find_problems(df: pd.DataFrame) -> list[Problem]:
-    """Every problem found, one :class:`Problem` per kind and field."""
+def find_header_rows(raw: pd.DataFrame) -> list[int]:
+    """Positions of rows whose every value is its column's name: a header repeated inside the data."""
+    cols = [c for c in raw.columns if c != "source_file"]  # added by the reader, never a header
+    if not cols:
+        return []
+    same = np.ones(len(raw), dtype=bool)
+    for c in cols:
+        same &= np.array([isinstance(v, str) and v.strip() == str(c) for v in raw[c]], dtype=bool)
+    return np.flatnonzero(same).tolist()
+
+
+def _contradicting_ratings(df: pd.DataFrame, rating_columns: tuple[str, str]) -> list[tuple[int, str]]:
+    chosen_col, rejected_col = rating_columns
+    if chosen_col not in df.columns or rejected_col not in df.columns:
+        return []
+    c = pd.to_numeric(df[chosen_col], errors="coerce").to_numpy(dtype=float)
+    r = pd.to_numeric(df[rejected_col], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(c < r)  # NaN compares False: missing ratings show up as a NaN margin instead
+    return [(int(df["pair_id"].iloc[i]), f"{chosen_col} {c[i]:g} < {rejected_col} {r[i]:g}") for i in bad]
+
+
+def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = None) -> list[Problem]:
+    """Every problem found, one :class:`Problem` per kind and field.
+
+    ``rating_columns``: check that the chosen response is not rated below the rejected one (a label the
+    ratings contradict), when both columns are present.
+    """
     found: dict[tuple[str, str], Problem] = {}
 
-    def add(kind: str, field: str, pair_id: int, why: str = "") -> None:
-        p = found.setdefault((kind, field), Problem(kind, field, [], why))
+    def add(kind: str, field: str, pair_id: int, why: str = "", what: str = "") -> None:
+        p = found.setdefault((kind, field), Problem(kind, field, [], why, what))
         p.rows.append(int(pair_id))
 
     for field in TEXT_FIELDS:
@@ -228,16 +297,24 @@ def find_problems(df: pd.DataFrame) -> list[Problem]:
         m = df["margin"].to_numpy(dtype=float)
         for pid, value in zip(df.loc[~np.isfinite(m), "pair_id"], m[~np.isfinite(m)]):
             add("bad_margin", "margin", pid, f"margin is {value}")
+    if rating_columns is not None:
+        for pid, why in _contradicting_ratings(df, rating_columns):
+            add("bad_margin", "/".join(rating_columns), pid, why,
+                "ratings that contradict the label (chosen rated below rejected)")
     return list(found.values())
 
 
 def apply_validation(
-    df: pd.DataFrame, problems: list[Problem], params: ValidationParams
+    df: pd.DataFrame, problems: list[Problem], params: ValidationParams, source: str = ""
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Raise on every kind set to ``error``; drop the rest. Returns the clean frame and drop counts."""
+    """Raise on every kind set to ``error``; drop the rest. Returns the clean frame and drop counts.
+
+    ``source`` (e.g. the file's path) is named in the error.
+    """
     errors = [p.message() for p in problems if getattr(params, p.kind) == "error"]
     if errors:
-        raise PreferenceDataError("invalid preference data (rows are pair_id, the 0-based source row):\n- "
+        where = f" in {source}" if source else ""
+        raise PreferenceDataError(f"invalid preference data{where} (rows are pair_id, the 0-based source row):\n- "
                                   + "\n- ".join(errors))
     dropped: dict[str, set[int]] = {}
     for p in problems:
@@ -245,6 +322,61 @@ def apply_validation(
     all_dropped = set().union(*dropped.values()) if dropped else set()
     clean = df[~df["pair_id"].isin(all_dropped)].reset_index(drop=True)
     return clean, {kind: len(rows) for kind, rows in dropped.items()}
+
+
+def _value_kind(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "list"
+    return type(value).__name__
+
+
+def check_column_types(df: pd.DataFrame, source: str = "") -> None:
+    """Raise naming the column and row where a column mixes kinds of values (text and numbers, say).
+
+    Columnar storage needs one type per column; without this check the first save fails inside pyarrow
+    ("Expected bytes, got a 'int' object") with no row named.
+    """
+    for col in df.columns:
+        if df[col].dtype != object:
+            continue
+        kinds = [_value_kind(v) for v in df[col]]
+        seen = pd.Series([k for k in kinds if k is not None])
+        if seen.nunique() > 1:
+            rare = seen.value_counts().index[-1]
+            row = next(i for i, k in enumerate(kinds) if k == rare)
+            where = f" in {source}" if source else ""
+            raise PreferenceDataError(
+                f"invalid preference data{where}: column '{col}' mixes {sorted(seen.unique())} values; "
+                f"row {int(df['pair_id'].iloc[row]) if 'pair_id' in df.columns else row} holds "
+                f"{df[col].iloc[row]!r}")
+
+
+def validate(
+    raw: pd.DataFrame, margin: MarginParams, params: ValidationParams, check_ratings: bool = True, source: str = ""
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Canonical, valid pairs from rows as read: every check but ``too_long`` (which needs a tokenizer).
+
+    Raises :class:`PreferenceDataError` naming ``source``, the rows (pair_id) and the field on every kind
+    set to ``error``; drops and counts the rest. Runs before anything is saved, so the returned frame
+    always stores (one type per column).
+    """
+    if raw.empty:
+        raise PreferenceDataError(f"no preference pairs{' in ' + source if source else ''}: the data has no rows")
+    pairs = standardize(raw, margin)
+    headers = find_header_rows(raw)
+    body = pairs[~pairs["pair_id"].isin(headers)]
+    problems = find_problems(body, margin.rating_columns if check_ratings else None)
+    if headers:
+        problems.insert(0, Problem("repeated_header", "all columns", headers, "values equal the column names"))
+    clean, dropped = apply_validation(pairs, problems, params, source)
+    check_column_types(clean, source)
+    return clean, dropped
 
 
 # ---------------------------------------------------------------------------------------------------------

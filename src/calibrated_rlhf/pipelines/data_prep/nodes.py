@@ -7,18 +7,20 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.backbone import BackboneParams, load_tokenizer, train_tokenizer
 from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
 from calibrated_rlhf.pipelines.metrics import as_metrics
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
 
-class SyntheticParams(BaseModel):
+class SyntheticParams(StrictParams):
     seed: int = 0
     n_pairs: int = Field(9600, ge=8)
     n_words: int = Field(40, ge=2)
@@ -29,7 +31,7 @@ class SyntheticParams(BaseModel):
     n_rating_levels: int = Field(0, ge=0, description="> 0 adds per-response ratings (graded preferences).")
 
 
-class SourceParams(BaseModel):
+class SourceParams(StrictParams):
     """Where the preference pairs come from."""
 
     kind: Literal["synthetic", "file", "huggingface"] = Field(
@@ -50,26 +52,51 @@ class SourceParams(BaseModel):
         return self
 
 
+def _read_json(p: Path) -> pd.DataFrame:
+    text = p.read_text()
+    if text.lstrip()[:1] == "[":  # one JSON array of records
+        try:
+            return pd.DataFrame.from_records(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise prefs.PreferenceDataError(f"'{p}' line {e.lineno}: not valid JSON ({e.msg})") from e
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise prefs.PreferenceDataError(
+                f"'{p}' line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise prefs.PreferenceDataError(f"'{p}' line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def _read_csv(p: Path) -> pd.DataFrame:
+    df = pd.read_csv(p, keep_default_na=False)
+    # Conversational data in CSV can only travel as JSON text; decode it back into messages.
+    for col in prefs.TEXT_FIELDS:
+        if col in df.columns:
+            df[col] = [json.loads(v) if isinstance(v, str) and v.lstrip().startswith("[{") else v for v in df[col]]
+    return df
+
+
 def _read_file(path: str) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data_prep.source.path: no file at '{path}'")
     suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        try:
-            return pd.read_json(p, lines=suffix == ".jsonl" or p.read_text()[:1] != "[")
-        except ValueError as e:
-            raise prefs.PreferenceDataError(f"'{path}' is not valid JSON lines: {e}") from e
-    if suffix == ".parquet":
-        return pd.read_parquet(p)
-    if suffix == ".csv":
-        df = pd.read_csv(p, keep_default_na=False)
-        # Conversational data in CSV can only travel as JSON text; decode it back into messages.
-        for col in prefs.TEXT_FIELDS:
-            if col in df.columns:
-                df[col] = [json.loads(v) if isinstance(v, str) and v.lstrip().startswith("[{") else v for v in df[col]]
-        return df
-    raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+    readers = {".jsonl": _read_json, ".json": _read_json, ".parquet": pd.read_parquet, ".csv": _read_csv}
+    if suffix not in readers:
+        raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+    if p.stat().st_size == 0 or (suffix != ".parquet" and not p.read_text().strip()):
+        raise prefs.PreferenceDataError(f"'{path}' is empty: no preference pairs to read")
+    df = readers[suffix](p)
+    if df.empty:
+        raise prefs.PreferenceDataError(f"'{path}' has no rows: no preference pairs to read")
+    return prefs.plain_frame(df)
 
 
 def _read_huggingface(path: str, split: str) -> pd.DataFrame:
@@ -83,40 +110,46 @@ def _read_huggingface(path: str, split: str) -> pd.DataFrame:
             ds = ds[split]
     else:
         ds = datasets.load_dataset(path, split=split)
-    return ds.to_pandas()
+    return prefs.plain_frame(ds.to_pandas())
 
 
-def load_raw_pairs(source: SourceParams) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Raw pairs from the configured source, and the synthetic task's ground truth (empty otherwise)."""
+def read_source(source: SourceParams) -> tuple[pd.DataFrame, str]:
+    """A file or Hugging Face source's rows, nested values as plain lists; and how to name it in errors."""
+    if source.kind == "huggingface":
+        return _read_huggingface(source.path, source.split), f"Hugging Face data '{source.path}'"
+    paths = [source.path] if isinstance(source.path, str) else source.path
+    frames = [_read_file(p) for p in paths]
+    if len(paths) == 1:
+        return frames[0], f"'{paths[0]}'"
+    starts = np.cumsum([0] + [len(f) for f in frames])
+    named = ", ".join(f"'{p}' (pair_id {a}-{b - 1})" for p, a, b in zip(paths, starts, starts[1:]))
+    frames = [f.assign(source_file=Path(p).stem) for f, p in zip(frames, paths)]
+    return pd.concat(frames, ignore_index=True), named
+
+
+def load_pairs(
+    source: SourceParams, margin: prefs.MarginParams, validation: prefs.ValidationParams
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
+    """Validated canonical pairs from the configured source, the drop counts, and the synthetic task's
+    ground truth (empty otherwise). Validation happens here, before the first save: bad data fails the
+    run naming the source, rows and field, and leaves no artifact behind."""
     if source.kind == "synthetic":
         spec = SyntheticSpec(**source.synthetic.model_dump())
         task = make_task(spec)
-        return make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}
-    if source.kind == "file":
-        paths = [source.path] if isinstance(source.path, str) else source.path
-        frames = [_read_file(p) for p in paths]
-        if len(paths) > 1:
-            frames = [f.assign(source_file=Path(p).stem) for f, p in zip(frames, paths)]
-        raw = pd.concat(frames, ignore_index=True)
+        raw, task_dict, where = make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}, "synthetic task"
     else:
-        raw = _read_huggingface(source.path, source.split)
-    log.info("read %d pairs from %s '%s'", len(raw), source.kind, source.path)
-    return raw, {}
-
-
-def validate_pairs(
-    raw_pairs: pd.DataFrame, margin: prefs.MarginParams, validation: prefs.ValidationParams
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Canonical, valid pairs; raises on problems set to ``error``, drops and counts the rest."""
-    pairs = prefs.standardize(raw_pairs, margin)
-    clean, dropped = prefs.apply_validation(pairs, prefs.find_problems(pairs), validation)
+        (raw, where), task_dict = read_source(source), {}
+    log.info("read %d pairs from %s", len(raw), where)
+    # The synthetic task's ratings bin the gold reward while its labels are sampled: they disagree by design.
+    pairs, dropped = prefs.validate(raw, margin, validation, check_ratings=source.kind != "synthetic", source=where)
     for kind, n in dropped.items():
         log.warning("dropped %d pair(s): %s", n, kind)
-    return clean, dropped
+    return pairs, dropped, task_dict
 
 
 def split_pairs(pairs: pd.DataFrame, split: prefs.SplitParams) -> tuple[pd.DataFrame, ...]:
     """Train, validation, calibration and test pairs; no prompt in two splits."""
+    pairs = prefs.plain_frame(pairs)  # read back from Parquet: message lists arrive as numpy arrays
     assignment = prefs.assign_splits(pairs, split)
     return tuple(pairs[assignment == s].reset_index(drop=True) for s in prefs.SPLITS)
 

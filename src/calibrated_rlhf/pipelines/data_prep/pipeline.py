@@ -8,11 +8,11 @@ from calibrated_rlhf.pipelines.data_prep import nodes
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(nodes.load_raw_pairs, "params:data_prep.source", ["raw_pairs", "synthetic_task"],
-                 name="load_raw_pairs"),
-            Node(nodes.validate_pairs, ["raw_pairs", "params:data_prep.margin", "params:data_prep.validation"],
-                 ["valid_pairs", "dropped_invalid"], name="validate_pairs"),
-            Node(nodes.split_pairs, ["valid_pairs", "params:data_prep.split"],
+            # Loading validates: bad rows fail the run (or are dropped) before anything is saved.
+            Node(nodes.load_pairs,
+                 ["params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation"],
+                 ["raw_pairs", "dropped_invalid", "synthetic_task"], name="load_pairs"),
+            Node(nodes.split_pairs, ["raw_pairs", "params:data_prep.split"],
                  ["train_pairs_unchecked", "validation_pairs_unchecked", "calibration_pairs_unchecked",
                   "test_pairs_unchecked"], name="split_pairs"),
             Node(nodes.build_tokenizer, ["train_pairs_unchecked", "params:backbone"], "tokenizer",
