@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import warnings
 
+import mpmath  # declared in the `test` extra: a missing one is an error, never a silent skip
 import numpy as np
 import pytest
+from scipy import optimize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +44,6 @@ def signed(margins: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def mp_reference_temperature(margins: np.ndarray, labels: np.ndarray, digits: int = 40) -> float:
     """Root of the likelihood gradient in beta = 1/T, in `digits`-digit arithmetic (Newton from the IRLS start)."""
-    mpmath = pytest.importorskip("mpmath")
     with mpmath.workdps(digits):
         x = [mpmath.mpf(float(v)) for v in signed(margins, labels)]
         beta = 2 * mpmath.fsum(x) / mpmath.fsum(v * v for v in x)
@@ -59,7 +60,6 @@ def mp_reference_temperature(margins: np.ndarray, labels: np.ndarray, digits: in
 
 def brentq_reference_temperature(margins: np.ndarray, labels: np.ndarray) -> float:
     """Root of the float64 gradient by Brent's method to the last bits (independent of Newton)."""
-    optimize = pytest.importorskip("scipy.optimize")
     x = signed(margins, labels)
 
     def grad(beta: float) -> float:
@@ -224,7 +224,7 @@ def test_default_labels_mean_margins_are_chosen_minus_rejected():
 
 
 def test_label_encodings_and_torch_tensors_agree():
-    torch = pytest.importorskip("torch")
+    import torch
     margins, labels, _ = draw_pairs(3000, 2.0, 1.5, seed=8)
     reference = fit_temperature(margins, labels).temperature
     for lab in (labels.astype(bool), labels.astype(np.int64), labels.tolist(), torch.from_numpy(labels)):
