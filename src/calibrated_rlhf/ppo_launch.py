@@ -8,12 +8,16 @@ with ``--load-versions``) and runs the same ``train_ppo`` node; the trainer's ``
 models in DDP and reduces the statistics the KL controller sees, so every rank holds the same beta.
 With a reward ensemble the members are loaded by the names the transform's ensemble implies
 (``member_<i>.reward_model``). Only the main process saves the node's outputs through the catalog (versioned, as ``kedro run`` would)
-and logs the run to MLflow, so N processes give one policy version and one MLflow run.
+and logs the run to MLflow, so N processes give one policy version and one MLflow run. That run is opened
+before training: its id, broadcast to every rank, names the run's checkpoint folder
+(``<ppo.checkpoint_root>/<run id>/``), and a resume is recorded on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,35 +67,52 @@ def main(argv: list[str] | None = None) -> None:
         raw = context.params["ppo"]  # Kedro has already built the typed model
         params = raw if isinstance(raw, nodes.PPOParams) else nodes.PPOParams(**raw)
         reward_model = load_reward_model(catalog, data["reward_transform"])
-        policy, history, samples, figure, summary = nodes.train_ppo(
-            data["reference_policy"], data["tokenizer"], reward_model, data["reward_transform"],
-            data["reference_responses"], data["train_pairs"], data["synthetic_task"], params)
-        if not state.is_main_process:
-            return
-        evaluation = nodes.evaluate_policy(policy, data["reference_policy"], data["tokenizer"], data["test_pairs"],
-                                           data["synthetic_task"], params)
-        _publish(catalog, context.params, state.num_processes, policy, history, samples, figure,
-                 {**summary, **evaluation})
+        # The main process's MLflow run is open during training (the node names the checkpoint folder
+        # after it and records a resume on it); a failure ends it FAILED, a kill leaves it RUNNING.
+        with _mlflow_run(state.is_main_process, state.num_processes):
+            policy, history, samples, figure, summary = nodes.train_ppo(
+                data["reference_policy"], data["tokenizer"], reward_model, data["reward_transform"],
+                data["reference_responses"], data["train_pairs"], data["synthetic_task"], params)
+            if not state.is_main_process:
+                return
+            evaluation = nodes.evaluate_policy(policy, data["reference_policy"], data["tokenizer"],
+                                               data["test_pairs"], data["synthetic_task"], params)
+            _publish(catalog, context.params, state.num_processes, policy, history, samples, figure,
+                     {**summary, **evaluation})
+
+
+def _mlflow_run(is_main: bool, n_processes: int) -> contextlib.AbstractContextManager:
+    """One MLflow run, on the main process only; tagged with its host and pid so that the next run can
+    mark it KILLED if this process is killed (``calibrated_rlhf.crash_recovery``)."""
+    if not is_main:
+        return contextlib.nullcontext()
+    import mlflow
+
+    from calibrated_rlhf.core.staging import host_name
+
+    run = mlflow.start_run(run_name=f"ppo ({n_processes} processes)")
+    mlflow.set_tags({"provenance/launcher": f"accelerate, {n_processes} processes",
+                     "run/host": host_name(), "run/pid": str(os.getpid())})
+    return run
 
 
 def _publish(catalog: Any, params: dict[str, Any], n_processes: int, policy: Any, history: dict, samples: Any,
              figure: Any, metrics: dict) -> None:
+    """Save the outputs through the catalog and log them to the active MLflow run."""
     import mlflow
 
     from calibrated_rlhf.hooks import flatten
 
     for name, value in (("policy", policy), ("ppo_samples", samples), ("kl_control_diagram", figure)):
         catalog.save(name, value)
-    with mlflow.start_run(run_name=f"ppo ({n_processes} processes)"):
-        mlflow.set_tag("provenance/launcher", f"accelerate, {n_processes} processes")
-        ppo = params.get("ppo")
-        ppo = ppo.model_dump(mode="json") if hasattr(ppo, "model_dump") else dict(ppo or {})
-        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(ppo, "ppo").items()})
-        for key, points in {**history, **metrics}.items():
-            for p in points if isinstance(points, list) else [points]:
-                mlflow.log_metric(key, p["value"], step=p["step"])
-        mlflow.log_figure(figure, "plots/kl_control_diagram.png")
-        mlflow.log_metric("ppo/perf/num_processes", n_processes)
+    ppo = params.get("ppo")
+    ppo = ppo.model_dump(mode="json") if hasattr(ppo, "model_dump") else dict(ppo or {})
+    mlflow.log_params({k: str(v)[:6000] for k, v in flatten(ppo, "ppo").items()})
+    for key, points in {**history, **metrics}.items():
+        for p in points if isinstance(points, list) else [points]:
+            mlflow.log_metric(key, p["value"], step=p["step"])
+    mlflow.log_figure(figure, "plots/kl_control_diagram.png")
+    mlflow.log_metric("ppo/perf/num_processes", n_processes)
 
 
 if __name__ == "__main__":

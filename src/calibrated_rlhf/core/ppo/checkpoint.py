@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core.ppo.config import PPOConfig
-from calibrated_rlhf.core.staging import MARK, make_staging_dir, pid_alive
+from calibrated_rlhf.core.staging import MARK, host_name, make_staging_dir, pid_alive
 
 CHECKPOINT_PREFIX = "update_"
 STATE_FILE = "trainer_state.json"
@@ -52,9 +51,12 @@ class ResumeMismatchError(ValueError):
     """A checkpoint was trained under another configuration; ``fields`` maps each differing field to
     (value in the checkpoint, value now)."""
 
-    def __init__(self, message: str, fields: Mapping[str, tuple[Any, Any]]) -> None:
+    def __init__(self, message: str, fields: Mapping[str, tuple[Any, Any]] | None = None) -> None:
         super().__init__(message)
-        self.fields = dict(fields)
+        self.fields = dict(fields or {})
+
+    def __reduce__(self) -> tuple:  # pickled whole: it crosses from the main process to every rank
+        return type(self), (str(self), self.fields)
 
 
 # ---------------------------------------------------------------------- listing
@@ -88,11 +90,6 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- atomic writes
-def staging_dir(root: Path, name: str) -> Path:
-    """A fresh staging folder in ``root`` named after its writer (host, pid)."""
-    return make_staging_dir(root, name)
-
-
 def publish(tmp: Path, final: Path) -> None:
     """Move a fully written staging folder to ``final`` (replacing an older copy of the same update)."""
     root = final.parent
@@ -100,7 +97,7 @@ def publish(tmp: Path, final: Path) -> None:
     # checkpoint with truncated files
     fsync_tree(tmp)
     if final.exists():
-        old = staging_dir(root, f"{final.name}.old")  # empty: rename(2) may replace it
+        old = make_staging_dir(root, f"{final.name}.old")  # empty: rename(2) may replace it
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -115,7 +112,7 @@ def prune(root: Path, keep: int | None) -> None:
     if keep is None:
         return
     for old in list_checkpoints(root)[:-keep]:
-        trash = staging_dir(root, f"{old.name}.del")
+        trash = make_staging_dir(root, f"{old.name}.del")
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -145,7 +142,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write a small JSON file whole or not at all (staged beside it, then renamed)."""
-    tmp = staging_dir(path.parent, path.name)
+    tmp = make_staging_dir(path.parent, path.name)
     try:
         (tmp / path.name).write_text(json.dumps(data, indent=1))
         os.replace(tmp / path.name, path)
@@ -286,7 +283,7 @@ def mark_started(run_dir: Path, resumed_from: Mapping[str, Any] | None) -> None:
     """Record who trains into ``run_dir`` (so a live run is not taken for an interrupted one) and which
     checkpoint it continued from (so that run is not offered for resuming once this one has moved on)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / RUN_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
+    write_json_atomic(run_dir / RUN_FILE, {"host": host_name(), "pid": os.getpid(),
                                            "started_at": time.time(), "resumed_from": resumed_from})
 
 
@@ -306,7 +303,7 @@ def _is_live(run: Mapping[str, Any]) -> bool:
     """A writer on this host that still runs (this process excepted: it is the one asking). A writer on
     another host cannot be checked, so its run counts as interrupted."""
     pid = int(run.get("pid", -1))
-    return run.get("host") == socket.gethostname() and pid != os.getpid() and pid_alive(pid)
+    return run.get("host") == host_name() and pid != os.getpid() and pid_alive(pid)
 
 
 @dataclass

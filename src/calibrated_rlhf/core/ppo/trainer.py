@@ -50,7 +50,6 @@ from calibrated_rlhf.core.ppo.checkpoint import (
     resume_fingerprint,
     rng_state,
     set_rng_state,
-    staging_dir,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -69,6 +68,7 @@ from calibrated_rlhf.core.ppo.rollout import (
     sample_responses,
     sequence_values,
 )
+from calibrated_rlhf.core.staging import make_staging_dir
 
 ScoreFn = Callable[[list[str], list[str]], Mapping[str, torch.Tensor]]
 # Called on the main process after every update: (update number, metrics, sample rows or None).
@@ -576,7 +576,7 @@ class PPOTrainer:
         root = Path(directory) if directory is not None else Path(self.config.checkpoint_dir or "checkpoints")
         final = root / ckpt_name(self.update)
         # the staging name is the main process's (it carries its pid): every rank writes into that one
-        shared = [str(staging_dir(root, final.name)) if self.is_main_process else None]
+        shared = [str(make_staging_dir(root, final.name)) if self.is_main_process else None]
         if self.world_size > 1:
             from accelerate.utils import broadcast_object_list
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,13 +12,15 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core.ensemble import reward_fingerprint, score_rewards
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
-from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
+from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
+from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
 from calibrated_rlhf.core.preferences import render_ids, text_prompts
+from calibrated_rlhf.core.staging import sweep_stale
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
@@ -27,16 +29,24 @@ log = logging.getLogger(__name__)
 RewardKind = Literal["normalized", "calibrated", "raw", "minmax_batch"]
 
 
+# The stage sets these trainer fields itself (a folder per run under checkpoint_root).
+STAGE_CHECKPOINT_FIELDS = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints")
+
+
 class EvaluationParams(BaseModel):
     """Gold-reward comparison of the final policy with the reference policy on test prompts."""
 
-    n_prompts: int = Field(128, ge=2)
-    samples_per_prompt: int = Field(4, ge=1)
-    seed: int = Field(1234)
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
+
+    n_prompts: int = Field(128, ge=2, description="Test prompts sampled from (the first n).")
+    samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt and policy.")
+    seed: int = Field(1234, description="Sampling seed, the same for the final and the reference policy.")
 
 
 class PPOParams(BaseModel):
-    """The PPO stage: what reward the policy optimizes, the trainer's config, the evaluation."""
+    """The PPO stage: what reward the policy optimizes, the trainer's config, the evaluation, checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
 
     reward: RewardKind = Field(
         "normalized",
@@ -48,15 +58,30 @@ class PPOParams(BaseModel):
     )
     trainer: PPOConfig = PPOConfig()
     evaluation: EvaluationParams = EvaluationParams()
-    checkpoint_root: str = Field("data/06_models/ppo_checkpoints",
-                                 description="Checkpoints go to <root>/<run timestamp>/; earlier runs' are never touched.")
+    checkpoint_root: str = Field(
+        "data/06_models/ppo_checkpoints",
+        description="Checkpoints go to <root>/<MLflow run id>/ (logged as ppo.checkpoint_dir); a run never "
+        "touches another's folder. Stale staging folders of dead processes under it are removed at start.")
     checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints; null = none.")
     keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
-    resume_from: str | None = Field(None, description="A checkpoint folder to resume from (its run's config).")
+    resume_from: str | None = Field(
+        None,
+        description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under "
+        "checkpoint_root with this exact configuration (see core.ppo.checkpoint.find_resumable). A checkpoint "
+        "folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
+        "the field; the resumed run's own checkpoints go to its own folder.")
     ensemble_std_stop_multiple: float | None = Field(
         None, gt=0, description="Reward ensembles: stop early when the members' disagreement on the sampled "
         "responses (ppo/rewards/ensemble_std) exceeds this multiple of their disagreement on the reference "
         "set (stored in the reward transform); null = off.")
+
+    @model_validator(mode="after")
+    def _checkpoints_are_the_stages(self) -> "PPOParams":
+        given = [f"trainer.{k}" for k in STAGE_CHECKPOINT_FIELDS if getattr(self.trainer, k) is not None]
+        if given:
+            raise ValueError(f"ppo.{', ppo.'.join(given)}: set by the stage; use ppo.checkpoint_root, "
+                             "ppo.checkpoint_every and ppo.keep_checkpoints")
+        return self
 
 
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
@@ -137,10 +162,15 @@ def train_ppo(
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
     reference set) anchors the proxy-gold gap on the synthetic task."""
     original = RewardTransform.from_dict(reward_transform)
-    check_transform_matches(original, reward_model)
+    rm_fingerprint = reward_fingerprint(reward_model)
+    check_transform_matches(original, reward_model, rm_fingerprint)
     transform = rescaled_transform(original, params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    run_dir = _shared_run_dir(Path(params.checkpoint_root))
+    root = Path(params.checkpoint_root)
+    if _is_main_process():
+        for path in sweep_stale(root):
+            log.warning("removed %s, a checkpoint staging folder left by a process that is gone", path)
+    run_dir = root / _run_folder_name()
     config = PPOConfig(**{
         **params.trainer.model_dump(),
         # The KL weight follows the scale known at calibration time: with the transform the optimized
@@ -158,8 +188,15 @@ def train_ppo(
     trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, params.reward,
                                        params.raw_reward_multiplier, offset),
-                         ref_policy=reference_policy)
-    result = trainer.train(resume_from=params.resume_from)
+                         ref_policy=reference_policy,
+                         fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset))
+    if config.checkpoint_dir is not None:
+        log.info("PPO checkpoints of this run go to %s", run_dir)
+        _track(params={"ppo.checkpoint_dir": str(run_dir)})
+    resume = _resume_point(params.resume_from, root, trainer.fingerprint, run_dir)
+    if resume is not None:
+        _log_resume(resume, run_dir if config.checkpoint_dir is not None else None)
+    result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
     points = [{**p, "step": int(p["ppo/step"])} for p in result.history]
@@ -169,11 +206,13 @@ def train_ppo(
     return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
 
 
-def check_transform_matches(transform: RewardTransform, reward_model: Any) -> None:
-    """Refuse a transform computed for other weights (another run's model, or one model vs an ensemble)."""
+def check_transform_matches(transform: RewardTransform, reward_model: Any, fingerprint: str | None = None) -> None:
+    """Refuse a transform computed for other weights (another run's model, or one model vs an ensemble).
+
+    ``fingerprint``: the reward model's, when already computed (it hashes every weight)."""
     if transform.reward_model_version is None:
         return
-    actual = reward_fingerprint(reward_model)
+    actual = fingerprint or reward_fingerprint(reward_model)
     if actual != transform.reward_model_version:
         kind = "an ensemble" if transform.ensemble else "one reward model"
         raise ValueError(f"reward_transform was computed for {kind} with fingerprint "
@@ -192,16 +231,87 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> flo
     return multiple * reference
 
 
-def _shared_run_dir(root: Path) -> Path:
-    """This run's checkpoint folder, named by the main process's clock and the same on every rank."""
+def stage_fingerprint(reward_model: str, transform: RewardTransform, params: PPOParams, task: SyntheticTask | None,
+                      gold_offset: float | None) -> dict[str, Any]:
+    """What changes the run's result beyond the trainer's own fingerprint: the reward model's weights,
+    the reward transform applied (the rescaled one in the scale experiment), which reward is optimized,
+    and on the synthetic task the gold reward behind the logged gold metrics."""
+    applied = transform.to_dict()
+    return {
+        "reward_model": reward_model,
+        "reward": params.reward,
+        "raw_reward_multiplier": params.raw_reward_multiplier,
+        **{f"reward_transform.{k}": applied[k] for k in ("temperature", "mean", "std", "clip")},
+        "reward_transform": digest(applied),
+        "synthetic_task": digest(task.to_dict()) if task is not None else None,
+        "gold_offset": gold_offset,
+    }
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _from_main_process(value: Any) -> Any:
+    """The main process's ``value`` on every rank (as is, in a single process)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    name = [time.strftime("%Y%m%dT%H%M%S")]
-    state = PartialState()
-    if state.num_processes > 1:
-        broadcast_object_list(name, from_process=0)
-    return root / name[0]
+    box = [value]
+    if PartialState().num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _run_folder_name() -> str:
+    """This run's checkpoint folder name, the same on every rank: the active MLflow run's id (kedro-mlflow
+    opens it; ``ppo_launch`` opens it on the main process), else a fresh uuid. Never a clock: two runs
+    started in the same second would share a folder."""
+    import mlflow
+
+    run = mlflow.active_run() if _is_main_process() else None
+    return _from_main_process(run.info.run_id if run is not None else uuid.uuid4().hex)
+
+
+def _resume_point(resume_from: str | None, root: Path, fingerprint: dict[str, Any],
+                  run_dir: Path) -> ResumePoint | None:
+    """Chosen on the main process (it decides which writers are alive) and shared with every rank, errors
+    included, so that no rank waits for one that has given up."""
+    outcome: Any = None
+    if _is_main_process():
+        try:
+            outcome = resolve_resume(resume_from, root, fingerprint, exclude=[run_dir])
+        except (OSError, ValueError) as e:
+            outcome = e
+    outcome = _from_main_process(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _log_resume(resume: ResumePoint, run_dir: Path | None) -> None:
+    for run, diffs in resume.skipped:
+        log.warning("resume_from=latest passed over the newer interrupted run %s: another configuration (%s)",
+                    run, describe_mismatches(diffs))
+    log.info("PPO resumes run %s from update %d (%s); %s", resume.run, resume.update, resume.checkpoint,
+             f"its new checkpoints go to {run_dir}" if run_dir is not None else "no new checkpoints")
+    values = {"ppo.resumed_from_run": resume.run, "ppo.resumed_from_update": resume.update,
+              "ppo.resumed_from_checkpoint": str(resume.checkpoint)}
+    _track(params=values, tags={k.replace("ppo.", "ppo/"): v for k, v in values.items()})
+
+
+def _track(params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> None:
+    """Log to the active MLflow run from the main process; nothing when no run is tracked."""
+    import mlflow
+
+    if not _is_main_process() or mlflow.active_run() is None:
+        return
+    if params:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+    if tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:
