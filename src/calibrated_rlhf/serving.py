@@ -11,6 +11,12 @@ An ensemble's model also returns the members' spread, ``ensemble_std`` (``ensemb
 
 ``prompt`` may be omitted or empty (the text is then scored as is). Bad requests fail with an error that
 names the column and rows.
+
+Inputs longer than the model handles (prompt + response in tokens, EOS included) are refused by default,
+naming the rows: the limit is the smaller of the model's ``max_position_embeddings`` (a hard limit) and the
+tokenizer's ``model_max_length`` (the length the pairs were checked against in training, recorded by
+``data_prep``). ``mlflow.pyfunc.load_model(uri, model_config={"overlength": "truncate"})`` truncates them
+instead, on the tokenizer's ``truncation_side``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ import pandas as pd
 PAIR_COLUMNS = ("chosen", "rejected")
 SINGLE_COLUMNS = ("response",)
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "pandas", "numpy", "pydantic", "mlflow")
+OVERLENGTH = ("reject", "truncate")
+# The pyfunc's options; MLflow lets load_model(model_config=...) override only keys logged with the model.
+MODEL_CONFIG = {"overlength": "reject"}
+NO_LIMIT = 10**9  # transformers' "no limit" model_max_length is 1e30
 
 
 class RequestError(ValueError):
@@ -62,6 +72,32 @@ def check_request(df: Any) -> str:
     return mode
 
 
+def length_limit(model: Any, tokenizer: Any) -> int | None:
+    """The longest input in tokens: the positions every member has, and the tokenizer's recorded length."""
+    members = getattr(model, "members", None) or [model]
+    limits = [getattr(m.config, "max_position_embeddings", None) for m in members]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < NO_LIMIT]
+    return min(limits) if limits else None
+
+
+def fit_lengths(ids: dict[str, list[list[int]]], limit: int | None, overlength: str, side: str = "right"
+                ) -> dict[str, list[list[int]]]:
+    """``ids`` per column, checked against ``limit``: a :class:`RequestError` naming the columns and rows
+    (``overlength: reject``), or cut to ``limit`` tokens on ``side`` (``truncate``)."""
+    if limit is None:
+        return ids
+    long = {col: [i for i, x in enumerate(seqs) if len(x) > limit] for col, seqs in ids.items()}
+    long = {col: rows for col, rows in long.items() if rows}
+    if long and overlength == "reject":
+        parts = "; ".join(f"column '{col}' rows {', '.join(map(str, rows[:10]))}{' ...' if len(rows) > 10 else ''} "
+                          f"({len(ids[col][rows[0]])} tokens in row {rows[0]})" for col, rows in long.items())
+        raise RequestError(f"input longer than the model's {limit} tokens (prompt + response, EOS included): {parts}. "
+                           "Shorten it, or load the model with model_config={'overlength': 'truncate'}")
+    cut = (lambda x: x[:limit]) if side == "right" else (lambda x: x[-limit:])
+    return {col: [cut(x) if len(x) > limit else x for x in seqs] for col, seqs in ids.items()}
+
+
 class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
     """Scores text with the reward model and applies the frozen reward transform."""
 
@@ -83,26 +119,32 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         else:
             spec = EnsembleSpec.from_dict(self.transform.ensemble)
             self.model = RewardEnsemble([load(f"reward_model_{i}") for i in range(spec.size)], spec)
+        self.overlength = {**MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}["overlength"]
+        if self.overlength not in OVERLENGTH:
+            raise ValueError(f"model_config overlength: expected one of {OVERLENGTH}, got {self.overlength!r}")
+        self.max_length = length_limit(self.model, self.tokenizer)
 
-    def _raw(self, prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _raw(self, prompts: list[str], responses: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw rewards (and the ensemble's spread) of each column's responses, the columns one after another."""
         from calibrated_rlhf.core.ensemble import score_rewards
         from calibrated_rlhf.core.preferences import render_ids
 
-        ids = [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        return score_rewards(self.model, ids, self.tokenizer.pad_token_id)
+        ids = {col: [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, texts)] for col, texts in responses.items()}
+        ids = fit_lengths(ids, self.max_length, self.overlength, getattr(self.tokenizer, "truncation_side", "right"))
+        return score_rewards(self.model, [x for seqs in ids.values() for x in seqs], self.tokenizer.pad_token_id)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = check_request(model_input)
         prompts = list(model_input["prompt"]) if "prompt" in model_input.columns else [""] * len(model_input)
         t = self.transform
         if mode == "responses":
-            raw, spread = self._raw(prompts, list(model_input["response"]))
+            raw, spread = self._raw(prompts, {"response": list(model_input["response"])})
             out = pd.DataFrame({"raw": raw, "calibrated": t.calibrate(raw), "normalized": t.normalize(raw)})
             if spread is not None:
                 out["ensemble_std"] = spread
             return out
         n = len(model_input)
-        raw, spread = self._raw(prompts * 2, list(model_input["chosen"]) + list(model_input["rejected"]))
+        raw, spread = self._raw(prompts, {c: list(model_input[c]) for c in PAIR_COLUMNS})
         r_c, r_r = raw[:n], raw[n:]
         out = pd.DataFrame({
             "raw_chosen": r_c, "raw_rejected": r_r,
@@ -162,6 +204,7 @@ def log_reward_model(
                        "reward_transform": str(tmp_path / "reward_transform.json")},
             code_paths=[str(code)],
             signature=signature(),
+            model_config=MODEL_CONFIG,
             input_example=input_example,
             pip_requirements=[f"{p}=={md.version(p)}" for p in REQUIREMENTS],
             registered_model_name=registered_model_name,

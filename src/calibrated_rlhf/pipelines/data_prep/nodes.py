@@ -154,18 +154,24 @@ def split_pairs(pairs: pd.DataFrame, split: prefs.SplitParams) -> tuple[pd.DataF
     return tuple(pairs[assignment == s].reset_index(drop=True) for s in prefs.SPLITS)
 
 
-def build_tokenizer(train_pairs: pd.DataFrame, backbone: BackboneParams) -> Any:
-    """The backbone's tokenizer, or a BPE tokenizer trained on the training text for the tiny default."""
+def build_tokenizer(train_pairs: pd.DataFrame, backbone: BackboneParams, validation: prefs.ValidationParams) -> Any:
+    """The backbone's tokenizer, or a BPE tokenizer trained on the training text for the tiny default.
+
+    Its ``model_max_length`` records ``max_length``, the longest pair training sees, so the served model
+    can refuse longer inputs.
+    """
     if backbone.name_or_path:
-        return load_tokenizer(backbone.name_or_path)
+        tokenizer = load_tokenizer(backbone.name_or_path)
+    else:
+        def texts(value: Any) -> list[str]:
+            if prefs.is_conversational(value):
+                return [m["content"] for m in value]
+            return [value] if isinstance(value, str) else []
 
-    def texts(value: Any) -> list[str]:
-        if prefs.is_conversational(value):
-            return [m["content"] for m in value]
-        return [value] if isinstance(value, str) else []
-
-    corpus = [t for col in prefs.TEXT_FIELDS for v in train_pairs[col] for t in texts(v)]
-    return train_tokenizer(corpus, backbone.vocab_size)
+        corpus = [t for col in prefs.TEXT_FIELDS for v in train_pairs[col] for t in texts(v)]
+        tokenizer = train_tokenizer(corpus, backbone.vocab_size)
+    tokenizer.model_max_length = min(tokenizer.model_max_length, validation.max_length)
+    return tokenizer
 
 
 def check_lengths(
