@@ -30,14 +30,15 @@ def tok():
     return build_tokenizer()
 
 
-def make_trainer(tok, value_model: str = "separate", seed: int = 0, score=score_fn, **overrides) -> PPOTrainer:
+def make_trainer(tok, value_model: str = "separate", seed: int = 0, score=score_fn, fingerprint=None,
+                 **overrides) -> PPOTrainer:
     base = dict(seed=seed, num_updates=30, batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
                 response_length=8, learning_rate=1e-3, beta=0.02, kl_target=2.0, kl_horizon=200,
                 value_model=value_model)
     base.update(overrides)
     cfg = PPOConfig(**base)
     policy, vm = tiny_models(tok, seed=seed, value=value_model == "separate")
-    return PPOTrainer(cfg, policy, tok, PROMPTS, score, value_model=vm)
+    return PPOTrainer(cfg, policy, tok, PROMPTS, score, value_model=vm, fingerprint=fingerprint)
 
 
 def _mean(hist, key, sl):
@@ -312,3 +313,141 @@ def test_glibc_malloc_tuning_applies_where_there_is_glibc() -> None:
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert tune_glibc_malloc() is expected
+
+
+# ---------------------------------------------------------------------- resume integrity
+RUN = dict(num_updates=2, checkpoint_every=1, batch_size=8, num_mini_batches=1, num_ppo_epochs=1, response_length=4)
+REWARD_A = {"reward_model": "a" * 64}
+
+
+def _interrupted_run(tok, folder: Path, **overrides) -> PPOTrainer:
+    """A run folder whose process stopped after one of its two updates (as a killed one would)."""
+    trainer = make_trainer(tok, checkpoint_dir=str(folder), fingerprint=REWARD_A, **{**RUN, **overrides})
+    trainer.train(num_updates=1)
+    return trainer
+
+
+@pytest.mark.parametrize("change, field", [(dict(kl_target=3.0), "kl_target"), (dict(batch_size=16), "batch_size"),
+                                           (dict(fingerprint={"reward_model": "b" * 64}), "reward_model")])
+def test_resume_under_another_configuration_names_the_field(tok, tmp_path: Path, change, field) -> None:
+    from calibrated_rlhf.core.ppo import ResumeMismatchError
+
+    _interrupted_run(tok, tmp_path / "run")
+    other = make_trainer(tok, checkpoint_dir=str(tmp_path / "other"), **{**RUN, "fingerprint": REWARD_A, **change})
+    with pytest.raises(ResumeMismatchError, match=field) as e:
+        other.load_checkpoint(tmp_path / "run" / "update_000001")
+    assert list(e.value.fields) == [field]
+    old, new = e.value.fields[field]
+    assert old != new and str(old)[:12] in str(e.value) and str(new)[:12] in str(e.value)
+
+
+def test_settings_that_do_not_change_the_result_may_differ_on_resume(tok, tmp_path: Path) -> None:
+    _interrupted_run(tok, tmp_path / "run")
+    more = make_trainer(tok, checkpoint_dir=str(tmp_path / "next"), fingerprint=REWARD_A,
+                        **{**RUN, "num_updates": 3, "keep_checkpoints": 1, "sample_every": 1})
+    more.load_checkpoint(tmp_path / "run" / "update_000001")
+    assert more.train().updates == 3 and more.resumed_from["run"] == "run"
+
+
+def test_run_folders_are_marked_started_and_complete(tok, tmp_path: Path) -> None:
+    from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE, RUN_FILE
+
+    trainer = _interrupted_run(tok, tmp_path / "run")
+    assert (tmp_path / "run" / RUN_FILE).is_file() and not (tmp_path / "run" / COMPLETE_FILE).exists()
+    trainer.train()
+    assert (tmp_path / "run" / COMPLETE_FILE).is_file()
+
+
+def test_latest_is_the_newest_interrupted_run_of_this_configuration(tok, tmp_path: Path) -> None:
+    import json
+
+    from calibrated_rlhf.core.ppo import ResumeMismatchError, find_resumable
+
+    done = make_trainer(tok, checkpoint_dir=str(tmp_path / "done"), fingerprint=REWARD_A, **RUN)
+    done.train()  # finished: never offered
+    mine = _interrupted_run(tok, tmp_path / "older")
+    newer = _interrupted_run(tok, tmp_path / "newer", kl_target=3.0)  # interrupted later, other config
+    point = find_resumable(tmp_path, mine.fingerprint)
+    assert (point.run, point.update, point.checkpoint.name) == ("older", 1, "update_000001")
+    assert [(run, list(diffs)) for run, diffs in point.skipped] == [("newer", ["kl_target"])]
+    assert find_resumable(tmp_path, newer.fingerprint).run == "newer"
+
+    # no interrupted run of this configuration: refused, naming how the newest one differs
+    third = make_trainer(tok, checkpoint_dir=str(tmp_path / "third"), fingerprint=REWARD_A,
+                         **{**RUN, "kl_target": 5.0})
+    with pytest.raises(ResumeMismatchError, match="newer.*kl_target: 3.0 in the checkpoint, 5.0 now"):
+        find_resumable(tmp_path, third.fingerprint)
+
+    # a run that has been continued (and has moved on) is no longer interrupted; its continuation is
+    cont = make_trainer(tok, checkpoint_dir=str(tmp_path / "cont"), fingerprint=REWARD_A, **RUN)
+    cont.load_checkpoint(find_resumable(tmp_path, mine.fingerprint).checkpoint)
+    assert cont.resumed_from["run"] == "older"
+    cont.train(num_updates=1)  # starts (run.json names "older"), saves nothing new, is "killed"
+    assert find_resumable(tmp_path, mine.fingerprint).run == "older"  # nothing saved yet: still the one
+    cont.save_checkpoint()
+    assert find_resumable(tmp_path, mine.fingerprint).run == "cont"
+
+    # a run whose writer is alive on this host is in progress, not interrupted
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_file = tmp_path / "cont" / "run.json"
+        run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "pid": live.pid}))
+        # neither it nor the run it continues is offered: only "newer", of another configuration, is left
+        with pytest.raises(ResumeMismatchError, match="newer"):
+            find_resumable(tmp_path, mine.fingerprint)
+    finally:
+        live.kill()
+        live.wait()
+    assert find_resumable(tmp_path, mine.fingerprint).run == "cont"  # its writer is gone now
+
+
+def test_latest_without_any_interrupted_run(tmp_path: Path) -> None:
+    from calibrated_rlhf.core.ppo import find_resumable
+
+    with pytest.raises(FileNotFoundError, match="no interrupted run"):
+        find_resumable(tmp_path, {})
+
+
+def test_staging_debris_of_a_dead_writer_is_swept_and_never_listed(tok, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from calibrated_rlhf.core.staging import make_staging_dir, sweep_stale
+
+    _interrupted_run(tok, tmp_path / "run")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        name = "update_000002"
+        mine = make_staging_dir(tmp_path / "run", name)  # this process's: alive
+        debris = {pid: mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{pid}-")) for pid in
+                  (dead.pid, live.pid)}
+        for path in debris.values():
+            path.mkdir()
+            (path / "trainer_state.json").write_text("{}")  # even a complete-looking staging folder
+        assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["update_000001"]
+        assert sweep_stale(tmp_path) == [debris[dead.pid]]
+        assert mine.exists() and debris[live.pid].exists() and not debris[dead.pid].exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_checkpoint_is_staged_under_its_writers_name(tok, tmp_path: Path, monkeypatch) -> None:
+    from calibrated_rlhf.core.staging import host_name
+
+    seen = []
+    real_save = torch.save
+
+    def spy(obj, f, *a, **k):
+        seen.append(Path(f).parent.name)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", spy)
+    make_trainer(tok, checkpoint_dir=str(tmp_path), **RUN).train(num_updates=1)
+    prefix = f".update_000001.staging-{host_name()}-{os.getpid()}-"
+    assert seen and all(n.startswith(prefix) for n in seen)
