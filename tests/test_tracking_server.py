@@ -46,26 +46,41 @@ def squash(text: str) -> str:
 # ---- the check itself, against stand-in servers (fast) ----------------------------------------------
 
 
+JSON = ("application/json", b'{"experiments": []}')
+HTML = ("text/html; charset=utf-8", b"<!doctype html><html><body>Directory listing</body></html>")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, int] = {}
+    routes: dict[str, tuple[int, tuple[str, bytes] | None]] = {}
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        status = next((code for prefix, code in self.routes.items() if self.path.startswith(prefix)), 404)
+        status, answer = next((v for prefix, v in self.routes.items() if self.path.startswith(prefix)), (404, None))
         self.send_response(status)
+        if answer:
+            self.send_header("Content-Type", answer[0])
+            self.send_header("Content-Length", str(len(answer[1])))
         self.end_headers()
+        if answer:
+            self.wfile.write(answer[1])
 
     def log_message(self, *args) -> None:
         pass
 
 
-def _serve(routes: dict[str, int]) -> tuple[http.server.HTTPServer, str]:
+def _serve(routes: dict[str, tuple[int, tuple[str, bytes] | None]]) -> tuple[http.server.HTTPServer, str]:
     handler = type("Handler", (_Handler,), {"routes": routes})
     server = http.server.HTTPServer((LOOPBACK, 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://{LOOPBACK}:{server.server_port}"
 
 
-@pytest.mark.parametrize("routes", [{"/health": 200}, {"/api/2.0/mlflow/": 200}, {"/api/2.0/mlflow/": 401}])
+@pytest.mark.parametrize("routes", [
+    {"/health": (200, ("text/plain", b"OK")), "/api/2.0/mlflow/": (200, JSON)},
+    {"/api/2.0/mlflow/": (200, JSON)},  # an older server without /health
+    {"/api/2.0/mlflow/": (404, ("application/json", b'{"error_code": "ENDPOINT_NOT_FOUND"}'))},
+    {"/api/2.0/mlflow/": (401, None)},  # behind authentication
+    {"/api/2.0/mlflow/": (403, HTML)},
+])
 def test_check_accepts_a_server_that_answers(routes):
     server, uri = _serve(routes)
     try:
@@ -74,8 +89,38 @@ def test_check_accepts_a_server_that_answers(routes):
         server.shutdown()
 
 
+@pytest.mark.parametrize("routes", [
+    {"/": (200, HTML)},  # any web server: /health and the REST path answer its HTML
+    {"/health": (200, ("text/plain", b"OK")), "/api/": (404, HTML)},
+    {"/health": (200, None), "/api/2.0/mlflow/": (200, None)},
+    {"/api/2.0/mlflow/": (200, ("application/json", b"<html>"))},  # says JSON, is not
+])
+def test_check_refuses_a_web_server_that_is_not_mlflow(routes):
+    server, uri = _serve(routes)
+    try:
+        with pytest.raises(TrackingServerUnreachable, match=rf"{uri} is not an MLflow tracking server: "
+                                                            r"/api/2.0/mlflow/experiments/search answered HTTP \d+"):
+            check_tracking_server(uri, timeout=2)
+    finally:
+        server.shutdown()
+
+
+def test_check_refuses_a_plain_python_http_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", LOOPBACK],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_until_up(uri + "/", proc, lambda: "python -m http.server", timeout_s=30)
+        with pytest.raises(TrackingServerUnreachable, match=rf"{uri} is not an MLflow tracking server"):
+            check_tracking_server(uri, timeout=2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_check_rejects_a_failing_proxy_and_a_silent_port():
-    server, uri = _serve({"/": 502})
+    server, uri = _serve({"/": (502, None)})
     try:
         with pytest.raises(TrackingServerUnreachable, match=r"HTTP 502"):
             check_tracking_server(uri + "/", timeout=2)

@@ -200,31 +200,48 @@ def _ssl_context() -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
-def _http_status(url: str, timeout: float) -> int:
+def _http_get(url: str, timeout: float) -> tuple[int, str, bytes]:
+    """Status, content type and (up to 64 KiB of) body; HTTP errors are answers too."""
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=_ssl_context()) as resp:  # noqa: S310
-            return resp.status
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read(65536)
     except urllib.error.HTTPError as err:
-        return err.code
+        return err.code, err.headers.get("Content-Type", "") if err.headers else "", b""
+
+
+def _is_json(content_type: str, body: bytes) -> bool:
+    import json
+
+    if "json" not in content_type.lower():
+        return False
+    try:
+        json.loads(body or b"null")
+    except ValueError:
+        return False
+    return True
 
 
 def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
-    """Raise ``TrackingServerUnreachable`` if an http(s) tracking URI does not answer within ``timeout``.
+    """Raise ``TrackingServerUnreachable`` unless an http(s) tracking URI answers as an MLflow server.
 
-    ``/health`` answering 2xx is enough. Otherwise (an older server, a proxy with its own routes) the
-    REST API is asked: any answer below 500, 401/403 included, means a server is there.
-    Non-http URIs (sqlite, file, databricks) are not checked.
+    The REST API decides: ``experiments/search`` must answer JSON (2xx or 4xx: MLflow's errors are JSON
+    too), or 401/403 (a real server behind authentication). ``/health`` answering 2xx alone is not enough:
+    any web server at the wrong port (``python -m http.server``, a proxy's HTML page) answers that, and
+    MLflow would then fail much later, mid-run. Non-http URIs (sqlite, file, databricks) are not checked.
     """
     if not uri or urlsplit(uri).scheme not in ("http", "https"):
         return
     base = uri.rstrip("/")
     try:
-        status = _http_status(f"{base}/health", timeout)
-        if 200 <= status < 300:
+        status, content_type, body = _http_get(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout)
+        if status in (401, 403) or (status < 500 and _is_json(content_type, body)):
             return
-        status = _http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", timeout)
         if status < 500:
-            return
+            shown = content_type.split(";")[0] or "no content type"
+            raise TrackingServerUnreachable(
+                f"{_redact(uri)} is not an MLflow tracking server: /api/2.0/mlflow/experiments/search answered "
+                f"HTTP {status} with {shown}, not JSON. Point MLFLOW_TRACKING_URI at the MLflow server or unset it"
+            )
         reason = f"HTTP {status}"
     except urllib.error.URLError as err:
         reason = str(err.reason)
