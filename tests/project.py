@@ -21,11 +21,15 @@ def make_project(dst: Path) -> Path:
     return dst
 
 
+def kedro_env(project: Path) -> dict[str, str]:
+    """The environment of a `kedro run` in ``project``: its own sqlite MLflow store, offline, quiet."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+            "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
     """`kedro run ARGS` in ``project`` with its own sqlite MLflow store."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=env,
+    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=kedro_env(project),
                           capture_output=True, text=True, timeout=600)
 
 

@@ -169,12 +169,38 @@ def _conflict(node: str, ancestor: str, first: str, first_version: str, second: 
 # ---- the hook ---------------------------------------------------------------------------------------
 
 
+def init_sqlite_store(uri: str | None) -> None:
+    """Create (or migrate) an MLflow sqlite store once, under a file lock.
+
+    Two runs started together on a new store would both run MLflow's schema migrations, and one
+    fails (``duplicate column name``). Other stores are left to MLflow.
+    """
+    if not uri or not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    import mlflow
+
+    path = uri[len("sqlite:///"):]
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+
+
 class RunIsolation:
     """Pins versions when a run starts (before any other hook reads them); marks its outputs when it completes."""
 
     def __init__(self) -> None:
         self._resolved: dict[str, str] = {}
         self._lineage: dict[str, dict[str, str]] = {}
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
+    def after_context_created(self, context: Any) -> None:
+        from calibrated_rlhf.hooks import configured_tracking_uri
+
+        init_sqlite_store(configured_tracking_uri(context))
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
