@@ -111,6 +111,25 @@ def test_lineage_passes_through_loaded_artifacts_and_this_runs_outputs(tmp_path)
     assert origins["transform"] == {"tokenizer": old, "model": ours}
 
 
+def test_outputs_of_one_node_name_each_other(tmp_path):
+    """Pairs and their synthetic task come from one node: a run mixing two runs' of them is refused."""
+    old, new = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
+    both = Pipeline([Node(lambda: ("t", "m"), None, ["tokenizer", "model"], name="make")])
+    for version in (old, new):
+        catalog = _catalog(tmp_path, version)
+        resolved = resolve_versions(both, catalog)
+        origins = lineage(both, catalog, resolved)
+        catalog.save("tokenizer", "t")
+        catalog.save("model", "m")
+        for name in ("tokenizer", "model"):
+            write_marker(catalog.get(name), version, {"lineage": origins[name]})
+    assert origins["model"] == {"tokenizer": new}
+    pin = {"tokenizer": old}  # the newest model with an older tokenizer
+    catalog = _catalog(tmp_path, generate_timestamp(), pin)
+    with pytest.raises(InconsistentArtifacts, match=f"'model' \\(version {new}\\) was made from 'tokenizer'"):
+        lineage(USE, catalog, resolve_versions(USE, catalog, pin))
+
+
 def test_marker_round_trip(tmp_path):
     _save(tmp_path, "model", "2026-01-01T00.00.00.000Z", 1, made_from={"tokenizer": "x"})
     ds = _catalog(tmp_path, generate_timestamp()).get("model")

@@ -13,7 +13,7 @@ hooks) and adds one fact Kedro lacks: which versions come from runs that complet
   (or the user's ``--load-versions`` pin). No later load consults the disk again.
 - **Lineage.** A marker records the version of every versioned dataset its artifact was made from,
   directly or through loaded artifacts (a transform inherits the tokenizer its reward model was
-  trained with). Before anything runs, a node whose inputs disagree on the version of a common
+  trained with), and of the artifacts saved beside it by the same node (pairs and their synthetic task). Before anything runs, a node whose inputs disagree on the version of a common
   ancestor (a tokenizer of one run, a reward model trained with another's) is refused, naming both.
 """
 
@@ -150,7 +150,9 @@ def lineage(pipeline: Any, catalog: Any, resolved: dict[str, str]) -> dict[str, 
             conflicts.sort(key=lambda c: c[0] not in node.inputs)
             raise InconsistentArtifacts(_conflict(node.name, *conflicts[0], resolved))
         for out in node.outputs:
-            origins[out] = merged
+            # Outputs of one node belong together (pairs and their synthetic task): each names the others.
+            siblings = {o: resolved[o] for o in node.outputs if o != out and o in resolved}
+            origins[out] = {**merged, **siblings}
     return origins
 
 
