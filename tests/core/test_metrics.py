@@ -115,6 +115,25 @@ def test_reliability_curve_fields():
     assert curve.ece == pytest.approx((2 * 0.425 + 2 * 0.075 + 0.05) / 5)
 
 
+def test_a_value_on_an_inner_edge_goes_to_the_upper_bin():
+    """The documented bin rule: bin i holds edges[i] <= p < edges[i + 1], the last bin closed."""
+    # equal width, 4 bins: edges 0, .25, .5, .75, 1 (exact in binary), a value on each edge
+    p = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    y = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    curve = reliability_curve(p, y, n_bins=4, strategy="equal_width")
+    np.testing.assert_array_equal(curve.counts, [1, 1, 1, 2])
+    np.testing.assert_allclose(curve.confidence, [0.0, 0.25, 0.5, 0.875])
+    np.testing.assert_allclose(curve.frequency, [0.0, 1.0, 1.0, 0.5])
+    # by hand: (|0 - 0| + |.25 - 1| + |.5 - 1| + 2 |.875 - .5|) / 5
+    assert curve.ece == pytest.approx((0.0 + 0.75 + 0.5 + 2 * 0.375) / 5)
+    # equal mass, 2 bins over 4 values: the inner edge is the 3rd smallest value, which opens the upper bin
+    q = np.array([0.1, 0.3, 0.6, 0.9])
+    mass = reliability_curve(q, np.array([0.0, 0.0, 1.0, 1.0]), n_bins=2, strategy="equal_mass")
+    np.testing.assert_allclose(mass.edges, [0.1, 0.6, 0.9])
+    np.testing.assert_array_equal(mass.counts, [2, 2])
+    np.testing.assert_allclose(mass.confidence, [0.2, 0.75])
+
+
 def test_equal_mass_bins_never_split_ties():
     p = np.full(100, 0.5)
     y = np.r_[np.ones(50), np.zeros(50)]
