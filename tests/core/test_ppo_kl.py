@@ -121,7 +121,14 @@ def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator:
     ref, _ = tiny_models(tok, seed=5, value=False)  # a different reference: the KL is far from zero
     cfg = PPOConfig(seed=0, num_updates=1, batch_size=8, num_ppo_epochs=1, response_length=6,
                     learning_rate=1e-3, beta=0.1, kl_target=2.0, kl_estimator=estimator, temperature=temperature)
-    trainer = PPOTrainer(cfg, policy, tok, PROMPTS, score_fn, ref_policy=ref, value_model=vm)
+    scored = []
+
+    def recording_score_fn(prompts, responses):
+        out = score_fn(prompts, responses)
+        scored.append(out["normalized"].clone())
+        return out
+
+    trainer = PPOTrainer(cfg, policy, tok, PROMPTS, recording_score_fn, ref_policy=ref, value_model=vm)
     sampling_policy = copy.deepcopy(trainer.policy).eval()  # the weights the rollout samples from
 
     seen = []
@@ -132,9 +139,18 @@ def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator:
         seen.append((query.clone(), query_mask.clone(), out.responses.clone(), out.mask.clone()))
         return out
 
+    gae_inputs = []
+    real_gae = trainer_module.compute_gae
+
+    def gae_spy(rewards, values, mask, gamma, lam):
+        gae_inputs.append((rewards.clone(), mask.clone()))
+        return real_gae(rewards, values, mask, gamma, lam)
+
     monkeypatch.setattr(trainer_module, "sample_responses", spy)
+    monkeypatch.setattr(trainer_module, "compute_gae", gae_spy)
     metrics = trainer.step()
-    assert len(seen) == 1
+    assert len(seen) == 1 and len(gae_inputs) == 1 and len(scored) == 1
+    rewards, reward_mask = gae_inputs[0]
     query, qmask, responses, rmask = seen[0]
 
     def token_logprobs(model, prompt_ids, resp_ids):
@@ -156,6 +172,12 @@ def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator:
         d = lp - lr
         per_token = d if estimator == "k1" else torch.expm1(-d) + d
         seq_kls.append(float(per_token.sum()))
+        # the reward GAE sees: a KL penalty -beta * KL_t on every token, plus the score on the last one
+        n = len(resp_ids)
+        expected_rewards = -0.1 * per_token
+        expected_rewards[-1] += float(scored[0][b])
+        torch.testing.assert_close(rewards[b, :n].double(), expected_rewards, rtol=1e-3, atol=1e-4)
+        assert bool((rewards[b, n:] == 0).all()) and bool((reward_mask[b, :n] == 1).all())
     expected = sum(seq_kls) / len(seq_kls)
     assert abs(expected) > 0.05, "the two policies differ, so should their KL"
     assert metrics["ppo/objective/kl"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
