@@ -40,6 +40,12 @@ def test_two_processes_train_one_policy_and_log_one_run(tmp_path):
     assert run.data.metrics["ppo/perf/num_processes"] == 2
     betas = client.get_metric_history(run.info.run_id, "ppo/objective/beta")
     assert len(betas) == 3
+    # one checkpoint folder, named after the main process's MLflow run, written by both ranks
+    (run_dir,) = list((project / "data" / "06_models" / "ppo_checkpoints").iterdir())
+    assert run_dir.name == run.info.run_id and run.data.params["ppo.checkpoint_dir"].endswith(run_dir.name)
+    assert (run_dir / "COMPLETE").is_file() and not list(run_dir.glob(".*"))
+    last = sorted(run_dir.glob("update_*"))[-1]
+    assert last.name == "update_000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in last.iterdir()}
     # the ranks' logs show the same KL statistics: the controller saw globally reduced values
     import re
 

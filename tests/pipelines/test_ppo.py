@@ -170,3 +170,52 @@ def test_a_transform_of_other_weights_is_refused(reward_model, tiny_tokenizer):
     other = RewardTransform.from_dict({**mine.to_dict(), "reward_model_version": "0" * 64})
     with pytest.raises(ValueError, match="computed for one reward model with fingerprint 000000000000"):
         nodes.check_transform_matches(other, reward_model)
+
+
+@pytest.mark.slow
+def test_stage_resumes_latest_only_under_the_same_reward_model(reward_model, tiny_tokenizer, synthetic_pairs,
+                                                               tmp_path, caplog):
+    import copy
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    from calibrated_rlhf.core.backbone import build_causal_backbone
+    from calibrated_rlhf.core.ppo import PPOConfig, ResumeMismatchError
+    from calibrated_rlhf.core.staging import MARK, host_name
+
+    task = make_task(SyntheticSpec(seed=1, n_words=12))
+    reference = build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer)
+    data = dict(tokenizer=tiny_tokenizer, reward_transform=transform().to_dict(),
+                reference_responses=reference_set(synthetic_pairs), train_pairs=synthetic_pairs,
+                synthetic_task=task.to_dict())
+
+    def stage(rm, updates, **kw):
+        params = nodes.PPOParams(
+            trainer=PPOConfig(num_updates=updates, batch_size=8, response_length=4, num_ppo_epochs=1),
+            evaluation=nodes.EvaluationParams(n_prompts=2, samples_per_prompt=1),
+            checkpoint_root=str(tmp_path), checkpoint_every=1, **kw)
+        return nodes.train_ppo(reference, reward_model=rm, params=params, **data)
+
+    stage(reward_model, 2)
+    (first,) = tmp_path.iterdir()
+    assert len(first.name) == 32  # no MLflow run here: a uuid, not a clock
+    (first / "COMPLETE").unlink()  # as if killed after its last checkpoint
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    debris = {pid: first / f".update_000003{MARK}{host_name()}-{pid}-x1" for pid in (gone.pid, os.getpid())}
+    for path in debris.values():
+        path.mkdir()
+
+    other = copy.deepcopy(reward_model)
+    with torch.no_grad():
+        other.score.weight.add_(1.0)
+    with pytest.raises(ResumeMismatchError, match="reward_model"):
+        stage(other, 3, resume_from="latest")
+    assert not debris[gone.pid].exists() and debris[os.getpid()].exists()  # swept at the stage's start
+
+    with caplog.at_level(logging.INFO, logger="calibrated_rlhf.pipelines.ppo.nodes"):
+        _, history, *_ = stage(reward_model, 3, resume_from="latest")
+    assert f"PPO resumes run {first.name} from update 2" in caplog.text
+    assert [p["step"] for p in history["ppo/objective/kl"]] == [1, 2, 3]

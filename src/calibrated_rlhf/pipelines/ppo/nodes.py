@@ -184,7 +184,9 @@ def train_ppo(
     })
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
-    policy = copy.deepcopy(reference_policy)
+    # trainable whatever the reference's flags: the trainer freezes the reference in place, and a second
+    # run in the same process (a resume) must build the same optimizer as the first
+    policy = copy.deepcopy(reference_policy).requires_grad_(True)
     trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, params.reward,
                                        params.raw_reward_multiplier, offset),
