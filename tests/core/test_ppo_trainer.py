@@ -451,3 +451,16 @@ def test_a_checkpoint_is_staged_under_its_writers_name(tok, tmp_path: Path, monk
     make_trainer(tok, checkpoint_dir=str(tmp_path), **RUN).train(num_updates=1)
     prefix = f".update_000001.staging-{host_name()}-{os.getpid()}-"
     assert seen and all(n.startswith(prefix) for n in seen)
+
+
+def test_an_explicit_folder_resumes_whatever_its_run_state(tok, tmp_path: Path) -> None:
+    from calibrated_rlhf.core.ppo import resolve_resume
+
+    _interrupted_run(tok, tmp_path / "run")
+    assert resolve_resume(None, tmp_path, {}) is None
+    by_checkpoint = resolve_resume(tmp_path / "run" / "update_000001", tmp_path, {})
+    by_run = resolve_resume(tmp_path / "run", tmp_path, {})  # a run folder: its newest checkpoint
+    assert by_checkpoint.as_dict() == by_run.as_dict() == {
+        "run": "run", "update": 1, "checkpoint": str(tmp_path / "run" / "update_000001")}
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_resume(tmp_path / "nowhere", tmp_path, {})
