@@ -30,7 +30,8 @@ def bundle(tiny_tokenizer, tmp_path_factory):
     transform = RewardTransform(temperature=2.0, mean=0.5, std=1.5, clip=None, computed_on="test",
                                 reward_model_version=None, n=10)
     (root / "reward_transform.json").write_text(json.dumps(transform.to_dict()))
-    return {k: str(root / k) for k in ("reward_model", "tokenizer")} | {"reward_transform": str(root / "reward_transform.json")}
+    return {"reward_model": str(root / "reward_model"), "tokenizer": str(root / "tokenizer"),
+            "reward_transform": str(root / "reward_transform.json")}
 
 
 def served(bundle, **model_config) -> CalibratedRewardModel:

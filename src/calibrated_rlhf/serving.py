@@ -129,7 +129,8 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         from calibrated_rlhf.core.ensemble import score_rewards
         from calibrated_rlhf.core.preferences import render_ids
 
-        ids = {col: [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, texts)] for col, texts in responses.items()}
+        ids = {col: [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, texts)]
+               for col, texts in responses.items()}
         ids = fit_lengths(ids, self.max_length, self.overlength, getattr(self.tokenizer, "truncation_side", "right"))
         return score_rewards(self.model, [x for seqs in ids.values() for x in seqs], self.tokenizer.pad_token_id)
 

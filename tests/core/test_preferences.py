@@ -129,7 +129,8 @@ def test_ratings_that_contradict_the_label_are_a_bad_margin():
         prefs.validate(df, MarginParams(), ValidationParams(), source="'pairs.csv'")
     assert ("invalid preference data in 'pairs.csv' (rows are pair_id, the 0-based source row):\n"
             "- 2 row(s) have ratings that contradict the label (chosen rated below rejected) in field "
-            "'chosen_rating/rejected_rating': rows 1, 3 (row 1: chosen_rating 2 < rejected_rating 4)") in str(err.value)
+            "'chosen_rating/rejected_rating': rows 1, 3 (row 1: chosen_rating 2 < rejected_rating 4)"
+            ) in str(err.value)
     clean, dropped = prefs.validate(df, MarginParams(), ValidationParams(bad_margin="drop"))
     assert dropped == {"bad_margin": 2} and list(clean["pair_id"]) == [0, 2, 4, 5]
     assert list(clean["margin"]) == [4.0, 0.0, 0.0, 3.0]  # ties are no contradiction

@@ -115,3 +115,39 @@ def test_source_errors_are_clear(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="unsupported file type"):
         nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))
+
+
+def test_read_errors_name_the_file_and_the_line_or_row(tmp_path):
+    def read(name: str, text: str):
+        (tmp_path / name).write_text(text)
+        return nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / name)))
+
+    good = '{"prompt": "Q", "chosen": " a", "rejected": " b"}\n'
+    with pytest.raises(PreferenceDataError, match=r"'.*bad\.jsonl' line 3: not valid JSON \(Expecting"):
+        read("bad.jsonl", good + "\n" + '{"prompt": "Q", "chosen": " a",\n')
+    with pytest.raises(PreferenceDataError, match=r"'.*list\.jsonl' line 2: expected a JSON object, got list"):
+        read("list.jsonl", good + "[1, 2]\n")
+    for name in ("empty.csv", "empty.jsonl", "blank.json"):
+        with pytest.raises(PreferenceDataError, match=rf"'.*{name}' is empty"):
+            read(name, "" if name.startswith("empty") else "\n \n")
+    with pytest.raises(PreferenceDataError, match=r"'.*header\.csv' has no rows"):
+        read("header.csv", "prompt,chosen,rejected\n")
+    with pytest.raises(PreferenceDataError, match=r"'.*msgs\.csv' row 1 \(0-based, header excluded\), field 'chosen': "
+                                                  r"messages are not valid JSON"):
+        read("msgs.csv", 'prompt,chosen,rejected\nQ,"[{""role"": ""a"", ""content"": ""x""}]",b\n'
+                         'Q,"[{""role"": ""a"", ",b\n')
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(PreferenceDataError, match="empty.parquet' is empty"):
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "empty.parquet")))
+
+
+def test_parquet_message_lists_come_back_as_lists_and_split(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i % 8}"}], "chosen": [{"role": "assistant", "content": f"a{i}"}],
+             "rejected": [{"role": "assistant", "content": f"b{i}"}]} for i in range(32)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "conv.parquet")
+    pairs, dropped, _ = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "conv.parquet")),
+                                         MarginParams(), ValidationParams())
+    assert pairs.loc[5, "chosen"] == rows[5]["chosen"] and isinstance(pairs.loc[5, "prompt"], list)
+    pairs.to_parquet(tmp_path / "saved.parquet")  # as the catalog saves raw_pairs and split_pairs reads it back
+    splits = nodes.split_pairs(pd.read_parquet(tmp_path / "saved.parquet"), SplitParams())
+    assert sum(len(s) for s in splits) == 32 and isinstance(splits[0].loc[0, "chosen"], list)

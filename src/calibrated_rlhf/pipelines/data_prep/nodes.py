@@ -78,8 +78,18 @@ def _read_csv(p: Path) -> pd.DataFrame:
     df = pd.read_csv(p, keep_default_na=False)
     # Conversational data in CSV can only travel as JSON text; decode it back into messages.
     for col in prefs.TEXT_FIELDS:
-        if col in df.columns:
-            df[col] = [json.loads(v) if isinstance(v, str) and v.lstrip().startswith("[{") else v for v in df[col]]
+        if col not in df.columns:
+            continue
+        values = list(df[col])
+        for row, v in enumerate(values):
+            if isinstance(v, str) and v.lstrip().startswith("[{"):
+                try:
+                    values[row] = json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise prefs.PreferenceDataError(
+                        f"'{p}' row {row} (0-based, header excluded), field '{col}': messages are not valid JSON "
+                        f"({e.msg})") from e
+        df[col] = pd.Series(values, index=df.index, dtype=object)
     return df
 
 
@@ -90,7 +100,8 @@ def _read_file(path: str) -> pd.DataFrame:
     suffix = p.suffix.lower()
     readers = {".jsonl": _read_json, ".json": _read_json, ".parquet": pd.read_parquet, ".csv": _read_csv}
     if suffix not in readers:
-        raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+        raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' "
+                         "(use .jsonl, .json, .parquet or .csv)")
     if p.stat().st_size == 0 or (suffix != ".parquet" and not p.read_text().strip()):
         raise prefs.PreferenceDataError(f"'{path}' is empty: no preference pairs to read")
     df = readers[suffix](p)
