@@ -47,6 +47,7 @@ class MarginParams(BaseModel):
     """Where graded preference strengths come from, if anywhere."""
 
     model_config = STRICT
+
     enabled: bool = Field(True, description="Use margins when the data has them (a margin column or ratings).")
     column: str = Field("margin", description="Column holding a per-pair margin.")
     rating_columns: tuple[str, str] = Field(
@@ -60,6 +61,7 @@ class SplitParams(BaseModel):
     """Fractions of prompts per split; no prompt lands in two splits."""
 
     model_config = STRICT
+
     train: float = Field(0.6, ge=0)
     validation: float = Field(0.1, ge=0)
     calibration: float = Field(0.15, ge=0, description="Held out for the temperature fit only.")
