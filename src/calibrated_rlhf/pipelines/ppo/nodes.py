@@ -160,7 +160,9 @@ def train_ppo(
     per-update metrics, sample responses, the KL-control plot and a summary of the run.
 
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
-    reference set) anchors the proxy-gold gap on the synthetic task."""
+    reference set) anchors the proxy-gold gap on the synthetic task. Checkpoints go to
+    ``<checkpoint_root>/<MLflow run id>/``; ``resume_from`` continues a run of the same configuration
+    (its resume fingerprint: the trainer's plus :func:`stage_fingerprint`)."""
     original = RewardTransform.from_dict(reward_transform)
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
@@ -192,12 +194,7 @@ def train_ppo(
                                        params.raw_reward_multiplier, offset),
                          ref_policy=reference_policy,
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset))
-    if config.checkpoint_dir is not None:
-        log.info("PPO checkpoints of this run go to %s", run_dir)
-        _track(params={"ppo.checkpoint_dir": str(run_dir)})
-    resume = _resume_point(params.resume_from, root, trainer.fingerprint, run_dir)
-    if resume is not None:
-        _log_resume(resume, run_dir if config.checkpoint_dir is not None else None)
+    resume = _prepare_checkpoints(trainer, params.resume_from, root, run_dir)
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
@@ -275,6 +272,19 @@ def _run_folder_name() -> str:
 
     run = mlflow.active_run() if _is_main_process() else None
     return _from_main_process(run.info.run_id if run is not None else uuid.uuid4().hex)
+
+
+def _prepare_checkpoints(trainer: PPOTrainer, resume_from: str | None, root: Path,
+                         run_dir: Path) -> ResumePoint | None:
+    """Say where this run checkpoints; choose what it resumes from, and say that too."""
+    saving = trainer.config.checkpoint_dir is not None
+    if saving:
+        log.info("PPO checkpoints of this run go to %s", run_dir)
+        _track(params={"ppo.checkpoint_dir": str(run_dir)})
+    resume = _resume_point(resume_from, root, trainer.fingerprint, run_dir)
+    if resume is not None:
+        _log_resume(resume, run_dir if saving else None)
+    return resume
 
 
 def _resume_point(resume_from: str | None, root: Path, fingerprint: dict[str, Any],
