@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -30,6 +30,8 @@ CHAT_TEMPLATE = (
 
 class BackboneParams(BaseModel):
     """Where the backbone comes from, and the shape of the tiny default."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the run instead of being ignored
 
     name_or_path: str | None = Field(
         None, description="Hub id or local folder of a pretrained model; null builds the tiny model from config."

@@ -8,7 +8,7 @@ import tempfile
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
 from calibrated_rlhf.core.reward_model import HistoryCallback
@@ -17,6 +17,8 @@ from calibrated_rlhf.core.staging import staging_dir
 
 class SFTParams(BaseModel):
     """Supervised fine-tuning of the reference policy on the training responses."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the run instead of being ignored
 
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     num_train_epochs: float = Field(1.0, gt=0)

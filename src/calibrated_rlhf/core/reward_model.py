@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, TrainerCallback
 
 from calibrated_rlhf.core.staging import staging_dir
@@ -21,6 +21,8 @@ from calibrated_rlhf.core.staging import staging_dir
 
 class RewardTrainingParams(BaseModel):
     """Training settings of the reward model; mapped onto TRL's ``RewardConfig``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the run instead of being ignored
 
     center_rewards_coefficient: float | None = Field(
         0.01, ge=0, description="Weight of mean((r_chosen + r_rejected)^2): fixes the reward offset at 0. null = off."
