@@ -130,6 +130,20 @@ def test_outputs_of_one_node_name_each_other(tmp_path):
         lineage(USE, catalog, resolve_versions(USE, catalog, pin))
 
 
+def test_a_failed_run_removes_what_it_saved_and_nothing_else(tmp_path):
+    from calibrated_rlhf.run_integrity import discard_outputs
+
+    _save(tmp_path, "tokenizer", "2026-01-01T00.00.00.000Z", "tok")
+    ours = generate_timestamp()
+    catalog = _catalog(tmp_path, ours)
+    resolve_versions(TRAIN_AND_USE, catalog)
+    catalog.save("model", "half")  # then the run fails before 'transform'
+    before_tokenizer = sorted((tmp_path / "tokenizer.json").rglob("*"))
+    assert discard_outputs(TRAIN_AND_USE, catalog) == [str(tmp_path / "model.json" / ours)]
+    assert not (tmp_path / "model.json").exists()
+    assert sorted((tmp_path / "tokenizer.json").rglob("*")) == before_tokenizer
+
+
 def test_marker_round_trip(tmp_path):
     _save(tmp_path, "model", "2026-01-01T00.00.00.000Z", 1, made_from={"tokenizer": "x"})
     ds = _catalog(tmp_path, generate_timestamp()).get("model")

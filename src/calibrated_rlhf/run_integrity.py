@@ -7,7 +7,8 @@ hooks) and adds one fact Kedro lacks: which versions come from runs that complet
 
 - **Completion marker.** When a run completes, every versioned dataset it saved gets a marker beside
   it, ``<filepath>/<version>/_complete.json``, holding the marker's lineage (below). A failed or killed
-  run writes none, so nothing it saved is ever "latest".
+  run writes none, so nothing it saved is ever "latest"; a failed run also removes what it saved
+  (a killed one cannot: its versions stay, unmarked and never loaded).
 - **Isolation.** At the start of a run every versioned dataset of its pipeline is pinned once: what
   the run produces to the run's own save version, everything else to the newest *completed* version
   (or the user's ``--load-versions`` pin). No later load consults the disk again.
@@ -213,6 +214,11 @@ class RunIsolation:
             log.info("upstream versions (completed runs or pinned): %s",
                      ", ".join(f"{k}={v}" for k, v in upstream.items()))
 
+    @hook_impl
+    def on_pipeline_error(self, pipeline: Any, catalog: Any) -> None:
+        for folder in discard_outputs(pipeline, catalog):
+            log.warning("the run failed: removed its partial output %s", folder)
+
     # tryfirst: while kedro-mlflow's run is still active, so the marker names it.
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -223,6 +229,28 @@ class RunIsolation:
                 continue
             write_marker(ds, ds.resolve_save_version(), {**record, "dataset": name,
                                                          "lineage": self._lineage.get(name, {})})
+
+
+def discard_outputs(pipeline: Any, catalog: Any) -> list[str]:
+    """Remove what a failed run saved (its own save version of each output, never marked complete).
+
+    Nothing would load it anyway; removing it leaves the folder as it was before the run, so a bad
+    input costs no disk and misleads no one browsing ``data/``. Returns the removed folders.
+    """
+    removed = []
+    for name in sorted(pipeline.all_outputs()):
+        ds = _versioned(catalog, name)
+        if ds is None:
+            continue
+        fs, version = _fs(ds), ds.resolve_save_version()
+        folder = str(PurePosixPath(ds._filepath) / version)
+        if not fs.exists(folder) or read_marker(ds, version) is not None:
+            continue
+        fs.rm(folder, recursive=True)
+        removed.append(folder)
+        if fs.exists(str(ds._filepath)) and not fs.ls(str(ds._filepath)):
+            fs.rmdir(str(ds._filepath))  # the dataset's folder, if this run created it
+    return removed
 
 
 def _active_mlflow_run_id() -> str | None:
