@@ -1,0 +1,116 @@
+"""The published reward model loads and scores where this project cannot be imported: after a tiny `kedro run`,
+a fresh interpreter with the project's editable install taken off its import path loads the model from the
+MLflow registry by name (or, if no version is registered, from the run's logged model URI that
+``published_reward_model`` records) and scores a DataFrame, with only the code the model ships with."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.project import kedro, make_project
+
+pytestmark = pytest.mark.slow
+
+NAME = "calibrated-rlhf-reward-model"
+# The DAG up to publication, without PPO; the normalization's reference set is the data set's own responses
+# (cheaper than sampling the reference policy, which the slice still trains: normalization reads it).
+SLICE = ("--env", "tiny", "--pipelines", "data_prep,reward_model,calibration,policy_init,normalization",
+         "--params", "normalization.reference=dataset_responses")
+
+# Runs in the child. It takes the project off every import route first (the editable install's .pth entry on
+# sys.path, any editable finder on sys.meta_path, the working directory), proves the package is gone, then loads.
+CHILD = textwrap.dedent(r'''
+    import json, os, sys
+    import importlib.util
+
+    src = os.environ["PROJECT_SRC"]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and not os.path.realpath(p).startswith(src)]
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                        and "editable" not in getattr(f, "__name__", "").lower()]
+    sys.path_importer_cache.clear()
+    try:
+        import calibrated_rlhf  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"calibrated_rlhf is still importable from {calibrated_rlhf.__file__}")
+
+    import mlflow
+    import pandas as pd
+
+    uri = sys.argv[1]
+    model = mlflow.pyfunc.load_model(uri)
+    # the package the model imported is the copy it ships with, not the project's
+    shipped = sys.modules["calibrated_rlhf"].__file__
+    single = model.predict(pd.DataFrame({"prompt": ["Describe the food in Paris."] * 2,
+                                         "response": [" calm bright", " noisy dirty broken"]}))
+    pairs = model.predict(pd.DataFrame({"prompt": ["Describe the food in Paris."],
+                                        "chosen": [" calm bright"], "rejected": [" noisy dirty broken"]}))
+    print(json.dumps({"shipped": shipped, "single": single.to_dict("list"), "pairs": pairs.to_dict("list")}))
+''')
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("registered"))
+    proc = kedro(project, *SLICE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(Path(glob.glob(str(project / "data/06_models/published_reward_model.json/*/published_reward_model.json"))[0])
+                        .read_text())
+    transform = json.loads(Path(glob.glob(str(project / "data/06_models/reward_transform.json/*/reward_transform.json"))[0])
+                           .read_text())
+    return project, record, transform
+
+
+def model_uri(project: Path, record: dict) -> tuple[str, str]:
+    """(URI, how it was found): the newest registered version by name, else the run's logged model."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    versions = client.search_model_versions(f"name='{NAME}'")
+    if versions:
+        newest = max(int(v.version) for v in versions)
+        return f"models:/{NAME}/{newest}", "registry"
+    assert record.get("model_uri"), record
+    return record["model_uri"], "logged model of the run (no registered version)"
+
+
+def test_registered_model_scores_where_the_project_is_not_importable(published, tmp_path):
+    project, record, transform = published
+    uri, how = model_uri(project, record)
+    print(f"loading {uri} via {how}")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", PROJECT_SRC=os.path.realpath(src),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONNOUSERSITE="1")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.run([sys.executable, str(script), uri], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (how, proc.stdout[-2000:], proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not os.path.realpath(out["shipped"]).startswith(os.path.realpath(src)), out["shipped"]
+
+    single, pairs = out["single"], out["pairs"]
+    assert {"raw", "calibrated", "normalized"} <= set(single)
+    T, mean, std, clip = transform["temperature"], transform["mean"], transform["std"], transform["clip"]
+    bound = math.inf if clip is None else clip
+    for raw, cal, norm in zip(single["raw"], single["calibrated"], single["normalized"]):
+        # the transform the pipeline computed, applied by the served model
+        assert cal == pytest.approx(raw / T, rel=1e-5, abs=1e-6)
+        assert norm == pytest.approx(min(max((raw / T - mean) / std, -bound), bound), rel=1e-5, abs=1e-6)
+    assert single["raw"][0] != single["raw"][1]  # it reads the response
+    # a pair is scored as its two sides: p = sigmoid(calibrated_chosen - calibrated_rejected)
+    assert pairs["raw_chosen"][0] == pytest.approx(single["raw"][0], rel=1e-5, abs=1e-6)
+    assert pairs["raw_rejected"][0] == pytest.approx(single["raw"][1], rel=1e-5, abs=1e-6)
+    d = pairs["calibrated_chosen"][0] - pairs["calibrated_rejected"][0]
+    assert pairs["p_chosen_preferred"][0] == pytest.approx(1 / (1 + math.exp(-d)), rel=1e-5)
