@@ -205,6 +205,35 @@ def test_repeated_csv_header_is_an_error_or_dropped_and_counted(project):
 
 
 @pytest.mark.slow
+def test_rated_completions_become_pairs_with_rating_margins_and_counted_ties(project):
+    """One prompt, four rated completions (UltraFeedback-style dicts); one prompt whose completions all tie."""
+    rows = [{"prompt": f"Describe city {i}.",
+             "completions": [{"response": f" calm bright {i} {j}", "overall_score": float(j % 3)}
+                             for j in range(4)]} for i in range(N_PROMPTS * 2)]
+    rows.append({"prompt": "Describe nowhere.", "completions": [{"response": " a", "overall_score": 1.0},
+                                                                 {"response": " b", "overall_score": 1.0}]})
+    path = write_jsonl(project / "inputs" / "rated.jsonl", rows)
+    code, out = run(project, *source(path), "data_prep.completions.rule=best_vs_rest",
+                    "data_prep.completions.ratings_column=null", "data_prep.completions.score_field=overall_score",
+                    "data_prep.margin.rating_scale=0.5", name="rated")
+    assert code == 0, out[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("calibrated_rlhf")
+    (latest,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    m = latest.data.metrics
+    # Scores 0, 1, 2, 0: the best (2) against each lower one (0, 1, 0) is 3 pairs a prompt; the last prompt ties.
+    assert sum(m[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) == 3 * N_PROMPTS * 2
+    assert m["data/n_dropped_ties"] == 1
+    params_file = client.download_artifacts(latest.info.run_id, "run_config/run_params.json", str(project / "logs"))
+    session = json.loads(Path(params_file).read_text())["session_id"]
+    train = pd.read_parquet(project / "data/03_primary/train_pairs.parquet" / session / "train_pairs.parquet")
+    assert (train["margin"] == 0.5 * (train["chosen_rating"] - train["rejected_rating"])).all()
+    assert (train["chosen_rating"] == 2.0).all() and set(train["rejected_rating"]) <= {0.0, 1.0}
+
+
+@pytest.mark.slow
 def test_empty_csv_names_the_path(project):
     path = project / "inputs" / "empty.csv"
     path.write_text("")

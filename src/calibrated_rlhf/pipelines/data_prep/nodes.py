@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.backbone import BackboneParams, load_tokenizer, train_tokenizer
+from calibrated_rlhf.core.completions import CompletionParams, completions_to_pairs, is_rated_completions
 from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
@@ -139,20 +141,29 @@ def read_source(source: SourceParams) -> tuple[pd.DataFrame, str]:
 
 
 def load_pairs(
-    source: SourceParams, margin: prefs.MarginParams, validation: prefs.ValidationParams
+    source: SourceParams, margin: prefs.MarginParams, validation: prefs.ValidationParams,
+    completions: CompletionParams,
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
     """Validated canonical pairs from the configured source, the drop counts, and the synthetic task's
-    ground truth (empty otherwise). Validation happens here, before the first save: bad data fails the
-    run naming the source, rows and field, and leaves no artifact behind."""
+    ground truth (empty otherwise). Rated completions (prompt, completions, ratings) become pairs first.
+    Validation happens here, before the first save: bad data fails the run naming the source, rows and
+    field, and leaves no artifact behind."""
+    ties = 0
     if source.kind == "synthetic":
         spec = SyntheticSpec(**source.synthetic.model_dump())
         task = make_task(spec)
         raw, task_dict, where = make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}, "synthetic task"
     else:
         (raw, where), task_dict = read_source(source), {}
+        if is_rated_completions(raw, completions):
+            n_rows = len(raw)
+            raw, ties = completions_to_pairs(raw, completions, where)
+            log.info("built %d pairs from %d rated rows (%s), %d tie(s) dropped", len(raw), n_rows, completions.rule,
+                     ties)
     log.info("read %d pairs from %s", len(raw), where)
     # The synthetic task's ratings bin the gold reward while its labels are sampled: they disagree by design.
     pairs, dropped = prefs.validate(raw, margin, validation, check_ratings=source.kind != "synthetic", source=where)
+    dropped = {**dropped, "ties": ties} if ties else dropped
     for kind, n in dropped.items():
         log.warning("dropped %d pair(s): %s", n, kind)
     return pairs, dropped, task_dict
@@ -214,13 +225,13 @@ def report_data(
     """Split sizes and drop counts as metrics; the data's content hash per split as tags."""
     dropped = {**dropped_invalid, **{k: v for k, v in dropped_length.items() if v}}
     values = {
-        "data/n_train": len(train),
-        "data/n_validation": len(validation),
-        "data/n_calibration": len(calibration),
-        "data/n_test": len(test),
-        "data/n_dropped": sum(dropped.values()),
-        **{f"data/n_dropped_{k}": v for k, v in dropped.items()},
+        keys.DATA_N_TRAIN: len(train),
+        keys.DATA_N_VALIDATION: len(validation),
+        keys.DATA_N_CALIBRATION: len(calibration),
+        keys.DATA_N_TEST: len(test),
+        keys.DATA_N_DROPPED: sum(dropped.values()),
+        **{keys.data_n_dropped(k): v for k, v in dropped.items()},
     }
-    tags = {f"data/content_hash/{s}": prefs.content_hash(df)
+    tags = {keys.data_content_hash_tag(s): prefs.content_hash(df)
             for s, df in zip(prefs.SPLITS, (train, validation, calibration, test))}
     return as_metrics(values), tags

@@ -10,7 +10,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             # Loading validates: bad rows fail the run (or are dropped) before anything is saved.
             Node(nodes.load_pairs,
-                 ["params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation"],
+                 ["params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation",
+                  "params:data_prep.completions"],
                  ["raw_pairs", "dropped_invalid", "synthetic_task"], name="load_pairs"),
             Node(nodes.split_pairs, ["raw_pairs", "params:data_prep.split"],
                  ["train_pairs_unchecked", "validation_pairs_unchecked", "calibration_pairs_unchecked",
