@@ -122,16 +122,16 @@ def time_lbfgs_recipe(margins: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 
 def reference_temperature(margins: np.ndarray, labels: np.ndarray, tol: float = 1e-14) -> float:
-    """Independent check (untimed): plain float64 Newton on beta from beta = 0, full data every step."""
+    """Independent check (untimed): plain float64 Newton on inv_temperature from 0, full data every step."""
     m = margins.astype(np.float64)
     y = labels.astype(np.float64)
-    beta = 0.0
+    inv_temperature = 0.0
     for _ in range(100):
-        p = 0.5 * (1.0 + np.tanh(0.5 * beta * m))
+        p = 0.5 * (1.0 + np.tanh(0.5 * inv_temperature * m))
         step = np.mean((p - y) * m) / np.mean(p * (1.0 - p) * m * m)
-        beta -= step
-        if abs(step) < tol * beta:
-            return 1.0 / beta
+        inv_temperature -= step
+        if abs(step) < tol * inv_temperature:
+            return 1.0 / inv_temperature
     raise RuntimeError("reference Newton did not converge")
 
 

@@ -43,18 +43,19 @@ def signed(margins: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def mp_reference_temperature(margins: np.ndarray, labels: np.ndarray, digits: int = 40) -> float:
-    """Root of the likelihood gradient in beta = 1/T, in `digits`-digit arithmetic (Newton from the IRLS start)."""
+    """Root of the likelihood gradient in inv_temperature = 1/T, in `digits`-digit arithmetic (Newton from the
+    IRLS start)."""
     with mpmath.workdps(digits):
         x = [mpmath.mpf(float(v)) for v in signed(margins, labels)]
-        beta = 2 * mpmath.fsum(x) / mpmath.fsum(v * v for v in x)
+        inv_temperature = 2 * mpmath.fsum(x) / mpmath.fsum(v * v for v in x)
         for _ in range(100):
-            q = [1 / (1 + mpmath.exp(beta * v)) for v in x]
+            q = [1 / (1 + mpmath.exp(inv_temperature * v)) for v in x]
             grad = -mpmath.fsum(v * qi for v, qi in zip(x, q))
             hess = mpmath.fsum(v * v * qi * (1 - qi) for v, qi in zip(x, q))
             step = grad / hess
-            beta -= step
-            if abs(step) < mpmath.mpf(10) ** (-digits + 5) * beta:
-                return float(1 / beta)
+            inv_temperature -= step
+            if abs(step) < mpmath.mpf(10) ** (-digits + 5) * inv_temperature:
+                return float(1 / inv_temperature)
     raise AssertionError("reference Newton did not converge")
 
 
@@ -62,12 +63,12 @@ def brentq_reference_temperature(margins: np.ndarray, labels: np.ndarray) -> flo
     """Root of the float64 gradient by Brent's method to the last bits (independent of Newton)."""
     x = signed(margins, labels)
 
-    def grad(beta: float) -> float:
+    def grad(inv_temperature: float) -> float:
         with np.errstate(over="ignore"):
-            return -float(np.mean(x / (1.0 + np.exp(beta * x))))
+            return -float(np.mean(x / (1.0 + np.exp(inv_temperature * x))))
 
-    beta = optimize.brentq(grad, 1e-14, 1e14, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
-    return 1.0 / beta
+    inv_temperature = optimize.brentq(grad, 1e-14, 1e14, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+    return 1.0 / inv_temperature
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_reversed_ranking_is_an_error():
 
 
 def test_chance_level_margins_go_to_the_upper_bound_with_a_warning():
-    # Mean signed margin < 0: the likelihood is maximized at beta <= 0, i.e. beyond t_max.
+    # Mean signed margin < 0: the likelihood is maximized at inv_temperature <= 0, i.e. beyond t_max.
     margins = np.tile([1.0, 1.0, -2.0, -2.0], 25)
     with pytest.warns(CalibrationWarning, match="no better than chance"):
         fit = fit_temperature(margins, bounds=(0.1, 1000.0))
@@ -334,7 +335,7 @@ def test_optimum_below_the_lower_bound_is_flagged():
 
 
 def test_newton_from_unit_temperature_would_diverge_but_the_fit_does_not():
-    # Large margins: beta = 1 puts every pair deep in saturation (the naive start fails here).
+    # Large margins: inv_temperature = 1 puts every pair deep in saturation (the naive start fails here).
     margins, labels, _ = draw_pairs(5000, temperature=300.0, z_std=1.5, seed=13)
     fit = fit_temperature(margins, labels)
     assert fit.temperature == pytest.approx(brentq_reference_temperature(margins, labels), rel=1e-10)

@@ -4,16 +4,17 @@ The Bradley-Terry loss only pins down reward *differences*, and their scale depe
 went, so we fit one scalar ``temperature`` on held-out pairs such that ``sigmoid(margin / temperature)``
 predicts the preference labels as well as possible (minimum mean binary cross-entropy).
 
-The objective is convex in ``beta = 1 / temperature`` (a one-parameter logistic regression without
+The objective is convex in ``inv_temperature = 1 / temperature`` (a one-parameter logistic regression without
 intercept), so we solve it exactly in float64 with a safeguarded Newton iteration instead of a
 generic optimizer with a loose tolerance:
 
 * every pair is folded into a *signed margin* ``x`` (``margin`` if the label is 1, ``-margin`` if it
-  is 0), so all labels are 1 and the loss is ``mean(softplus(-beta * x))``;
-* with ``s = beta * x`` and ``q = sigmoid(-s)`` the Newton update is
-  ``beta <- beta * (1 + sum(s q) / sum(s^2 q (1 - q)))``. The step is relative, so the stopping rule
+  is 0), so all labels are 1 and the loss is ``mean(softplus(-inv_temperature * x))``;
+* with ``s = inv_temperature * x`` and ``q = sigmoid(-s)`` the Newton update is
+  ``inv_temperature <- inv_temperature * (1 + sum(s q) / sum(s^2 q (1 - q)))``. The step is relative,
+  so the stopping rule
   is scale-free and ``a * margins`` gives ``a * temperature`` up to rounding;
-* the gradient is monotone in beta, so every evaluation tightens a bracket around the root; a
+* the gradient is monotone in inv_temperature, so every evaluation tightens a bracket around the root; a
   Newton step that leaves the bracket (or stalls) is replaced by geometric bisection, and the
   temperature bounds close the bracket;
 * large inputs first solve a systematic subsample (within ~1% of the optimum), then take full-data
@@ -38,7 +39,7 @@ DEFAULT_MIN_PAIRS = 10
 # Chunks small enough to stay in L2 cache: each evaluation makes several passes per element, and
 # cache-resident passes are several times faster than streaming 80 MB float64 arrays through memory.
 _CHUNK = 1 << 15
-# A beta * margin beyond this overflows float64 arithmetic in the likelihood.
+# An inv_temperature * margin beyond this overflows float64 arithmetic in the likelihood.
 _MAX_ABS_MARGIN = 1e300
 
 
@@ -128,7 +129,8 @@ def _signed_margins(margins: Any, labels: Any | None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# Likelihood evaluations on signed margins x (all labels 1): loss(beta) = mean(softplus(-beta * x))
+# Likelihood evaluations on signed margins x (all labels 1):
+# loss(inv_temperature) = mean(softplus(-inv_temperature * x))
 
 
 def _chunks(x: np.ndarray):
@@ -159,16 +161,16 @@ class _Moments:
         return cls(int(x.size), sum_x, sum_xx, sum_abs)
 
 
-def _newton_sums(x: np.ndarray, moments: _Moments, beta: float) -> tuple[float, float]:
-    """Return ``A = sum(s q)`` and ``B = sum(s^2 q (1 - q))`` with ``s = beta x``, ``q = sigmoid(-s)``.
+def _newton_sums(x: np.ndarray, moments: _Moments, inv_temperature: float) -> tuple[float, float]:
+    """Return ``A = sum(s q)`` and ``B = sum(s^2 q (1 - q))`` with ``s = inv_temperature x``, ``q = sigmoid(-s)``.
 
-    The loss gradient is ``-A / (n beta)``, and the Newton update is ``beta * (1 + A / B)``.
+    The loss gradient is ``-A / (n inv_temperature)``, and the Newton update is ``inv_temperature * (1 + A / B)``.
     With ``t = tanh(s / 2)`` we have ``q = (1 - t) / 2`` and ``q (1 - q) = (1 - t^2) / 4``, so
-    ``A = (beta sum(x) - sum(s t)) / 2`` and ``B = (beta^2 sum(x^2) - sum((s t)^2)) / 4``: one
+    ``A = (inv_temperature sum(x) - sum(s t)) / 2`` and ``B = (inv_temperature^2 sum(x^2) - sum((s t)^2)) / 4``: one
     transcendental and four cheap passes per element, and tanh never overflows. The cancellation
     in A is the one inherent in a gradient at its root; B only steers the step size.
     """
-    half = np.float64(0.5 * beta)  # a float64 scalar promotes float32 chunks to float64
+    half = np.float64(0.5 * inv_temperature)  # a float64 scalar promotes float32 chunks to float64
     size = min(_CHUNK, x.size)
     v_buf = np.empty(size)
     u_buf = np.empty(size)
@@ -181,48 +183,48 @@ def _newton_sums(x: np.ndarray, moments: _Moments, beta: float) -> tuple[float, 
         np.multiply(v, u, out=u)  # s t / 2
         sum_u += float(u.sum())
         sum_uu += float(np.einsum("i,i->", u, u))
-    a_sum = 0.5 * beta * moments.sum_x - sum_u
-    b_sum = 0.25 * beta * beta * moments.sum_xx - sum_uu
+    a_sum = 0.5 * inv_temperature * moments.sum_x - sum_u
+    b_sum = 0.25 * inv_temperature * inv_temperature * moments.sum_xx - sum_uu
     return a_sum, b_sum
 
 
-def _mean_nll(x: np.ndarray, moments: _Moments, beta: float) -> float:
-    """Mean ``softplus(-beta x)`` as ``log1p(exp(-|s|)) + max(-s, 0)``, which never overflows.
+def _mean_nll(x: np.ndarray, moments: _Moments, inv_temperature: float) -> float:
+    """Mean ``softplus(-inv_temperature x)`` as ``log1p(exp(-|s|)) + max(-s, 0)``, which never overflows.
 
-    ``sum(max(-s, 0)) = beta (sum|x| - sum x) / 2`` comes from the moments.
+    ``sum(max(-s, 0)) = inv_temperature (sum|x| - sum x) / 2`` comes from the moments.
     """
-    neg_beta = np.float64(-beta)
+    neg_inv_temperature = np.float64(-inv_temperature)
     buf = np.empty(min(_CHUNK, x.size))
     total = 0.0
     for chunk in _chunks(x):
         t = buf[: chunk.size]
         np.abs(chunk, out=t)
-        t *= neg_beta
+        t *= neg_inv_temperature
         np.exp(t, out=t)
         np.log1p(t, out=t)
         total += float(t.sum())
-    total += 0.5 * beta * (moments.sum_abs - moments.sum_x)
+    total += 0.5 * inv_temperature * (moments.sum_abs - moments.sum_x)
     return total / x.size
 
 
 @dataclass(frozen=True)
 class _Solution:
-    beta: float
+    inv_temperature: float
     n_iter: int
     converged: bool
-    bound: str | None  # "beta_min", "beta_max" or None
+    bound: str | None  # "inv_temperature_min", "inv_temperature_max" or None
     curvature_sum: float  # B at the last evaluation, for the standard error
 
 
-def _solve_beta(
+def _solve_inv_temperature(
     sums: Callable[[float], tuple[float, float]],
-    beta: float,
-    beta_min: float,
-    beta_max: float,
+    inv_temperature: float,
+    inv_temperature_min: float,
+    inv_temperature_max: float,
     rtol: float,
     max_iter: int,
 ) -> _Solution:
-    """Safeguarded Newton on the monotone gradient, constrained to ``[beta_min, beta_max]``.
+    """Safeguarded Newton on the monotone gradient, constrained to ``[inv_temperature_min, inv_temperature_max]``.
 
     Every evaluation moves one end of the bracket ``[lo, hi]`` around the root. A Newton step is
     taken when it lands inside the bracket and (once both ends are known) shrinks at least by half
@@ -230,39 +232,39 @@ def _solve_beta(
     been evaluated is just the bound, and only evaluating the bound itself can tell whether the
     optimum lies beyond it.
     """
-    lo, hi = beta_min, beta_max
+    lo, hi = inv_temperature_min, inv_temperature_max
     lo_known = hi_known = False
     prev_step = math.inf
     b_sum = math.nan
     for it in range(1, max_iter + 1):
-        a_sum, b_sum = sums(beta)
+        a_sum, b_sum = sums(inv_temperature)
         if a_sum == 0.0:
-            return _Solution(beta, it, True, None, b_sum)
-        if a_sum > 0.0:  # gradient < 0: the optimum lies above beta
-            if beta >= beta_max:
-                return _Solution(beta_max, it, True, "beta_max", b_sum)
-            lo, lo_known = beta, True
+            return _Solution(inv_temperature, it, True, None, b_sum)
+        if a_sum > 0.0:  # gradient < 0: the optimum lies above inv_temperature
+            if inv_temperature >= inv_temperature_max:
+                return _Solution(inv_temperature_max, it, True, "inv_temperature_max", b_sum)
+            lo, lo_known = inv_temperature, True
         else:
-            if beta <= beta_min:
-                return _Solution(beta_min, it, True, "beta_min", b_sum)
-            hi, hi_known = beta, True
-        step = beta * (a_sum / b_sum) if b_sum > 0.0 else math.nan
-        candidate = beta + step
+            if inv_temperature <= inv_temperature_min:
+                return _Solution(inv_temperature_min, it, True, "inv_temperature_min", b_sum)
+            hi, hi_known = inv_temperature, True
+        step = inv_temperature * (a_sum / b_sum) if b_sum > 0.0 else math.nan
+        candidate = inv_temperature + step
         stalled = lo_known and hi_known and abs(step) > 0.5 * abs(prev_step)
         if lo < candidate < hi and not stalled:
-            if abs(step) <= rtol * beta:
+            if abs(step) <= rtol * inv_temperature:
                 return _Solution(candidate, it, True, None, b_sum)
         elif a_sum > 0.0 and not hi_known:
-            candidate = beta_max
+            candidate = inv_temperature_max
         elif a_sum < 0.0 and not lo_known:
-            candidate = beta_min
+            candidate = inv_temperature_min
         else:
-            candidate = math.sqrt(lo * hi)  # beta may span decades: bisect in log space
+            candidate = math.sqrt(lo * hi)  # inv_temperature may span decades: bisect in log space
         if hi - lo <= rtol * lo:
             return _Solution(0.5 * (lo + hi), it, True, None, b_sum)
-        prev_step = candidate - beta
-        beta = candidate
-    return _Solution(beta, max_iter, False, None, b_sum)
+        prev_step = candidate - inv_temperature
+        inv_temperature = candidate
+    return _Solution(inv_temperature, max_iter, False, None, b_sum)
 
 
 def _warm_start_sample(x: np.ndarray) -> np.ndarray | None:
@@ -303,7 +305,7 @@ def fit_temperature(
         min_pairs: fewer pairs than this raise ``ValueError``.
         bounds: ``(t_min, t_max)``; the temperature is constrained to this interval. The bounds are
             absolute, so scale invariance (``a * margins -> a * T``) holds for fits inside them.
-        rtol: stop once a full-data Newton step changes beta by at most ``rtol`` relative; quadratic
+        rtol: stop once a full-data Newton step changes inv_temperature by at most ``rtol`` relative; quadratic
             convergence leaves an error of order ``rtol**2``, i.e. float64 precision.
         max_iter: cap on gradient evaluations per stage (warm start, full data).
 
@@ -316,7 +318,7 @@ def fit_temperature(
           A single label class is fine unless it is separable in this sense.
         * Every nonzero margin ordered against its label raises ``ValueError``: no positive
           temperature can reverse a ranking, so this almost always means a swapped sign convention.
-        * Margins that predict no better than chance (optimum at ``beta <= 1/t_max``) return
+        * Margins that predict no better than chance (optimum at ``inv_temperature <= 1/t_max``) return
           ``t_max`` with ``at_bound=True`` and a warning, as does an optimum below ``t_min``.
         * Pairs with margin 0 carry no information about the temperature; they count in
           ``n_pairs`` and in the NLL (``log 2`` each) but do not move the optimum.
@@ -348,39 +350,39 @@ def fit_temperature(
             "label 1 = a preferred)"
         )
     moments = _Moments.of(x)
-    beta_min, beta_max = 1.0 / t_max, 1.0 / t_min
+    inv_temperature_min, inv_temperature_max = 1.0 / t_max, 1.0 / t_min
     done = _FitBuilder(x, moments, n, (t_min, t_max))
 
     if x_min >= 0.0:
         return done.at_bound(
-            beta_max,
+            inv_temperature_max,
             f"pairs are perfectly separable (every nonzero margin agrees with its label), so the "
             f"likelihood keeps increasing as the temperature goes to 0; returning the lower bound "
             f"t_min={t_min:g}. Calibrate on more (or harder) held-out pairs.",
         )
 
-    # The IRLS start (p = 1/2 everywhere) is safe; a Newton start at beta = 1 can diverge.
-    beta0, n_sub_iter = beta_min, 0
+    # The IRLS start (p = 1/2 everywhere) is safe; a Newton start at inv_temperature = 1 can diverge.
+    inv_temperature0, n_sub_iter = inv_temperature_min, 0
     sample = _warm_start_sample(x)
     if sample is not None:
         sample_moments = _Moments.of(sample)
-        pre = _solve_beta(
-            lambda b: _newton_sums(sample, sample_moments, b), beta0, beta_min, beta_max, rtol, max_iter
-        )
-        beta0, n_sub_iter = pre.beta, pre.n_iter
-    sol = _solve_beta(lambda b: _newton_sums(x, moments, b), beta0, beta_min, beta_max, rtol, max_iter)
+        pre = _solve_inv_temperature(lambda b: _newton_sums(sample, sample_moments, b), inv_temperature0,
+                                     inv_temperature_min, inv_temperature_max, rtol, max_iter)
+        inv_temperature0, n_sub_iter = pre.inv_temperature, pre.n_iter
+    sol = _solve_inv_temperature(lambda b: _newton_sums(x, moments, b), inv_temperature0, inv_temperature_min,
+                                 inv_temperature_max, rtol, max_iter)
 
-    if sol.bound == "beta_max":
+    if sol.bound == "inv_temperature_max":
         return done.at_bound(
-            beta_max,
+            inv_temperature_max,
             f"the maximum-likelihood temperature is below the lower bound t_min={t_min:g} "
             f"(nearly separable pairs); returning t_min",
             sol.n_iter,
             n_sub_iter,
         )
-    if sol.bound == "beta_min":
+    if sol.bound == "inv_temperature_min":
         return done.at_bound(
-            beta_min,
+            inv_temperature_min,
             f"the margins predict the labels no better than chance at any temperature up to "
             f"t_max={t_max:g}; returning t_max (calibrated probabilities are all close to 1/2)",
             sol.n_iter,
@@ -399,14 +401,15 @@ class _FitBuilder:
     bounds: tuple[float, float]
 
     def interior(self, sol: _Solution, n_sub_iter: int) -> TemperatureFit:
-        temperature = 1.0 / sol.beta
+        temperature = 1.0 / sol.inv_temperature
         if not math.isfinite(temperature):
             raise FloatingPointError(f"temperature fit produced a non-finite value ({temperature})")
-        # Var(beta_hat) = 1 / (n * mean Hessian) = beta^2 / B and dT = -dbeta / beta^2.
+        # Var(inv_temperature_hat) = 1 / (n * mean Hessian) = inv_temperature^2 / B, and
+        # dT = -d_inv_temperature / inv_temperature^2.
         std_error = temperature / math.sqrt(sol.curvature_sum) if sol.curvature_sum > 0 else None
         return TemperatureFit(
             temperature=temperature,
-            nll=_mean_nll(self.x, self.moments, sol.beta),
+            nll=_mean_nll(self.x, self.moments, sol.inv_temperature),
             n_pairs=self.n,
             n_iter=sol.n_iter,
             at_bound=False,
@@ -417,11 +420,11 @@ class _FitBuilder:
             bounds=self.bounds,
         )
 
-    def at_bound(self, beta: float, message: str, n_iter: int = 0, n_sub_iter: int = 0) -> TemperatureFit:
+    def at_bound(self, inv_temperature: float, message: str, n_iter: int = 0, n_sub_iter: int = 0) -> TemperatureFit:
         warnings.warn(message, CalibrationWarning, stacklevel=3)
         return TemperatureFit(
-            temperature=self.bounds[0] if beta > 1.0 / self.bounds[1] else self.bounds[1],
-            nll=_mean_nll(self.x, self.moments, beta),
+            temperature=self.bounds[0] if inv_temperature > 1.0 / self.bounds[1] else self.bounds[1],
+            nll=_mean_nll(self.x, self.moments, inv_temperature),
             n_pairs=self.n,
             n_iter=n_iter,
             at_bound=True,
