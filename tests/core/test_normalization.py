@@ -308,3 +308,53 @@ def test_affine_reward_change_leaves_probabilities_and_normalized_rewards_unchan
     tol = 1e-9 + 1e-14 * abs(shift) / scale
     np.testing.assert_allclose(z2, z, rtol=0, atol=tol)
     assert moved.std * moved.temperature == pytest.approx(scale * base.std * base.temperature, rel=1e-9)
+
+
+# ---- the baselines and the scale experiment, beside the transform ---------------------------------------
+
+
+def _transform(**kw):
+    base = dict(temperature=2.0, mean=0.5, std=1.5, clip=5.0, computed_on="policy_samples",
+                reward_model_version="abc", n=10)
+    return RewardTransform(**{**base, **kw})
+
+
+def test_rescaled_transform_gives_the_same_normalized_reward_for_scaled_raw_outputs():
+    t = _transform()
+    raw = np.array([-3.0, 0.1, 2.5, 7.0])
+    for a in (0.25, 1.0, 4.0):
+        np.testing.assert_allclose(t.rescaled(a).normalize(a * raw), t.normalize(raw), rtol=1e-12)
+    assert t.rescaled(1.0) is t
+    with pytest.raises(ValueError, match="multiplier"):
+        t.rescaled(0.0)
+
+
+def test_scale_of_each_reward_in_normalized_units():
+    t = _transform()
+    raw = np.random.default_rng(0).normal(size=1000) * 3.0
+    # The spread of each optimized reward, divided by the normalized reward's spread (no clip active).
+    z_std = t.normalize(raw).std()
+    assert t.scale_of("normalized") == 1.0
+    assert t.scale_of("calibrated") == pytest.approx(t.calibrate(raw).std() / z_std)
+    assert t.scale_of("raw") == pytest.approx(raw.std() / z_std)
+    with pytest.raises(ValueError, match="reward must be one of"):
+        t.scale_of("whitened")
+
+
+def test_minmax_batch_depends_on_the_batch_and_maps_to_the_unit_interval():
+    from calibrated_rlhf.core.normalization import minmax_batch
+
+    raw = np.array([1.0, 3.0, 2.0])
+    np.testing.assert_allclose(minmax_batch(raw), [0.0, 1.0, 0.5])
+    # The same response (raw 2.0) gets another reward in another batch: the scale floats.
+    assert minmax_batch(np.array([2.0, 10.0]))[0] != minmax_batch(raw)[2]
+    np.testing.assert_array_equal(minmax_batch(np.array([4.0, 4.0])), [0.0, 0.0])
+
+
+def test_identity_transform_is_calibration_only():
+    from calibrated_rlhf.core.normalization import identity_transform
+
+    stats = RewardStats.from_values(np.array([1.0, 2.0, 3.0, 4.0]))
+    t = identity_transform(2.0, stats, None, "abc")
+    assert (t.mean, t.std, t.computed_on, t.n) == (0.0, 1.0, "none", 4)
+    np.testing.assert_allclose(t.normalize(np.array([4.0])), t.calibrate(np.array([4.0])))

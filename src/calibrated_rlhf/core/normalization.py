@@ -16,7 +16,7 @@ are unchanged: the transform removes the reward model's arbitrary offset and sca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -441,6 +441,28 @@ class RewardTransform:
             return z.clamp(-self.clip, self.clip)
         return np.clip(z, -self.clip, self.clip)
 
+    def rescaled(self, multiplier: float) -> RewardTransform:
+        """The transform calibration would produce for raw outputs multiplied by ``multiplier``.
+
+        The temperature fit is scale-equivariant (``a * r`` gives ``a * T``) and the statistics are taken
+        on ``r / T``, so only the temperature changes: the scale experiment needs no recalibration.
+        """
+        if not (math.isfinite(multiplier) and multiplier > 0.0):
+            raise ValueError(f"multiplier must be finite and > 0, got {multiplier}")
+        return self if multiplier == 1.0 else replace(self, temperature=self.temperature * multiplier)
+
+    def scale_of(self, reward: str) -> float:
+        """Spread of the ``reward`` an RL run optimizes, in normalized units (1 for the normalized reward).
+
+        Only the ratio of reward scale to KL weight matters, so without normalization the applied KL
+        weight must follow the reward's own scale for beta to keep its meaning. ``minmax_batch`` has no
+        fixed scale (that is its problem), so it counts as 1.
+        """
+        scales = {"normalized": 1.0, "calibrated": self.std, "raw": self.std * self.temperature, "minmax_batch": 1.0}
+        if reward not in scales:
+            raise ValueError(f"reward must be one of {sorted(scales)}, got {reward!r}")
+        return scales[reward]
+
     def preference_probability(self, raw_a: Any, raw_b: Any) -> np.ndarray:
         """Calibrated ``P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature)``."""
         return sigmoid((np.asarray(raw_a, dtype=np.float64) - np.asarray(raw_b, dtype=np.float64)) / self.temperature)
@@ -475,6 +497,24 @@ class RewardTransform:
         if unknown:
             raise ValueError(f"{name} dict has unknown fields {unknown}")
         return cls(**{key: _require(data, key, name) for key in fields}, ensemble=data.get("ensemble"))
+
+
+def identity_transform(temperature: float, stats: RewardStats, clip: float | None, reward_model_version: str | None,
+                       ensemble: dict[str, Any] | None = None) -> RewardTransform:
+    """The "none" baseline: calibration only (mean 0, std 1), with the reference set's quantiles kept for
+    comparison; ``computed_on`` is ``"none"``."""
+    return RewardTransform(temperature=temperature, mean=0.0, std=1.0, clip=clip, computed_on="none",
+                           reward_model_version=reward_model_version, n=stats.count, quantiles=stats.quantiles(),
+                           ensemble=ensemble)
+
+
+def minmax_batch(raw: np.ndarray) -> np.ndarray:
+    """Per-batch min-max rescaling to [0, 1], the baseline this project argues against: its scale and
+    offset change with every batch, so the same response gets another reward in another batch, and a
+    batch of equal rewards becomes all zeros."""
+    raw = np.asarray(raw, dtype=np.float64)
+    span = raw.max() - raw.min() if raw.size else 0.0
+    return (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
 
 
 def transform_from_stats(
