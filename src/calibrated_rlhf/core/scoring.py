@@ -1,0 +1,96 @@
+"""The one path from (prompt, response) to rewards: render -> length-sorted batches -> raw -> calibrated ->
+normalized, plus an ensemble's disagreement.
+
+Normalization's reference set, PPO's rollouts, the proxy-gold offset and the deployable MLflow model all
+score through :class:`RewardScorer`, so the reward model sees exactly the ids it was trained on wherever
+it is used: a text response is appended to a text prompt with EOS; a response to a conversational prompt
+becomes an assistant message and goes through the tokenizer's chat template, as a pair's would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from calibrated_rlhf.core.ensemble import score_rewards
+from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.preferences import is_conversational, render_ids
+
+Overlength = Literal["reject", "truncate"]
+
+
+class OverlengthError(ValueError):
+    """An input longer than the reward model's trained length, with ``overlength="reject"``."""
+
+
+@dataclass(frozen=True)
+class ScoredRewards:
+    """Rewards of a batch of responses, in input order; ``calibrated``/``normalized`` need a transform."""
+
+    raw: np.ndarray
+    calibrated: np.ndarray | None = None
+    normalized: np.ndarray | None = None
+    ensemble_std: np.ndarray | None = None  # the members' disagreement, for a reward ensemble
+
+
+def as_completion(prompt: Any, response: Any) -> Any:
+    """The response as the reward model saw completions in training: an assistant message after a
+    conversational prompt, the text itself after a text prompt."""
+    if is_conversational(prompt) and isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    return response
+
+
+@dataclass
+class RewardScorer:
+    """Scores responses with a reward model (or ensemble) and applies the frozen reward transform.
+
+    ``raw_multiplier`` scales the raw output (the scale experiment); ``max_length`` (tokens of prompt +
+    response) rejects or truncates longer inputs, per ``overlength``; None leaves lengths alone.
+    """
+
+    reward_model: Any
+    tokenizer: Any
+    transform: RewardTransform | None = None
+    batch_size: int = 64
+    raw_multiplier: float = 1.0
+    max_length: int | None = None
+    overlength: Overlength = "reject"
+
+    def render(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[list[int]]:
+        """Token ids of each (prompt, response), EOS or end-of-turn included."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        ids = [render_ids(self.tokenizer, p, as_completion(p, r)) for p, r in zip(prompts, responses)]
+        return self._fit(ids)
+
+    def _fit(self, ids: list[list[int]]) -> list[list[int]]:
+        limit = self.max_length
+        if limit is None:
+            return ids
+        long = [i for i, x in enumerate(ids) if len(x) > limit]
+        if not long:
+            return ids
+        if self.overlength == "reject":
+            shown = ", ".join(str(i) for i in long[:10]) + (f" and {len(long) - 10} more" if len(long) > 10 else "")
+            raise OverlengthError(f"rows {shown}: longer than the reward model's {limit} tokens (prompt + response)")
+        # Keep the side the tokenizer would keep: the end carries EOS and the response's last words.
+        if getattr(self.tokenizer, "truncation_side", "right") == "left":
+            return [x[-limit:] for x in ids]
+        return [x[:limit] for x in ids]
+
+    def raw(self, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw rewards (times ``raw_multiplier``) and the ensemble's disagreement (None for one model)."""
+        reward, spread = score_rewards(self.reward_model, self.render(prompts, responses),
+                                       self.tokenizer.pad_token_id, self.batch_size)
+        return self.raw_multiplier * reward, spread
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> ScoredRewards:
+        """Raw, calibrated and normalized rewards (the last two when a transform is set)."""
+        raw, spread = self.raw(prompts, responses)
+        if self.transform is None:
+            return ScoredRewards(raw=raw, ensemble_std=spread)
+        t = self.transform
+        return ScoredRewards(raw=raw, calibrated=t.calibrate(raw), normalized=t.normalize(raw), ensemble_std=spread)
