@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from calibrated_rlhf.core.backbone import BackboneParams
+from calibrated_rlhf.core.completions import CompletionParams
 from calibrated_rlhf.core.preferences import MarginParams, PreferenceDataError, SplitParams, ValidationParams
 from calibrated_rlhf.pipelines.data_prep import create_pipeline
 from calibrated_rlhf.pipelines.data_prep import nodes
@@ -17,6 +18,7 @@ def params(source: nodes.SourceParams, **validation) -> dict:
         "params:data_prep.margin": MarginParams(),
         "params:data_prep.validation": ValidationParams(**validation),
         "params:data_prep.split": SplitParams(),
+        "params:data_prep.completions": CompletionParams(),
         "params:backbone": BackboneParams(**TINY_BACKBONE),
     }
 
@@ -73,7 +75,7 @@ def test_file_sources_by_configuration(tmp_path, synthetic_pairs, kind, conversa
     path = tmp_path / f"pairs.{kind}"
     write(df, path, kind)
     valid, dropped, task = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(path)), MarginParams(),
-                                            ValidationParams())
+                                            ValidationParams(), CompletionParams())
     assert task == {} and dropped == {} and len(valid) == len(df)
     assert valid.loc[0, "chosen"] == df.loc[0, "chosen"]
     assert all(type(v) is type(df.loc[0, "chosen"]) for v in valid["chosen"])  # lists, not numpy arrays
@@ -146,7 +148,7 @@ def test_parquet_message_lists_come_back_as_lists_and_split(tmp_path):
              "rejected": [{"role": "assistant", "content": f"b{i}"}]} for i in range(32)]
     pd.DataFrame(rows).to_parquet(tmp_path / "conv.parquet")
     pairs, dropped, _ = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "conv.parquet")),
-                                         MarginParams(), ValidationParams())
+                                         MarginParams(), ValidationParams(), CompletionParams())
     assert pairs.loc[5, "chosen"] == rows[5]["chosen"] and isinstance(pairs.loc[5, "prompt"], list)
     pairs.to_parquet(tmp_path / "saved.parquet")  # as the catalog saves raw_pairs and split_pairs reads it back
     splits = nodes.split_pairs(pd.read_parquet(tmp_path / "saved.parquet"), SplitParams())
