@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import metrics, plots
 from calibrated_rlhf.core.calibration import fit_temperature
 from calibrated_rlhf.pipelines.metrics import as_metrics
@@ -66,22 +67,22 @@ def report_calibration(
     true_prob = test_scores["true_prob"].to_numpy() if "true_prob" in test_scores.columns else None
     before = metrics.preference_report(margins, 1.0, true_prob, n_bins=params.n_bins)
     after = metrics.preference_report(margins, temperature, true_prob, n_bins=params.n_bins)
-    values = {"calibration/temperature": temperature, "calibration/n_pairs": temperature_fit["n_pairs"]}
+    values = {keys.CALIBRATION_TEMPERATURE: temperature, keys.CALIBRATION_N_PAIRS: temperature_fit["n_pairs"]}
     for name, key in (("nll", "nll"), ("ece", "ece_equal_mass"), ("ece_equal_width", "ece_equal_width"),
                       ("brier", "brier"), ("accuracy", "accuracy")):
-        values[f"calibration/test_{name}_before"] = before[key]
-        values[f"calibration/test_{name}_after"] = after[key]
+        values[keys.calibration_test(name, "before")] = before[key]
+        values[keys.calibration_test(name, "after")] = after[key]
     if temperature_fit.get("std_error") is not None:
-        values["calibration/temperature_std_error"] = temperature_fit["std_error"]
+        values[keys.CALIBRATION_TEMPERATURE_STD_ERROR] = temperature_fit["std_error"]
     if true_prob is not None:
-        values["calibration/test_bayes_nll"] = after["bayes_nll"]
-        values["calibration/test_oracle_ece"] = after["oracle_ece"]
-        values["calibration/test_nll_gap_to_bayes"] = after["nll"] - after["bayes_nll"]
+        values[keys.CALIBRATION_TEST_BAYES_NLL] = after["bayes_nll"]
+        values[keys.CALIBRATION_TEST_ORACLE_ECE] = after["oracle_ece"]
+        values[keys.CALIBRATION_TEST_NLL_GAP_TO_BAYES] = after["nll"] - after["bayes_nll"]
     if synthetic_task and {"gold_chosen", "gold_rejected"} <= set(test_pairs.columns):
         gold = test_pairs.set_index("pair_id").loc[test_scores["pair_id"]]
         gold_diff = (gold["gold_chosen"] - gold["gold_rejected"]).to_numpy(dtype=np.float64)
-        values["calibration/true_scale"] = float(synthetic_task["scale"])
-        values["calibration/recovered_scale"] = recovered_scale(margins, gold_diff, temperature)
+        values[keys.CALIBRATION_TRUE_SCALE] = float(synthetic_task["scale"])
+        values[keys.CALIBRATION_RECOVERED_SCALE] = recovered_scale(margins, gold_diff, temperature)
     log.info("calibration on test: %s", {k: round(v, 4) for k, v in values.items()})
 
     curves = {

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
 from calibrated_rlhf.core.preferences import render_ids, text_key, text_prompts
@@ -91,15 +92,15 @@ def compute_reward_transform(
                                     n=stats.count, quantiles=stats.quantiles(), ensemble=ensemble)
     normalized = transform.normalize(raw)
     values = {
-        "normalization/mean": transform.mean,
-        "normalization/std": transform.std,
-        "normalization/n": transform.n,
-        "normalization/clip_fraction": float(np.mean(np.abs((raw / temperature - transform.mean) / transform.std)
+        keys.NORMALIZATION_MEAN: transform.mean,
+        keys.NORMALIZATION_STD: transform.std,
+        keys.NORMALIZATION_N: transform.n,
+        keys.NORMALIZATION_CLIP_FRACTION: float(np.mean(np.abs((raw / temperature - transform.mean) / transform.std)
                                                      > (transform.clip or np.inf))),
-        **{f"normalization/calibrated_{k}": v for k, v in stats.quantiles().items()},
+        **{keys.normalization_calibrated_quantile(k): v for k, v in stats.quantiles().items()},
     }
     if ensemble is not None:
-        values["normalization/ensemble_std"] = ensemble["reference_std"]
+        values[keys.NORMALIZATION_ENSEMBLE_STD] = ensemble["reference_std"]
     log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
              transform.n, computed_on)
     figure = plots.reward_distributions(raw, raw / temperature, normalized)

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 from pydantic import Field
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
 from calibrated_rlhf.core.policy import SFTParams, sft_policy
 from calibrated_rlhf.pipelines.metrics import as_history
@@ -31,5 +32,5 @@ def init_policy(
     model = build_causal_backbone(backbone, tokenizer)
     model, history = sft_policy(model, tokenizer, list(train_pairs["prompt"]), list(train_pairs["chosen"]),
                                 params.sft)
-    return model, as_history(history, {"loss": "policy_init/train/loss",
-                                       "train_runtime": "policy_init/train/runtime_s"})
+    return model, as_history(history, {"loss": keys.POLICY_INIT_TRAIN_LOSS,
+                                       "train_runtime": keys.POLICY_INIT_TRAIN_RUNTIME_S})

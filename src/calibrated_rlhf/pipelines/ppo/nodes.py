@@ -14,7 +14,9 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.ensemble import reward_fingerprint, score_rewards
+from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
@@ -198,8 +200,8 @@ def train_ppo(
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
-    points = [{**p, "step": int(p["ppo/step"])} for p in result.history]
-    history = as_history(points, {k: k for p in points for k in p if k not in ("step", "ppo/step")})
+    points = [{**p, "step": int(p[keys.PPO_STEP])} for p in result.history]
+    history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
     samples = pd.DataFrame(result.samples)
     summary = training_summary(result.history, config, result.stopped_early)
     return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
@@ -328,21 +330,21 @@ def _track(params: dict[str, Any] | None = None, tags: dict[str, Any] | None = N
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:
     """How well KL tracked its target over the second half of training, the final beta, the throughput."""
-    kl = np.array([h["ppo/objective/kl"] for h in history])
-    second = kl[len(kl) // 2:]
+    tracking = summarize_kl_tracking([h[keys.PPO_KL] for h in history], config.kl_target,
+                                     [h[keys.PPO_BETA] for h in history], [h[keys.PPO_EPISODES_PER_S] for h in history])
     values = {
-        "ppo/eval/kl_second_half_mean": float(second.mean()),
-        "ppo/eval/kl_tracking_error": float(second.mean() / config.kl_target - 1.0),
-        "ppo/eval/final_beta": float(history[-1]["ppo/objective/beta"]),
-        "ppo/eval/episodes_per_s": float(np.median([h["ppo/perf/episodes_per_s"] for h in history])),
-        "ppo/eval/updates": float(len(history)),
-        "ppo/eval/stopped_early": float(stopped_early),
+        keys.PPO_EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
+        keys.PPO_EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error,
+        keys.PPO_EVAL_FINAL_BETA: tracking.final_beta,
+        keys.PPO_EVAL_EPISODES_PER_S: tracking.episodes_per_s,
+        keys.PPO_EVAL_UPDATES: float(tracking.updates),
+        keys.PPO_EVAL_STOPPED_EARLY: float(stopped_early),
     }
-    # Over-optimization signals at the end of training (the last tenth of the updates).
-    tail = history[-max(1, len(history) // 10):]
-    for key, name in (("ppo/rewards/gold_gap", "final_gold_gap"), ("ppo/rewards/ensemble_std", "final_ensemble_std")):
+    # Over-optimization signals at the end of training.
+    for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.PPO_EVAL_FINAL_GOLD_GAP),
+                          (keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EVAL_FINAL_ENSEMBLE_STD)):
         if key in history[-1]:
-            values[f"ppo/eval/{name}"] = float(np.mean([h[key] for h in tail]))
+            values[eval_key] = end_of_training_mean([h[key] for h in history])
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
 
@@ -364,11 +366,11 @@ def kl_control_plot(history: list[dict[str, float]], config: PPOConfig) -> Figur
 
     fig = _figure(10.0, 3.6)
     ax_kl, ax_beta = fig.subplots(1, 2)
-    steps = [h["ppo/step"] for h in history]
-    ax_kl.plot(steps, [h["ppo/objective/kl"] for h in history], label="KL (batch mean of sequence sums)")
+    steps = [h[keys.PPO_STEP] for h in history]
+    ax_kl.plot(steps, [h[keys.PPO_KL] for h in history], label="KL (batch mean of sequence sums)")
     ax_kl.axhline(config.kl_target, color="k", ls="--", label=f"target {config.kl_target:g}")
     ax_kl.set_xlabel("update"), ax_kl.set_ylabel("nats"), ax_kl.legend()
-    ax_beta.plot(steps, [h["ppo/objective/beta"] for h in history], color="tab:orange")
+    ax_beta.plot(steps, [h[keys.PPO_BETA] for h in history], color="tab:orange")
     ax_beta.set_xlabel("update"), ax_beta.set_ylabel("beta (normalized-reward units per nat)")
     ax_kl.set_title(f"KL control: {config.kl_control}")
     return fig
@@ -393,8 +395,8 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
         ref, new = gold_per_prompt(reference_policy), gold_per_prompt(policy)
         gain = new - ref
         half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))
-        values |= {"ppo/eval/gold_reference": float(ref.mean()), "ppo/eval/gold_policy": float(new.mean()),
-                   "ppo/eval/gold_gain": float(gain.mean()), "ppo/eval/gold_gain_ci_low": float(gain.mean() - half),
-                   "ppo/eval/gold_gain_ci_high": float(gain.mean() + half)}
+        values |= {keys.PPO_EVAL_GOLD_REFERENCE: float(ref.mean()), keys.PPO_EVAL_GOLD_POLICY: float(new.mean()),
+                   keys.PPO_EVAL_GOLD_GAIN: float(gain.mean()), keys.PPO_EVAL_GOLD_GAIN_CI_LOW: float(gain.mean() - half),
+                   keys.PPO_EVAL_GOLD_GAIN_CI_HIGH: float(gain.mean() + half)}
     log.info("PPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)

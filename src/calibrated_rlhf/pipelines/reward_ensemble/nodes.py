@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
+from calibrated_rlhf.core.metric_keys import member_key
 from calibrated_rlhf.core.metrics import preference_report
 from calibrated_rlhf.core.reward_model import model_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
@@ -18,12 +20,6 @@ from calibrated_rlhf.pipelines.reward_model.nodes import EnsembleParams
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, Any]
-
-
-def member_key(key: str, member: int) -> str:
-    """``rm/test_nll`` -> ``rm/member_3/test_nll``: members' metrics sit beside the ensemble's, never on them."""
-    group, _, rest = key.partition("/")
-    return f"{group}/member_{member}/{rest}" if rest else f"member_{member}/{group}"
 
 
 def member_metrics_namer(member: int) -> Callable[..., Metrics]:
@@ -91,13 +87,13 @@ def report_ensemble(test_scores: pd.DataFrame, temperature_fit: dict[str, Any],
     best = min(member_nll)
     spread = np.concatenate([test_scores["ensemble_std_chosen"], test_scores["ensemble_std_rejected"]])
     values = {
-        "ensemble/size": k,
-        "ensemble/test_nll_after": nll,
-        "ensemble/best_member_test_nll_after": best,
-        "ensemble/worst_member_test_nll_after": max(member_nll),
+        keys.ENSEMBLE_SIZE: k,
+        keys.ENSEMBLE_TEST_NLL_AFTER: nll,
+        keys.ENSEMBLE_BEST_MEMBER_TEST_NLL_AFTER: best,
+        keys.ENSEMBLE_WORST_MEMBER_TEST_NLL_AFTER: max(member_nll),
         # >= 0: the ensemble, calibrated, predicts held-out preferences at least as well as its best member.
-        "ensemble/nll_gain_over_best_member": best - nll,
-        "ensemble/test_std_mean": float(spread.mean()),
+        keys.ENSEMBLE_NLL_GAIN_OVER_BEST_MEMBER: best - nll,
+        keys.ENSEMBLE_TEST_STD_MEAN: float(spread.mean()),
     }
     log.info("ensemble on test: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)

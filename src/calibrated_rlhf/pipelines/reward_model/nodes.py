@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import reward_model as rm
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.ensemble import Aggregation, bootstrap_indices
@@ -21,18 +22,18 @@ log = logging.getLogger(__name__)
 
 # TRL's log keys -> this project's MLflow keys.
 TRAIN_CURVES = {
-    "loss": "rm/train/loss",
-    "accuracy": "rm/train/accuracy",
-    "margin": "rm/train/margin",
-    "mean_reward": "rm/train/reward_mean",
-    "grad_norm": "rm/train/grad_norm",
-    "learning_rate": "rm/train/learning_rate",
-    "eval_loss": "rm/validation/loss",
-    "eval_accuracy": "rm/validation/accuracy",
-    "eval_margin": "rm/validation/margin",
-    "eval_mean_reward": "rm/validation/reward_mean",
-    "train_runtime": "rm/train/runtime_s",
-    "train_samples_per_second": "rm/train/pairs_per_s",
+    "loss": keys.RM_TRAIN_LOSS,
+    "accuracy": keys.RM_TRAIN_ACCURACY,
+    "margin": keys.RM_TRAIN_MARGIN,
+    "mean_reward": keys.RM_TRAIN_REWARD_MEAN,
+    "grad_norm": keys.RM_TRAIN_GRAD_NORM,
+    "learning_rate": keys.RM_TRAIN_LEARNING_RATE,
+    "eval_loss": keys.RM_VALIDATION_LOSS,
+    "eval_accuracy": keys.RM_VALIDATION_ACCURACY,
+    "eval_margin": keys.RM_VALIDATION_MARGIN,
+    "eval_mean_reward": keys.RM_VALIDATION_REWARD_MEAN,
+    "train_runtime": keys.RM_TRAIN_RUNTIME_S,
+    "train_samples_per_second": keys.RM_TRAIN_PAIRS_PER_S,
 }
 
 
@@ -107,4 +108,4 @@ def evaluate_reward_model(test_scores: pd.DataFrame) -> dict[str, dict[str, floa
     true_prob = test_scores["true_prob"].to_numpy() if "true_prob" in test_scores.columns else None
     m = rm.pair_metrics(test_scores["reward_chosen"].to_numpy(), test_scores["reward_rejected"].to_numpy(), true_prob)
     log.info("reward model on test: %s", {k: round(v, 4) for k, v in m.items()})
-    return as_metrics({f"rm/test_{k}": v for k, v in m.items() if np.isfinite(v)})
+    return as_metrics({keys.rm_test(k): v for k, v in m.items() if np.isfinite(v)})
