@@ -39,10 +39,6 @@ def compute_gae(
     return advantages, returns
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over positions where ``mask`` is 1 (local, differentiable)."""
     return (x * mask).sum() / mask.sum().clamp_min(1)

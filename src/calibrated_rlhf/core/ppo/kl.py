@@ -1,4 +1,14 @@
-"""KL estimators and the KL-penalty controllers (adaptive, after Ziegler et al. 2019, and fixed)."""
+"""KL estimators and the KL-penalty controllers (adaptive, after Ziegler et al. 2019, and fixed).
+
+A controller is a plain object, free of any trainer: ``value`` is the KL weight to apply,
+``update(kl, n_episodes)`` folds in one batch's KL, and ``state_dict()`` / ``load_state_dict()``
+carry its state through checkpoints as a JSON-able dict. PPOTrainer drives it through exactly that
+interface, so a TRL RLOO/GRPO callback can drive the same class::
+
+    ctl = make_kl_controller("adaptive", beta=0.05, kl_target=6.0, horizon=10000)
+    # at the end of each step, with the batch mean of each sequence's summed KL:
+    trainer_args.beta = ctl.update(kl=mean_seq_kl, n_episodes=batch_size)
+"""
 
 from __future__ import annotations
 
@@ -39,6 +49,11 @@ class AdaptiveKLController:
         self.kl_target = float(kl_target)
         self.horizon = int(horizon)
         self.steps = 0  # updates seen, kept for diagnostics and resume checks
+
+    @property
+    def value(self) -> float:
+        """The KL weight to apply now (``beta``)."""
+        return self.beta
 
     def update(self, kl: float, n_episodes: int) -> float:
         """Fold in one batch's KL; returns the new beta."""
