@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -179,6 +179,56 @@ class Samples:
     values: torch.Tensor | None  # shared-trunk values read off the same forward passes
 
 
+@dataclass
+class Inputs:
+    """Prompt + response token batch as the models read it; ``start`` is where the response begins."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    start: int
+    temperature: float
+
+    def select(self, sel: torch.Tensor | None) -> "Inputs":
+        if sel is None:
+            return self
+        return Inputs(self.ids[sel], self.attn[sel], self.pos[sel], self.start, self.temperature)
+
+
+@dataclass
+class Rollout:
+    """One update's batch on this process: what was sampled, how it scored, the old policy's view.
+
+    Per-token tensors are [B, R] over the response window, zero past each response's end.
+    """
+
+    idx: list[int]  # prompt indices
+    inputs: Inputs
+    responses: torch.Tensor
+    mask: torch.Tensor  # float, 1 for tokens up to and including the first EOS
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor  # under the sampling policy
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: dict[str, torch.Tensor]  # every score_fn entry, sorted by name
+    texts: list[str]  # decoded responses
+    first: tuple[torch.Tensor, torch.Tensor] | None  # first PPO forward, when made at rollout time
+    times: tuple[float, float, float]  # when sampling ended, scoring started, scoring ended
+
+
+@dataclass
+class Minibatch:
+    """The rows of a :class:`Rollout` one optimizer step trains on, with their advantages and returns."""
+
+    inputs: Inputs
+    responses: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    old_values: torch.Tensor
+    returns: torch.Tensor
+
+
 @torch.inference_mode()
 def sample_responses(
     policy: nn.Module,
@@ -199,7 +249,6 @@ def sample_responses(
     once every row has produced EOS. ``fast_decode`` runs the steps after the prompt through
     :class:`~calibrated_rlhf.core.ppo.fast_decode.LeanDecoder` when the architecture allows it.
     """
-    backbone = backbone_of(policy)
     lm_head = policy.get_output_embeddings()
     B = query_ids.shape[0]
     device = query_ids.device
@@ -207,24 +256,8 @@ def sample_responses(
     logprobs = torch.zeros((B, response_length), dtype=torch.float32, device=device)
     values = torch.zeros((B, response_length), dtype=torch.float32, device=device) if value_head is not None else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
-
-    attn = query_mask.long()
-    pos = position_ids_from_mask(attn)
-    out = backbone(input_ids=query_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
-    h = out.last_hidden_state[:, -1]
-    next_pos = pos[:, -1:] + 1
-    ones = torch.ones((B, 1), dtype=attn.dtype, device=device)
-    # For SDPA, a decoding step's mask is just "which keys are not padding" ([B, 1, 1, keys], True =
-    # attend); slicing one prepared mask skips rebuilding it on every step, a sizeable share of a
-    # small model's step. Other attention kernels get the usual 2D mask.
-    step_masks = None
-    if getattr(policy.config, "_attn_implementation", None) == "sdpa":
-        step_masks = torch.cat(
-            [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
-        )[:, None, None, :]
-    Lq = query_ids.shape[1]
-    decoder = lean_decoder(policy, cache, query_mask, next_pos, response_length) if fast_decode else None
+    decoding = _Decoding(policy, query_ids, query_mask, response_length, fast_decode)
+    h = decoding.h
     for t in range(response_length):
         logits = lm_head(h).float()
         if temperature != 1.0:
@@ -238,28 +271,7 @@ def sample_responses(
         done = done | (tok.squeeze(1) == eos_token_id)
         if t + 1 == response_length or bool(done.all()):
             break
-        if decoder is not None and not needs_check(policy):
-            h = decoder.step(tok)
-            continue
-        if step_masks is not None:
-            step_mask = step_masks[..., : Lq + t + 1]
-        else:
-            attn = torch.cat([attn, ones], dim=1)
-            step_mask = attn
-        out = backbone(
-            input_ids=tok, attention_mask=step_mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-        )
-        cache = out.past_key_values
-        h = out.last_hidden_state[:, -1]
-        next_pos = next_pos + 1
-        if decoder is not None:
-            # first lean step for this model, checked against its own: a run's samples never depend
-            # on which update happened to run the check (a resumed run checks again)
-            lean_h = decoder.step(tok)
-            if agrees_with(policy, lean_h, h):
-                h = lean_h
-            else:
-                decoder = None  # the model's own cache is still current: carry on with it
+        h = decoding.step(tok, t)
 
     mask, has_eos = response_mask(responses, eos_token_id)
     responses = responses.masked_fill(~mask, pad_token_id)
@@ -267,6 +279,58 @@ def sample_responses(
     if values is not None:
         values = values * mask
     return Samples(responses=responses, logprobs=logprobs, mask=mask, has_eos=has_eos, values=values)
+
+
+class _Decoding:
+    """The KV-cached state of one sampling call: ``h`` is the last hidden state, ``step`` feeds a token."""
+
+    def __init__(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int,
+                 fast_decode: bool) -> None:
+        self.policy = policy
+        self.backbone = backbone_of(policy)
+        B = query_ids.shape[0]
+        device = query_ids.device
+        self.attn = query_mask.long()
+        pos = position_ids_from_mask(self.attn)
+        out = self.backbone(input_ids=query_ids, attention_mask=self.attn, position_ids=pos, use_cache=True)
+        self.cache = out.past_key_values
+        self.h = out.last_hidden_state[:, -1]
+        self.next_pos = pos[:, -1:] + 1
+        self.ones = torch.ones((B, 1), dtype=self.attn.dtype, device=device)
+        # For SDPA, a decoding step's mask is just "which keys are not padding" ([B, 1, 1, keys], True =
+        # attend); slicing one prepared mask skips rebuilding it on every step, a sizeable share of a
+        # small model's step. Other attention kernels get the usual 2D mask.
+        self.step_masks = None
+        if getattr(policy.config, "_attn_implementation", None) == "sdpa":
+            self.step_masks = torch.cat(
+                [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
+            )[:, None, None, :]
+        self.Lq = query_ids.shape[1]
+        self.decoder = (lean_decoder(policy, self.cache, query_mask, self.next_pos, response_length)
+                        if fast_decode else None)
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        """The hidden state after feeding ``tok``, the response's token ``t``."""
+        if self.decoder is not None and not needs_check(self.policy):
+            return self.decoder.step(tok)
+        if self.step_masks is not None:
+            step_mask = self.step_masks[..., : self.Lq + t + 1]
+        else:
+            self.attn = torch.cat([self.attn, self.ones], dim=1)
+            step_mask = self.attn
+        out = self.backbone(input_ids=tok, attention_mask=step_mask, position_ids=self.next_pos,
+                            past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        h = out.last_hidden_state[:, -1]
+        self.next_pos = self.next_pos + 1
+        if self.decoder is not None:
+            # first lean step for this model, checked against its own: a run's samples never depend
+            # on which update happened to run the check (a resumed run checks again)
+            lean_h = self.decoder.step(tok)
+            if agrees_with(self.policy, lean_h, h):
+                return lean_h
+            self.decoder = None  # the model's own cache is still current: carry on with it
+        return h
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -317,6 +381,21 @@ def decode_responses(
         else:
             out.append(tokenizer.decode(r[m].tolist(), skip_special_tokens=True))
     return out
+
+
+def score_tensors(scores: Mapping[str, Any], key: str, known_keys: list[str] | None, n: int,
+                  device: torch.device | str) -> dict[str, torch.Tensor]:
+    """``score_fn``'s output as float tensors [n] on ``device``, keys sorted; checks that the optimized
+    ``key`` is there with one entry per episode and that the keys are ``known_keys`` (unless None)."""
+    if key not in scores:
+        raise KeyError(f"score_fn must return the optimized score under '{key}' (config.score_key)")
+    keys = sorted(scores)
+    if known_keys is not None and keys != known_keys:
+        raise KeyError(f"score_fn keys changed from {known_keys} to {keys}")
+    tensors = {k: torch.as_tensor(scores[k]).detach().float().reshape(-1).to(device) for k in keys}
+    if tensors[key].numel() != n:
+        raise ValueError(f"score_fn returned a '{key}' tensor of the wrong length")
+    return tensors
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
