@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -90,6 +90,39 @@ def read_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- atomic writes
+def write_checkpoint(root: Path, name: str, accelerator: Any, write_shared: Callable[[Path], None],
+                     write_own: Callable[[Path], None], keep: int | None) -> Path:
+    """Stage, fill and publish ``root/name`` with every process; returns the published folder.
+
+    ``write_shared`` (main process) writes what all ranks share, ``write_own`` (every rank) what is
+    its own; the folder is published and old checkpoints pruned once every rank has written.
+    """
+    final = root / name
+    main = accelerator.is_main_process
+    # the staging name is the main process's (it carries its pid): every rank writes into that one
+    shared = [str(make_staging_dir(root, final.name)) if main else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(shared, from_process=0)
+    tmp = Path(shared[0])
+    try:
+        if main:
+            write_shared(tmp)
+        write_own(tmp)
+        accelerator.wait_for_everyone()
+        if main:
+            publish(tmp, final)
+            prune(root, keep)
+        accelerator.wait_for_everyone()
+    except BaseException:
+        # a save that failed in this process leaves nothing behind; a killed one is swept later
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Move a fully written staging folder to ``final`` (replacing an older copy of the same update)."""
     root = final.parent
@@ -398,3 +431,79 @@ def resolve_resume(resume_from: str | os.PathLike | None, root: str | os.PathLik
             raise FileNotFoundError(f"resume_from: no checkpoint at {path}")
         path = newest
     return ResumePoint(path, path.parent.name, int(read_state(path)["update"]))
+
+
+# ---------------------------------------------------------------------- a trainer's checkpoint
+def save_trainer(trainer: Any, root: Path) -> Path:
+    """Write ``trainer``'s checkpoint for its current update under ``root``; returns its folder.
+
+    Layout of ``update_000042/``: ``policy/`` (save_pretrained + tokenizer), ``value_model/``
+    (save_pretrained) or ``value_head.pt``, ``optimizer.pt``, ``trainer_state.json`` (:func:`trainer_state`:
+    update, episodes, controller, data position, history, samples, config, resume fingerprint, where
+    this run resumed from), ``rng_state_<rank>.pt`` (python, numpy, torch and the
+    trainer's own generators).
+    """
+    def write_shared(folder: Path) -> None:
+        m = trainer.unwrapped
+        m.policy.save_pretrained(folder / "policy", safe_serialization=True)
+        if hasattr(trainer.tokenizer, "save_pretrained"):
+            trainer.tokenizer.save_pretrained(folder / "policy")
+        if m.value_model is not None:
+            m.value_model.save_pretrained(folder / "value_model", safe_serialization=True)
+        else:
+            torch.save(m.value_head.state_dict(), folder / "value_head.pt")
+        torch.save(trainer.optimizer.state_dict(), folder / "optimizer.pt")
+        (folder / STATE_FILE).write_text(json.dumps(trainer_state(trainer), indent=1))
+
+    def write_own(folder: Path) -> None:
+        torch.save(rng_state(trainer._gen, trainer._np_rng), folder / f"rng_state_{trainer.rank}.pt")
+
+    return write_checkpoint(root, ckpt_name(trainer.update), trainer.accelerator, write_shared, write_own,
+                            trainer.config.keep_checkpoints)
+
+
+def resolve_checkpoint(path: str | os.PathLike, checkpoint_dir: str | None) -> Path:
+    """``path`` itself, or for "latest" the newest checkpoint in ``checkpoint_dir`` (default ``checkpoints``)."""
+    if str(path) != "latest":
+        return Path(path)
+    found = latest_checkpoint(checkpoint_dir or "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    return found
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """Everything of ``trainer`` but weights, optimizer and generators, as JSON."""
+    return {
+        "update": trainer.update, "episodes": trainer.episodes, "kl_controller": trainer.kl_controller.state_dict(),
+        "data": trainer.data.state_dict(), "world_size": trainer.world_size, "score_keys": trainer._score_keys,
+        "ref_fingerprint": trainer._ref_fingerprint, "fingerprint": trainer.fingerprint,
+        "resumed_from": trainer.resumed_from, "saved_at": time.time(), "history": trainer.history,
+        "samples": trainer.samples, "config": trainer.config.model_dump(mode="json"),
+    }
+
+
+def restore_trainer(trainer: Any, path: Path) -> None:
+    """Load a checkpoint into ``trainer``: weights, optimizer, generators and :func:`trainer_state`.
+    Refused, naming the fields, under another resume fingerprint."""
+    state = read_state(path)
+    if state["world_size"] != trainer.world_size:
+        raise ValueError(f"checkpoint was written by {state['world_size']} processes, not {trainer.world_size}")
+    if "fingerprint" in state:
+        check_fingerprint(path, state["fingerprint"], trainer.fingerprint)
+    elif state["ref_fingerprint"] != trainer._ref_fingerprint:  # written before resume fingerprints
+        raise ValueError("the reference policy differs from the one this checkpoint was trained against")
+    m, device = trainer.unwrapped, trainer.device
+    load_pretrained_weights(m.policy, path / "policy")
+    if m.value_model is not None:
+        load_pretrained_weights(m.value_model, path / "value_model")
+    else:
+        m.value_head.load_state_dict(torch.load(path / "value_head.pt", map_location=device))
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    trainer.kl_controller.load_state_dict(state["kl_controller"])
+    trainer.update, trainer.episodes = int(state["update"]), int(state["episodes"])
+    trainer.data.load_state_dict(state["data"])
+    trainer._score_keys = state["score_keys"]
+    trainer.history, trainer.samples = list(state["history"]), list(state["samples"])
+    set_rng_state(torch.load(path / f"rng_state_{trainer.rank}.pt", weights_only=False),
+                  trainer._gen, trainer._np_rng)

@@ -1,0 +1,60 @@
+"""The prompt stream PPO samples from: a seeded shuffled order, epoch after epoch, sliced by rank."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class PromptStream:
+    """Prompts tokenized once (the tokenizer's special tokens, no truncation) and served a global
+    batch at a time; every rank walks the same order and takes its own slice of each batch."""
+
+    def __init__(self, prompts: Sequence[str], tokenizer: Any, seed: int, batch_size: int, rank: int,
+                 world_size: int) -> None:
+        self.texts = list(prompts)
+        self.ids: list[list[int]] = tokenizer(self.texts, add_special_tokens=True)["input_ids"]
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.global_batch = batch_size * world_size
+        if len(self.texts) < self.global_batch:
+            raise ValueError(f"{len(self.texts)} prompts < one global batch ({self.global_batch})")
+        self.epoch = 0
+        self.pos = 0
+        self._perm = self._permutation(0)
+        self._decoded: dict[int, str] = {}
+
+    def next_indices(self) -> list[int]:
+        """This rank's prompt indices for the next update."""
+        G = self.global_batch
+        if self.pos + G > len(self.texts):
+            # drop the ragged tail so every update has a full global batch
+            self.epoch += 1
+            self.pos = 0
+            self._perm = self._permutation(self.epoch)
+        start = self.pos + self.rank * self.batch_size
+        idx = self._perm[start:start + self.batch_size].tolist()
+        self.pos += G
+        return idx
+
+    def decoded(self, i: int) -> str:
+        """The prompt's tokens decoded back to text (cached: every response is cut against it)."""
+        text = self._decoded.get(i)
+        if text is None:
+            text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)
+            self._decoded[i] = text
+        return text
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.pos = int(state["pos"])
+        self._perm = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 10_007, epoch]).permutation(len(self.texts))
