@@ -5,7 +5,9 @@
     python -m calibrated_rlhf.report_cli --filter "tags.scenario != ''" --out reports/ --log-to-mlflow
 
 Writes the same four files as ``kedro run --pipelines reporting`` (comparison_report.md/.html,
-comparison_table.csv, comparison_curves.png) into ``--out``.
+comparison_table.csv, comparison_curves.png) into ``--out``. Which scenario plays which part in the
+verdicts is read from the project's ``conf/base/parameters_reporting.yml`` (``--parameters``), as the
+pipeline reads it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from calibrated_rlhf.core import report
+import yaml
+
+from calibrated_rlhf.reporting import render
+from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs
+from calibrated_rlhf.reporting.verdicts import ScenarioRoles
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the project's store, as in conf/base/mlflow.yml
+DEFAULT_PARAMETERS = "conf/base/parameters_reporting.yml"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,6 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else %(default)s).")
     parser.add_argument("--tolerance", type=float, default=0.10, help="Scale verdict's relative spread.")
     parser.add_argument("--ece-margin", type=float, default=0.01, help="Calibration verdict's margin over oracle ECE.")
+    parser.add_argument("--parameters", default=DEFAULT_PARAMETERS,
+                        help="The project's reporting parameters, for the scenario roles (default: %(default)s).")
     parser.add_argument("--log-to-mlflow", action="store_true",
                         help="Also log the files under report/ in a new MLflow run of the experiment.")
     args = parser.parse_args(argv)
@@ -46,18 +56,32 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def scenario_roles(parameters: str | Path) -> ScenarioRoles:
+    """The ``reporting.scenario_roles`` block of a parameters file, validated as the pipeline validates it."""
+    from calibrated_rlhf.pipelines.reporting.nodes import ScenarioRolesParams
+
+    path = Path(parameters)
+    if not path.is_file():
+        raise SystemExit(f"no reporting parameters at {path}: run from the project root or pass --parameters")
+    block = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("reporting", {})
+    if "scenario_roles" not in block:
+        raise SystemExit(f"{path} has no reporting.scenario_roles")
+    return ScenarioRolesParams(**block["scenario_roles"]).roles()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import mlflow
 
     args = parse_args(argv)
+    roles = scenario_roles(args.parameters)
     mlflow.set_tracking_uri(args.tracking_uri)
-    selection = report.RunSelection(experiment=args.experiment, run_ids=_split(args.runs), last=args.last,
-                                    filter_string=args.filter_string, scenarios=_split(args.scenarios))
-    runs, notes = report.load_runs(selection)
-    result = report.build_report(runs, report.load_histories(runs["run_id"]), experiment=args.experiment,
+    selection = RunSelection(experiment=args.experiment, run_ids=_split(args.runs), last=args.last,
+                             filter_string=args.filter_string, scenarios=_split(args.scenarios))
+    runs, notes = load_runs(selection)
+    result = render.build_report(runs, load_histories(runs["run_id"]), roles=roles, experiment=args.experiment,
                                  source=args.tracking_uri, selection=selection.describe(), notes=notes,
                                  tolerance=args.tolerance, ece_margin=args.ece_margin)
-    paths = report.save_report(result, args.out)
+    paths = render.save_report(result, args.out)
     if args.log_to_mlflow:
         mlflow.set_experiment(args.experiment)
         with mlflow.start_run(run_name="comparison_report") as run:

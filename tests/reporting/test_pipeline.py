@@ -14,14 +14,21 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from calibrated_rlhf import report_cli
-from calibrated_rlhf.core import report
 from calibrated_rlhf.pipelines.reporting import create_pipeline
 from calibrated_rlhf.pipelines.reporting.nodes import ReportingParams, compare_runs
+from calibrated_rlhf.reporting import verdicts
+from calibrated_rlhf.reporting.runs import load_runs
 from tests.pipelines.helpers import run
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "calibrated_rlhf"
 OUTPUTS = {"comparison_report_md", "comparison_report_html", "comparison_table", "comparison_curves"}
+CONF = yaml.safe_load((ROOT / "conf/base/parameters_reporting.yml").read_text())["reporting"]
+
+
+def params(**overrides: object) -> ReportingParams:
+    """The project's reporting parameters (its scenario roles included), with ``overrides``."""
+    return ReportingParams(**{**CONF, **overrides})
 
 
 def log_run(client: MlflowClient, experiment_id: str, name: str, scenario: str | None = None,
@@ -88,14 +95,14 @@ def test_pipeline_reads_only_parameters():
 
 def test_pipeline_lays_the_runs_side_by_side_with_computed_verdicts(store):
     _, ids = store
-    out = run(create_pipeline(), {"params:reporting": ReportingParams(last=None)})
+    out = run(create_pipeline(), {"params:reporting": params(last=None)})
     md, page, table = out["comparison_report_md"], out["comparison_report_html"], out["comparison_table"]
     assert len(table) == 8 and ids["reporting"] not in set(table["run_id"])
     for label in ("baseline", "no_centering", "scale_0.25", "scale_4_raw", f"__default__ ({ids['untagged'][:8]})"):
         assert f"| {label} |" in md, label
     baseline_kl = 1.01 * np.mean([1 + 0.5 ** step for step in range(4, 8)])
     assert "**Reward scale: supported.**" in md and f"KL moves 4.9% (0.99 to {baseline_kl:.3g})" in md
-    assert report.scale_verdict(table).evidence in md
+    assert verdicts.scale_verdict(table, params().scenario_roles.roles()).evidence in md
     assert "Without it (raw reward), across a in {0.25, 1, 4}, KL moves" in md
     assert "**Centering: supported.**" in md and "0.02 with centering (baseline) and 2.5 without it" in md
     assert "**Calibration: supported.**" in md and "Missing: norm_minmax" not in md
@@ -110,13 +117,13 @@ def test_pipeline_lays_the_runs_side_by_side_with_computed_verdicts(store):
 
 def test_parameters_narrow_the_runs(store):
     _, ids = store
-    runs, _ = report.load_runs(ReportingParams(scenarios=["baseline", "no_centering"]).selection())
+    runs, _ = load_runs(params(scenarios=["baseline", "no_centering"]).selection())
     assert set(runs["tags.scenario"]) == {"baseline", "no_centering"}
-    runs, _ = report.load_runs(ReportingParams(last=2).selection())
+    runs, _ = load_runs(params(last=2).selection())
     assert len(runs) == 2
-    runs, notes = report.load_runs(ReportingParams(run_ids=[ids["scale_4"], "0" * 32]).selection())
+    runs, notes = load_runs(params(run_ids=[ids["scale_4"], "0" * 32]).selection())
     assert list(runs["run_id"]) == [ids["scale_4"]] and notes == [f"Runs not found: {'0' * 32}."]
-    out = run(create_pipeline(), {"params:reporting": ReportingParams(run_ids=[ids["scale_4"]])})
+    out = run(create_pipeline(), {"params:reporting": params(run_ids=[ids["scale_4"]])})
     assert list(out["comparison_table"]["run_id"]) == [ids["scale_4"]]
     assert "missing: scale_0.25" in out["comparison_report_md"]
 
@@ -125,14 +132,13 @@ def test_the_active_run_is_left_out(store):
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="__default__") as active:
         mlflow.log_metric("rm/test_accuracy", 0.5)
-        md, _, table, _ = compare_runs(ReportingParams(last=None))
+        md, _, table, _ = compare_runs(params(last=None))
     assert active.info.run_id not in set(table["run_id"]) and "the run this report is logged to" in md
 
 
-@pytest.mark.parametrize("params", [ReportingParams(experiment="absent"),
-                                    ReportingParams(filter_string="tags.scenario = 'nothing'")])
-def test_no_matching_runs_still_writes_a_report(store, params):
-    out = run(create_pipeline(), {"params:reporting": params})
+@pytest.mark.parametrize("overrides", [{"experiment": "absent"}, {"filter_string": "tags.scenario = 'nothing'"}])
+def test_no_matching_runs_still_writes_a_report(store, overrides):
+    out = run(create_pipeline(), {"params:reporting": params(**overrides)})
     assert "No matching runs" in out["comparison_report_md"] and "No matching runs" in out["comparison_report_html"]
     assert out["comparison_table"].empty
 
@@ -140,8 +146,7 @@ def test_no_matching_runs_still_writes_a_report(store, params):
 def test_catalog_entries_save_the_outputs_and_parameters_validate(store, tmp_path):
     from kedro.io import DataCatalog
 
-    params = yaml.safe_load((ROOT / "conf/base/parameters_reporting.yml").read_text())["reporting"]
-    out = run(create_pipeline(), {"params:reporting": ReportingParams(**params)})
+    out = run(create_pipeline(), {"params:reporting": ReportingParams(**CONF)})
     entries = yaml.safe_load((ROOT / "conf/base/catalog_reporting.yml").read_text())
     assert set(entries) == OUTPUTS
     for name, entry in entries.items():

@@ -10,11 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from calibrated_rlhf.core import report
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.reporting import render, table as tables, verdicts
+from calibrated_rlhf.reporting.runs import RunSelection, select_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
+# The project's own roles: the library knows no scenario names.
+ROLES = verdicts.ScenarioRoles.from_dict(
+    yaml.safe_load((ROOT / "conf/base/parameters_reporting.yml").read_text())["reporting"]["scenario_roles"])
 
 
 def run_row(run_id: str, scenario: str | None = None, *, minute: int = 0, name: str = "__default__",
@@ -46,7 +52,7 @@ SCALE_RUNS = [
 
 
 def table_of(rows: list[dict[str, object]], histories: pd.DataFrame | None = None) -> pd.DataFrame:
-    return report.comparison_table(pd.DataFrame(rows), histories)
+    return tables.comparison_table(pd.DataFrame(rows), histories)
 
 
 def history(run_id: str, key: str, values: list[float]) -> pd.DataFrame:
@@ -63,41 +69,41 @@ def test_select_runs_drops_reporting_runs_and_the_active_run_then_keeps_the_newe
         run_row("rep", None, minute=6, name="reporting"),  # an earlier report: no pipeline metrics
         run_row("me", None, minute=7, metrics={"ppo/objective/kl": 1.0}),
     ])
-    kept, notes = report.select_runs(runs, report.RunSelection(last=2), exclude_run_ids=["me"])
+    kept, notes = select_runs(runs, RunSelection(last=2), exclude_run_ids=["me"])
     assert list(kept["run_id"]) == ["new", "mid"]
     assert any("reporting" in n for n in notes) and any("logged to" in n for n in notes)
-    kept, _ = report.select_runs(runs, report.RunSelection(scenarios=("baseline",)))
+    kept, _ = select_runs(runs, RunSelection(scenarios=("baseline",)))
     assert list(kept["run_id"]) == ["old"]
 
 
 def test_select_runs_on_an_empty_search():
-    kept, notes = report.select_runs(pd.DataFrame(columns=["run_id", "start_time"]), report.RunSelection())
+    kept, notes = select_runs(pd.DataFrame(columns=["run_id", "start_time"]), RunSelection())
     assert kept.empty and notes == []
 
 
 def test_labels_are_scenarios_else_name_and_short_id_and_stay_unique():
     runs = pd.DataFrame([run_row("aaaaaaaa11", "baseline"), run_row("bbbbbbbb22", "baseline"),
                          run_row("cccccccc33", None, name="__default__")])
-    assert report.run_labels(runs) == ["baseline (aaaaaaaa)", "baseline (bbbbbbbb)", "__default__ (cccccccc)"]
+    assert tables.run_labels(runs) == ["baseline (aaaaaaaa)", "baseline (bbbbbbbb)", "__default__ (cccccccc)"]
 
 
 def test_table_has_every_column_and_nan_for_metrics_a_run_did_not_log():
     table = table_of([run_row("rm_only", "no_centering", metrics={"rm/test_reward_mean": 3.0},
                               params={"calibration.enabled": True})])
-    assert list(table.columns) == report.COLUMNS
+    assert list(table.columns) == tables.COLUMNS
     row = table.iloc[0]
     assert row["reward_offset"] == 3.0 and row["calibration_enabled"] == "True"
     for column in ("kl_tracking_error", "final_beta", "reward_multiplier"):
         assert math.isnan(row[column]), column
-    assert list(report.comparison_table(pd.DataFrame(columns=["run_id"])).columns) == report.COLUMNS
+    assert list(tables.comparison_table(pd.DataFrame(columns=["run_id"])).columns) == tables.COLUMNS
 
 
 def test_table_reads_curves_final_beta_median_speed_and_kl_when_evaluation_is_missing():
     histories = pd.concat([
-        history("r", report.KL, [9.0, 9.0, 2.0, 4.0]),
-        history("r", report.KL_TARGET, [2.0] * 4),
-        history("r", report.BETA, [0.1, 0.2, 0.15, 0.12]),
-        history("r", report.EPISODES_PER_S, [1.0, 50.0, 52.0, 51.0]),
+        history("r", keys.PPO_KL, [9.0, 9.0, 2.0, 4.0]),
+        history("r", keys.PPO_KL_TARGET, [2.0] * 4),
+        history("r", keys.PPO_BETA, [0.1, 0.2, 0.15, 0.12]),
+        history("r", keys.PPO_EPISODES_PER_S, [1.0, 50.0, 52.0, 51.0]),
     ])
     row = table_of([run_row("r", "baseline", metrics={"ppo/objective/beta": 0.5})], histories).iloc[0]
     assert row["final_beta"] == 0.12  # the last by step, from the curve
@@ -107,15 +113,15 @@ def test_table_reads_curves_final_beta_median_speed_and_kl_when_evaluation_is_mi
 
 
 def test_relative_spread():
-    assert report.relative_spread([1.0, 1.1, 0.9]) == pytest.approx(0.2)
-    assert math.isnan(report.relative_spread([1.0, float("nan")]))
-    assert report.relative_spread([-1.0, 1.0]) == math.inf and report.relative_spread([0.0, 0.0]) == 0.0
+    assert verdicts.relative_spread([1.0, 1.1, 0.9]) == pytest.approx(0.2)
+    assert math.isnan(verdicts.relative_spread([1.0, float("nan")]))
+    assert verdicts.relative_spread([-1.0, 1.0]) == math.inf and verdicts.relative_spread([0.0, 0.0]) == 0.0
 
 
 # ---- verdicts ---------------------------------------------------------------------------------------------------
 
 def test_scale_verdict_transform_stays_and_raw_moves_with_numbers():
-    v = report.scale_verdict(table_of(SCALE_RUNS), tolerance=0.10)
+    v = verdicts.scale_verdict(table_of(SCALE_RUNS), ROLES, tolerance=0.10)
     assert v.holds is True and v.missing == ()
     assert "KL moves 4.0% (0.98 to 1.02)" in v.evidence and "gold reward moves 4.0%" in v.evidence
     assert "Without it (raw reward)" in v.evidence
@@ -125,17 +131,17 @@ def test_scale_verdict_transform_stays_and_raw_moves_with_numbers():
 
 def test_scale_verdict_fails_when_the_transform_arm_spreads():
     rows = [*SCALE_RUNS[:2], ppo_run("t4b", "scale_4", "normalized", 4.0, kl=1.5, gold=0.49, minute=9)]
-    v = report.scale_verdict(table_of(rows + SCALE_RUNS[3:]))
+    v = verdicts.scale_verdict(table_of(rows + SCALE_RUNS[3:]), ROLES)
     assert v.holds is False and "beyond 10%" in v.evidence  # the newer scale_4 run replaced the older one
 
 
 def test_scale_verdict_names_missing_scenarios_and_uses_baseline_for_a_1():
     baseline = ppo_run("b", "baseline", "normalized", 1.0, kl=1.01, gold=0.5)
-    v = report.scale_verdict(table_of([SCALE_RUNS[0], baseline]))
+    v = verdicts.scale_verdict(table_of([SCALE_RUNS[0], baseline]), ROLES)
     assert v.holds is True and "a in {0.25, 1}" in v.evidence
     assert set(v.missing) == {"scale_4", "scale_0.25_raw", "scale_1_raw", "scale_4_raw"}
     assert "how far they move without is unknown" in v.evidence
-    v = report.scale_verdict(table_of([SCALE_RUNS[3]]))
+    v = verdicts.scale_verdict(table_of([SCALE_RUNS[3]]), ROLES)
     assert v.holds is None and "scale_0.25" in v.missing and v.status == "undecided"
 
 
@@ -144,7 +150,7 @@ def test_scale_verdict_counts_a_run_without_ppo_metrics_as_missing_and_decides_o
                      metrics={"rm/test_reward_mean": 0.0})
     no_gold = [{k: v for k, v in r.items() if k != "metrics.ppo/eval/gold_policy"}
                for r in (SCALE_RUNS[0], SCALE_RUNS[2])]
-    v = report.scale_verdict(table_of([no_ppo, *no_gold]))
+    v = verdicts.scale_verdict(table_of([no_ppo, *no_gold]), ROLES)
     assert v.holds is True and "a in {0.25, 4}" in v.evidence and "scale_1" in v.missing
     assert "KL alone decides" in v.evidence
 
@@ -152,11 +158,11 @@ def test_scale_verdict_counts_a_run_without_ppo_metrics_as_missing_and_decides_o
 def test_centering_verdict():
     rows = [run_row("c", "baseline", metrics={"rm/test_reward_mean": -0.02}),
             run_row("n", "no_centering", metrics={"rm/test_reward_mean": 4.0})]
-    v = report.centering_verdict(table_of(rows))
+    v = verdicts.centering_verdict(table_of(rows), ROLES)
     assert v.holds is True and "0.02 with centering" in v.evidence and "200 times as large" in v.evidence
-    v = report.centering_verdict(table_of(rows[:1]))
+    v = verdicts.centering_verdict(table_of(rows[:1]), ROLES)
     assert v.holds is None and v.missing == ("no_centering",)
-    v = report.centering_verdict(table_of([rows[0], run_row("n", "no_centering", metrics={"ppo/objective/kl": 1})]))
+    v = verdicts.centering_verdict(table_of([rows[0], run_row("n", "no_centering", metrics={"ppo/objective/kl": 1})]), ROLES)
     assert v.holds is None and "no_centering (no rm/test_reward_mean)" in v.evidence
 
 
@@ -170,32 +176,32 @@ def cal_run(run_id: str, scenario: str, ece_after: float, nll_after: float, enab
 def test_calibration_verdict_checks_every_calibrated_run_and_ignores_disabled_ones():
     ok = cal_run("a", "baseline", ece_after=0.015, nll_after=0.6)
     off = cal_run("b", "no_calibration", ece_after=0.2, nll_after=0.7, enabled=False)
-    v = report.calibration_verdict(table_of([ok, off]))
+    v = verdicts.calibration_verdict(table_of([ok, off]), ROLES)
     assert v.holds is True and "1 of 1 calibrated runs" in v.evidence
     bad = cal_run("c", "no_centering", ece_after=0.05, nll_after=0.6)
-    v = report.calibration_verdict(table_of([ok, bad]))
+    v = verdicts.calibration_verdict(table_of([ok, bad]), ROLES)
     assert v.holds is False and "Failing: no_centering" in v.evidence
-    v = report.calibration_verdict(table_of([off]))
+    v = verdicts.calibration_verdict(table_of([off]), ROLES)
     assert v.holds is None and v.missing == ("baseline",)
 
 
 def test_normalization_verdict_with_one_comparison_names_the_other():
     rows = [ppo_run("z", "baseline", "normalized", 1, kl=1, gold=0.5, tracking_error=0.03),
             ppo_run("n", "norm_none", "calibrated", 1, kl=1, gold=0.5, tracking_error=-0.4)]
-    v = report.normalization_verdict(table_of(rows))
+    v = verdicts.normalization_verdict(table_of(rows), ROLES)
     assert v.holds is True and "z-score (baseline) +3.0%" in v.evidence and "none (norm_none) -40.0%" in v.evidence
     assert v.missing == ("norm_minmax",)
     rows.append(ppo_run("m", "norm_minmax", "minmax_batch", 1, kl=1, gold=0.5, tracking_error=0.01))
-    assert report.normalization_verdict(table_of(rows)).holds is False
-    assert report.normalization_verdict(table_of(rows[1:])).missing == ("baseline",)
+    assert verdicts.normalization_verdict(table_of(rows), ROLES).holds is False
+    assert verdicts.normalization_verdict(table_of(rows[1:]), ROLES).missing == ("baseline",)
 
 
 def test_kl_control_verdict():
     rows = [ppo_run("a", "baseline", "normalized", 1, kl=1, gold=0.5, tracking_error=0.05),
             ppo_run("f", "kl_fixed", "normalized", 1, kl=1, gold=0.5, tracking_error=1.5)]
-    v = report.kl_control_verdict(table_of(rows))
+    v = verdicts.kl_control_verdict(table_of(rows), ROLES)
     assert v.holds is True and "fixed (kl_fixed) +150.0%" in v.evidence
-    v = report.kl_control_verdict(table_of(rows[:1]))
+    v = verdicts.kl_control_verdict(table_of(rows[:1]), ROLES)
     assert v.holds is None and "kl_fixed" in v.evidence
 
 
@@ -212,46 +218,46 @@ def test_ensemble_calibration_verdict_checks_every_ensemble_run():
     baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
     good = [ensemble_run("m", "ensemble_mean", 5, "mean", 0.550, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.553, 0.556, 0.4, 0.62)]
-    v = report.ensemble_calibration_verdict(table_of([baseline, *good]))
+    v = verdicts.ensemble_calibration_verdict(table_of([baseline, *good]), ROLES)
     assert v.holds is True and "ensemble_mean: 0.55 vs best member 0.556" in v.evidence
     worse = ensemble_run("s", "ensemble_mean_minus_std", 5, "mean_minus_std", 0.560, 0.556, 0.3, 0.6)
-    assert report.ensemble_calibration_verdict(table_of([baseline, *good, worse])).holds is False
-    assert report.ensemble_calibration_verdict(table_of([baseline])).holds is None
+    assert verdicts.ensemble_calibration_verdict(table_of([baseline, *good, worse]), ROLES).holds is False
+    assert verdicts.ensemble_calibration_verdict(table_of([baseline]), ROLES).holds is None
 
 
 def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
     baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
     runs = [baseline, ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.55, 0.556, 0.4, 0.62)]
-    v = report.over_optimization_verdict(table_of(runs))
+    v = verdicts.over_optimization_verdict(table_of(runs), ROLES)
     assert v.holds is True and "baseline 0.9 / 0.6" in v.evidence and "ensemble_min 0.4 / 0.62" in v.evidence
     runs.append(ensemble_run("s", "ensemble_mean_minus_std", 5, "mean_minus_std", 0.55, 0.556, 1.2, 0.6))
-    assert report.over_optimization_verdict(table_of(runs)).holds is False
-    assert report.over_optimization_verdict(table_of(runs[1:])).holds is None  # no baseline
+    assert verdicts.over_optimization_verdict(table_of(runs), ROLES).holds is False
+    assert verdicts.over_optimization_verdict(table_of(runs[1:]), ROLES).holds is None  # no baseline
     table = table_of(runs)
     assert list(table.loc[table["scenario"] == "ensemble_min", "final_gold_gap"]) == [0.4]
-    assert "Reward ensembles and over-optimization" in report.render_markdown(table, [v], experiment="e")
+    assert "Reward ensembles and over-optimization" in render.render_markdown(table, [v], experiment="e")
     assert "Every gap is negative" not in v.evidence
     cautious = [run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": -0.7, "ppo/eval/gold_policy": 0.6}),
                 ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, -0.75, 0.65)]
-    v = report.over_optimization_verdict(table_of(cautious))
+    v = verdicts.over_optimization_verdict(table_of(cautious), ROLES)
     assert v.holds is True and "Every gap is negative" in v.evidence
     # a regime compares its own scenarios only
     lowdata = [run_row("l", "lowdata", metrics={"ppo/eval/final_gold_gap": 0.5, "ppo/eval/gold_policy": 0.3}),
                ensemble_run("lm", "lowdata_ensemble_mean", 5, "mean", 0.62, 0.63, 0.2, 0.4)]
-    v = report.over_optimization_verdict(table_of(cautious + lowdata), "lowdata")
+    v = verdicts.over_optimization_verdict(table_of(cautious + lowdata), ROLES, "lowdata")
     assert v.holds is True and v.topic == "Over-optimization (lowdata)"
     assert "lowdata 0.5 / 0.3" in v.evidence and "ensemble_mean -0.75" not in v.evidence
 
 
 def test_report_renders_tables_verdicts_and_an_embedded_figure():
-    keys = (report.KL, report.KL_TARGET, report.BETA, report.GOLD)
-    histories = pd.concat([history(rid, key, list(np.linspace(0.5, 1.0, 6))) for rid in ("t025", "r4") for key in keys])
+    curves = (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA, keys.PPO_REWARD_GOLD)
+    histories = pd.concat([history(rid, key, list(np.linspace(0.5, 1.0, 6))) for rid in ("t025", "r4") for key in curves])
     runs = pd.DataFrame(SCALE_RUNS + [run_row("x<y>", None, name="a|b", metrics={"rm/test_accuracy": 0.8})])
-    r = report.build_report(runs, histories, experiment="exp", source="sqlite:///m.db", selection="everything")
+    r = render.build_report(runs, histories, roles=ROLES, experiment="exp", source="sqlite:///m.db", selection="everything")
     assert "## Verdicts" in r.markdown and "**Reward scale: supported.**" in r.markdown
     assert "a\\|b (x<y>)" in r.markdown  # pipes escaped in Markdown table cells
-    assert f"]({report.FIGURE_FILE})" in r.markdown
+    assert f"]({render.FIGURE_FILE})" in r.markdown
     assert "data:image/png;base64," in r.html and "x&lt;y&gt;" in r.html and "<script" not in r.html
     assert "Normalization" in r.markdown and "Not logged by the selected runs." in r.markdown
     assert len(r.figure.axes) == 4 and len(r.figure.axes[0].get_lines()) == 4  # two runs, each with its target
@@ -259,16 +265,16 @@ def test_report_renders_tables_verdicts_and_an_embedded_figure():
 
 
 def test_report_without_runs_says_so():
-    r = report.build_report(pd.DataFrame(columns=["run_id", "start_time"]), None, experiment="exp",
+    r = render.build_report(pd.DataFrame(columns=["run_id", "start_time"]), None, roles=ROLES, experiment="exp",
                             notes=["Experiment `exp` not found."])
     assert "No matching runs" in r.markdown and "No matching runs" in r.html
     assert "Experiment `exp` not found." in r.markdown and r.verdicts == [] and r.table.empty
 
 
 def test_save_report_writes_the_four_files(tmp_path):
-    r = report.build_report(pd.DataFrame(SCALE_RUNS), None, experiment="exp")
-    paths = report.save_report(r, tmp_path / "out")
-    assert {p.name for p in paths.values()} == set(report.REPORT_FILES.values())
+    r = render.build_report(pd.DataFrame(SCALE_RUNS), None, roles=ROLES, experiment="exp")
+    paths = render.save_report(r, tmp_path / "out")
+    assert {p.name for p in paths.values()} == set(render.REPORT_FILES.values())
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pd.read_csv(paths["table"])) == len(SCALE_RUNS)
 
@@ -282,4 +288,4 @@ def test_notebook_is_nbformat_4_without_outputs_and_its_code_parses():
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     for cell in code:
         ast.parse("".join(cell["source"]))
-    assert any("from calibrated_rlhf.core import report" in "".join(c["source"]) for c in code)
+    assert any("from calibrated_rlhf.reporting import render" in "".join(c["source"]) for c in code)

@@ -1,4 +1,4 @@
-"""Nodes of ``reporting``: a thin adapter over ``calibrated_rlhf.core.report``."""
+"""Nodes of ``reporting``: a thin adapter over ``calibrated_rlhf.reporting``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,42 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from calibrated_rlhf.core import report
 from calibrated_rlhf.pipelines.params import StrictParams
+from calibrated_rlhf.reporting import render
+from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs
+from calibrated_rlhf.reporting.verdicts import ScenarioRoles
 
 log = logging.getLogger(__name__)
+
+
+class ScaleScenarioParams(StrictParams):
+    """One run of the scale experiment."""
+
+    scenario: str
+    reward: str = Field(pattern="^(normalized|raw)$")
+    multiplier: float = Field(gt=0)
+
+
+class EnsembleRegimeParams(StrictParams):
+    """A one-model scenario and the prefix of the ensemble scenarios compared with it."""
+
+    single_model: str
+    ensemble_prefix: str = Field(min_length=1)
+
+
+class ScenarioRolesParams(StrictParams):
+    """Which scenario tag plays which part in the verdicts (see ``reporting.verdicts.ScenarioRoles``)."""
+
+    reference: str
+    no_centering: str
+    no_normalization: str
+    minmax_normalization: str
+    fixed_kl: str
+    scale: list[ScaleScenarioParams] = Field(min_length=2)
+    ensembles: list[EnsembleRegimeParams] = Field(min_length=1)
+
+    def roles(self) -> ScenarioRoles:
+        return ScenarioRoles.from_dict(self.model_dump())
 
 
 class ReportingParams(StrictParams):
@@ -27,10 +59,11 @@ class ReportingParams(StrictParams):
     tolerance: float = Field(0.10, gt=0, description="Relative spread across a that the scale verdict calls "
                              "'the same'.")
     ece_margin: float = Field(0.01, ge=0, description="How far above the oracle ECE a calibrated run may be.")
+    scenario_roles: ScenarioRolesParams = Field(description="Which scenario plays which part in the verdicts.")
 
-    def selection(self) -> report.RunSelection:
-        return report.RunSelection(experiment=self.experiment, run_ids=tuple(self.run_ids), last=self.last,
-                                   filter_string=self.filter_string, scenarios=tuple(self.scenarios))
+    def selection(self) -> RunSelection:
+        return RunSelection(experiment=self.experiment, run_ids=tuple(self.run_ids), last=self.last,
+                            filter_string=self.filter_string, scenarios=tuple(self.scenarios))
 
 
 def compare_runs(params: ReportingParams) -> tuple[str, str, pd.DataFrame, Figure]:
@@ -40,11 +73,11 @@ def compare_runs(params: ReportingParams) -> tuple[str, str, pd.DataFrame, Figur
     """
     active = mlflow.active_run()
     selection = params.selection()
-    runs, notes = report.load_runs(selection, exclude_run_ids=[active.info.run_id] if active else [])
-    histories = report.load_histories(runs["run_id"])
-    result = report.build_report(runs, histories, experiment=params.experiment, source=mlflow.get_tracking_uri(),
-                                 selection=selection.describe(), notes=notes, tolerance=params.tolerance,
-                                 ece_margin=params.ece_margin)
+    runs, notes = load_runs(selection, exclude_run_ids=[active.info.run_id] if active else [])
+    histories = load_histories(runs["run_id"])
+    result = render.build_report(runs, histories, roles=params.scenario_roles.roles(), experiment=params.experiment,
+                                 source=mlflow.get_tracking_uri(), selection=selection.describe(), notes=notes,
+                                 tolerance=params.tolerance, ece_margin=params.ece_margin)
     for verdict in result.verdicts:
         log.info("%s: %s. %s", verdict.topic, verdict.status, verdict.evidence)
     if result.table.empty:

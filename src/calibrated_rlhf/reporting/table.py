@@ -1,0 +1,182 @@
+"""The comparison table: one row per run, from plain run records (no MLflow here).
+
+Inputs are two DataFrames:
+
+* ``runs``: one row per run, as ``mlflow.search_runs`` returns them (``run_id``, ``start_time``,
+  ``metrics.<key>``, ``params.<key>``, ``tags.<key>``);
+* ``histories``: per-step metric values in long form, columns ``run_id``, ``key``, ``step``, ``value``.
+
+A run may lack any metric (a run of some pipelines only); its cells are NaN, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.kl_tracking import end_of_training_mean, kl_tracking_error, summarize_kl_tracking
+
+# Table column -> MLflow metric key (the latest value search_runs reports).
+METRICS: dict[str, str] = {
+    "reward_offset": keys.RM_TEST_REWARD_MEAN,
+    "rm_accuracy": keys.RM_TEST_ACCURACY,
+    "rm_bayes_accuracy": keys.RM_TEST_BAYES_ACCURACY,
+    "temperature": keys.CALIBRATION_TEMPERATURE,
+    "nll_before": keys.CALIBRATION_TEST_NLL_BEFORE,
+    "nll_after": keys.CALIBRATION_TEST_NLL_AFTER,
+    "bayes_nll": keys.CALIBRATION_TEST_BAYES_NLL,
+    "ece_before": keys.CALIBRATION_TEST_ECE_BEFORE,
+    "ece_after": keys.CALIBRATION_TEST_ECE_AFTER,
+    "oracle_ece": keys.CALIBRATION_TEST_ORACLE_ECE,
+    "norm_mean": keys.NORMALIZATION_MEAN,
+    "norm_std": keys.NORMALIZATION_STD,
+    "norm_n": keys.NORMALIZATION_N,
+    "kl_second_half_mean": keys.PPO_EVAL_KL_SECOND_HALF_MEAN,
+    "kl_target": keys.PPO_KL_TARGET,
+    "kl_tracking_error": keys.PPO_EVAL_KL_TRACKING_ERROR,
+    "final_beta": keys.PPO_EVAL_FINAL_BETA,
+    "gold_reward": keys.PPO_EVAL_GOLD_POLICY,
+    "gold_reference": keys.PPO_EVAL_GOLD_REFERENCE,
+    "gold_gain": keys.PPO_EVAL_GOLD_GAIN,
+    "gold_gain_ci_low": keys.PPO_EVAL_GOLD_GAIN_CI_LOW,
+    "gold_gain_ci_high": keys.PPO_EVAL_GOLD_GAIN_CI_HIGH,
+    "episodes_per_s": keys.PPO_EVAL_EPISODES_PER_S,
+    "ensemble_size": keys.ENSEMBLE_SIZE,
+    "ensemble_nll_after": keys.ENSEMBLE_TEST_NLL_AFTER,
+    "best_member_nll_after": keys.ENSEMBLE_BEST_MEMBER_TEST_NLL_AFTER,
+    "final_gold_gap": keys.PPO_EVAL_FINAL_GOLD_GAP,
+    "final_ensemble_std": keys.PPO_EVAL_FINAL_ENSEMBLE_STD,
+}
+
+# Table column -> flattened MLflow param key.
+PARAMS: dict[str, str] = {
+    "reward": "ppo.reward",
+    "reward_multiplier": "ppo.raw_reward_multiplier",
+    "kl_control": "ppo.trainer.kl_control",
+    "center_rewards_coefficient": "reward_model.training.center_rewards_coefficient",
+    "calibration_enabled": "calibration.enabled",
+    "normalization_enabled": "normalization.enabled",
+    "aggregation": "reward_model.ensemble.aggregation",
+}
+KL_TARGET_PARAM = "ppo.trainer.kl_target"
+ENSEMBLE_SIZE_PARAM = "reward_model.ensemble_size"
+
+# The per-update curves the table falls back on and the figure draws.
+HISTORY_KEYS: tuple[str, ...] = (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA, keys.PPO_REWARD_GOLD,
+                                 keys.PPO_REWARD_GOLD_GAP, keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EPISODES_PER_S)
+HISTORY_COLUMNS = ["run_id", "key", "step", "value"]
+
+IDENTITY = ["label", "run_id", "run_name", "scenario", "start_time"]
+COLUMNS = IDENTITY + list(PARAMS) + list(METRICS)
+
+SECTIONS: dict[str, list[str]] = {
+    "Runs": ["label", "run_id", "scenario", *PARAMS],
+    "Reward model and calibration": ["label", "reward_offset", "rm_accuracy", "rm_bayes_accuracy", "temperature",
+                                     "nll_before", "nll_after", "bayes_nll", "ece_before", "ece_after", "oracle_ece"],
+    "Normalization": ["label", "norm_mean", "norm_std", "norm_n"],
+    "PPO": ["label", "kl_second_half_mean", "kl_target", "kl_tracking_error", "final_beta", "gold_reward",
+            "gold_reference", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high", "episodes_per_s"],
+    "Reward ensembles and over-optimization": [
+        "label", "ensemble_size", "aggregation", "nll_after", "best_member_nll_after", "gold_reward", "gold_gain",
+        "final_gold_gap", "final_ensemble_std"],
+}
+
+
+def empty_histories() -> pd.DataFrame:
+    return pd.DataFrame(columns=HISTORY_COLUMNS)
+
+
+def tag_values(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A tag's values, None where a run lacks it (search_runs gives NaN or None there)."""
+    values = runs[f"tags.{name}"] if f"tags.{name}" in runs.columns else [None] * len(runs)
+    return pd.Series([v if isinstance(v, str) and v else None for v in values], index=runs.index, dtype=object)
+
+
+def run_labels(runs: pd.DataFrame) -> list[str]:
+    """The scenario tag, else the run name and short id; a repeated label gets the short id too."""
+    scenarios, names = tag_values(runs, "scenario"), tag_values(runs, "mlflow.runName")
+    labels = [s if s else f"{n or 'run'} ({rid[:8]})" for s, n, rid in zip(scenarios, names, runs["run_id"])]
+    counts = pd.Series(labels).value_counts()
+    return [f"{lab} ({rid[:8]})" if counts[lab] > 1 and not lab.endswith(f"({rid[:8]})") else lab
+            for lab, rid in zip(labels, runs["run_id"])]
+
+
+def as_float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def curve(histories: pd.DataFrame, run_id: str, key: str) -> pd.DataFrame:
+    """One metric of one run, ordered by step."""
+    if histories.empty:
+        return histories
+    return histories[(histories["run_id"] == run_id) & (histories["key"] == key)].sort_values("step", kind="stable")
+
+
+def curve_values(histories: pd.DataFrame, run_id: str, key: str) -> np.ndarray:
+    return curve(histories, run_id, key)["value"].to_numpy(dtype=np.float64)
+
+
+def _fill(row: dict[str, object], column: str, value: float) -> None:
+    """Set ``column`` only where the run did not log it: the logged summary is what the run reported."""
+    if math.isnan(row[column]):  # type: ignore[arg-type]
+        row[column] = value
+
+
+def _from_curves(row: dict[str, object], run: pd.Series, histories: pd.DataFrame) -> None:
+    """The PPO summary columns a run did not log, recomputed from its curves with the stage's own summary."""
+    run_id = run["run_id"]
+    target = curve_values(histories, run_id, keys.PPO_KL_TARGET)
+    _fill(row, "kl_target", target[-1] if target.size else as_float(run.get(f"params.{KL_TARGET_PARAM}")))
+    tracking = summarize_kl_tracking(curve_values(histories, run_id, keys.PPO_KL), row["kl_target"],  # type: ignore[arg-type]
+                                     curve_values(histories, run_id, keys.PPO_BETA),
+                                     curve_values(histories, run_id, keys.PPO_EPISODES_PER_S))
+    _fill(row, "kl_second_half_mean", tracking.kl_second_half_mean)
+    _fill(row, "kl_tracking_error", kl_tracking_error(row["kl_second_half_mean"], row["kl_target"]))  # type: ignore[arg-type]
+    _fill(row, "final_beta", tracking.final_beta)
+    _fill(row, "episodes_per_s", tracking.episodes_per_s)
+    _fill(row, "final_gold_gap", end_of_training_mean(curve_values(histories, run_id, keys.PPO_REWARD_GOLD_GAP)))
+    _fill(row, "final_ensemble_std",
+          end_of_training_mean(curve_values(histories, run_id, keys.PPO_REWARD_ENSEMBLE_STD)))
+
+
+def comparison_table(runs: pd.DataFrame, histories: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per run with the columns of :data:`COLUMNS`, NaN where a run did not log a value.
+
+    A logged summary wins; the PPO summary columns a run did not log (an older or interrupted run) are
+    recomputed from its curves with ``core.kl_tracking``, the function the PPO stage logs them with.
+    One reward model counts as an ensemble of size 1 (its ``reward_model.ensemble_size`` parameter).
+    """
+    histories = histories if histories is not None else empty_histories()
+    rows = []
+    labels = run_labels(runs) if len(runs) else []
+    names, scenarios = tag_values(runs, "mlflow.runName"), tag_values(runs, "scenario")
+    for label, name, scenario, (_, run) in zip(labels, names, scenarios, runs.iterrows()):
+        row: dict[str, object] = {"label": label, "run_id": run["run_id"], "run_name": name, "scenario": scenario,
+                                  "start_time": run.get("start_time")}
+        row |= {col: run.get(f"params.{key}") for col, key in PARAMS.items()}
+        row["reward_multiplier"] = as_float(row["reward_multiplier"])
+        row |= {col: as_float(run.get(f"metrics.{key}")) for col, key in METRICS.items()}
+        _fill(row, "ensemble_size", as_float(run.get(f"params.{ENSEMBLE_SIZE_PARAM}")))
+        _from_curves(row, run, histories)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def is_empty(value: object) -> bool:
+    """No value: None, NaN, NaT or an empty string."""
+    if value is None or value is pd.NaT:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
+def empty_columns(table: pd.DataFrame) -> list[str]:
+    """Columns without a value in any row: nothing the selected runs logged fills them."""
+    return [c for c in table.columns if all(is_empty(v) for v in table[c])]
