@@ -23,3 +23,20 @@ def run(pipeline: Pipeline, inputs: dict[str, Any]) -> dict[str, Any]:
         catalog[name] = KeptMemoryDataset(copy_mode="assign")
     SequentialRunner().run(pipeline, catalog)
     return {name: catalog.load(name) for name in pipeline.all_outputs()}
+
+
+def data_prep_params(source: Any, split: Any = None, **validation: Any) -> dict[str, Any]:
+    """Every parameter block the ``data_prep`` pipeline reads: defaults, tiny backbone, the given source."""
+    from calibrated_rlhf.core.backbone import BackboneParams
+    from calibrated_rlhf.core.completions import CompletionParams
+    from calibrated_rlhf.core.preferences import MarginParams, SplitParams, ValidationParams
+    from tests.conftest import TINY_BACKBONE
+
+    return {
+        "params:data_prep.source": source,
+        "params:data_prep.margin": MarginParams(),
+        "params:data_prep.validation": ValidationParams(**validation),
+        "params:data_prep.split": split if split is not None else SplitParams(),
+        "params:data_prep.completions": CompletionParams(),
+        "params:backbone": BackboneParams(**TINY_BACKBONE),
+    }

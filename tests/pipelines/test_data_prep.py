@@ -3,24 +3,15 @@ import json
 import pandas as pd
 import pytest
 
-from calibrated_rlhf.core.backbone import BackboneParams
 from calibrated_rlhf.core.completions import CompletionParams
 from calibrated_rlhf.core.preferences import MarginParams, PreferenceDataError, SplitParams, ValidationParams
 from calibrated_rlhf.pipelines.data_prep import create_pipeline
 from calibrated_rlhf.pipelines.data_prep import nodes
-from tests.conftest import TINY_BACKBONE
-from tests.pipelines.helpers import run
+from tests.pipelines.helpers import data_prep_params, run
 
 
 def params(source: nodes.SourceParams, **validation) -> dict:
-    return {
-        "params:data_prep.source": source,
-        "params:data_prep.margin": MarginParams(),
-        "params:data_prep.validation": ValidationParams(**validation),
-        "params:data_prep.split": SplitParams(),
-        "params:data_prep.completions": CompletionParams(),
-        "params:backbone": BackboneParams(**TINY_BACKBONE),
-    }
+    return data_prep_params(source, **validation)
 
 
 def synthetic(**kw) -> nodes.SourceParams:

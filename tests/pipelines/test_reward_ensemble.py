@@ -13,7 +13,6 @@ from kedro.io import DataCatalog
 from calibrated_rlhf import pipeline_registry
 from calibrated_rlhf.core.backbone import BackboneParams
 from calibrated_rlhf.core.ensemble import RewardEnsemble
-from calibrated_rlhf.core.preferences import MarginParams, SplitParams, ValidationParams
 from calibrated_rlhf.core.reward_model import RewardTrainingParams
 from calibrated_rlhf.pipelines import reward_ensemble
 from calibrated_rlhf.pipelines.calibration.nodes import CalibrationParams
@@ -22,7 +21,7 @@ from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticPar
 from calibrated_rlhf.pipelines.reward_ensemble.nodes import member_key
 from calibrated_rlhf.pipelines.reward_model.nodes import EnsembleParams
 from tests.conftest import TINY_BACKBONE
-from tests.pipelines.helpers import run
+from tests.pipelines.helpers import data_prep_params, run
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -133,13 +132,7 @@ TRAINING = RewardTrainingParams(num_train_epochs=2, per_device_train_batch_size=
 @pytest.fixture(scope="module")
 def ensemble_run():
     source = SourceParams(synthetic=SyntheticParams(n_pairs=400, n_words=8, max_words=4))
-    prepared = run(data_prep(), {
-        "params:data_prep.source": source,
-        "params:data_prep.margin": MarginParams(),
-        "params:data_prep.validation": ValidationParams(),
-        "params:data_prep.split": SplitParams(),
-        "params:backbone": BackboneParams(**TINY_BACKBONE),
-    })
+    prepared = run(data_prep(), data_prep_params(source))
     dag = registered(2)
     pipe = dag["reward_model"] + dag["calibration"]
     inputs = {k: prepared[k] for k in ("tokenizer", "train_pairs", "validation_pairs", "test_pairs",

@@ -5,11 +5,11 @@ from calibrated_rlhf.core.backbone import BackboneParams
 from calibrated_rlhf.core.reward_model import RewardTrainingParams
 from calibrated_rlhf.pipelines.data_prep import create_pipeline as data_prep
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticParams
-from calibrated_rlhf.core.preferences import MarginParams, SplitParams, ValidationParams
+from calibrated_rlhf.core.preferences import SplitParams
 from calibrated_rlhf.pipelines.reward_model import create_pipeline as reward_model
 from calibrated_rlhf.pipelines.reward_model import nodes
 from tests.conftest import TINY_BACKBONE
-from tests.pipelines.helpers import run
+from tests.pipelines.helpers import data_prep_params, run
 
 TRAINING = dict(num_train_epochs=2, per_device_train_batch_size=16, logging_steps=2, learning_rate=3e-3)
 
@@ -17,13 +17,7 @@ TRAINING = dict(num_train_epochs=2, per_device_train_batch_size=16, logging_step
 @pytest.fixture(scope="module")
 def prepared():
     source = SourceParams(synthetic=SyntheticParams(n_pairs=400, n_words=8, max_words=4, n_rating_levels=4))
-    return run(data_prep(), {
-        "params:data_prep.source": source,
-        "params:data_prep.margin": MarginParams(),
-        "params:data_prep.validation": ValidationParams(),
-        "params:data_prep.split": SplitParams(),
-        "params:backbone": BackboneParams(**TINY_BACKBONE),
-    })
+    return run(data_prep(), data_prep_params(source))
 
 
 def train(prepared, **overrides):
@@ -111,13 +105,8 @@ def test_centering_pulls_the_reward_mean_towards_zero(prepared):
 def prepared_large_test():
     """More held-out pairs than `prepared`: 40% of ~2000 pairs' prompts go to the test split."""
     source = SourceParams(synthetic=SyntheticParams(seed=3, n_pairs=2000, n_words=8, max_words=5))
-    return run(data_prep(), {
-        "params:data_prep.source": source,
-        "params:data_prep.margin": MarginParams(),
-        "params:data_prep.validation": ValidationParams(),
-        "params:data_prep.split": SplitParams(train=0.5, validation=0.05, calibration=0.05, test=0.4),
-        "params:backbone": BackboneParams(**TINY_BACKBONE),
-    })
+    split = SplitParams(train=0.5, validation=0.05, calibration=0.05, test=0.4)
+    return run(data_prep(), data_prep_params(source, split))
 
 
 def _accuracy(chosen_scores: np.ndarray, rejected_scores: np.ndarray) -> np.ndarray:
