@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrated_rlhf.hooks import TrackingServerUnreachable, check_tracking_server
+from calibrated_rlhf.tracking_check import TrackingServerUnreachable, check_tracking_server
 
 from tests.project import make_project, wait_until_up
 

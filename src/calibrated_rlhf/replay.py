@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from calibrated_rlhf.hooks import REPLAY_OF_ENV, RUN_CONFIG_DIR
+from calibrated_rlhf.provenance import REPLAY_OF_ENV, RUN_CONFIG_DIR, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # as conf/base/mlflow.yml when MLFLOW_TRACKING_URI is unset
 SEQUENTIAL = "kedro.runner.sequential_runner.SequentialRunner"
@@ -117,17 +117,6 @@ def parameters_yaml(parameters: dict[str, Any], run_id: str) -> str:
     return text
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _reads_as_itself(text: str) -> bool:
     """Whether ``text`` unquoted reads back as the same string in OmegaConf (which parses ``--params``)."""
     try:
@@ -145,7 +134,7 @@ def _params_arg(runtime_params: dict[str, Any]) -> str | None:
     """``--params`` as the original run got it. Values with commas cannot travel on the command line
     (Kedro splits ``--params`` on commas); they are in the environment's parameters.yml anyway."""
     items = []
-    for key, value in _flatten(runtime_params).items():
+    for key, value in flatten(runtime_params).items():
         text = value if isinstance(value, str) and _reads_as_itself(value) else json.dumps(value)
         if "," in text:
             print(f"replay: --params {key} has a comma; it is replayed through parameters.yml only", file=sys.stderr)

@@ -201,7 +201,7 @@ class RunIsolation:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
     def after_context_created(self, context: Any) -> None:
-        from calibrated_rlhf.hooks import configured_tracking_uri
+        from calibrated_rlhf.tracking_check import configured_tracking_uri
 
         init_sqlite_store(configured_tracking_uri(context))
 
