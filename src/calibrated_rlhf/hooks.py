@@ -36,7 +36,10 @@ from calibrated_rlhf.tracking_check import check_tracking_server, configured_tra
 
 
 class PipelineShape:
-    """Hands the run's configuration to the pipeline registry: ``reward_model.ensemble_size`` shapes the DAG."""
+    """Hands the run's configuration to the pipeline registry: ``reward_model.ensemble_size`` shapes the DAG.
+
+    The project's config loader hands itself over too (``pipeline_registry.ProjectConfigLoader``); this
+    covers a context built with another loader class."""
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context: Any) -> None:

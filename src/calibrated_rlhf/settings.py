@@ -4,6 +4,7 @@ import os
 
 from calibrated_rlhf.crash_recovery import CrashRecovery
 from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, TrackingServerCheck
+from calibrated_rlhf.pipeline_registry import ProjectConfigLoader
 from calibrated_rlhf.run_integrity import RunIsolation
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
@@ -20,6 +21,9 @@ def _env_or(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+# The project's OmegaConfigLoader: it also tells the pipeline registry which configuration shapes the DAG,
+# where no hook runs (`kedro viz`).
+CONFIG_LOADER_CLASS = ProjectConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
