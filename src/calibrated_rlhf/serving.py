@@ -126,13 +126,12 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
 
     def _raw(self, prompts: list[str], responses: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (and the ensemble's spread) of each column's responses, the columns one after another."""
-        from calibrated_rlhf.core.ensemble import score_rewards
-        from calibrated_rlhf.core.preferences import render_ids
+        from calibrated_rlhf.core.scoring import RewardScorer
 
-        ids = {col: [render_ids(self.tokenizer, p, r) for p, r in zip(prompts, texts)]
-               for col, texts in responses.items()}
+        scorer = RewardScorer(self.model, self.tokenizer, self.transform)
+        ids = {col: scorer.render(prompts, texts) for col, texts in responses.items()}
         ids = fit_lengths(ids, self.max_length, self.overlength, getattr(self.tokenizer, "truncation_side", "right"))
-        return score_rewards(self.model, [x for seqs in ids.values() for x in seqs], self.tokenizer.pad_token_id)
+        return scorer.raw_of_ids([x for seqs in ids.values() for x in seqs])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = check_request(model_input)

@@ -51,7 +51,7 @@ def test_min_max_is_per_batch_and_scale_free(reward_model, tiny_tokenizer):
 def test_the_scale_experiment_leaves_the_transformed_score_unchanged(reward_model, tiny_tokenizer, a):
     t = transform()
     base = nodes.make_score_fn(reward_model, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
-    scaled_fn = nodes.make_score_fn(reward_model, tiny_tokenizer, nodes.rescaled_transform(t, a), None,
+    scaled_fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t.rescaled(a), None,
                                     "normalized", a)
     scaled = scaled_fn(PROMPTS, RESPONSES)
     torch.testing.assert_close(scaled["score"], base["score"], rtol=1e-5, atol=1e-5)
@@ -60,9 +60,9 @@ def test_the_scale_experiment_leaves_the_transformed_score_unchanged(reward_mode
 
 def test_reward_scale_keeps_beta_in_normalized_units():
     t = transform(temperature=0.5, std=2.0)
-    assert nodes.reward_scale_of("normalized", t) == 1.0
-    assert nodes.reward_scale_of("calibrated", t) == 2.0
-    assert nodes.reward_scale_of("raw", t) == pytest.approx(1.0)  # std of raw = T * std of calibrated
+    assert t.scale_of("normalized") == 1.0
+    assert t.scale_of("calibrated") == 2.0
+    assert t.scale_of("raw") == pytest.approx(1.0)  # std of raw = T * std of calibrated
 
 
 def reference_set(pairs):
@@ -108,7 +108,7 @@ def test_gold_gap_counts_from_the_reference_set(reward_model, tiny_tokenizer, sy
     torch.testing.assert_close(out["gold_gap"].double(), want, rtol=1e-5, atol=1e-4)
     # the scale experiment moves neither the offset nor the gap
     a = 4.0
-    scaled = nodes.gold_offset(reward_model, tiny_tokenizer, nodes.rescaled_transform(t, a), task, ref, a)
+    scaled = nodes.gold_offset(reward_model, tiny_tokenizer, t.rescaled(a), task, ref, a)
     assert scaled == pytest.approx(offset, rel=1e-6, abs=1e-6)
 
 

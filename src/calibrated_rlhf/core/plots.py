@@ -96,3 +96,16 @@ def reward_distributions(raw: Any, calibrated: Any, normalized: Any, *, bins: in
         ax.set_xlabel("reward")
     axes[0].set_ylabel("responses")
     return fig
+
+
+def kl_control(steps: Any, kl: Any, beta: Any, kl_target: float, controller: str) -> Figure:
+    """KL against its target, and beta, per update: whether the controller held the KL budget."""
+    fig = _figure(10.0, 3.6)
+    ax_kl, ax_beta = fig.subplots(1, 2)
+    ax_kl.plot(steps, kl, label="KL (batch mean of sequence sums)")
+    ax_kl.axhline(kl_target, color="k", ls="--", label=f"target {kl_target:g}")
+    ax_kl.set_xlabel("update"), ax_kl.set_ylabel("nats"), ax_kl.legend()
+    ax_beta.plot(steps, beta, color="tab:orange")
+    ax_beta.set_xlabel("update"), ax_beta.set_ylabel("beta (normalized-reward units per nat)")
+    ax_kl.set_title(f"KL control: {controller}")
+    return fig

@@ -9,14 +9,17 @@ becomes an assistant message and goes through the tokenizer's chat template, as 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import torch
 
-from calibrated_rlhf.core.ensemble import score_rewards
-from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
+from calibrated_rlhf.core.normalization import RewardTransform, minmax_batch
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
+from calibrated_rlhf.core.synthetic import SyntheticTask
 
 Overlength = Literal["reject", "truncate"]
 
@@ -83,8 +86,18 @@ class RewardScorer:
 
     def raw(self, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (times ``raw_multiplier``) and the ensemble's disagreement (None for one model)."""
-        reward, spread = score_rewards(self.reward_model, self.render(prompts, responses),
-                                       self.tokenizer.pad_token_id, self.batch_size)
+        return self.raw_of_ids(self.render(prompts, responses))
+
+    def iter_raw(self, prompts: Sequence[Any], responses: Sequence[Any]
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(indices, raw, ensemble_std) batch by batch, in length-sorted order: for statistics that stream."""
+        ids = self.render(prompts, responses)
+        for idx, reward, spread in iter_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size):
+            yield idx, self.raw_multiplier * reward, spread
+
+    def raw_of_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`raw` of sequences already rendered (and length-checked) with :meth:`render`."""
+        reward, spread = score_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size)
         return self.raw_multiplier * reward, spread
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> ScoredRewards:
@@ -94,3 +107,47 @@ class RewardScorer:
             return ScoredRewards(raw=raw, ensemble_std=spread)
         t = self.transform
         return ScoredRewards(raw=raw, calibrated=t.calibrate(raw), normalized=t.normalize(raw), ensemble_std=spread)
+
+
+# ---- the reward an RL run optimizes -----------------------------------------------------------------
+
+Optimized = Literal["normalized", "calibrated", "raw", "minmax_batch"]
+
+
+def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any],
+                responses: Sequence[str]) -> float | None:
+    """Mean of ``calibrated - scale * gold`` over a reference set: where the proxy-gold gap counts from.
+
+    A calibrated reward model estimates the true logit ``scale * gold`` up to a constant; this is that
+    constant on the distribution RL starts from (None without a reference set).
+    """
+    if not len(responses):
+        return None
+    calibrated = scorer.score(prompts, responses).calibrated
+    gold = np.array([task.gold_reward(r) for r in responses])
+    return float(np.mean(calibrated - task.scale * gold))
+
+
+def rl_score_fn(scorer: RewardScorer, reward: Optimized, task: SyntheticTask | None = None,
+                offset: float | None = None) -> Callable[[list, list], dict[str, torch.Tensor]]:
+    """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the optimized ``score``,
+    and, for an ensemble, ``ensemble_std``.
+
+    On the synthetic task it adds ``gold`` and, given ``offset`` (:func:`gold_offset`), ``gold_gap``:
+    calibrated proxy minus the true logit ``scale * gold``, relative to the reference set, so it starts
+    near 0 and grows when RL exploits the reward model's errors (calibrated-logit units).
+    """
+
+    def score_fn(prompts: list, responses: list) -> dict[str, torch.Tensor]:
+        scored = scorer.score(prompts, responses)
+        out = {"raw": scored.raw, "calibrated": scored.calibrated, "normalized": scored.normalized}
+        if scored.ensemble_std is not None:
+            out["ensemble_std"] = scored.ensemble_std
+        out["score"] = minmax_batch(scored.raw) if reward == "minmax_batch" else out[reward]
+        if task is not None:
+            out["gold"] = np.array([task.gold_reward(r) for r in responses])
+            if offset is not None:
+                out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - offset
+        return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+
+    return score_fn

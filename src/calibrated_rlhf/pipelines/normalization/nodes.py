@@ -12,9 +12,10 @@ from pydantic import Field
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
-from calibrated_rlhf.core.normalization import RewardStats, RewardTransform, transform_from_stats
-from calibrated_rlhf.core.preferences import render_ids, text_key, text_prompts
-from calibrated_rlhf.core.ensemble import RewardEnsemble, iter_rewards, reward_fingerprint
+from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
+from calibrated_rlhf.core.normalization import RewardStats, identity_transform, transform_from_stats
+from calibrated_rlhf.core.preferences import text_key, text_prompts
+from calibrated_rlhf.core.scoring import RewardScorer
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -70,26 +71,23 @@ def compute_reward_transform(
     members, their aggregation and their mean spread on the reference set.
     """
     temperature = float(temperature_fit["temperature"])
-    sequences = [render_ids(tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
+    scorer = RewardScorer(reward_model, tokenizer, batch_size=params.batch_size)
     stats = RewardStats()
-    raw = np.empty(len(sequences))
-    spread = np.empty(len(sequences))
-    for idx, rewards, members_std in iter_rewards(reward_model, sequences, tokenizer.pad_token_id, params.batch_size):
+    raw = np.empty(len(responses))  # kept only for the plot and the clip fraction
+    spread = np.empty(len(responses))
+    for idx, rewards, members_std in scorer.iter_raw(list(responses["prompt"]), list(responses["response"])):
         stats.update(rewards / temperature)
-        raw[idx] = rewards  # kept only for the plot
+        raw[idx] = rewards
         if members_std is not None:
             spread[idx] = members_std
-    computed_on = params.reference if params.enabled else "none"
     ensemble = None
     if isinstance(reward_model, RewardEnsemble):
         ensemble = {**reward_model.spec.to_dict(), "reference_std": float(spread.mean())}
     version = reward_fingerprint(reward_model)
     if params.enabled:
-        transform = transform_from_stats(temperature, stats, params.clip, computed_on, version, ensemble=ensemble)
+        transform = transform_from_stats(temperature, stats, params.clip, params.reference, version, ensemble=ensemble)
     else:
-        transform = RewardTransform(temperature=temperature, mean=0.0, std=1.0, clip=params.clip,
-                                    computed_on=computed_on, reward_model_version=version,
-                                    n=stats.count, quantiles=stats.quantiles(), ensemble=ensemble)
+        transform = identity_transform(temperature, stats, params.clip, version, ensemble=ensemble)
     normalized = transform.normalize(raw)
     values = {
         keys.NORMALIZATION_MEAN: transform.mean,
@@ -102,7 +100,7 @@ def compute_reward_transform(
     if ensemble is not None:
         values[keys.NORMALIZATION_ENSEMBLE_STD] = ensemble["reference_std"]
     log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
-             transform.n, computed_on)
+             transform.n, transform.computed_on)
     figure = plots.reward_distributions(raw, raw / temperature, normalized)
     return transform.to_dict(), as_metrics(values), figure
 

@@ -10,18 +10,19 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.ensemble import reward_fingerprint, score_rewards
+from calibrated_rlhf.core import plots, scoring
+from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
-from calibrated_rlhf.core.preferences import render_ids, text_prompts
+from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.staging import sweep_stale
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
@@ -87,65 +88,17 @@ class PPOParams(BaseModel):
 
 
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
-                  reward: RewardKind, multiplier: float, gold_offset: float | None = None):
-    """score_fn(prompts, responses) -> raw, calibrated, normalized (and gold) rewards, plus the optimized
-    ``score``. The reward model sees exactly its training format: prompt + response + EOS.
-
-    A reward ensemble adds ``ensemble_std``, its members' disagreement. With a gold reward and
-    ``gold_offset`` (see :func:`gold_offset`) it adds ``gold_gap``: calibrated proxy minus the true logit
-    ``scale * gold``, relative to the reference set, so it starts near 0 and grows when PPO exploits the
-    reward model's errors (calibrated-logit units).
-    """
-
-    def score_fn(prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        ids = [render_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
-        raw, spread = score_rewards(reward_model, ids, tokenizer.pad_token_id)
-        raw = multiplier * raw
-        out = {"raw": raw, "calibrated": transform.calibrate(raw), "normalized": transform.normalize(raw)}
-        if spread is not None:
-            out["ensemble_std"] = spread
-        if reward == "minmax_batch":
-            span = raw.max() - raw.min()
-            out["score"] = (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
-        else:
-            out["score"] = out[reward]
-        if task is not None:
-            out["gold"] = np.array([task.gold_reward(r) for r in responses])
-            if gold_offset is not None:
-                out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - gold_offset
-        return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
-
-    return score_fn
+                  reward: RewardKind, multiplier: float, offset: float | None = None):
+    """The trainer's ``score_fn`` over the library's one scoring path (see ``core.scoring.rl_score_fn``)."""
+    return rl_score_fn(RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier), reward, task,
+                       offset)
 
 
 def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask,
                 responses: pd.DataFrame, multiplier: float = 1.0) -> float | None:
-    """Mean of ``calibrated - scale * gold`` over the reference set: where the proxy-gold gap counts from.
-
-    A calibrated reward model estimates the true logit ``scale * gold`` up to a constant; this is that
-    constant on the distribution PPO starts from (None when there is no reference set).
-    """
-    if not len(responses):
-        return None
-    ids = [render_ids(tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
-    raw, _ = score_rewards(reward_model, ids, tokenizer.pad_token_id)
-    gold = np.array([task.gold_reward(r) for r in responses["response"]])
-    return float(np.mean(transform.calibrate(multiplier * raw) - task.scale * gold))
-
-
-def reward_scale_of(reward: RewardKind, transform: RewardTransform) -> float:
-    """Spread of the optimized score relative to normalized units, so beta keeps its meaning.
-
-    Only the ratio of reward scale to KL weight matters; without normalization the applied KL
-    weight must follow the reward's own scale (logged as ppo/objective/beta_effective).
-    """
-    if reward == "normalized":
-        return 1.0
-    if reward == "calibrated":
-        return transform.std
-    if reward == "raw":
-        return transform.std * transform.temperature
-    return 1.0  # min-max has no fixed scale: that is exactly its problem
+    """Where the proxy-gold gap counts from, on the reference set (``core.scoring.gold_offset``)."""
+    scorer = RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier)
+    return scoring.gold_offset(scorer, task, list(responses["prompt"]), list(responses["response"]))
 
 
 def train_ppo(
@@ -168,7 +121,7 @@ def train_ppo(
     original = RewardTransform.from_dict(reward_transform)
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
-    transform = rescaled_transform(original, params.raw_reward_multiplier)
+    transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
     if _is_main_process():
@@ -179,7 +132,7 @@ def train_ppo(
         **params.trainer.model_dump(),
         # The KL weight follows the scale known at calibration time: with the transform the optimized
         # score is scale-free; without it (raw) a drift of the reward model's scale goes unnoticed.
-        "reward_scale": reward_scale_of(params.reward, original),
+        "reward_scale": original.scale_of(params.reward),
         "score_key": "score",
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
@@ -204,7 +157,9 @@ def train_ppo(
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
     samples = pd.DataFrame(result.samples)
     summary = training_summary(result.history, config, result.stopped_early)
-    return trainer.policy.to("cpu").eval(), history, samples, kl_control_plot(result.history, config), summary
+    figure = plots.kl_control([h[keys.PPO_STEP] for h in result.history], [h[keys.PPO_KL] for h in result.history],
+                            [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
+    return trainer.policy.to("cpu").eval(), history, samples, figure, summary
 
 
 def check_transform_matches(transform: RewardTransform, reward_model: Any, fingerprint: str | None = None) -> None:
@@ -347,33 +302,6 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
             values[eval_key] = end_of_training_mean([h[key] for h in history])
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
-
-
-def rescaled_transform(transform: RewardTransform, multiplier: float) -> RewardTransform:
-    """The transform that calibration would produce for raw outputs multiplied by ``multiplier``.
-
-    Temperature fitting is scale-equivariant (a * r gives a * T) and the stats are taken on r / T, so
-    only the temperature changes; this is what recalibrating a rescaled reward model yields.
-    """
-    if multiplier == 1.0:
-        return transform
-    return RewardTransform.from_dict({**transform.to_dict(), "temperature": transform.temperature * multiplier})
-
-
-def kl_control_plot(history: list[dict[str, float]], config: PPOConfig) -> Figure:
-    """KL against its target, and beta, per update."""
-    from calibrated_rlhf.core.plots import _figure
-
-    fig = _figure(10.0, 3.6)
-    ax_kl, ax_beta = fig.subplots(1, 2)
-    steps = [h[keys.PPO_STEP] for h in history]
-    ax_kl.plot(steps, [h[keys.PPO_KL] for h in history], label="KL (batch mean of sequence sums)")
-    ax_kl.axhline(config.kl_target, color="k", ls="--", label=f"target {config.kl_target:g}")
-    ax_kl.set_xlabel("update"), ax_kl.set_ylabel("nats"), ax_kl.legend()
-    ax_beta.plot(steps, [h[keys.PPO_BETA] for h in history], color="tab:orange")
-    ax_beta.set_xlabel("update"), ax_beta.set_ylabel("beta (normalized-reward units per nat)")
-    ax_kl.set_title(f"KL control: {config.kl_control}")
-    return fig
 
 
 def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pairs: pd.DataFrame,
