@@ -1,4 +1,5 @@
-"""The project's Kedro hooks: thin adapters over ``provenance``, ``tracking_check`` and ``pipeline_registry``.
+"""The project's Kedro hooks: thin adapters over ``provenance``, ``tracking_check``, ``pipeline_registry``
+and ``launch``.
 
 Ordered against kedro-mlflow's hook with pluggy's ``tryfirst``/``trylast`` rather than by registration
 order (kedro-mlflow registers through an entry point, after ``settings.HOOKS``, and pluggy calls later
@@ -8,6 +9,7 @@ registrations first):
   pipelines.
 - ``TrackingServerCheck`` runs before kedro-mlflow touches the tracking server, so an unreachable
   server fails ``kedro run`` in seconds with the URI named, instead of after minutes of HTTP retries.
+- ``SecondaryRanks`` keeps a launched secondary rank's outputs in memory (``calibrated_rlhf.launch``).
 - ``ProvenanceHooks`` runs after kedro-mlflow has started the run, and writes to that run by id
   through ``MlflowClient`` (not the fluent API), so it also works from a ``ThreadRunner``'s workers.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from calibrated_rlhf import launch
 from calibrated_rlhf.provenance import (
     MAX_PATCH_BYTES,
     REPLAY_OF_ENV,
@@ -60,6 +63,34 @@ class TrackingServerCheck:
         check_tracking_server(configured_tracking_uri(context))
 
 
+class SecondaryRanks:
+    """Under ``calibrated_rlhf.launch``: only the main process saves outputs and tracks the run.
+
+    A secondary rank runs every node (the trainers need every rank), with the pipeline's outputs in
+    memory: nothing it makes reaches ``data/`` or gets a completion marker, and downstream nodes of the
+    same run still get their inputs. kedro-mlflow is off there already (``settings``). A plain
+    ``kedro run`` is not touched.
+    """
+
+    @hook_impl(tryfirst=True)  # before run_integrity pins the outputs' versions
+    def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
+        if not launch.is_secondary_rank():
+            return
+        from kedro.io import MemoryDataset
+
+        for name in pipeline.all_outputs():
+            # assign: the rank's own object, as a node returned it (a model is not copied on every load)
+            catalog[name] = MemoryDataset(copy_mode="assign")
+
+    @hook_impl(tryfirst=True)  # while kedro-mlflow's run is still open
+    def after_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        import mlflow
+
+        metrics = launch.stage_metrics(run_params.get("pipeline_names"))
+        if metrics and mlflow.active_run() is not None:
+            mlflow.log_metrics(metrics)
+
+
 def _stage_set_fields() -> frozenset[str]:
     """Typed-parameter fields a stage fills in itself and logs under a name of its own.
 
@@ -97,7 +128,7 @@ class ProvenanceHooks:
         import mlflow
 
         run = mlflow.active_run()
-        if run is None:  # tracking disabled for this pipeline
+        if run is None:  # tracking disabled for this pipeline, or a secondary rank of a launch
             self._run_id = None
             return
         self._run_id = run.info.run_id
@@ -128,6 +159,7 @@ class ProvenanceHooks:
             tags[f"provenance/load_version/{name}"] = version
         for name, digest in config["upstream_sha256"].items():
             tags[f"provenance/input_sha256/{name}"] = digest
+        tags.update(launch.launch_tags())
         replay_of = os.environ.get(REPLAY_OF_ENV)
         if replay_of:
             tags["replay_of"] = replay_of

@@ -167,7 +167,8 @@ def kedro_args(run_params: dict[str, Any], env: str) -> list[str]:
     params = _params_arg(run_params.get("runtime_params") or {})
     if params:
         args += ["--params", params]
-    if run_params.get("runner") and run_params["runner"] != SEQUENTIAL:
+    # "None": a session run without a runner (Kedro then uses the sequential one) recorded as text
+    if run_params.get("runner") not in (None, "None", SEQUENTIAL):
         args += ["--runner", run_params["runner"]]
     if run_params.get("only_missing_outputs"):
         args.append("--only-missing-outputs")

@@ -3,7 +3,8 @@
 import os
 
 from calibrated_rlhf.crash_recovery import CrashRecovery
-from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, TrackingServerCheck
+from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, SecondaryRanks, TrackingServerCheck
+from calibrated_rlhf.launch import is_secondary_rank
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader
 from calibrated_rlhf.run_integrity import RunIsolation
 
@@ -13,7 +14,14 @@ from calibrated_rlhf.run_integrity import RunIsolation
 # PipelineShape runs first of all: the registry must see the run's configuration before anything asks
 # for the pipelines (reading the parameters does). RunIsolation pins every dataset's version before any
 # other hook or node reads one; CrashRecovery registers models only after kedro-mlflow has ended the run.
-HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), CrashRecovery(), ProvenanceHooks())
+# SecondaryRanks is registered after RunIsolation so that, both tryfirst, it goes first (pluggy calls
+# later registrations first): a launched secondary rank's outputs are in memory before anything pins them.
+HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), SecondaryRanks(), CrashRecovery(),
+         ProvenanceHooks())
+
+# A secondary rank of `python -m calibrated_rlhf.launch` neither tracks nor saves: only the main process
+# opens the MLflow run. The distribution's name is spelt either way depending on how it was packaged.
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow", "kedro_mlflow") if is_secondary_rank() else ()
 
 
 def _env_or(name: str, default: str) -> str:
