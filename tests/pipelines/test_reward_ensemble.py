@@ -19,7 +19,7 @@ from calibrated_rlhf.pipelines.calibration.nodes import CalibrationParams
 from calibrated_rlhf.pipelines.data_prep import create_pipeline as data_prep
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticParams
 from calibrated_rlhf.pipelines.reward_ensemble.nodes import member_key
-from calibrated_rlhf.pipelines.reward_model.nodes import EnsembleParams
+from calibrated_rlhf.core.ensemble import EnsembleParams
 from tests.conftest import TINY_BACKBONE
 from tests.pipelines.helpers import data_prep_params, run
 

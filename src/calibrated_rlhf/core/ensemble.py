@@ -22,8 +22,28 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 Aggregation = Literal["mean", "min", "mean_minus_std"]
+
+
+class EnsembleParams(BaseModel):
+    """How the members of a reward-model ensemble differ and how their rewards are combined.
+
+    The number of members is ``reward_model.ensemble_size`` (it shapes the pipeline, so it sits beside
+    this block); with 1 the pipeline trains a single reward model, exactly as without an ensemble.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the run instead of being ignored
+
+    aggregation: Aggregation = Field(
+        "mean", description="mean | min (worst case) | mean_minus_std (mean - std_penalty * members' std), "
+        "over the members' calibrated rewards r_i / T_i.")
+    std_penalty: float = Field(1.0, ge=0, description="lambda of mean_minus_std.")
+    bootstrap: bool = Field(False, description="Each member trains on its own bootstrap resample of the train "
+                            "pairs (with replacement); false: all on the same pairs, differing by seed only.")
+
+
 AGGREGATIONS: tuple[str, ...] = ("mean", "min", "mean_minus_std")
 
 

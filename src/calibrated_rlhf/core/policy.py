@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
-from calibrated_rlhf.core.reward_model import HistoryCallback
+from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.staging import staging_dir
 
 

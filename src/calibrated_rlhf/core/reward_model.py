@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 
+from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -40,18 +41,6 @@ class RewardTrainingParams(BaseModel):
     seed: int = Field(0)
     bf16: bool = Field(False, description="bf16 mixed precision (GPU); TRL's default is True, wrong on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large backbones.")
-
-
-class HistoryCallback(TrainerCallback):
-    """Collects every logged point (training and evaluation) with its step."""
-
-    def __init__(self) -> None:
-        self.points: list[dict[str, float]] = []
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if logs:
-            self.points.append({"step": int(state.global_step), **{k: float(v) for k, v in logs.items()
-                                                                   if isinstance(v, (int, float))}})
 
 
 def _as_dataset(ids: pd.DataFrame, with_margin: bool):

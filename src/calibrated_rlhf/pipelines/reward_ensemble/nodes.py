@@ -15,7 +15,7 @@ from calibrated_rlhf.core.metric_keys import member_key
 from calibrated_rlhf.core.metrics import preference_report
 from calibrated_rlhf.core.reward_model import model_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
-from calibrated_rlhf.pipelines.reward_model.nodes import EnsembleParams
+from calibrated_rlhf.core.ensemble import EnsembleParams
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import reward_model as rm
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
-from calibrated_rlhf.core.ensemble import Aggregation, bootstrap_indices
+from calibrated_rlhf.core.ensemble import EnsembleParams, bootstrap_indices
 from calibrated_rlhf.core.preferences import tokenize_pairs
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +52,6 @@ def train_reward_model(
         training,
     )
     return model, as_history(history, TRAIN_CURVES)
-
-
-class EnsembleParams(StrictParams):
-    """How the members of a reward-model ensemble differ and how their rewards are combined.
-
-    The number of members is ``reward_model.ensemble_size`` (it shapes the pipeline, so it sits beside
-    this block); with 1 the pipeline trains a single reward model, exactly as without an ensemble.
-    """
-
-    aggregation: Aggregation = Field(
-        "mean", description="mean | min (worst case) | mean_minus_std (mean - std_penalty * members' std), "
-        "over the members' calibrated rewards r_i / T_i.")
-    std_penalty: float = Field(1.0, ge=0, description="lambda of mean_minus_std.")
-    bootstrap: bool = Field(False, description="Each member trains on its own bootstrap resample of the train "
-                            "pairs (with replacement); false: all on the same pairs, differing by seed only.")
 
 
 def member_trainer(member: int) -> Callable[..., tuple[Any, dict[str, list[dict[str, float]]]]]:
