@@ -77,7 +77,7 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
     batch = 16
     config = PPOConfig(
         seed=0, num_updates=total_episodes // batch, batch_size=batch, num_mini_batches=1,
-        num_ppo_epochs=ppo_epochs, response_length=24, temperature=1.0, learning_rate=5e-5,
+        num_ppo_epochs=ppo_epochs, response_length=24, sampling_temperature=1.0, learning_rate=5e-5,
         kl_control="fixed", beta=0.05, value_model=value_model, **(overrides or {}),
     )
     prompts = [r["prompt"] for r in wl["train"]]

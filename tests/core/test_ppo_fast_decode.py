@@ -33,9 +33,9 @@ def _model(kind: str, **overrides):
     return model
 
 
-def _sample(model, fast: bool, seed: int = 3, length: int = 12, temperature: float = 0.8):
+def _sample(model, fast: bool, seed: int = 3, length: int = 12, sampling_temperature: float = 0.8):
     q, qm = left_pad(PROMPTS, PAD)
-    return sample_responses(model, q, qm, length, temperature, EOS, PAD, torch.Generator().manual_seed(seed),
+    return sample_responses(model, q, qm, length, sampling_temperature, EOS, PAD, torch.Generator().manual_seed(seed),
                             fast_decode=fast)
 
 
@@ -58,7 +58,8 @@ def test_early_eos_and_other_seeds_still_match() -> None:
         model.lm_head.weight[EOS] += 0.6  # EOS likely enough that rows stop at different steps
     stopped_early = False
     for seed in range(4):
-        slow, fast = _sample(model, False, seed=seed, temperature=1.0), _sample(model, True, seed=seed, temperature=1.0)
+        slow = _sample(model, False, seed=seed, sampling_temperature=1.0)
+        fast = _sample(model, True, seed=seed, sampling_temperature=1.0)
         assert torch.equal(fast.responses, slow.responses)
         torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
         stopped_early |= bool((slow.mask.sum(1) < slow.mask.shape[1]).any())

@@ -105,8 +105,9 @@ def test_k1_is_log_ratio_and_unknown_estimator_raises() -> None:
 
 # ---- the trainer's logged KL, recomputed from scratch on a tiny run ------------------------------
 
-@pytest.mark.parametrize("estimator,temperature", [("k1", 1.0), ("k3", 0.7)])
-def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator: str, temperature: float) -> None:
+@pytest.mark.parametrize("estimator,sampling_temperature", [("k1", 1.0), ("k3", 0.7)])
+def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator: str,
+                                                          sampling_temperature: float) -> None:
     """ppo/objective/kl = batch mean of sum_t KL_t, KL_t from the sampled tokens' logprobs under the
     sampling policy and the reference. Recomputed here with a plain unpadded forward pass per episode."""
     import copy
@@ -120,7 +121,8 @@ def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator:
     policy, vm = tiny_models(tok, seed=0)
     ref, _ = tiny_models(tok, seed=5, value=False)  # a different reference: the KL is far from zero
     cfg = PPOConfig(seed=0, num_updates=1, batch_size=8, num_ppo_epochs=1, response_length=6,
-                    learning_rate=1e-3, beta=0.1, kl_target=2.0, kl_estimator=estimator, temperature=temperature)
+                    learning_rate=1e-3, beta=0.1, kl_target=2.0, kl_estimator=estimator,
+                    sampling_temperature=sampling_temperature)
     scored = []
 
     def recording_score_fn(prompts, responses):
@@ -156,7 +158,7 @@ def test_trainer_logged_kl_equals_recomputed_sequence_kl(monkeypatch, estimator:
     def token_logprobs(model, prompt_ids, resp_ids):
         ids = torch.tensor([prompt_ids + resp_ids])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].double() / temperature
+            logits = model(input_ids=ids).logits[0].double() / sampling_temperature
         logp = torch.log_softmax(logits, -1)
         # the token at position p is predicted by the logits at p - 1
         pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(resp_ids) - 1)

@@ -50,22 +50,22 @@ def test_sample_categorical_matches_probabilities() -> None:
     torch.testing.assert_close(freq, probs.double(), atol=6e-3, rtol=0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("sampling_temperature", [1.0, 0.7])
 @pytest.mark.parametrize("fast_decode", [False, True])
-def test_cached_logprobs_match_full_forward(setup, temperature: float, fast_decode: bool) -> None:
+def test_cached_logprobs_match_full_forward(setup, sampling_temperature: float, fast_decode: bool) -> None:
     tok, policy, _ = setup
     ids = tok(PROMPTS[:6])["input_ids"]
     ids[1] = ids[1][:2]  # uneven prompt lengths -> real left padding
     q, qm = left_pad(ids, tok.pad_token_id)
     g = torch.Generator().manual_seed(1)
-    s = sample_responses(policy, q, qm, 10, temperature, tok.eos_token_id, tok.pad_token_id, g,
+    s = sample_responses(policy, q, qm, 10, sampling_temperature, tok.eos_token_id, tok.pad_token_id, g,
                          fast_decode=fast_decode)
     assert s.responses.shape == (6, 10)
     assert bool((s.responses[~s.mask] == tok.pad_token_id).all())
     inp = torch.cat([q, s.responses], 1)
     attn = torch.cat([qm, torch.ones_like(s.responses)], 1)
     with torch.inference_mode():
-        full = response_logprobs(policy, inp, attn, position_ids_from_mask(attn), q.shape[1], temperature)
+        full = response_logprobs(policy, inp, attn, position_ids_from_mask(attn), q.shape[1], sampling_temperature)
     torch.testing.assert_close(s.logprobs, full * s.mask, atol=1e-5, rtol=1e-5)
 
 

@@ -30,7 +30,8 @@ class PPOConfig(BaseModel):
 
     # --- sampling ----------------------------------------------------------------------------
     response_length: int = Field(24, gt=0, description="Maximum new tokens sampled per response.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; logprobs use the same temperature.")
+    sampling_temperature: float = Field(
+        1.0, gt=0, description="Temperature of the policy's sampling; logprobs use the same temperature.")
     eos_token_id: int | None = Field(
         None, description="Token that ends a response; None takes the tokenizer's eos_token_id."
     )

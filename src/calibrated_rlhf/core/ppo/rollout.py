@@ -88,15 +88,15 @@ class PolicyAndValue(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         response_start: int,
-        temperature: float = 1.0,
+        sampling_temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, R, V] (already divided by temperature) and values [B, R] for the response.
+        """Logits [B, R, V] (already divided by sampling_temperature) and values [B, R] for the response.
 
         Position ``response_start - 1 + t`` predicts response token t and holds the value of the
         state before it is emitted.
         """
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
-        logits = self._logits(h_resp, temperature)
+        logits = self._logits(h_resp, sampling_temperature)
         if self.value_head is not None:
             values = self.value_head(h_resp).squeeze(-1)
         else:
@@ -109,15 +109,15 @@ class PolicyAndValue(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         response_start: int,
-        temperature: float = 1.0,
+        sampling_temperature: float = 1.0,
     ) -> torch.Tensor:
         """The policy half of ``forward`` (separate value model only)."""
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
-        return self._logits(h_resp, temperature)
+        return self._logits(h_resp, sampling_temperature)
 
-    def _logits(self, h_resp: torch.Tensor, temperature: float) -> torch.Tensor:
+    def _logits(self, h_resp: torch.Tensor, sampling_temperature: float) -> torch.Tensor:
         logits = self.policy.get_output_embeddings()(h_resp)
-        return logits / temperature if temperature != 1.0 else logits
+        return logits / sampling_temperature if sampling_temperature != 1.0 else logits
 
     def values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int
@@ -144,13 +144,13 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     response_start: int,
-    temperature: float = 1.0,
+    sampling_temperature: float = 1.0,
 ) -> torch.Tensor:
     """log p(response token) [B, R] under a causal LM, with the sampling temperature applied."""
     h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start)
     logits = model.get_output_embeddings()(h).float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    if sampling_temperature != 1.0:
+        logits = logits / sampling_temperature
     return logprobs_from_logits(logits, input_ids[:, response_start:])
 
 
@@ -173,7 +173,7 @@ class Samples:
     """Output of :func:`sample_responses` (all [B, R] except the query tensors)."""
 
     responses: torch.Tensor  # sampled tokens; pad after the first EOS
-    logprobs: torch.Tensor  # log p of each sampled token under the sampling policy (temperature applied)
+    logprobs: torch.Tensor  # log p of each sampled token under the sampling policy (sampling_temperature applied)
     mask: torch.Tensor  # 1 for tokens up to and including the first EOS
     has_eos: torch.Tensor  # [B] bool
     values: torch.Tensor | None  # shared-trunk values read off the same forward passes
@@ -187,12 +187,12 @@ class Inputs:
     attn: torch.Tensor
     pos: torch.Tensor
     start: int
-    temperature: float
+    sampling_temperature: float
 
     def select(self, sel: torch.Tensor | None) -> "Inputs":
         if sel is None:
             return self
-        return Inputs(self.ids[sel], self.attn[sel], self.pos[sel], self.start, self.temperature)
+        return Inputs(self.ids[sel], self.attn[sel], self.pos[sel], self.start, self.sampling_temperature)
 
 
 @dataclass
@@ -235,7 +235,7 @@ def sample_responses(
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     response_length: int,
-    temperature: float,
+    sampling_temperature: float,
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
@@ -260,8 +260,8 @@ def sample_responses(
     h = decoding.h
     for t in range(response_length):
         logits = lm_head(h).float()
-        if temperature != 1.0:
-            logits = logits / temperature
+        if sampling_temperature != 1.0:
+            logits = logits / sampling_temperature
         logp = torch.log_softmax(logits, dim=-1)
         tok = sample_categorical(logp.exp(), generator)
         responses[:, t] = tok.squeeze(1)

@@ -74,7 +74,7 @@ class Sequential:
         t_score = time.perf_counter()
         scored = score()
         t_scored = time.perf_counter()
-        first = self.model(x.ids, x.attn, x.pos, x.start, x.temperature) if self.reuse_first else None
+        first = self.model(x.ids, x.attn, x.pos, x.start, x.sampling_temperature) if self.reuse_first else None
         if first is not None:
             values = first[1].detach().float()
         return OldPasses(ref, values, first, scored, t_score, t_scored)
@@ -82,7 +82,8 @@ class Sequential:
     def backward(self, x: Inputs, first: tuple[torch.Tensor, torch.Tensor] | None, policy_loss: LossFn,
                  value_loss: LossFn, max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Forward (unless ``first`` is given), backward and clipping: (statistics, loss, gradient norm)."""
-        logits, vpred = first if first is not None else self.model(x.ids, x.attn, x.pos, x.start, x.temperature)
+        logits, vpred = first if first is not None else self.model(x.ids, x.attn, x.pos, x.start,
+                                                                   x.sampling_temperature)
         p_stats, p_loss = policy_loss(logits)
         v_stats, v_loss = value_loss(vpred)
         total = p_loss + v_loss
@@ -127,7 +128,7 @@ class CpuOverlap(Sequential):
         with cpu_threads(1):
             try:
                 scored = score()
-                logits = self.unwrapped.policy_logits(x.ids, x.attn, x.pos, x.start, x.temperature)
+                logits = self.unwrapped.policy_logits(x.ids, x.attn, x.pos, x.start, x.sampling_temperature)
             finally:
                 ref, vpred = worker.result()  # waits even when scoring failed
         return OldPasses(ref, vpred.detach().float(), (logits, vpred), scored, t_score, time.perf_counter())
@@ -148,7 +149,7 @@ class CpuOverlap(Sequential):
             future = self.pool.submit(value_job)
             try:
                 lg = logits if logits is not None else self.unwrapped.policy_logits(
-                    x.ids, x.attn, x.pos, x.start, x.temperature)
+                    x.ids, x.attn, x.pos, x.start, x.sampling_temperature)
                 p_stats, p_loss = policy_loss(lg)
                 self.accelerator.backward(p_loss)
                 p_norms = grad_norms(policy_params)

@@ -222,7 +222,7 @@ class PPOTrainer:
         self.model.eval()  # no dropout while sampling or computing the old logprobs/values
         with self.schedule.decoding():
             samples = sample_responses(
-                unwrapped.policy, query, query_mask, cfg.response_length, cfg.temperature, self.eos_token_id,
+                unwrapped.policy, query, query_mask, cfg.response_length, cfg.sampling_temperature, self.eos_token_id,
                 self.pad_token_id, generator=self._gen,
                 value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
                 fast_decode=cfg.fast_decode)
@@ -230,10 +230,10 @@ class PPOTrainer:
         ids = torch.cat([query, samples.responses], dim=1)
         # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
         attn = torch.cat([query_mask, torch.ones_like(samples.responses)], dim=1)
-        x = Inputs(ids, attn, position_ids_from_mask(attn), query.shape[1], cfg.temperature)
+        x = Inputs(ids, attn, position_ids_from_mask(attn), query.shape[1], cfg.sampling_temperature)
         old = self.schedule.old_passes(
             x,
-            reference=lambda: response_logprobs(self.ref_policy, x.ids, x.attn, x.pos, x.start, x.temperature),
+            reference=lambda: response_logprobs(self.ref_policy, x.ids, x.attn, x.pos, x.start, x.sampling_temperature),
             old_values=lambda: (samples.values if samples.values is not None else
                                 sequence_values(unwrapped.value_model, x.ids, x.attn, x.pos, x.start)),
             score=lambda: self._score(idx, samples.responses, samples.mask),
