@@ -47,7 +47,7 @@ def test_transform_carries_the_ensemble(finished):
     path = latest(project / "data" / "06_models" / "reward_transform.json") / "reward_transform.json"
     ensemble = json.loads(path.read_text())["ensemble"]
     assert ensemble["aggregation"] == "mean_minus_std" and len(ensemble["member_temperatures"]) == 2
-    assert len(set(ensemble["member_versions"])) == 2 and ensemble["reference_std"] > 0
+    assert len(set(ensemble["member_versions"])) == 2 and ensemble["reference_ensemble_std"] > 0
 
 
 def test_run_logs_members_ensemble_and_over_optimization_curves(finished):

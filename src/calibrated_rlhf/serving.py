@@ -6,7 +6,7 @@
 - rows with ``prompt``, ``chosen`` and ``rejected`` get those for both sides (``*_chosen``,
   ``*_rejected``) and ``p_chosen_preferred``, the calibrated probability that chosen is preferred.
 
-An ensemble's model also returns the members' spread, ``ensemble_std`` (``ensemble_std_chosen``,
+An ensemble's model also returns the ensemble_std, ``ensemble_std`` (``ensemble_std_chosen``,
 ``ensemble_std_rejected``): the std of the members' calibrated rewards, where "raw" is their aggregate.
 
 ``prompt`` may be omitted or empty (the text is then scored as is). Bad requests fail with an error that
@@ -125,7 +125,7 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         self.max_length = length_limit(self.model, self.tokenizer)
 
     def _raw(self, prompts: list[str], responses: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw rewards (and the ensemble's spread) of each column's responses, the columns one after another."""
+        """Raw rewards (and the ensemble's ensemble_std) of each column's responses, the columns one after another."""
         from calibrated_rlhf.core.scoring import RewardScorer
 
         scorer = RewardScorer(self.model, self.tokenizer, self.transform)
@@ -138,13 +138,13 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         prompts = list(model_input["prompt"]) if "prompt" in model_input.columns else [""] * len(model_input)
         t = self.transform
         if mode == "responses":
-            raw, spread = self._raw(prompts, {"response": list(model_input["response"])})
+            raw, ensemble_std = self._raw(prompts, {"response": list(model_input["response"])})
             out = pd.DataFrame({"raw": raw, "calibrated": t.calibrate(raw), "normalized": t.normalize(raw)})
-            if spread is not None:
-                out["ensemble_std"] = spread
+            if ensemble_std is not None:
+                out["ensemble_std"] = ensemble_std
             return out
         n = len(model_input)
-        raw, spread = self._raw(prompts, {c: list(model_input[c]) for c in PAIR_COLUMNS})
+        raw, ensemble_std = self._raw(prompts, {c: list(model_input[c]) for c in PAIR_COLUMNS})
         r_c, r_r = raw[:n], raw[n:]
         out = pd.DataFrame({
             "raw_chosen": r_c, "raw_rejected": r_r,
@@ -152,8 +152,8 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
             "normalized_chosen": t.normalize(r_c), "normalized_rejected": t.normalize(r_r),
             "p_chosen_preferred": t.preference_probability(r_c, r_r),
         })
-        if spread is not None:
-            out["ensemble_std_chosen"], out["ensemble_std_rejected"] = spread[:n], spread[n:]
+        if ensemble_std is not None:
+            out["ensemble_std_chosen"], out["ensemble_std_rejected"] = ensemble_std[:n], ensemble_std[n:]
         return out
 
 

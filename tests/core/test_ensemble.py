@@ -16,7 +16,7 @@ from calibrated_rlhf.core.ensemble import (
     aggregate_rewards,
     bootstrap_indices,
     iter_rewards,
-    member_spread,
+    ensemble_std_of,
     reward_fingerprint,
     score_rewards,
 )
@@ -34,7 +34,7 @@ def test_aggregations_against_direct_computation():
     np.testing.assert_allclose(aggregate_rewards(c, "mean"), [2.0, -1.0, 0.0])
     np.testing.assert_allclose(aggregate_rewards(c, "min"), [1.0, -1.0, -4.0])
     std = np.array([np.sqrt(2 / 3), 0.0, np.sqrt(32 / 3)])  # population std over 3 members
-    np.testing.assert_allclose(member_spread(c), std)
+    np.testing.assert_allclose(ensemble_std_of(c), std)
     np.testing.assert_allclose(aggregate_rewards(c, "mean_minus_std", 0.5), [2.0, -1.0, 0.0] - 0.5 * std)
 
 
@@ -79,7 +79,8 @@ def test_unknown_aggregation_and_bad_shapes_are_named():
     ({"aggregation": "mean", "member_temperatures": (1.0, 0.0)}, r"member_temperatures\[1\]"),
     ({"aggregation": "mean", "member_temperatures": (1.0,), "std_penalty": -1.0}, "std_penalty"),
     ({"aggregation": "mean", "member_temperatures": (1.0,), "member_versions": ("a", "b")}, "member_versions"),
-    ({"aggregation": "mean", "member_temperatures": (1.0,), "reference_std": float("nan")}, "reference_std"),
+    ({"aggregation": "mean", "member_temperatures": (1.0,), "reference_ensemble_std": float("nan")},
+     "reference_ensemble_std"),
 ])
 def test_spec_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"EnsembleSpec.{field}"):
@@ -87,7 +88,8 @@ def test_spec_validation_names_the_field(kwargs, field):
 
 
 def test_spec_round_trip_and_fingerprint():
-    spec = EnsembleSpec("mean_minus_std", (0.5, 2.0), std_penalty=0.3, member_versions=("a", "b"), reference_std=0.4)
+    spec = EnsembleSpec("mean_minus_std", (0.5, 2.0), std_penalty=0.3, member_versions=("a", "b"),
+                        reference_ensemble_std=0.4)
     assert EnsembleSpec.from_dict(spec.to_dict()) == spec
     assert spec.fingerprint() == EnsembleSpec.from_dict(spec.to_dict()).fingerprint()
     assert spec.fingerprint() != EnsembleSpec("mean", (0.5, 2.0), 0.3, ("a", "b")).fingerprint()
@@ -103,7 +105,7 @@ def test_transform_carries_the_ensemble_and_one_model_keeps_its_format():
                 reward_model_version="x", n=10)
     single = RewardTransform(**base)
     assert "ensemble" not in single.to_dict()  # one model's transform reads exactly as before
-    spec = EnsembleSpec("min", (0.5, 1.5), member_versions=("a", "b"), reference_std=0.2).to_dict()
+    spec = EnsembleSpec("min", (0.5, 1.5), member_versions=("a", "b"), reference_ensemble_std=0.2).to_dict()
     ens = RewardTransform(**base, ensemble=spec)
     assert RewardTransform.from_dict(ens.to_dict()) == ens
     assert ens.to_dict()["ensemble"]["member_temperatures"] == [0.5, 1.5]
@@ -136,11 +138,11 @@ def test_ensemble_scores_equal_the_members_scored_one_by_one(members, tiny_token
                         member_versions=tuple(model_fingerprint(m) for m in members))
     ensemble = RewardEnsemble(members, spec)
     raw = np.stack([score_sequences(m, seqs, pad, batch_size=8) for m in members], axis=1)
-    want_reward, want_spread = spec.aggregate(raw)
-    reward, spread = score_rewards(ensemble, seqs, pad, batch_size=8)
+    want_reward, want_ensemble_std = spec.aggregate(raw)
+    reward, ensemble_std = score_rewards(ensemble, seqs, pad, batch_size=8)
     np.testing.assert_allclose(reward, want_reward, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(spread, want_spread, rtol=1e-10, atol=1e-12)
-    # One model through the same entry point: its raw output and no spread.
+    np.testing.assert_allclose(ensemble_std, want_ensemble_std, rtol=1e-10, atol=1e-12)
+    # One model through the same entry point: its raw output and no ensemble_std.
     single, none = score_rewards(members[0], seqs, pad, batch_size=8)
     np.testing.assert_allclose(single, raw[:, 0])
     assert none is None and all(s is None for _, _, s in iter_rewards(members[0], seqs, pad))
@@ -148,3 +150,8 @@ def test_ensemble_scores_equal_the_members_scored_one_by_one(members, tiny_token
     assert reward_fingerprint(members[0]) == model_fingerprint(members[0])
     with pytest.raises(ValueError, match="2 member models for a spec of 3"):
         RewardEnsemble(members[:2], spec)
+
+
+def test_a_transform_written_before_the_rename_still_loads():
+    old = {"aggregation": "mean", "member_temperatures": [1.0, 2.0], "reference_std": 0.3}
+    assert EnsembleSpec.from_dict(old).reference_ensemble_std == 0.3

@@ -222,12 +222,12 @@ def test_an_ensembles_transform_normalizes_its_aggregate_and_carries_the_members
     t, metrics = ensemble_transform(ensemble, tiny_tokenizer, pairs)
     responses = nodes.reference_responses(pairs)
     ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(responses["prompt"], responses["response"])]
-    reward, spread = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
+    reward, ensemble_std = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
     z = (reward / t.temperature - t.mean) / t.std
     assert abs(z.mean()) < 1e-9 and abs(z.std() - 1.0) < 1e-9
     assert t.ensemble["member_temperatures"] == [0.5, 2.0] and t.ensemble["aggregation"] == "mean_minus_std"
-    assert t.ensemble["reference_std"] == pytest.approx(spread.mean())
-    assert metrics["normalization/ensemble_std"]["value"] == pytest.approx(spread.mean())
+    assert t.ensemble["reference_ensemble_std"] == pytest.approx(ensemble_std.mean())
+    assert metrics["normalization/ensemble_std"]["value"] == pytest.approx(ensemble_std.mean())
     assert t.reward_model_version == ensemble.fingerprint()
 
 
@@ -250,9 +250,9 @@ def test_an_ensembles_pyfunc_carries_every_member_and_returns_their_spread(ensem
     rows = pairs[["prompt", "chosen", "rejected"]][:6].reset_index(drop=True)
     out = loaded.predict(rows)
     ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(rows["prompt"], rows["chosen"])]
-    reward, spread = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
+    reward, ensemble_std = score_rewards(ensemble, ids, tiny_tokenizer.pad_token_id)
     np.testing.assert_allclose(out["raw_chosen"], reward, atol=1e-5)
-    np.testing.assert_allclose(out["ensemble_std_chosen"], spread, atol=1e-5)
+    np.testing.assert_allclose(out["ensemble_std_chosen"], ensemble_std, atol=1e-5)
     np.testing.assert_allclose(out["normalized_chosen"], t.normalize(reward), atol=1e-5)
     single = loaded.predict(pd.DataFrame({"prompt": rows["prompt"], "response": rows["chosen"]}))
-    np.testing.assert_allclose(single["ensemble_std"], spread, atol=1e-5)
+    np.testing.assert_allclose(single["ensemble_std"], ensemble_std, atol=1e-5)

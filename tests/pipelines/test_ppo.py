@@ -88,8 +88,8 @@ def test_score_fn_of_an_ensemble_reports_its_disagreement(tiny_tokenizer):
     t = transform()
     out = nodes.make_score_fn(ens, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
     ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(PROMPTS, RESPONSES)]
-    reward, spread = score_rewards(ens, ids, tiny_tokenizer.pad_token_id)
-    np.testing.assert_allclose(out["ensemble_std"].numpy(), spread, rtol=1e-5)
+    reward, ensemble_std = score_rewards(ens, ids, tiny_tokenizer.pad_token_id)
+    np.testing.assert_allclose(out["ensemble_std"].numpy(), ensemble_std, rtol=1e-5)
     np.testing.assert_allclose(out["normalized"].numpy(), t.normalize(reward), rtol=1e-5)
     assert "ensemble_std" not in nodes.make_score_fn(models[0], tiny_tokenizer, t, None, "normalized", 1.0)(
         PROMPTS, RESPONSES)
@@ -120,7 +120,8 @@ def test_ensemble_stop_needs_an_ensemble_and_scales_its_reference_std():
     from calibrated_rlhf.core.ensemble import EnsembleSpec
 
     ens = RewardTransform.from_dict({**t.to_dict(),
-                                     "ensemble": EnsembleSpec("mean", (1.0, 1.0), reference_std=0.25).to_dict()})
+                                     "ensemble": EnsembleSpec("mean", (1.0, 1.0),
+                                                              reference_ensemble_std=0.25).to_dict()})
     assert nodes.ensemble_std_stop(ens, 3.0) == pytest.approx(0.75)
 
 

@@ -10,7 +10,7 @@ The ensemble's reward before its own calibration is an aggregate of the ``c_i``:
 
 That aggregate plays the role of one model's raw output downstream: a second temperature is fitted to
 it on the held-out pairs and the frozen normalization is taken on it, so the reward transform keeps its
-meaning. ``std`` is the members' spread (population std over members), reported as ``ensemble_std``.
+meaning. ``std`` is the ensemble_std (population std over members), reported as ``ensemble_std``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class EnsembleParams(BaseModel):
 AGGREGATIONS: tuple[str, ...] = ("mean", "min", "mean_minus_std")
 
 
-def member_spread(calibrated: np.ndarray) -> np.ndarray:
+def ensemble_std_of(calibrated: np.ndarray) -> np.ndarray:
     """Per row, the population std of the members' calibrated rewards (shape (n, K) -> (n,))."""
     calibrated = _as_matrix(calibrated)
     return calibrated.std(axis=1)
@@ -61,7 +61,7 @@ def aggregate_rewards(calibrated: np.ndarray, aggregation: Aggregation, std_pena
     if aggregation == "min":
         return calibrated.min(axis=1)
     if aggregation == "mean_minus_std":
-        return calibrated.mean(axis=1) - std_penalty * member_spread(calibrated)
+        return calibrated.mean(axis=1) - std_penalty * ensemble_std_of(calibrated)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
@@ -77,17 +77,17 @@ class EnsembleSpec:
     """What turns K members' raw rewards into the ensemble's reward: temperatures and aggregation.
 
     ``member_versions`` are the members' weight fingerprints (as ``RewardTransform.reward_model_version``)
-    so a transform names exactly which models it was computed for. ``reference_std`` is the members' mean
-    spread on the normalization's reference set (filled in by the normalization stage): the disagreement
-    the reference policy itself sees, against which PPO's disagreement is judged.
+    so a transform names exactly which models it was computed for. ``reference_ensemble_std`` is the mean
+    ``ensemble_std`` on the normalization's reference set (filled in by the normalization stage): the
+    disagreement the reference policy itself sees, against which PPO's is judged.
     """
 
     aggregation: Aggregation
     member_temperatures: tuple[float, ...]
     std_penalty: float = 1.0
     member_versions: tuple[str | None, ...] = ()
-    reference_std: float | None = None
-    FIELDS = ("aggregation", "std_penalty", "member_temperatures", "member_versions", "reference_std")
+    reference_ensemble_std: float | None = None
+    FIELDS = ("aggregation", "std_penalty", "member_temperatures", "member_versions", "reference_ensemble_std")
 
     def __post_init__(self) -> None:
         name = "EnsembleSpec"
@@ -104,14 +104,14 @@ class EnsembleSpec:
         versions = tuple(self.member_versions) or (None,) * len(temps)
         if len(versions) != len(temps):
             raise ValueError(f"{name}.member_versions has {len(versions)} entries for {len(temps)} members")
-        if self.reference_std is not None and not (math.isfinite(float(self.reference_std))
-                                                   and float(self.reference_std) >= 0):
-            raise ValueError(f"{name}.reference_std must be None or finite and >= 0, got {self.reference_std}")
+        ref = self.reference_ensemble_std
+        if ref is not None and not (math.isfinite(float(ref)) and float(ref) >= 0):
+            raise ValueError(f"{name}.reference_ensemble_std must be None or finite and >= 0, got {ref}")
         object.__setattr__(self, "member_temperatures", temps)
         object.__setattr__(self, "member_versions", versions)
         object.__setattr__(self, "std_penalty", float(self.std_penalty))
-        if self.reference_std is not None:
-            object.__setattr__(self, "reference_std", float(self.reference_std))
+        if self.reference_ensemble_std is not None:
+            object.__setattr__(self, "reference_ensemble_std", float(self.reference_ensemble_std))
 
     @property
     def size(self) -> int:
@@ -125,9 +125,9 @@ class EnsembleSpec:
         return raw / np.asarray(self.member_temperatures)
 
     def aggregate(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Members' raw rewards (n, K) -> (the ensemble's reward, the members' spread), both (n,)."""
+        """Members' raw rewards (n, K) -> (the ensemble's reward, the ensemble_std), both (n,)."""
         calibrated = self.calibrate_members(raw)
-        return aggregate_rewards(calibrated, self.aggregation, self.std_penalty), member_spread(calibrated)
+        return aggregate_rewards(calibrated, self.aggregation, self.std_penalty), ensemble_std_of(calibrated)
 
     def fingerprint(self) -> str:
         """Names the ensemble: its members' fingerprints and how they are combined."""
@@ -139,12 +139,14 @@ class EnsembleSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"aggregation": self.aggregation, "std_penalty": self.std_penalty,
                 "member_temperatures": list(self.member_temperatures),
-                "member_versions": list(self.member_versions), "reference_std": self.reference_std}
+                "member_versions": list(self.member_versions), "reference_ensemble_std": self.reference_ensemble_std}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EnsembleSpec:
         if not isinstance(data, Mapping):
             raise ValueError(f"EnsembleSpec.from_dict needs a mapping, got {type(data).__name__}")
+        if "reference_std" in data:  # the field's name before it became reference_ensemble_std
+            data = {("reference_ensemble_std" if k == "reference_std" else k): v for k, v in data.items()}
         unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
             raise ValueError(f"EnsembleSpec dict has unknown fields {unknown}")
@@ -153,7 +155,7 @@ class EnsembleSpec:
                 raise ValueError(f"EnsembleSpec dict is missing the field '{key}'")
         return cls(aggregation=data["aggregation"], member_temperatures=tuple(data["member_temperatures"]),
                    std_penalty=data.get("std_penalty", 1.0), member_versions=tuple(data.get("member_versions") or ()),
-                   reference_std=data.get("reference_std"))
+                   reference_ensemble_std=data.get("reference_ensemble_std"))
 
 
 @dataclass
@@ -174,7 +176,7 @@ class RewardEnsemble:
 def iter_rewards(
     reward_model: Any, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Yield (indices, reward, members' spread or None) batch by batch, for one model or an ensemble.
+    """Yield (indices, reward, ensemble_std or None) batch by batch, for one model or an ensemble.
 
     For one model the reward is its raw output; for a :class:`RewardEnsemble` it is the aggregate of the
     members' calibrated rewards, which the ensemble's own temperature then calibrates.
@@ -189,20 +191,20 @@ def iter_rewards(
     streams = [iter_scores(m, sequences, pad_token_id, batch_size) for m in reward_model.members]
     for batches in zip(*streams):
         idx = batches[0][0]
-        reward, spread = reward_model.spec.aggregate(np.stack([r for _, r in batches], axis=1))
-        yield idx, reward, spread
+        reward, ensemble_std = reward_model.spec.aggregate(np.stack([r for _, r in batches], axis=1))
+        yield idx, reward, ensemble_std
 
 
 def score_rewards(reward_model: Any, sequences: list[list[int]], pad_token_id: int,
                   batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """(reward, members' spread or None) of each sequence, in input order; see :func:`iter_rewards`."""
+    """(reward, ensemble_std or None) of each sequence, in input order; see :func:`iter_rewards`."""
     reward = np.empty(len(sequences))
-    spread = np.empty(len(sequences)) if isinstance(reward_model, RewardEnsemble) else None
+    ensemble_std = np.empty(len(sequences)) if isinstance(reward_model, RewardEnsemble) else None
     for idx, r, s in iter_rewards(reward_model, sequences, pad_token_id, batch_size):
         reward[idx] = r
-        if spread is not None:
-            spread[idx] = s
-    return reward, spread
+        if ensemble_std is not None:
+            ensemble_std[idx] = s
+    return reward, ensemble_std
 
 
 def reward_fingerprint(reward_model: Any) -> str:

@@ -92,21 +92,23 @@ class RewardScorer:
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """(indices, raw, ensemble_std) batch by batch, in length-sorted order: for statistics that stream."""
         ids = self.render(prompts, responses)
-        for idx, reward, spread in iter_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size):
-            yield idx, self.raw_multiplier * reward, spread
+        batches = iter_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size)
+        for idx, reward, ensemble_std in batches:
+            yield idx, self.raw_multiplier * reward, ensemble_std
 
     def raw_of_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`raw` of sequences already rendered (and length-checked) with :meth:`render`."""
-        reward, spread = score_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size)
-        return self.raw_multiplier * reward, spread
+        reward, ensemble_std = score_rewards(self.reward_model, ids, self.tokenizer.pad_token_id, self.batch_size)
+        return self.raw_multiplier * reward, ensemble_std
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> ScoredRewards:
         """Raw, calibrated and normalized rewards (the last two when a transform is set)."""
-        raw, spread = self.raw(prompts, responses)
+        raw, ensemble_std = self.raw(prompts, responses)
         if self.transform is None:
-            return ScoredRewards(raw=raw, ensemble_std=spread)
+            return ScoredRewards(raw=raw, ensemble_std=ensemble_std)
         t = self.transform
-        return ScoredRewards(raw=raw, calibrated=t.calibrate(raw), normalized=t.normalize(raw), ensemble_std=spread)
+        return ScoredRewards(raw=raw, calibrated=t.calibrate(raw), normalized=t.normalize(raw),
+                             ensemble_std=ensemble_std)
 
 
 # ---- the reward an RL run optimizes -----------------------------------------------------------------

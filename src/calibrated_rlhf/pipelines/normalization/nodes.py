@@ -68,21 +68,21 @@ def compute_reward_transform(
     """Stream calibrated rewards of the reference responses through mergeable stats; freeze the transform.
 
     ``reward_model`` is one model or a ``RewardEnsemble``; an ensemble's transform also carries its
-    members, their aggregation and their mean spread on the reference set.
+    members, their aggregation and their mean ensemble_std on the reference set.
     """
     temperature = float(temperature_fit["temperature"])
     scorer = RewardScorer(reward_model, tokenizer, batch_size=params.batch_size)
     stats = RewardStats()
     raw = np.empty(len(responses))  # kept only for the plot and the clip fraction
-    spread = np.empty(len(responses))
-    for idx, rewards, members_std in scorer.iter_raw(list(responses["prompt"]), list(responses["response"])):
+    ensemble_std = np.empty(len(responses))
+    for idx, rewards, member_std in scorer.iter_raw(list(responses["prompt"]), list(responses["response"])):
         stats.update(rewards / temperature)
         raw[idx] = rewards
-        if members_std is not None:
-            spread[idx] = members_std
+        if member_std is not None:
+            ensemble_std[idx] = member_std
     ensemble = None
     if isinstance(reward_model, RewardEnsemble):
-        ensemble = {**reward_model.spec.to_dict(), "reference_std": float(spread.mean())}
+        ensemble = {**reward_model.spec.to_dict(), "reference_ensemble_std": float(ensemble_std.mean())}
     version = reward_fingerprint(reward_model)
     if params.enabled:
         transform = transform_from_stats(temperature, stats, params.clip, params.reference, version, ensemble=ensemble)
@@ -98,7 +98,7 @@ def compute_reward_transform(
         **{keys.normalization_calibrated_quantile(k): v for k, v in stats.quantiles().items()},
     }
     if ensemble is not None:
-        values[keys.NORMALIZATION_ENSEMBLE_STD] = ensemble["reference_std"]
+        values[keys.NORMALIZATION_ENSEMBLE_STD] = ensemble["reference_ensemble_std"]
     log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
              transform.n, transform.computed_on)
     figure = plots.reward_distributions(raw, raw / temperature, normalized)

@@ -180,7 +180,7 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> flo
     """The trainer's absolute threshold on the ensemble's disagreement, from a multiple of the reference one."""
     if multiple is None:
         return None
-    reference = (transform.ensemble or {}).get("reference_std")
+    reference = (transform.ensemble or {}).get("reference_ensemble_std")
     if reference is None:
         raise ValueError("ppo.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
                          "whose transform records its reference disagreement")

@@ -54,7 +54,7 @@ def aggregate_scores(reward_ensemble: RewardEnsemble, *member_scores: pd.DataFra
     """The ensemble's reward of both sides of every pair, from the members' raw scores of the same pairs.
 
     Columns as one model's scores (pair_id, reward_chosen, reward_rejected, true_prob), plus the
-    members' spread of each side (ensemble_std_chosen, ensemble_std_rejected).
+    ensemble_std of each side (ensemble_std_chosen, ensemble_std_rejected).
     """
     first = member_scores[0]
     for i, scores in enumerate(member_scores[1:], start=1):
@@ -77,7 +77,7 @@ def _test_nll(scores: pd.DataFrame, temperature_fit: dict[str, Any]) -> float:
 
 def report_ensemble(test_scores: pd.DataFrame, temperature_fit: dict[str, Any],
                     *member_scores_then_fits: Any) -> Metrics:
-    """The ensemble against its members on the test pairs: NLL after calibration, best member, spread.
+    """The ensemble against its members on the test pairs: NLL after calibration, best member, ensemble_std.
 
     ``member_scores_then_fits``: the members' test scores, then their temperature fits, in member order.
     """
@@ -85,7 +85,7 @@ def report_ensemble(test_scores: pd.DataFrame, temperature_fit: dict[str, Any],
     member_nll = [_test_nll(s, f) for s, f in zip(member_scores_then_fits[:k], member_scores_then_fits[k:])]
     nll = _test_nll(test_scores, temperature_fit)
     best = min(member_nll)
-    spread = np.concatenate([test_scores["ensemble_std_chosen"], test_scores["ensemble_std_rejected"]])
+    ensemble_std = np.concatenate([test_scores["ensemble_std_chosen"], test_scores["ensemble_std_rejected"]])
     values = {
         keys.ENSEMBLE_SIZE: k,
         keys.ENSEMBLE_TEST_NLL_AFTER: nll,
@@ -93,7 +93,7 @@ def report_ensemble(test_scores: pd.DataFrame, temperature_fit: dict[str, Any],
         keys.ENSEMBLE_WORST_MEMBER_TEST_NLL_AFTER: max(member_nll),
         # >= 0: the ensemble, calibrated, predicts held-out preferences at least as well as its best member.
         keys.ENSEMBLE_NLL_GAIN_OVER_BEST_MEMBER: best - nll,
-        keys.ENSEMBLE_TEST_STD_MEAN: float(spread.mean()),
+        keys.ENSEMBLE_TEST_STD_MEAN: float(ensemble_std.mean()),
     }
     log.info("ensemble on test: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
