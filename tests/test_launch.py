@@ -34,7 +34,7 @@ def test_a_secondary_rank_keeps_the_pipelines_outputs_in_memory(monkeypatch, tmp
     from kedro.pipeline import Node, Pipeline
     from kedro_datasets.json import JSONDataset
 
-    from calibrated_rlhf.hooks import SecondaryRanks
+    from calibrated_rlhf.hooks import LaunchedRanks
 
     def catalog() -> DataCatalog:
         return DataCatalog({name: JSONDataset(filepath=str(tmp_path / f"{name}.json"), version=None)
@@ -47,7 +47,7 @@ def test_a_secondary_rank_keeps_the_pipelines_outputs_in_memory(monkeypatch, tmp
         else:
             monkeypatch.setenv(LAUNCH_ENV, value)
         cat = catalog()
-        SecondaryRanks().before_pipeline_run(pipeline=pipe, catalog=cat)
+        LaunchedRanks().before_pipeline_run(pipeline=pipe, catalog=cat)
         assert isinstance(cat.get("made"), MemoryDataset) is in_memory, value
         assert isinstance(cat.get("given"), JSONDataset), value  # inputs load from disk on every rank
 

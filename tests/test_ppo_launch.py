@@ -143,6 +143,8 @@ def test_a_launched_run_replays(upstream, ppo):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "--params" in proc.stdout and "ppo.evaluation.seed=7" in proc.stdout
+    assert "was launched on 2 processes; this replay runs in one" in proc.stderr
+    assert "accelerate launch --num_processes 2 -m calibrated_rlhf.launch --env replay_" in proc.stderr
     exp = client.get_experiment_by_name("calibrated_rlhf")
     (replay,) = client.search_runs([exp.experiment_id], filter_string=f"tags.replay_of = '{run.info.run_id}'")
     assert f"MLflow run {replay.info.run_id}" in proc.stdout

@@ -9,7 +9,8 @@ registrations first):
   pipelines.
 - ``TrackingServerCheck`` runs before kedro-mlflow touches the tracking server, so an unreachable
   server fails ``kedro run`` in seconds with the URI named, instead of after minutes of HTTP retries.
-- ``SecondaryRanks`` keeps a launched secondary rank's outputs in memory (``calibrated_rlhf.launch``).
+- ``LaunchedRanks`` keeps a launched secondary rank's outputs in memory, and has the main rank log how
+  many processes trained (``calibrated_rlhf.launch``).
 - ``ProvenanceHooks`` runs after kedro-mlflow has started the run, and writes to that run by id
   through ``MlflowClient`` (not the fluent API), so it also works from a ``ThreadRunner``'s workers.
 """
@@ -63,13 +64,14 @@ class TrackingServerCheck:
         check_tracking_server(configured_tracking_uri(context))
 
 
-class SecondaryRanks:
+class LaunchedRanks:
     """Under ``calibrated_rlhf.launch``: only the main process saves outputs and tracks the run.
 
     A secondary rank runs every node (the trainers need every rank), with the pipeline's outputs in
     memory: nothing it makes reaches ``data/`` or gets a completion marker, and downstream nodes of the
-    same run still get their inputs. kedro-mlflow is off there already (``settings``). A plain
-    ``kedro run`` is not touched.
+    same run still get their inputs. kedro-mlflow is off there already (``settings``). The main rank
+    logs the number of processes of the stages whose results depend on it. A plain ``kedro run`` is
+    not touched.
     """
 
     @hook_impl(tryfirst=True)  # before run_integrity pins the outputs' versions

@@ -14,7 +14,7 @@ check. The ranks differ in two ways:
   ``load_versions``, so no rank can load a version another run completed in between.
 - **Outputs and tracking.** Only the main process saves outputs and tracks: on the other ranks kedro-mlflow
   is disabled (``settings.DISABLE_HOOKS_FOR_PLUGINS``) and the pipeline's outputs are kept in memory
-  (``hooks.SecondaryRanks``). N processes give one version of each output and one MLflow run.
+  (``hooks.LaunchedRanks``). N processes give one version of each output and one MLflow run.
 
 What trains data-parallel is the nodes' business: TRL's RewardTrainer and SFTTrainer (``reward_model``,
 ``policy_init``) and the PPO trainer use accelerate, so batch sizes are per process. Nodes that do not
@@ -76,7 +76,7 @@ def launch_tags() -> dict[str, str]:
     rank = current_rank()
     if rank is None:
         return {}
-    return {"provenance/launcher": f"accelerate, {rank.processes} processes",
+    return {"provenance/launcher": f"accelerate, {rank.processes} process{'es' if rank.processes != 1 else ''}",
             "provenance/num_processes": str(rank.processes)}
 
 

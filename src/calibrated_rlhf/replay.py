@@ -225,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd_args = kedro_args(run_params, env)
     child_env = {"MLFLOW_TRACKING_URI": uri, REPLAY_OF_ENV: args.run_id}
-    shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items()) + " " + shlex.join(["kedro", *cmd_args])
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env.items())
+    shown = prefix + " " + shlex.join(["kedro", *cmd_args])
+    processes = launched_processes(args.run_id, uri)
+    if processes and processes > 1:
+        # batch sizes are per process: one process gives other numbers
+        launched = ["accelerate", "launch", "--num_processes", str(processes), "-m", "calibrated_rlhf.launch",
+                    *cmd_args[1:]]
+        print(f"replay: run {args.run_id} was launched on {processes} processes; this replay runs in one. "
+              f"As launched: {prefix} {shlex.join(launched)}", file=sys.stderr)
     if args.dry_run:
         print(f"# would write {project / 'conf' / env / 'parameters.yml'} (if absent), then run:")
         print(shown)
@@ -239,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         if replay_id:
             print(f"replay of {args.run_id}: MLflow run {replay_id}")
     return proc.returncode
+
+
+def launched_processes(run_id: str, tracking_uri: str) -> int | None:
+    """How many processes ``python -m calibrated_rlhf.launch`` ran the run on; None for a ``kedro run``."""
+    import mlflow
+
+    value = mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags.get("provenance/num_processes", "")
+    return int(value) if value.isdigit() else None
 
 
 def latest_replay(run_id: str, tracking_uri: str) -> str | None:

@@ -3,7 +3,7 @@
 import os
 
 from calibrated_rlhf.crash_recovery import CrashRecovery
-from calibrated_rlhf.hooks import PipelineShape, ProvenanceHooks, SecondaryRanks, TrackingServerCheck
+from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck
 from calibrated_rlhf.launch import is_secondary_rank
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader
 from calibrated_rlhf.run_integrity import RunIsolation
@@ -11,12 +11,13 @@ from calibrated_rlhf.run_integrity import RunIsolation
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
 # connects to the server, ProvenanceHooks' before_pipeline_run after kedro-mlflow has started the run.
-# PipelineShape runs first of all: the registry must see the run's configuration before anything asks
-# for the pipelines (reading the parameters does). RunIsolation pins every dataset's version before any
+# The registry must see the run's configuration before anything asks for the pipelines (reading the
+# parameters does): the config loader hands itself over when Kedro builds it, PipelineShape (tryfirst)
+# covers a context built with another loader. RunIsolation pins every dataset's version before any
 # other hook or node reads one; CrashRecovery registers models only after kedro-mlflow has ended the run.
-# SecondaryRanks is registered after RunIsolation so that, both tryfirst, it goes first (pluggy calls
+# LaunchedRanks is registered after RunIsolation so that, both tryfirst, it goes first (pluggy calls
 # later registrations first): a launched secondary rank's outputs are in memory before anything pins them.
-HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), SecondaryRanks(), CrashRecovery(),
+HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), LaunchedRanks(), CrashRecovery(),
          ProvenanceHooks())
 
 # A secondary rank of `python -m calibrated_rlhf.launch` neither tracks nor saves: only the main process
