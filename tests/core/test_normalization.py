@@ -329,15 +329,15 @@ def test_rescaled_transform_gives_the_same_normalized_reward_for_scaled_raw_outp
         t.rescaled(0.0)
 
 
-def test_scale_of_each_reward_in_normalized_units():
+def test_scale_of_each_method_in_zscore_units():
     t = _transform()
     raw = np.random.default_rng(0).normal(size=1000) * 3.0
     # The spread of each optimized reward, divided by the normalized reward's spread (no clip active).
     z_std = t.normalize(raw).std()
-    assert t.scale_of("normalized") == 1.0
-    assert t.scale_of("calibrated") == pytest.approx(t.calibrate(raw).std() / z_std)
+    assert t.scale_of("zscore") == 1.0
+    assert t.scale_of("none") == pytest.approx(t.calibrate(raw).std() / z_std)
     assert t.scale_of("raw") == pytest.approx(raw.std() / z_std)
-    with pytest.raises(ValueError, match="reward must be one of"):
+    with pytest.raises(ValueError, match="normalization method must be one of"):
         t.scale_of("whitened")
 
 

@@ -87,7 +87,7 @@ def test_transform_is_z_score_of_calibrated_rewards_on_the_reference(model, tiny
     normalized = t.normalize(raw)
     assert normalized.mean() == pytest.approx(0.0, abs=1e-9) and normalized.std() == pytest.approx(1.0, rel=1e-9)
     assert t.computed_on == "dataset_responses" and len(t.reward_model_version) == 64
-    disabled, _ = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(reference="dataset_responses", enabled=False))
+    disabled, _ = transform_for(model, tiny_tokenizer, pairs, nodes.NormalizationParams(reference="dataset_responses", method="none"))
     assert (disabled.mean, disabled.std, disabled.computed_on) == (0.0, 1.0, "none")
 
 

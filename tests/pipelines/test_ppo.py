@@ -30,7 +30,7 @@ RESPONSES = [" calm bright", " dull", " grey cold rainy", " lively", " bright br
 def test_score_fn_applies_the_frozen_transform_and_adds_gold(reward_model, tiny_tokenizer):
     task = make_task(SyntheticSpec(seed=1, n_words=12))
     t = transform()
-    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "normalized", 1.0)
+    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "zscore", 1.0)
     out = fn(PROMPTS, RESPONSES)
     raw = out["raw"].double().numpy()
     np.testing.assert_allclose(out["calibrated"].numpy(), raw / 0.5, rtol=1e-5)
@@ -50,9 +50,9 @@ def test_min_max_is_per_batch_and_scale_free(reward_model, tiny_tokenizer):
 @pytest.mark.parametrize("a", [0.25, 4.0])
 def test_the_scale_experiment_leaves_the_transformed_score_unchanged(reward_model, tiny_tokenizer, a):
     t = transform()
-    base = nodes.make_score_fn(reward_model, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
+    base = nodes.make_score_fn(reward_model, tiny_tokenizer, t, None, "zscore", 1.0)(PROMPTS, RESPONSES)
     scaled_fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t.rescaled(a), None,
-                                    "normalized", a)
+                                    "zscore", a)
     scaled = scaled_fn(PROMPTS, RESPONSES)
     torch.testing.assert_close(scaled["score"], base["score"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scaled["raw"], a * base["raw"], rtol=1e-5, atol=1e-6)
@@ -60,8 +60,8 @@ def test_the_scale_experiment_leaves_the_transformed_score_unchanged(reward_mode
 
 def test_reward_scale_keeps_beta_in_normalized_units():
     t = transform(temperature=0.5, std=2.0)
-    assert t.scale_of("normalized") == 1.0
-    assert t.scale_of("calibrated") == 2.0
+    assert t.scale_of("zscore") == 1.0
+    assert t.scale_of("none") == 2.0
     assert t.scale_of("raw") == pytest.approx(1.0)  # std of raw = T * std of calibrated
 
 
@@ -86,12 +86,12 @@ def test_score_fn_of_an_ensemble_reports_its_disagreement(tiny_tokenizer):
     models = members(tiny_tokenizer)
     ens = RewardEnsemble(models, EnsembleSpec("min", (0.5, 1.0, 2.0)))
     t = transform()
-    out = nodes.make_score_fn(ens, tiny_tokenizer, t, None, "normalized", 1.0)(PROMPTS, RESPONSES)
+    out = nodes.make_score_fn(ens, tiny_tokenizer, t, None, "zscore", 1.0)(PROMPTS, RESPONSES)
     ids = [render_ids(tiny_tokenizer, p, r) for p, r in zip(PROMPTS, RESPONSES)]
     reward, ensemble_std = score_rewards(ens, ids, tiny_tokenizer.pad_token_id)
     np.testing.assert_allclose(out["ensemble_std"].numpy(), ensemble_std, rtol=1e-5)
     np.testing.assert_allclose(out["normalized"].numpy(), t.normalize(reward), rtol=1e-5)
-    assert "ensemble_std" not in nodes.make_score_fn(models[0], tiny_tokenizer, t, None, "normalized", 1.0)(
+    assert "ensemble_std" not in nodes.make_score_fn(models[0], tiny_tokenizer, t, None, "zscore", 1.0)(
         PROMPTS, RESPONSES)
 
 
@@ -100,7 +100,7 @@ def test_gold_gap_counts_from_the_reference_set(reward_model, tiny_tokenizer, sy
     ref = reference_set(synthetic_pairs)
     t = transform()
     offset = nodes.gold_offset(reward_model, tiny_tokenizer, t, task, ref)
-    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "normalized", 1.0, offset)
+    fn = nodes.make_score_fn(reward_model, tiny_tokenizer, t, task, "zscore", 1.0, offset)
     out = fn(list(ref["prompt"]), list(ref["response"]))
     # on the reference set itself the gap averages to zero; per response it is calibrated - scale * gold - offset
     assert abs(out["gold_gap"].double().mean().item()) < 1e-4
@@ -148,7 +148,7 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
         "reference_policy": build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer),
         "tokenizer": tiny_tokenizer, "reward_model": reward_model, "reward_transform": transform().to_dict(),
         "reference_responses": reference_set(synthetic_pairs), "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
-        "synthetic_task": {**task.to_dict()}, "params:ppo": params,
+        "synthetic_task": {**task.to_dict()}, "params:ppo": params, "params:normalization.method": "zscore",
     })
     history = out["ppo_history"]
     for key in (*ISSUE_KEYS, "ppo/rewards/gold_gap"):

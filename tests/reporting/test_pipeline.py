@@ -52,7 +52,7 @@ def log_run(client: MlflowClient, experiment_id: str, name: str, scenario: str |
 
 
 def ppo(reward: str, a: float) -> dict[str, object]:
-    return {"ppo.reward": reward, "ppo.raw_reward_multiplier": a, "ppo.trainer.kl_control": "adaptive"}
+    return {"normalization.method": reward, "ppo.raw_reward_multiplier": a, "ppo.trainer.kl_control": "adaptive"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def store(tmp_path_factory):
                   "calibration/test_oracle_ece": 0.012, "calibration/test_nll_before": 0.71,
                   "calibration/test_nll_after": 0.64, "calibration/temperature": 3.2}
     ids = {
-        "baseline": log_run(client, exp, "__default__", "baseline", kl=1.01, params=ppo("normalized", 1) | {
+        "baseline": log_run(client, exp, "__default__", "baseline", kl=1.01, params=ppo("zscore", 1) | {
             "calibration.enabled": True, "reward_model.training.center_rewards_coefficient": 0.01},
             metrics=calibrated | {"rm/test_reward_mean": 0.02, "normalization/mean": 0.3, "normalization/std": 1.7,
                                   "ppo/eval/gold_policy": 0.40, "ppo/eval/gold_gain": 0.1}),
@@ -76,8 +76,8 @@ def store(tmp_path_factory):
         "untagged": log_run(client, exp, "__default__", metrics={"rm/test_accuracy": 0.8}),
         "reporting": log_run(client, exp, "reporting"),
     }
-    for scenario, reward, a, kl, gold in [("scale_0.25", "normalized", 0.25, 0.99, 0.41),
-                                          ("scale_4", "normalized", 4, 1.03, 0.39),
+    for scenario, reward, a, kl, gold in [("scale_0.25", "zscore", 0.25, 0.99, 0.41),
+                                          ("scale_4", "zscore", 4, 1.03, 0.39),
                                           ("scale_0.25_raw", "raw", 0.25, 0.15, 0.20),
                                           ("scale_1_raw", "raw", 1, 1.0, 0.40),
                                           ("scale_4_raw", "raw", 4, 6.0, 0.10)]:

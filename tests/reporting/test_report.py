@@ -36,15 +36,15 @@ def run_row(run_id: str, scenario: str | None = None, *, minute: int = 0, name: 
 
 def ppo_run(run_id: str, scenario: str, reward: str, a: float, kl: float, gold: float, minute: int = 0,
             tracking_error: float | None = None) -> dict[str, object]:
-    return run_row(run_id, scenario, minute=minute, params={"ppo.reward": reward, "ppo.raw_reward_multiplier": a},
+    return run_row(run_id, scenario, minute=minute, params={"normalization.method": reward, "ppo.raw_reward_multiplier": a},
                    metrics={"ppo/eval/kl_second_half_mean": kl, "ppo/eval/gold_policy": gold,
                             "ppo/eval/kl_tracking_error": kl / 1.0 - 1 if tracking_error is None else tracking_error})
 
 
 SCALE_RUNS = [
-    ppo_run("t025", "scale_0.25", "normalized", 0.25, kl=1.00, gold=0.50),
-    ppo_run("t1", "scale_1", "normalized", 1.0, kl=1.02, gold=0.51),
-    ppo_run("t4", "scale_4", "normalized", 4.0, kl=0.98, gold=0.49),
+    ppo_run("t025", "scale_0.25", "zscore", 0.25, kl=1.00, gold=0.50),
+    ppo_run("t1", "scale_1", "zscore", 1.0, kl=1.02, gold=0.51),
+    ppo_run("t4", "scale_4", "zscore", 4.0, kl=0.98, gold=0.49),
     ppo_run("r025", "scale_0.25_raw", "raw", 0.25, kl=0.20, gold=0.30),
     ppo_run("r1", "scale_1_raw", "raw", 1.0, kl=1.00, gold=0.50),
     ppo_run("r4", "scale_4_raw", "raw", 4.0, kl=3.00, gold=0.35),
@@ -130,13 +130,13 @@ def test_scale_verdict_transform_stays_and_raw_moves_with_numbers():
 
 
 def test_scale_verdict_fails_when_the_transform_arm_spreads():
-    rows = [*SCALE_RUNS[:2], ppo_run("t4b", "scale_4", "normalized", 4.0, kl=1.5, gold=0.49, minute=9)]
+    rows = [*SCALE_RUNS[:2], ppo_run("t4b", "scale_4", "zscore", 4.0, kl=1.5, gold=0.49, minute=9)]
     v = verdicts.scale_verdict(table_of(rows + SCALE_RUNS[3:]), ROLES)
     assert v.holds is False and "beyond 10%" in v.evidence  # the newer scale_4 run replaced the older one
 
 
 def test_scale_verdict_names_missing_scenarios_and_uses_baseline_for_a_1():
-    baseline = ppo_run("b", "baseline", "normalized", 1.0, kl=1.01, gold=0.5)
+    baseline = ppo_run("b", "baseline", "zscore", 1.0, kl=1.01, gold=0.5)
     v = verdicts.scale_verdict(table_of([SCALE_RUNS[0], baseline]), ROLES)
     assert v.holds is True and "a in {0.25, 1}" in v.evidence
     assert set(v.missing) == {"scale_4", "scale_0.25_raw", "scale_1_raw", "scale_4_raw"}
@@ -146,7 +146,7 @@ def test_scale_verdict_names_missing_scenarios_and_uses_baseline_for_a_1():
 
 
 def test_scale_verdict_counts_a_run_without_ppo_metrics_as_missing_and_decides_on_kl_without_gold():
-    no_ppo = run_row("b", "baseline", params={"ppo.reward": "normalized", "ppo.raw_reward_multiplier": 1.0},
+    no_ppo = run_row("b", "baseline", params={"normalization.method": "zscore", "ppo.raw_reward_multiplier": 1.0},
                      metrics={"rm/test_reward_mean": 0.0})
     no_gold = [{k: v for k, v in r.items() if k != "metrics.ppo/eval/gold_policy"}
                for r in (SCALE_RUNS[0], SCALE_RUNS[2])]
@@ -186,7 +186,7 @@ def test_calibration_verdict_checks_every_calibrated_run_and_ignores_disabled_on
 
 
 def test_normalization_verdict_with_one_comparison_names_the_other():
-    rows = [ppo_run("z", "baseline", "normalized", 1, kl=1, gold=0.5, tracking_error=0.03),
+    rows = [ppo_run("z", "baseline", "zscore", 1, kl=1, gold=0.5, tracking_error=0.03),
             ppo_run("n", "norm_none", "calibrated", 1, kl=1, gold=0.5, tracking_error=-0.4)]
     v = verdicts.normalization_verdict(table_of(rows), ROLES)
     assert v.holds is True and "z-score (baseline) +3.0%" in v.evidence and "none (norm_none) -40.0%" in v.evidence
@@ -197,8 +197,8 @@ def test_normalization_verdict_with_one_comparison_names_the_other():
 
 
 def test_kl_control_verdict():
-    rows = [ppo_run("a", "baseline", "normalized", 1, kl=1, gold=0.5, tracking_error=0.05),
-            ppo_run("f", "kl_fixed", "normalized", 1, kl=1, gold=0.5, tracking_error=1.5)]
+    rows = [ppo_run("a", "baseline", "zscore", 1, kl=1, gold=0.5, tracking_error=0.05),
+            ppo_run("f", "kl_fixed", "zscore", 1, kl=1, gold=0.5, tracking_error=1.5)]
     v = verdicts.kl_control_verdict(table_of(rows), ROLES)
     assert v.holds is True and "fixed (kl_fixed) +150.0%" in v.evidence
     v = verdicts.kl_control_verdict(table_of(rows[:1]), ROLES)

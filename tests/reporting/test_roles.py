@@ -30,8 +30,9 @@ def test_every_named_scenario_is_a_conf_folder_that_tags_its_runs_so():
 
 def test_scale_roles_match_what_their_folders_set():
     for role in ROLES.scale:
-        ppo = scenario_parameters(role.scenario).get("ppo", {})
-        assert ppo.get("reward", "normalized") == role.reward, role
+        params = scenario_parameters(role.scenario)
+        ppo = params.get("ppo", {})
+        assert params.get("normalization", {}).get("method", "zscore") == role.method, role
         assert float(ppo.get("raw_reward_multiplier", 1.0)) == role.multiplier, role
 
 

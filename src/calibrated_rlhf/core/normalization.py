@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -451,17 +451,17 @@ class RewardTransform:
             raise ValueError(f"multiplier must be finite and > 0, got {multiplier}")
         return self if multiplier == 1.0 else replace(self, temperature=self.temperature * multiplier)
 
-    def scale_of(self, reward: str) -> float:
-        """Spread of the ``reward`` an RL run optimizes, in normalized units (1 for the normalized reward).
+    def scale_of(self, method: str) -> float:
+        """Spread of the reward RL optimizes under normalization ``method``, in z-score units.
 
-        Only the ratio of reward scale to KL weight matters, so without normalization the applied KL
+        Only the ratio of reward scale to KL weight matters, so without the z-score the applied KL
         weight must follow the reward's own scale for beta to keep its meaning. ``minmax_batch`` has no
         fixed scale (that is its problem), so it counts as 1.
         """
-        scales = {"normalized": 1.0, "calibrated": self.std, "raw": self.std * self.temperature, "minmax_batch": 1.0}
-        if reward not in scales:
-            raise ValueError(f"reward must be one of {sorted(scales)}, got {reward!r}")
-        return scales[reward]
+        scales = {"zscore": 1.0, "none": self.std, "raw": self.std * self.temperature, "minmax_batch": 1.0}
+        if method not in scales:
+            raise ValueError(f"normalization method must be one of {sorted(scales)}, got {method!r}")
+        return scales[method]
 
     def preference_probability(self, raw_a: Any, raw_b: Any) -> np.ndarray:
         """Calibrated ``P(a preferred over b) = sigmoid((raw_a - raw_b) / temperature)``."""
@@ -497,6 +497,15 @@ class RewardTransform:
         if unknown:
             raise ValueError(f"{name} dict has unknown fields {unknown}")
         return cls(**{key: _require(data, key, name) for key in fields}, ensemble=data.get("ensemble"))
+
+
+NormalizationMethod = Literal["zscore", "none", "minmax_batch", "raw"]
+"""What RL optimizes: ``zscore`` the frozen z-score of calibrated rewards (the default); ``none`` the
+calibrated reward ``r / T``; ``minmax_batch`` a per-batch min-max of the raw reward (the baseline argued
+against); ``raw`` the reward model's output itself (the scale experiment's control)."""
+
+OPTIMIZED: dict[str, str] = {"zscore": "normalized", "none": "calibrated", "minmax_batch": "minmax_batch",
+                             "raw": "raw"}  # method -> which reward RL optimizes
 
 
 def identity_transform(temperature: float, stats: RewardStats, clip: float | None, reward_model_version: str | None,

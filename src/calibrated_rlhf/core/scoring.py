@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
-from calibrated_rlhf.core.normalization import RewardTransform, minmax_batch
+from calibrated_rlhf.core.normalization import OPTIMIZED, NormalizationMethod, RewardTransform, minmax_batch
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
@@ -113,9 +113,6 @@ class RewardScorer:
 
 # ---- the reward an RL run optimizes -----------------------------------------------------------------
 
-Optimized = Literal["normalized", "calibrated", "raw", "minmax_batch"]
-
-
 def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any],
                 responses: Sequence[str]) -> float | None:
     """Mean of ``calibrated - scale * gold`` over a reference set: where the proxy-gold gap counts from.
@@ -130,10 +127,10 @@ def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any
     return float(np.mean(calibrated - task.scale * gold))
 
 
-def rl_score_fn(scorer: RewardScorer, reward: Optimized, task: SyntheticTask | None = None,
+def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
                 offset: float | None = None) -> Callable[[list, list], dict[str, torch.Tensor]]:
-    """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the optimized ``score``,
-    and, for an ensemble, ``ensemble_std``.
+    """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
+    under normalization ``method``, and, for an ensemble, ``ensemble_std``.
 
     On the synthetic task it adds ``gold`` and, given ``offset`` (:func:`gold_offset`), ``gold_gap``:
     calibrated proxy minus the true logit ``scale * gold``, relative to the reference set, so it starts
@@ -145,7 +142,7 @@ def rl_score_fn(scorer: RewardScorer, reward: Optimized, task: SyntheticTask | N
         out = {"raw": scored.raw, "calibrated": scored.calibrated, "normalized": scored.normalized}
         if scored.ensemble_std is not None:
             out["ensemble_std"] = scored.ensemble_std
-        out["score"] = minmax_batch(scored.raw) if reward == "minmax_batch" else out[reward]
+        out["score"] = minmax_batch(scored.raw) if method == "minmax_batch" else out[OPTIMIZED[method]]
         if task is not None:
             out["gold"] = np.array([task.gold_reward(r) for r in responses])
             if offset is not None:

@@ -53,12 +53,11 @@ METRICS: dict[str, str] = {
 
 # Table column -> flattened MLflow param key.
 PARAMS: dict[str, str] = {
-    "reward": "ppo.reward",
+    "normalization_method": "normalization.method",
     "reward_multiplier": "ppo.raw_reward_multiplier",
     "kl_control": "ppo.trainer.kl_control",
     "center_rewards_coefficient": "reward_model.training.center_rewards_coefficient",
     "calibration_enabled": "calibration.enabled",
-    "normalization_enabled": "normalization.enabled",
     "aggregation": "reward_model.ensemble.aggregation",
 }
 KL_TARGET_PARAM = "ppo.trainer.kl_target"

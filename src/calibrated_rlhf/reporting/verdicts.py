@@ -19,15 +19,16 @@ import pandas as pd
 
 from calibrated_rlhf.reporting.table import METRICS, as_float
 
-ARMS = ("normalized", "raw")  # the scale experiment: through the reward transform, and the raw reward
+ARMS = ("zscore", "raw")  # the scale experiment: through the reward transform, and the raw reward
 
 
 @dataclass(frozen=True)
 class ScaleScenario:
-    """One run of the scale experiment: the reward PPO optimizes and the multiplier a of the raw outputs."""
+    """One run of the scale experiment: the normalization method (what PPO optimizes) and the multiplier a
+    of the raw outputs."""
 
     scenario: str
-    reward: str
+    method: str
     multiplier: float
 
 
@@ -55,7 +56,7 @@ class ScenarioRoles:
     def from_dict(cls, data: Mapping[str, Any]) -> ScenarioRoles:
         """From the ``reporting.scenario_roles`` block (plain dicts and lists, as YAML gives them)."""
         return cls(**{**data,
-                      "scale": tuple(ScaleScenario(s["scenario"], s["reward"], float(s["multiplier"]))
+                      "scale": tuple(ScaleScenario(s["scenario"], s["method"], float(s["multiplier"]))
                                      for s in data["scale"]),
                       "ensembles": tuple(EnsembleRegime(e["single_model"], e["ensemble_prefix"])
                                          for e in data["ensembles"])})
@@ -121,12 +122,13 @@ def _scale_member(scenario: str, row: pd.Series, roles: ScenarioRoles) -> tuple[
     a = row["reward_multiplier"]
     if not np.isfinite(a):
         a = role.multiplier if role else 1.0
-    arm = row["reward"] if isinstance(row["reward"], str) else (role.reward if role else "normalized")
+    method = row["normalization_method"]
+    arm = method if isinstance(method, str) else (role.method if role else "zscore")
     return (arm, float(a)) if arm in ARMS else None
 
 
 def scale_arms(table: pd.DataFrame, roles: ScenarioRoles) -> dict[str, dict[float, pd.Series]]:
-    """{"normalized" | "raw": {a: run}} from the scale scenarios with PPO's KL logged; the reference stands
+    """{"zscore" | "raw": {a: run}} from the scale scenarios with PPO's KL logged; the reference stands
     in for an absent a = 1 with the transform (it is the transform at a = 1)."""
     arms: dict[str, dict[float, pd.Series]] = {arm: {} for arm in ARMS}
     latest = latest_by_scenario(table)
@@ -157,12 +159,12 @@ def scale_verdict(table: pd.DataFrame, roles: ScenarioRoles, tolerance: float = 
     claim = (f"With the reward transform, PPO's KL and gold reward stay within {tolerance:.0%} across "
              f"a in {{{', '.join(f'{a:g}' for a in multipliers)}}}.")
     arms = scale_arms(table, roles)
-    missing = tuple(s.scenario for arm in ARMS for s in roles.scale if s.reward == arm and s.multiplier not in arms[arm])
-    transform = _arm_spreads(arms["normalized"])
+    missing = tuple(s.scenario for arm in ARMS for s in roles.scale if s.method == arm and s.multiplier not in arms[arm])
+    transform = _arm_spreads(arms["zscore"])
     if "KL" not in transform:  # fewer than two multipliers with KL
         return Verdict("Reward scale", claim, None, "Needs at least two multipliers with the transform and PPO's "
                        f"KL logged; missing: {', '.join(missing)}.", missing)
-    a_values = ", ".join(f"{a:g}" for a in sorted(arms["normalized"]))
+    a_values = ", ".join(f"{a:g}" for a in sorted(arms["zscore"]))
     holds = all(s <= tolerance for s, _, _ in transform.values())
     evidence = (f"With the transform, across a in {{{a_values}}}, {_describe_spreads(transform)}: "
                 f"{'within' if holds else 'beyond'} {tolerance:.0%}.")

@@ -13,7 +13,7 @@ from pydantic import Field
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
-from calibrated_rlhf.core.normalization import RewardStats, identity_transform, transform_from_stats
+from calibrated_rlhf.core.normalization import NormalizationMethod, RewardStats, identity_transform, transform_from_stats
 from calibrated_rlhf.core.preferences import text_key, text_prompts
 from calibrated_rlhf.core.scoring import RewardScorer
 from calibrated_rlhf.pipelines.metrics import as_metrics
@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 class NormalizationParams(StrictParams):
     """Which reference distribution fixes the reward's mean and std, and the clip."""
 
-    enabled: bool = Field(True, description="false: mean 0, std 1 (calibration only), the 'none' baseline.")
+    method: NormalizationMethod = Field(
+        "zscore", description="What RL optimizes: zscore (the frozen z-score of calibrated rewards), none "
+        "(calibrated r / T; the transform keeps mean 0, std 1), minmax_batch (per-batch min-max of the raw "
+        "reward, the baseline argued against) or raw (the reward model's output: the scale experiment's control).")
     reference: Literal["dataset_responses", "policy_samples"] = Field(
         "policy_samples",
         description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
@@ -84,7 +87,7 @@ def compute_reward_transform(
     if isinstance(reward_model, RewardEnsemble):
         ensemble = {**reward_model.spec.to_dict(), "reference_ensemble_std": float(ensemble_std.mean())}
     version = reward_fingerprint(reward_model)
-    if params.enabled:
+    if params.method != "none":
         transform = transform_from_stats(temperature, stats, params.clip, params.reference, version, ensemble=ensemble)
     else:
         transform = identity_transform(temperature, stats, params.clip, version, ensemble=ensemble)

@@ -6,7 +6,7 @@ import copy
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots, scoring
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
-from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
@@ -28,9 +28,6 @@ from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
 log = logging.getLogger(__name__)
-
-RewardKind = Literal["normalized", "calibrated", "raw", "minmax_batch"]
-
 
 # The stage sets these trainer fields itself (a folder per run under checkpoint_root).
 STAGE_CHECKPOINT_FIELDS = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints")
@@ -51,11 +48,6 @@ class PPOParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
 
-    reward: RewardKind = Field(
-        "normalized",
-        description="normalized: the frozen reward transform (default); calibrated: r / T; raw: the reward "
-        "model's output; minmax_batch: per-batch min-max rescaling (the baseline the project argues against).",
-    )
     raw_reward_multiplier: float = Field(
         1.0, gt=0, description="Multiplies the reward model's raw output: the scale experiment (a in {0.25, 1, 4})."
     )
@@ -88,9 +80,9 @@ class PPOParams(BaseModel):
 
 
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
-                  reward: RewardKind, multiplier: float, offset: float | None = None):
+                  method: NormalizationMethod, multiplier: float, offset: float | None = None):
     """The trainer's ``score_fn`` over the library's one scoring path (see ``core.scoring.rl_score_fn``)."""
-    return rl_score_fn(RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier), reward, task,
+    return rl_score_fn(RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier), method, task,
                        offset)
 
 
@@ -110,8 +102,10 @@ def train_ppo(
     train_pairs: pd.DataFrame,
     synthetic_task: dict[str, Any],
     params: PPOParams,
+    method: NormalizationMethod = "zscore",
 ) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
-    """PPO from the reference policy against the frozen reward transform; returns the final policy,
+    """PPO from the reference policy against the frozen reward transform, optimizing the reward that
+    normalization ``method`` names (``normalization.method``); returns the final policy,
     per-update metrics, sample responses, the KL-control plot and a summary of the run.
 
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
@@ -132,7 +126,7 @@ def train_ppo(
         **params.trainer.model_dump(),
         # The KL weight follows the scale known at calibration time: with the transform the optimized
         # score is scale-free; without it (raw) a drift of the reward model's scale goes unnoticed.
-        "reward_scale": original.scale_of(params.reward),
+        "reward_scale": original.scale_of(method),
         "score_key": "score",
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
@@ -145,10 +139,10 @@ def train_ppo(
     # run in the same process (a resume) must build the same optimizer as the first
     policy = copy.deepcopy(reference_policy).requires_grad_(True)
     trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
-                         make_score_fn(reward_model, tokenizer, transform, task, params.reward,
+                         make_score_fn(reward_model, tokenizer, transform, task, method,
                                        params.raw_reward_multiplier, offset),
                          ref_policy=reference_policy,
-                         fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset))
+                         fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
     resume = _prepare_checkpoints(trainer, params.resume_from, root, run_dir)
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
@@ -188,14 +182,14 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> flo
 
 
 def stage_fingerprint(reward_model: str, transform: RewardTransform, params: PPOParams, task: SyntheticTask | None,
-                      gold_offset: float | None) -> dict[str, Any]:
+                      gold_offset: float | None, method: NormalizationMethod = "zscore") -> dict[str, Any]:
     """What changes the run's result beyond the trainer's own fingerprint: the reward model's weights,
     the reward transform applied (the rescaled one in the scale experiment), which reward is optimized,
     and on the synthetic task the gold reward behind the logged gold metrics."""
     applied = transform.to_dict()
     return {
         "reward_model": reward_model,
-        "reward": params.reward,
+        "normalization.method": method,
         "raw_reward_multiplier": params.raw_reward_multiplier,
         **{f"reward_transform.{k}": applied[k] for k in ("temperature", "mean", "std", "clip")},
         "reward_transform": digest(applied),

@@ -21,7 +21,8 @@ class ScaleScenarioParams(StrictParams):
     """One run of the scale experiment."""
 
     scenario: str
-    reward: str = Field(pattern="^(normalized|raw)$")
+    method: str = Field(pattern="^(zscore|raw)$", description="normalization.method: through the transform "
+                        "(zscore) or the raw reward.")
     multiplier: float = Field(gt=0)
 
 
