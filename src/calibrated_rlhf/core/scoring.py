@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
-from calibrated_rlhf.core.normalization import OPTIMIZED, NormalizationMethod, RewardTransform, minmax_batch
+from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
+                                                minmax_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
@@ -150,3 +151,20 @@ def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: Synthet
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
     return score_fn
+
+
+def reference_statistics(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[Any],
+                         temperature: float) -> tuple[RewardStats, np.ndarray, np.ndarray | None]:
+    """Calibrated-reward statistics of a reference set, streamed batch by batch (mergeable, so a
+    distributed or resumed computation gives the same transform); plus the raw rewards and the
+    ensemble_std per response (None for one model)."""
+    stats = RewardStats()
+    raw = np.empty(len(responses))
+    ensemble_std = None
+    for idx, rewards, batch_std in scorer.iter_raw(prompts, responses):
+        stats.update(rewards / temperature)
+        raw[idx] = rewards
+        if batch_std is not None:
+            ensemble_std = np.empty(len(responses)) if ensemble_std is None else ensemble_std
+            ensemble_std[idx] = batch_std
+    return stats, raw, ensemble_std

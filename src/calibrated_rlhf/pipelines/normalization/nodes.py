@@ -13,9 +13,10 @@ from pydantic import Field
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
-from calibrated_rlhf.core.normalization import NormalizationMethod, RewardStats, identity_transform, transform_from_stats
+from calibrated_rlhf.core.normalization import (NormalizationMethod, RewardStats, RewardTransform, identity_transform,
+                                                transform_from_stats)
 from calibrated_rlhf.core.preferences import text_key, text_prompts
-from calibrated_rlhf.core.scoring import RewardScorer
+from calibrated_rlhf.core.scoring import RewardScorer, reference_statistics
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -75,14 +76,8 @@ def compute_reward_transform(
     """
     temperature = float(temperature_fit["temperature"])
     scorer = RewardScorer(reward_model, tokenizer, batch_size=params.batch_size)
-    stats = RewardStats()
-    raw = np.empty(len(responses))  # kept only for the plot and the clip fraction
-    ensemble_std = np.empty(len(responses))
-    for idx, rewards, member_std in scorer.iter_raw(list(responses["prompt"]), list(responses["response"])):
-        stats.update(rewards / temperature)
-        raw[idx] = rewards
-        if member_std is not None:
-            ensemble_std[idx] = member_std
+    stats, raw, ensemble_std = reference_statistics(scorer, list(responses["prompt"]), list(responses["response"]),
+                                                    temperature)
     ensemble = None
     if isinstance(reward_model, RewardEnsemble):
         ensemble = {**reward_model.spec.to_dict(), "reference_ensemble_std": float(ensemble_std.mean())}
@@ -91,21 +86,24 @@ def compute_reward_transform(
         transform = transform_from_stats(temperature, stats, params.clip, params.reference, version, ensemble=ensemble)
     else:
         transform = identity_transform(temperature, stats, params.clip, version, ensemble=ensemble)
-    normalized = transform.normalize(raw)
+    log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
+             transform.n, transform.computed_on)
+    figure = plots.reward_distributions(raw, transform.calibrate(raw), transform.normalize(raw))
+    return transform.to_dict(), as_metrics(_transform_metrics(transform, stats, raw)), figure
+
+
+def _transform_metrics(transform: RewardTransform, stats: RewardStats, raw: np.ndarray) -> dict[str, float]:
+    z = (transform.calibrate(raw) - transform.mean) / transform.std
     values = {
         keys.NORMALIZATION_MEAN: transform.mean,
         keys.NORMALIZATION_STD: transform.std,
         keys.NORMALIZATION_N: transform.n,
-        keys.NORMALIZATION_CLIP_FRACTION: float(np.mean(np.abs((raw / temperature - transform.mean) / transform.std)
-                                                     > (transform.clip or np.inf))),
+        keys.NORMALIZATION_CLIP_FRACTION: float(np.mean(np.abs(z) > (transform.clip or np.inf))),
         **{keys.normalization_calibrated_quantile(k): v for k, v in stats.quantiles().items()},
     }
-    if ensemble is not None:
-        values[keys.NORMALIZATION_ENSEMBLE_STD] = ensemble["reference_ensemble_std"]
-    log.info("reward transform: T=%.4f mean=%.4f std=%.4f on %d %s", temperature, transform.mean, transform.std,
-             transform.n, transform.computed_on)
-    figure = plots.reward_distributions(raw, raw / temperature, normalized)
-    return transform.to_dict(), as_metrics(values), figure
+    if transform.ensemble is not None:
+        values[keys.NORMALIZATION_ENSEMBLE_STD] = transform.ensemble["reference_ensemble_std"]
+    return values
 
 
 class ServingParams(StrictParams):
