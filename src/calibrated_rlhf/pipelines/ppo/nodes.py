@@ -118,21 +118,8 @@ def train_ppo(
     transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
-    if _is_main_process():
-        for path in sweep_stale(root):
-            log.warning("removed %s, a checkpoint staging folder left by a process that is gone", path)
-    run_dir = root / _run_folder_name()
-    config = PPOConfig(**{
-        **params.trainer.model_dump(),
-        # The KL weight follows the scale known at calibration time: with the transform the optimized
-        # score is scale-free; without it (raw) a drift of the reward model's scale goes unnoticed.
-        "reward_scale": original.scale_of(method),
-        "score_key": "score",
-        "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
-        "checkpoint_every": params.checkpoint_every,
-        "keep_checkpoints": params.keep_checkpoints,
-        "ensemble_std_stop": ensemble_std_stop(original, params.ensemble_std_stop_multiple),
-    })
+    run_dir = _checkpoint_folder(root)
+    config = trainer_config(params, original, method, run_dir)
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     # trainable whatever the reference's flags: the trainer freezes the reference in place, and a second
@@ -147,13 +134,41 @@ def train_ppo(
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
+    return trainer.policy.to("cpu").eval(), *_outputs(result, config)
+
+
+def trainer_config(params: PPOParams, transform: RewardTransform, method: NormalizationMethod,
+                   run_dir: Path) -> PPOConfig:
+    """The trainer's config: the stage's checkpoints, and the KL weight's scale for the optimized reward."""
+    return PPOConfig(**{
+        **params.trainer.model_dump(),
+        # The KL weight follows the scale known at calibration time: with the transform the optimized
+        # score is scale-free; without it (raw) a drift of the reward model's scale goes unnoticed.
+        "reward_scale": transform.scale_of(method),
+        "score_key": "score",
+        "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
+        "checkpoint_every": params.checkpoint_every,
+        "keep_checkpoints": params.keep_checkpoints,
+        "ensemble_std_stop": ensemble_std_stop(transform, params.ensemble_std_stop_multiple),
+    })
+
+
+def _checkpoint_folder(root: Path) -> Path:
+    """This run's checkpoint folder under ``root``, after clearing what dead writers left there."""
+    if _is_main_process():
+        for path in sweep_stale(root):
+            log.warning("removed %s, a checkpoint staging folder left by a process that is gone", path)
+    return root / _run_folder_name()
+
+
+def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure, dict]:
+    """The stage's outputs besides the policy: curves, samples, the KL-control plot, the summary."""
     points = [{**p, "step": int(p[keys.PPO_STEP])} for p in result.history]
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
-    samples = pd.DataFrame(result.samples)
-    summary = training_summary(result.history, config, result.stopped_early)
     figure = plots.kl_control([h[keys.PPO_STEP] for h in result.history], [h[keys.PPO_KL] for h in result.history],
-                            [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
-    return trainer.policy.to("cpu").eval(), history, samples, figure, summary
+                              [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
+    return history, pd.DataFrame(result.samples), figure, training_summary(result.history, config,
+                                                                            result.stopped_early)
 
 
 def check_transform_matches(transform: RewardTransform, reward_model: Any, fingerprint: str | None = None) -> None:
