@@ -38,3 +38,23 @@ def tiny_tokenizer(synthetic_pairs):
 
 TINY_BACKBONE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_template(tmp_path_factory):
+    """One finished `kedro run --env tiny` of the whole DAG, shared: tests work on copies of it
+    (``tiny_run_project``), never on it. Each run costs about a minute on two cores."""
+    from tests.project import kedro, make_project
+
+    project = make_project(tmp_path_factory.mktemp("tiny_run_template") / "project")
+    proc = kedro(project, "--env", "tiny")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return project
+
+
+@pytest.fixture(scope="module")
+def tiny_run_project(tiny_run_template, tmp_path_factory):
+    """A module's own copy of the shared finished tiny run (data, markers, MLflow store)."""
+    from tests.project import copy_project
+
+    return copy_project(tiny_run_template, tmp_path_factory.mktemp("tiny_run") / "project")

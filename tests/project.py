@@ -54,3 +54,13 @@ def wait_until_up(url: str, server: subprocess.Popen, describe, timeout_s: float
         if time.monotonic() > deadline:
             pytest.fail(f"server not up after {timeout_s:.0f} s: {describe()}")
         time.sleep(0.5)
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a project that has run: its data/ (versions and completion markers) and its MLflow store.
+
+    The store's artifact locations still point into ``src``, which the copy only reads from; runs made
+    in the copy log their artifacts there too, beside the original's.
+    """
+    shutil.copytree(src, dst)
+    return dst

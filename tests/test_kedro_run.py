@@ -6,21 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import kedro, make_project
+from tests.project import kedro
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project's configuration in a scratch folder (the package is installed)."""
-    return make_project(tmp_path_factory.mktemp("project"))
+def project(tiny_run_project) -> Path:
+    """A copy of the project in a scratch folder where `kedro run --env tiny` has run (the package is installed)."""
+    return tiny_run_project
 
 
 @pytest.fixture(scope="module")
 def finished_run(project):
-    proc = kedro(project, "--env", "tiny")
-    assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

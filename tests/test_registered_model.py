@@ -16,16 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import kedro, make_project
-
 pytestmark = pytest.mark.slow
 
 NAME = "calibrated-rlhf-reward-model"
-# The DAG up to publication, without PPO; the normalization's reference set is the data set's own responses
-# (cheaper than sampling the reference policy, which the slice still trains: normalization reads it).
-SLICE = ("--env", "tiny", "--pipelines", "data_prep,reward_model,calibration,policy_init,normalization",
-         "--params", "normalization.reference=dataset_responses")
-
 # Runs in the child. It takes the project off every import route first (the editable install's .pth entry on
 # sys.path, any editable finder on sys.meta_path, the working directory), proves the package is gone, then loads.
 CHILD = textwrap.dedent(r'''
@@ -60,10 +53,8 @@ CHILD = textwrap.dedent(r'''
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("registered"))
-    proc = kedro(project, *SLICE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def published(tiny_run_project):
+    project = tiny_run_project  # a finished `kedro run --env tiny`: the whole DAG, publication included
     record = json.loads(Path(glob.glob(str(project / "data/06_models/published_reward_model.json/*/published_reward_model.json"))[0])
                         .read_text())
     transform = json.loads(Path(glob.glob(str(project / "data/06_models/reward_transform.json/*/reward_transform.json"))[0])

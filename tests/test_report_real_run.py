@@ -16,7 +16,7 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs
 from calibrated_rlhf.reporting.table import comparison_table, empty_columns
-from tests.project import ROOT, kedro, make_project
+from tests.project import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,9 @@ EXPECTED_EMPTY = {
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tiny_run_project):
     """(tracking URI, run id) of one finished `kedro run --env tiny`."""
-    project = make_project(tmp_path_factory.mktemp("real_run") / "project")
-    done = kedro(project, "--env", "tiny")
-    assert done.returncode == 0, done.stderr[-4000:]
+    project = tiny_run_project
     uri = f"sqlite:///{project / 'mlflow.db'}"
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("calibrated_rlhf").experiment_id])
     assert len(runs) == 1
