@@ -232,7 +232,7 @@ def _from_main_process(value: Any) -> Any:
 
 def _run_folder_name() -> str:
     """This run's checkpoint folder name, the same on every rank: the active MLflow run's id (kedro-mlflow
-    opens it; ``ppo_launch`` opens it on the main process), else a fresh uuid. Never a clock: two runs
+    opens it, on the main process only under ``calibrated_rlhf.launch``), else a fresh uuid. Never a clock: two runs
     started in the same second would share a folder."""
     import mlflow
 
