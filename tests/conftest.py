@@ -58,3 +58,25 @@ def tiny_run_project(tiny_run_template, tmp_path_factory):
     from tests.project import copy_project
 
     return copy_project(tiny_run_template, tmp_path_factory.mktemp("tiny_run") / "project")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_fluent_state():
+    """Each test starts with MLflow's process-wide tracking URI and active experiment as they were: a test
+    that points MLflow at its own store must not leave the next test creating runs in an experiment id
+    that exists only there."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    uri = mlflow.get_tracking_uri()
+    env = {name: os.environ.get(name) for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    mlflow.set_tracking_uri(uri)

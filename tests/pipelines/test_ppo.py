@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
-from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
 from calibrated_rlhf.core.synthetic import SyntheticSpec, make_task
 from calibrated_rlhf.pipelines.ppo import nodes
 from tests.conftest import TINY_BACKBONE
@@ -148,7 +148,7 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
         "reference_policy": build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer),
         "tokenizer": tiny_tokenizer, "reward_model": reward_model, "reward_transform": transform().to_dict(),
         "reference_responses": reference_set(synthetic_pairs), "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
-        "synthetic_task": {**task.to_dict()}, "params:ppo": params, "params:normalization.method": "zscore",
+        "synthetic_task": {**task.to_dict()}, "params:ppo": params, "params:normalization": NormalizationParams(),
     })
     history = out["ppo_history"]
     for key in (*ISSUE_KEYS, "ppo/rewards/gold_gap"):

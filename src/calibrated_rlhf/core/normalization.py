@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.ensemble import EnsembleSpec
 from calibrated_rlhf.core.metrics import sigmoid
@@ -506,6 +507,27 @@ against); ``raw`` the reward model's output itself (the scale experiment's contr
 
 OPTIMIZED: dict[str, str] = {"zscore": "normalized", "none": "calibrated", "minmax_batch": "minmax_batch",
                              "raw": "raw"}  # method -> which reward RL optimizes
+
+
+class NormalizationParams(BaseModel):
+    """What RL optimizes, which reference distribution fixes the reward's mean and std, and the clip."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the run instead of being ignored
+
+    method: NormalizationMethod = Field(
+        "zscore", description="What RL optimizes: zscore (the frozen z-score of calibrated rewards), none "
+        "(calibrated r / T; the transform keeps mean 0, std 1), minmax_batch (per-batch min-max of the raw "
+        "reward, the baseline argued against) or raw (the reward model's output: the scale experiment's control).")
+    reference: Literal["dataset_responses", "policy_samples"] = Field(
+        "policy_samples",
+        description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
+        "responses sampled from the reference policy for held-out prompts (as the original RLHF work did).",
+    )
+    clip: float | None = Field(5.0, gt=0, description="Bound on |normalized reward|; null = no clip.")
+    batch_size: int = Field(64, ge=1, description="Scoring batch; batches are formed from length-sorted responses.")
+    samples_per_prompt: int = Field(2, ge=1, description="policy_samples: responses drawn per held-out prompt.")
+    max_new_tokens: int = Field(24, ge=1, description="policy_samples: response length, as in PPO.")
+    seed: int = Field(0)
 
 
 def identity_transform(temperature: float, stats: RewardStats, clip: float | None, reward_model_version: str | None,

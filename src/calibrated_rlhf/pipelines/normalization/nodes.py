@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,7 +13,7 @@ from pydantic import Field
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
-from calibrated_rlhf.core.normalization import (NormalizationMethod, RewardStats, RewardTransform, identity_transform,
+from calibrated_rlhf.core.normalization import (NormalizationParams, RewardStats, RewardTransform, identity_transform,
                                                 transform_from_stats)
 from calibrated_rlhf.core.preferences import text_key, text_prompts
 from calibrated_rlhf.core.scoring import RewardScorer, reference_statistics
@@ -21,25 +21,6 @@ from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
-
-
-class NormalizationParams(StrictParams):
-    """Which reference distribution fixes the reward's mean and std, and the clip."""
-
-    method: NormalizationMethod = Field(
-        "zscore", description="What RL optimizes: zscore (the frozen z-score of calibrated rewards), none "
-        "(calibrated r / T; the transform keeps mean 0, std 1), minmax_batch (per-batch min-max of the raw "
-        "reward, the baseline argued against) or raw (the reward model's output: the scale experiment's control).")
-    reference: Literal["dataset_responses", "policy_samples"] = Field(
-        "policy_samples",
-        description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
-        "responses sampled from the reference policy for held-out prompts (as the original RLHF work did).",
-    )
-    clip: float | None = Field(5.0, gt=0, description="Bound on |normalized reward|; null = no clip.")
-    batch_size: int = Field(64, ge=1, description="Scoring batch; batches are formed from length-sorted responses.")
-    samples_per_prompt: int = Field(2, ge=1, description="policy_samples: responses drawn per held-out prompt.")
-    max_new_tokens: int = Field(24, ge=1, description="policy_samples: response length, as in PPO.")
-    seed: int = Field(0)
 
 
 def reference_set(pairs: pd.DataFrame, reference_policy: Any, tokenizer: Any,

@@ -17,7 +17,7 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots, scoring
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
-from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
+from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
@@ -102,16 +102,17 @@ def train_ppo(
     train_pairs: pd.DataFrame,
     synthetic_task: dict[str, Any],
     params: PPOParams,
-    method: NormalizationMethod = "zscore",
+    normalization: NormalizationParams = NormalizationParams(),
 ) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
     """PPO from the reference policy against the frozen reward transform, optimizing the reward that
-    normalization ``method`` names (``normalization.method``); returns the final policy,
+    ``normalization.method`` names; returns the final policy,
     per-update metrics, sample responses, the KL-control plot and a summary of the run.
 
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
     reference set) anchors the proxy-gold gap on the synthetic task. Checkpoints go to
     ``<checkpoint_root>/<MLflow run id>/``; ``resume_from`` continues a run of the same configuration
     (its resume fingerprint: the trainer's plus :func:`stage_fingerprint`)."""
+    method = normalization.method
     original = RewardTransform.from_dict(reward_transform)
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
