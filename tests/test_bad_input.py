@@ -3,16 +3,14 @@
 Each bad input must fail the run with an error naming the file, the row (or line) and the field, and
 leave nothing new under the project's data/ folder. A conversational JSON-lines file must go through.
 
-Every case runs kedro's own command line (`kedro.framework.cli.main`, what `python -m kedro` calls) in a
-copy of the project. To stay fast on two cores, the runs are forked from this process with the heavy
-modules (torch, transformers, mlflow, the pipelines) already imported. The positive case runs as a fresh
+Every case runs through the catalog-backed harness (`tests.harness`: kedro's own command line in a copy
+of the project, forked with the heavy modules imported once). The positive case runs as a fresh
 `python -m kedro run` process (in the background, on its own copy), so both paths are covered.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -22,51 +20,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.harness import ENV, kedro_run, latest_run, listing, preload, saved, squash
 from tests.project import make_project
 
-ENV = {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "COLUMNS": "200"}
 N_PROMPTS, PER_PROMPT = 12, 4
-
-
-def _cli(project: str, args: list[str], log: str) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    # pytest's capture replaced sys.stdout/stderr with its own objects: point them at the log too.
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - the process ends with the run
-    os.chdir(project)
-    os.environ.update(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{Path(project) / 'mlflow.db'}")
-    sys.argv = ["kedro", "run", *args]
-    from kedro.framework.cli import main
-
-    main()
 
 
 def run(project: Path, *params: str, name: str) -> tuple[int, str]:
     """`kedro run --env tiny --pipelines data_prep --params ...` in ``project``: exit code and output."""
-    log = project / "logs" / f"{name}.txt"
-    log.parent.mkdir(exist_ok=True)
     args = ["--env", "tiny", "--pipelines", "data_prep"] + (["--params", ",".join(params)] if params else [])
-    proc = multiprocessing.get_context("fork").Process(target=_cli, args=(str(project), args, str(log)))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode is not None, f"kedro run {name} did not finish"
-    return proc.exitcode, log.read_text()
+    return kedro_run(project, *args, name=name)
 
 
 def source(path: Path) -> tuple[str, str]:
     return "data_prep.source.kind=file", f"data_prep.source.path={path}"
-
-
-def squash(text: str) -> str:
-    """Without whitespace: the CLI's rich output wraps long lines."""
-    return "".join(text.split())
-
-
-def listing(project: Path) -> set[str]:
-    data = project / "data"
-    return {str(p.relative_to(data)) for p in data.rglob("*")} if data.exists() else set()
 
 
 def msgs(role: str, text: str) -> list[dict]:
@@ -110,14 +77,7 @@ def real_run(tmp_path_factory) -> Iterator[tuple[Path, list[dict], subprocess.Po
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, real_run) -> Path:
     """One copy of the project for the module's failing cases; inputs live outside data/."""
-    import importlib
-
-    # Imported once here and shared by every forked run: the pipelines (torch, transformers), the CLI and
-    # its plugins, the datasets, MLflow's sqlite store, and IPython (MLflow probes for it at start_run).
-    for module in ("calibrated_rlhf.pipeline_registry", "kedro.framework.cli", "kedro_mlflow.framework.hooks",
-                   "kedro_datasets.pandas", "kedro_datasets.json", "mlflow.store.tracking.sqlalchemy_store",
-                   "IPython"):
-        importlib.import_module(module)
+    preload()  # shared by every forked run
     root = make_project(tmp_path_factory.mktemp("bad_input") / "project")
     (root / "inputs").mkdir()
     return root
@@ -194,12 +154,7 @@ def test_repeated_csv_header_is_an_error_or_dropped_and_counted(project):
 
     code, out = run(project, *source(path), "data_prep.validation.repeated_header=drop", name="header_drop")
     assert code == 0, out[-3000:]
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("calibrated_rlhf")
-    (latest,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-    m = latest.data.metrics
+    m = latest_run(project).data.metrics
     assert m["data/n_dropped_repeated_header"] == m["data/n_dropped"] == 1
     assert sum(m[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) == N_PROMPTS * PER_PROMPT
 
@@ -217,18 +172,11 @@ def test_rated_completions_become_pairs_with_rating_margins_and_counted_ties(pro
                     "data_prep.completions.ratings_column=null", "data_prep.completions.score_field=overall_score",
                     "data_prep.margin.rating_scale=0.5", name="rated")
     assert code == 0, out[-3000:]
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("calibrated_rlhf")
-    (latest,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-    m = latest.data.metrics
+    m = latest_run(project).data.metrics
     # Scores 0, 1, 2, 0: the best (2) against each lower one (0, 1, 0) is 3 pairs a prompt; the last prompt ties.
     assert sum(m[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) == 3 * N_PROMPTS * 2
     assert m["data/n_dropped_ties"] == 1
-    params_file = client.download_artifacts(latest.info.run_id, "run_config/run_params.json", str(project / "logs"))
-    session = json.loads(Path(params_file).read_text())["session_id"]
-    train = pd.read_parquet(project / "data/03_primary/train_pairs.parquet" / session / "train_pairs.parquet")
+    train = saved(project, "data/03_primary/train_pairs.parquet")
     assert (train["margin"] == 0.5 * (train["chosen_rating"] - train["rejected_rating"])).all()
     assert (train["chosen_rating"] == 2.0).all() and set(train["rejected_rating"]) <= {0.0, 1.0}
 

@@ -1,0 +1,90 @@
+"""The catalog-backed harness: a pipeline slice through the real `kedro run` of a project copy.
+
+The run goes through everything a user's does: the CLI, the project's settings and hooks (run
+integrity, provenance, kedro-mlflow), the catalog with its Parquet and versioned datasets, and the
+parameter models. Use it wherever a behaviour depends on storage; the in-memory helper
+(`tests.pipelines.helpers.run`) stays for what storage cannot change.
+
+To stay fast on two cores, each run is forked from the test process with the heavy modules (torch,
+transformers, mlflow, the pipelines) imported once (`preload`); the child runs kedro's own command
+line, exactly what `python -m kedro run` calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ENV = {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "COLUMNS": "200"}
+PRELOADED = ("calibrated_rlhf.pipeline_registry", "kedro.framework.cli", "kedro_mlflow.framework.hooks",
+             "kedro_datasets.pandas", "kedro_datasets.json", "mlflow.store.tracking.sqlalchemy_store", "IPython")
+
+
+def preload() -> None:
+    """Import once what every forked run would otherwise import again (MLflow probes IPython at start_run)."""
+    for module in PRELOADED:
+        importlib.import_module(module)
+
+
+def _cli(project: str, args: list[str], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    # pytest's capture replaced sys.stdout/stderr with its own objects: point them at the log too.
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - the process ends with the run
+    os.chdir(project)
+    os.environ.update(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{Path(project) / 'mlflow.db'}")
+    sys.argv = ["kedro", "run", *args]
+    from kedro.framework.cli import main
+
+    main()
+
+
+def kedro_run(project: Path, *args: str, name: str) -> tuple[int, str]:
+    """`kedro run ARGS` in ``project``, forked: the exit code and everything the run printed."""
+    log = project / "logs" / f"{name}.txt"
+    log.parent.mkdir(exist_ok=True)
+    proc = multiprocessing.get_context("fork").Process(target=_cli, args=(str(project), list(args), str(log)))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode is not None, f"kedro run {name} did not finish"
+    return proc.exitcode, log.read_text()
+
+
+def listing(project: Path) -> set[str]:
+    """Every path under the project's data/, to show that a failed run wrote nothing."""
+    data = project / "data"
+    return {str(p.relative_to(data)) for p in data.rglob("*")} if data.exists() else set()
+
+
+def squash(text: str) -> str:
+    """Without whitespace: the CLI's rich output wraps long lines."""
+    return "".join(text.split())
+
+
+def latest_run(project: Path) -> Any:
+    """The project's newest MLflow run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("calibrated_rlhf")
+    (run,) = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return run
+
+
+def saved(project: Path, filepath: str) -> Any:
+    """What the newest completed run saved at a catalog ``filepath`` (a Parquet or JSON dataset), read back
+    from disk the way the next stage reads it: the newest version with a completion marker."""
+    root = project / filepath
+    versions = sorted((p for p in root.iterdir() if (p / "_complete.json").exists()), reverse=True)
+    assert versions, f"no completed version under {root}"
+    path = versions[0] / root.name
+    return pd.read_parquet(path) if path.suffix == ".parquet" else json.loads(path.read_text())
