@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import kedro
+from tests.harness import kedro_run, preload, squash
 
 pytestmark = pytest.mark.slow
 
@@ -72,10 +72,12 @@ def test_run_logs_a_loadable_model(finished_run, tmp_path):
 
 
 def test_bad_parameter_fails_before_training_and_writes_nothing(project, finished_run):
+    preload()
     before = sorted(p.relative_to(project) for p in (project / "data").rglob("*"))
-    proc = kedro(project, "--env", "tiny", "--params", "reward_model.training.learning_rate=-1")
-    assert proc.returncode != 0
-    assert "learning_rate" in proc.stderr + proc.stdout
+    code, out = kedro_run(project, "--env", "tiny", "--params", "reward_model.training.learning_rate=-1",
+                          name="bad_parameter")
+    assert code != 0
+    assert "learning_rate" in out
     assert sorted(p.relative_to(project) for p in (project / "data").rglob("*")) == before
 
 
@@ -84,7 +86,9 @@ def test_bad_data_fails_naming_the_row(project, finished_run, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q?", "chosen": " a", "rejected": " b"}\n'
                    '{"prompt": "R?", "chosen": " same", "rejected": " same"}\n')
-    proc = kedro(project, "--env", "tiny", "--params", f"data_prep.source.kind=file,data_prep.source.path={bad}")
-    assert proc.returncode != 0
-    assert "chosen identical to rejected in field 'chosen/rejected': rows 1" in proc.stderr + proc.stdout
+    preload()
+    code, out = kedro_run(project, "--env", "tiny", "--params",
+                          f"data_prep.source.kind=file,data_prep.source.path={bad}", name="bad_data")
+    assert code != 0
+    assert squash("chosen identical to rejected in field 'chosen/rejected': rows 1") in squash(out)
     assert sorted((project / "data" / "03_primary").rglob("*")) == primary  # nothing validated, nothing written

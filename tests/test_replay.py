@@ -14,6 +14,7 @@ import yaml
 
 from calibrated_rlhf import replay
 
+from tests.harness import kedro_run, preload
 from tests.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +28,6 @@ def _env(project: Path) -> dict[str, str]:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
             "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "COLUMNS": "200"}
-
-
-def kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=_env(project),
-                          capture_output=True, text=True, timeout=600)
 
 
 def run_replay(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -108,14 +104,15 @@ def runs(tmp_path_factory):
     """A: data_prep + reward_model with a --params override. B: calibration on A's outputs."""
     from mlflow import MlflowClient
 
+    preload()
     project = make_project(tmp_path_factory.mktemp("replay"))
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    proc = kedro(project, "--env", "tiny", "--pipelines", "data_prep,reward_model",
-                 "--params", "reward_model.training.learning_rate=0.002")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep,reward_model",
+                          "--params", "reward_model.training.learning_rate=0.002", name="a")
+    assert code == 0, out[-3000:]
     run_a = latest_run(client)
-    proc = kedro(project, "--env", "tiny", "--pipelines", "calibration")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "calibration", name="b")
+    assert code == 0, out[-3000:]
     run_b = latest_run(client)
     return project, client, run_a, run_b
 
