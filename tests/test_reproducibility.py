@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import kedro_run, preload
 from tests.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,17 +218,18 @@ def test_run_records_what_is_needed_to_redo_it(two_runs):
 def test_later_stage_reruns_against_a_pinned_earlier_version(two_runs):
     (project, client, _, v1), _ = two_runs
     # a second reward model, newer than the full run's
-    proc = kedro(project, "--env", "tiny", "--pipelines", "reward_model")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    preload()  # the reruns go through the forked harness: the same CLI, no interpreter start-up each
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "reward_model", name="newer_reward_model")
+    assert code == 0, out[-3000:]
     exp = client.get_experiment_by_name("calibrated_rlhf")
     newer = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     v2 = run_config(client, newer.info.run_id, "run_params.json")["session_id"]
     assert v2 > v1
     # the reward model pinned, and its test scores with it (the latest test scores are the newer model's, and
     # the run refuses inputs that do not belong together)
-    proc = kedro(project, "--env", "tiny", "--pipelines", "calibration",
-                 "--load-versions", f"reward_model:{v1},test_scores:{v1}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "calibration",
+                          "--load-versions", f"reward_model:{v1},test_scores:{v1}", name="pinned_calibration")
+    assert code == 0, out[-3000:]
     run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
     tags = run.data.tags
     assert tags["provenance/loaded/reward_model"] == v1  # the pinned version, not the latest (v2)

@@ -271,7 +271,7 @@ def test_a_killed_run_leaves_nothing_a_later_run_loads(tmp_path):
     import tempfile
     import time
 
-    from tests.project import kedro, make_project
+    from tests.project import make_project
 
     project = make_project(tmp_path / "project")
     proc = _popen(project, "--env", "tiny")
@@ -292,9 +292,12 @@ def test_a_killed_run_leaves_nothing_a_later_run_loads(tmp_path):
     assert not list((project / "data").rglob("_complete.json"))
 
     # The next run: PPO alone needs a reward model and pairs, and none comes from a completed run.
-    later = kedro(project, "--env", "tiny", "--pipelines", "ppo")
-    assert later.returncode != 0
-    assert "no completed run has produced it" in later.stdout + later.stderr
+    from tests.harness import kedro_run, preload, squash
+
+    preload()
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "ppo", name="ppo_after_kill")
+    assert code != 0
+    assert squash("no completed run has produced it") in squash(out)
     assert not any(os.path.exists(d) for d in debris)
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
     assert client.search_model_versions() == []  # nothing registered from the killed run
