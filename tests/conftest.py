@@ -42,12 +42,17 @@ TINY_BACKBONE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_h
 
 @pytest.fixture(scope="session")
 def tiny_run_template(tmp_path_factory):
-    """One finished `kedro run --env tiny` of the whole DAG, shared: tests work on copies of it
-    (``tiny_run_project``), never on it. Each run costs about a minute on two cores."""
-    from tests.project import kedro, make_project
+    """One finished `kedro run --env tiny` of the whole DAG (hash seed 1), shared: tests read it or work on
+    copies of it (``tiny_run_project``), never run in it. Each run costs about a minute on two cores."""
+    import subprocess
+    import sys
+
+    from tests.project import kedro_env, make_project
 
     project = make_project(tmp_path_factory.mktemp("tiny_run_template") / "project")
-    proc = kedro(project, "--env", "tiny")
+    proc = subprocess.run([sys.executable, "-m", "kedro", "run", "--env", "tiny"], cwd=project,
+                          env={**kedro_env(project), "PYTHONHASHSEED": "1", "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return project
 

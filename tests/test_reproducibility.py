@@ -74,13 +74,15 @@ def only_run(project: Path):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """The same tiny run of the whole DAG twice: separate project copies, interpreters, hash seeds."""
+def two_runs(tiny_run_template, tmp_path_factory):
+    """The same tiny run of the whole DAG twice: separate project folders, interpreters, hash seeds. The
+    first is the session's shared run (hash seed 1, only read here); the second runs here (hash seed 2)."""
     out = []
     for seed in ("1", "2"):  # a result that depends on set / str-hash order shows up here
-        project = make_project(tmp_path_factory.mktemp(f"repro{seed}"))
-        proc = kedro(project, "--env", "tiny", hash_seed=seed)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        project = tiny_run_template if seed == "1" else make_project(tmp_path_factory.mktemp(f"repro{seed}"))
+        if seed == "2":
+            proc = kedro(project, "--env", "tiny", hash_seed=seed)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         client, run = only_run(project)
         out.append((project, client, run, run_config(client, run.info.run_id, "run_params.json")["session_id"]))
     return out
@@ -216,7 +218,7 @@ def test_run_records_what_is_needed_to_redo_it(two_runs):
 
 
 def test_later_stage_reruns_against_a_pinned_earlier_version(two_runs):
-    (project, client, _, v1), _ = two_runs
+    _, (project, client, _, v1) = two_runs  # the run made here: the shared one stays as it is
     # a second reward model, newer than the full run's
     preload()  # the reruns go through the forked harness: the same CLI, no interpreter start-up each
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", "reward_model", name="newer_reward_model")
