@@ -363,3 +363,18 @@ def test_invalid_arguments(kwargs, message):
 def test_preference_nll_validates_temperature():
     with pytest.raises(ValueError, match="positive and finite"):
         preference_nll(np.ones(3), 0.0)
+
+
+def test_a_fixed_temperature_is_a_record_of_the_same_shape_with_its_own_nll():
+    from calibrated_rlhf.core.calibration import fixed_temperature
+
+    rng = np.random.default_rng(3)
+    margins = rng.normal(0.5, 2.0, size=500)
+    fixed, fitted = fixed_temperature(margins, 1.0), fit_temperature(margins)
+    assert fixed.to_dict().keys() == fitted.to_dict().keys()
+    assert (fixed.temperature, fixed.n_pairs, fixed.n_iter, fixed.std_error, fixed.bounds) == (1.0, 500, 0, None, (1.0, 1.0))
+    # the mean NLL at T = 1, computed independently; the fitted temperature can only do better
+    assert fixed.nll == pytest.approx(float(np.mean(np.logaddexp(0.0, -margins))), rel=1e-12)
+    assert fitted.nll <= fixed.nll
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        fixed_temperature(margins, 0.0)

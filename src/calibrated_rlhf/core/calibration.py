@@ -448,3 +448,15 @@ def preference_nll(margins: Any, temperature: float, labels: Any | None = None) 
     if x.size == 0:
         raise ValueError("preference_nll needs at least one pair")
     return _mean_nll(x, _Moments.of(x), 1.0 / temperature)
+
+
+def fixed_temperature(margins: Any, temperature: float = 1.0) -> TemperatureFit:
+    """A temperature that is set, not fitted (calibration switched off: the T = 1 baseline), in the shape of
+    a fit, so every stage reads one kind of record: its mean NLL on the same pairs, no iterations, no
+    standard error, and ``bounds`` pinned at the temperature."""
+    if not (math.isfinite(temperature) and temperature > 0.0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    x = _signed_margins(margins, None)
+    return TemperatureFit(temperature=float(temperature), nll=_mean_nll(x, _Moments.of(x), 1.0 / temperature),
+                          n_pairs=int(x.size), n_iter=0, at_bound=False, warning=None, std_error=None,
+                          converged=True, n_subsample_iter=0, bounds=(float(temperature), float(temperature)))

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import metrics, plots
-from calibrated_rlhf.core.calibration import fit_temperature
+from calibrated_rlhf.core.calibration import fit_temperature, fixed_temperature
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -34,11 +34,12 @@ def _margins(scores: pd.DataFrame) -> np.ndarray:
 
 
 def fit_calibration(calibration_scores: pd.DataFrame, params: CalibrationParams) -> dict[str, Any]:
-    """The maximum-likelihood temperature on the held-out calibration pairs (exact, float64)."""
+    """The maximum-likelihood temperature on the held-out calibration pairs (exact, float64); with
+    calibration off, T = 1 in the same record (``enabled`` says which)."""
+    margins = _margins(calibration_scores)
     if not params.enabled:
-        return {"temperature": 1.0, "enabled": False, "n_pairs": len(calibration_scores)}
-    fit = fit_temperature(_margins(calibration_scores), min_pairs=params.min_pairs,
-                          bounds=(params.min_temperature, params.max_temperature))
+        return {**fixed_temperature(margins, 1.0).to_dict(), "enabled": False}
+    fit = fit_temperature(margins, min_pairs=params.min_pairs, bounds=(params.min_temperature, params.max_temperature))
     if fit.warning:
         log.warning("temperature fit: %s", fit.warning)
     log.info("temperature %.4f on %d calibration pairs", fit.temperature, fit.n_pairs)
