@@ -10,7 +10,7 @@ from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.ensemble import score_rewards
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.preferences import render_ids
-from calibrated_rlhf.core.scoring import OverlengthError, RewardScorer
+from calibrated_rlhf.core.scoring import RewardScorer
 from tests.conftest import TINY_BACKBONE
 
 
@@ -52,16 +52,6 @@ def test_score_applies_the_transform_and_the_multiplier(reward_model, tiny_token
     np.testing.assert_allclose(scored.raw, 4.0 * base)
     np.testing.assert_allclose(scored.normalized, t.normalize(base), rtol=1e-12)  # scale-free
     np.testing.assert_allclose(scored.calibrated, t.calibrate(base), rtol=1e-12)
-
-
-def test_overlength_is_rejected_naming_rows_or_truncated(reward_model, tiny_tokenizer):
-    lengths = [len(x) for x in RewardScorer(reward_model, tiny_tokenizer).render(PROMPTS, RESPONSES)]
-    limit = min(lengths)
-    assert max(lengths) > limit
-    with pytest.raises(OverlengthError, match=f"rows 1: longer than the reward model's {limit} tokens"):
-        RewardScorer(reward_model, tiny_tokenizer, max_length=limit).render(PROMPTS, RESPONSES)
-    cut = RewardScorer(reward_model, tiny_tokenizer, max_length=limit, overlength="truncate").render(PROMPTS, RESPONSES)
-    assert [len(x) for x in cut] == [limit, limit]
 
 
 def test_mismatched_lengths_are_refused(reward_model, tiny_tokenizer):

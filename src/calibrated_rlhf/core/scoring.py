@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +21,6 @@ from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, 
                                                 minmax_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
 from calibrated_rlhf.core.synthetic import SyntheticTask
-
-Overlength = Literal["reject", "truncate"]
-
-
-class OverlengthError(ValueError):
-    """An input longer than the reward model's trained length, with ``overlength="reject"``."""
-
 
 @dataclass(frozen=True)
 class ScoredRewards:
@@ -51,8 +44,9 @@ def as_completion(prompt: Any, response: Any) -> Any:
 class RewardScorer:
     """Scores responses with a reward model (or ensemble) and applies the frozen reward transform.
 
-    ``raw_multiplier`` scales the raw output (the scale experiment); ``max_length`` (tokens of prompt +
-    response) rejects or truncates longer inputs, per ``overlength``; None leaves lengths alone.
+    ``raw_multiplier`` scales the raw output (the scale experiment). Lengths are the caller's: the served
+    model checks them against the trained length (``serving.fit_lengths``) between :meth:`render` and
+    :meth:`raw_of_ids`.
     """
 
     reward_model: Any
@@ -60,30 +54,12 @@ class RewardScorer:
     transform: RewardTransform | None = None
     batch_size: int = 64
     raw_multiplier: float = 1.0
-    max_length: int | None = None
-    overlength: Overlength = "reject"
 
     def render(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[list[int]]:
         """Token ids of each (prompt, response), EOS or end-of-turn included."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        ids = [render_ids(self.tokenizer, p, as_completion(p, r)) for p, r in zip(prompts, responses)]
-        return self._fit(ids)
-
-    def _fit(self, ids: list[list[int]]) -> list[list[int]]:
-        limit = self.max_length
-        if limit is None:
-            return ids
-        long = [i for i, x in enumerate(ids) if len(x) > limit]
-        if not long:
-            return ids
-        if self.overlength == "reject":
-            shown = ", ".join(str(i) for i in long[:10]) + (f" and {len(long) - 10} more" if len(long) > 10 else "")
-            raise OverlengthError(f"rows {shown}: longer than the reward model's {limit} tokens (prompt + response)")
-        # Keep the side the tokenizer would keep: the end carries EOS and the response's last words.
-        if getattr(self.tokenizer, "truncation_side", "right") == "left":
-            return [x[-limit:] for x in ids]
-        return [x[:limit] for x in ids]
+        return [render_ids(self.tokenizer, p, as_completion(p, r)) for p, r in zip(prompts, responses)]
 
     def raw(self, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (times ``raw_multiplier``) and the ensemble's disagreement (None for one model)."""
