@@ -16,7 +16,6 @@ import pytest
 from calibrated_rlhf.core.ppo import list_checkpoints
 from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK, host_name
-from tests.project import make_project
 
 pytestmark = pytest.mark.slow
 
@@ -68,19 +67,22 @@ def _weights(folder: Path) -> dict:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tiny_run_project):
     import torch
     from mlflow import MlflowClient
 
-    project = make_project(tmp_path)
-    # the uninterrupted reference: the whole tiny DAG, whose ppo stage runs the same configuration
-    full = _kedro(project, "--env", "tiny", "--params", PARAMS)
-    assert full.returncode == 0, full.stderr[-3000:]
+    # upstream of ppo: the shared finished tiny run (a copy); every run below is the ppo stage alone
+    project = tiny_run_project
     root = project / ROOT
-    (reference_dir,) = list(root.iterdir())
+    before = {d.name for d in root.iterdir()}
+    policies_before = {p.name for p in (project / "data" / "06_models" / "policy").iterdir()}
+    # the uninterrupted reference: the same configuration, never killed
+    full = _kedro(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS)
+    assert full.returncode == 0, full.stderr[-3000:]
+    (reference_dir,) = [d for d in root.iterdir() if d.name not in before]
     assert (reference_dir / COMPLETE_FILE).is_file()
 
-    killed_dir = _kill_after_first_checkpoint(project, {reference_dir.name})
+    killed_dir = _kill_after_first_checkpoint(project, before | {reference_dir.name})
     killed_at = int(list_checkpoints(killed_dir)[-1].name.split("_")[1])
     assert not (killed_dir / COMPLETE_FILE).exists() and killed_at < UPDATES
     # what a process killed mid-save leaves: a staging folder named after a writer that is gone
@@ -94,7 +96,7 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
     text = resumed.stdout + resumed.stderr
     assert f"PPO resumes run {killed_dir.name} from update {killed_at}" in text
     assert not debris.exists() and not [p for p in root.rglob(f"*{MARK}*")]
-    (resumed_dir,) = [d for d in root.iterdir() if d.name not in (reference_dir.name, killed_dir.name)]
+    (resumed_dir,) = [d for d in root.iterdir() if d.name not in before | {reference_dir.name, killed_dir.name}]
     assert (resumed_dir / COMPLETE_FILE).is_file() and not (killed_dir / COMPLETE_FILE).exists()
     assert list_checkpoints(resumed_dir)[-1].name == f"update_{UPDATES:06d}"  # its own folder
 
@@ -115,7 +117,7 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tmp_path):
         steps = [(m.step, m.value) for m in client.get_metric_history(ref_run.info.run_id, key)]
         assert sorted(steps) == sorted((m.step, m.value) for m in client.get_metric_history(res_run.info.run_id, key))
         assert len(steps) == UPDATES
-    policies = sorted((project / "data" / "06_models" / "policy").iterdir())
+    policies = sorted(p for p in (project / "data" / "06_models" / "policy").iterdir() if p.name not in policies_before)
     assert len(policies) == 2  # the killed run saved none
     a, b = (_weights(p / "policy") if (p / "policy").is_dir() else _weights(p) for p in policies)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
