@@ -73,9 +73,10 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merged(model: nn.Module) -> nn.Module:
     """A plain transformers model: a ``PeftModel`` merged and unloaded, adapters injected by
-    :func:`add_adapters` folded into their base weights; a model without adapters as it is."""
+    :func:`add_adapters` folded into their base weights, every weight trainable again (as a model
+    loaded from its folder is); a model without adapters is returned as it is."""
     if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
+        return model.merge_and_unload().requires_grad_(True)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -86,5 +87,5 @@ def merged(model: nn.Module) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     if layers:
-        model.requires_grad_(True)  # the frozen base is the whole model again
+        model.requires_grad_(True)
     return model
