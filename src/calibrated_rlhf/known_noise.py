@@ -4,11 +4,17 @@ Each entry names the warning's category and the start of its message, so any oth
 same library included, still shows. ``filter_known_noise`` runs twice, harmlessly: as a ``kedro.init``
 entry point (pyproject.toml), before Kedro loads its plugins (kedro-mlflow's raises MLflow's warning
 on import), and at the top of ``settings.py``, for runs that start Kedro some other way.
-(Kedro refuses project classes in conf/logging.yml, so a logging filter cannot do this.)
+
+Two mechanisms, because some libraries override the first: ``warnings`` filters, and a filter on the
+``py.warnings`` logger through which Kedro shows warnings (MLflow raises its warning inside its own
+``catch_warnings`` with a "once" filter, which takes precedence over any filter installed outside).
+Kedro refuses project classes in conf/logging.yml, so the logger filter is attached here.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 # (category, message regex matched at the start of the message, why it is noise here)
@@ -25,7 +31,20 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
 
 
 def filter_known_noise(*_: object) -> None:
-    """Install the filters (idempotent: ``warnings`` drops an identical filter before adding it again)."""
+    """Install both filters (idempotent)."""
     for category, message, _ in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, KnownNoiseFilter) for f in logger.filters):
+        logger.addFilter(KnownNoiseFilter())
 
+
+class KnownNoiseFilter(logging.Filter):
+    """Drops a logged warning (``logging.captureWarnings``' ``"<file>:<line>: <Category>: <message>"``)
+    whose category and message are in :data:`KNOWN_NOISE`; every other record passes."""
+
+    patterns = [re.compile(rf": {category.__name__}: {message}") for category, message, _ in KNOWN_NOISE]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(p.search(text) for p in self.patterns)
