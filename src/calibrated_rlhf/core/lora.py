@@ -59,9 +59,7 @@ def has_adapters(model: nn.Module) -> bool:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` computing with its base weights only (``PeftModel.disable_adapter`` for an injected
     model); a model without adapters is left as it is. Not thread-safe: the switch is the model's."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]  # peft's LoRA layers; no import without them
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -77,9 +75,7 @@ def merged(model: nn.Module) -> nn.Module:
     loaded from its folder is); a model without adapters is returned as it is."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload().requires_grad_(True)
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A")]
     for name, layer in layers:
         layer.merge()
         parent, _, child = name.rpartition(".")
