@@ -25,7 +25,7 @@ def shown():
     with warnings.catch_warnings():
         logging.captureWarnings(True)
         filter_known_noise()
-        filter_known_noise()  # installed twice (entry point and settings): still one logger filter
+        filter_known_noise()  # twice (settings imported again): still one logger filter
         yield records
         logging.captureWarnings(False)
     logger.removeHandler(handler)

@@ -1,9 +1,8 @@
 """Library warnings that say nothing about this project's runs, kept off the console.
 
 Each entry names the warning's category and the start of its message, so any other warning, of the
-same library included, still shows. ``filter_known_noise`` runs twice, harmlessly: as a ``kedro.init``
-entry point (pyproject.toml), before Kedro loads its plugins (kedro-mlflow's raises MLflow's warning
-on import), and at the top of ``settings.py``, for runs that start Kedro some other way.
+same library included, still shows. ``settings.py`` calls ``filter_known_noise`` first thing; Kedro
+imports it before it loads its plugins or builds a session.
 
 Two mechanisms, because some libraries override the first: ``warnings`` filters, and a filter on the
 ``py.warnings`` logger through which Kedro shows warnings (MLflow raises its warning inside its own
@@ -30,7 +29,7 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
 )
 
 
-def filter_known_noise(*_: object) -> None:
+def filter_known_noise() -> None:
     """Install both filters (idempotent)."""
     for category, message, _ in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)

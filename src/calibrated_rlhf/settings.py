@@ -4,7 +4,7 @@ import os
 
 from calibrated_rlhf.known_noise import filter_known_noise
 
-filter_known_noise()  # before the imports below: some of the noise is raised at import time
+filter_known_noise()  # before the imports below and before Kedro loads its plugins: some noise comes at import
 
 from calibrated_rlhf.crash_recovery import CrashRecovery  # noqa: E402
 from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck  # noqa: E402
