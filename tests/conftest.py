@@ -85,3 +85,12 @@ def _mlflow_fluent_state():
         else:
             os.environ[name] = value
     mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory):
+    """A folder holding a small Qwen2 causal LM and its ChatML tokenizer without a pad token
+    (``tests.chat_checkpoint``), saved with ``save_pretrained`` like a downloaded model."""
+    from tests.chat_checkpoint import save_chat_checkpoint
+
+    return save_chat_checkpoint(tmp_path_factory.mktemp("chat_checkpoint") / "qwen2-tiny-chat")

@@ -2,11 +2,15 @@
 
 import os
 
-from calibrated_rlhf.crash_recovery import CrashRecovery
-from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck
-from calibrated_rlhf.launch import is_secondary_rank
-from calibrated_rlhf.pipeline_registry import ProjectConfigLoader
-from calibrated_rlhf.run_integrity import RunIsolation
+from calibrated_rlhf.known_noise import filter_known_noise
+
+filter_known_noise()  # before the imports below and before Kedro loads its plugins: some noise comes at import
+
+from calibrated_rlhf.crash_recovery import CrashRecovery  # noqa: E402
+from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck  # noqa: E402
+from calibrated_rlhf.launch import is_secondary_rank  # noqa: E402
+from calibrated_rlhf.pipeline_registry import ProjectConfigLoader  # noqa: E402
+from calibrated_rlhf.run_integrity import RunIsolation  # noqa: E402
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
@@ -69,3 +70,37 @@ def test_a_given_model_is_used_as_is(tmp_path, tiny_tokenizer, synthetic_pairs):
     })
     for a, b in zip(model.parameters(), out["reference_policy"].parameters()):
         np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
+
+
+def test_sft_through_lora_returns_a_merged_plain_model(tiny_tokenizer, synthetic_pairs):
+    from calibrated_rlhf.core.lora import LoraParams, has_adapters
+    from calibrated_rlhf.pipelines.policy_init.nodes import init_policy
+
+    backbone = BackboneParams(**TINY_BACKBONE)
+    base = build_causal_backbone(backbone, tiny_tokenizer)  # the same seeded init the node builds
+    params = PolicyInitParams(sft=SFTParams(per_device_train_batch_size=16, learning_rate=1e-2,
+                                            lora=LoraParams(r=4, alpha=8)))
+    model, _ = init_policy(tiny_tokenizer, synthetic_pairs[:64], backbone, params)
+    assert type(model) is type(base) and not has_adapters(model)
+    assert not any("lora" in k for k in model.state_dict())
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)  # not adapted
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[q], base.state_dict()[q])  # the adapters, merged
+    assert all(p.requires_grad for p in model.parameters())  # a plain model again, as PPO expects
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_checkpoint_folder_loads_in_the_configured_dtype_and_attention(chat_checkpoint, dtype):
+    from transformers import AutoTokenizer
+
+    from calibrated_rlhf.core.backbone import build_reward_backbone, load_tokenizer
+
+    assert AutoTokenizer.from_pretrained(chat_checkpoint).pad_token is None
+    tokenizer = load_tokenizer(str(chat_checkpoint))
+    assert tokenizer.pad_token == tokenizer.eos_token
+    params = BackboneParams(name_or_path=str(chat_checkpoint), dtype=dtype, attn_implementation="eager")
+    for model in (build_causal_backbone(params, tokenizer), build_reward_backbone(params, tokenizer)):
+        assert model.dtype == getattr(torch, dtype)
+        assert model.config._attn_implementation == "eager"
+        assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.score.out_features == 1  # the score head added to a causal-LM checkpoint

@@ -149,6 +149,7 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
         "tokenizer": tiny_tokenizer, "reward_model": reward_model, "reward_transform": transform().to_dict(),
         "reference_responses": reference_set(synthetic_pairs), "train_pairs": synthetic_pairs, "test_pairs": synthetic_pairs[:20],
         "synthetic_task": {**task.to_dict()}, "params:ppo": params, "params:normalization": NormalizationParams(),
+        "params:backbone": BackboneParams(**TINY_BACKBONE),
     })
     history = out["ppo_history"]
     for key in (*ISSUE_KEYS, "ppo/rewards/gold_gap"):

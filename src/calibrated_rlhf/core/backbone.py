@@ -8,6 +8,7 @@ The tiny default exists so the whole pipeline runs offline on a laptop; real use
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,25 @@ class BackboneParams(BaseModel):
     num_attention_heads: int = Field(4, ge=1)
     max_position_embeddings: int = Field(256, ge=16)
     seed: int = Field(0, description="Seed of the random initialisation.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights' dtype of every model built or loaded for training (reward model, SFT, "
+        "PPO's policy and value model); half precision is for GPUs.")
+    attn_implementation: str | None = Field(
+        None, description="transformers' attention kernel (eager, sdpa, flash_attention_2, ...); null: its default.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (reward model, SFT, PPO): less memory, "
+        "about a third more compute.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def load_kwargs(self) -> dict:
+        """What ``from_pretrained`` / ``from_config`` take for the dtype and the attention kernel."""
+        kw: dict = {"dtype": self.torch_dtype}
+        if self.attn_implementation is not None:
+            kw["attn_implementation"] = self.attn_implementation
+        return kw
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -73,9 +93,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Load a pretrained tokenizer; give it a pad token if it has none (reward batches need padding)."""
     tok = AutoTokenizer.from_pretrained(name_or_path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     return tok
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Pad with EOS where the tokenizer has no pad token, as causal-LM checkpoints often have none.
+
+    Padding is always masked out (attention masks; the reward is read at the last non-pad token, which
+    ``config.pad_token_id`` locates), so sharing EOS's id is harmless. The saved tokenizer keeps it.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS "
+                             "token; add one to its folder (special_tokens_map.json)")
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def tiny_config(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
@@ -94,16 +126,20 @@ def tiny_config(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> L
 
 
 def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
-    """A sequence-classification model with one output: the scalar reward."""
+    """A sequence-classification model with one output: the scalar reward.
+
+    From a causal-LM checkpoint transformers keeps the trunk and adds a freshly initialised ``score``
+    head; ``config.pad_token_id`` is set so the reward is read at each sequence's last real token.
+    """
+    ensure_pad_token(tokenizer)
     if params.name_or_path:
         model = AutoModelForSequenceClassification.from_pretrained(
-            params.name_or_path, num_labels=1, dtype=torch.float32
-        )
+            params.name_or_path, num_labels=1, **params.load_kwargs())
     else:
         torch.manual_seed(params.seed)
         cfg = tiny_config(params, tokenizer)
         cfg.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_config(cfg, **params.load_kwargs())
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -112,6 +148,22 @@ def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizer
 def build_causal_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A causal LM: the policy that writes responses."""
     if params.name_or_path:
-        return AutoModelForCausalLM.from_pretrained(params.name_or_path, dtype=torch.float32)
-    torch.manual_seed(params.seed)
-    return AutoModelForCausalLM.from_config(tiny_config(params, tokenizer), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(params.name_or_path, **params.load_kwargs())
+    else:
+        torch.manual_seed(params.seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(params, tokenizer), **params.load_kwargs())
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def prepare_for_training(model: PreTrainedModel, params: BackboneParams) -> PreTrainedModel:
+    """A model loaded elsewhere (a stage's input) in the configured dtype, attention kernel and
+    gradient checkpointing; the trainers of TRL do the checkpointing part themselves."""
+    model = model.to(params.torch_dtype)
+    if params.attn_implementation is not None:
+        model.set_attn_implementation(params.attn_implementation)
+    if params.gradient_checkpointing:
+        # non-reentrant: gradients reach the adapters even where the frozen embeddings need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
+from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -29,12 +31,17 @@ class SFTParams(BaseModel):
     logging_steps: int = Field(10, ge=1)
     seed: int = Field(0)
     bf16: bool = Field(False, description="bf16 mixed precision (GPU only).")
+    lora: LoraParams | None = Field(
+        None, description="LoRA adapters instead of a full fine-tune; null: every weight trains. The saved "
+        "reference policy is merged.")
 
 
 def sft_policy(
-    model: PreTrainedModel, tokenizer: Any, prompts: list[str], completions: list[str], params: SFTParams
+    model: PreTrainedModel, tokenizer: Any, prompts: list[str], completions: list[str], params: SFTParams,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, list[dict[str, float]]]:
-    """Fine-tune ``model`` on prompt -> completion with the loss on completion tokens only."""
+    """Fine-tune ``model`` on prompt -> completion with the loss on completion tokens only (through
+    adapters with ``params.lora``, merged into the returned model)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -52,11 +59,11 @@ def sft_policy(
             seed=params.seed,
             data_seed=params.seed,
             bf16=params.bf16,
-            gradient_checkpointing=False,
+            activation_checkpointing=gradient_checkpointing,
             completion_only_loss=True,
             save_strategy="no",
             report_to=[],
-            disable_tqdm=True,
+            disable_tqdm=True,  # attach_progress sets the project's bar or log lines
             dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = SFTTrainer(
@@ -65,9 +72,11 @@ def sft_policy(
             train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
             processing_class=tokenizer,
             callbacks=[history],
+            peft_config=lora_config(params.lora, "CAUSAL_LM") if params.lora is not None else None,
         )
+        attach_progress(trainer, "SFT")
         trainer.train()
-    return trainer.model.to("cpu").eval(), history.points
+    return merged(trainer.model).to("cpu").eval(), history.points
 
 
 def decode_in_context(tokenizer: Any, prompt_ids: list[int], response_ids: list[int]) -> str:

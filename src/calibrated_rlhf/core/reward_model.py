@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.progress import attach_progress
+from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -40,7 +42,9 @@ class RewardTrainingParams(BaseModel):
     logging_steps: int = Field(10, ge=1, description="Steps between training-curve points.")
     seed: int = Field(0)
     bf16: bool = Field(False, description="bf16 mixed precision (GPU); TRL's default is True, wrong on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large backbones.")
+    lora: LoraParams | None = Field(
+        None, description="LoRA adapters on the backbone, the score head trained in full; null: full fine-tune. "
+        "The saved reward model is merged.")
 
 
 def _as_dataset(ids: pd.DataFrame, with_margin: bool):
@@ -56,8 +60,11 @@ def train_reward_model(
     train_ids: pd.DataFrame,
     validation_ids: pd.DataFrame | None,
     params: RewardTrainingParams,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, list[dict[str, float]]]:
     """Train on pre-tokenized pairs (``chosen_ids``, ``rejected_ids``, optional ``margin``).
+
+    With ``params.lora`` the backbone trains through adapters and the returned model has them merged.
 
     Returns the trained model and its history: one dict per logged point with ``step`` and TRL's
     keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation).
@@ -82,11 +89,11 @@ def train_reward_model(
             seed=params.seed,
             data_seed=params.seed,
             bf16=params.bf16,
-            gradient_checkpointing=params.gradient_checkpointing,
+            activation_checkpointing=gradient_checkpointing,
             eval_strategy="epoch" if validation_ids is not None and len(validation_ids) else "no",
             save_strategy="no",
             report_to=[],
-            disable_tqdm=True,
+            disable_tqdm=True,  # attach_progress sets the project's bar or log lines
             dataloader_pin_memory=torch.cuda.is_available(),
             max_length=None,  # lengths were checked in data_prep; nothing is dropped silently here
         )
@@ -97,9 +104,12 @@ def train_reward_model(
             eval_dataset=_as_dataset(validation_ids, with_margin) if args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             callbacks=[history],
+            # the score head is new on a causal-LM checkpoint: it trains in full beside the adapters
+            peft_config=lora_config(params.lora, "SEQ_CLS", ["score"]) if params.lora is not None else None,
         )
+        attach_progress(trainer, "reward model")
         trainer.train()
-    model = trainer.model.to("cpu").eval()
+    model = merged(trainer.model).to("cpu").eval()
     return model, history.points
 
 

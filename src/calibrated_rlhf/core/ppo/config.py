@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.lora import LoraParams
+
 
 class PPOConfig(BaseModel):
     """Hyperparameters of :class:`~calibrated_rlhf.core.ppo.trainer.PPOTrainer`.
@@ -93,6 +95,11 @@ class PPOConfig(BaseModel):
         description="'separate': a distinct value network (its own backbone); "
         "'shared': a linear value head on the policy's last hidden states.",
     )
+
+    lora: LoraParams | None = Field(
+        None, description="LoRA adapters in the policy and the value model (which then starts from the policy's "
+        "trunk); the reference is the policy with its adapters off, so its weights are held once. null: full "
+        "fine-tune against a separate frozen reference.")
 
     # --- KL control ------------------------------------------------------------------------------
     kl_estimator: Literal["k1", "k3"] = Field(

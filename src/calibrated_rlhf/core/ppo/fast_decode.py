@@ -42,6 +42,9 @@ def unsupported_reason(model: nn.Module, total_length: int) -> str | None:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if backbone is None or not all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "backbone lacks embed_tokens / layers / norm / rotary_emb"
+    if any(hasattr(m, "lora_A") for m in backbone.modules()):
+        # the lean step reads the base weights: it would sample from the reference, not the policy
+        return "LoRA adapters (the lean step reads base weights only)"
     for layer in backbone.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:

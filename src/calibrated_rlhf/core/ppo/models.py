@@ -3,22 +3,55 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from calibrated_rlhf.core.lora import add_adapters, adapters_disabled
 from calibrated_rlhf.core.ppo.config import PPOConfig
-from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, hidden_size_of
+from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, backbone_of, hidden_size_of, value_head_of
+
+
+def with_lora(policy: nn.Module, value_model: nn.Module | None, config: PPOConfig
+              ) -> tuple[nn.Module, nn.Module | None]:
+    """With ``config.lora``: adapters in the policy and the value model, their other weights frozen.
+
+    The value model, unless given, starts from the policy's trunk (adapting a random trunk would learn
+    nothing) with a fresh score head, which trains in full. Without LoRA both are returned as given.
+    """
+    if config.lora is None:
+        return policy, value_model
+    if value_model is None and config.value_model == "separate":
+        value_model = default_value_model(policy, config.seed)
+        backbone_of(value_model).load_state_dict(backbone_of(policy).state_dict())
+    policy = add_adapters(policy, config.lora, "CAUSAL_LM")
+    if value_model is not None:
+        value_model = add_adapters(value_model, config.lora, "SEQ_CLS")
+        value_head_of(value_model).requires_grad_(True)
+    return policy, value_model
 
 
 def frozen_reference(policy: nn.Module, ref_policy: nn.Module | None, config: PPOConfig) -> nn.Module:
-    """The reference, frozen and in eval mode: ``ref_policy``, or a deep copy of ``policy`` taken now."""
+    """The reference, frozen and in eval mode: ``ref_policy``, or a deep copy of ``policy`` taken now.
+
+    With LoRA and no ``ref_policy`` it is the policy itself, read with its adapters off
+    (:func:`reference_logprobs`): the base weights are held once.
+    """
+    if ref_policy is None and config.lora is not None:
+        return policy
     if ref_policy is None:
         ref_policy = copy.deepcopy(policy)
     if config.disable_dropout:
         disable_dropout(ref_policy)
     ref_policy.requires_grad_(False)
     return ref_policy.eval()
+
+
+def reference_logprobs(reference: nn.Module, logprobs: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """``logprobs(reference)`` with any adapters of ``reference`` switched off for the call."""
+    with adapters_disabled(reference):
+        return logprobs(reference)
 
 
 def policy_and_value(config: PPOConfig, policy: nn.Module, value_model: nn.Module | None) -> PolicyAndValue:
@@ -66,9 +99,11 @@ def default_value_model(policy: nn.Module, seed: int) -> nn.Module:
     state = torch.get_rng_state()
     torch.manual_seed(seed + 1)
     try:
-        model = AutoModelForSequenceClassification.from_config(cfg)
+        model = AutoModelForSequenceClassification.from_config(cfg, dtype=next(policy.parameters()).dtype)
     finally:
         torch.set_rng_state(state)
+    if getattr(policy, "is_activation_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(next(policy.parameters()).device)
 
 

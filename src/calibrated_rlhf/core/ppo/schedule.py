@@ -178,7 +178,9 @@ def make_schedule(config: PPOConfig, accelerator: Any, model: nn.Module, unwrapp
     if config.cpu_malloc_tuning and on_cpu:
         tune_glibc_malloc()
     reuse_first = config.num_mini_batches == 1 and config.value_model == "separate" and config.disable_dropout
-    overlap = config.cpu_parallel and on_cpu and accelerator.num_processes == 1 and config.value_model == "separate"
+    # with LoRA the reference is the policy with its adapters off: it must not run beside the policy's forward
+    overlap = (config.cpu_parallel and on_cpu and accelerator.num_processes == 1 and config.value_model == "separate"
+               and config.lora is None)
     return (CpuOverlap if overlap else Sequential)(accelerator, model, unwrapped, reuse_first,
                                                    config.decode_threads if on_cpu else None)
 

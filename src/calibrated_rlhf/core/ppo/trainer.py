@@ -34,12 +34,14 @@ from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
 from calibrated_rlhf.core.ppo import checkpoint as ckpt
+from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.ppo.checkpoint import latest_checkpoint, list_checkpoints
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_whiten
 from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make_kl_controller
 from calibrated_rlhf.core.ppo.losses import policy_terms, value_terms
-from calibrated_rlhf.core.ppo.models import adamw, disable_dropout, frozen_reference, policy_and_value
+from calibrated_rlhf.core.ppo.models import (adamw, disable_dropout, frozen_reference, policy_and_value,
+                                             reference_logprobs, with_lora)
 from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
 from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, decode_responses,
@@ -125,6 +127,7 @@ class PPOTrainer:
         function behind one module, the optimizer, the resume fingerprint and the schedule."""
         cfg = self.config
         initial_fingerprint = ckpt.weights_fingerprint(policy)
+        policy, value_model = with_lora(policy, value_model, cfg)
         self.ref_policy = frozen_reference(policy, ref_policy, cfg).to(self.device)
         self._ref_fingerprint = ckpt.weights_fingerprint(self.ref_policy)
         self.fingerprint = ckpt.resume_fingerprint(
@@ -186,14 +189,18 @@ class PPOTrainer:
         if run_dir is not None and self.is_main_process:
             ckpt.mark_started(run_dir, self.resumed_from)
         stopped, reason = False, None
+        bar = Progress(total - self.update, "PPO", terminal=None if self.is_main_process else False)
         while self.update < total:
             try:
-                self.step()
+                m = self.step()
             except PPOEarlyStop as e:
                 stopped, reason = True, e.reason
                 if self.is_main_process:
                     logger.warning("PPO early stop at update %d: %s", self.update + 1, e.reason)
                 break
+            if self.is_main_process:
+                bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])
+        bar.close()
         if (not stopped and cfg.checkpoint_every is not None
                 and (self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt.ckpt_name(self.update))):
             self.save_checkpoint()
@@ -233,7 +240,8 @@ class PPOTrainer:
         x = Inputs(ids, attn, position_ids_from_mask(attn), query.shape[1], cfg.sampling_temperature)
         old = self.schedule.old_passes(
             x,
-            reference=lambda: response_logprobs(self.ref_policy, x.ids, x.attn, x.pos, x.start, x.sampling_temperature),
+            reference=lambda: reference_logprobs(self.ref_policy, lambda ref: response_logprobs(
+                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature)),
             old_values=lambda: (samples.values if samples.values is not None else
                                 sequence_values(unwrapped.value_model, x.ids, x.attn, x.pos, x.start)),
             score=lambda: self._score(idx, samples.responses, samples.mask),

@@ -28,9 +28,9 @@ def init_policy(
 ) -> tuple[Any, dict[str, list[dict[str, float]]]]:
     """The reference policy: the given model, or the backbone fine-tuned on the training pairs' chosen responses."""
     if params.name_or_path:
-        return build_causal_backbone(BackboneParams(name_or_path=params.name_or_path), tokenizer), {}
+        return build_causal_backbone(backbone.model_copy(update={"name_or_path": params.name_or_path}), tokenizer), {}
     model = build_causal_backbone(backbone, tokenizer)
     model, history = sft_policy(model, tokenizer, list(train_pairs["prompt"]), list(train_pairs["chosen"]),
-                                params.sft)
+                                params.sft, backbone.gradient_checkpointing)
     return model, as_history(history, {"loss": keys.POLICY_INIT_TRAIN_LOSS,
                                        "train_runtime": keys.POLICY_INIT_TRAIN_RUNTIME_S})

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots, scoring
+from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
 from calibrated_rlhf.core.ensemble import reward_fingerprint
+from calibrated_rlhf.core.lora import merged
+from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
 from calibrated_rlhf.core.policy import sample_responses
@@ -103,6 +106,7 @@ def train_ppo(
     synthetic_task: dict[str, Any],
     params: PPOParams,
     normalization: NormalizationParams = NormalizationParams(),
+    backbone: BackboneParams = BackboneParams(),
 ) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
     """PPO from the reference policy against the frozen reward transform, optimizing the reward that
     ``normalization.method`` names; returns the final policy,
@@ -123,19 +127,22 @@ def train_ppo(
     config = trainer_config(params, original, method, run_dir)
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
+    reference_policy = prepare_for_training(reference_policy, backbone)
     # trainable whatever the reference's flags: the trainer freezes the reference in place, and a second
-    # run in the same process (a resume) must build the same optimizer as the first
-    policy = copy.deepcopy(reference_policy).requires_grad_(True)
+    # run in the same process (a resume) must build the same optimizer as the first. With LoRA the
+    # reference is the policy's base weights (adapters off): no copy.
+    policy = reference_policy if config.lora else copy.deepcopy(reference_policy).requires_grad_(True)
     trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, method,
                                        params.raw_reward_multiplier, offset),
-                         ref_policy=reference_policy,
+                         ref_policy=None if config.lora else reference_policy,
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
     resume = _prepare_checkpoints(trainer, params.resume_from, root, run_dir)
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
-    return trainer.policy.to("cpu").eval(), *_outputs(result, config)
+    # published merged: every later stage loads a plain transformers model
+    return merged(trainer.policy).to("cpu").eval(), *_outputs(result, config)
 
 
 def trainer_config(params: PPOParams, transform: RewardTransform, method: NormalizationMethod,
@@ -330,7 +337,11 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
             g = np.array([task.gold_reward(r) for _, r in rows]).reshape(len(prompts), ev.samples_per_prompt)
             return g.mean(axis=1)
 
-        ref, new = gold_per_prompt(reference_policy), gold_per_prompt(policy)
+        with Progress(2, "evaluation (reference, final policy)") as bar:
+            ref = gold_per_prompt(reference_policy)
+            bar.update(1, gold_reference=float(ref.mean()))
+            new = gold_per_prompt(policy)
+            bar.update(1, gold_policy=float(new.mean()))
         gain = new - ref
         half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))
         values |= {keys.PPO_EVAL_GOLD_REFERENCE: float(ref.mean()), keys.PPO_EVAL_GOLD_POLICY: float(new.mean()),

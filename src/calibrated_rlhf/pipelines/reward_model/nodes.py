@@ -50,6 +50,7 @@ def train_reward_model(
         tokenize_pairs(train_pairs, tokenizer),
         tokenize_pairs(validation_pairs, tokenizer) if len(validation_pairs) else None,
         training,
+        backbone.gradient_checkpointing,
     )
     return model, as_history(history, TRAIN_CURVES)
 
