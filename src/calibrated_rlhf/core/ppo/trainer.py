@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
+from calibrated_rlhf.core.chat import prompt_label, stop_token_id
 from calibrated_rlhf.core.ppo import checkpoint as ckpt
 from calibrated_rlhf.core.ppo.checkpoint import latest_checkpoint, list_checkpoints
 from calibrated_rlhf.core.ppo.config import PPOConfig
@@ -61,9 +62,11 @@ class PPOTrainer:
         config: hyperparameters.
         policy: a transformers causal LM (trained in place).
         tokenizer: its tokenizer (needs ``pad_token_id``; ``eos_token_id`` unless the config sets one).
-        prompts: prompt strings; taken in a seeded shuffled order, epoch after epoch.
-        score_fn: ``score_fn(prompts, responses) -> {config.score_key: Tensor[B], ...}``; the other keys'
-            batch means are logged as ``ppo/rewards/<key>``. Must return the same keys every call.
+        prompts: prompt strings, or message lists rendered with the tokenizer's chat template (answered up to
+            its end of turn); taken in a seeded shuffled order, epoch after epoch.
+        score_fn: ``score_fn(prompts, responses) -> {config.score_key: Tensor[B], ...}`` (prompts as given,
+            responses as text); the other keys' batch means are logged as ``ppo/rewards/<key>``. Must return
+            the same keys every call.
         ref_policy: frozen reference; a deep copy of ``policy`` (taken now) when None.
         value_model: separate value network (``*ForSequenceClassification``, ``num_labels=1``); when
             None in "separate" mode one is built from the policy's config with a fresh trunk.
@@ -79,7 +82,7 @@ class PPOTrainer:
     Prompts are tokenized once, with the tokenizer's special tokens and no truncation.
     """
 
-    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, prompts: Sequence[Any],
                  score_fn: ScoreFn, ref_policy: nn.Module | None = None, value_model: nn.Module | None = None,
                  accelerator: Any | None = None, callbacks: Sequence[UpdateCallback] = (),
                  fingerprint: Mapping[str, Any] | None = None) -> None:
@@ -94,7 +97,8 @@ class PPOTrainer:
         self.score_fn = score_fn
         self.callbacks = list(callbacks)
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        # Conversational prompts are answered up to the chat template's end of turn (core.chat).
+        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else stop_token_id(tokenizer, prompts)
         if self.pad_token_id is None or self.eos_token_id is None:
             raise ValueError("tokenizer needs a pad token and an EOS token (or set config.eos_token_id)")
 
@@ -162,7 +166,7 @@ class PPOTrainer:
         return m.value_model if m.value_model is not None else m.value_head
 
     @property
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list[Any]:
         return self.data.texts
 
     @property
@@ -350,7 +354,8 @@ class PPOTrainer:
         self.history.append(metrics)
         rows = None
         if cfg.sample_every is not None and self.update % cfg.sample_every == 0:
-            rows = sample_rows(self.update, [self.data.texts[i] for i in roll.idx], roll.texts, score, roll.scores,
+            rows = sample_rows(self.update, [prompt_label(self.data.texts[i]) for i in roll.idx], roll.texts, score,
+                               roll.scores,
                                cfg.num_samples)
             self.samples.extend(rows)
         if cfg.checkpoint_every is not None and self.update % cfg.checkpoint_every == 0:

@@ -21,7 +21,7 @@ from calibrated_rlhf.core.normalization import NormalizationMethod, Normalizatio
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
-from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.staging import sweep_stale
 from calibrated_rlhf.core.synthetic import SyntheticTask
@@ -90,6 +90,7 @@ def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, t
                 responses: pd.DataFrame, multiplier: float = 1.0) -> float | None:
     """Where the proxy-gold gap counts from, on the reference set (``core.scoring.gold_offset``)."""
     scorer = RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier)
+    responses = plain_frame(responses)  # read back from Parquet: message lists arrive as numpy arrays
     return scoring.gold_offset(scorer, task, list(responses["prompt"]), list(responses["response"]))
 
 
@@ -126,7 +127,7 @@ def train_ppo(
     # trainable whatever the reference's flags: the trainer freezes the reference in place, and a second
     # run in the same process (a resume) must build the same optimizer as the first
     policy = copy.deepcopy(reference_policy).requires_grad_(True)
-    trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
+    trainer = PPOTrainer(config, policy, tokenizer, distinct_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, method,
                                        params.raw_reward_multiplier, offset),
                          ref_policy=reference_policy,
@@ -322,7 +323,7 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
     if synthetic_task:
         task = SyntheticTask.from_dict(synthetic_task)
         ev = params.evaluation
-        prompts = text_prompts(test_pairs)[: ev.n_prompts]
+        prompts = distinct_prompts(test_pairs)[: ev.n_prompts]
         length = params.trainer.response_length
 
         def gold_per_prompt(model: Any) -> np.ndarray:
