@@ -188,7 +188,7 @@ def standardize(raw: pd.DataFrame, margin: MarginParams) -> pd.DataFrame:
 # Validation
 
 
-def _text_problem(value: Any, field: str) -> str | None:
+def text_problem(value: Any, field: str) -> str | None:
     """Why ``value`` is not usable text for ``field``, or None. Prompts may be empty; responses may not."""
     if is_conversational(value):
         for i, m in enumerate(value):
@@ -283,7 +283,7 @@ def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = Non
 
     for field in TEXT_FIELDS:
         for pid, value in zip(df["pair_id"], df[field]):
-            why = _text_problem(value, field)
+            why = text_problem(value, field)
             if why:
                 add("bad_text", field, pid, why)
     bad = {r for p in found.values() for r in p.rows}

@@ -114,8 +114,7 @@ def publish_reward_model(
     if not params.enabled or mlflow.active_run() is None:
         log.warning("no active MLflow run (or serving.enabled is false): the pyfunc model is not logged")
         return {"logged": False}
-    example = pd.DataFrame({c: [v if isinstance(v, str) else str(v) for v in pairs[c][:2]]
-                            for c in ("prompt", "chosen", "rejected")})
+    example = plain_frame(pairs[["prompt", "chosen", "rejected"]].head(2).reset_index(drop=True))
     info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, None, example)
     log.info("logged %s%s", info.model_uri, f" (registered as {params.registered_model_name} when the run ends)"
              if params.registered_model_name else "")
