@@ -61,8 +61,16 @@ def end_of_turn_id(tokenizer: Any) -> int:
                                          return_dict=True)["input_ids"]
     full = tokenizer.apply_chat_template(_PROBE_USER + _PROBE_REPLY, tokenize=True, return_dict=True)["input_ids"]
     tail = list(full[len(head):]) if list(full[:len(head)]) == list(head) else list(full)
-    special = set(tokenizer.all_special_ids)
+    # the unknown token is special too, and a vocabulary without the probe's word renders it so
+    special = special_ids(tokenizer) - {tokenizer.unk_token_id}
     return next((t for t in tail if t in special), tokenizer.eos_token_id)
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (bos, eos, ...) and every added token marked
+    special (a chat template's turn markers usually are, and ``all_special_ids`` leaves them out)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {int(i) for i, t in added.items() if getattr(t, "special", False)}
 
 
 def stop_token_id(tokenizer: Any, prompts: Sequence[Any]) -> int:
