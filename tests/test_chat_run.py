@@ -17,9 +17,12 @@ from calibrated_rlhf.core.reward_model import score_sequences
 from tests.harness import kedro_run, latest_run, preload, saved
 from tests.project import make_project
 
-# conf/tiny, as chat, with shorter sampling: reference replies and PPO
+# conf/tiny, as chat, with fewer pairs and shorter sampling (reference replies, PPO); every stage but the
+# run-comparison report
+STAGES = "data_prep,reward_model,calibration,policy_init,normalization,ppo"
 CHAT_PARAMS = ",".join([
     "data_prep.source.synthetic.format=conversational",
+    "data_prep.source.synthetic.n_pairs=160",
     "normalization.max_new_tokens=8",
     "ppo.trainer.num_updates=2",
     "ppo.evaluation.n_prompts=4",
@@ -37,7 +40,7 @@ def newest(project, filepath: str):
 def chat_run(tmp_path_factory):
     preload()
     project = make_project(tmp_path_factory.mktemp("chat_run") / "project")
-    code, out = kedro_run(project, "--env", "tiny", "--params", CHAT_PARAMS, name="chat")
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", STAGES, "--params", CHAT_PARAMS, name="chat")
     assert code == 0, out[-4000:]
     return project
 

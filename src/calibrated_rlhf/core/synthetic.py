@@ -167,7 +167,8 @@ def as_conversational(pairs: pd.DataFrame) -> pd.DataFrame:
     reply (its text without the leading space a text pair needs). Labels, gold rewards and true
     probabilities are untouched, and :meth:`SyntheticTask.gold_reward` reads the reply's text alike."""
     out = pairs.copy()
-    out["prompt"] = pd.Series([[{"role": "user", "content": p}] for p in pairs["prompt"]], index=out.index, dtype=object)
+    out["prompt"] = pd.Series([[{"role": "user", "content": p}] for p in pairs["prompt"]], index=out.index,
+                              dtype=object)
     for col in ("chosen", "rejected"):
         out[col] = pd.Series([[{"role": "assistant", "content": r.strip()}] for r in pairs[col]], index=out.index,
                              dtype=object)

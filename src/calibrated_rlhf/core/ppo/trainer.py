@@ -98,7 +98,8 @@ class PPOTrainer:
         self.callbacks = list(callbacks)
         self.pad_token_id = tokenizer.pad_token_id
         # Conversational prompts are answered up to the chat template's end of turn (core.chat).
-        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else stop_token_id(tokenizer, prompts)
+        self.eos_token_id = (config.eos_token_id if config.eos_token_id is not None
+                             else stop_token_id(tokenizer, prompts))
         if self.pad_token_id is None or self.eos_token_id is None:
             raise ValueError("tokenizer needs a pad token and an EOS token (or set config.eos_token_id)")
 
