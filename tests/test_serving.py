@@ -106,3 +106,18 @@ def test_logged_model_refuses_by_default_and_truncates_when_loaded_so(bundle, tm
         assert len(out) == 1
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_requests_take_message_lists_and_name_a_malformed_one():
+    from calibrated_rlhf.serving import check_request
+
+    user = [{"role": "user", "content": "Describe the food in Paris."}]
+    assert check_request(pd.DataFrame({"prompt": [user], "response": ["calm bright"]})) == "responses"
+    assert check_request(pd.DataFrame({"prompt": [user], "chosen": [[{"role": "assistant", "content": "calm"}]],
+                                       "rejected": ["noisy"]})) == "pairs"
+    with pytest.raises(RequestError, match=r"column 'prompt' needs text; bad rows: 1 \(row 1: message 0 lacks"):
+        check_request(pd.DataFrame({"prompt": [user, [{"content": "no role"}]], "response": ["a", "b"]}))
+    with pytest.raises(RequestError, match=r"column 'chosen' needs non-empty text; bad rows: 0 \(row 0: message 0 "
+                                           r"has empty content"):
+        check_request(pd.DataFrame({"chosen": [[{"role": "assistant", "content": " "}]], "rejected": ["b"]}))
+

@@ -9,8 +9,10 @@
 An ensemble's model also returns the ensemble_std, ``ensemble_std`` (``ensemble_std_chosen``,
 ``ensemble_std_rejected``): the std of the members' calibrated rewards, where "raw" is their aggregate.
 
-``prompt`` may be omitted or empty (the text is then scored as is). Bad requests fail with an error that
-names the column and rows.
+Every column takes text or a list of ``{role, content}`` messages (TRL's conversational form): a text
+response to a conversational prompt is scored as the assistant's reply, rendered with the tokenizer's chat
+template exactly as the reward model saw its training pairs (``core.scoring``). ``prompt`` may be omitted or
+empty (the text is then scored as is). Bad requests fail with an error that names the column and rows.
 
 Inputs longer than the model handles (prompt + response in tokens, EOS included) are refused by default,
 naming the rows: the limit is the smaller of the model's ``max_position_embeddings`` (a hard limit) and the
@@ -46,11 +48,16 @@ class RequestError(ValueError):
 
 
 def _check_text(df: pd.DataFrame, column: str, allow_empty: bool) -> None:
-    bad = [i for i, v in enumerate(df[column]) if not isinstance(v, str) or (not allow_empty and not v.strip())]
+    from calibrated_rlhf.core.preferences import text_problem
+
+    # text_problem lets a prompt be empty and nothing else; None stands in for a missing prompt
+    field = "prompt" if allow_empty else column
+    problems = [(i, text_problem("" if v is None and allow_empty else v, field)) for i, v in enumerate(df[column])]
+    bad = [(i, why) for i, why in problems if why]
     if bad:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        raise RequestError(f"column '{column}' needs {'text' if allow_empty else 'non-empty text'}; "
-                           f"bad rows: {shown}")
+        shown = ", ".join(str(i) for i, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise RequestError(f"column '{column}' needs {'text' if allow_empty else 'non-empty text'}; bad rows: {shown} "
+                           f"(row {bad[0][0]}: {bad[0][1]}; a list of {{role, content}} messages is taken too)")
 
 
 def check_request(df: Any) -> str:
@@ -124,7 +131,7 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"model_config overlength: expected one of {OVERLENGTH}, got {self.overlength!r}")
         self.max_length = length_limit(self.model, self.tokenizer)
 
-    def _raw(self, prompts: list[str], responses: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _raw(self, prompts: list[Any], responses: dict[str, list[Any]]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (and the ensemble's ensemble_std) of each column's responses, the columns one after another."""
         from calibrated_rlhf.core.scoring import RewardScorer
 
@@ -134,6 +141,10 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         return scorer.raw_of_ids([x for seqs in ids.values() for x in seqs])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from calibrated_rlhf.core.preferences import plain_frame
+
+        if isinstance(model_input, pd.DataFrame):
+            model_input = plain_frame(model_input)  # message lists may arrive as numpy arrays
         mode = check_request(model_input)
         prompts = list(model_input["prompt"]) if "prompt" in model_input.columns else [""] * len(model_input)
         t = self.transform
@@ -161,7 +172,10 @@ def signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", c, required=False) for c in ("prompt", "response", "chosen", "rejected")])
+    from mlflow.types.schema import AnyType
+
+    # text or a list of {role, content} messages (check_request validates either)
+    inputs = Schema([ColSpec(AnyType(), c, required=False) for c in ("prompt", "response", "chosen", "rejected")])
     outputs = Schema([ColSpec("double", c, required=False) for c in (
         "raw", "calibrated", "normalized", "raw_chosen", "raw_rejected", "calibrated_chosen",
         "calibrated_rejected", "normalized_chosen", "normalized_rejected", "p_chosen_preferred",

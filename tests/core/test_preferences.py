@@ -282,10 +282,13 @@ def test_content_hash_changes_with_content_only():
     assert prefs.content_hash(a) != prefs.content_hash(b)
 
 
-def test_text_prompts_are_distinct_in_order_and_refuse_messages():
+def test_distinct_prompts_keep_order_take_messages_and_refuse_a_mix():
     df = prefs.standardize(pd.concat([explicit(3), explicit(2)], ignore_index=True), MarginParams())
-    assert prefs.text_prompts(df) == ["Q0?", "Q1?", "Q2?"]
+    assert prefs.distinct_prompts(df) == ["Q0?", "Q1?", "Q2?"]
+    chat = df.copy()
+    chat["prompt"] = pd.Series([np.array([{"role": "user", "content": p}]) for p in df["prompt"]], dtype=object)
+    assert prefs.distinct_prompts(chat) == [[{"role": "user", "content": f"Q{i}?"}] for i in range(3)]
     df["prompt"] = df["prompt"].astype(object)
     df.at[4, "prompt"] = msgs(("user", "Hi?"))
-    with pytest.raises(PreferenceDataError, match=r"non-text .* rows 4"):
-        prefs.text_prompts(df)
+    with pytest.raises(PreferenceDataError, match=r"1 pair\(s\) have a conversational .* rows 4"):
+        prefs.distinct_prompts(df)

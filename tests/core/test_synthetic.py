@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from calibrated_rlhf.core.synthetic import SyntheticSpec, bayes_accuracy, make_pairs, make_task
@@ -46,3 +47,20 @@ def test_too_many_pairs_for_the_prompts_is_a_clear_error():
     with pytest.raises(ValueError, match="pairs_per_prompt"):
         spec = SyntheticSpec(n_pairs=100_000, pairs_per_prompt=1)
         make_pairs(spec, make_task(spec))
+
+
+def test_conversational_format_is_the_same_task_as_chat_messages():
+    text = SyntheticSpec(seed=2, n_pairs=60, n_rating_levels=3)
+    chat = SyntheticSpec(seed=2, n_pairs=60, n_rating_levels=3, format="conversational")
+    task = make_task(text)
+    a, b = make_pairs(text, task), make_pairs(chat, make_task(chat))
+    assert make_task(chat) == task
+    same = [c for c in a.columns if c not in ("prompt", "chosen", "rejected")]
+    pd.testing.assert_frame_equal(a[same], b[same])  # labels, gold rewards, true probabilities, ratings
+    assert list(b["prompt"]) == [[{"role": "user", "content": p}] for p in a["prompt"]]
+    for col in ("chosen", "rejected"):
+        assert list(b[col]) == [[{"role": "assistant", "content": r.strip()}] for r in a[col]]
+        # the gold reward reads the reply's text as it read the text response
+        assert [task.gold_reward(m[0]["content"]) for m in b[col]] == list(b[f"gold_{col}"])
+    with pytest.raises(ValueError, match="format must be one of"):
+        make_pairs(SyntheticSpec(format="chatml"), task)

@@ -22,11 +22,21 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
-# A minimal chat template so conversational pairs work with the locally trained tokenizer.
+# A minimal chat template so conversational data works with the locally trained tokenizer: <bos>, then each
+# message as "<role> content" closed by <eos>, which is the template's end of turn (the policy stops there).
+# The generation prompt ends on the role marker, a whole word, so the prompt's ids are a prefix of the
+# ids of prompt + reply (no token merges across the boundary) and the reply's first word keeps its space.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<' + message['role'] + '> ' + message['content'] + ' ' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<' + message['role'] + '> ' + message['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
 )
+
+
+def chat_corpus_text(message: dict) -> str:
+    """A message as :data:`CHAT_TEMPLATE` writes it (without its special tokens): the text a tokenizer
+    trained for that template learns from, so the role markers become tokens of their own."""
+    return f"<{message['role']}> {message['content']}"
 
 
 class BackboneParams(BaseModel):

@@ -1,5 +1,6 @@
 """The reference policy: a short supervised fine-tune (TRL SFTTrainer) so the tiny backbone writes the
-task's language, and sampling from it with prompts' context kept in the decoded text.
+task's language, and sampling from it with prompts' context kept in the decoded text (text prompts) or
+rendered with the chat template (conversational prompts).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel
 
+from calibrated_rlhf.core.chat import prompt_ids, stop_token_id
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
+from calibrated_rlhf.core.preferences import is_conversational, plain
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.staging import staging_dir
 
@@ -37,11 +40,14 @@ class SFTParams(BaseModel):
 
 
 def sft_policy(
-    model: PreTrainedModel, tokenizer: Any, prompts: list[str], completions: list[str], params: SFTParams,
+    model: PreTrainedModel, tokenizer: Any, prompts: list[Any], completions: list[Any], params: SFTParams,
     gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, list[dict[str, float]]]:
     """Fine-tune ``model`` on prompt -> completion with the loss on completion tokens only (through
-    adapters with ``params.lora``, merged into the returned model)."""
+    adapters with ``params.lora``, merged into the returned model).
+
+    Text, or conversational (message lists: TRL renders them with the chat template, the completion
+    through its end of turn, so the policy learns to close its turn where sampling stops)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -69,7 +75,7 @@ def sft_policy(
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}),
+            train_dataset=Dataset.from_dict({"prompt": plain(list(prompts)), "completion": plain(list(completions))}),
             processing_class=tokenizer,
             callbacks=[history],
             peft_config=lora_config(params.lora, "CAUSAL_LM") if params.lora is not None else None,
@@ -92,36 +98,49 @@ def decode_in_context(tokenizer: Any, prompt_ids: list[int], response_ids: list[
     return tokenizer.decode(response_ids, skip_special_tokens=True)
 
 
+def decode_response(tokenizer: Any, prompt: Any, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """A sampled response's text: the continuation of a text prompt (:func:`decode_in_context`), or the
+    assistant turn after a conversational one (the template's special tokens dropped)."""
+    if is_conversational(prompt):
+        return tokenizer.decode(response_ids, skip_special_tokens=True)
+    return decode_in_context(tokenizer, prompt_ids, response_ids)
+
+
 @torch.inference_mode()
 def sample_responses(
     policy: PreTrainedModel,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[Any],
     samples_per_prompt: int,
     max_new_tokens: int,
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-) -> list[tuple[str, str]]:
-    """(prompt, response) pairs sampled from ``policy`` with a KV cache (plain ancestral sampling)."""
+) -> list[tuple[Any, str]]:
+    """(prompt, response) pairs sampled from ``policy`` with a KV cache (plain ancestral sampling).
+
+    Text prompts are continued up to EOS; conversational prompts (message lists) are rendered with the chat
+    template's generation prompt and answered up to the template's end of turn (``core.chat``).
+    """
     torch.manual_seed(seed)
     policy.eval()
     device = next(policy.parameters()).device
-    eos = tokenizer.eos_token_id
+    stop = stop_token_id(tokenizer, prompts)
     pad = tokenizer.pad_token_id
-    jobs = [p for p in prompts for _ in range(samples_per_prompt)]
-    out: list[tuple[str, str]] = []
+    rendered = prompt_ids(tokenizer, prompts)
+    jobs = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+    out: list[tuple[Any, str]] = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        ids = [tokenizer(p)["input_ids"] for p in batch]
+        ids = [rendered[i] for i in batch]
         width = max(map(len, ids))
         # Left padding: generation continues from the last column for every row.
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         gen = policy.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                              top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stop,
                               pad_token_id=pad, use_cache=True)
-        for prompt, prompt_ids, row in zip(batch, ids, gen[:, width:].tolist()):
-            response = row[: row.index(eos)] if eos in row else row
-            out.append((prompt, decode_in_context(tokenizer, prompt_ids, response)))
+        for i, p_ids, row in zip(batch, ids, gen[:, width:].tolist()):
+            response = row[: row.index(stop)] if stop in row else row
+            out.append((prompts[i], decode_response(tokenizer, prompts[i], p_ids, response)))
     return out

@@ -188,7 +188,7 @@ def standardize(raw: pd.DataFrame, margin: MarginParams) -> pd.DataFrame:
 # Validation
 
 
-def _text_problem(value: Any, field: str) -> str | None:
+def text_problem(value: Any, field: str) -> str | None:
     """Why ``value`` is not usable text for ``field``, or None. Prompts may be empty; responses may not."""
     if is_conversational(value):
         for i, m in enumerate(value):
@@ -283,7 +283,7 @@ def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = Non
 
     for field in TEXT_FIELDS:
         for pid, value in zip(df["pair_id"], df[field]):
-            why = _text_problem(value, field)
+            why = text_problem(value, field)
             if why:
                 add("bad_text", field, pid, why)
     bad = {r for p in found.values() for r in p.rows}
@@ -385,14 +385,25 @@ def validate(
 # Splits
 
 
-def text_prompts(pairs: pd.DataFrame) -> list[str]:
-    """The pairs' distinct prompts, in first-seen order; sampling from a policy needs plain-text prompts."""
-    ids = pairs["pair_id"] if "pair_id" in pairs.columns else range(len(pairs))
-    bad = [int(pid) for pid, p in zip(ids, pairs["prompt"]) if not isinstance(p, str)]
-    if bad:
-        raise PreferenceDataError(f"{len(bad)} pair(s) have a non-text (e.g. conversational) prompt, which "
-                                  f"sampling from a policy does not support: rows {_describe(bad)}")
-    return list(dict.fromkeys(pairs["prompt"]))
+def distinct_prompts(pairs: pd.DataFrame) -> list[Any]:
+    """The pairs' distinct prompts, in first-seen order: the prompts a policy samples from.
+
+    Text or message lists (as plain lists), one kind for the whole frame: a policy run renders every prompt
+    the same way (see ``core.chat``). A frame mixing the two raises, naming the rows of the rarer kind.
+    """
+    ids = list(pairs["pair_id"]) if "pair_id" in pairs.columns else list(range(len(pairs)))
+    prompts = [plain(p) for p in pairs["prompt"]]
+    chat = [is_conversational(p) for p in prompts]
+    if 0 < sum(chat) < len(chat):
+        rare = sum(chat) < len(chat) / 2
+        rows = [int(pid) for pid, c in zip(ids, chat) if c == rare]
+        kind = "conversational (message list)" if rare else "text"
+        raise PreferenceDataError(f"prompts mix text and message lists: {len(rows)} pair(s) have a {kind} prompt "
+                                  f"unlike the rest: rows {_describe(rows)}")
+    seen: dict[str, Any] = {}
+    for p in prompts:
+        seen.setdefault(text_key(p), p)
+    return list(seen.values())
 
 
 def prompt_group(prompt: Any, pair_id: int) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from calibrated_rlhf.core.chat import response_text
 from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
                                                 minmax_batch)
@@ -91,7 +92,7 @@ class RewardScorer:
 # ---- the reward an RL run optimizes -----------------------------------------------------------------
 
 def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any],
-                responses: Sequence[str]) -> float | None:
+                responses: Sequence[Any]) -> float | None:
     """Mean of ``calibrated - scale * gold`` over a reference set: where the proxy-gold gap counts from.
 
     A calibrated reward model estimates the true logit ``scale * gold`` up to a constant; this is that
@@ -100,7 +101,7 @@ def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any
     if not len(responses):
         return None
     calibrated = scorer.score(prompts, responses).calibrated
-    gold = np.array([task.gold_reward(r) for r in responses])
+    gold = np.array([task.gold_reward(response_text(r)) for r in responses])
     return float(np.mean(calibrated - task.scale * gold))
 
 
@@ -121,7 +122,7 @@ def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: Synthet
             out["ensemble_std"] = scored.ensemble_std
         out["score"] = minmax_batch(scored.raw) if method == "minmax_batch" else out[OPTIMIZED[method]]
         if task is not None:
-            out["gold"] = np.array([task.gold_reward(r) for r in responses])
+            out["gold"] = np.array([task.gold_reward(response_text(r)) for r in responses])
             if offset is not None:
                 out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - offset
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}

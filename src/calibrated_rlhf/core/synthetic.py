@@ -3,7 +3,8 @@
 Every word of a small vocabulary carries a hidden utility; a response's gold reward is the mean utility
 of its words. A pair's label is drawn with the true probability
 ``p = sigmoid(scale * (gold_a - gold_b))``, and ``p`` is kept beside the pair, so every quality figure
-(accuracy, NLL, ECE, the recovered scale) can be read against its optimum.
+(accuracy, NLL, ECE, the recovered scale) can be read against its optimum. The pairs come as text or, with
+``format="conversational"``, as chat messages: the same draws, labels and gold rewards.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TEMPLATES = (
     "Give me your view of the {topic} in {city}.",
     "Review the {topic} of {city} briefly.",
 )
+FORMATS = ("text", "conversational")
 # Plain English words, so responses read as (odd) text and a BPE tokenizer keeps each one whole.
 WORDS = (
     "bright", "calm", "busy", "quiet", "warm", "cold", "fresh", "stale", "clean", "dirty",
@@ -88,6 +90,7 @@ class SyntheticSpec:
     scale: float = 4.0
     pairs_per_prompt: int = 4
     n_rating_levels: int = 0  # > 0 adds chosen_rating / rejected_rating columns (graded preferences)
+    format: str = "text"  # or "conversational": the same pairs as a user message and assistant replies
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +112,8 @@ def make_pairs(spec: SyntheticSpec, task: SyntheticTask) -> pd.DataFrame:
     Labels are sampled, not thresholded: the chosen response is the worse one with probability
     1 - p, exactly as human label noise would have it, so no model can beat the Bayes accuracy.
     """
+    if spec.format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {spec.format!r}")
     if spec.min_words < 1 or spec.max_words < spec.min_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got {spec.min_words}, {spec.max_words}")
     rng = np.random.default_rng([spec.seed, 2])
@@ -154,7 +159,20 @@ def make_pairs(spec: SyntheticSpec, task: SyntheticTask) -> pd.DataFrame:
         edges = np.linspace(-1.0, 1.0, spec.n_rating_levels + 1)[1:-1]
         df["chosen_rating"] = np.digitize(df["gold_chosen"], edges) + 1
         df["rejected_rating"] = np.digitize(df["gold_rejected"], edges) + 1
-    return df
+    return as_conversational(df) if spec.format == "conversational" else df
+
+
+def as_conversational(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The pairs in TRL's conversational form: the prompt as a user message, each response as an assistant
+    reply (its text without the leading space a text pair needs). Labels, gold rewards and true
+    probabilities are untouched, and :meth:`SyntheticTask.gold_reward` reads the reply's text alike."""
+    out = pairs.copy()
+    out["prompt"] = pd.Series([[{"role": "user", "content": p}] for p in pairs["prompt"]], index=out.index,
+                              dtype=object)
+    for col in ("chosen", "rejected"):
+        out[col] = pd.Series([[{"role": "assistant", "content": r.strip()}] for r in pairs[col]], index=out.index,
+                             dtype=object)
+    return out
 
 
 def bayes_accuracy(true_prob: np.ndarray) -> float:

@@ -35,7 +35,8 @@ class PPOConfig(BaseModel):
     sampling_temperature: float = Field(
         1.0, gt=0, description="Temperature of the policy's sampling; logprobs use the same temperature.")
     eos_token_id: int | None = Field(
-        None, description="Token that ends a response; None takes the tokenizer's eos_token_id."
+        None, description="Token that ends a response; None takes the tokenizer's eos_token_id (the chat "
+        "template's end of turn for conversational prompts)."
     )
     decode_threads: int | None = Field(
         1,

@@ -1,4 +1,7 @@
-"""The prompt stream PPO samples from: a seeded shuffled order, epoch after epoch, sliced by rank."""
+"""The prompt stream PPO samples from: a seeded shuffled order, epoch after epoch, sliced by rank.
+
+Prompts are text or conversational (message lists, rendered with the chat template's generation prompt,
+see ``core.chat``), one kind per stream."""
 
 from __future__ import annotations
 
@@ -6,15 +9,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from calibrated_rlhf.core.chat import prompt_ids, prompt_kind
+from calibrated_rlhf.core.preferences import plain
+
 
 class PromptStream:
-    """Prompts tokenized once (the tokenizer's special tokens, no truncation) and served a global
-    batch at a time; every rank walks the same order and takes its own slice of each batch."""
+    """Prompts tokenized once (the tokenizer's special tokens or the chat template, no truncation) and
+    served a global batch at a time; every rank walks the same order and takes its own slice of each batch."""
 
-    def __init__(self, prompts: Sequence[str], tokenizer: Any, seed: int, batch_size: int, rank: int,
+    def __init__(self, prompts: Sequence[Any], tokenizer: Any, seed: int, batch_size: int, rank: int,
                  world_size: int) -> None:
-        self.texts = list(prompts)
-        self.ids: list[list[int]] = tokenizer(self.texts, add_special_tokens=True)["input_ids"]
+        self.texts = plain(list(prompts))  # text or message lists, as the score function receives them
+        self.conversational = prompt_kind(self.texts) == "conversational"
+        self.ids: list[list[int]] = prompt_ids(tokenizer, self.texts)
         self.tokenizer = tokenizer
         self.seed = seed
         self.batch_size = batch_size
@@ -40,8 +47,11 @@ class PromptStream:
         self.pos += G
         return idx
 
-    def decoded(self, i: int) -> str:
-        """The prompt's tokens decoded back to text (cached: every response is cut against it)."""
+    def decoded(self, i: int) -> str | None:
+        """The prompt's tokens decoded back to text (cached: every response is cut against it); None for a
+        conversational prompt, whose response is the assistant turn decoded on its own."""
+        if self.conversational:
+            return None
         text = self._decoded.get(i)
         if text is None:
             text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)

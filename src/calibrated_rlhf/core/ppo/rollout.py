@@ -360,7 +360,7 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Ten
 def decode_responses(
     tokenizer: Any,
     prompt_ids: list[list[int]],
-    prompt_texts: list[str],
+    prompt_texts: list[str | None],
     responses: torch.Tensor,
     mask: torch.Tensor,
 ) -> list[str]:
@@ -369,14 +369,15 @@ def decode_responses(
     Decoding a response on its own loses what some tokenizers fold into its first token (the
     leading space of a Metaspace/SentencePiece word), so each prompt + response is decoded together
     and the decoded prompt is cut off the front; when that prefix does not match (a tokenizer
-    that rewrites text across the boundary), the response is decoded alone. Special tokens (EOS,
-    padding) are dropped.
+    that rewrites text across the boundary), the response is decoded alone. A prompt text of None (a
+    conversational prompt: the chat template's own tokens separate the turns) has its response decoded
+    alone. Special tokens (EOS, end of turn, padding) are dropped.
     """
     rows = [ids + r[m].tolist() for ids, r, m in zip(prompt_ids, responses.cpu(), mask.cpu())]
     full = tokenizer.batch_decode(rows, skip_special_tokens=True)
     out = []
     for text, prefix, ids, r, m in zip(full, prompt_texts, prompt_ids, responses.cpu(), mask.cpu()):
-        if text.startswith(prefix):
+        if prefix is not None and text.startswith(prefix):
             out.append(text[len(prefix):])
         else:
             out.append(tokenizer.decode(r[m].tolist(), skip_special_tokens=True))

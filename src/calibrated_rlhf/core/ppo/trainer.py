@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
+from calibrated_rlhf.core.chat import prompt_label, stop_token_id
 from calibrated_rlhf.core.ppo import checkpoint as ckpt
 from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.ppo.checkpoint import latest_checkpoint, list_checkpoints
@@ -63,9 +64,11 @@ class PPOTrainer:
         config: hyperparameters.
         policy: a transformers causal LM (trained in place).
         tokenizer: its tokenizer (needs ``pad_token_id``; ``eos_token_id`` unless the config sets one).
-        prompts: prompt strings; taken in a seeded shuffled order, epoch after epoch.
-        score_fn: ``score_fn(prompts, responses) -> {config.score_key: Tensor[B], ...}``; the other keys'
-            batch means are logged as ``ppo/rewards/<key>``. Must return the same keys every call.
+        prompts: prompt strings, or message lists rendered with the tokenizer's chat template (answered up to
+            its end of turn); taken in a seeded shuffled order, epoch after epoch.
+        score_fn: ``score_fn(prompts, responses) -> {config.score_key: Tensor[B], ...}`` (prompts as given,
+            responses as text); the other keys' batch means are logged as ``ppo/rewards/<key>``. Must return
+            the same keys every call.
         ref_policy: frozen reference; a deep copy of ``policy`` (taken now) when None.
         value_model: separate value network (``*ForSequenceClassification``, ``num_labels=1``); when
             None in "separate" mode one is built from the policy's config with a fresh trunk.
@@ -81,7 +84,7 @@ class PPOTrainer:
     Prompts are tokenized once, with the tokenizer's special tokens and no truncation.
     """
 
-    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer: Any, prompts: Sequence[Any],
                  score_fn: ScoreFn, ref_policy: nn.Module | None = None, value_model: nn.Module | None = None,
                  accelerator: Any | None = None, callbacks: Sequence[UpdateCallback] = (),
                  fingerprint: Mapping[str, Any] | None = None) -> None:
@@ -96,7 +99,9 @@ class PPOTrainer:
         self.score_fn = score_fn
         self.callbacks = list(callbacks)
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        # Conversational prompts are answered up to the chat template's end of turn (core.chat).
+        self.eos_token_id = (config.eos_token_id if config.eos_token_id is not None
+                             else stop_token_id(tokenizer, prompts))
         if self.pad_token_id is None or self.eos_token_id is None:
             raise ValueError("tokenizer needs a pad token and an EOS token (or set config.eos_token_id)")
 
@@ -133,12 +138,18 @@ class PPOTrainer:
         self.fingerprint = ckpt.resume_fingerprint(
             cfg, reference_policy=self._ref_fingerprint, initial_policy=initial_fingerprint,
             tokenizer=ckpt.tokenizer_fingerprint(self.tokenizer), prompts=self.prompts, world_size=self.world_size,
-            extra=extra_fingerprint)
+            extra={**(extra_fingerprint or {}), **self._chat_fingerprint()})
         wrapper = policy_and_value(cfg, policy, value_model).to(self.device)
         optimizer = adamw([p for p in wrapper.parameters() if p.requires_grad], cfg)
         self.model, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self._unwrapped = wrapper  # the module DDP (if any) wraps; unwrap_model is slow per call
         self.schedule = make_schedule(cfg, self.accelerator, self.model, wrapper)
+
+    def _chat_fingerprint(self) -> dict[str, Any]:
+        """What renders conversational prompts and ends their replies (nothing for text prompts)."""
+        if not self.data.conversational:
+            return {}
+        return {"chat_template": ckpt.digest(self.tokenizer.chat_template), "end_of_turn": self.eos_token_id}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -165,7 +176,7 @@ class PPOTrainer:
         return m.value_model if m.value_model is not None else m.value_head
 
     @property
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list[Any]:
         return self.data.texts
 
     @property
@@ -358,7 +369,8 @@ class PPOTrainer:
         self.history.append(metrics)
         rows = None
         if cfg.sample_every is not None and self.update % cfg.sample_every == 0:
-            rows = sample_rows(self.update, [self.data.texts[i] for i in roll.idx], roll.texts, score, roll.scores,
+            rows = sample_rows(self.update, [prompt_label(self.data.texts[i]) for i in roll.idx], roll.texts, score,
+                               roll.scores,
                                cfg.num_samples)
             self.samples.extend(rows)
         if cfg.checkpoint_every is not None and self.update % cfg.checkpoint_every == 0:

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import preferences as prefs
-from calibrated_rlhf.core.backbone import BackboneParams, load_tokenizer, train_tokenizer
+from calibrated_rlhf.core.backbone import BackboneParams, chat_corpus_text, load_tokenizer, train_tokenizer
 from calibrated_rlhf.core.completions import CompletionParams, completions_to_pairs, is_rated_completions
 from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
 from calibrated_rlhf.pipelines.metrics import as_metrics
@@ -31,6 +31,9 @@ class SyntheticParams(StrictParams):
     scale: float = Field(4.0, gt=0, description="True preference scale s: p = sigmoid(s * (g_chosen - g_rejected)).")
     pairs_per_prompt: int = Field(4, ge=1)
     n_rating_levels: int = Field(0, ge=0, description="> 0 adds per-response ratings (graded preferences).")
+    format: Literal["text", "conversational"] = Field(
+        "text", description="text pairs, or the same pairs as chat messages (a user prompt, assistant replies) "
+        "rendered with the tokenizer's chat template in every stage.")
 
 
 class SourceParams(StrictParams):
@@ -187,7 +190,7 @@ def build_tokenizer(train_pairs: pd.DataFrame, backbone: BackboneParams, validat
     else:
         def texts(value: Any) -> list[str]:
             if prefs.is_conversational(value):
-                return [m["content"] for m in value]
+                return [chat_corpus_text(m) for m in value]
             return [value] if isinstance(value, str) else []
 
         corpus = [t for col in prefs.TEXT_FIELDS for v in train_pairs[col] for t in texts(v)]

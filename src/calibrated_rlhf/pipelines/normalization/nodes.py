@@ -15,7 +15,7 @@ from calibrated_rlhf.core import plots
 from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
 from calibrated_rlhf.core.normalization import (NormalizationParams, RewardStats, RewardTransform, identity_transform,
                                                 transform_from_stats)
-from calibrated_rlhf.core.preferences import text_key, text_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame, text_key
 from calibrated_rlhf.core.scoring import RewardScorer, reference_statistics
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 def reference_set(pairs: pd.DataFrame, reference_policy: Any, tokenizer: Any,
                   params: NormalizationParams) -> pd.DataFrame:
-    """The reference distribution: the reference policy's responses to held-out prompts, or the pairs' own."""
+    """The reference distribution: the reference policy's responses to held-out prompts (conversational ones
+    rendered with the chat template), or the pairs' own."""
     if params.reference == "dataset_responses":
         return reference_responses(pairs)
     from calibrated_rlhf.core.policy import sample_responses
 
-    rows = sample_responses(reference_policy, tokenizer, text_prompts(pairs), params.samples_per_prompt,
+    rows = sample_responses(reference_policy, tokenizer, distinct_prompts(pairs), params.samples_per_prompt,
                             params.max_new_tokens, seed=params.seed)
     return pd.DataFrame(rows, columns=["prompt", "response"])
 
@@ -56,6 +57,7 @@ def compute_reward_transform(
     members, their aggregation and their mean ensemble_std on the reference set.
     """
     temperature = float(temperature_fit["temperature"])
+    responses = plain_frame(responses)  # read back from Parquet: message lists arrive as numpy arrays
     scorer = RewardScorer(reward_model, tokenizer, batch_size=params.batch_size)
     stats, raw, ensemble_std = reference_statistics(scorer, list(responses["prompt"]), list(responses["response"]),
                                                     temperature)
@@ -112,8 +114,7 @@ def publish_reward_model(
     if not params.enabled or mlflow.active_run() is None:
         log.warning("no active MLflow run (or serving.enabled is false): the pyfunc model is not logged")
         return {"logged": False}
-    example = pd.DataFrame({c: [v if isinstance(v, str) else str(v) for v in pairs[c][:2]]
-                            for c in ("prompt", "chosen", "rejected")})
+    example = plain_frame(pairs[["prompt", "chosen", "rejected"]].head(2).reset_index(drop=True))
     info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, None, example)
     log.info("logged %s%s", info.model_uri, f" (registered as {params.registered_model_name} when the run ends)"
              if params.registered_model_name else "")

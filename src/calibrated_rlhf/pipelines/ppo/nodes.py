@@ -24,7 +24,7 @@ from calibrated_rlhf.core.normalization import NormalizationMethod, Normalizatio
 from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
-from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.staging import sweep_stale
 from calibrated_rlhf.core.synthetic import SyntheticTask
@@ -93,6 +93,7 @@ def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, t
                 responses: pd.DataFrame, multiplier: float = 1.0) -> float | None:
     """Where the proxy-gold gap counts from, on the reference set (``core.scoring.gold_offset``)."""
     scorer = RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier)
+    responses = plain_frame(responses)  # read back from Parquet: message lists arrive as numpy arrays
     return scoring.gold_offset(scorer, task, list(responses["prompt"]), list(responses["response"]))
 
 
@@ -132,7 +133,7 @@ def train_ppo(
     # run in the same process (a resume) must build the same optimizer as the first. With LoRA the
     # reference is the policy's base weights (adapters off): no copy.
     policy = reference_policy if config.lora else copy.deepcopy(reference_policy).requires_grad_(True)
-    trainer = PPOTrainer(config, policy, tokenizer, text_prompts(train_pairs),
+    trainer = PPOTrainer(config, policy, tokenizer, distinct_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, method,
                                        params.raw_reward_multiplier, offset),
                          ref_policy=None if config.lora else reference_policy,
@@ -329,7 +330,7 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
     if synthetic_task:
         task = SyntheticTask.from_dict(synthetic_task)
         ev = params.evaluation
-        prompts = text_prompts(test_pairs)[: ev.n_prompts]
+        prompts = distinct_prompts(test_pairs)[: ev.n_prompts]
         length = params.trainer.response_length
 
         def gold_per_prompt(model: Any) -> np.ndarray:
