@@ -84,7 +84,7 @@ def decode_in_context(tokenizer: Any, prompt_ids: list[int], response_ids: list[
 
 
 @torch.inference_mode()
-def sample_responses(
+def sample_ids(
     policy: PreTrainedModel,
     tokenizer: Any,
     prompts: list[str],
@@ -93,15 +93,16 @@ def sample_responses(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-) -> list[tuple[str, str]]:
-    """(prompt, response) pairs sampled from ``policy`` with a KV cache (plain ancestral sampling)."""
+) -> list[tuple[str, list[int], list[int]]]:
+    """(prompt, prompt ids, response ids up to and including EOS) sampled from ``policy`` with a KV cache
+    (plain ancestral sampling), ``samples_per_prompt`` per prompt in prompt order."""
     torch.manual_seed(seed)
     policy.eval()
     device = next(policy.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     jobs = [p for p in prompts for _ in range(samples_per_prompt)]
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, list[int], list[int]]] = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         ids = [tokenizer(p)["input_ids"] for p in batch]
@@ -113,6 +114,22 @@ def sample_responses(
                               top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
                               pad_token_id=pad, use_cache=True)
         for prompt, prompt_ids, row in zip(batch, ids, gen[:, width:].tolist()):
-            response = row[: row.index(eos)] if eos in row else row
-            out.append((prompt, decode_in_context(tokenizer, prompt_ids, response)))
+            out.append((prompt, prompt_ids, row[: row.index(eos) + 1] if eos in row else row))
     return out
+
+
+def sample_responses(
+    policy: PreTrainedModel,
+    tokenizer: Any,
+    prompts: list[str],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[tuple[str, str]]:
+    """(prompt, response) pairs sampled from ``policy`` (:func:`sample_ids`, decoded in the prompt's context)."""
+    eos = tokenizer.eos_token_id
+    return [(prompt, decode_in_context(tokenizer, prompt_ids, response[:-1] if response[-1:] == [eos] else response))
+            for prompt, prompt_ids, response in sample_ids(policy, tokenizer, prompts, samples_per_prompt,
+                                                            max_new_tokens, temperature, seed, batch_size)]

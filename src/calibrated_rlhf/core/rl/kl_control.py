@@ -39,18 +39,22 @@ def sequence_kl(logs: dict[str, Any]) -> float | None:
 class KLControlCallback(TrainerCallback, ExportableState):
     """Sets ``trainer.beta`` from the controller after each logged step (and at train start, so a resumed
     run continues with the beta it had). ``episodes_per_step``: completions trained on per optimizer step.
+    ``reward_scale``: the optimized reward's scale when it is not normalized (``RewardTransform.scale_of``):
+    the trainer applies ``beta * reward_scale``, as PPO does, so one ``beta`` means the same across reward
+    models; ``beta`` itself, in normalized-reward units, is what the controller moves and the log shows.
 
     Register it before the callbacks that record logs: it adds :data:`SEQUENCE_KL`, :data:`BETA` and
     :data:`BETA_NEXT` to each record that carries a KL."""
 
     def __init__(self, kind: Literal["adaptive", "fixed"] = "adaptive", beta: float = 0.05, kl_target: float = 4.0,
-                 horizon: int = 1000, episodes_per_step: int = 1, controller_state: dict | None = None,
-                 last_step: int = 0) -> None:
+                 horizon: int = 1000, episodes_per_step: int = 1, reward_scale: float = 1.0,
+                 controller_state: dict | None = None, last_step: int = 0) -> None:
         if beta <= 0:
             # TRL loads no reference model when beta starts at 0, and a multiplicative controller never leaves 0
             raise ValueError(f"KL control needs beta > 0, got {beta}")
         self.kind, self.init_beta, self.kl_target, self.horizon = kind, float(beta), float(kl_target), int(horizon)
         self.episodes_per_step = int(episodes_per_step)
+        self.reward_scale = float(reward_scale)
         self.controller: AdaptiveKLController = make_kl_controller(kind, beta, kl_target, horizon)
         if controller_state is not None:
             self.controller.load_state_dict(controller_state)
@@ -63,7 +67,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
 
     def bind(self, trainer: Any) -> None:
         self.trainer = trainer
-        trainer.beta = self.controller.value
+        trainer.beta = self.controller.value * self.reward_scale
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         kl = sequence_kl(logs or {})
@@ -74,7 +78,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
         self.last_step = int(state.global_step)
         new = self.controller.update(kl, n)
         if self.trainer is not None:
-            self.trainer.beta = new
+            self.trainer.beta = new * self.reward_scale
         # into the record itself, so the callbacks after this one (history, trackers) log them with the KL
         logs.update({SEQUENCE_KL: kl, BETA: applied, BETA_NEXT: new})
 
@@ -82,6 +86,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
         # the controller's state rides as an __init__ argument: transformers rebuilds the callback with it
         return {"args": {"kind": self.kind, "beta": self.init_beta, "kl_target": self.kl_target,
                          "horizon": self.horizon, "episodes_per_step": self.episodes_per_step,
+                         "reward_scale": self.reward_scale,
                          "controller_state": self.controller.state_dict(), "last_step": self.last_step},
                 "attributes": {}}
 
