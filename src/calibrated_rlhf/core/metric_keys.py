@@ -202,6 +202,26 @@ RL_EVAL_FINAL_BETA = "rl/eval/final_beta"
 RL_EVAL_UPDATES = "rl/eval/updates"
 RL_EVAL_RUNTIME_S = "rl/eval/runtime_s"
 
+# ---- dpo: TRL's DPO, and its implicit reward calibrated like a reward model ---------------------------------
+
+def dpo_train(name: str) -> str:
+    """A curve of TRL's DPO log (``loss``, ``margin``, ``accuracy``, ``runtime_s``)."""
+    return f"dpo/train/{name}"
+
+
+DPO_TRAIN_LOSS = dpo_train("loss")
+
+
+def dpo_key(key: str) -> str:
+    """``calibration/test_nll_after`` -> ``dpo/calibration/test_nll_after``: the implicit reward's figures sit
+    beside the reward model's, never on them."""
+    return f"dpo/{key}"
+
+
+DPO_CALIBRATION_TEMPERATURE = dpo_key(CALIBRATION_TEMPERATURE)
+DPO_CALIBRATION_TEST_NLL_AFTER = dpo_key(CALIBRATION_TEST_NLL_AFTER)
+DPO_CALIBRATION_TEST_ECE_AFTER = dpo_key(CALIBRATION_TEST_ECE_AFTER)
+
 # ---- ensemble: the calibrated aggregate against its members ------------------------------------------------
 
 ENSEMBLE_SIZE = "ensemble/size"
