@@ -52,6 +52,13 @@ def test_fixed_beta_stays_and_state_rebuilds_the_callback():
     rebuilt = KLControlCallback.from_state(adaptive.state())
     assert rebuilt.controller.state_dict() == adaptive.controller.state_dict() and rebuilt.last_step == 3
     assert isinstance(rebuilt.controller, AdaptiveKLController) and rebuilt.beta != 0.3
+    # without the z-score the trainer applies beta times the optimized reward's scale, as PPO does
+    scaled = KLControlCallback("adaptive", beta=0.3, kl_target=2.0, horizon=100, episodes_per_step=4, reward_scale=2.5)
+    scaled.bind(trainer)
+    assert trainer.beta == pytest.approx(0.75)
+    logs = {"kl": 5.0, "completions/mean_length": 10.0}
+    scaled.on_log(None, SimpleNamespace(global_step=1), None, logs=logs)
+    assert trainer.beta == pytest.approx(2.5 * logs[BETA_NEXT]) and logs[BETA] == pytest.approx(0.3)
     with pytest.raises(ValueError, match="beta > 0"):
         KLControlCallback("adaptive", beta=0.0)
 
