@@ -115,9 +115,10 @@ def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str)
     verdict = frontier_verdict(table)
     from calibrated_rlhf.reporting.render import markdown_table
 
-    lines = ["# Gold reward against KL, per method", "", markdown_table(points), "",
+    shown = table.reset_index().round(4).astype(object).where(table.reset_index().notna(), "")
+    lines = ["# Gold reward against KL, per method", "", markdown_table(points.round(4)), "",
              "## Gold gain at matched KL (linear in sqrt(KL) between runs; blank: not measured there)", "",
-             markdown_table(table.reset_index()), "", f"**{verdict.claim}: {verdict.status}.** {verdict.evidence}"]
+             markdown_table(shown), "", f"**{verdict.claim}: {verdict.status}.** {verdict.evidence}"]
     if verdict.missing:
         lines.append(f"Missing methods: {', '.join(verdict.missing)}.")
     (out / "frontier.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -132,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="calibrated_rlhf")
-    parser.add_argument("--scenario", default="frontier", help="the scenario tag of the runs to plot")
+    parser.add_argument("--scenario", default="frontier", help="the scenario tag of the runs to plot ('': every run)")
     parser.add_argument("--kl", default="1,2,4,8", help="matched KL levels, nats per sequence, comma separated")
     parser.add_argument("--out", default="reports/frontier")
     args = parser.parse_args(argv)
-    runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,)))
+    runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,) if args.scenario else ()))
     paths = write_report(frontier_points(runs), [float(k) for k in args.kl.split(",")], args.out)
     for note in notes:
         print(note)
