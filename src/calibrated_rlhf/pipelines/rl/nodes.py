@@ -51,8 +51,10 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier, offset)
+    # The KL weight follows the scale known at calibration time (the original transform), as PPO's does: in
+    # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
     result = trainers.train(params.trainer_config(), reference_policy, tokenizer, text_prompts(train_pairs),
-                            ScoreReward(score_fn, tokenizer), reward_scale=transform.scale_of(method))
+                            ScoreReward(score_fn, tokenizer), reward_scale=original.scale_of(method))
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
     figure = plots.kl_control([p["step"] for p in points], [p[SEQUENCE_KL] for p in points],
                               [p[BETA] for p in points], params.kl_target, params.kl_control)
