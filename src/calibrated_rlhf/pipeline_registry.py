@@ -53,6 +53,9 @@ class RegistryState:
 
 _SHAPE = RegistryState()
 
+# Pipelines of RL methods besides PPO: registered, but outside `__default__`.
+ALTERNATIVE_METHODS = ("rl", "dpo")
+
 
 def use_config(config_loader: Any) -> None:
     """Shape the pipelines by this configuration (``None``: by the CLI's environment again)."""
@@ -126,9 +129,10 @@ def register_pipelines() -> dict[str, Pipeline]:
                 pipelines[stage] = sum((reward_ensemble.member_pipeline(i, stage) for i in range(size)), Pipeline([]))
         if "calibration" in pipelines:
             pipelines["calibration"] += reward_ensemble.create_pipeline(ensemble_size=size)
-        for stage in ("normalization", "ppo"):
+        for stage in ("normalization", "ppo", "rl"):
             if stage in pipelines:
                 pipelines[stage] = reward_ensemble.assembly_pipeline(size) + pipeline(
                     pipelines[stage], inputs={"reward_model": "reward_ensemble"})
-    pipelines["__default__"] = sum(pipelines.values())
+    # The alternatives to PPO run on request (`kedro run --pipelines rl`): the default DAG stays one method.
+    pipelines["__default__"] = sum(p for name, p in pipelines.items() if name not in ALTERNATIVE_METHODS)
     return pipelines

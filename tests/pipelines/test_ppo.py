@@ -158,6 +158,7 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
     ev = {k: v["value"] for k, v in {**out["ppo_evaluation"], **out["ppo_summary"]}.items()}
     assert ev["ppo/eval/updates"] == 3 and ev["ppo/eval/final_beta"] == history["ppo/objective/beta"][-1]["value"]
     assert ev["ppo/eval/gold_gain_ci_low"] <= ev["ppo/eval/gold_gain"] <= ev["ppo/eval/gold_gain_ci_high"]
+    assert ev["ppo/eval/kl_reference_ci_low"] <= ev["ppo/eval/kl_reference"] <= ev["ppo/eval/kl_reference_ci_high"]
     assert {"prompt", "response"} <= set(out["ppo_samples"].columns) and len(out["ppo_samples"]) > 0
     runs = list((tmp_path / "ckpt").iterdir())
     assert len(runs) == 1 and any(runs[0].iterdir())  # this run's own folder

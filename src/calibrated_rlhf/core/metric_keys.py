@@ -163,6 +163,64 @@ PPO_EVAL_GOLD_POLICY = "ppo/eval/gold_policy"
 PPO_EVAL_GOLD_GAIN = "ppo/eval/gold_gain"
 PPO_EVAL_GOLD_GAIN_CI_LOW = "ppo/eval/gold_gain_ci_low"
 PPO_EVAL_GOLD_GAIN_CI_HIGH = "ppo/eval/gold_gain_ci_high"
+# The final policy's per-sequence KL to the reference on the evaluation's own samples (core.evaluation).
+PPO_EVAL_KL_REFERENCE = "ppo/eval/kl_reference"
+PPO_EVAL_KL_REFERENCE_CI_LOW = "ppo/eval/kl_reference_ci_low"
+PPO_EVAL_KL_REFERENCE_CI_HIGH = "ppo/eval/kl_reference_ci_high"
+# The ppo/eval/gold_* and ppo/eval/kl_reference* keys are the one evaluation protocol of every RL method:
+# RLOO, GRPO and DPO runs log their final policy's figures under them too (the run's rl/algorithm tag says
+# which method), so the report compares like with like.
+
+# ---- rl: TRL's RLOO and GRPO, per update (the trainer's log, renamed) --------------------------------------
+
+RL_ALGORITHM_TAG = "rl/algorithm"  # a tag, not a metric: rloo | grpo | dpo
+RL_KL = "rl/objective/kl"  # per sequence: TRL's per-token mean times the mean completion length
+RL_KL_PER_TOKEN = "rl/objective/kl_per_token"
+RL_BETA = "rl/objective/beta"  # the beta this update used
+RL_BETA_NEXT = "rl/objective/beta_next"
+RL_SCORE = "rl/objective/score"  # the optimized reward, before the KL penalty
+RL_RESPONSE_LENGTH = "rl/rollout/response_length"
+RL_CLIPPED_FRACTION = "rl/rollout/clipped_fraction"  # completions cut at response_length (no EOS)
+RL_ENTROPY = "rl/policy/entropy"
+RL_LOSS = "rl/losses/total"
+RL_GRAD_NORM = "rl/optim/grad_norm"
+RL_LR = "rl/optim/lr"
+
+
+def rl_reward(name: str) -> str:
+    """Batch mean of one entry of the score function (``raw``, ``calibrated``, ``normalized``, ``gold``, ...)."""
+    return f"rl/rewards/{name}"
+
+
+RL_REWARD_GOLD = rl_reward("gold")
+
+# ---- rl: once, at the end (KL tracking over training; core.kl_tracking) ------------------------------------
+
+RL_EVAL_KL_SECOND_HALF_MEAN = "rl/eval/kl_second_half_mean"
+RL_EVAL_KL_TRACKING_ERROR = "rl/eval/kl_tracking_error"
+RL_EVAL_FINAL_BETA = "rl/eval/final_beta"
+RL_EVAL_UPDATES = "rl/eval/updates"
+RL_EVAL_RUNTIME_S = "rl/eval/runtime_s"
+
+# ---- dpo: TRL's DPO, and its implicit reward calibrated like a reward model ---------------------------------
+
+def dpo_train(name: str) -> str:
+    """A curve of TRL's DPO log (``loss``, ``margin``, ``accuracy``, ``runtime_s``)."""
+    return f"dpo/train/{name}"
+
+
+DPO_TRAIN_LOSS = dpo_train("loss")
+
+
+def dpo_key(key: str) -> str:
+    """``calibration/test_nll_after`` -> ``dpo/calibration/test_nll_after``: the implicit reward's figures sit
+    beside the reward model's, never on them."""
+    return f"dpo/{key}"
+
+
+DPO_CALIBRATION_TEMPERATURE = dpo_key(CALIBRATION_TEMPERATURE)
+DPO_CALIBRATION_TEST_NLL_AFTER = dpo_key(CALIBRATION_TEST_NLL_AFTER)
+DPO_CALIBRATION_TEST_ECE_AFTER = dpo_key(CALIBRATION_TEST_ECE_AFTER)
 
 # ---- ensemble: the calibrated aggregate against its members ------------------------------------------------
 
@@ -183,4 +241,4 @@ def member_key(key: str, member: int) -> str:
 # ---- namespaces --------------------------------------------------------------------------------------------
 
 # A run with no metric under these did not train anything (a reporting run, an aborted one).
-TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/")
+TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/", "rl/", "dpo/")

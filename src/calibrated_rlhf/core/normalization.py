@@ -459,7 +459,8 @@ class RewardTransform:
         weight must follow the reward's own scale for beta to keep its meaning. ``minmax_batch`` has no
         fixed scale (that is its problem), so it counts as 1.
         """
-        scales = {"zscore": 1.0, "none": self.std, "raw": self.std * self.temperature, "minmax_batch": 1.0}
+        scales = {"zscore": 1.0, "none": self.std, "raw": self.std * self.temperature, "minmax_batch": 1.0,
+                  "running_zscore": 1.0, "whiten_batch": 1.0, "calibrated_clip": self.std}
         if method not in scales:
             raise ValueError(f"normalization method must be one of {sorted(scales)}, got {method!r}")
         return scales[method]
@@ -500,13 +501,21 @@ class RewardTransform:
         return cls(**{key: _require(data, key, name) for key in fields}, ensemble=data.get("ensemble"))
 
 
-NormalizationMethod = Literal["zscore", "none", "minmax_batch", "raw"]
+NormalizationMethod = Literal["zscore", "none", "minmax_batch", "raw", "running_zscore", "whiten_batch",
+                              "calibrated_clip"]
 """What RL optimizes: ``zscore`` the frozen z-score of calibrated rewards (the default); ``none`` the
 calibrated reward ``r / T``; ``minmax_batch`` a per-batch min-max of the raw reward (the baseline argued
-against); ``raw`` the reward model's output itself (the scale experiment's control)."""
+against); ``raw`` the reward model's output itself (the scale experiment's control); ``running_zscore`` the
+z-score of calibrated rewards against their running mean and std, updated with every batch during RL and
+clipped (TRL's ``use_score_scaling`` + ``use_score_norm`` + ``score_clip``); ``whiten_batch`` calibrated rewards
+whitened within each batch (``whiten_rewards``); ``calibrated_clip`` the calibrated reward clipped at
+``+-clip`` (a score clip in logit units)."""
 
 OPTIMIZED: dict[str, str] = {"zscore": "normalized", "none": "calibrated", "minmax_batch": "minmax_batch",
-                             "raw": "raw"}  # method -> which reward RL optimizes
+                             "raw": "raw", "running_zscore": "running_zscore", "whiten_batch": "whiten_batch",
+                             "calibrated_clip": "calibrated_clip"}  # method -> which reward RL optimizes
+# The methods whose reward depends on the batch or on the batches before it, not on the response alone.
+BATCH_DEPENDENT = ("minmax_batch", "running_zscore", "whiten_batch")
 
 
 class NormalizationParams(BaseModel):
@@ -517,7 +526,9 @@ class NormalizationParams(BaseModel):
     method: NormalizationMethod = Field(
         "zscore", description="What RL optimizes: zscore (the frozen z-score of calibrated rewards), none "
         "(calibrated r / T; the transform keeps mean 0, std 1), minmax_batch (per-batch min-max of the raw "
-        "reward, the baseline argued against) or raw (the reward model's output: the scale experiment's control).")
+        "reward, the baseline argued against), raw (the reward model's output: the scale experiment's control), "
+        "running_zscore (calibrated rewards against their running mean and std during RL, clipped at clip), "
+        "whiten_batch (calibrated rewards whitened per batch) or calibrated_clip (r / T clipped at +-clip).")
     reference: Literal["dataset_responses", "policy_samples"] = Field(
         "policy_samples",
         description="dataset_responses: the held-out pairs' chosen and rejected responses; policy_samples: "
@@ -546,6 +557,38 @@ def minmax_batch(raw: np.ndarray) -> np.ndarray:
     raw = np.asarray(raw, dtype=np.float64)
     span = raw.max() - raw.min() if raw.size else 0.0
     return (raw - raw.min()) / span if span > 0 else np.zeros_like(raw)
+
+
+def whiten_batch(values: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Per-batch whitening: zero mean and unit (population) std within the batch; a constant batch
+    becomes all zeros."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return np.zeros_like(values)
+    return (values - values.mean()) / (values.std() + eps)
+
+
+class RunningNormalizer:
+    """The z-score of each batch against the running mean and std of every batch so far, itself included
+    (TRL's ``use_score_scaling`` with ``use_score_norm``), clipped at ``+-clip``. Its state is the running
+    moments (``state_dict``), which a resumed run must restore to continue the same rewards."""
+
+    def __init__(self, clip: float | None) -> None:
+        self.clip = clip
+        self.moments = RunningMoments()
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        self.moments.update(values)
+        std = self.moments.std
+        z = (values - self.moments.mean) / std if std > 0 else np.zeros_like(values)
+        return np.clip(z, -self.clip, self.clip) if self.clip is not None else z
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.moments.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.moments = RunningMoments(int(state["count"]), float(state["mean"]), float(state["m2"]))
 
 
 def transform_from_stats(

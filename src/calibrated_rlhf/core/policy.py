@@ -107,7 +107,7 @@ def decode_response(tokenizer: Any, prompt: Any, prompt_ids: list[int], response
 
 
 @torch.inference_mode()
-def sample_responses(
+def sample_ids(
     policy: PreTrainedModel,
     tokenizer: Any,
     prompts: list[Any],
@@ -116,8 +116,9 @@ def sample_responses(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-) -> list[tuple[Any, str]]:
-    """(prompt, response) pairs sampled from ``policy`` with a KV cache (plain ancestral sampling).
+) -> list[tuple[Any, list[int], list[int]]]:
+    """(prompt, prompt ids, response ids up to and including the stop token) sampled from ``policy`` with a KV
+    cache (plain ancestral sampling), ``samples_per_prompt`` per prompt in prompt order.
 
     Text prompts are continued up to EOS; conversational prompts (message lists) are rendered with the chat
     template's generation prompt and answered up to the template's end of turn (``core.chat``).
@@ -129,7 +130,7 @@ def sample_responses(
     pad = tokenizer.pad_token_id
     rendered = prompt_ids(tokenizer, prompts)
     jobs = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
-    out: list[tuple[Any, str]] = []
+    out: list[tuple[Any, list[int], list[int]]] = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         ids = [rendered[i] for i in batch]
@@ -141,6 +142,27 @@ def sample_responses(
                               top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stop,
                               pad_token_id=pad, use_cache=True)
         for i, p_ids, row in zip(batch, ids, gen[:, width:].tolist()):
-            response = row[: row.index(stop)] if stop in row else row
-            out.append((prompts[i], decode_response(tokenizer, prompts[i], p_ids, response)))
+            out.append((prompts[i], p_ids, row[: row.index(stop) + 1] if stop in row else row))
     return out
+
+
+def decode_samples(tokenizer: Any, rows: list[tuple[Any, list[int], list[int]]]) -> list[str]:
+    """The text of each sample of :func:`sample_ids` as the reward model reads it, its stop token dropped."""
+    stop = stop_token_id(tokenizer, [prompt for prompt, _, _ in rows])
+    return [decode_response(tokenizer, prompt, p_ids, response[:-1] if response[-1:] == [stop] else response)
+            for prompt, p_ids, response in rows]
+
+
+def sample_responses(
+    policy: PreTrainedModel,
+    tokenizer: Any,
+    prompts: list[Any],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[tuple[Any, str]]:
+    """(prompt, response) pairs sampled from ``policy`` (:func:`sample_ids`, decoded by :func:`decode_samples`)."""
+    rows = sample_ids(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature, seed, batch_size)
+    return list(zip([prompt for prompt, _, _ in rows], decode_samples(tokenizer, rows)))

@@ -19,7 +19,7 @@ import torch
 from calibrated_rlhf.core.chat import response_text
 from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
-                                                minmax_batch)
+                                                RunningNormalizer, minmax_batch, whiten_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
@@ -108,25 +108,38 @@ def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any
 def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
                 offset: float | None = None) -> Callable[[list, list], dict[str, torch.Tensor]]:
     """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
-    under normalization ``method``, and, for an ensemble, ``ensemble_std``.
+    under normalization ``method`` (also under its own name when computed from the batch), and, for an
+    ensemble, ``ensemble_std``. ``running_zscore`` keeps its running moments in ``score_fn.normalizer``.
 
     On the synthetic task it adds ``gold`` and, given ``offset`` (:func:`gold_offset`), ``gold_gap``:
     calibrated proxy minus the true logit ``scale * gold``, relative to the reference set, so it starts
     near 0 and grows when RL exploits the reward model's errors (calibrated-logit units).
     """
 
+    clip = scorer.transform.clip if scorer.transform is not None else None
+    running = RunningNormalizer(clip) if method == "running_zscore" else None
+    batch_forms = {  # the methods computed from the batch (and, for running_zscore, the batches before it)
+        "minmax_batch": lambda s: minmax_batch(s.raw),
+        "whiten_batch": lambda s: whiten_batch(s.calibrated),
+        "running_zscore": lambda s: running(s.calibrated),
+        "calibrated_clip": lambda s: np.clip(s.calibrated, -clip, clip) if clip is not None else s.calibrated,
+    }
+
     def score_fn(prompts: list, responses: list) -> dict[str, torch.Tensor]:
         scored = scorer.score(prompts, responses)
         out = {"raw": scored.raw, "calibrated": scored.calibrated, "normalized": scored.normalized}
         if scored.ensemble_std is not None:
             out["ensemble_std"] = scored.ensemble_std
-        out["score"] = minmax_batch(scored.raw) if method == "minmax_batch" else out[OPTIMIZED[method]]
+        if method in batch_forms:
+            out[OPTIMIZED[method]] = batch_forms[method](scored)
+        out["score"] = out[OPTIMIZED[method]]
         if task is not None:
             out["gold"] = np.array([task.gold_reward(response_text(r)) for r in responses])
             if offset is not None:
                 out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - offset
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
+    score_fn.normalizer = running
     return score_fn
 
 

@@ -8,20 +8,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core import plots, scoring
+from calibrated_rlhf.core import evaluation, plots, scoring
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.lora import merged
-from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
-from calibrated_rlhf.core.policy import sample_responses
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
@@ -325,28 +322,13 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
 def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pairs: pd.DataFrame,
                     synthetic_task: dict[str, Any], params: PPOParams) -> dict[str, dict[str, float]]:
     """Gold reward of the final policy against the reference policy on test prompts, with a 95% interval
-    of the gain paired by prompt (synthetic task only: elsewhere there is no gold reward)."""
+    of the gain paired by prompt, and the KL to the reference on the same samples: the one evaluation
+    protocol of every RL method (``core.evaluation``; synthetic task only: elsewhere there is no gold reward)."""
     values: dict[str, float] = {}
     if synthetic_task:
-        task = SyntheticTask.from_dict(synthetic_task)
         ev = params.evaluation
-        prompts = distinct_prompts(test_pairs)[: ev.n_prompts]
-        length = params.trainer.response_length
-
-        def gold_per_prompt(model: Any) -> np.ndarray:
-            rows = sample_responses(model, tokenizer, prompts, ev.samples_per_prompt, length, seed=ev.seed)
-            g = np.array([task.gold_reward(r) for _, r in rows]).reshape(len(prompts), ev.samples_per_prompt)
-            return g.mean(axis=1)
-
-        with Progress(2, "evaluation (reference, final policy)") as bar:
-            ref = gold_per_prompt(reference_policy)
-            bar.update(1, gold_reference=float(ref.mean()))
-            new = gold_per_prompt(policy)
-            bar.update(1, gold_policy=float(new.mean()))
-        gain = new - ref
-        half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))
-        values |= {keys.PPO_EVAL_GOLD_REFERENCE: float(ref.mean()), keys.PPO_EVAL_GOLD_POLICY: float(new.mean()),
-                   keys.PPO_EVAL_GOLD_GAIN: float(gain.mean()), keys.PPO_EVAL_GOLD_GAIN_CI_LOW: float(gain.mean() - half),
-                   keys.PPO_EVAL_GOLD_GAIN_CI_HIGH: float(gain.mean() + half)}
+        values = evaluation.evaluate_policy(policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
+                                            SyntheticTask.from_dict(synthetic_task), ev.samples_per_prompt,
+                                            params.trainer.response_length, ev.seed).metrics()
     log.info("PPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)

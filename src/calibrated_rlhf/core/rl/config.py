@@ -1,0 +1,60 @@
+"""The hyperparameters of an RLOO or GRPO run (TRL's trainers), named as PPO's where the concept is PPO's."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RLAlgorithm = Literal["rloo", "grpo"]
+
+
+class RLConfig(BaseModel):
+    """What :func:`calibrated_rlhf.core.rl.trainers.build_trainer` hands to TRL's ``RLOOConfig`` / ``GRPOConfig``.
+
+    ``beta`` is in the units of the optimized reward per nat, as PPO's: with the frozen z-score, normalized
+    reward units. RLOO subtracts ``beta`` times each sequence's k1 KL from its reward (Ziegler et al.); GRPO
+    adds ``beta`` times the per-token k3 KL to its loss.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
+
+    algorithm: RLAlgorithm = Field("rloo", description="rloo (TRL RLOOTrainer) | grpo (TRL GRPOTrainer).")
+    seed: int = Field(0, description="Seed of the prompt order, sampling and initialization.")
+    num_updates: int = Field(60, gt=0, description="Optimizer steps (one generation batch each).")
+    batch_size: int = Field(32, gt=0, description="Completions per update and process; a multiple of num_generations.")
+    num_generations: int = Field(4, ge=2, description="Completions per prompt: the group (GRPO) or the "
+                                 "leave-one-out baseline's (RLOO).")
+    response_length: int = Field(24, gt=0, description="Maximum new tokens sampled per completion.")
+    sampling_temperature: float = Field(1.0, gt=0, description="Temperature of the policy's sampling.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate, linear decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    num_iterations: int = Field(1, gt=0, description="Optimization passes over each generation batch.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
+    kl_control: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: the project's Ziegler controller sets beta after each update from the "
+        "per-sequence KL; fixed: beta stays as given (TRL's own behaviour).")
+    beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat.")
+    kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the adaptive controller, nats.")
+    kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes.")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="GRPO only: divide rewards by the group's (group), the batch's (batch) or no (none) "
+        "standard deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score.")
+    normalize_advantages: bool | None = Field(
+        None, description="RLOO only: whiten the advantages over the batch; null = TRL's default (off).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RLConfig":
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                             f"({self.num_generations})")
+        if self.algorithm != "grpo" and self.scale_rewards is not None:
+            raise ValueError(f"scale_rewards is GRPO's; algorithm is {self.algorithm!r}: leave it null")
+        if self.algorithm != "rloo" and self.normalize_advantages is not None:
+            raise ValueError(f"normalize_advantages is RLOO's; algorithm is {self.algorithm!r}: leave it null")
+        return self
+
+    @property
+    def episodes_per_update(self) -> int:
+        """Completions one update trains on, per process (new ones when ``num_iterations`` is 1)."""
+        return self.batch_size

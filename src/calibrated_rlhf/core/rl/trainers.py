@@ -1,0 +1,98 @@
+"""TRL's RLOO and GRPO trainers built from :class:`RLConfig`, with the project's KL controller attached."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.rl.config import RLConfig
+from calibrated_rlhf.core.rl import kl_control
+from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
+from calibrated_rlhf.core.rl.reward import SCORE_NAME, reward_metric
+from calibrated_rlhf.core.staging import staging_dir
+
+# TRL's log record -> the project's metric key (core.metric_keys), for every figure the stage tracks.
+METRIC_KEYS: dict[str, str] = {
+    kl_control.SEQUENCE_KL: keys.RL_KL, kl_control.TRL_KL: keys.RL_KL_PER_TOKEN, kl_control.BETA: keys.RL_BETA,
+    kl_control.BETA_NEXT: keys.RL_BETA_NEXT, f"rewards/{SCORE_NAME}/mean": keys.RL_SCORE,
+    kl_control.TRL_MEAN_LENGTH: keys.RL_RESPONSE_LENGTH, "completions/clipped_ratio": keys.RL_CLIPPED_FRACTION,
+    "entropy": keys.RL_ENTROPY, "loss": keys.RL_LOSS, "grad_norm": keys.RL_GRAD_NORM, "learning_rate": keys.RL_LR,
+    **{reward_metric(name): keys.rl_reward(name)
+       for name in ("raw", "calibrated", "normalized", "minmax_batch", "gold", "gold_gap", "ensemble_std")},
+}
+
+
+def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None = None) -> Any:
+    """TRL's ``RLOOConfig`` or ``GRPOConfig``: one log record per update (the controller reads each)."""
+    from trl import GRPOConfig, RLOOConfig
+
+    common = dict(
+        output_dir=str(output_dir), seed=config.seed, data_seed=config.seed, max_steps=config.num_updates,
+        per_device_train_batch_size=config.batch_size, num_generations=config.num_generations,
+        max_completion_length=config.response_length, temperature=config.sampling_temperature,
+        learning_rate=config.learning_rate, max_grad_norm=config.max_grad_norm,
+        num_iterations=config.num_iterations, epsilon=config.epsilon, beta=config.beta,
+        # one generation per update: a checkpoint then never falls inside a generation buffer
+        gradient_accumulation_steps=1, steps_per_generation=1,
+        logging_steps=1, report_to=[], disable_tqdm=True, bf16=False, activation_checkpointing=False,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        restore_callback_states_from_checkpoint=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        model_init_kwargs={"dtype": torch.float32},
+    )
+    if config.algorithm == "grpo":
+        extra = {"scale_rewards": config.scale_rewards} if config.scale_rewards is not None else {}
+        return GRPOConfig(**common, **extra)
+    extra = ({"normalize_advantages": config.normalize_advantages}
+             if config.normalize_advantages is not None else {})
+    return RLOOConfig(**common, **extra)
+
+
+def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prompts: list[str], reward: Any,
+                  output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0
+                  ) -> tuple[Any, HistoryCallback]:
+    """The trainer and the recorder of its log. The policy and TRL's frozen reference are both loaded from
+    ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to."""
+    from datasets import Dataset
+    from trl import GRPOTrainer, RLOOTrainer
+
+    cls = GRPOTrainer if config.algorithm == "grpo" else RLOOTrainer
+    if len(prompts) < config.batch_size // config.num_generations:
+        raise ValueError(f"{len(prompts)} prompts < one update's {config.batch_size // config.num_generations}")
+    trainer = cls(model=str(policy_dir), reward_funcs=[reward], args=trl_config(config, output_dir, save_steps),
+                  train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer)
+    attach_kl_control(trainer, KLControlCallback(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
+                                                 episodes_per_step=config.episodes_per_update,
+                                                 reward_scale=reward_scale))
+    history = HistoryCallback()
+    trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
+    return trainer, history
+
+
+@dataclass
+class RLResult:
+    policy: Any
+    history: list[dict[str, float]]  # TRL's log records with the KL callback's figures, one per update
+    runtime_s: float
+
+
+def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
+          reward_scale: float = 1.0, workdir: str | Path | None = None) -> RLResult:
+    """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
+    frozen reference from); returns the trained policy on CPU and the per-update records."""
+    with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
+        reference_policy.save_pretrained(Path(work) / "reference_policy")
+        trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward,
+                                         Path(work) / "trainer", reward_scale=reward_scale)
+        start = time.perf_counter()
+        trainer.train()
+        runtime = time.perf_counter() - start
+    points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
+    return RLResult(trainer.model.to("cpu").eval(), points, runtime)

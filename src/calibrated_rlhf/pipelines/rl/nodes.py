@@ -1,0 +1,85 @@
+"""Nodes of ``rl``: thin adapters over ``calibrated_rlhf.core.rl`` and ``core.evaluation``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import Field
+
+from calibrated_rlhf.core import evaluation, plots
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
+from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
+from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.rl import trainers
+from calibrated_rlhf.core.rl.config import RLConfig
+from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
+from calibrated_rlhf.core.rl.reward import ScoreReward
+from calibrated_rlhf.core.synthetic import SyntheticTask
+from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
+from calibrated_rlhf.pipelines.ppo.nodes import EvaluationParams, check_transform_matches, gold_offset, make_score_fn
+
+log = logging.getLogger(__name__)
+
+
+class RLParams(RLConfig):
+    """The RL stage: the trainer's hyperparameters (``rl.algorithm`` chooses RLOO or GRPO), the reward
+    optimized, and the evaluation (PPO's protocol)."""
+
+    raw_reward_multiplier: float = Field(
+        1.0, gt=0, description="Multiplies the reward model's raw output: the scale experiment (a in {0.25, 1, 4}).")
+    evaluation: EvaluationParams = EvaluationParams()
+
+    def trainer_config(self) -> RLConfig:
+        return RLConfig(**self.model_dump(include=set(RLConfig.model_fields)))
+
+
+def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_transform: dict[str, Any],
+             reference_responses: pd.DataFrame, train_pairs: pd.DataFrame, synthetic_task: dict[str, Any],
+             params: RLParams, normalization: NormalizationParams = NormalizationParams(),
+             ) -> tuple[Any, dict[str, list[dict[str, float]]], Figure, dict[str, dict[str, float]], dict[str, str]]:
+    """RLOO or GRPO from the reference policy on the reward ``normalization.method`` names, through the
+    frozen transform; returns the policy, per-update curves, the KL-control plot, the summary and tags."""
+    method = normalization.method
+    original = RewardTransform.from_dict(reward_transform)
+    check_transform_matches(original, reward_model)
+    transform = original.rescaled(params.raw_reward_multiplier)
+    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
+              if task is not None else None)
+    score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier, offset)
+    # The KL weight follows the scale known at calibration time (the original transform), as PPO's does: in
+    # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
+    result = trainers.train(params.trainer_config(), reference_policy, tokenizer, text_prompts(train_pairs),
+                            ScoreReward(score_fn, tokenizer), reward_scale=original.scale_of(method))
+    points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
+    figure = plots.kl_control([p["step"] for p in points], [p[SEQUENCE_KL] for p in points],
+                              [p[BETA] for p in points], params.kl_target, params.kl_control)
+    return (result.policy, as_history(points, trainers.METRIC_KEYS), figure,
+            training_summary(points, params, result.runtime_s), {keys.RL_ALGORITHM_TAG: params.algorithm})
+
+
+def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s: float) -> dict[str, dict[str, float]]:
+    """How well KL tracked its target over the second half of training (``core.kl_tracking``), the final beta."""
+    tracking = summarize_kl_tracking([p[SEQUENCE_KL] for p in points], params.kl_target, [p[BETA] for p in points])
+    values = {keys.RL_EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
+              keys.RL_EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error, keys.RL_EVAL_FINAL_BETA: tracking.final_beta,
+              keys.RL_EVAL_UPDATES: float(tracking.updates), keys.RL_EVAL_RUNTIME_S: runtime_s}
+    log.info("%s training: %s", params.algorithm.upper(), {k: round(v, 4) for k, v in values.items()})
+    return as_metrics(values)
+
+
+def evaluate_rl_policy(rl_policy: Any, reference_policy: Any, tokenizer: Any, test_pairs: pd.DataFrame,
+                       synthetic_task: dict[str, Any], params: RLParams) -> dict[str, dict[str, float]]:
+    """The one evaluation protocol (``core.evaluation``): gold gain over the reference with a 95% interval
+    and the KL to the reference on the same samples, under PPO's evaluation keys."""
+    ev = params.evaluation
+    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    result = evaluation.evaluate_policy(rl_policy, reference_policy, tokenizer, text_prompts(test_pairs)[: ev.n_prompts],
+                                        task, ev.samples_per_prompt, params.response_length, ev.seed)
+    values = result.metrics()
+    log.info("%s evaluation: %s", params.algorithm.upper(), {k: round(v, 4) for k, v in values.items()})
+    return as_metrics(values)

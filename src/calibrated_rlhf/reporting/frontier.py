@@ -1,0 +1,148 @@
+"""The gold-reward-against-KL frontier of every RL method (PPO, RLOO, GRPO, DPO), from recorded runs.
+
+Each run contributes one point from the one evaluation protocol (``core.evaluation``): the final policy's KL to
+the reference on its own samples (``ppo/eval/kl_reference``) and its gold-reward gain over the reference with a
+95% interval (``ppo/eval/gold_gain*``). The plot puts gold gain against sqrt(KL), as Gao et al. (2022) plot
+over-optimization; the table interpolates each method's gain at matched KL values, and the verdict names the
+method with the most gold reward per nat at each, from those numbers. Plain pandas: ``runs`` reads MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.reporting.table import as_float, tag_values
+from calibrated_rlhf.reporting.verdicts import Verdict
+
+# The KL budget each method was run at: the controllers' target, or DPO's beta.
+BUDGET_PARAMS = {"ppo": "ppo.trainer.kl_target", "rloo": "rl.kl_target", "grpo": "rl.kl_target",
+                 "dpo": "dpo.trainer.beta"}
+METHODS = ("ppo", "rloo", "grpo", "dpo")
+
+
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    return runs[name] if name in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
+
+
+def method_of(runs: pd.DataFrame) -> pd.Series:
+    """Each run's method: its ``rl/algorithm`` tag, else ``ppo`` where it logged PPO training, else None."""
+    tagged = tag_values(runs, keys.RL_ALGORITHM_TAG)
+    ppo = _column(runs, f"metrics.{keys.PPO_EVAL_UPDATES}").map(as_float).notna()
+    return pd.Series([t if t else ("ppo" if p else None) for t, p in zip(tagged, ppo)], index=runs.index, dtype=object)
+
+
+def frontier_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that has the protocol's figures: method, budget, KL, sqrt(KL), gold gain and interval."""
+    methods = method_of(runs)
+    rows = []
+    for i, run in runs.iterrows():
+        method = methods[i]
+        kl = as_float(run.get(f"metrics.{keys.PPO_EVAL_KL_REFERENCE}"))
+        gain = as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN}"))
+        if method is None or math.isnan(kl) or math.isnan(gain):
+            continue
+        rows.append({"run_id": run["run_id"], "method": method,
+                     "budget": as_float(run.get(f"params.{BUDGET_PARAMS.get(method, '')}")),
+                     "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)), "gold_gain": gain,
+                     "gold_gain_ci_low": as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN_CI_LOW}")),
+                     "gold_gain_ci_high": as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN_CI_HIGH}"))})
+    columns = ["run_id", "method", "budget", "kl", "sqrt_kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["method", "kl"], kind="stable").reset_index(drop=True)
+
+
+def frontier_figure(points: pd.DataFrame) -> Figure:
+    """Gold gain (95% interval) against sqrt(KL to the reference), one line per method."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method, group in points.groupby("method", sort=True):
+        err = np.vstack([group["gold_gain"] - group["gold_gain_ci_low"], group["gold_gain_ci_high"] - group["gold_gain"]])
+        ax.errorbar(group["sqrt_kl"], group["gold_gain"], yerr=np.nan_to_num(err), marker="o", capsize=3,
+                    label=method)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("sqrt(KL to the reference policy), sqrt(nats per sequence)")
+    ax.set_ylabel("gold reward gain over the reference")
+    ax.set_title("Gold reward against KL, per method")
+    if len(points):
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def matched_kl_table(points: pd.DataFrame, kl_levels: Sequence[float]) -> pd.DataFrame:
+    """Each method's gold gain at each KL level, linear in sqrt(KL) between its runs; NaN outside their range
+    (no extrapolation: a method not run that far has no figure there)."""
+    table = {}
+    for method, group in points.groupby("method", sort=True):
+        x, y = group["sqrt_kl"].to_numpy(), group["gold_gain"].to_numpy()
+        table[method] = [float(np.interp(math.sqrt(k), x, y)) if x.min() <= math.sqrt(k) <= x.max() else math.nan
+                         for k in kl_levels]
+    return pd.DataFrame(table, index=pd.Index(list(kl_levels), name="kl"))
+
+
+def frontier_verdict(table: pd.DataFrame) -> Verdict:
+    """Which method buys the most gold reward at each matched KL where at least two methods were measured."""
+    found = []
+    for kl, row in table.iterrows():
+        measured = row.dropna()
+        if len(measured) >= 2:
+            found.append(f"at KL {kl:g}: {measured.idxmax()} ({measured.max():.3f}; "
+                         + ", ".join(f"{m} {v:.3f}" for m, v in measured.drop(measured.idxmax()).items()) + ")")
+    missing = tuple(m for m in METHODS if m not in table.columns)
+    if not found:
+        return Verdict("frontier", "one method buys the most gold reward per nat of KL", None,
+                       "fewer than two methods measured at a common KL", missing)
+    leaders = {s.split(": ")[1].split(" ")[0] for s in found}
+    holds = len(leaders) == 1
+    claim = (f"{leaders.pop()} buys the most gold reward at every matched KL" if holds
+             else "one method buys the most gold reward per nat of KL")
+    return Verdict("frontier", claim, holds, "; ".join(found), missing)
+
+
+def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str) -> dict[str, str]:
+    """``frontier.png`` and ``frontier.md`` (points, matched-KL table, verdict) under ``out_dir``."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frontier_figure(points).savefig(out / "frontier.png", dpi=100)
+    table = matched_kl_table(points, kl_levels)
+    verdict = frontier_verdict(table)
+    from calibrated_rlhf.reporting.render import markdown_table
+
+    shown = table.reset_index().round(4).astype(object).where(table.reset_index().notna(), "")
+    lines = ["# Gold reward against KL, per method", "", markdown_table(points.round(4)), "",
+             "## Gold gain at matched KL (linear in sqrt(KL) between runs; blank: not measured there)", "",
+             markdown_table(shown), "", f"**{verdict.claim}: {verdict.status}.** {verdict.evidence}"]
+    if verdict.missing:
+        lines.append(f"Missing methods: {', '.join(verdict.missing)}.")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"figure": str(out / "frontier.png"), "markdown": str(out / "frontier.md")}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m calibrated_rlhf.reporting.frontier [--scenario frontier] [--out reports/frontier]``."""
+    import argparse
+
+    from calibrated_rlhf.reporting.runs import RunSelection, load_runs
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="calibrated_rlhf")
+    parser.add_argument("--scenario", default="frontier", help="the scenario tag of the runs to plot ('': every run)")
+    parser.add_argument("--kl", default="1,2,4,8", help="matched KL levels, nats per sequence, comma separated")
+    parser.add_argument("--out", default="reports/frontier")
+    args = parser.parse_args(argv)
+    runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,) if args.scenario else ()))
+    paths = write_report(frontier_points(runs), [float(k) for k in args.kl.split(",")], args.out)
+    for note in notes:
+        print(note)
+    print(f"frontier report: {paths['markdown']}, {paths['figure']}")
+
+
+if __name__ == "__main__":
+    main()

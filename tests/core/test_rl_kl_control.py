@@ -1,0 +1,104 @@
+"""The project's KL controller as a TRL callback: the controller's formula on a logged KL sequence, and its
+state through a checkpoint and a resume of TRL's real RLOO trainer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+from calibrated_rlhf.core.rl.kl_control import BETA, BETA_NEXT, SEQUENCE_KL, KLControlCallback, sequence_kl
+
+
+def test_callback_follows_the_controllers_formula_on_a_logged_kl_sequence():
+    cb = KLControlCallback("adaptive", beta=0.1, kl_target=2.0, horizon=100, episodes_per_step=8)
+    trainer = SimpleNamespace(beta=None)
+    cb.bind(trainer)
+    assert trainer.beta == 0.1
+    # per-token KL and mean length as TRL logs them; steps 3 and 4 share one record (logging every 2 steps)
+    records = [(1, 0.05, 10.0), (2, 0.5, 8.0), (4, 0.2, 10.0), (5, 0.1, 20.0), (6, 0.25, 8.0)]
+    beta, expected = 0.1, []
+    for step, kl, length in records:
+        seq = kl * length
+        err = min(max(seq / 2.0 - 1.0, -0.2), 0.2)  # Ziegler et al. 2019, written out independently
+        n = 8 * (step - (records[records.index((step, kl, length)) - 1][0] if step > 1 else 0))
+        expected.append((seq, beta, beta * (1 + err * n / 100)))
+        beta = expected[-1][2]
+    for (step, kl, length), (seq, applied, new) in zip(records, expected):
+        logs = {"kl": kl, "completions/mean_length": length}
+        cb.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+        assert logs[SEQUENCE_KL] == pytest.approx(seq)
+        assert logs[BETA] == pytest.approx(applied) and logs[BETA_NEXT] == pytest.approx(new)
+        assert trainer.beta == pytest.approx(new)
+    # the multiplicative update saturates: KL far above target raises beta by at most 20% * n / horizon
+    assert expected[0][2] < 0.1 and expected[1][2] > expected[1][1]
+    # a record without KL (the end-of-training summary) or a step already seen changes nothing
+    cb.on_log(None, SimpleNamespace(global_step=7), None, logs={"train_runtime": 1.0})
+    cb.on_log(None, SimpleNamespace(global_step=6), None, logs={"kl": 9.0, "completions/mean_length": 9.0})
+    assert trainer.beta == pytest.approx(beta) and cb.controller.steps == len(records)
+    assert sequence_kl({"kl": 0.5}) is None
+
+
+def test_fixed_beta_stays_and_state_rebuilds_the_callback():
+    cb = KLControlCallback("fixed", beta=0.3, kl_target=2.0, horizon=100, episodes_per_step=4)
+    trainer = SimpleNamespace(beta=None)
+    cb.bind(trainer)
+    cb.on_log(None, SimpleNamespace(global_step=1), None, logs={"kl": 5.0, "completions/mean_length": 10.0})
+    assert trainer.beta == 0.3
+    adaptive = KLControlCallback("adaptive", beta=0.3, kl_target=2.0, horizon=100, episodes_per_step=4)
+    adaptive.on_log(None, SimpleNamespace(global_step=3), None, logs={"kl": 5.0, "completions/mean_length": 10.0})
+    rebuilt = KLControlCallback.from_state(adaptive.state())
+    assert rebuilt.controller.state_dict() == adaptive.controller.state_dict() and rebuilt.last_step == 3
+    assert isinstance(rebuilt.controller, AdaptiveKLController) and rebuilt.beta != 0.3
+    # without the z-score the trainer applies beta times the optimized reward's scale, as PPO does
+    scaled = KLControlCallback("adaptive", beta=0.3, kl_target=2.0, horizon=100, episodes_per_step=4, reward_scale=2.5)
+    scaled.bind(trainer)
+    assert trainer.beta == pytest.approx(0.75)
+    logs = {"kl": 5.0, "completions/mean_length": 10.0}
+    scaled.on_log(None, SimpleNamespace(global_step=1), None, logs=logs)
+    assert trainer.beta == pytest.approx(2.5 * logs[BETA_NEXT]) and logs[BETA] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="beta > 0"):
+        KLControlCallback("adaptive", beta=0.0)
+
+
+def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, save_steps=None):
+    from calibrated_rlhf.core.rl.config import RLConfig
+    from calibrated_rlhf.core.rl.kl_control import kl_callback
+    from calibrated_rlhf.core.rl.reward import ScoreReward
+    from calibrated_rlhf.core.rl.trainers import build_trainer
+
+    def score_fn(prompts, responses):  # any deterministic reward of the text will do
+        return {"score": torch.tensor([len(r.split()) / 5.0 for r in responses])}
+
+    # a KL target far below what sampling reaches, so beta moves at every update
+    config = RLConfig(algorithm="rloo", num_updates=max_steps, batch_size=4, num_generations=2, response_length=6,
+                      learning_rate=5e-3, beta=0.2, kl_target=1e-3, kl_horizon=8)
+    trainer, history = build_trainer(config, policy_dir, tiny_tokenizer, prompts, ScoreReward(score_fn, tiny_tokenizer),
+                                     out, save_steps=save_steps)
+    trainer.train(resume_from_checkpoint=resume)
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    return kl_callback(trainer), trainer.beta, params, history.points
+
+
+def test_resumed_trl_run_equals_an_uninterrupted_one(tiny_tokenizer, synthetic_pairs, tmp_path):
+    from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
+    from tests.conftest import TINY_BACKBONE
+
+    policy_dir = tmp_path / "policy"
+    build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).save_pretrained(policy_dir)
+    prompts = list(dict.fromkeys(synthetic_pairs["prompt"]))[:16]
+
+    whole_cb, whole_beta, whole_params, whole_points = _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "a")
+    _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "b", save_steps=2)
+    saved = tmp_path / "b" / "checkpoint-2"
+    resumed_cb, resumed_beta, resumed_params, resumed_points = _train(tiny_tokenizer, policy_dir, prompts,
+                                                                      tmp_path / "c", resume=str(saved))
+    assert whole_cb.controller.steps == 4 and whole_beta != 0.2  # the controller moved beta at each update
+    # transformers rebuilt the callback from the checkpoint, and the trainer follows the rebuilt one
+    assert resumed_cb.controller.state_dict() == pytest.approx(whole_cb.controller.state_dict())
+    assert resumed_beta == pytest.approx(whole_beta, rel=1e-9)
+    assert [p[BETA] for p in resumed_points if BETA in p] == pytest.approx([p[BETA] for p in whole_points
+                                                                             if BETA in p][2:])
+    assert torch.allclose(resumed_params, whole_params, atol=1e-6)

@@ -1,0 +1,59 @@
+"""The gold-against-KL frontier from recorded runs (the search_runs shape): method per run, points, matched-KL
+table and its verdict."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from calibrated_rlhf.reporting import frontier
+
+
+def _run(run_id, method, budget, kl, gain, half=0.02):
+    row = {"run_id": run_id, "metrics.ppo/eval/kl_reference": kl, "metrics.ppo/eval/gold_gain": gain,
+           "metrics.ppo/eval/gold_gain_ci_low": gain - half, "metrics.ppo/eval/gold_gain_ci_high": gain + half}
+    if method == "ppo":
+        row |= {"metrics.ppo/eval/updates": 60.0, "params.ppo.trainer.kl_target": str(budget)}
+    else:
+        row |= {"tags.rl/algorithm": method,
+                ("params.dpo.trainer.beta" if method == "dpo" else "params.rl.kl_target"): str(budget)}
+    return row
+
+
+RUNS = pd.DataFrame([
+    _run("a", "ppo", 1.0, 1.0, 0.20), _run("b", "ppo", 4.0, 4.0, 0.50),
+    _run("c", "rloo", 1.0, 1.0, 0.30), _run("d", "rloo", 4.0, 9.0, 0.45),
+    _run("e", "dpo", 0.1, 16.0, 0.10),
+    {"run_id": "f", "metrics.rm/test_accuracy": 0.7},  # a run of another stage: no point
+])
+
+
+def test_points_methods_and_budgets_from_recorded_runs():
+    points = frontier.frontier_points(RUNS)
+    assert list(points["run_id"]) == ["e", "a", "b", "c", "d"]  # by method, then KL
+    assert list(points["method"]) == ["dpo", "ppo", "ppo", "rloo", "rloo"]
+    assert points.set_index("run_id").loc["d", "sqrt_kl"] == 3.0
+    assert points.set_index("run_id").loc["e", "budget"] == 0.1  # DPO's budget is its beta
+    assert frontier.frontier_figure(points).axes[0].get_legend() is not None
+
+
+def test_matched_kl_table_interpolates_in_sqrt_kl_and_never_extrapolates():
+    table = frontier.matched_kl_table(frontier.frontier_points(RUNS), [1.0, 4.0, 12.0])
+    assert table.loc[1.0, "ppo"] == pytest.approx(0.20) and table.loc[1.0, "rloo"] == pytest.approx(0.30)
+    # sqrt(4) = 2 lies a half of the way from sqrt(1) = 1 to sqrt(9) = 3 for RLOO
+    assert table.loc[4.0, "rloo"] == pytest.approx(0.375)
+    assert math.isnan(table.loc[12.0, "ppo"]) and math.isnan(table.loc[1.0, "dpo"])
+    verdict = frontier.frontier_verdict(table)
+    assert verdict.holds is False  # RLOO leads at KL 1, PPO at KL 4
+    assert "at KL 1: rloo" in verdict.evidence and "at KL 4: ppo" in verdict.evidence
+    assert verdict.missing == ("grpo",)
+    assert frontier.frontier_verdict(table[["ppo"]]).holds is None
+
+
+def test_report_files_from_recorded_runs(tmp_path):
+    paths = frontier.write_report(frontier.frontier_points(RUNS), [1.0, 4.0], str(tmp_path))
+    text = (tmp_path / "frontier.md").read_text()
+    assert "not supported" in text and "Missing methods: grpo." in text and "| rloo |" in text
+    assert (tmp_path / "frontier.png").stat().st_size > 1000 and paths["figure"].endswith("frontier.png")
