@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from calibrated_rlhf.core.chat import prompt_ids, prompt_kind
+from calibrated_rlhf.core.ppo.checkpoint import digest
 from calibrated_rlhf.core.preferences import plain
 
 
@@ -57,6 +58,13 @@ class PromptStream:
             text = self.tokenizer.decode(self.ids[i], skip_special_tokens=True)
             self._decoded[i] = text
         return text
+
+    def chat_fingerprint(self, tokenizer: Any, end_of_turn: int) -> dict[str, Any]:
+        """What renders conversational prompts and ends their replies, for the resume fingerprint (nothing
+        for text prompts)."""
+        if not self.conversational:
+            return {}
+        return {"chat_template": digest(tokenizer.chat_template), "end_of_turn": end_of_turn}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}

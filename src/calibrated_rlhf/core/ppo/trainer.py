@@ -138,18 +138,12 @@ class PPOTrainer:
         self.fingerprint = ckpt.resume_fingerprint(
             cfg, reference_policy=self._ref_fingerprint, initial_policy=initial_fingerprint,
             tokenizer=ckpt.tokenizer_fingerprint(self.tokenizer), prompts=self.prompts, world_size=self.world_size,
-            extra={**(extra_fingerprint or {}), **self._chat_fingerprint()})
+            extra={**(extra_fingerprint or {}), **self.data.chat_fingerprint(self.tokenizer, self.eos_token_id)})
         wrapper = policy_and_value(cfg, policy, value_model).to(self.device)
         optimizer = adamw([p for p in wrapper.parameters() if p.requires_grad], cfg)
         self.model, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self._unwrapped = wrapper  # the module DDP (if any) wraps; unwrap_model is slow per call
         self.schedule = make_schedule(cfg, self.accelerator, self.model, wrapper)
-
-    def _chat_fingerprint(self) -> dict[str, Any]:
-        """What renders conversational prompts and ends their replies (nothing for text prompts)."""
-        if not self.data.conversational:
-            return {}
-        return {"chat_template": ckpt.digest(self.tokenizer.chat_template), "end_of_turn": self.eos_token_id}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -370,8 +364,7 @@ class PPOTrainer:
         rows = None
         if cfg.sample_every is not None and self.update % cfg.sample_every == 0:
             rows = sample_rows(self.update, [prompt_label(self.data.texts[i]) for i in roll.idx], roll.texts, score,
-                               roll.scores,
-                               cfg.num_samples)
+                               roll.scores, cfg.num_samples)
             self.samples.extend(rows)
         if cfg.checkpoint_every is not None and self.update % cfg.checkpoint_every == 0:
             self.save_checkpoint()
