@@ -10,7 +10,7 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts
 from calibrated_rlhf.core.rl import dpo
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
@@ -55,7 +55,7 @@ def evaluate_dpo_policy(dpo_policy: Any, reference_policy: Any, tokenizer: Any, 
     """The one evaluation protocol (``core.evaluation``), under the keys every method's evaluation uses."""
     ev = params.evaluation
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    values = evaluation.evaluate_policy(dpo_policy, reference_policy, tokenizer, text_prompts(test_pairs)[: ev.n_prompts],
+    values = evaluation.evaluate_policy(dpo_policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
                                         task, ev.samples_per_prompt, params.response_length, ev.seed).metrics()
     log.info("DPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)

@@ -13,7 +13,7 @@ from calibrated_rlhf.core import evaluation, plots
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
-from calibrated_rlhf.core.preferences import text_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts
 from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
@@ -53,7 +53,7 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier, offset)
     # The KL weight follows the scale known at calibration time (the original transform), as PPO's does: in
     # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
-    result = trainers.train(params.trainer_config(), reference_policy, tokenizer, text_prompts(train_pairs),
+    result = trainers.train(params.trainer_config(), reference_policy, tokenizer, distinct_prompts(train_pairs),
                             ScoreReward(score_fn, tokenizer), reward_scale=original.scale_of(method))
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
     figure = plots.kl_control([p["step"] for p in points], [p[SEQUENCE_KL] for p in points],
@@ -78,7 +78,7 @@ def evaluate_rl_policy(rl_policy: Any, reference_policy: Any, tokenizer: Any, te
     and the KL to the reference on the same samples, under PPO's evaluation keys."""
     ev = params.evaluation
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    result = evaluation.evaluate_policy(rl_policy, reference_policy, tokenizer, text_prompts(test_pairs)[: ev.n_prompts],
+    result = evaluation.evaluate_policy(rl_policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
                                         task, ev.samples_per_prompt, params.response_length, ev.seed)
     values = result.metrics()
     log.info("%s evaluation: %s", params.algorithm.upper(), {k: round(v, 4) for k, v in values.items()})
