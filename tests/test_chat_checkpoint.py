@@ -1,8 +1,12 @@
-"""The whole DAG from a local checkpoint folder of a real architecture, with LoRA, through `kedro run`.
+"""The whole DAG on conversational data from a local checkpoint folder of a real architecture, with LoRA,
+through one real `kedro run` (forked, tests/harness.py).
 
 The folder (``tests.chat_checkpoint``: Qwen2, a ChatML template, a tokenizer without a pad token) is
-read with ``from_pretrained`` as a downloaded model is. The reward model and PPO train through LoRA
-adapters; what the run saves must be plain, merged transformers models that the next stage loads.
+read with ``from_pretrained`` as a downloaded model is. The synthetic task is given as chat messages, so
+every policy sample (normalization's reference replies, PPO's rollouts, the evaluation) is rendered with
+the ChatML template and ends at ``<|im_end|>``, and the reward model must score each reply exactly as a
+pair with that reply is tokenized. The reward model and PPO train through LoRA adapters; what the run
+saves must be plain, merged transformers models that the next stage loads.
 """
 
 from __future__ import annotations
@@ -11,10 +15,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from tests.harness import kedro_run, preload, squash
+from calibrated_rlhf.core import chat
+from calibrated_rlhf.core.normalization import RewardTransform
+from calibrated_rlhf.core.preferences import is_conversational, plain, tokenize_pairs
+from calibrated_rlhf.core.reward_model import score_sequences
+from tests.harness import kedro_run, latest_run, preload, saved, squash
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +49,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def chat_run(tiny_run_project, chat_checkpoint):
     preload()
     params = ",".join([f"backbone.name_or_path={chat_checkpoint}", f"policy_init.name_or_path={chat_checkpoint}",
+                       "data_prep.source.synthetic.format=conversational", "data_prep.source.synthetic.n_pairs=160",
                        "reward_model.training.lora={r: 4}", "ppo.trainer.lora={r: 4}", "ppo.trainer.num_updates=2",
-                       "ppo.evaluation.n_prompts=4"])
+                       "normalization.max_new_tokens=8", "ppo.evaluation.n_prompts=4"])
     # every stage that builds, trains, loads or publishes a model; the run comparison (reporting) reads MLflow only
     code, log = kedro_run(tiny_run_project, "--env", "tiny", "--params", params, "--pipelines", STAGES,
                           name="chat_checkpoint")
@@ -91,3 +102,79 @@ def test_rewards_are_finite_and_the_console_is_quiet(chat_run):
     for noise in ("register_new_resolver()isdeprecated", "`gradient_checkpointing`isdeprecated",
                   "`is_gradient_checkpointing`isdeprecated"):
         assert noise not in text
+
+
+@pytest.fixture(scope="module")
+def models(chat_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    project, _ = chat_run
+    tokenizer = AutoTokenizer.from_pretrained(newest(project, "data/06_models/tokenizer"))
+    model = AutoModelForSequenceClassification.from_pretrained(newest(project, "data/06_models/reward_model"))
+    return tokenizer, model.eval()
+
+
+def reward_of_replies(tokenizer, model, prompts, replies) -> np.ndarray:
+    """Raw rewards of replies as the reward model's training pairs are tokenized (assistant messages)."""
+    pairs = pd.DataFrame({"prompt": prompts, "chosen": [[{"role": "assistant", "content": r}] for r in replies]})
+    pairs["rejected"] = pairs["chosen"]
+    return score_sequences(model, list(tokenize_pairs(pairs, tokenizer)["chosen_ids"]), tokenizer.pad_token_id)
+
+
+def test_the_data_is_chat_and_replies_end_at_the_templates_end_of_turn(chat_run, models):
+    project, _ = chat_run
+    tokenizer, _ = models
+    train = saved(project, "data/03_primary/train_pairs.parquet")
+    assert all(is_conversational(p) and is_conversational(c) for p, c in zip(train["prompt"], train["chosen"]))
+    assert chat.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_normalization_sampled_chat_replies_and_scored_them_as_assistant_messages(chat_run, models):
+    project, _ = chat_run
+    tokenizer, model = models
+    reference = saved(project, "data/07_model_output/reference_responses.parquet")
+    prompts = [plain(p) for p in reference["prompt"]]
+    calibration = saved(project, "data/03_primary/calibration_pairs.parquet")
+    assert {json.dumps(p) for p in prompts} == {json.dumps(plain(p)) for p in calibration["prompt"]}
+    assert all(p[-1]["role"] == "user" for p in prompts)
+    replies = list(reference["response"])
+    assert all(isinstance(r, str) for r in replies)
+    transform = RewardTransform.from_dict(saved(project, "data/06_models/reward_transform.json"))
+    calibrated = transform.calibrate(reward_of_replies(tokenizer, model, prompts, replies))
+    assert transform.n == len(replies)
+    assert transform.mean == pytest.approx(calibrated.mean(), rel=1e-4, abs=1e-5)
+    assert transform.std == pytest.approx(calibrated.std(), rel=1e-4)
+
+
+def test_ppo_scored_its_chat_replies_as_pairs_would_be_and_evaluation_ran(chat_run, models):
+    project, _ = chat_run
+    tokenizer, model = models
+    samples = pd.read_csv(newest(project, "data/07_model_output/ppo_samples.csv"))
+    prompts = [json.loads(p) for p in samples["prompt"]]
+    assert prompts and all(p[0]["role"] == "user" for p in prompts)
+    replies = samples["response"].fillna("").tolist()
+    np.testing.assert_allclose(samples["raw"], reward_of_replies(tokenizer, model, prompts, replies), atol=1e-4)
+    metrics = latest_run(project).data.metrics
+    for key in ("ppo/eval/gold_reference", "ppo/eval/gold_policy", "ppo/eval/gold_gain_ci_low",
+                "ppo/rewards/normalized", "ppo/rewards/gold", "normalization/mean", "normalization/std"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["normalization/std"] > 0
+
+
+def test_the_served_model_takes_message_lists(chat_run, models, monkeypatch):
+    import mlflow
+
+    project, _ = chat_run
+    monkeypatch.chdir(project)  # where the run's artifacts are
+
+    tokenizer, model = models
+    published = saved(project, "data/06_models/published_reward_model.json")
+    test = saved(project, "data/03_primary/test_pairs.parquet").head(3)
+    prompts, replies = [plain(p) for p in test["prompt"]], [plain(c)[0]["content"] for c in test["chosen"]]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(published["model_uri"])
+    out = served.predict(pd.DataFrame({"prompt": prompts, "response": replies}))
+    np.testing.assert_allclose(out["raw"], reward_of_replies(tokenizer, model, prompts, replies), atol=1e-5)
+    as_messages = served.predict(pd.DataFrame({"prompt": prompts, "chosen": [plain(c) for c in test["chosen"]],
+                                               "rejected": [plain(r) for r in test["rejected"]]}))
+    np.testing.assert_allclose(as_messages["raw_chosen"], out["raw"], atol=1e-5)
