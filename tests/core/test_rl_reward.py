@@ -41,3 +41,20 @@ def test_reward_callable_equals_the_scorer_on_the_same_responses(tiny_tokenizer,
     gold = [task.gold_reward(r) for r in RESPONSES]
     assert logged["rewards/gold"] == pytest.approx(np.mean(gold), rel=1e-6)
     assert logged["rewards/gold_gap"] == pytest.approx(np.mean(scored.calibrated - 4.0 * np.array(gold) - 0.1), rel=1e-5)
+
+
+def test_a_chat_completion_is_scored_as_the_assistant_turn(tiny_tokenizer):
+    """TRL hands conversational prompts over as message lists: the reply is the turn's text, its end of turn
+    dropped, scored as an assistant message by the same scorer."""
+    torch.manual_seed(0)
+    model = build_reward_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).eval()
+    transform = RewardTransform(temperature=0.5, mean=0.2, std=3.0, clip=None, computed_on="x",
+                                reward_model_version=None, n=2)
+    scorer = RewardScorer(model, tiny_tokenizer, transform)
+    reward = ScoreReward(rl_score_fn(scorer, "zscore"), tiny_tokenizer)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    ids = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id] for r in RESPONSES]
+    replies = reward.responses(prompts, ids)
+    assert replies == [tiny_tokenizer.decode(i[:-1], skip_special_tokens=True) for i in ids]
+    rewards = reward(prompts=prompts, completions=None, completion_ids=ids)
+    np.testing.assert_allclose(rewards, scorer.score(prompts, replies).normalized, rtol=1e-6)

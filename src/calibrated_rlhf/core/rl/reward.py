@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from calibrated_rlhf.core.policy import decode_in_context
+from calibrated_rlhf.core.policy import decode_in_context, decode_response
+from calibrated_rlhf.core.preferences import is_conversational
 
 # The name TRL logs the optimized reward under (``rewards/<name>/mean``).
 SCORE_NAME = "score"
@@ -35,10 +36,14 @@ class ScoreReward:
         self.tokenizer = tokenizer
         self._prompt_ids: dict[str, list[int]] = {}
 
-    def responses(self, prompts: list[str], completion_ids: list[list[int]]) -> list[str]:
-        """Each completion's text as it continues its prompt (what the reward model and gold reward read)."""
+    def responses(self, prompts: list, completion_ids: list[list[int]]) -> list[str]:
+        """Each completion's text as it continues its prompt (what the reward model and gold reward read); a
+        conversational prompt's completion is the assistant turn, decoded on its own (``core.policy``)."""
         out = []
         for prompt, ids in zip(prompts, completion_ids):
+            if is_conversational(prompt):
+                out.append(decode_response(self.tokenizer, prompt, [], list(ids)))
+                continue
             if prompt not in self._prompt_ids:
                 self._prompt_ids[prompt] = self.tokenizer(prompt)["input_ids"]
             out.append(decode_in_context(self.tokenizer, self._prompt_ids[prompt], list(ids)))
