@@ -29,7 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ANCHORS = Path(os.environ.get("ANCHORS_DIR", REPO.parent / "shared" / "anchors"))
+ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
+    (p for p in (REPO.parent / "shared" / "anchors", REPO.parent.parent / "shared" / "anchors") if p.is_dir()),
+    REPO.parent / "shared" / "anchors"))
 TRL_PY = REPO / ".venv-trl112" / "bin" / "python"
 RESULTS = HERE / "results"
 BASE = {"hidden": 128, "response_length": 24, "batch": 16}

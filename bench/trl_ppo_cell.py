@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ANCHORS = Path(os.environ.get("ANCHORS_DIR", HERE.parents[1] / "shared" / "anchors"))
+REPO = HERE.parent
+ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
+    (p for p in (REPO.parent / "shared" / "anchors", REPO.parent.parent / "shared" / "anchors") if p.is_dir()),
+    REPO.parent / "shared" / "anchors"))
 
 
 def main() -> None:
