@@ -175,8 +175,11 @@ def plot(points: list[dict], path: Path) -> None:
         axes[0, col].set_ylabel("pairs/s" if axis == "seq_len" else "episodes/s")
         axes[1, col].set_ylabel("peak memory (MiB)")
         axes[1, col].set_xlabel(label.split(": ")[1])
+        ticks = sorted({x for line in axes[0, col].get_lines() for x in line.get_xdata()})
         for r in (0, 1):
             axes[r, col].set_xscale("log", base=2)
+            axes[r, col].set_xticks(ticks, [str(int(t)) for t in ticks])
+            axes[r, col].minorticks_off()
             axes[r, col].grid(alpha=0.3)
             axes[r, col].legend(fontsize=8)
     fig.tight_layout()
@@ -187,10 +190,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two points per axis, short runs")
     ap.add_argument("--no-trl", action="store_true", help="ours only")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG and table from cost_curves.json")
     ap.add_argument("--rm-child", nargs=3, metavar=("SIDE", "SEQ_LEN", "N_PAIRS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rm_child:
         print("RESULT_JSON=" + json.dumps(rm_child(a.rm_child[0], int(a.rm_child[1]), int(a.rm_child[2]))))
+        return
+    if a.replot:
+        points = json.loads((RESULTS / "cost_curves.json").read_text())["points"]
+        (RESULTS / "cost_curves.md").write_text(table(points))
+        plot(points, RESULTS / "cost_curves.png")
         return
     grid, updates, n_pairs = (QUICK, 3, 64) if a.quick else (FULL, 4, 256)
     have_trl = TRL_PY.exists() and not a.no_trl
