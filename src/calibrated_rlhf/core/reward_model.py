@@ -85,7 +85,7 @@ class PairLengthSampler(torch.utils.data.Sampler):
         for start in range(0, len(perm), self.group):
             group = sorted(perm[start:start + self.group], key=self.lengths.__getitem__)
             batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
-        tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        tail = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         order = torch.randperm(len(batches)).tolist()
         return iter([i for b in [batches[j] for j in order] + tail for i in b])
 
