@@ -31,7 +31,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-ANCHORS = Path(os.environ.get("ANCHORS_DIR", REPO.parent / "shared" / "anchors"))
+ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
+    (p for p in (REPO.parent / "shared" / "anchors", REPO.parent.parent / "shared" / "anchors") if p.is_dir()),
+    REPO.parent / "shared" / "anchors"))
 TRL_PY = REPO / ".venv-trl112" / "bin" / "python"
 RESULTS = HERE / "results" / "ppo.json"
 
@@ -39,7 +41,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: dict | None = None) -> dict:
+def resize(cfg, hidden: int | None, layers: int | None = None, heads: int | None = None,
+           intermediate: int | None = None):
+    """The workload's Llama at another size (intermediate 2x hidden unless given), for cost curves and GPU runs."""
+    if hidden:
+        cfg.hidden_size, cfg.intermediate_size = hidden, intermediate or 2 * hidden
+    if layers:
+        cfg.num_hidden_layers = layers
+    if heads:
+        cfg.num_attention_heads = cfg.num_key_value_heads = heads
+    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cfg.max_position_embeddings = max(cfg.max_position_embeddings, 512)
+    return cfg
+
+
+def peak_memory_mib() -> float:
+    """torch.cuda.max_memory_allocated on a GPU, else this process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: dict | None = None,
+           batch: int = 16, response_length: int = 24, hidden: int | None = None, layers: int | None = None,
+           heads: int | None = None, intermediate: int | None = None, dtype: str = "float32") -> dict:
     """One measured run of this project's PPO, in this process."""
     sys.path.insert(0, str(ANCHORS))
     import numpy as np
@@ -52,7 +79,8 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
     t_setup0 = time.perf_counter()
     wl = W.build_workload()
     tok = W.build_tokenizer(wl)
-    cfg = W.llama_config(len(tok), tok)
+    cfg = resize(W.llama_config(len(tok), tok), hidden, layers, heads, intermediate)
+    torch.set_default_dtype(getattr(torch, dtype))  # every model of the run in that dtype, as in the TRL cell
     torch.manual_seed(0)
     policy = LlamaForCausalLM(cfg)
     ref_policy = copy.deepcopy(policy)
@@ -62,6 +90,8 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
     value = AutoModelForSequenceClassification.from_config(vcfg) if value_model == "separate" else None
     torch.manual_seed(2)
     rm = AutoModelForSequenceClassification.from_config(vcfg).eval()
+    if torch.cuda.is_available():  # where TRL keeps its reward model too
+        rm = rm.cuda()
     rm_backbone = rm.model
 
     # reward-model scoring as TRL's get_reward does it: score head at the last non-pad token
@@ -69,15 +99,15 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
         enc = tok([p + r + tok.eos_token for p, r in zip(prompts, responses)], padding=True,
                   return_tensors="pt")
         with torch.inference_mode():
+            enc = enc.to(rm.device)
             h = rm_backbone(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             last = enc["attention_mask"].sum(1) - 1
             s = rm.score(h[torch.arange(h.shape[0]), last]).squeeze(-1)
-        return {"normalized": s.float().clone()}
+        return {"normalized": s.float().cpu()}
 
-    batch = 16
     config = PPOConfig(
         seed=0, num_updates=total_episodes // batch, batch_size=batch, num_mini_batches=1,
-        num_ppo_epochs=ppo_epochs, response_length=24, sampling_temperature=1.0, learning_rate=5e-5,
+        num_ppo_epochs=ppo_epochs, response_length=response_length, sampling_temperature=1.0, learning_rate=5e-5,
         kl_control="fixed", beta=0.05, value_model=value_model, **(overrides or {}),
     )
     prompts = [r["prompt"] for r in wl["train"]]
@@ -111,6 +141,12 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
         "score_s_total": float(sum(x["ppo/perf/score_s"] for x in h)),
         "rss_before_train_mib": rss_before,
         "peak_rss_mib": W.peak_rss_mib(),
+        "peak_memory_mib": peak_memory_mib(),
+        "dtype": dtype,
+        "n_params_policy": sum(p.numel() for p in policy.parameters()),
+        "batch_size": batch,
+        "response_length": response_length,
+        "hidden_size": cfg.hidden_size,
         "scores_first_last": [h[0]["ppo/rewards/normalized"], h[-1]["ppo/rewards/normalized"]],
         "kl_first_last": [h[0]["ppo/objective/kl"], h[-1]["ppo/objective/kl"]],
     }
@@ -189,10 +225,18 @@ def main() -> None:
     ap.add_argument("--total-episodes", type=int, default=512)
     ap.add_argument("--value-model", choices=["separate", "shared"], default="separate")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
+    ap.add_argument("--batch", type=int, default=16, help="episodes per update (with --single)")
+    ap.add_argument("--response-length", type=int, default=24, help="tokens per response (with --single)")
+    ap.add_argument("--hidden", type=int, default=None, help="model width (with --single; default the workload's 128)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (with --single)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (with --single)")
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (with --single; default 2x hidden)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of every model")
     ap.add_argument("--override", default="{}", help='PPOConfig fields as JSON, e.g. \'{"cpu_parallel": false}\'')
     a = ap.parse_args()
     if a.single:
-        res = single(a.ppo_epochs[0], a.total_episodes, a.value_model, json.loads(a.override))
+        res = single(a.ppo_epochs[0], a.total_episodes, a.value_model, json.loads(a.override),
+                     a.batch, a.response_length, a.hidden, a.layers, a.heads, a.intermediate, a.dtype)
         print("RESULT_JSON=" + json.dumps(res))
         return
 

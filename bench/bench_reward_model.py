@@ -1,17 +1,26 @@
-"""Reward-model training: this pipeline against a plain TRL RewardTrainer script, on the reference workload.
+"""Reward-model training: this pipeline against TRL's RewardTrainer, defaults and best settings, per seed.
 
-One run, each side in a fresh process, one after the other (2 cores):
+One run, each side in a fresh process, the sides interleaved seed by seed (2 cores):
 
-    python bench/bench_reward_model.py [--repeats 3]
+    python bench/bench_reward_model.py --repeats 3       # seeds 0, 1, 2
+    python bench/bench_reward_model.py --repeats 1 --pairs 1024 --threads 1   # a quick look on a busy host
 
-1. Exports the anchor workload's pairs as JSONL (``../shared/anchors/workload.py --export``).
-2. Pipeline: ``kedro run --env reference_workload --pipelines data_prep,reward_model`` in-process (a
-   KedroSession) with MLflow in a scratch sqlite store; TRL's train runtime read from the run.
-3. Plain TRL: the anchor script ``trl_reward_trainer.py --single`` (same model, tokenizer recipe and
-   settings: 1 epoch, batch 16, lr 1e-3, centering 0.01, max_length 128).
-4. Both trained models are scored on the same test pairs (the pipeline's test split of the held-out file).
+1. Exports the anchor workload's pairs as JSONL (``../shared/anchors/workload.py --export``); ``--pairs N``
+   keeps the first N training pairs (every side reads the same file).
+2. TRL default: a plain ``RewardTrainer`` with the anchor's settings (``trl_reward_trainer.py``: the anchor's
+   tokenizer and 2-layer Llama, 1 epoch, batch 16, lr 1e-3, centering 0.01, max_length 128), seed s.
+3. TRL best: the same plus the library's own means against padding: ``train_sampling_strategy=
+   "group_by_length"`` with a ``length`` column (the longer side of each pair: the collator pads both
+   sides to one width) and ``remove_unused_columns=False`` (otherwise the column is dropped before the
+   sampler reads it, and the sampler fails looking for ``input_ids``).
+4. Pipeline: ``kedro run --env reference_workload --pipelines data_prep,reward_model`` in-process, with
+   ``backbone.seed`` and ``reward_model.training.seed`` = s (its defaults: length buckets,
+   length grouping off, see ``RewardTrainingParams``).
+5. Every trained model is scored on the same test pairs (the pipeline's test split of the held-out file).
 
-Prints train pairs/s of each, their ratio (pipeline / TRL), test accuracy of each and peak RSS.
+Train pairs/s is ``n_train / train_runtime`` (the Trainer's own figure) on every side; checkpoints are off
+on every side. Prints per-side means over seeds of pairs/s and test accuracy, peak RSS, and the ratios
+(of the means, and the median of the per-seed ratios). Writes ``bench/results/reward_model.json``.
 """
 
 from __future__ import annotations
@@ -28,16 +37,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHORS = ROOT.parent / "shared" / "anchors"
+ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
+    (p for p in (ROOT.parent / "shared" / "anchors", ROOT.parent.parent / "shared" / "anchors") if p.is_dir()),
+    ROOT.parent / "shared" / "anchors"))
 EXPORT_DIR = ROOT / "data" / "01_raw" / "reference_workload"
 RESULTS = ROOT / "bench" / "results"
+SIDES = ("trl_default", "trl_best", "pipeline")
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child_pipeline(scratch: Path) -> dict:
+def child_pipeline(scratch: Path, seed: int) -> dict:
     """Run data_prep + reward_model through Kedro in this process; report what the MLflow run holds."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
     os.chdir(ROOT)
@@ -47,31 +59,74 @@ def child_pipeline(scratch: Path) -> dict:
 
     bootstrap_project(ROOT)
     t0 = time.perf_counter()
-    with KedroSession.create(project_path=ROOT, env="reference_workload") as session:
+    runtime = {"backbone": {"seed": seed}, "reward_model": {"training": {"seed": seed}}}
+    with KedroSession.create(project_path=ROOT, env="reference_workload", runtime_params=runtime) as session:
         session.run(pipeline_names=["data_prep", "reward_model"])
     wall = time.perf_counter() - t0
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
                              order_by=["start_time DESC"])[0]
     m = run.data.metrics
-    n_train = m["data/n_train"]
     return {
         "side": "pipeline",
-        "n_train_pairs": n_train,
-        "train_wall_s": m["rm/train/runtime_s"],
-        "train_pairs_per_s": n_train / m["rm/train/runtime_s"],
+        "seed": seed,
+        "seed_params_logged": {k: v for k, v in run.data.params.items() if k.endswith("seed")},
+        "n_train_pairs": m["data/n_train"],
+        "train_runtime_s": m["rm/train/runtime_s"],
+        "train_pairs_per_s": m["data/n_train"] / m["rm/train/runtime_s"],
         "kedro_run_wall_s": wall,
-        "test_accuracy": m["rm/test_accuracy"],
-        "test_bayes_accuracy": m["rm/test_bayes_accuracy"],
         "peak_rss_mib": peak_rss_mib(),
         "test_pairs_version": run.data.tags.get("provenance/loaded/test_pairs"),
-        "reward_model_version": run.data.tags.get("provenance/loaded/reward_model"),
-        "tokenizer_version": run.data.tags.get("provenance/loaded/tokenizer"),
+        "model_dir": str(ROOT / "data" / "06_models" / "reward_model"
+                         / run.data.tags.get("provenance/loaded/reward_model") / "reward_model"),
+        "tokenizer_dir": str(ROOT / "data" / "06_models" / "tokenizer"
+                             / run.data.tags.get("provenance/loaded/tokenizer") / "tokenizer"),
     }
 
 
-def run_child(args: list[str], env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+def child_trl(scratch: Path, seed: int, best: bool) -> dict:
+    """TRL's RewardTrainer on the exported pairs, set up as the anchor does; ``best`` adds length grouping."""
+    sys.path.insert(0, str(ANCHORS))
+    import torch
+    import workload as W
+    from datasets import Dataset, disable_progress_bar
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    disable_progress_bar()
+    tok = W.build_tokenizer(W.build_workload())
+    rows = [json.loads(line) for line in (EXPORT_DIR / "train.jsonl").read_text().splitlines()]
+    cfg = W.llama_config(len(tok), tok)
+    cfg.num_labels = 1
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32)
+    if best:  # tokenized up front (as TRL does: prompt + completion + eos), so lengths are known
+        ids = {side: [tok(r["prompt"] + r[side] + tok.eos_token)["input_ids"] for r in rows]
+               for side in ("chosen", "rejected")}
+        train = Dataset.from_dict({"chosen_ids": ids["chosen"], "rejected_ids": ids["rejected"],
+                                   "length": [max(len(c), len(r)) for c, r in zip(ids["chosen"], ids["rejected"])]})
+        extra = {"train_sampling_strategy": "group_by_length", "remove_unused_columns": False}
+    else:
+        train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        extra = {}
+    out_dir = scratch / f"trl_{'best' if best else 'default'}_{seed}"
+    args = RewardConfig(output_dir=str(out_dir), center_rewards_coefficient=0.01, per_device_train_batch_size=16,
+                        num_train_epochs=1, learning_rate=1e-3, bf16=False, gradient_checkpointing=False,
+                        report_to=[], logging_steps=50, max_length=128, seed=seed, use_cpu=True,
+                        disable_tqdm=True, save_strategy="no", **extra)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    n_train = len(trainer.train_dataset)
+    out = trainer.train()
+    trainer.save_model(str(out_dir / "model"))
+    tok.save_pretrained(str(out_dir / "model"))
+    return {"side": "trl_best" if best else "trl_default", "seed": seed, "n_train_pairs": n_train,
+            "train_runtime_s": out.metrics["train_runtime"],
+            "train_pairs_per_s": n_train / out.metrics["train_runtime"], "peak_rss_mib": peak_rss_mib(),
+            "model_dir": str(out_dir / "model"), "tokenizer_dir": str(out_dir / "model")}
+
+
+def run_child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
         raise SystemExit(f"child failed: {' '.join(args)}")
@@ -79,7 +134,7 @@ def run_child(args: list[str], env: dict | None = None) -> dict:
     return json.loads(line[len("RESULT_JSON="):])
 
 
-def score_on_test(model_dir: Path, tokenizer_dir: Path, test_version: str) -> float:
+def score_on_test(model_dir: str, tokenizer_dir: str, test_version: str) -> float:
     """Accuracy of a saved model on the pipeline's test split, scored the pipeline's way."""
     import pandas as pd
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -94,61 +149,73 @@ def score_on_test(model_dir: Path, tokenizer_dir: Path, test_version: str) -> fl
     return pair_metrics(r_c, r_r)["accuracy"]
 
 
+def export(pairs: int | None) -> None:
+    subprocess.run([sys.executable, str(ANCHORS / "workload.py"), "--export", str(EXPORT_DIR)], check=True)
+    if pairs:
+        path = EXPORT_DIR / "train.jsonl"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:pairs]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs of each side (medians reported)")
-    ap.add_argument("--child", choices=["pipeline"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="seeds 0..N-1, each side once per seed")
+    ap.add_argument("--pairs", type=int, default=None, help="train on the first N pairs only (quick looks)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every child (OMP_NUM_THREADS); on a crowded host 1 avoids spin-waits")
+    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--scratch", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child == "pipeline":
+        print("RESULT_JSON=" + json.dumps(child_pipeline(Path(a.scratch), a.seed)))
+        return
     if a.child:
-        print("RESULT_JSON=" + json.dumps(child_pipeline(Path(a.scratch))))
+        print("RESULT_JSON=" + json.dumps(child_trl(Path(a.scratch), a.seed, best=a.child == "trl_best")))
         return
 
     if not ANCHORS.is_dir():
         raise SystemExit(f"the anchors are not at {ANCHORS}")
-    subprocess.run([sys.executable, str(ANCHORS / "workload.py"), "--export", str(EXPORT_DIR)], check=True)
-    pipeline_runs, trl_runs = [], []
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    export(a.pairs)
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="bench-rm-") as scratch:
-        for i in range(a.repeats):
-            print(f"[{i + 1}/{a.repeats}] pipeline ...", flush=True)
-            pipeline_runs.append(run_child([__file__, "--child", "pipeline", "--scratch", scratch]))
-            print(f"[{i + 1}/{a.repeats}] plain TRL RewardTrainer ...", flush=True)
-            trl_runs.append(run_child([str(ANCHORS / "trl_reward_trainer.py"), "--single"],
-                                      env={"ANCHOR_OUT": scratch}))
-        last = pipeline_runs[-1]
-        models = ROOT / "data" / "06_models"
-        ours_test = score_on_test(models / "reward_model" / last["reward_model_version"] / "reward_model",
-                                  models / "tokenizer" / last["tokenizer_version"] / "tokenizer",
-                                  last["test_pairs_version"])
-        theirs = Path(scratch) / "artifacts" / "rm_trl116"  # the anchor saves its tokenizer beside the model
-        trl_test = score_on_test(theirs, theirs, last["test_pairs_version"])
+        for seed in range(a.repeats):
+            for side in SIDES:  # interleaved: a drift of the shared host hits every side alike
+                print(f"[seed {seed}] {side} ...", flush=True)
+                runs[side].append(run_child([__file__, "--child", side, "--seed", str(seed), "--scratch", scratch]))
+        test_version = runs["pipeline"][-1]["test_pairs_version"]
+        for side in SIDES:
+            for r in runs[side]:
+                r["test_accuracy"] = score_on_test(r["model_dir"], r["tokenizer_dir"], test_version)
+                print(f"[seed {r['seed']}] {side}: {r['train_pairs_per_s']:.1f} pairs/s, "
+                      f"test accuracy {r['test_accuracy']:.4f}", flush=True)
 
-    med = statistics.median
-    ours_pps = med(r["train_pairs_per_s"] for r in pipeline_runs)
-    trl_pps = med(r["train_pairs_per_s"] for r in trl_runs)
-    summary = {
-        "repeats": a.repeats,
-        "pipeline": {"train_pairs_per_s": ours_pps, "test_accuracy": ours_test,
-                     "peak_rss_mib": med(r["peak_rss_mib"] for r in pipeline_runs),
-                     "kedro_run_wall_s": med(r["kedro_run_wall_s"] for r in pipeline_runs),
-                     "n_train_pairs": last["n_train_pairs"]},
-        "trl": {"train_pairs_per_s": trl_pps, "test_accuracy": trl_test,
-                "heldout_accuracy_all_1024": med(r["heldout_accuracy"] for r in trl_runs),
-                "peak_rss_mib": med(r["peak_rss_mib"] for r in trl_runs),
-                "n_train_pairs": trl_runs[-1]["n_train_pairs_after_max_length_filter"]},
-        "throughput_ratio_pipeline_over_trl": ours_pps / trl_pps,
-        "test_bayes_accuracy": last["test_bayes_accuracy"],
-        "runs": {"pipeline": pipeline_runs, "trl": [{k: v for k, v in r.items() if k not in ("log_history",
-                                                                                              "step_s_all")}
-                                                    for r in trl_runs]},
-    }
+    mean = statistics.fmean
+    summary: dict = {"repeats": a.repeats, "pairs": a.pairs, "threads": a.threads, "sides": {}, "ratios": {}}
+    for side in SIDES:
+        summary["sides"][side] = {
+            "train_pairs_per_s_mean": mean(r["train_pairs_per_s"] for r in runs[side]),
+            "test_accuracy_mean": mean(r["test_accuracy"] for r in runs[side]),
+            "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in runs[side]),
+            "n_train_pairs": runs[side][-1]["n_train_pairs"],
+        }
+    for num, den in (("pipeline", "trl_default"), ("trl_best", "trl_default"), ("pipeline", "trl_best")):
+        summary["ratios"][f"{num}/{den}"] = {
+            "of_means": summary["sides"][num]["train_pairs_per_s_mean"] / summary["sides"][den]["train_pairs_per_s_mean"],
+            "median_per_seed": statistics.median(n["train_pairs_per_s"] / d["train_pairs_per_s"]
+                                                 for n, d in zip(runs[num], runs[den])),
+        }
+    summary["runs"] = runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reward_model.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{'':28}{'pipeline':>12}{'plain TRL':>12}")
-    print(f"{'train pairs/s (median)':28}{ours_pps:12.1f}{trl_pps:12.1f}")
-    print(f"{'test accuracy (same pairs)':28}{ours_test:12.4f}{trl_test:12.4f}   Bayes {last['test_bayes_accuracy']:.4f}")
-    print(f"{'peak RSS MiB (median)':28}{summary['pipeline']['peak_rss_mib']:12.0f}{summary['trl']['peak_rss_mib']:12.0f}")
-    print(f"throughput ratio pipeline / TRL: {summary['throughput_ratio_pipeline_over_trl']:.3f}")
+    print(f"\n{'':30}{'TRL default':>13}{'TRL best':>13}{'pipeline':>13}")
+    s = summary["sides"]
+    print(f"{'train pairs/s (mean of seeds)':30}" + "".join(f"{s[k]['train_pairs_per_s_mean']:13.1f}" for k in SIDES))
+    print(f"{'test accuracy (mean of seeds)':30}" + "".join(f"{s[k]['test_accuracy_mean']:13.4f}" for k in SIDES))
+    print(f"{'peak RSS MiB (median)':30}" + "".join(f"{s[k]['peak_rss_mib_median']:13.0f}" for k in SIDES))
+    for name, r in summary["ratios"].items():
+        print(f"throughput ratio {name}: {r['of_means']:.3f} (median of per-seed ratios {r['median_per_seed']:.3f})")
     print(f"wrote {RESULTS / 'reward_model.json'}")
 
 
