@@ -48,15 +48,21 @@ def _cli(project: str, args: list[str], log: str) -> None:
     main()
 
 
-def kedro_run(project: Path, *args: str, name: str) -> tuple[int, str]:
-    """`kedro run ARGS` in ``project``, forked: the exit code and everything the run printed."""
+def start_kedro_run(project: Path, *args: str, name: str) -> multiprocessing.Process:
+    """`kedro run ARGS` in ``project``, forked and not waited for (a run to kill); it prints to logs/<name>.txt."""
     log = project / "logs" / f"{name}.txt"
     log.parent.mkdir(exist_ok=True)
     proc = multiprocessing.get_context("fork").Process(target=_cli, args=(str(project), list(args), str(log)))
     proc.start()
+    return proc
+
+
+def kedro_run(project: Path, *args: str, name: str) -> tuple[int, str]:
+    """`kedro run ARGS` in ``project``, forked: the exit code and everything the run printed."""
+    proc = start_kedro_run(project, *args, name=name)
     proc.join(300)
     assert proc.exitcode is not None, f"kedro run {name} did not finish"
-    return proc.exitcode, log.read_text()
+    return proc.exitcode, (project / "logs" / f"{name}.txt").read_text()
 
 
 def listing(project: Path) -> set[str]:

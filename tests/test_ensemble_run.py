@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.project import kedro, make_project
+from tests.harness import kedro_run, preload, start_kedro_run
+from tests.project import make_project
 
 pytestmark = pytest.mark.slow
 
@@ -19,26 +20,21 @@ def finished(tmp_path_factory):
     processes (one per GPU in the README; CPU here), then the rest against them. Every test below reads
     this one project; the one-shot run's wiring (all members in one session) is run in memory by
     tests/pipelines/test_reward_ensemble.py."""
-    import os
-    import subprocess
-    import sys
-
     from mlflow import MlflowClient
 
+    preload()
     project = make_project(tmp_path_factory.mktemp("project"))
     size = ("--params", "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std")
-    first = kedro(project, "--env", "tiny", *size, "--pipelines", "data_prep,policy_init")
-    assert first.returncode == 0, first.stderr[-3000:]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "KEDRO_DISABLE_TELEMETRY": "true"}
-    members = [subprocess.Popen([sys.executable, "-m", "kedro", "run", "--env", "tiny", *size, "--namespaces",
-                                 f"member_{i}"], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    code, out = kedro_run(project, "--env", "tiny", *size, "--pipelines", "data_prep,policy_init", name="first")
+    assert code == 0, out[-3000:]
+    members = [start_kedro_run(project, "--env", "tiny", *size, "--namespaces", f"member_{i}", name=f"member_{i}")
                for i in (0, 1)]
-    for proc in members:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    rest = kedro(project, "--env", "tiny", *size, "--from-nodes", "assemble_reward_ensemble,reference_responses")
-    assert rest.returncode == 0, rest.stderr[-3000:]
+    for i, proc in enumerate(members):
+        proc.join(600)
+        assert proc.exitcode == 0, (project / "logs" / f"member_{i}.txt").read_text()[-3000:]
+    code, out = kedro_run(project, "--env", "tiny", *size, "--from-nodes", "assemble_reward_ensemble,reference_responses",
+                          name="rest")
+    assert code == 0, out[-3000:]
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
                               order_by=["attributes.start_time ASC"])

@@ -16,6 +16,7 @@ import pytest
 from calibrated_rlhf.core.ppo import list_checkpoints
 from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK, host_name
+from tests.harness import kedro_run, preload, squash, start_kedro_run
 
 pytestmark = pytest.mark.slow
 
@@ -24,41 +25,24 @@ PARAMS = f"ppo.trainer.num_updates={UPDATES},ppo.checkpoint_every=1"
 ROOT = Path("data") / "06_models" / "ppo_checkpoints"
 
 
-def _env(project: Path) -> dict[str, str]:
-    # as tests.project.kedro: the three runs must see the same environment to compute the same numbers;
-    # wide enough a console that rich writes each log message on one line
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-            "KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "COLUMNS": "400"}
-
-
-def _kedro(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=_env(project),
-                          capture_output=True, text=True, timeout=600)
-
-
 def _kill_after_first_checkpoint(project: Path, known: set[str], timeout_s: float = 300) -> Path:
-    """Start `kedro run --pipelines ppo`; SIGKILL it once its run folder holds a checkpoint."""
-    log = open(project / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kedro", "run", "--env", "tiny", "--pipelines", "ppo",
-                             "--params", PARAMS], cwd=project, env=_env(project), stdout=log,
-                            stderr=subprocess.STDOUT)
+    """Start the ppo stage (forked, as tests.harness runs it); SIGKILL it once its run folder holds a checkpoint."""
+    proc = start_kedro_run(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS, name="killed")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (project / "killed.log").read_text()[-3000:]
+            assert proc.exitcode is None, (project / "logs" / "killed.txt").read_text()[-3000:]
             new = [d for d in (project / ROOT).iterdir() if d.is_dir() and d.name not in known]
             if new and list_checkpoints(new[0]):
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join()
                 return new[0]
             time.sleep(0.02)
         pytest.fail("no checkpoint in time")
     finally:
-        if proc.poll() is None:
+        if proc.exitcode is None:
             proc.kill()
-            proc.wait()
-        log.close()
+            proc.join()
 
 
 def _weights(folder: Path) -> dict:
@@ -77,8 +61,9 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tiny_run_project):
     before = {d.name for d in root.iterdir()}
     policies_before = {p.name for p in (project / "data" / "06_models" / "policy").iterdir()}
     # the uninterrupted reference: the same configuration, never killed
-    full = _kedro(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS)
-    assert full.returncode == 0, full.stderr[-3000:]
+    preload()
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS, name="reference")
+    assert code == 0, out[-3000:]
     (reference_dir,) = [d for d in root.iterdir() if d.name not in before]
     assert (reference_dir / COMPLETE_FILE).is_file()
 
@@ -91,10 +76,10 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tiny_run_project):
     debris = killed_dir / f".update_{killed_at + 1:06d}{MARK}{host_name()}-{gone.pid}-x1"
     debris.mkdir()
 
-    resumed = _kedro(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS + ",ppo.resume_from=latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    text = resumed.stdout + resumed.stderr
-    assert f"PPO resumes run {killed_dir.name} from update {killed_at}" in text
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS + ",ppo.resume_from=latest",
+                          name="resumed")
+    assert code == 0, out[-3000:]
+    assert squash(f"PPO resumes run {killed_dir.name} from update {killed_at}") in squash(out)
     assert not debris.exists() and not [p for p in root.rglob(f"*{MARK}*")]
     (resumed_dir,) = [d for d in root.iterdir() if d.name not in before | {reference_dir.name, killed_dir.name}]
     assert (resumed_dir / COMPLETE_FILE).is_file() and not (killed_dir / COMPLETE_FILE).exists()
