@@ -175,6 +175,10 @@ def launch(pipeline_names: list[str], env: str | None = None, runtime_params: di
     with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params or None) as session:
         # The runner kedro run would build, named in the run's record as kedro run names it.
         session.run(pipeline_names=pipeline_names, load_versions=pins, runner=SequentialRunner())
+    # Leave the process group before the interpreter exits: left to exit, the collective backend's threads
+    # can abort a rank that has finished ("terminate called without an active exception").
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 # ---- command line -----------------------------------------------------------------------------------

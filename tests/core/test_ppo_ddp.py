@@ -61,6 +61,8 @@ def _worker(out_dir: str) -> None:
     out = {"rank": acc.process_index, "beta": result.beta, "history": result.history, "checksum": checksum,
            "prompts": seen_prompts, "last_checkpoint": result.last_checkpoint, "variants": variants}
     Path(out_dir, f"rank{acc.process_index}.json").write_text(json.dumps(out))
+    acc.wait_for_everyone()
+    acc.end_training()  # leaves the process group: exiting in it can abort a finished rank
 
 
 @pytest.mark.slow
