@@ -27,12 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
-    (p for p in (REPO.parent / "shared" / "anchors", REPO.parent.parent / "shared" / "anchors") if p.is_dir()),
-    REPO.parent / "shared" / "anchors"))
-TRL_PY = REPO / ".venv-trl112" / "bin" / "python"
+from paths import ANCHORS, HERE, TRL_PY
+
 RESULTS = HERE / "results"
 BASE = {"hidden": 128, "response_length": 24, "batch": 16}
 FULL = {"hidden": [128, 256, 512], "response_length": [24, 48, 96], "batch": [8, 16, 32], "rm_seq_len": [32, 64, 128, 256]}

@@ -29,12 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
-    (p for p in (REPO.parent / "shared" / "anchors", REPO.parent.parent / "shared" / "anchors") if p.is_dir()),
-    REPO.parent / "shared" / "anchors"))
-TRL_PY = REPO / ".venv-trl112" / "bin" / "python"
+from paths import ANCHORS, HERE, TRL_PY
+
 RESULTS = HERE / "results" / "ppo.json"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

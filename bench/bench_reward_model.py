@@ -36,10 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ANCHORS = Path(os.environ.get("ANCHORS_DIR") or next(  # beside the checkout, or beside its worktree folder
-    (p for p in (ROOT.parent / "shared" / "anchors", ROOT.parent.parent / "shared" / "anchors") if p.is_dir()),
-    ROOT.parent / "shared" / "anchors"))
+from paths import ANCHORS
+from paths import REPO as ROOT
+
 EXPORT_DIR = ROOT / "data" / "01_raw" / "reference_workload"
 RESULTS = ROOT / "bench" / "results"
 SIDES = ("trl_default", "trl_best", "pipeline")
