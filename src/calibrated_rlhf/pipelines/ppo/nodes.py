@@ -323,12 +323,11 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
                     synthetic_task: dict[str, Any], params: PPOParams) -> dict[str, dict[str, float]]:
     """Gold reward of the final policy against the reference policy on test prompts, with a 95% interval
     of the gain paired by prompt, and the KL to the reference on the same samples: the one evaluation
-    protocol of every RL method (``core.evaluation``; synthetic task only: elsewhere there is no gold reward)."""
-    values: dict[str, float] = {}
-    if synthetic_task:
-        ev = params.evaluation
-        values = evaluation.evaluate_policy(policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
-                                            SyntheticTask.from_dict(synthetic_task), ev.samples_per_prompt,
-                                            params.trainer.response_length, ev.seed).metrics()
+    protocol of every RL method (``core.evaluation``). Off the synthetic task there is no gold reward, and
+    only the KL is reported."""
+    ev = params.evaluation
+    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    values = evaluation.evaluate_policy(policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
+                                        task, ev.samples_per_prompt, params.trainer.response_length, ev.seed).metrics()
     log.info("PPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
