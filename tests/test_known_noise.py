@@ -52,3 +52,24 @@ def test_other_warnings_still_show(shown) -> None:
     warnings.warn("a real problem with the reward model", UserWarning)
     assert len(shown) == 2 and "FutureWarning: register_new_resolver" in shown[0]
     assert "a real problem" in shown[1]
+
+
+def test_a_known_log_line_is_dropped_and_the_same_loggers_other_lines_show() -> None:
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    handler, filters = Collect(), list(logger.filters)
+    logger.addHandler(handler)
+    try:
+        filter_known_noise()
+        filter_known_noise()
+        logger.warning("Passing a Python object as `python_model` causes it to be serialized using CloudPickle")
+        logger.warning("Failed to validate the input example")
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = filters
+    assert records == ["Failed to validate the input example"]

@@ -28,14 +28,36 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated and will be removed in v6", "transformers rename"),
 )
 
+# (logger, message regex matched at the start of the message, why it is noise here): log records, not warnings
+KNOWN_LOG_NOISE: tuple[tuple[str, str, str], ...] = (
+    # The deployable model is a class of this installed package, so cloudpickle stores a reference to it,
+    # not its code; MLflow says this about every Python-object model.
+    ("mlflow.pyfunc", r"Passing a Python object as `python_model`", "mlflow's advice for models from code"),
+)
+
 
 def filter_known_noise() -> None:
-    """Install both filters (idempotent)."""
+    """Install the filters (idempotent)."""
     for category, message, _ in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
     logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, KnownNoiseFilter) for f in logger.filters):
         logger.addFilter(KnownNoiseFilter())
+    for name, message, _ in KNOWN_LOG_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, MessageFilter) and f.pattern.pattern == message for f in logger.filters):
+            logger.addFilter(MessageFilter(message))
+
+
+class MessageFilter(logging.Filter):
+    """Drops the records of one logger whose message starts with a pattern."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(message)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
 
 
 class KnownNoiseFilter(logging.Filter):

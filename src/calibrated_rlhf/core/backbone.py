@@ -7,6 +7,8 @@ The tiny default exists so the whole pipeline runs offline on a laptop; real use
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 from typing import Literal
 
@@ -20,6 +22,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 # A minimal chat template so conversational data works with the locally trained tokenizer: <bos>, then each
@@ -37,6 +42,21 @@ def chat_corpus_text(message: dict) -> str:
     """A message as :data:`CHAT_TEMPLATE` writes it (without its special tokens): the text a tokenizer
     trained for that template learns from, so the role markers become tokens of their own."""
     return f"<{message['role']}> {message['content']}"
+
+
+def check_model_source(name_or_path: str) -> str:
+    """``name_or_path`` unchanged, or an error when it names a local folder that does not exist.
+
+    A hub id is ``owner/name`` (or a bare name); anything else (absolute, ``./``, ``~`` or more than one
+    ``/``) can only be a folder. Without this check transformers would ask the hub for it and, offline,
+    fail with a message about the network instead of the missing folder.
+    """
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+        raise ValueError(f"no model folder at {name_or_path!r} (from {os.getcwd()}); a small chat model for "
+                         f"trying the pipeline is written by `python -m calibrated_rlhf.chat_model {name_or_path}`")
+    return name_or_path
 
 
 class BackboneParams(BaseModel):
@@ -102,7 +122,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Load a pretrained tokenizer; give it a pad token if it has none (reward batches need padding)."""
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    tok = AutoTokenizer.from_pretrained(check_model_source(name_or_path))
     ensure_pad_token(tok)
     return tok
 
@@ -143,8 +163,7 @@ def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizer
     """
     ensure_pad_token(tokenizer)
     if params.name_or_path:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            params.name_or_path, num_labels=1, **params.load_kwargs())
+        model = reward_model_from_causal_lm(check_model_source(params.name_or_path), params)
     else:
         torch.manual_seed(params.seed)
         cfg = tiny_config(params, tokenizer)
@@ -155,10 +174,33 @@ def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizer
     return model
 
 
+def reward_model_from_causal_lm(name_or_path: str, params: BackboneParams) -> PreTrainedModel:
+    """The checkpoint's trunk with a fresh ``score`` head, its LM head left behind.
+
+    transformers reports exactly that (a new ``score``, an unused ``lm_head``) as a warning table on every
+    such load; the expected part is said in one log line and only a surprise is warned about.
+    """
+    loader = hf_logging.get_logger("transformers.modeling_utils")
+    level = loader.level
+    loader.setLevel(hf_logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, output_loading_info=True, **params.load_kwargs())
+    finally:
+        loader.setLevel(level)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+    if missing or unexpected:
+        log.warning("reward model from %s: weights newly initialised %s, checkpoint weights unused %s",
+                    name_or_path, missing, unexpected)
+    log.info("reward model from %s: its trunk, a new score head", name_or_path)
+    return model
+
+
 def build_causal_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A causal LM: the policy that writes responses."""
     if params.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(params.name_or_path, **params.load_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(check_model_source(params.name_or_path), **params.load_kwargs())
     else:
         torch.manual_seed(params.seed)
         model = AutoModelForCausalLM.from_config(tiny_config(params, tokenizer), **params.load_kwargs())
