@@ -55,3 +55,67 @@ def test_grpo_runs_on_the_tiny_run_with_the_adaptive_controller_and_the_evaluati
     assert (project / "data/06_models/rl_policy" / version / "_complete.json").exists()
     assert (project / "data/06_models/rl_policy" / version / "rl_policy" / "model.safetensors").exists()
     assert "rl_policy" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_rloo_optimizes_the_transformed_reward_it_logs(tiny_run_project):
+    """RLOO (the default algorithm) scores its completions raw -> calibrated -> normalized through the completed
+    run's frozen transform: the logged per-update means follow the transform's formula."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+    from tests.harness import saved
+
+    project = tiny_run_project
+    preload()
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", name="rloo")
+    assert code == 0, out[-4000:]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = latest_run(project)
+    assert run.info.status == "FINISHED" and run.data.tags[keys.RL_ALGORITHM_TAG] == "rloo"
+    transform = saved(project, "data/06_models/reward_transform.json")
+    raw, calibrated, normalized = (_history(client, run, keys.rl_reward(n)) for n in ("raw", "calibrated", "normalized"))
+    assert len(raw) == 3 and len(set(raw)) > 1
+    for r, c, z in zip(raw, calibrated, normalized):
+        assert c == pytest.approx(r / transform["temperature"], rel=1e-6)
+        # the mean of z-scores is the z-score of the mean while no reward reaches the clip (tiny rewards do not)
+        assert z == pytest.approx((c - transform["mean"]) / transform["std"], rel=1e-5, abs=1e-6)
+    transform_version = max(p.name for p in (project / "data/06_models/reward_transform.json").iterdir()
+                            if (p / "_complete.json").exists())
+    assert run.data.tags["provenance/loaded/reward_transform"] == transform_version
+
+
+def test_dpo_trains_and_its_implicit_reward_is_calibrated_from_what_the_run_saved(tiny_run_project):
+    """DPO from the completed run's reference policy; the temperature it logs is the fit of the implicit-reward
+    margins it saved, and those margins are what its saved policy and the reference give."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibrated_rlhf.core import metric_keys as keys
+    from calibrated_rlhf.core.calibration import fit_temperature
+    from calibrated_rlhf.core.rl.dpo import score_pairs
+    from tests.harness import saved
+
+    project = tiny_run_project
+    preload()
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "dpo", name="dpo")
+    assert code == 0, out[-4000:]
+    run = latest_run(project)
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags[keys.RL_ALGORITHM_TAG] == "dpo"
+    scores = saved(project, "data/07_model_output/dpo/calibration_scores.parquet")
+    fit = fit_temperature(scores["reward_chosen"] - scores["reward_rejected"])
+    assert m[keys.DPO_CALIBRATION_TEMPERATURE] == pytest.approx(fit.temperature, rel=1e-6)
+    assert m[keys.dpo_key("calibration/test_ece_before")] >= 0 and m[keys.DPO_CALIBRATION_TEST_ECE_AFTER] >= 0
+    assert keys.PPO_EVAL_KL_REFERENCE in m and keys.PPO_EVAL_GOLD_GAIN in m  # the one protocol, PPO's keys
+    version = run.data.tags["run_id"]
+    policy_folder = project / "data/06_models/dpo_policy" / version / "dpo_policy"
+    assert (policy_folder.parent / "_complete.json").exists()
+    folder = lambda name: max(p for p in (project / "data/06_models" / name).iterdir()  # noqa: E731
+                              if (p / "_complete.json").exists()) / name
+    tokenizer = AutoTokenizer.from_pretrained(folder("tokenizer"))
+    policy = AutoModelForCausalLM.from_pretrained(policy_folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder("reference_policy"))
+    pairs = saved(project, "data/03_primary/calibration_pairs.parquet").head(8)
+    again = score_pairs(policy, reference, tokenizer, pairs, beta=float(run.data.params["dpo.trainer.beta"]))
+    head = scores.set_index("pair_id").loc[again["pair_id"]]
+    assert again["reward_chosen"].to_numpy() == pytest.approx(head["reward_chosen"].to_numpy(), abs=1e-4)
+    assert (again["reward_chosen"] != 0).any()
