@@ -98,9 +98,13 @@ def test_rewards_are_finite_and_the_console_is_quiet(chat_run):
     assert math.isfinite(transform["temperature"]) and transform["temperature"] > 0
     assert math.isfinite(transform["mean"]) and transform["std"] > 0
     text = squash(log)
-    assert "PPO2/2(" in text  # the terse progress line of a run whose stderr is a file
+    # the terse progress lines of a run whose stderr is a file
+    for loop in ("PPO2/2(", "referencesamples", "referencerewards", "rewardmodel"):
+        assert loop in text, loop
+    # the reward model from a causal LM: one line of ours instead of transformers' table of the expected keys
+    assert "itstrunk,anewscorehead" in text and "LOADREPORT" not in text
     for noise in ("register_new_resolver()isdeprecated", "`gradient_checkpointing`isdeprecated",
-                  "`is_gradient_checkpointing`isdeprecated"):
+                  "`is_gradient_checkpointing`isdeprecated", "PassingaPythonobjectas`python_model`"):
         assert noise not in text
 
 

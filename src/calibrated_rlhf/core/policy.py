@@ -16,7 +16,7 @@ from calibrated_rlhf.core.chat import prompt_ids, stop_token_id
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
 from calibrated_rlhf.core.preferences import is_conversational, plain
-from calibrated_rlhf.core.progress import attach_progress
+from calibrated_rlhf.core.progress import Progress, attach_progress
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -116,12 +116,14 @@ def sample_ids(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    desc: str | None = None,
 ) -> list[tuple[Any, list[int], list[int]]]:
     """(prompt, prompt ids, response ids up to and including the stop token) sampled from ``policy`` with a KV
     cache (plain ancestral sampling), ``samples_per_prompt`` per prompt in prompt order.
 
     Text prompts are continued up to EOS; conversational prompts (message lists) are rendered with the chat
-    template's generation prompt and answered up to the template's end of turn (``core.chat``).
+    template's generation prompt and answered up to the template's end of turn (``core.chat``). ``desc``
+    names a progress bar (or log lines) over the samples; None shows none (a caller's own bar covers it).
     """
     torch.manual_seed(seed)
     policy.eval()
@@ -131,6 +133,7 @@ def sample_ids(
     rendered = prompt_ids(tokenizer, prompts)
     jobs = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
     out: list[tuple[Any, list[int], list[int]]] = []
+    bar = Progress(len(jobs), desc) if desc else None
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         ids = [rendered[i] for i in batch]
@@ -143,6 +146,10 @@ def sample_ids(
                               pad_token_id=pad, use_cache=True)
         for i, p_ids, row in zip(batch, ids, gen[:, width:].tolist()):
             out.append((prompts[i], p_ids, row[: row.index(stop) + 1] if stop in row else row))
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -162,7 +169,9 @@ def sample_responses(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    desc: str | None = None,
 ) -> list[tuple[Any, str]]:
     """(prompt, response) pairs sampled from ``policy`` (:func:`sample_ids`, decoded by :func:`decode_samples`)."""
-    rows = sample_ids(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature, seed, batch_size)
+    rows = sample_ids(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature, seed, batch_size,
+                      desc)
     return list(zip([prompt for prompt, _, _ in rows], decode_samples(tokenizer, rows)))

@@ -21,6 +21,7 @@ from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
                                                 RunningNormalizer, minmax_batch, whiten_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
+from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
 @dataclass(frozen=True)
@@ -151,10 +152,12 @@ def reference_statistics(scorer: RewardScorer, prompts: Sequence[Any], responses
     stats = RewardStats()
     raw = np.empty(len(responses))
     ensemble_std = None
-    for idx, rewards, batch_std in scorer.iter_raw(prompts, responses):
-        stats.update(rewards / temperature)
-        raw[idx] = rewards
-        if batch_std is not None:
-            ensemble_std = np.empty(len(responses)) if ensemble_std is None else ensemble_std
-            ensemble_std[idx] = batch_std
+    with Progress(len(responses), "reference rewards") as bar:
+        for idx, rewards, batch_std in scorer.iter_raw(prompts, responses):
+            stats.update(rewards / temperature)
+            raw[idx] = rewards
+            if batch_std is not None:
+                ensemble_std = np.empty(len(responses)) if ensemble_std is None else ensemble_std
+                ensemble_std[idx] = batch_std
+            bar.update(len(idx))
     return stats, raw, ensemble_std

@@ -32,7 +32,7 @@ def reference_set(pairs: pd.DataFrame, reference_policy: Any, tokenizer: Any,
     from calibrated_rlhf.core.policy import sample_responses
 
     rows = sample_responses(reference_policy, tokenizer, distinct_prompts(pairs), params.samples_per_prompt,
-                            params.max_new_tokens, seed=params.seed)
+                            params.max_new_tokens, seed=params.seed, desc="reference samples")
     return pd.DataFrame(rows, columns=["prompt", "response"])
 
 
