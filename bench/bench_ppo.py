@@ -133,6 +133,8 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
         "first_update_s": float(upd[0]),
         "steady_state_episodes_per_s": float(result.episodes / (len(upd) * np.median(upd))),
         "rollout_s_total": float(sum(x["ppo/perf/rollout_s"] for x in h)),
+        # the PPO epochs (forward and backward of policy and value): the same fp32 math as TRL's
+        "optimize_s_total": t_train - float(sum(x["ppo/perf/rollout_s"] for x in h)),
         "generate_s_total": float(sum(x["ppo/perf/generate_s"] for x in h)),
         "score_s_total": float(sum(x["ppo/perf/score_s"] for x in h)),
         "rss_before_train_mib": rss_before,
@@ -272,6 +274,10 @@ def main() -> None:
                 # minutes (shared host), and adjacent runs share most of that drift
                 "paired_episodes_per_s_median": median(
                     [{"r": o["episodes_per_s"] / t["episodes_per_s"]} for o, t in zip(ours, trl)], "r"),
+                # the ratio if ours sampled, scored and ran every no-grad forward in no time at all: what the
+                # optimization epochs alone allow, however fast the rollout becomes
+                "ceiling_free_rollout": mt["train_wall_s"] / median(clean(ours), "optimize_s_total"),
+                "optimize_share_of_ours": median(clean(ours), "optimize_s_total") / mo["train_wall_s"],
             }
         out["settings"][f"ppo_epochs_{ep}"] = setting
     results = RESULTS if a.value_model == "separate" else RESULTS.with_name(f"ppo_{a.value_model}.json")
@@ -284,7 +290,9 @@ def main() -> None:
             line.update({"trl_eps": round(s["trl_gc_freeze"]["medians"]["episodes_per_s"], 1),
                          "trl_rss_mib": round(s["trl_gc_freeze"]["medians"]["peak_rss_mib"]),
                          "ratio": round(s["ratio_ours_over_trl"]["episodes_per_s"], 2),
-                         "paired_ratio_median": round(s["ratio_ours_over_trl"]["paired_episodes_per_s_median"], 2)})
+                         "paired_ratio_median": round(s["ratio_ours_over_trl"]["paired_episodes_per_s_median"], 2),
+                         "ceiling_free_rollout": round(s["ratio_ours_over_trl"]["ceiling_free_rollout"], 2),
+                         "optimize_share_of_ours": round(s["ratio_ours_over_trl"]["optimize_share_of_ours"], 2)})
         print(name, json.dumps(line))
     print("wrote", results)
 
