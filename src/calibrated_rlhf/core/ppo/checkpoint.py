@@ -35,6 +35,8 @@ from calibrated_rlhf.core.staging import MARK, host_name, make_staging_dir, pid_
 
 CHECKPOINT_PREFIX = "update_"
 STATE_FILE = "trainer_state.json"
+# The score function's own state (running_zscore's moments), per process: each rank scores its own shard.
+SCORE_STATE_FILE = "score_state_{rank}.json"
 RUN_FILE = "run.json"
 COMPLETE_FILE = "COMPLETE"
 
@@ -225,6 +227,28 @@ def set_rng_state(s: Mapping[str, Any], sampler: torch.Generator, shuffle: np.ra
         torch.cuda.set_rng_state_all(s["cuda"])
     sampler.set_state(s["sampler"])
     shuffle.bit_generator.state = s["shuffle"]
+
+
+def save_score_state(score_fn: Any, folder: Path, rank: int) -> None:
+    """Write ``score_fn.state_dict()`` (when it has one) as this process's :data:`SCORE_STATE_FILE`."""
+    state_dict = getattr(score_fn, "state_dict", None)
+    if state_dict is not None:
+        (folder / SCORE_STATE_FILE.format(rank=rank)).write_text(json.dumps(state_dict()))
+
+
+def load_score_state(score_fn: Any, folder: Path, rank: int) -> None:
+    """Restore what :func:`save_score_state` wrote. A checkpoint without the file is refused when the score
+    function has state to restore: continuing with fresh statistics would not be the interrupted run."""
+    load = getattr(score_fn, "load_state_dict", None)
+    if load is None:
+        return
+    path = folder / SCORE_STATE_FILE.format(rank=rank)
+    if path.is_file():
+        load(json.loads(path.read_text()))
+    elif score_fn.state_dict():
+        raise ValueError(f"cannot resume from {folder}: it holds no {path.name}, the state of the score function "
+                         f"(running reward statistics: {sorted(score_fn.state_dict())}), so the resumed rewards would "
+                         "differ from the interrupted run's. Start a new run.")
 
 
 # ---------------------------------------------------------------------- fingerprints
@@ -457,6 +481,7 @@ def save_trainer(trainer: Any, root: Path) -> Path:
 
     def write_own(folder: Path) -> None:
         torch.save(rng_state(trainer._gen, trainer._np_rng), folder / f"rng_state_{trainer.rank}.pt")
+        save_score_state(trainer.score_fn, folder, trainer.rank)
 
     return write_checkpoint(root, ckpt_name(trainer.update), trainer.accelerator, write_shared, write_own,
                             trainer.config.keep_checkpoints)
@@ -507,3 +532,4 @@ def restore_trainer(trainer: Any, path: Path) -> None:
     trainer.history, trainer.samples = list(state["history"]), list(state["samples"])
     set_rng_state(torch.load(path / f"rng_state_{trainer.rank}.pt", weights_only=False),
                   trainer._gen, trainer._np_rng)
+    load_score_state(trainer.score_fn, path, trainer.rank)
