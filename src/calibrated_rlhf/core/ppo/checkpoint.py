@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from calibrated_rlhf.core.ppo.config import PPOConfig
@@ -285,17 +286,19 @@ def digest(value: Any) -> str:
 
 
 def resume_fingerprint(
-    config: PPOConfig, *, reference_policy: str, initial_policy: str, tokenizer: str, prompts: Sequence[str],
-    world_size: int, extra: Mapping[str, Any] | None = None,
+    config: PPOConfig | BaseModel, *, reference_policy: str, initial_policy: str, tokenizer: str,
+    prompts: Sequence[Any], world_size: int, extra: Mapping[str, Any] | None = None,
+    exclude: Iterable[str] = NOT_IN_FINGERPRINT,
 ) -> dict[str, Any]:
     """Everything that changes a run's result, as one flat dict of plain JSON values.
 
-    The trainer's config (less :data:`NOT_IN_FINGERPRINT`) under each field's own name; the weight
-    fingerprints of the reference and initial policies; the tokenizer's; a digest of the prompts; the
-    number of processes. ``extra`` adds what the trainer cannot see (the reward model's weights, the
-    reward transform): its keys must not shadow the others.
+    The trainer's config (less ``exclude``, by default PPO's :data:`NOT_IN_FINGERPRINT`) under each field's
+    own name; the weight fingerprints of the reference and initial policies; the tokenizer's; a digest of
+    the prompts; the number of processes. ``extra`` adds what the trainer cannot see (the reward model's
+    weights, the reward transform): its keys must not shadow the others.
     """
-    fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IN_FINGERPRINT}
+    exclude = frozenset(exclude)
+    fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in exclude}
     fp.update(reference_policy=reference_policy, initial_policy=initial_policy, tokenizer=tokenizer,
               prompts=digest(list(prompts)), world_size=world_size)
     clash = sorted(set(extra or {}) & set(fp))
