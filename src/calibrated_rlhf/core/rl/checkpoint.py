@@ -117,6 +117,16 @@ class PublishCheckpoints(TrainerCallback):
         ckpt.write_checkpoint(self.plan.run_dir, ckpt.ckpt_name(step), acc, write_shared, write_own, self.plan.keep)
 
 
+def attach(trainer: Any, plan: Checkpointing, reward: Any, points: list[dict[str, float]]) -> str | None:
+    """Wire ``plan`` into a built TRL trainer before ``train``: restore what it resumes (:func:`restore`),
+    publish its checkpoints, mark the run folder started; returns TRL's checkpoint to resume from, or None."""
+    resume = restore(plan, reward, points)
+    if plan.saving:
+        trainer.add_callback(PublishCheckpoints(trainer, plan, reward, points))
+    mark_started(plan)
+    return resume
+
+
 def restore(plan: Checkpointing, reward: Any, points: list[dict[str, float]]) -> str | None:
     """Before training: check the resumed checkpoint's fingerprint, restore the reward's state and the log so
     far (into ``points``); returns TRL's checkpoint folder for ``train(resume_from_checkpoint=...)``, or None."""

@@ -14,7 +14,7 @@ import torch
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
-from calibrated_rlhf.core.rl.checkpoint import Checkpointing, PublishCheckpoints, trl_output_dir
+from calibrated_rlhf.core.rl.checkpoint import Checkpointing, trl_output_dir
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
@@ -101,12 +101,7 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
             trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
                                              save_steps=checkpointing.every if saving else None,
                                              reward_scale=reward_scale)
-            resume = None
-            if checkpointing is not None:
-                resume = rl_checkpoint.restore(checkpointing, reward, history.points)
-                if saving:
-                    trainer.add_callback(PublishCheckpoints(trainer, checkpointing, reward, history.points))
-                rl_checkpoint.mark_started(checkpointing)
+            resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
             trainer.train(resume_from_checkpoint=resume)
             runtime = time.perf_counter() - start
