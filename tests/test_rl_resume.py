@@ -18,7 +18,7 @@ from tests.harness import kedro_run, preload, squash, start_kedro_run
 
 pytestmark = pytest.mark.slow
 
-UPDATES = 4
+UPDATES = 3
 PARAMS = f"rl.num_updates={UPDATES},rl.checkpoint_every=1,normalization.method=running_zscore"
 ROOT = Path("data") / "06_models" / "rl_checkpoints"
 
