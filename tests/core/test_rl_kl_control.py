@@ -1,5 +1,6 @@
 """The project's KL controller as a TRL callback: the controller's formula on a logged KL sequence, and its
-state through a checkpoint and a resume of TRL's real RLOO trainer."""
+state through a checkpoint and a resume of TRL's real RLOO trainer, directly and through the library's entry
+point (``core.rl.trainers.train`` with ``core.rl.checkpoint``), running reward statistics included."""
 
 from __future__ import annotations
 
