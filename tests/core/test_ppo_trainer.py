@@ -192,6 +192,41 @@ def test_resume_gives_identical_run(tok, tmp_path: Path, value_model: str) -> No
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
 
 
+def running_zscore_score(tok):
+    """The library's running_zscore score function over a tiny reward model: stateful, its moments grow with
+    every batch."""
+    from calibrated_rlhf.core.normalization import RewardTransform
+    from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
+
+    _, reward_model = tiny_models(tok, seed=7)
+    transform = RewardTransform(temperature=0.5, mean=0.0, std=1.0, clip=3.0, computed_on="x",
+                                reward_model_version=None, n=2)
+    return rl_score_fn(RewardScorer(reward_model.eval(), tok, transform), "running_zscore")
+
+
+def test_running_zscore_resume_equals_an_uninterrupted_run(tok, tmp_path: Path) -> None:
+    kw = dict(num_updates=4, checkpoint_every=2, batch_size=8, num_mini_batches=1, score_key="score")
+    full = make_trainer(tok, checkpoint_dir=str(tmp_path / "a"), score=running_zscore_score(tok), **kw)
+    res_full = full.train()
+    # a fresh process: new score function, moments at zero, until the checkpoint restores them
+    resumed = make_trainer(tok, checkpoint_dir=str(tmp_path / "b"), score=running_zscore_score(tok), **kw)
+    assert resumed.score_fn.normalizer.moments.count == 0
+    resumed.load_checkpoint(tmp_path / "a" / "update_000002")
+    assert resumed.score_fn.normalizer.moments.count == 2 * 8
+    res_resumed = resumed.train()
+    assert resumed.score_fn.state_dict() == full.score_fn.state_dict()
+    for a, b in zip(res_full.history, res_resumed.history, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(PERF)} == \
+               {k: v for k, v in b.items() if not k.startswith(PERF)}
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a checkpoint without the moments cannot continue a running_zscore run
+    (tmp_path / "a" / "update_000002" / "score_state_0.json").unlink()
+    again = make_trainer(tok, checkpoint_dir=str(tmp_path / "c"), score=running_zscore_score(tok), **kw)
+    with pytest.raises(ValueError, match="score_state_0.json"):
+        again.load_checkpoint(tmp_path / "a" / "update_000002")
+
+
 def test_resume_latest_through_train(tok, tmp_path: Path) -> None:
     kw = dict(num_updates=4, checkpoint_every=2, checkpoint_dir=str(tmp_path), kl_control="adaptive")
     first = make_trainer(tok, **kw)

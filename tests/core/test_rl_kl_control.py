@@ -1,5 +1,6 @@
 """The project's KL controller as a TRL callback: the controller's formula on a logged KL sequence, and its
-state through a checkpoint and a resume of TRL's real RLOO trainer."""
+state through a checkpoint and a resume of TRL's real RLOO trainer, directly and through the library's entry
+point (``core.rl.trainers.train`` with ``core.rl.checkpoint``), running reward statistics included."""
 
 from __future__ import annotations
 
@@ -102,3 +103,82 @@ def test_resumed_trl_run_equals_an_uninterrupted_one(tiny_tokenizer, synthetic_p
     assert [p[BETA] for p in resumed_points if BETA in p] == pytest.approx([p[BETA] for p in whole_points
                                                                              if BETA in p][2:])
     assert torch.allclose(resumed_params, whole_params, atol=1e-6)
+
+
+class _Crash(RuntimeError):
+    """Stands for the process dying mid-run."""
+
+
+def test_interrupted_rloo_run_resumes_through_the_library_to_the_uninterrupted_result(tiny_tokenizer, synthetic_pairs,
+                                                                                     tmp_path):
+    """``core.rl.trainers.train`` with checkpoints, running_zscore on: a run that dies after its checkpoint at
+    update 2 and is resumed (``resume_from: latest``) ends with the weights, betas, rewards and running moments
+    of a run never interrupted."""
+    from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone, build_reward_backbone
+    from calibrated_rlhf.core.normalization import RewardTransform
+    from calibrated_rlhf.core.ppo import ResumeMismatchError, list_checkpoints, resolve_resume
+    from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE, read_run
+    from calibrated_rlhf.core.rl.checkpoint import TRL_DIR, Checkpointing, resume_fingerprint
+    from calibrated_rlhf.core.rl.config import RLConfig
+    from calibrated_rlhf.core.rl.reward import ScoreReward
+    from calibrated_rlhf.core.rl.trainers import train
+    from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
+    from calibrated_rlhf.core.staging import MARK
+    from tests.conftest import TINY_BACKBONE
+
+    torch.manual_seed(0)
+    policy = build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer)
+    reward_model = build_reward_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).eval()
+    transform = RewardTransform(temperature=0.5, mean=0.0, std=1.0, clip=3.0, computed_on="x",
+                                reward_model_version=None, n=2)
+    prompts = list(dict.fromkeys(synthetic_pairs["prompt"]))[:16]
+
+    class Reward(ScoreReward):
+        def __init__(self, crash_at: int | None = None) -> None:
+            super().__init__(rl_score_fn(RewardScorer(reward_model, tiny_tokenizer, transform), "running_zscore"),
+                             tiny_tokenizer)
+            self.calls, self.crash_at = 0, crash_at
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == self.crash_at:
+                raise _Crash
+            return super().__call__(*args, **kwargs)
+
+    config = RLConfig(algorithm="rloo", num_updates=4, batch_size=4, num_generations=2, response_length=6,
+                      learning_rate=5e-3, beta=0.2, kl_target=1e-3, kl_horizon=8)
+    fingerprint = resume_fingerprint(config, policy, tiny_tokenizer, prompts, {"normalization.method": "running_zscore"})
+    root = tmp_path / "checkpoints"
+
+    def run(name, reward, resume=None):
+        return train(config, policy, tiny_tokenizer, prompts, reward, workdir=tmp_path,
+                     checkpointing=Checkpointing(root / name, fingerprint, every=2, resume=resume))
+
+    whole_reward = Reward()
+    whole = run("whole", whole_reward)
+    with pytest.raises(_Crash):
+        run("killed", Reward(crash_at=3))  # dies generating update 3, after the checkpoint of update 2
+    assert [c.name for c in list_checkpoints(root / "killed")] == ["update_000002"]
+    assert not (root / "killed" / COMPLETE_FILE).exists() and not list(root.rglob(f"*{MARK}*"))
+    saved = root / "killed" / "update_000002"
+    assert (saved / TRL_DIR / "trainer_state.json").is_file() and (saved / "score_state_0.json").is_file()
+
+    # another configuration cannot continue it: the error names the field
+    other = resume_fingerprint(config.model_copy(update={"kl_target": 2e-3}), policy, tiny_tokenizer, prompts,
+                               {"normalization.method": "running_zscore"})
+    with pytest.raises(ResumeMismatchError, match="kl_target"):
+        resolve_resume("latest", root, other)
+    resume = resolve_resume("latest", root, fingerprint, exclude=[root / "resumed"])
+    assert (resume.run, resume.update) == ("killed", 2)  # the finished run is never offered
+    resumed_reward = Reward()
+    resumed = run("resumed", resumed_reward, resume)
+    assert (root / "resumed" / COMPLETE_FILE).is_file() and read_run(root / "resumed")["resumed_from"]["run"] == "killed"
+
+    assert whole_reward.state_dict()["normalizer"]["count"] == 4 * 4
+    assert resumed_reward.state_dict() == whole_reward.state_dict()
+    for key in (BETA, BETA_NEXT, SEQUENCE_KL, "rewards/score/mean", "rewards/calibrated/mean"):
+        assert [p[key] for p in resumed.history if key in p] == pytest.approx([p[key] for p in whole.history
+                                                                               if key in p], rel=1e-9), key
+    assert len([p for p in whole.history if BETA in p]) == 4
+    for a, b in zip(whole.policy.parameters(), resumed.policy.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

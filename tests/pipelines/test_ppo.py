@@ -218,7 +218,7 @@ def test_stage_resumes_latest_only_under_the_same_reward_model(reward_model, tin
         stage(other, 3, resume_from="latest")
     assert not debris[gone.pid].exists() and debris[os.getpid()].exists()  # swept at the stage's start
 
-    with caplog.at_level(logging.INFO, logger="calibrated_rlhf.pipelines.ppo.nodes"):
+    with caplog.at_level(logging.INFO, logger="calibrated_rlhf.pipelines"):  # the stage and pipelines.checkpoints
         _, history, *_ = stage(reward_model, 3, resume_from="latest")
     assert f"PPO resumes run {first.name} from update 2" in caplog.text
     assert [p["step"] for p in history["ppo/objective/kl"]] == [1, 2, 3]

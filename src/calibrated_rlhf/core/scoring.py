@@ -9,7 +9,7 @@ becomes an assistant message and goes through the tokenizer's chat template, as 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -106,42 +106,67 @@ def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any
     return float(np.mean(calibrated - task.scale * gold))
 
 
-def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
-                offset: float | None = None) -> Callable[[list, list], dict[str, torch.Tensor]]:
+class RLScoreFn:
     """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
     under normalization ``method`` (also under its own name when computed from the batch), and, for an
-    ensemble, ``ensemble_std``. ``running_zscore`` keeps its running moments in ``score_fn.normalizer``.
+    ensemble, ``ensemble_std``. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
+    function's state (``state_dict`` / ``load_state_dict``), which every checkpoint carries, so a resumed run
+    continues the same rewards.
 
     On the synthetic task it adds ``gold`` and, given ``offset`` (:func:`gold_offset`), ``gold_gap``:
     calibrated proxy minus the true logit ``scale * gold``, relative to the reference set, so it starts
     near 0 and grows when RL exploits the reward model's errors (calibrated-logit units).
     """
 
-    clip = scorer.transform.clip if scorer.transform is not None else None
-    running = RunningNormalizer(clip) if method == "running_zscore" else None
-    batch_forms = {  # the methods computed from the batch (and, for running_zscore, the batches before it)
-        "minmax_batch": lambda s: minmax_batch(s.raw),
-        "whiten_batch": lambda s: whiten_batch(s.calibrated),
-        "running_zscore": lambda s: running(s.calibrated),
-        "calibrated_clip": lambda s: np.clip(s.calibrated, -clip, clip) if clip is not None else s.calibrated,
-    }
+    def __init__(self, scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
+                 offset: float | None = None) -> None:
+        self.scorer, self.method, self.task, self.offset = scorer, method, task, offset
+        self.clip = scorer.transform.clip if scorer.transform is not None else None
+        self.normalizer = RunningNormalizer(self.clip) if method == "running_zscore" else None
 
-    def score_fn(prompts: list, responses: list) -> dict[str, torch.Tensor]:
-        scored = scorer.score(prompts, responses)
+    def _batch_form(self, scored: ScoredRewards) -> np.ndarray:
+        """The methods computed from the batch (and, for running_zscore, the batches before it)."""
+        if self.method == "minmax_batch":
+            return minmax_batch(scored.raw)
+        if self.method == "whiten_batch":
+            return whiten_batch(scored.calibrated)
+        if self.method == "running_zscore":
+            return self.normalizer(scored.calibrated)
+        return np.clip(scored.calibrated, -self.clip, self.clip) if self.clip is not None else scored.calibrated
+
+    def __call__(self, prompts: list, responses: list) -> dict[str, torch.Tensor]:
+        scored = self.scorer.score(prompts, responses)
         out = {"raw": scored.raw, "calibrated": scored.calibrated, "normalized": scored.normalized}
         if scored.ensemble_std is not None:
             out["ensemble_std"] = scored.ensemble_std
-        if method in batch_forms:
-            out[OPTIMIZED[method]] = batch_forms[method](scored)
-        out["score"] = out[OPTIMIZED[method]]
-        if task is not None:
-            out["gold"] = np.array([task.gold_reward(response_text(r)) for r in responses])
-            if offset is not None:
-                out["gold_gap"] = out["calibrated"] - task.scale * out["gold"] - offset
+        if self.method in BATCH_FORMS:
+            out[OPTIMIZED[self.method]] = self._batch_form(scored)
+        out["score"] = out[OPTIMIZED[self.method]]
+        if self.task is not None:
+            out["gold"] = np.array([self.task.gold_reward(response_text(r)) for r in responses])
+            if self.offset is not None:
+                out["gold_gap"] = out["calibrated"] - self.task.scale * out["gold"] - self.offset
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
-    score_fn.normalizer = running
-    return score_fn
+    def state_dict(self) -> dict[str, Any]:
+        """What the rewards of later batches depend on: the running moments (empty for the other methods)."""
+        return {"normalizer": self.normalizer.state_dict()} if self.normalizer is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.normalizer is not None) != ("normalizer" in state):
+            raise ValueError(f"score function state {sorted(state)} does not fit normalization method {self.method!r}")
+        if self.normalizer is not None:
+            self.normalizer.load_state_dict(state["normalizer"])
+
+
+# The methods whose score is computed from the batch rather than read off the scorer's output.
+BATCH_FORMS = ("minmax_batch", "whiten_batch", "running_zscore", "calibrated_clip")
+
+
+def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
+                offset: float | None = None) -> RLScoreFn:
+    """The score function RL optimizes under ``method`` (:class:`RLScoreFn`)."""
+    return RLScoreFn(scorer, method, task, offset)
 
 
 def reference_statistics(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[Any],

@@ -14,7 +14,9 @@ Usage::
 ``"calibrated"``, ``"gold"``, ``"ensemble_std"``, ...) is logged as a batch mean under
 ``ppo/rewards/<key>``. A response is cut at its first EOS, decoded without special tokens, as the
 continuation of its prompt (``prompt + response`` is the decoded text, leading space included).
-Under several processes each rank scores its own shard; the keys must be the same every call.
+Under several processes each rank scores its own shard; the keys must be the same every call. A
+``score_fn`` with state (``state_dict()`` / ``load_state_dict()``, as ``core.scoring.RLScoreFn`` keeps the
+running moments of ``running_zscore``) has it saved in every checkpoint and restored on resume.
 
 The per-token reward is ``-beta * reward_scale * KL_t`` with the normalized score (minus
 ``missing_eos_penalty * reward_scale`` when a response has no EOS) added on its last token.
@@ -29,8 +31,8 @@ update_s,rollout_s,generate_s,score_s}``, ``step``, ``episodes``.
 Checkpoints (``<checkpoint_dir>/update_000050/``, written to a staging folder named after its writer
 and renamed; ``checkpoint.py``): ``policy/`` and ``value_model/`` (``save_pretrained``;
 ``value_head.pt`` in shared mode), ``optimizer.pt``, ``trainer_state.json`` (update, episodes, KL
-controller state, data position, history, samples, config, resume fingerprint) and
-``rng_state_<rank>.pt``. ``checkpoint_dir`` is one run's folder: ``run.json`` names its writer and
+controller state, data position, history, samples, config, resume fingerprint),
+``rng_state_<rank>.pt`` and ``score_state_<rank>.json`` (the score function's state, if any). ``checkpoint_dir`` is one run's folder: ``run.json`` names its writer and
 ``COMPLETE`` marks it finished; ``find_resumable(root, trainer.fingerprint)`` finds the newest
 interrupted run of the same configuration among the run folders under ``root``.
 """

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from calibrated_rlhf.core.ppo.config import PPOConfig
@@ -35,6 +36,8 @@ from calibrated_rlhf.core.staging import MARK, host_name, make_staging_dir, pid_
 
 CHECKPOINT_PREFIX = "update_"
 STATE_FILE = "trainer_state.json"
+# The score function's own state (running_zscore's moments), per process: each rank scores its own shard.
+SCORE_STATE_FILE = "score_state_{rank}.json"
 RUN_FILE = "run.json"
 COMPLETE_FILE = "COMPLETE"
 
@@ -227,6 +230,28 @@ def set_rng_state(s: Mapping[str, Any], sampler: torch.Generator, shuffle: np.ra
     shuffle.bit_generator.state = s["shuffle"]
 
 
+def save_score_state(score_fn: Any, folder: Path, rank: int) -> None:
+    """Write ``score_fn.state_dict()`` (when it has one) as this process's :data:`SCORE_STATE_FILE`."""
+    state_dict = getattr(score_fn, "state_dict", None)
+    if state_dict is not None:
+        (folder / SCORE_STATE_FILE.format(rank=rank)).write_text(json.dumps(state_dict()))
+
+
+def load_score_state(score_fn: Any, folder: Path, rank: int) -> None:
+    """Restore what :func:`save_score_state` wrote. A checkpoint without the file is refused when the score
+    function has state to restore: continuing with fresh statistics would not be the interrupted run."""
+    load = getattr(score_fn, "load_state_dict", None)
+    if load is None:
+        return
+    path = folder / SCORE_STATE_FILE.format(rank=rank)
+    if path.is_file():
+        load(json.loads(path.read_text()))
+    elif score_fn.state_dict():
+        raise ValueError(f"cannot resume from {folder}: it holds no {path.name}, the state of the score function "
+                         f"(running reward statistics: {sorted(score_fn.state_dict())}), so the resumed rewards would "
+                         "differ from the interrupted run's. Start a new run.")
+
+
 # ---------------------------------------------------------------------- fingerprints
 def weights_fingerprint(model: nn.Module) -> str:
     """Cheap identity of a model's weights: shapes, sums and the leading values of every tensor."""
@@ -261,17 +286,19 @@ def digest(value: Any) -> str:
 
 
 def resume_fingerprint(
-    config: PPOConfig, *, reference_policy: str, initial_policy: str, tokenizer: str, prompts: Sequence[str],
-    world_size: int, extra: Mapping[str, Any] | None = None,
+    config: PPOConfig | BaseModel, *, reference_policy: str, initial_policy: str, tokenizer: str,
+    prompts: Sequence[Any], world_size: int, extra: Mapping[str, Any] | None = None,
+    exclude: Iterable[str] = NOT_IN_FINGERPRINT,
 ) -> dict[str, Any]:
     """Everything that changes a run's result, as one flat dict of plain JSON values.
 
-    The trainer's config (less :data:`NOT_IN_FINGERPRINT`) under each field's own name; the weight
-    fingerprints of the reference and initial policies; the tokenizer's; a digest of the prompts; the
-    number of processes. ``extra`` adds what the trainer cannot see (the reward model's weights, the
-    reward transform): its keys must not shadow the others.
+    The trainer's config (less ``exclude``, by default PPO's :data:`NOT_IN_FINGERPRINT`) under each field's
+    own name; the weight fingerprints of the reference and initial policies; the tokenizer's; a digest of
+    the prompts; the number of processes. ``extra`` adds what the trainer cannot see (the reward model's
+    weights, the reward transform): its keys must not shadow the others.
     """
-    fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_IN_FINGERPRINT}
+    exclude = frozenset(exclude)
+    fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in exclude}
     fp.update(reference_policy=reference_policy, initial_policy=initial_policy, tokenizer=tokenizer,
               prompts=digest(list(prompts)), world_size=world_size)
     clash = sorted(set(extra or {}) & set(fp))
@@ -457,6 +484,7 @@ def save_trainer(trainer: Any, root: Path) -> Path:
 
     def write_own(folder: Path) -> None:
         torch.save(rng_state(trainer._gen, trainer._np_rng), folder / f"rng_state_{trainer.rank}.pt")
+        save_score_state(trainer.score_fn, folder, trainer.rank)
 
     return write_checkpoint(root, ckpt_name(trainer.update), trainer.accelerator, write_shared, write_own,
                             trainer.config.keep_checkpoints)
@@ -507,3 +535,4 @@ def restore_trainer(trainer: Any, path: Path) -> None:
     trainer.history, trainer.samples = list(state["history"]), list(state["samples"])
     set_rng_state(torch.load(path / f"rng_state_{trainer.rank}.pt", weights_only=False),
                   trainer._gen, trainer._np_rng)
+    load_score_state(trainer.score_fn, path, trainer.rank)

@@ -1,2 +1,3 @@
 """RLOO, GRPO and DPO from TRL on the project's reward transform: the KL controller as a callback, the reward
-callable over the library's scorer, and the trainers' construction (plain library: no Kedro, no MLflow)."""
+callable over the library's scorer, the trainers' construction and their checkpoints (plain library: no Kedro, no
+MLflow)."""

@@ -59,3 +59,13 @@ class ScoreReward:
                 if name != SCORE_NAME:
                     log_metric(reward_metric(name), float(values.float().mean()))
         return [float(v) for v in scores[SCORE_NAME]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The score function's state (``RLScoreFn``: running_zscore's moments); empty when it keeps none."""
+        return self.score_fn.state_dict() if hasattr(self.score_fn, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.score_fn, "load_state_dict"):
+            self.score_fn.load_state_dict(state)
+        elif state:
+            raise ValueError(f"the score function keeps no state, but the checkpoint holds {sorted(state)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
+from calibrated_rlhf.core.rl.checkpoint import Checkpointing, trl_output_dir
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
@@ -84,15 +87,25 @@ class RLResult:
 
 
 def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
-          reward_scale: float = 1.0, workdir: str | Path | None = None) -> RLResult:
+          reward_scale: float = 1.0, workdir: str | Path | None = None,
+          checkpointing: Checkpointing | None = None) -> RLResult:
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
-    frozen reference from); returns the trained policy on CPU and the per-update records."""
+    frozen reference from); returns the trained policy on CPU and the per-update records.
+
+    ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.rl.checkpoint``), and a run
+    resumed from ``resume`` after checking its fingerprint; the records then cover the whole run."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")
-        trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward,
-                                         Path(work) / "trainer", reward_scale=reward_scale)
-        start = time.perf_counter()
-        trainer.train()
-        runtime = time.perf_counter() - start
+        saving = checkpointing is not None and checkpointing.saving
+        with (trl_output_dir(checkpointing.run_dir) if saving else nullcontext(Path(work) / "trainer")) as out:
+            trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
+                                             save_steps=checkpointing.every if saving else None,
+                                             reward_scale=reward_scale)
+            resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
+            start = time.perf_counter()
+            trainer.train(resume_from_checkpoint=resume)
+            runtime = time.perf_counter() - start
+        if checkpointing is not None:
+            rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
     return RLResult(trainer.model.to("cpu").eval(), points, runtime)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
-from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer, ResumePoint, resolve_resume
-from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches, digest
+from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
+from calibrated_rlhf.core.ppo.checkpoint import digest
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
-from calibrated_rlhf.core.staging import sweep_stale
 from calibrated_rlhf.core.synthetic import SyntheticTask
+from calibrated_rlhf.pipelines.checkpoints import checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ def train_ppo(
     transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
-    run_dir = _checkpoint_folder(root)
+    run_dir = checkpoint_folder(root)
     config = trainer_config(params, original, method, run_dir)
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
@@ -135,7 +134,8 @@ def train_ppo(
                                        params.raw_reward_multiplier, offset),
                          ref_policy=None if config.lora else reference_policy,
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
-    resume = _prepare_checkpoints(trainer, params.resume_from, root, run_dir)
+    resume = prepare_resume("ppo", "PPO", params.resume_from, root, trainer.fingerprint, run_dir,
+                            saving=trainer.config.checkpoint_dir is not None)
     result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
@@ -157,14 +157,6 @@ def trainer_config(params: PPOParams, transform: RewardTransform, method: Normal
         "keep_checkpoints": params.keep_checkpoints,
         "ensemble_std_stop": ensemble_std_stop(transform, params.ensemble_std_stop_multiple),
     })
-
-
-def _checkpoint_folder(root: Path) -> Path:
-    """This run's checkpoint folder under ``root``, after clearing what dead writers left there."""
-    if _is_main_process():
-        for path in sweep_stale(root):
-            log.warning("removed %s, a checkpoint staging folder left by a process that is gone", path)
-    return root / _run_folder_name()
 
 
 def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure, dict]:
@@ -217,85 +209,6 @@ def stage_fingerprint(reward_model: str, transform: RewardTransform, params: PPO
         "synthetic_task": digest(task.to_dict()) if task is not None else None,
         "gold_offset": gold_offset,
     }
-
-
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _from_main_process(value: Any) -> Any:
-    """The main process's ``value`` on every rank (as is, in a single process)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    if PartialState().num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
-def _run_folder_name() -> str:
-    """This run's checkpoint folder name, the same on every rank: the active MLflow run's id (kedro-mlflow
-    opens it, on the main process only under ``calibrated_rlhf.launch``), else a fresh uuid. Never a clock: two runs
-    started in the same second would share a folder."""
-    import mlflow
-
-    run = mlflow.active_run() if _is_main_process() else None
-    return _from_main_process(run.info.run_id if run is not None else uuid.uuid4().hex)
-
-
-def _prepare_checkpoints(trainer: PPOTrainer, resume_from: str | None, root: Path,
-                         run_dir: Path) -> ResumePoint | None:
-    """Say where this run checkpoints; choose what it resumes from, and say that too."""
-    saving = trainer.config.checkpoint_dir is not None
-    if saving:
-        log.info("PPO checkpoints of this run go to %s", run_dir)
-        _track(params={"ppo.checkpoint_dir": str(run_dir)})
-    resume = _resume_point(resume_from, root, trainer.fingerprint, run_dir)
-    if resume is not None:
-        _log_resume(resume, run_dir if saving else None)
-    return resume
-
-
-def _resume_point(resume_from: str | None, root: Path, fingerprint: dict[str, Any],
-                  run_dir: Path) -> ResumePoint | None:
-    """Chosen on the main process (it decides which writers are alive) and shared with every rank, errors
-    included, so that no rank waits for one that has given up."""
-    outcome: Any = None
-    if _is_main_process():
-        try:
-            outcome = resolve_resume(resume_from, root, fingerprint, exclude=[run_dir])
-        except (OSError, ValueError) as e:
-            outcome = e
-    outcome = _from_main_process(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
-def _log_resume(resume: ResumePoint, run_dir: Path | None) -> None:
-    for run, diffs in resume.skipped:
-        log.warning("resume_from=latest passed over the newer interrupted run %s: another configuration (%s)",
-                    run, describe_mismatches(diffs))
-    log.info("PPO resumes run %s from update %d (%s); %s", resume.run, resume.update, resume.checkpoint,
-             f"its new checkpoints go to {run_dir}" if run_dir is not None else "no new checkpoints")
-    values = {"ppo.resumed_from_run": resume.run, "ppo.resumed_from_update": resume.update,
-              "ppo.resumed_from_checkpoint": str(resume.checkpoint)}
-    _track(params=values, tags={k.replace("ppo.", "ppo/"): v for k, v in values.items()})
-
-
-def _track(params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> None:
-    """Log to the active MLflow run from the main process; nothing when no run is tracked."""
-    import mlflow
-
-    if not _is_main_process() or mlflow.active_run() is None:
-        return
-    if params:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-    if tags:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:

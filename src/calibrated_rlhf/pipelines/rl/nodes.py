@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -11,16 +12,20 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation, plots
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
 from calibrated_rlhf.core.preferences import distinct_prompts
+from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
 from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.synthetic import SyntheticTask
+from calibrated_rlhf.pipelines.checkpoints import checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.ppo.nodes import EvaluationParams, check_transform_matches, gold_offset, make_score_fn
+from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transform_matches, gold_offset, make_score_fn,
+                                                 stage_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,19 @@ class RLParams(RLConfig):
     raw_reward_multiplier: float = Field(
         1.0, gt=0, description="Multiplies the reward model's raw output: the scale experiment (a in {0.25, 1, 4}).")
     evaluation: EvaluationParams = EvaluationParams()
+    checkpoint_root: str = Field(
+        "data/06_models/rl_checkpoints",
+        description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
+        "another's folder. Stale staging folders of dead processes under it are removed at start.")
+    checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints (and one at the end); "
+                                         "null = none.")
+    keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
+    resume_from: str | None = Field(
+        None,
+        description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under checkpoint_root "
+        "with this exact configuration (as ppo.resume_from). A checkpoint folder, or a run folder (its newest "
+        "checkpoint). Any configuration difference is an error naming the field; the resumed run's own "
+        "checkpoints go to its own folder.")
 
     def trainer_config(self) -> RLConfig:
         return RLConfig(**self.model_dump(include=set(RLConfig.model_fields)))
@@ -45,21 +63,35 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     frozen transform; returns the policy, per-update curves, the KL-control plot, the summary and tags."""
     method = normalization.method
     original = RewardTransform.from_dict(reward_transform)
-    check_transform_matches(original, reward_model)
+    rm_fingerprint = reward_fingerprint(reward_model)
+    check_transform_matches(original, reward_model, rm_fingerprint)
     transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier, offset)
+    config, prompts = params.trainer_config(), distinct_prompts(train_pairs)
+    checkpointing = prepare_checkpoints(params, rl_checkpoint.resume_fingerprint(
+        config, reference_policy, tokenizer, prompts, stage_fingerprint(rm_fingerprint, transform, params, task, offset,
+                                                                         method)))
     # The KL weight follows the scale known at calibration time (the original transform), as PPO's does: in
     # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
-    result = trainers.train(params.trainer_config(), reference_policy, tokenizer, distinct_prompts(train_pairs),
-                            ScoreReward(score_fn, tokenizer), reward_scale=original.scale_of(method))
+    result = trainers.train(config, reference_policy, tokenizer, prompts, ScoreReward(score_fn, tokenizer),
+                            reward_scale=original.scale_of(method), checkpointing=checkpointing)
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
     figure = plots.kl_control([p["step"] for p in points], [p[SEQUENCE_KL] for p in points],
                               [p[BETA] for p in points], params.kl_target, params.kl_control)
     return (result.policy, as_history(points, trainers.METRIC_KEYS), figure,
             training_summary(points, params, result.runtime_s), {keys.RL_ALGORITHM_TAG: params.algorithm})
+
+
+def prepare_checkpoints(params: RLParams, fingerprint: dict[str, Any]) -> rl_checkpoint.Checkpointing:
+    """This run's folder under ``rl.checkpoint_root`` and what it resumes (``rl.resume_from``), both logged."""
+    root = Path(params.checkpoint_root)
+    run_dir = checkpoint_folder(root)
+    resume = prepare_resume("rl", params.algorithm.upper(), params.resume_from, root, fingerprint, run_dir,
+                            saving=params.checkpoint_every is not None)
+    return rl_checkpoint.Checkpointing(run_dir, fingerprint, params.checkpoint_every, params.keep_checkpoints, resume)
 
 
 def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s: float) -> dict[str, dict[str, float]]:

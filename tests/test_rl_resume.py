@@ -1,0 +1,91 @@
+"""A real `kedro run` of the rl stage (RLOO, running_zscore) killed with SIGKILL mid-training, then resumed with
+``rl.resume_from=latest``: it continues the killed run from its last checkpoint, says so, and logs the whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from calibrated_rlhf.core.ppo import list_checkpoints
+from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
+from calibrated_rlhf.core.staging import MARK
+from tests.harness import kedro_run, preload, squash, start_kedro_run
+
+pytestmark = pytest.mark.slow
+
+UPDATES = 3
+PARAMS = f"rl.num_updates={UPDATES},rl.checkpoint_every=1,normalization.method=running_zscore"
+ROOT = Path("data") / "06_models" / "rl_checkpoints"
+
+
+def _kill_after_first_checkpoint(project: Path, timeout_s: float = 300) -> Path:
+    proc = start_kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params", PARAMS, name="rl_killed")
+    known = {d.name for d in (project / ROOT).iterdir()} if (project / ROOT).is_dir() else set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            assert proc.exitcode is None, (project / "logs" / "rl_killed.txt").read_text()[-3000:]
+            new = [d for d in (project / ROOT).iterdir() if d.is_dir() and d.name not in known] \
+                if (project / ROOT).is_dir() else []
+            if new and list_checkpoints(new[0]):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join()
+                return new[0]
+            time.sleep(0.02)
+        pytest.fail("no checkpoint in time")
+    finally:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+
+
+def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the_running_moments(tiny_run_project):
+    """Two runs of the stage (the equality with an uninterrupted run, weights included, is
+    ``tests/core/test_rl_kl_control.py``'s, through the same library entry point): the resumed run logs the whole
+    run's betas, which follow the controller's formula across the kill, and ends with the running moments of
+    every update's batch."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+    from calibrated_rlhf.core.ppo.checkpoint import SCORE_STATE_FILE, read_run
+    from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+
+    project = tiny_run_project
+    preload()
+    killed_dir = _kill_after_first_checkpoint(project)
+    killed_at = int(list_checkpoints(killed_dir)[-1].name.split("_")[1])
+    assert not (killed_dir / COMPLETE_FILE).exists() and killed_at < UPDATES
+
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params", PARAMS + ",rl.resume_from=latest",
+                          name="rl_resumed")
+    assert code == 0, out[-3000:]
+    assert squash(f"RLOO resumes run {killed_dir.name} from update {killed_at}") in squash(out)
+    root = project / ROOT
+    assert not list(root.rglob(f"*{MARK}*"))  # the killed run's TRL staging folder was swept
+    (resumed_dir,) = [d for d in root.iterdir() if (d / COMPLETE_FILE).is_file()]
+    assert read_run(resumed_dir)["resumed_from"]["run"] == killed_dir.name
+    last = list_checkpoints(resumed_dir)[-1]
+    assert last.name == f"update_{UPDATES:06d}"
+    # tiny: 8 completions an update; the moments restored at update killed_at went on from there
+    assert json.loads((last / SCORE_STATE_FILE.format(rank=0)).read_text())["normalizer"]["count"] == 8 * UPDATES
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(resumed_dir.name)
+    assert run.data.params["rl.checkpoint_dir"].endswith(resumed_dir.name)
+    assert run.data.params["rl.resumed_from_run"] == run.data.tags["rl/resumed_from_run"] == killed_dir.name
+    assert run.data.params["rl.resumed_from_update"] == str(killed_at)
+
+    def history(key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    kl, beta = history(keys.RL_KL), history(keys.RL_BETA)
+    assert len(kl) == len(beta) == len(history(keys.RL_SCORE)) == UPDATES
+    controller = AdaptiveKLController(0.1, 4.0, 1000)  # conf/base rl: beta, kl_target, kl_horizon
+    for k, b in zip(kl, beta):
+        assert b == pytest.approx(controller.value, rel=1e-9)
+        controller.update(k, 8)
