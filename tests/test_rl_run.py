@@ -3,6 +3,8 @@ transform and reference policy reused), read back from MLflow."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.harness import kedro_run, latest_run, preload
@@ -72,6 +74,8 @@ def test_rloo_optimizes_the_transformed_reward_it_logs(tiny_run_project):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = latest_run(project)
     assert run.info.status == "FINISHED" and run.data.tags[keys.RL_ALGORITHM_TAG] == "rloo"
+    # the console: the project's terse progress lines, not TRL's log dicts printed at every update
+    assert re.search(r"RLOO 3/3 \([0-9.]+/s\) kl=", out) and "'step_time':" not in out
     transform = saved(project, "data/06_models/reward_transform.json")
     raw, calibrated, normalized = (_history(client, run, keys.rl_reward(n)) for n in ("raw", "calibrated", "normalized"))
     assert len(raw) == 3 and len(set(raw)) > 1
@@ -101,6 +105,7 @@ def test_dpo_trains_and_its_implicit_reward_is_calibrated_from_what_the_run_save
     run = latest_run(project)
     m = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.tags[keys.RL_ALGORITHM_TAG] == "dpo"
+    assert re.search(r"DPO (\d+)/\1 \(", out) and "'rewards/margins':" not in out
     scores = saved(project, "data/07_model_output/dpo/calibration_scores.parquet")
     fit = fit_temperature(scores["reward_chosen"] - scores["reward_rejected"])
     assert m[keys.DPO_CALIBRATION_TEMPERATURE] == pytest.approx(fit.temperature, rel=1e-6)

@@ -64,24 +64,27 @@ class Progress:
 
 
 class TrainerProgress(TrainerCallback):
-    """A transformers ``Trainer``'s steps through :class:`Progress`, with the last logged loss."""
+    """A transformers ``Trainer``'s steps through :class:`Progress`, with the last logged value of each of
+    ``figures`` (shown name -> log key; by default the loss)."""
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, figures: dict[str, str] | None = None) -> None:
         self.desc = desc
+        self.figures = figures or {"loss": "loss"}
         self.progress: Progress | None = None
-        self.loss: float | None = None
+        self.last: dict[str, float] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_local_process_zero:
             self.progress = Progress(state.max_steps, self.desc)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if logs and isinstance(logs.get("loss"), (int, float)):
-            self.loss = float(logs["loss"])
+        for name, key in self.figures.items():
+            if logs and isinstance(logs.get(key), (int, float)):
+                self.last[name] = float(logs[key])
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
-            self.progress.update(1, loss=self.loss)
+            self.progress.update(1, **self.last)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is not None:
@@ -89,12 +92,12 @@ class TrainerProgress(TrainerCallback):
             self.progress = None
 
 
-def attach_progress(trainer: Any, desc: str) -> None:
+def attach_progress(trainer: Any, desc: str, figures: dict[str, str] | None = None) -> None:
     """Replace a ``Trainer``'s own console output (a bar that also prints every logged dict, or with
     ``disable_tqdm`` the dicts alone on stdout) by :class:`TrainerProgress`; the logged figures go to
-    the history and MLflow, not the console."""
+    the history and MLflow, not the console. Attach it last: it shows what earlier callbacks add to a log."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(TrainerProgress(desc))
+    trainer.add_callback(TrainerProgress(desc, figures))

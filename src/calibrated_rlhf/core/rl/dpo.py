@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.evaluation import sequence_logprobs
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.preferences import render_ids
 from calibrated_rlhf.core.staging import staging_dir
 
@@ -57,6 +58,7 @@ def train_dpo(reference_policy: Any, tokenizer: Any, pairs: pd.DataFrame, config
         policy = copy.deepcopy(reference_policy).requires_grad_(True)
         trainer = DPOTrainer(model=policy, ref_model=reference_policy, args=args, train_dataset=data,
                              processing_class=tokenizer, callbacks=[history])
+        attach_progress(trainer, "DPO", {"loss": "loss", "margin": "rewards/margins"})
         trainer.train()
     return trainer.model.to("cpu").eval(), history.points
 

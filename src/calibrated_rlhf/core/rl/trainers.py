@@ -13,6 +13,7 @@ import torch
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
 from calibrated_rlhf.core.rl.checkpoint import Checkpointing, trl_output_dir
 from calibrated_rlhf.core.rl.config import RLConfig
@@ -76,6 +77,8 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
                                                  reward_scale=reward_scale))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
+    attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
+                                                        "reward": "reward"})
     return trainer, history
 
 
