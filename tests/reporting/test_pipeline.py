@@ -101,7 +101,7 @@ def test_pipeline_lays_the_runs_side_by_side_with_computed_verdicts(store):
     for label in ("baseline", "no_centering", "scale_0.25", "scale_4_raw", f"__default__ ({ids['untagged'][:8]})"):
         assert f"| {label} |" in md, label
     baseline_kl = 1.01 * np.mean([1 + 0.5 ** step for step in range(4, 8)])
-    assert "**Reward scale: supported.**" in md and f"KL moves 4.9% (0.99 to {baseline_kl:.3g})" in md
+    assert "**Reward scale (PPO): supported.**" in md and f"KL moves 4.9% (0.99 to {baseline_kl:.3g})" in md
     assert verdicts.scale_verdict(table, params().scenario_roles.roles()).evidence in md
     assert "Without it (raw reward), across a in {0.25, 1, 4}, KL moves" in md
     assert "**Centering: supported.**" in md and "0.02 with centering (baseline) and 2.5 without it" in md
@@ -165,7 +165,7 @@ def test_cli_writes_the_same_report_and_logs_it_to_its_own_run(store, tmp_path, 
                           "--filter", "tags.scenario LIKE 'scale_%'", "--log-to-mlflow"])
     assert rc == 0
     md = (tmp_path / "comparison_report.md").read_text()
-    assert "**Reward scale: supported.**" in md and "| no_centering |" not in md and "| scale_4_raw |" in md
+    assert "**Reward scale (PPO): supported.**" in md and "| no_centering |" not in md and "| scale_4_raw |" in md
     assert "data:image/png;base64," in (tmp_path / "comparison_report.html").read_text()
     logged = capsys.readouterr().out.split("logged to MLflow run ")[1].split()[0]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(logged, "report")}

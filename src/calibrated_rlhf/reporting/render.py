@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting.table import SECTIONS, comparison_table, curve, empty_columns, empty_histories
+from calibrated_rlhf.reporting.table import (NAMING_COLUMNS, SECTIONS, comparison_table, curve, empty_columns,
+                                             empty_histories)
 from calibrated_rlhf.reporting.verdicts import ScenarioRoles, Verdict, all_verdicts
 
 FIGURE_FILE = "comparison_curves.png"
@@ -87,7 +88,7 @@ def _section_frame(table: pd.DataFrame, title: str) -> pd.DataFrame | None:
     """A section's columns as display strings for the runs that logged any of its values (every run in
     "Runs"), or None when there are none; columns none of those runs filled are left out."""
     columns = SECTIONS[title]
-    values = [c for c in columns if c not in ("label", "run_id", "scenario")]
+    values = [c for c in columns if c not in NAMING_COLUMNS]
     logged = table[values].notna().any(axis=1) | (title == "Runs")
     if not logged.any():
         return None
@@ -125,7 +126,9 @@ def _header_lines(table: pd.DataFrame, experiment: str, source: str, selection: 
     if selection:
         lines.append(f"Selection: {selection}.")
     if not table.empty:
-        lines.append("Where a scenario has several runs, the verdicts use its most recent one.")
+        lines.append("Where a scenario has several runs of a method, the verdicts use its most recent one; the "
+                     "reward scale and normalization verdicts are computed once per method (PPO, RLOO, GRPO per "
+                     "`scale_rewards`).")
     return lines
 
 

@@ -41,6 +41,9 @@ class ScenarioRolesParams(StrictParams):
     no_normalization: str
     minmax_normalization: str
     fixed_kl: str
+    normalizations: dict[str, str] = Field(
+        default_factory=dict, description="normalization.method -> the scenario that sets it, for the methods "
+        "besides zscore, none and minmax_batch (the normalization-methods verdict).")
     scale: list[ScaleScenarioParams] = Field(min_length=2)
     ensembles: list[EnsembleRegimeParams] = Field(min_length=1)
 
