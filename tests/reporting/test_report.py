@@ -404,6 +404,24 @@ def test_report_renders_tables_verdicts_and_an_embedded_figure():
     assert not r.figure.axes[3].get_lines()  # no gold gap logged: the panel says so instead of plotting
 
 
+def test_report_shows_each_method_its_curves_target_and_protocol_kl():
+    runs = pd.DataFrame([rl_run("p", "norm_minmax", "ppo", normalization="minmax_batch", error=0.3),
+                         rl_run("r", "norm_minmax", "rloo", normalization="minmax_batch", kl=2.5, target=3.0, minute=1)])
+    histories = pd.concat([*(history("p", k, [1.0, 2.0, 3.0]) for k in (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA,
+                                                                      keys.PPO_REWARD_GOLD_GAP)),
+                           *(history("r", k, [1.0, 2.0]) for k in (keys.RL_KL, keys.RL_BETA, keys.RL_REWARD_GOLD))])
+    r = render.build_report(runs, histories, roles=ROLES, experiment="exp")
+    kl, beta, gold, gap = r.figure.axes
+    assert len(kl.get_lines()) == 4 and len(beta.get_lines()) == 2  # each run's KL and its dashed target
+    assert list(kl.get_lines()[3].get_ydata()) == [3.0, 3.0]  # RLOO's target: its rl.kl_target
+    assert len(gold.get_lines()) == 1 and len(gap.get_lines()) == 1  # PPO logged no gold curve, RLOO no gap
+    section = r.markdown.split("## RL: KL tracking and the evaluation protocol")[1].split("##")[0]
+    assert "| label | method | kl_second_half_mean | kl_target |" in section and "kl_reference" in section
+    assert "| norm_minmax [rloo] | rloo | 2.5 | 3 |" in section
+    assert "**Normalization (RLOO): undecided.**" in r.markdown and "Normalization methods (RLOO)" in r.html
+    assert set(tables.HISTORY_KEYS) >= {keys.RL_KL, keys.RL_BETA, keys.RL_REWARD_GOLD, keys.PPO_KL}
+
+
 def test_report_without_runs_says_so():
     r = render.build_report(pd.DataFrame(columns=["run_id", "start_time"]), None, roles=ROLES, experiment="exp",
                             notes=["Experiment `exp` not found."])

@@ -67,23 +67,27 @@ class MethodKeys:
 
     metrics: Mapping[str, str] = field(default_factory=dict)  # table column -> metric key
     params: Mapping[str, str] = field(default_factory=dict)  # table column -> flattened param key
+    curves: Mapping[str, str] = field(default_factory=dict)  # curve (kl, kl_target, beta, gold, gold_gap) -> key
 
 
 _PPO_KEYS = MethodKeys(
     metrics={"kl_second_half_mean": keys.PPO_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.PPO_EVAL_KL_TRACKING_ERROR,
              "final_beta": keys.PPO_EVAL_FINAL_BETA, "kl_target": keys.PPO_KL_TARGET},
     params={"kl_target": "ppo.trainer.kl_target", "reward_multiplier": "ppo.raw_reward_multiplier",
-            "kl_control": "ppo.trainer.kl_control"})
+            "kl_control": "ppo.trainer.kl_control"},
+    curves={"kl": keys.PPO_KL, "kl_target": keys.PPO_KL_TARGET, "beta": keys.PPO_BETA, "gold": keys.PPO_REWARD_GOLD,
+            "gold_gap": keys.PPO_REWARD_GOLD_GAP})
 _RL_KEYS = MethodKeys(
     metrics={"kl_second_half_mean": keys.RL_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.RL_EVAL_KL_TRACKING_ERROR,
              "final_beta": keys.RL_EVAL_FINAL_BETA},
-    params={"kl_target": "rl.kl_target", "reward_multiplier": "rl.raw_reward_multiplier", "kl_control": "rl.kl_control"})
+    params={"kl_target": "rl.kl_target", "reward_multiplier": "rl.raw_reward_multiplier", "kl_control": "rl.kl_control"},
+    curves={"kl": keys.RL_KL, "beta": keys.RL_BETA, "gold": keys.RL_REWARD_GOLD})  # the target is a parameter
 # The one mapping from a run's method to its keys. A run of the default DAG that stopped before PPO has no
 # method and reads PPO's keys (it logged none of them). DPO has no KL target or controller: its budget is its
 # beta (``dpo.trainer.beta``), which the frontier reads.
 METHOD_KEYS: dict[str | None, MethodKeys] = {
     None: _PPO_KEYS, "ppo": _PPO_KEYS, "rloo": _RL_KEYS,
-    "grpo": MethodKeys(_RL_KEYS.metrics, {**_RL_KEYS.params, "scale_rewards": "rl.scale_rewards"}),
+    "grpo": MethodKeys(_RL_KEYS.metrics, {**_RL_KEYS.params, "scale_rewards": "rl.scale_rewards"}, _RL_KEYS.curves),
     "dpo": MethodKeys(),
 }
 METHOD_COLUMNS = ["kl_target", "kl_second_half_mean", "kl_tracking_error", "final_beta", "reward_multiplier",
@@ -91,9 +95,9 @@ METHOD_COLUMNS = ["kl_target", "kl_second_half_mean", "kl_tracking_error", "fina
 NUMERIC_METHOD_COLUMNS = ("kl_target", "kl_second_half_mean", "kl_tracking_error", "final_beta", "reward_multiplier")
 GRPO_DEFAULT_SCALE_REWARDS = "group"  # rl.scale_rewards: null leaves TRL's default
 
-# The per-update curves the table falls back on and the figure draws.
-HISTORY_KEYS: tuple[str, ...] = (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA, keys.PPO_REWARD_GOLD,
-                                 keys.PPO_REWARD_GOLD_GAP, keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EPISODES_PER_S)
+# The per-update curves the figure draws (every method's) and the table falls back on (PPO's).
+HISTORY_KEYS: tuple[str, ...] = (*dict.fromkeys(k for m in (_PPO_KEYS, _RL_KEYS) for k in m.curves.values()),
+                                 keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EPISODES_PER_S)
 HISTORY_COLUMNS = ["run_id", "key", "step", "value"]
 
 IDENTITY = ["label", "run_id", "run_name", "scenario", "method", "start_time"]
