@@ -81,7 +81,8 @@ _RL_KEYS = MethodKeys(
     metrics={"kl_second_half_mean": keys.RL_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.RL_EVAL_KL_TRACKING_ERROR,
              "final_beta": keys.RL_EVAL_FINAL_BETA},
     params={"kl_target": "rl.kl_target", "reward_multiplier": "rl.raw_reward_multiplier", "kl_control": "rl.kl_control"},
-    curves={"kl": keys.RL_KL, "beta": keys.RL_BETA, "gold": keys.RL_REWARD_GOLD})  # the target is a parameter
+    curves={"kl": keys.RL_KL, "beta": keys.RL_BETA, "gold": keys.RL_REWARD_GOLD,
+            "gold_gap": keys.rl_reward("gold_gap")})  # the target is a parameter
 # The one mapping from a run's method to its keys. A run of the default DAG that stopped before PPO has no
 # method and reads PPO's keys (it logged none of them). DPO has no KL target or controller: its budget is its
 # beta (``dpo.trainer.beta``), which the frontier reads.
@@ -253,7 +254,7 @@ def comparison_table(runs: pd.DataFrame, histories: pd.DataFrame | None = None) 
         row |= {col: run.get(f"params.{key}") for col, key in PARAMS.items()}
         row |= {col: as_float(run.get(f"metrics.{key}")) for col, key in METRICS.items()}
         _from_method_keys(row, run, method)
-        row["scale_rewards"] = scale[i]
+        row["scale_rewards"] = scale[i]  # the param as logged, null read as TRL's default
         _fill(row, "ensemble_size", as_float(run.get(f"params.{ENSEMBLE_SIZE_PARAM}")))
         if METHOD_KEYS.get(method) is _PPO_KEYS:
             _from_curves(row, run, histories)
