@@ -31,7 +31,7 @@ REPORT_FILES = {"markdown": "comparison_report.md", "html": "comparison_report.h
 
 # ---- figure ---------------------------------------------------------------------------------------------------
 
-PANELS = (("kl", "KL per update (nats per sequence)"), ("beta", "beta"), ("gold", "gold reward (batch mean)"),
+PANELS = (("kl", "KL per update (nats)"), ("beta", "beta"), ("gold", "gold reward (batch mean)"),
           ("gold_gap", "proxy - gold gap (calibrated logits)"))
 
 
