@@ -27,6 +27,7 @@ EXPECTED_EMPTY = {
     "ensemble_nll_after": "ensemble/* is logged by reward_ensemble, which runs only with ensemble_size > 1",
     "best_member_nll_after": "the same: no members",
     "final_ensemble_std": "ppo/rewards/ensemble_std exists only when an ensemble scores the responses",
+    "scale_rewards": "GRPO's rl.scale_rewards: a PPO run has none",
 }
 
 

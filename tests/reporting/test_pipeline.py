@@ -84,6 +84,13 @@ def store(tmp_path_factory):
         # The scale runs log PPO's evaluation; the baseline's KL summary comes from its curve.
         ids[scenario] = log_run(client, exp, "ppo", scenario, kl=kl, params=ppo(reward, a),
                                 metrics={"ppo/eval/gold_policy": gold, "ppo/eval/kl_second_half_mean": kl})
+    # An RLOO run of the baseline scenario (`--pipelines rl`), newer than PPO's: its own row, label and verdicts.
+    ids["baseline_rloo"] = log_run(client, exp, "rl", "baseline", params={
+        "normalization.method": "zscore", "rl.raw_reward_multiplier": 1.0, "rl.kl_target": 4.0,
+        "rl.kl_control": "adaptive", "rl.scale_rewards": None},
+        metrics={"rl/eval/kl_second_half_mean": 4.4, "rl/eval/kl_tracking_error": 0.1, "rl/eval/final_beta": 0.07,
+                 "ppo/eval/kl_reference": 4.6, "ppo/eval/gold_gain": 0.2, "ppo/eval/gold_policy": 0.5})
+    client.set_tag(ids["baseline_rloo"], "rl/algorithm", "rloo")
     yield uri, ids
     mlflow.set_tracking_uri(previous)
 
@@ -97,18 +104,23 @@ def test_pipeline_lays_the_runs_side_by_side_with_computed_verdicts(store):
     _, ids = store
     out = run(create_pipeline(), {"params:reporting": params(last=None)})
     md, page, table = out["comparison_report_md"], out["comparison_report_html"], out["comparison_table"]
-    assert len(table) == 8 and ids["reporting"] not in set(table["run_id"])
-    for label in ("baseline", "no_centering", "scale_0.25", "scale_4_raw", f"__default__ ({ids['untagged'][:8]})"):
+    assert len(table) == 9 and ids["reporting"] not in set(table["run_id"])
+    for label in ("baseline", "baseline [rloo]", "no_centering", "scale_0.25", "scale_4_raw",
+                  f"__default__ ({ids['untagged'][:8]})"):
         assert f"| {label} |" in md, label
     baseline_kl = 1.01 * np.mean([1 + 0.5 ** step for step in range(4, 8)])
-    assert "**Reward scale: supported.**" in md and f"KL moves 4.9% (0.99 to {baseline_kl:.3g})" in md
+    assert "**Reward scale (PPO): supported.**" in md and f"KL moves 4.9% (0.99 to {baseline_kl:.3g})" in md
     assert verdicts.scale_verdict(table, params().scenario_roles.roles()).evidence in md
     assert "Without it (raw reward), across a in {0.25, 1, 4}, KL moves" in md
     assert "**Centering: supported.**" in md and "0.02 with centering (baseline) and 2.5 without it" in md
     assert "**Calibration: supported.**" in md and "Missing: norm_minmax" not in md
     assert "missing: norm_none, norm_minmax" in md and "missing: kl_fixed" in md
     assert "reporting" in md.split("## Verdicts")[0]  # the earlier report's run is named as left out
-    baseline = table.set_index("scenario").loc["baseline"]
+    rloo = table.set_index("run_id").loc[ids["baseline_rloo"]]
+    assert (rloo["method"], rloo["kl_target"], rloo["kl_second_half_mean"], rloo["kl_reference"]) == ("rloo", 4, 4.4, 4.6)
+    assert "**Reward scale (RLOO): undecided.**" in md and "**Normalization (RLOO): undecided.**" in md
+    baseline = table.set_index("run_id").loc[ids["baseline"]]  # PPO's baseline, not shadowed by the newer RLOO run
+    assert baseline["method"] == "ppo"
     assert baseline["final_beta"] == pytest.approx(0.1 / 1.01 + 0.07)
     assert baseline["episodes_per_s"] == pytest.approx(43.5)
     assert "data:image/png;base64," in page and "<table" in page
@@ -165,7 +177,7 @@ def test_cli_writes_the_same_report_and_logs_it_to_its_own_run(store, tmp_path, 
                           "--filter", "tags.scenario LIKE 'scale_%'", "--log-to-mlflow"])
     assert rc == 0
     md = (tmp_path / "comparison_report.md").read_text()
-    assert "**Reward scale: supported.**" in md and "| no_centering |" not in md and "| scale_4_raw |" in md
+    assert "**Reward scale (PPO): supported.**" in md and "| no_centering |" not in md and "| scale_4_raw |" in md
     assert "data:image/png;base64," in (tmp_path / "comparison_report.html").read_text()
     logged = capsys.readouterr().out.split("logged to MLflow run ")[1].split()[0]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(logged, "report")}
@@ -182,5 +194,5 @@ def test_notebook_runs_against_the_store(store, monkeypatch, capsys):
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), namespace)
-    assert len(namespace["table"]) >= 8 and namespace["verdicts"][0].holds is True
+    assert len(namespace["table"]) >= 9 and namespace["verdicts"][0].holds is True
     assert np.isfinite(namespace["table"]["kl_second_half_mean"]).sum() >= 6

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting import render, table as tables, verdicts
+from calibrated_rlhf.reporting import frontier, render, table as tables, verdicts
 from calibrated_rlhf.reporting.runs import RunSelection, select_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,6 +205,146 @@ def test_kl_control_verdict():
     assert v.holds is None and "kl_fixed" in v.evidence
 
 
+# ---- methods: PPO, RLOO, GRPO, DPO runs of the same scenarios ---------------------------------------------------
+
+def rl_run(run_id: str, scenario: str | None, method: str, *, normalization: str = "zscore", a: float = 1.0,
+           kl: float = 4.0, error: float = 0.0, gain: float = 0.3, half: float = 0.05, target: float = 4.0,
+           minute: int = 0, scale_rewards: str | None = None) -> dict[str, object]:
+    """A run of ``--pipelines ppo`` (method ppo) or ``--pipelines rl`` (rloo, grpo): the method's KL summary and
+    parameters, and the one evaluation protocol under PPO's keys."""
+    protocol = {"ppo/eval/kl_reference": kl, "ppo/eval/gold_gain": gain, "ppo/eval/gold_gain_ci_low": gain - half,
+                "ppo/eval/gold_gain_ci_high": gain + half, "ppo/eval/gold_policy": 0.2 + gain}
+    if method == "ppo":
+        return run_row(run_id, scenario, minute=minute, metrics=protocol | {
+            "ppo/eval/updates": 60.0, "ppo/eval/kl_second_half_mean": kl, "ppo/eval/kl_tracking_error": error,
+            "ppo/eval/final_beta": 0.1}, params={"normalization.method": normalization, "ppo.raw_reward_multiplier": a,
+                                                 "ppo.trainer.kl_target": target, "ppo.trainer.kl_control": "adaptive"})
+    row = run_row(run_id, scenario, minute=minute, name="rl", metrics=protocol | {
+        "rl/eval/updates": 60.0, "rl/eval/kl_second_half_mean": kl, "rl/eval/kl_tracking_error": error,
+        "rl/eval/final_beta": 0.05}, params={"normalization.method": normalization, "rl.raw_reward_multiplier": a,
+                                             "rl.kl_target": target, "rl.kl_control": "adaptive",
+                                             "rl.scale_rewards": scale_rewards})
+    return row | {"tags.rl/algorithm": method}
+
+
+def test_method_is_the_rl_algorithm_tag_else_ppo_by_its_own_metrics():
+    runs = pd.DataFrame([
+        rl_run("p", "baseline", "ppo"), rl_run("r", "baseline", "rloo"), rl_run("g", "baseline", "grpo"),
+        run_row("d", None, metrics={"ppo/eval/gold_gain": 0.1}) | {"tags.rl/algorithm": "dpo"},
+        run_row("m", "no_centering", metrics={"rm/test_reward_mean": 2.0}),
+        run_row("e", None, metrics={"ppo/eval/gold_gain": 0.1, "ppo/eval/kl_reference": 2.0}),  # protocol keys only
+        run_row("c", None, metrics={"ppo/objective/kl": 1.0}),  # an interrupted PPO run: curves, no summary
+    ])
+    assert list(tables.method_of(runs)) == ["ppo", "rloo", "grpo", "dpo", None, None, "ppo"]
+    assert frontier.method_of is tables.method_of  # one definition, for the table and the frontier
+    table = tables.comparison_table(runs)
+    assert [m if isinstance(m, str) else None for m in table["method"]] == list(tables.method_of(runs))
+    # GRPO's rl.scale_rewards: null is TRL's group; the other methods do not read it
+    assert [v if isinstance(v, str) else None for v in table["scale_rewards"]][:3] == [None, None, "group"]
+
+
+def test_rl_runs_fill_the_tracking_columns_from_their_own_keys_and_are_labelled_by_method():
+    rloo = rl_run("r", "norm_minmax", "rloo", normalization="minmax_batch", a=4.0, kl=3.0, error=-0.25, target=4.0)
+    rloo |= {"params.ppo.raw_reward_multiplier": "0.25", "params.ppo.trainer.kl_target": "9"}  # not RLOO's: ignored
+    runs = [rl_run("p", "norm_minmax", "ppo", kl=6.0, error=0.5, target=4.0), rloo,
+            rl_run("g", "scale_4", "grpo", scale_rewards="batch", kl=5.0, error=0.25, target=4.0, a=4.0)]
+    table = table_of(runs).set_index("run_id")
+    r = table.loc["r"]
+    assert (r["method"], r["kl_second_half_mean"], r["kl_tracking_error"], r["final_beta"]) == ("rloo", 3.0, -0.25, 0.05)
+    assert (r["kl_target"], r["reward_multiplier"], r["kl_control"], r["kl_reference"]) == (4.0, 4.0, "adaptive", 3.0)
+    assert (table.loc["p", "kl_second_half_mean"], table.loc["p", "final_beta"]) == (6.0, 0.1)
+    assert table.loc["g", "scale_rewards"] == "batch" and table.loc["g", "reward_multiplier"] == 4.0
+    assert list(table["label"]) == ["norm_minmax", "norm_minmax [rloo]", "scale_4 [grpo, batch]"]
+
+
+def test_the_newest_run_of_a_scenario_is_chosen_per_method():
+    # A newer RLOO run of norm_minmax that tracks well does not shadow PPO's, and PPO's older one does not RLOO's.
+    rows = [rl_run("pz", "baseline", "ppo", error=0.02), rl_run("pm", "norm_minmax", "ppo", error=0.4, minute=1),
+            rl_run("rz", "baseline", "rloo", error=0.1, minute=2),
+            rl_run("rm", "norm_minmax", "rloo", error=0.01, minute=3)]
+    table = table_of(rows)
+    assert verdicts.latest_by_scenario(table, verdicts.PPO)["norm_minmax"]["run_id"] == "pm"
+    assert verdicts.latest_by_scenario(table, verdicts.MethodRuns("rloo"))["norm_minmax"]["run_id"] == "rm"
+    ppo = verdicts.normalization_verdict(table, ROLES, verdicts.PPO)
+    rloo = verdicts.normalization_verdict(table, ROLES, verdicts.MethodRuns("rloo"))
+    assert ppo.holds is True and ppo.topic == "Normalization (PPO)" and "min-max (norm_minmax) +40.0%" in ppo.evidence
+    assert rloo.holds is False and rloo.topic == "Normalization (RLOO)" and "min-max (norm_minmax) +1.0%" in rloo.evidence
+    assert "With the frozen z-score, RLOO tracks" in rloo.claim
+
+
+def test_scale_verdicts_run_per_method_and_grpo_per_scale_rewards():
+    rows = [rl_run("p", "baseline", "ppo")]
+    for method, sr, kls in [("rloo", None, (4.0, 4.1, 3.9)), ("grpo", "batch", (4.0, 6.0, 2.0))]:
+        rows += [rl_run(f"{method}{a}", f"scale_{a:g}", method, a=a, kl=kl, scale_rewards=sr, minute=1)
+                 for a, kl in zip((0.25, 1.0, 4.0), kls)]
+    rows.append(rl_run("dpo", "baseline", "dpo"))  # no reward to scale: no verdict of its own
+    table = table_of(rows)
+    assert verdicts.method_groups(table) == [verdicts.PPO, verdicts.MethodRuns("rloo"), verdicts.MethodRuns("grpo", "batch")]
+    found = {v.topic: v for v in verdicts.all_verdicts(table, ROLES)}
+    assert found["Reward scale (RLOO)"].holds is True and "KL moves 5.0% (3.9 to 4.1)" in found["Reward scale (RLOO)"].evidence
+    grpo = found["Reward scale (GRPO, scale_rewards=batch)"]
+    assert grpo.holds is False and "GRPO (scale_rewards=batch)'s KL" in grpo.claim and "KL moves 100.0%" in grpo.evidence
+    assert found["Reward scale (PPO)"].holds is None  # only PPO's baseline: one multiplier
+    assert {"Normalization methods (PPO)", "Normalization methods (RLOO)",
+            "Normalization methods (GRPO, scale_rewards=batch)", "KL control (PPO)"} <= set(found)
+    assert not any("DPO" in topic for topic in found)
+
+
+# ---- the normalization-methods verdict ---------------------------------------------------------------------------
+
+NORM_SCENARIOS = {"zscore": "baseline", "whiten_batch": "norm_whiten", "running_zscore": "norm_running",
+                  "calibrated_clip": "norm_clip", "none": "norm_none", "minmax_batch": "norm_minmax",
+                  "raw": "scale_1_raw"}
+
+
+def norm_runs(method: str, figures: dict[str, tuple[float, float]], **kw) -> list[dict[str, object]]:
+    """One run per normalization.method of ``figures``: {method: (KL tracking error, gold gain)}."""
+    return [rl_run(f"{method}-{m}", NORM_SCENARIOS[m], method, normalization=m, error=e, gain=g, **kw)
+            for m, (e, g) in figures.items()]
+
+
+def test_normalization_methods_verdict_compares_every_method_present():
+    figures = {"zscore": (0.05, 0.30), "whiten_batch": (-0.08, 0.32), "running_zscore": (0.1, 0.25),
+               "calibrated_clip": (0.2, 0.2), "none": (-0.5, 0.1), "minmax_batch": (0.6, 0.12), "raw": (1.2, 0.05)}
+    table = table_of(norm_runs("rloo", figures) + norm_runs("ppo", {"zscore": (0.3, 0.1), "minmax_batch": (0.1, 0.2)}))
+    v = verdicts.normalization_methods_verdict(table, ROLES, verdicts.MethodRuns("rloo"))
+    assert v.holds is True and v.missing == () and v.topic == "Normalization methods (RLOO)"
+    assert v.evidence.startswith("At KL target 4, the newest run of each normalization.method: zscore (baseline [rloo])")
+    for m, (e, g) in figures.items():  # every method's figures, with the interval
+        assert f"{m} ({NORM_SCENARIOS[m]} [rloo]): KL tracking error {e:+.1%}, gold gain {g:.3g} [{g - 0.05:.3g}" in v.evidence
+    assert "whiten_batch buys at least as much gold reward (95% intervals apart)" in v.evidence
+    ppo = verdicts.normalization_methods_verdict(table, ROLES, verdicts.PPO)  # PPO's own runs: min-max wins there
+    assert ppo.holds is False and "Against minmax_batch: zscore tracks the target less closely." in ppo.evidence
+    assert "norm_whiten" in ppo.missing and "whiten_batch" not in ppo.evidence.split("Missing")[0]
+
+
+def test_normalization_methods_verdict_not_supported_on_gold_and_undecided_without_min_max_or_gold():
+    worse_gold = table_of(norm_runs("rloo", {"zscore": (0.05, 0.10), "minmax_batch": (0.6, 0.12)}))
+    v = verdicts.normalization_methods_verdict(worse_gold, ROLES, verdicts.MethodRuns("rloo"))
+    assert v.holds is False and "zscore buys less gold reward (95% intervals overlap)" in v.evidence
+    assert set(v.missing) == {"norm_whiten", "norm_running", "norm_clip", "norm_none", "scale_1_raw"}
+    no_minmax = table_of(norm_runs("rloo", {"zscore": (0.05, 0.3), "whiten_batch": (0.0, 0.3)}))
+    v = verdicts.normalization_methods_verdict(no_minmax, ROLES, verdicts.MethodRuns("rloo"))
+    assert v.holds is None and "norm_minmax" in v.missing and "Needs minmax_batch" in v.evidence
+    no_gold = [{k: val for k, val in r.items() if "gold" not in k}
+               for r in norm_runs("rloo", {"zscore": (0.05, 0.3), "minmax_batch": (0.6, 0.3)})]
+    v = verdicts.normalization_methods_verdict(table_of(no_gold), ROLES, verdicts.MethodRuns("rloo"))
+    assert v.holds is None and "gold gain not logged for zscore, minmax_batch" in v.evidence
+    assert verdicts.normalization_methods_verdict(table_of([]), ROLES).holds is None
+
+
+def test_normalization_methods_verdict_compares_at_one_kl_target_by_the_newest_run():
+    rows = norm_runs("rloo", {"zscore": (0.05, 0.3), "minmax_batch": (0.6, 0.1)}, minute=1)
+    rows += norm_runs("rloo", {"minmax_batch": (0.01, 0.5)}, target=2.0, minute=5)  # newer, at another target
+    rows.append(rl_run("older", "norm_whiten", "rloo", normalization="whiten_batch", error=0.9, gain=0.0, minute=0))
+    rows.append(rl_run("newer", "norm_whiten", "rloo", normalization="whiten_batch", error=0.1, gain=0.4, minute=2))
+    table = table_of(rows)
+    v = verdicts.normalization_methods_verdict(table, ROLES, verdicts.MethodRuns("rloo"))
+    assert v.holds is True and "minmax_batch (norm_minmax [rloo] (rloo-min)): KL tracking error +60.0%" in v.evidence
+    assert "Left out at another KL target: norm_minmax [rloo] (rloo-min) (2)." in v.evidence
+    assert "whiten_batch (norm_whiten [rloo] (newer)): KL tracking error +10.0%" in v.evidence
+
+
 # ---- rendering --------------------------------------------------------------------------------------------------
 
 def ensemble_run(run_id, scenario, size, aggregation, nll, best, gap, gold, minute=0):
@@ -255,13 +395,31 @@ def test_report_renders_tables_verdicts_and_an_embedded_figure():
     histories = pd.concat([history(rid, key, list(np.linspace(0.5, 1.0, 6))) for rid in ("t025", "r4") for key in curves])
     runs = pd.DataFrame(SCALE_RUNS + [run_row("x<y>", None, name="a|b", metrics={"rm/test_accuracy": 0.8})])
     r = render.build_report(runs, histories, roles=ROLES, experiment="exp", source="sqlite:///m.db", selection="everything")
-    assert "## Verdicts" in r.markdown and "**Reward scale: supported.**" in r.markdown
+    assert "## Verdicts" in r.markdown and "**Reward scale (PPO): supported.**" in r.markdown
     assert "a\\|b (x<y>)" in r.markdown  # pipes escaped in Markdown table cells
     assert f"]({render.FIGURE_FILE})" in r.markdown
     assert "data:image/png;base64," in r.html and "x&lt;y&gt;" in r.html and "<script" not in r.html
     assert "Normalization" in r.markdown and "Not logged by the selected runs." in r.markdown
     assert len(r.figure.axes) == 4 and len(r.figure.axes[0].get_lines()) == 4  # two runs, each with its target
     assert not r.figure.axes[3].get_lines()  # no gold gap logged: the panel says so instead of plotting
+
+
+def test_report_shows_each_method_its_curves_target_and_protocol_kl():
+    runs = pd.DataFrame([rl_run("p", "norm_minmax", "ppo", normalization="minmax_batch", error=0.3),
+                         rl_run("r", "norm_minmax", "rloo", normalization="minmax_batch", kl=2.5, target=3.0, minute=1)])
+    histories = pd.concat([*(history("p", k, [1.0, 2.0, 3.0]) for k in (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA,
+                                                                      keys.PPO_REWARD_GOLD_GAP)),
+                           *(history("r", k, [1.0, 2.0]) for k in (keys.RL_KL, keys.RL_BETA, keys.RL_REWARD_GOLD))])
+    r = render.build_report(runs, histories, roles=ROLES, experiment="exp")
+    kl, beta, gold, gap = r.figure.axes
+    assert len(kl.get_lines()) == 4 and len(beta.get_lines()) == 2  # each run's KL and its dashed target
+    assert list(kl.get_lines()[3].get_ydata()) == [3.0, 3.0]  # RLOO's target: its rl.kl_target
+    assert len(gold.get_lines()) == 1 and len(gap.get_lines()) == 1  # PPO logged no gold curve, RLOO no gap
+    section = r.markdown.split("## RL: KL tracking and the evaluation protocol")[1].split("##")[0]
+    assert "| label | method | kl_second_half_mean | kl_target |" in section and "kl_reference" in section
+    assert "| norm_minmax [rloo] | rloo | 2.5 | 3 |" in section
+    assert "**Normalization (RLOO): undecided.**" in r.markdown and "Normalization methods (RLOO)" in r.html
+    assert set(tables.HISTORY_KEYS) >= {keys.RL_KL, keys.RL_BETA, keys.RL_REWARD_GOLD, keys.PPO_KL}
 
 
 def test_report_without_runs_says_so():

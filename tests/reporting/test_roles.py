@@ -43,3 +43,11 @@ def test_each_ensemble_prefix_names_ensemble_folders():
         assert members, regime
         for name in members:
             assert scenario_parameters(name)["reward_model"]["ensemble_size"] > 1, name
+
+
+def test_normalization_roles_match_what_their_folders_set():
+    scenarios = ROLES.normalization_scenarios()
+    assert set(scenarios.values()) >= {"zscore", "none", "minmax_batch", "running_zscore", "whiten_batch",
+                                       "calibrated_clip", "raw"}
+    for name, method in scenarios.items():
+        assert scenario_parameters(name).get("normalization", {}).get("method", "zscore") == method, name

@@ -17,24 +17,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting.table import as_float, tag_values
+from calibrated_rlhf.reporting.table import METHOD_KEYS, as_float, method_of
 from calibrated_rlhf.reporting.verdicts import Verdict
 
-# The KL budget each method was run at: the controllers' target, or DPO's beta.
-BUDGET_PARAMS = {"ppo": "ppo.trainer.kl_target", "rloo": "rl.kl_target", "grpo": "rl.kl_target",
-                 "dpo": "dpo.trainer.beta"}
 METHODS = ("ppo", "rloo", "grpo", "dpo")
-
-
-def _column(runs: pd.DataFrame, name: str) -> pd.Series:
-    return runs[name] if name in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
-
-
-def method_of(runs: pd.DataFrame) -> pd.Series:
-    """Each run's method: its ``rl/algorithm`` tag, else ``ppo`` where it logged PPO training, else None."""
-    tagged = tag_values(runs, keys.RL_ALGORITHM_TAG)
-    ppo = _column(runs, f"metrics.{keys.PPO_EVAL_UPDATES}").map(as_float).notna()
-    return pd.Series([t if t else ("ppo" if p else None) for t, p in zip(tagged, ppo)], index=runs.index, dtype=object)
+# The KL budget each method was run at: the controllers' target (the table's mapping), or DPO's beta.
+BUDGET_PARAMS = {m: METHOD_KEYS[m].params["kl_target"] for m in METHODS if "kl_target" in METHOD_KEYS[m].params}
+BUDGET_PARAMS["dpo"] = "dpo.trainer.beta"
 
 
 def frontier_points(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""The report's outputs: the overlaid PPO curves, Markdown and HTML renderings, and the four files.
+"""The report's outputs: the overlaid curves of every RL method, Markdown and HTML renderings, and the four files.
 
 Pure functions of the comparison table, the verdicts and the runs' curves (no MLflow here).
 """
@@ -20,8 +20,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting.table import SECTIONS, comparison_table, curve, empty_columns, empty_histories
+from calibrated_rlhf.reporting.table import (METHOD_KEYS, NAMING_COLUMNS, SECTIONS, comparison_table, curve,
+                                             empty_columns, empty_histories)
 from calibrated_rlhf.reporting.verdicts import ScenarioRoles, Verdict, all_verdicts
 
 FIGURE_FILE = "comparison_curves.png"
@@ -31,30 +31,41 @@ REPORT_FILES = {"markdown": "comparison_report.md", "html": "comparison_report.h
 
 # ---- figure ---------------------------------------------------------------------------------------------------
 
-def curves_figure(histories: pd.DataFrame, labels: Mapping[str, str]) -> Figure:
+PANELS = (("kl", "KL per update (nats)"), ("beta", "beta"), ("gold", "gold reward (batch mean)"),
+          ("gold_gap", "proxy - gold gap (calibrated logits)"))
+
+
+def curves_figure(histories: pd.DataFrame, labels: Mapping[str, str],
+                  methods: Mapping[str, str | None] | None = None,
+                  kl_targets: Mapping[str, float] | None = None) -> Figure:
     """KL per update (dashed: each run's target), beta, gold reward and proxy-gold gap, one line per run
-    (``labels``: id -> label)."""
+    (``labels``: id -> label). Each run's curves are its method's keys (``methods``: id -> method, PPO's when
+    absent); a run without a target curve (RLOO, GRPO) gets its ``kl_targets`` value as a dashed line."""
+    methods, kl_targets = methods or {}, kl_targets or {}
     fig = Figure(figsize=(19.0, 4.4), layout="constrained")
     FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot state, nothing opens a window
     axes = fig.subplots(1, 4)
-    panels = ((keys.PPO_KL, "KL per update (nats)"), (keys.PPO_BETA, "beta"),
-              (keys.PPO_REWARD_GOLD, "gold reward (batch mean)"),
-              (keys.PPO_REWARD_GOLD_GAP, "proxy - gold gap (calibrated logits)"))
-    # One colour per run across the three panels; tab20 keeps up to 20 runs apart.
+    # One colour per run across the panels; tab20 keeps up to 20 runs apart.
     palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (panel, title) in zip(axes, PANELS):
         drawn = False
         for i, (run_id, label) in enumerate(labels.items()):
             color = palette(i % palette.N)
-            line = curve(histories, run_id, key)
+            run_curves = METHOD_KEYS.get(methods.get(run_id), METHOD_KEYS["ppo"]).curves
+            line = curve(histories, run_id, run_curves[panel]) if panel in run_curves else histories.iloc[:0]
             if line.empty:
                 continue
             ax.plot(line["step"], line["value"], color=color, linewidth=1.2, label=label)
             drawn = True
-            target = curve(histories, run_id, keys.PPO_KL_TARGET) if key == keys.PPO_KL else line.iloc[:0]
+            if panel != "kl":
+                continue
+            target = curve(histories, run_id, run_curves["kl_target"]) if "kl_target" in run_curves else line.iloc[:0]
             if not target.empty:
                 ax.plot(target["step"], target["value"], color=color, linestyle="--", linewidth=0.9)
-        ax.set_title(title + (" (dashed: target)" if key == keys.PPO_KL else ""))
+            elif np.isfinite(kl_targets.get(run_id, np.nan)):
+                ends = [line["step"].min(), line["step"].max()]
+                ax.plot(ends, [kl_targets[run_id]] * 2, color=color, linestyle="--", linewidth=0.9)
+        ax.set_title(title + (" (dashed: target)" if panel == "kl" else ""))
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
         if not drawn:
@@ -87,7 +98,7 @@ def _section_frame(table: pd.DataFrame, title: str) -> pd.DataFrame | None:
     """A section's columns as display strings for the runs that logged any of its values (every run in
     "Runs"), or None when there are none; columns none of those runs filled are left out."""
     columns = SECTIONS[title]
-    values = [c for c in columns if c not in ("label", "run_id", "scenario")]
+    values = [c for c in columns if c not in NAMING_COLUMNS]
     logged = table[values].notna().any(axis=1) | (title == "Runs")
     if not logged.any():
         return None
@@ -125,7 +136,9 @@ def _header_lines(table: pd.DataFrame, experiment: str, source: str, selection: 
     if selection:
         lines.append(f"Selection: {selection}.")
     if not table.empty:
-        lines.append("Where a scenario has several runs, the verdicts use its most recent one.")
+        lines.append("Where a scenario has several runs of a method, the verdicts use its most recent one; the "
+                     "reward scale and normalization verdicts are computed once per method (PPO, RLOO, GRPO per "
+                     "`scale_rewards`).")
     return lines
 
 
@@ -197,7 +210,9 @@ def build_report(runs: pd.DataFrame, histories: pd.DataFrame | None = None, *, r
     histories = histories if histories is not None else empty_histories()
     table = comparison_table(runs, histories)
     verdicts = all_verdicts(table, roles, tolerance, ece_margin) if not table.empty else []
-    figure = curves_figure(histories, dict(zip(table["run_id"], table["label"])))
+    figure = curves_figure(histories, dict(zip(table["run_id"], table["label"])),
+                           {r: m if isinstance(m, str) else None for r, m in zip(table["run_id"], table["method"])},
+                           dict(zip(table["run_id"], table["kl_target"])))
     context = dict(experiment=experiment, source=source, selection=selection, notes=notes)
     return Report(table, verdicts, figure, render_markdown(table, verdicts, **context),
                   render_html(table, verdicts, figure, **context))

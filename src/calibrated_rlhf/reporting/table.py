@@ -12,6 +12,8 @@ A run may lack any metric (a run of some pipelines only); its cells are NaN, nev
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ import pandas as pd
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, kl_tracking_error, summarize_kl_tracking
 
-# Table column -> MLflow metric key (the latest value search_runs reports).
+# Table column -> MLflow metric key (the latest value search_runs reports), the same for every method.
 METRICS: dict[str, str] = {
     "reward_offset": keys.RM_TEST_REWARD_MEAN,
     "rm_accuracy": keys.RM_TEST_ACCURACY,
@@ -34,10 +36,8 @@ METRICS: dict[str, str] = {
     "norm_mean": keys.NORMALIZATION_MEAN,
     "norm_std": keys.NORMALIZATION_STD,
     "norm_n": keys.NORMALIZATION_N,
-    "kl_second_half_mean": keys.PPO_EVAL_KL_SECOND_HALF_MEAN,
-    "kl_target": keys.PPO_KL_TARGET,
-    "kl_tracking_error": keys.PPO_EVAL_KL_TRACKING_ERROR,
-    "final_beta": keys.PPO_EVAL_FINAL_BETA,
+    # The one evaluation protocol: every method logs its final policy's figures under PPO's keys.
+    "kl_reference": keys.PPO_EVAL_KL_REFERENCE,
     "gold_reward": keys.PPO_EVAL_GOLD_POLICY,
     "gold_reference": keys.PPO_EVAL_GOLD_REFERENCE,
     "gold_gain": keys.PPO_EVAL_GOLD_GAIN,
@@ -51,37 +51,76 @@ METRICS: dict[str, str] = {
     "final_ensemble_std": keys.PPO_EVAL_FINAL_ENSEMBLE_STD,
 }
 
-# Table column -> flattened MLflow param key.
+# Table column -> flattened MLflow param key, the same for every method.
 PARAMS: dict[str, str] = {
     "normalization_method": "normalization.method",
-    "reward_multiplier": "ppo.raw_reward_multiplier",
-    "kl_control": "ppo.trainer.kl_control",
     "center_rewards_coefficient": "reward_model.training.center_rewards_coefficient",
     "calibration_enabled": "calibration.enabled",
     "aggregation": "reward_model.ensemble.aggregation",
 }
-KL_TARGET_PARAM = "ppo.trainer.kl_target"
 ENSEMBLE_SIZE_PARAM = "reward_model.ensemble_size"
 
-# The per-update curves the table falls back on and the figure draws.
-HISTORY_KEYS: tuple[str, ...] = (keys.PPO_KL, keys.PPO_KL_TARGET, keys.PPO_BETA, keys.PPO_REWARD_GOLD,
-                                 keys.PPO_REWARD_GOLD_GAP, keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EPISODES_PER_S)
+
+@dataclass(frozen=True)
+class MethodKeys:
+    """Where one RL method logs the columns whose key depends on the method (a metric wins over a param)."""
+
+    metrics: Mapping[str, str] = field(default_factory=dict)  # table column -> metric key
+    params: Mapping[str, str] = field(default_factory=dict)  # table column -> flattened param key
+    curves: Mapping[str, str] = field(default_factory=dict)  # curve (kl, kl_target, beta, gold, gold_gap) -> key
+
+
+_PPO_KEYS = MethodKeys(
+    metrics={"kl_second_half_mean": keys.PPO_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.PPO_EVAL_KL_TRACKING_ERROR,
+             "final_beta": keys.PPO_EVAL_FINAL_BETA, "kl_target": keys.PPO_KL_TARGET},
+    params={"kl_target": "ppo.trainer.kl_target", "reward_multiplier": "ppo.raw_reward_multiplier",
+            "kl_control": "ppo.trainer.kl_control"},
+    curves={"kl": keys.PPO_KL, "kl_target": keys.PPO_KL_TARGET, "beta": keys.PPO_BETA, "gold": keys.PPO_REWARD_GOLD,
+            "gold_gap": keys.PPO_REWARD_GOLD_GAP})
+_RL_KEYS = MethodKeys(
+    metrics={"kl_second_half_mean": keys.RL_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.RL_EVAL_KL_TRACKING_ERROR,
+             "final_beta": keys.RL_EVAL_FINAL_BETA},
+    params={"kl_target": "rl.kl_target", "reward_multiplier": "rl.raw_reward_multiplier", "kl_control": "rl.kl_control"},
+    curves={"kl": keys.RL_KL, "beta": keys.RL_BETA, "gold": keys.RL_REWARD_GOLD,
+            "gold_gap": keys.rl_reward("gold_gap")})  # the target is a parameter
+# The one mapping from a run's method to its keys. A run of the default DAG that stopped before PPO has no
+# method and reads PPO's keys (it logged none of them). DPO has no KL target or controller: its budget is its
+# beta (``dpo.trainer.beta``), which the frontier reads.
+METHOD_KEYS: dict[str | None, MethodKeys] = {
+    None: _PPO_KEYS, "ppo": _PPO_KEYS, "rloo": _RL_KEYS,
+    "grpo": MethodKeys(_RL_KEYS.metrics, {**_RL_KEYS.params, "scale_rewards": "rl.scale_rewards"}, _RL_KEYS.curves),
+    "dpo": MethodKeys(),
+}
+METHOD_COLUMNS = ["kl_target", "kl_second_half_mean", "kl_tracking_error", "final_beta", "reward_multiplier",
+                  "kl_control", "scale_rewards"]
+NUMERIC_METHOD_COLUMNS = ("kl_target", "kl_second_half_mean", "kl_tracking_error", "final_beta", "reward_multiplier")
+GRPO_DEFAULT_SCALE_REWARDS = "group"  # rl.scale_rewards: null leaves TRL's default
+
+# The per-update curves the figure draws (every method's) and the table falls back on (PPO's).
+HISTORY_KEYS: tuple[str, ...] = (*dict.fromkeys(k for m in (_PPO_KEYS, _RL_KEYS) for k in m.curves.values()),
+                                 keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EPISODES_PER_S)
 HISTORY_COLUMNS = ["run_id", "key", "step", "value"]
 
-IDENTITY = ["label", "run_id", "run_name", "scenario", "start_time"]
-COLUMNS = IDENTITY + list(PARAMS) + list(METRICS)
+IDENTITY = ["label", "run_id", "run_name", "scenario", "method", "start_time"]
+COLUMNS = IDENTITY + list(PARAMS) + METHOD_COLUMNS + list(METRICS)
 
 SECTIONS: dict[str, list[str]] = {
-    "Runs": ["label", "run_id", "scenario", *PARAMS],
+    "Runs": ["label", "run_id", "scenario", "method", "normalization_method", "reward_multiplier", "kl_control",
+             "scale_rewards", "center_rewards_coefficient", "calibration_enabled", "aggregation"],
     "Reward model and calibration": ["label", "reward_offset", "rm_accuracy", "rm_bayes_accuracy", "temperature",
                                      "nll_before", "nll_after", "bayes_nll", "ece_before", "ece_after", "oracle_ece"],
     "Normalization": ["label", "norm_mean", "norm_std", "norm_n"],
-    "PPO": ["label", "kl_second_half_mean", "kl_target", "kl_tracking_error", "final_beta", "gold_reward",
-            "gold_reference", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high", "episodes_per_s"],
+    "RL: KL tracking and the evaluation protocol": [
+        "label", "method", "kl_second_half_mean", "kl_target", "kl_tracking_error", "final_beta", "kl_reference",
+        "gold_reward", "gold_reference", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high", "episodes_per_s"],
     "Reward ensembles and over-optimization": [
         "label", "ensemble_size", "aggregation", "nll_after", "best_member_nll_after", "gold_reward", "gold_gain",
         "final_gold_gap", "final_ensemble_std"],
 }
+
+
+# Columns that name a run rather than report a value: they never decide whether a run shows in a section.
+NAMING_COLUMNS = ("label", "run_id", "scenario", "method")
 
 
 def empty_histories() -> pd.DataFrame:
@@ -94,12 +133,47 @@ def tag_values(runs: pd.DataFrame, name: str) -> pd.Series:
     return pd.Series([v if isinstance(v, str) and v else None for v in values], index=runs.index, dtype=object)
 
 
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    return runs[name] if name in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
+
+
+# PPO's evaluation keys every method logs (the one protocol): they do not make a run a PPO run.
+PROTOCOL_KEYS = frozenset({keys.PPO_EVAL_KL_REFERENCE, keys.PPO_EVAL_KL_REFERENCE_CI_LOW,
+                           keys.PPO_EVAL_KL_REFERENCE_CI_HIGH, keys.PPO_EVAL_GOLD_REFERENCE, keys.PPO_EVAL_GOLD_POLICY,
+                           keys.PPO_EVAL_GOLD_GAIN, keys.PPO_EVAL_GOLD_GAIN_CI_LOW, keys.PPO_EVAL_GOLD_GAIN_CI_HIGH})
+
+
+def method_of(runs: pd.DataFrame) -> pd.Series:
+    """Each run's RL method: its ``rl/algorithm`` tag (rloo, grpo, dpo), else ``ppo`` where it logged a PPO
+    metric beyond the shared evaluation protocol, else None (a run that trained no policy)."""
+    tagged = tag_values(runs, keys.RL_ALGORITHM_TAG)
+    ppo_columns = [c for c in runs.columns if c.startswith("metrics.ppo/") and c[len("metrics."):] not in PROTOCOL_KEYS]
+    ppo = runs[ppo_columns].map(as_float).notna().any(axis=1) if ppo_columns else pd.Series(False, index=runs.index)
+    return pd.Series([t if t else ("ppo" if p else None) for t, p in zip(tagged, ppo)], index=runs.index, dtype=object)
+
+
+def scale_rewards_of(runs: pd.DataFrame, methods: pd.Series) -> pd.Series:
+    """GRPO's ``rl.scale_rewards`` (null: TRL's ``group``); None for the other methods, which do not read it."""
+    values = _column(runs, f"params.{METHOD_KEYS['grpo'].params['scale_rewards']}")
+    return pd.Series([(v if isinstance(v, str) and v.strip() not in ("", "None", "null") else GRPO_DEFAULT_SCALE_REWARDS)
+                      if m == "grpo" else None for v, m in zip(values, methods)], index=runs.index, dtype=object)
+
+
+def method_name(method: str | None, scale_rewards: str | None = None) -> str:
+    """How the report names a method: ``rloo``, or ``grpo, batch`` where GRPO's reward scaling tells runs apart."""
+    return f"{method}, {scale_rewards}" if method == "grpo" and scale_rewards else str(method)
+
+
 def run_labels(runs: pd.DataFrame) -> list[str]:
-    """The scenario tag, else the run name and short id; a repeated label gets the short id too."""
+    """The scenario tag, else the run name and short id, then ``[method]`` for the methods besides PPO (the same
+    scenario runs with ``--pipelines ppo`` or ``rl``); a repeated label gets the short id too."""
     scenarios, names = tag_values(runs, "scenario"), tag_values(runs, "mlflow.runName")
-    labels = [s if s else f"{n or 'run'} ({rid[:8]})" for s, n, rid in zip(scenarios, names, runs["run_id"])]
+    methods = method_of(runs)
+    scale = scale_rewards_of(runs, methods)
+    labels = [(s if s else f"{n or 'run'} ({rid[:8]})") + (f" [{method_name(m, r)}]" if m not in (None, "ppo") else "")
+              for s, n, rid, m, r in zip(scenarios, names, runs["run_id"], methods, scale)]
     counts = pd.Series(labels).value_counts()
-    return [f"{lab} ({rid[:8]})" if counts[lab] > 1 and not lab.endswith(f"({rid[:8]})") else lab
+    return [f"{lab} ({rid[:8]})" if counts[lab] > 1 and f"({rid[:8]})" not in lab else lab
             for lab, rid in zip(labels, runs["run_id"])]
 
 
@@ -127,11 +201,27 @@ def _fill(row: dict[str, object], column: str, value: float) -> None:
         row[column] = value
 
 
+def _from_method_keys(row: dict[str, object], run: pd.Series, method: str | None) -> None:
+    """The columns whose key depends on the run's method (:data:`METHOD_KEYS`): the metric, else the param."""
+    source = METHOD_KEYS.get(method, MethodKeys())
+    for column in METHOD_COLUMNS:
+        metric, param = source.metrics.get(column), source.params.get(column)
+        value: object = as_float(run.get(f"metrics.{metric}")) if metric else math.nan
+        if column in NUMERIC_METHOD_COLUMNS:
+            row[column] = value if not math.isnan(value) or not param else as_float(run.get(f"params.{param}"))  # type: ignore[arg-type]
+        else:
+            row[column] = run.get(f"params.{param}") if param else None
+
+
 def _from_curves(row: dict[str, object], run: pd.Series, histories: pd.DataFrame) -> None:
-    """The PPO summary columns a run did not log, recomputed from its curves with the stage's own summary."""
+    """The PPO summary columns a PPO run did not log, recomputed from its curves with the stage's own summary.
+
+    PPO only: RLOO and GRPO log their summary from the same node that logs their curves, so a run with the
+    curves has the summary."""
     run_id = run["run_id"]
     target = curve_values(histories, run_id, keys.PPO_KL_TARGET)
-    _fill(row, "kl_target", target[-1] if target.size else as_float(run.get(f"params.{KL_TARGET_PARAM}")))
+    if target.size:
+        _fill(row, "kl_target", target[-1])
     tracking = summarize_kl_tracking(curve_values(histories, run_id, keys.PPO_KL), row["kl_target"],  # type: ignore[arg-type]
                                      curve_values(histories, run_id, keys.PPO_BETA),
                                      curve_values(histories, run_id, keys.PPO_EPISODES_PER_S))
@@ -147,22 +237,27 @@ def _from_curves(row: dict[str, object], run: pd.Series, histories: pd.DataFrame
 def comparison_table(runs: pd.DataFrame, histories: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per run with the columns of :data:`COLUMNS`, NaN where a run did not log a value.
 
-    A logged summary wins; the PPO summary columns a run did not log (an older or interrupted run) are
-    recomputed from its curves with ``core.kl_tracking``, the function the PPO stage logs them with.
+    ``method`` is the run's RL method (:func:`method_of`); the KL-tracking columns, the KL target, the reward
+    multiplier and the KL control come from that method's keys (:data:`METHOD_KEYS`). A logged summary wins;
+    the PPO summary columns a PPO run did not log (an older or interrupted run) are recomputed from its curves
+    with ``core.kl_tracking``, the function the PPO stage logs them with.
     One reward model counts as an ensemble of size 1 (its ``reward_model.ensemble_size`` parameter).
     """
     histories = histories if histories is not None else empty_histories()
     rows = []
     labels = run_labels(runs) if len(runs) else []
-    names, scenarios = tag_values(runs, "mlflow.runName"), tag_values(runs, "scenario")
-    for label, name, scenario, (_, run) in zip(labels, names, scenarios, runs.iterrows()):
+    names, scenarios, methods = tag_values(runs, "mlflow.runName"), tag_values(runs, "scenario"), method_of(runs)
+    scale = scale_rewards_of(runs, methods)
+    for label, name, scenario, method, (i, run) in zip(labels, names, scenarios, methods, runs.iterrows()):
         row: dict[str, object] = {"label": label, "run_id": run["run_id"], "run_name": name, "scenario": scenario,
-                                  "start_time": run.get("start_time")}
+                                  "method": method, "start_time": run.get("start_time")}
         row |= {col: run.get(f"params.{key}") for col, key in PARAMS.items()}
-        row["reward_multiplier"] = as_float(row["reward_multiplier"])
         row |= {col: as_float(run.get(f"metrics.{key}")) for col, key in METRICS.items()}
+        _from_method_keys(row, run, method)
+        row["scale_rewards"] = scale[i]  # the param as logged, null read as TRL's default
         _fill(row, "ensemble_size", as_float(run.get(f"params.{ENSEMBLE_SIZE_PARAM}")))
-        _from_curves(row, run, histories)
+        if METHOD_KEYS.get(method) is _PPO_KEYS:
+            _from_curves(row, run, histories)
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -4,22 +4,30 @@ Which scenario plays which part (the reference, the run without centering, the s
 arms, ...) is configuration, :class:`ScenarioRoles`: the names are the runs' ``scenario`` tags, which
 ``conf/scenario_<name>/`` sets, and the project lists the roles in ``conf/base/parameters_reporting.yml``
 (``reporting.scenario_roles``). A verdict whose scenarios are missing says which instead of guessing.
-When a scenario has several runs, the verdicts use its most recent one.
+
+The same scenario runs with ``--pipelines ppo`` or ``--pipelines rl`` (RLOO, GRPO): the verdicts about the
+policy's reward (scale, normalization) run once per method present (:class:`MethodRuns`, GRPO once per
+``rl.scale_rewards``), each on that method's runs. When a scenario has several runs of a method, the verdicts
+use the most recent one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from calibrated_rlhf.reporting.table import METRICS, as_float
+from calibrated_rlhf.reporting.table import METRICS, PARAMS, as_float
 
 ARMS = ("zscore", "raw")  # the scale experiment: through the reward transform, and the raw reward
+# normalization.method values in the order the normalization-methods verdict lists them; others follow.
+NORMALIZATION_ORDER = ("zscore", "whiten_batch", "running_zscore", "calibrated_clip", "none", "minmax_batch", "raw")
+PREFERRED_NORMALIZATIONS = ("zscore", "whiten_batch")  # what the normalization-methods verdict puts against min-max
+MINMAX = "minmax_batch"
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class ScenarioRoles:
     fixed_kl: str
     scale: tuple[ScaleScenario, ...]
     ensembles: tuple[EnsembleRegime, ...]
+    # normalization.method -> the scenario that sets it, for the methods besides zscore, none and min-max
+    normalizations: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScenarioRoles:
@@ -59,12 +69,22 @@ class ScenarioRoles:
                       "scale": tuple(ScaleScenario(s["scenario"], s["method"], float(s["multiplier"]))
                                      for s in data["scale"]),
                       "ensembles": tuple(EnsembleRegime(e["single_model"], e["ensemble_prefix"])
-                                         for e in data["ensembles"])})
+                                         for e in data["ensembles"]),
+                      "normalizations": dict(data.get("normalizations") or {})})
 
     def names(self) -> list[str]:
         """Every scenario named exactly (ensemble scenarios are named by prefix)."""
         return [self.reference, self.no_centering, self.no_normalization, self.minmax_normalization, self.fixed_kl,
-                *(s.scenario for s in self.scale), *(e.single_model for e in self.ensembles)]
+                *self.normalizations.values(), *(s.scenario for s in self.scale),
+                *(e.single_model for e in self.ensembles)]
+
+    def normalization_scenarios(self) -> dict[str, str]:
+        """{scenario: the normalization.method it sets} of every scenario that changes the normalization alone:
+        the reference (zscore), none, min-max, the others, and the scale experiment's raw arm at a = 1."""
+        raw = [s.scenario for s in self.scale if s.method == "raw" and s.multiplier == 1.0]
+        return {self.reference: "zscore", self.no_normalization: "none", self.minmax_normalization: MINMAX,
+                **{scenario: method for method, scenario in self.normalizations.items()},
+                **{scenario: "raw" for scenario in raw}}
 
 
 @dataclass(frozen=True)
@@ -92,9 +112,54 @@ def relative_spread(values: Iterable[float]) -> float:
     return float(spread / centre) if centre > 0 else (0.0 if spread == 0 else math.inf)
 
 
-def latest_by_scenario(table: pd.DataFrame) -> dict[str, pd.Series]:
-    """The most recent run of each scenario."""
-    tagged = table[table["scenario"].notna()]
+@dataclass(frozen=True)
+class MethodRuns:
+    """The runs of one RL method that a per-method verdict reads: ``method`` (ppo, rloo, grpo) and, for GRPO,
+    one ``rl.scale_rewards`` value. PPO's include the runs of the default DAG that trained no policy (no method:
+    a run of the reward-model stages), whose reward-model figures the PPO verdicts have always read."""
+
+    method: str
+    scale_rewards: str | None = None
+
+    @property
+    def title(self) -> str:
+        """For a verdict's topic: ``PPO``, ``GRPO, scale_rewards=group``."""
+        return self.method.upper() + (f", scale_rewards={self.scale_rewards}" if self.scale_rewards else "")
+
+    @property
+    def name(self) -> str:
+        """For a sentence: ``PPO``, ``GRPO (scale_rewards=group)``."""
+        return self.method.upper() + (f" (scale_rewards={self.scale_rewards})" if self.scale_rewards else "")
+
+    def select(self, table: pd.DataFrame) -> pd.DataFrame:
+        methods = table["method"]
+        mine = (methods == self.method) | (methods.isna() if self.method == "ppo" else False)
+        if self.scale_rewards is not None:
+            mine &= table["scale_rewards"] == self.scale_rewards
+        return table[mine]
+
+
+PPO = MethodRuns("ppo")
+RL_METHODS = ("rloo", "grpo")  # optimize the reward model's reward, as PPO does (DPO has no reward to scale)
+
+
+def method_groups(table: pd.DataFrame) -> list[MethodRuns]:
+    """PPO (always: its verdicts name the scenarios to run), then RLOO and GRPO, GRPO once per
+    ``rl.scale_rewards`` value, where the table has runs of them."""
+    groups = [PPO]
+    for method in RL_METHODS:
+        runs = table[table["method"] == method]
+        if method == "grpo":
+            groups += [MethodRuns(method, v) for v in sorted(runs["scale_rewards"].dropna().unique())]
+        elif len(runs):
+            groups.append(MethodRuns(method))
+    return groups
+
+
+def latest_by_scenario(table: pd.DataFrame, runs: MethodRuns = PPO) -> dict[str, pd.Series]:
+    """The most recent run of each scenario among ``runs``' (a PPO and an RLOO run of one scenario are two)."""
+    tagged = runs.select(table)
+    tagged = tagged[tagged["scenario"].notna()]
     if "start_time" in tagged and tagged["start_time"].notna().any():
         tagged = tagged.sort_values("start_time", ascending=False, kind="stable")
     return {row["scenario"]: row for _, row in tagged.drop_duplicates("scenario").iterrows()}
@@ -127,11 +192,11 @@ def _scale_member(scenario: str, row: pd.Series, roles: ScenarioRoles) -> tuple[
     return (arm, float(a)) if arm in ARMS else None
 
 
-def scale_arms(table: pd.DataFrame, roles: ScenarioRoles) -> dict[str, dict[float, pd.Series]]:
-    """{"zscore" | "raw": {a: run}} from the scale scenarios with PPO's KL logged; the reference stands
+def scale_arms(table: pd.DataFrame, roles: ScenarioRoles, runs: MethodRuns = PPO) -> dict[str, dict[float, pd.Series]]:
+    """{"zscore" | "raw": {a: run}} from ``runs``' scale scenarios with the KL logged; the reference stands
     in for an absent a = 1 with the transform (it is the transform at a = 1)."""
     arms: dict[str, dict[float, pd.Series]] = {arm: {} for arm in ARMS}
-    latest = latest_by_scenario(table)
+    latest = latest_by_scenario(table, runs)
     for scenario in sorted(latest, key=lambda s: s == roles.reference):  # scale scenarios first, reference last
         member = _scale_member(scenario, latest[scenario], roles)
         if member and np.isfinite(latest[scenario]["kl_second_half_mean"]):
@@ -153,16 +218,19 @@ def _describe_spreads(spreads: Mapping[str, tuple[float, float, float]]) -> str:
     return " and ".join(f"{name} moves {s:.1%} ({_num(lo)} to {_num(hi)})" for name, (s, lo, hi) in spreads.items())
 
 
-def scale_verdict(table: pd.DataFrame, roles: ScenarioRoles, tolerance: float = 0.10) -> Verdict:
-    """Across the reward multiplier a: KL (second-half mean) and gold reward spread with and without the transform."""
+def scale_verdict(table: pd.DataFrame, roles: ScenarioRoles, tolerance: float = 0.10,
+                  runs: MethodRuns = PPO) -> Verdict:
+    """Across the reward multiplier a: KL (second-half mean) and gold reward spread with and without the
+    transform, on ``runs``' scale scenarios."""
     multipliers = sorted({s.multiplier for s in roles.scale})
-    claim = (f"With the reward transform, PPO's KL and gold reward stay within {tolerance:.0%} across "
+    topic = f"Reward scale ({runs.title})"
+    claim = (f"With the reward transform, {runs.name}'s KL and gold reward stay within {tolerance:.0%} across "
              f"a in {{{', '.join(f'{a:g}' for a in multipliers)}}}.")
-    arms = scale_arms(table, roles)
+    arms = scale_arms(table, roles, runs)
     missing = tuple(s.scenario for arm in ARMS for s in roles.scale if s.method == arm and s.multiplier not in arms[arm])
     transform = _arm_spreads(arms["zscore"])
     if "KL" not in transform:  # fewer than two multipliers with KL
-        return Verdict("Reward scale", claim, None, "Needs at least two multipliers with the transform and PPO's "
+        return Verdict(topic, claim, None, f"Needs at least two multipliers with the transform and {runs.name}'s "
                        f"KL logged; missing: {', '.join(missing)}.", missing)
     a_values = ", ".join(f"{a:g}" for a in sorted(arms["zscore"]))
     holds = all(s <= tolerance for s, _, _ in transform.values())
@@ -179,9 +247,12 @@ def scale_verdict(table: pd.DataFrame, roles: ScenarioRoles, tolerance: float = 
                      else "." if raw_moves else f": also within {tolerance:.0%}, so a barely matters on these runs.")
     else:
         evidence += " The raw arm has fewer than two runs with KL logged, so how far they move without is unknown."
+    if runs.scale_rewards in ("group", "batch"):
+        evidence += (f" (scale_rewards={runs.scale_rewards} divides the rewards by a standard deviation, which "
+                     "cancels a with or without the transform.)")
     if missing:
         evidence += f" Missing: {', '.join(missing)}."
-    return Verdict("Reward scale", claim, holds, evidence, missing)
+    return Verdict(topic, claim, holds, evidence, missing)
 
 
 # ---- centering, calibration ------------------------------------------------------------------------------------
@@ -190,7 +261,7 @@ def centering_verdict(table: pd.DataFrame, roles: ScenarioRoles) -> Verdict:
     """|reward offset| (mean test reward) with the centering loss (reference) against without it."""
     claim = "The centering loss keeps the reward offset (mean test reward) closer to zero than training without it."
     with_name, without_name = roles.reference, roles.no_centering
-    latest = latest_by_scenario(table)
+    latest = latest_by_scenario(table, PPO)  # the reward model's figures: runs of the default DAG
     missing = tuple(s for s in (with_name, without_name) if s not in latest)
     if missing:
         return Verdict("Centering", claim, None, f"Needs scenarios {with_name} and {without_name}; missing: "
@@ -234,9 +305,10 @@ def calibration_verdict(table: pd.DataFrame, roles: ScenarioRoles, ece_margin: f
 # ---- KL tracking: normalization and KL control -----------------------------------------------------------------
 
 def _tracking_verdict(table: pd.DataFrame, topic: str, claim: str, best: tuple[str, str],
-                      others: Sequence[tuple[str, str]]) -> Verdict:
-    """``best`` (scenario, description) tracks the KL target more closely (|tracking error|) than each of ``others``."""
-    latest = latest_by_scenario(table)
+                      others: Sequence[tuple[str, str]], runs: MethodRuns = PPO) -> Verdict:
+    """``best`` (scenario, description) tracks the KL target more closely (|tracking error|) than each of
+    ``others``, on ``runs``' newest run of each."""
+    latest = latest_by_scenario(table, runs)
     present = [(s, d) for s, d in others if s in latest]
     missing = tuple(s for s, _ in [best, *others] if s not in latest)
     if best[0] not in latest or not present:
@@ -255,20 +327,105 @@ def _tracking_verdict(table: pd.DataFrame, topic: str, claim: str, best: tuple[s
     return Verdict(topic, claim, holds, evidence, missing)
 
 
-def normalization_verdict(table: pd.DataFrame, roles: ScenarioRoles) -> Verdict:
+def normalization_verdict(table: pd.DataFrame, roles: ScenarioRoles, runs: MethodRuns = PPO) -> Verdict:
     """KL tracking error of the frozen z-score (reference) against no normalization and per-batch min-max."""
     return _tracking_verdict(
-        table, "Normalization",
-        "With the frozen z-score, PPO tracks the KL target more closely than without normalization or with "
-        "per-batch min-max.",
-        (roles.reference, "z-score"), [(roles.no_normalization, "none"), (roles.minmax_normalization, "min-max")])
+        table, f"Normalization ({runs.title})",
+        f"With the frozen z-score, {runs.name} tracks the KL target more closely than without normalization or "
+        "with per-batch min-max.",
+        (roles.reference, "z-score"), [(roles.no_normalization, "none"), (roles.minmax_normalization, "min-max")], runs)
 
 
 def kl_control_verdict(table: pd.DataFrame, roles: ScenarioRoles) -> Verdict:
-    """KL tracking error of the adaptive controller (reference) against a fixed beta."""
-    return _tracking_verdict(table, "KL control",
+    """KL tracking error of PPO's adaptive controller (reference) against a fixed beta (the kl_fixed scenario
+    sets PPO's ``kl_control``)."""
+    return _tracking_verdict(table, "KL control (PPO)",
                              "The adaptive KL controller tracks the KL target more closely than a fixed beta.",
                              (roles.reference, "adaptive"), [(roles.fixed_kl, "fixed")])
+
+
+def _same_target(a: float, b: float) -> bool:
+    return bool(np.isclose(a, b, rtol=1e-9, atol=0.0)) if np.isfinite(a) and np.isfinite(b) else bool(
+        np.isnan(a) and np.isnan(b))
+
+
+def _gain(row: pd.Series) -> str:
+    interval = (f" [{_num(row['gold_gain_ci_low'])}, {_num(row['gold_gain_ci_high'])}]"
+                if np.isfinite(row["gold_gain_ci_low"]) and np.isfinite(row["gold_gain_ci_high"]) else "")
+    return f"gold gain {_num(row['gold_gain'])}{interval}"
+
+
+def _normalization_runs(table: pd.DataFrame, roles: ScenarioRoles,
+                        runs: MethodRuns) -> tuple[float, dict[str, pd.Series], list[pd.Series]]:
+    """(KL target, {normalization.method: newest run at that target}, runs left out at another target) among
+    ``runs``' runs of the normalization scenarios that tracked KL. The target is the newest reference run's,
+    else the newest run's; a run's method is its logged ``normalization.method``, else its scenario's."""
+    scenarios = roles.normalization_scenarios()
+    candidates = runs.select(table)
+    candidates = candidates[candidates["scenario"].isin(list(scenarios)) & candidates["kl_tracking_error"].notna()]
+    if candidates.empty:
+        return math.nan, {}, []
+    candidates = candidates.sort_values("start_time", ascending=False, kind="stable")
+    reference = candidates[candidates["scenario"] == roles.reference]
+    target = float((reference if len(reference) else candidates).iloc[0]["kl_target"])
+    chosen: dict[str, pd.Series] = {}
+    elsewhere = []
+    for _, row in candidates.iterrows():
+        method = row["normalization_method"] if isinstance(row["normalization_method"], str) else scenarios[row["scenario"]]
+        if not _same_target(float(row["kl_target"]), target):
+            elsewhere.append(row)
+        else:
+            chosen.setdefault(method, row)
+    order = {m: i for i, m in enumerate(NORMALIZATION_ORDER)}
+    return target, dict(sorted(chosen.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))), elsewhere
+
+
+def normalization_methods_verdict(table: pd.DataFrame, roles: ScenarioRoles, runs: MethodRuns = PPO) -> Verdict:
+    """Every ``normalization.method`` ``runs`` ran at one KL target, each by its newest run: |KL tracking error|
+    and gold gain; z-score and whitened rewards against per-batch min-max."""
+    topic = f"Normalization methods ({runs.title})"
+    claim = (f"With {runs.name}, z-score or whitened rewards track the KL target more closely than per-batch "
+             "min-max and buy at least as much gold reward.")
+    target, chosen, elsewhere = _normalization_runs(table, roles, runs)
+    missing = tuple(s for s, method in roles.normalization_scenarios().items() if method not in chosen)
+    figures = "; ".join(f"{m} ({row['label']}): KL tracking error {_pct(row['kl_tracking_error'])}, {_gain(row)}"
+                        for m, row in chosen.items())
+    evidence = (f"At KL target {_num(target)}, the newest run of each {PARAMS['normalization_method']}: {figures}."
+                if chosen else f"No run of {runs.name} in the normalization scenarios tracked KL.")
+    if elsewhere:
+        evidence += " Left out at another KL target: " + ", ".join(
+            f"{r['label']} ({_num(r['kl_target'])})" for r in elsewhere) + "."
+    preferred = [m for m in PREFERRED_NORMALIZATIONS if m in chosen]
+    if MINMAX not in chosen or not preferred:
+        return Verdict(topic, claim, None, evidence + f" Needs {MINMAX} and zscore or whiten_batch; missing: "
+                       f"{', '.join(missing)}.", missing)
+    base = chosen[MINMAX]
+    tracks = {m: abs(chosen[m]["kl_tracking_error"]) < abs(base["kl_tracking_error"]) for m in preferred}
+    found = [f"{m} tracks the target {'more' if ok else 'less'} closely" for m, ok in tracks.items()]
+    lacking = [m for m in (*preferred, MINMAX) if not np.isfinite(chosen[m]["gold_gain"])]
+    holds: bool | None
+    if not all(tracks.values()):
+        holds = False  # the claim fails on tracking, whatever the gold reward
+    elif lacking:
+        holds = None
+        found.append(f"gold gain not logged for {', '.join(lacking)} (no synthetic task), so the gold half is open")
+    else:
+        more = {m: chosen[m]["gold_gain"] >= base["gold_gain"] for m in preferred}
+        holds = all(more.values())
+        found += [f"{m} buys {'at least as much' if ok else 'less'} gold reward{_overlap(chosen[m], base)}"
+                  for m, ok in more.items()]
+    evidence += f" Against {MINMAX}: {'; '.join(found)}."
+    if missing:
+        evidence += f" Missing: {', '.join(missing)}."
+    return Verdict(topic, claim, holds, evidence, missing)
+
+
+def _overlap(row: pd.Series, base: pd.Series) -> str:
+    """Whether two runs' 95% gold-gain intervals overlap: then the difference is within their noise."""
+    bounds = [row["gold_gain_ci_low"], row["gold_gain_ci_high"], base["gold_gain_ci_low"], base["gold_gain_ci_high"]]
+    if not all(np.isfinite(bounds)):
+        return ""
+    return " (95% intervals overlap)" if bounds[0] <= bounds[3] and bounds[2] <= bounds[1] else " (95% intervals apart)"
 
 
 # ---- ensembles -------------------------------------------------------------------------------------------------
@@ -303,7 +460,7 @@ def over_optimization_verdict(table: pd.DataFrame, roles: ScenarioRoles, single_
     topic = "Over-optimization" if single == roles.reference else f"Over-optimization ({single})"
     claim = ("Optimizing an ensemble leaves no more over-optimization (final proxy-gold gap, positive when the proxy "
              f"has run ahead of the gold reward) than optimizing one reward model ({single}), for every aggregation.")
-    latest = latest_by_scenario(table)
+    latest = latest_by_scenario(table, PPO)
     ensembles = {s: r for s, r in latest.items() if s.startswith(prefix) and _is_ensemble(r)}
     if single not in latest or not ensembles:
         missing = tuple(s for s in (single, f"{prefix}*") if s not in latest)
@@ -324,7 +481,10 @@ def over_optimization_verdict(table: pd.DataFrame, roles: ScenarioRoles, single_
 
 def all_verdicts(table: pd.DataFrame, roles: ScenarioRoles, tolerance: float = 0.10,
                  ece_margin: float = 0.01) -> list[Verdict]:
-    return [scale_verdict(table, roles, tolerance), centering_verdict(table, roles),
-            calibration_verdict(table, roles, ece_margin), normalization_verdict(table, roles),
+    """Every verdict; scale and normalization once per method present (:func:`method_groups`)."""
+    groups = method_groups(table)
+    return [*(scale_verdict(table, roles, tolerance, g) for g in groups), centering_verdict(table, roles),
+            calibration_verdict(table, roles, ece_margin), *(normalization_verdict(table, roles, g) for g in groups),
+            *(normalization_methods_verdict(table, roles, g) for g in groups),
             kl_control_verdict(table, roles), ensemble_calibration_verdict(table, roles),
             *(over_optimization_verdict(table, roles, e.single_model) for e in roles.ensembles)]

@@ -1,4 +1,5 @@
-"""Runs of an MLflow experiment side by side: table, overlaid PPO curves and the verdicts the scenarios support."""
+"""Runs of an MLflow experiment side by side: table, overlaid curves of every RL method and the verdicts the
+scenarios support, per method."""
 
 from calibrated_rlhf.pipelines.reporting.pipeline import create_pipeline
 

@@ -9,6 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
+from calibrated_rlhf.core.normalization import NormalizationMethod
 from calibrated_rlhf.pipelines.params import StrictParams
 from calibrated_rlhf.reporting import render
 from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs
@@ -41,6 +42,9 @@ class ScenarioRolesParams(StrictParams):
     no_normalization: str
     minmax_normalization: str
     fixed_kl: str
+    normalizations: dict[NormalizationMethod, str] = Field(
+        default_factory=dict, description="normalization.method -> the scenario that sets it, for the methods "
+        "besides zscore, none and minmax_batch (the normalization-methods verdict).")
     scale: list[ScaleScenarioParams] = Field(min_length=2)
     ensembles: list[EnsembleRegimeParams] = Field(min_length=1)
 
