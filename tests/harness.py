@@ -94,3 +94,33 @@ def saved(project: Path, filepath: str) -> Any:
     assert versions, f"no completed version under {root}"
     path = versions[0] / root.name
     return pd.read_parquet(path) if path.suffix == ".parquet" else json.loads(path.read_text())
+
+
+def kill_at_first_checkpoint(project: Path, root: Path, known: set[str], *args: str, name: str,
+                             timeout_s: float = 300) -> Path:
+    """Start `kedro run ARGS` (forked, :func:`start_kedro_run`) and SIGKILL it once a run folder under ``root``
+    that is not in ``known`` holds a checkpoint; returns that folder."""
+    import signal
+    import time
+
+    import pytest
+
+    from calibrated_rlhf.core.ppo import list_checkpoints
+
+    proc = start_kedro_run(project, *args, name=name)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            assert proc.exitcode is None, (project / "logs" / f"{name}.txt").read_text()[-3000:]
+            new = [d for d in (project / root).iterdir() if d.is_dir() and d.name not in known] \
+                if (project / root).is_dir() else []
+            if new and list_checkpoints(new[0]):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join()
+                return new[0]
+            time.sleep(0.02)
+        pytest.fail("no checkpoint in time")
+    finally:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()

@@ -4,11 +4,8 @@ staging debris, and ends exactly where an uninterrupted run of the same configur
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,33 +13,13 @@ import pytest
 from calibrated_rlhf.core.ppo import list_checkpoints
 from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK, host_name
-from tests.harness import kedro_run, preload, squash, start_kedro_run
+from tests.harness import kedro_run, kill_at_first_checkpoint, preload, squash
 
 pytestmark = pytest.mark.slow
 
 UPDATES = 4
 PARAMS = f"ppo.trainer.num_updates={UPDATES},ppo.checkpoint_every=1"
 ROOT = Path("data") / "06_models" / "ppo_checkpoints"
-
-
-def _kill_after_first_checkpoint(project: Path, known: set[str], timeout_s: float = 300) -> Path:
-    """Start the ppo stage (forked, as tests.harness runs it); SIGKILL it once its run folder holds a checkpoint."""
-    proc = start_kedro_run(project, "--env", "tiny", "--pipelines", "ppo", "--params", PARAMS, name="killed")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            assert proc.exitcode is None, (project / "logs" / "killed.txt").read_text()[-3000:]
-            new = [d for d in (project / ROOT).iterdir() if d.is_dir() and d.name not in known]
-            if new and list_checkpoints(new[0]):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join()
-                return new[0]
-            time.sleep(0.02)
-        pytest.fail("no checkpoint in time")
-    finally:
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
 
 
 def _weights(folder: Path) -> dict:
@@ -67,7 +44,8 @@ def test_a_killed_ppo_run_resumes_to_the_uninterrupted_result(tiny_run_project):
     (reference_dir,) = [d for d in root.iterdir() if d.name not in before]
     assert (reference_dir / COMPLETE_FILE).is_file()
 
-    killed_dir = _kill_after_first_checkpoint(project, before | {reference_dir.name})
+    killed_dir = kill_at_first_checkpoint(project, ROOT, before | {reference_dir.name}, "--env", "tiny", "--pipelines",
+                                          "ppo", "--params", PARAMS, name="killed")
     killed_at = int(list_checkpoints(killed_dir)[-1].name.split("_")[1])
     assert not (killed_dir / COMPLETE_FILE).exists() and killed_at < UPDATES
     # what a process killed mid-save leaves: a staging folder named after a writer that is gone

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -14,34 +11,13 @@ import pytest
 from calibrated_rlhf.core.ppo import list_checkpoints
 from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK
-from tests.harness import kedro_run, preload, squash, start_kedro_run
+from tests.harness import kedro_run, kill_at_first_checkpoint, preload, squash
 
 pytestmark = pytest.mark.slow
 
 UPDATES = 3
 PARAMS = f"rl.num_updates={UPDATES},rl.checkpoint_every=1,normalization.method=running_zscore"
 ROOT = Path("data") / "06_models" / "rl_checkpoints"
-
-
-def _kill_after_first_checkpoint(project: Path, timeout_s: float = 300) -> Path:
-    proc = start_kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params", PARAMS, name="rl_killed")
-    known = {d.name for d in (project / ROOT).iterdir()} if (project / ROOT).is_dir() else set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            assert proc.exitcode is None, (project / "logs" / "rl_killed.txt").read_text()[-3000:]
-            new = [d for d in (project / ROOT).iterdir() if d.is_dir() and d.name not in known] \
-                if (project / ROOT).is_dir() else []
-            if new and list_checkpoints(new[0]):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join()
-                return new[0]
-            time.sleep(0.02)
-        pytest.fail("no checkpoint in time")
-    finally:
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
 
 
 def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the_running_moments(tiny_run_project):
@@ -57,7 +33,9 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     project = tiny_run_project
     preload()
-    killed_dir = _kill_after_first_checkpoint(project)
+    known = {d.name for d in (project / ROOT).iterdir()} if (project / ROOT).is_dir() else set()
+    killed_dir = kill_at_first_checkpoint(project, ROOT, known, "--env", "tiny", "--pipelines", "rl", "--params",
+                                          PARAMS, name="rl_killed")
     killed_at = int(list_checkpoints(killed_dir)[-1].name.split("_")[1])
     assert not (killed_dir / COMPLETE_FILE).exists() and killed_at < UPDATES
 

@@ -14,11 +14,28 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from calibrated_rlhf.core.ppo import ResumePoint, resolve_resume
 from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches
 from calibrated_rlhf.core.staging import sweep_stale
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointParams(BaseModel):
+    """How often a stage checkpoints and what it resumes; its ``checkpoint_root`` is the stage's own."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
+
+    checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints; null = none.")
+    keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
+    resume_from: str | None = Field(
+        None,
+        description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under "
+        "checkpoint_root with this exact configuration (see core.ppo.checkpoint.find_resumable). A checkpoint "
+        "folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
+        "the field; the resumed run's own checkpoints go to its own folder.")
 
 
 def checkpoint_folder(root: Path) -> Path:

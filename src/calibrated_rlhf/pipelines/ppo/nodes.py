@@ -23,7 +23,7 @@ from calibrated_rlhf.core.ppo.checkpoint import digest
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
-from calibrated_rlhf.pipelines.checkpoints import checkpoint_folder, prepare_resume
+from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,8 @@ class EvaluationParams(BaseModel):
     seed: int = Field(1234, description="Sampling seed, the same for the final and the reference policy.")
 
 
-class PPOParams(BaseModel):
+class PPOParams(CheckpointParams):
     """The PPO stage: what reward the policy optimizes, the trainer's config, the evaluation, checkpoints."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
 
     raw_reward_multiplier: float = Field(
         1.0, gt=0, description="Multiplies the reward model's raw output: the scale experiment (a in {0.25, 1, 4})."
@@ -56,14 +54,6 @@ class PPOParams(BaseModel):
         "data/06_models/ppo_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as ppo.checkpoint_dir); a run never "
         "touches another's folder. Stale staging folders of dead processes under it are removed at start.")
-    checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints; null = none.")
-    keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
-    resume_from: str | None = Field(
-        None,
-        description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under "
-        "checkpoint_root with this exact configuration (see core.ppo.checkpoint.find_resumable). A checkpoint "
-        "folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
-        "the field; the resumed run's own checkpoints go to its own folder.")
     ensemble_std_stop_multiple: float | None = Field(
         None, gt=0, description="Reward ensembles: stop early when the members' disagreement on the sampled "
         "responses (ppo/rewards/ensemble_std) exceeds this multiple of their disagreement on the reference "

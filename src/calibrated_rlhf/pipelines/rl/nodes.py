@@ -22,7 +22,7 @@ from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.synthetic import SyntheticTask
-from calibrated_rlhf.pipelines.checkpoints import checkpoint_folder, prepare_resume
+from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transform_matches, gold_offset, make_score_fn,
                                                  stage_fingerprint)
@@ -30,7 +30,7 @@ from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transfo
 log = logging.getLogger(__name__)
 
 
-class RLParams(RLConfig):
+class RLParams(RLConfig, CheckpointParams):
     """The RL stage: the trainer's hyperparameters (``rl.algorithm`` chooses RLOO or GRPO), the reward
     optimized, and the evaluation (PPO's protocol)."""
 
@@ -41,15 +41,6 @@ class RLParams(RLConfig):
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
         "another's folder. Stale staging folders of dead processes under it are removed at start.")
-    checkpoint_every: int | None = Field(20, gt=0, description="Updates between checkpoints (and one at the end); "
-                                         "null = none.")
-    keep_checkpoints: int | None = Field(2, gt=0, description="Newest checkpoints kept per run; null = all.")
-    resume_from: str | None = Field(
-        None,
-        description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under checkpoint_root "
-        "with this exact configuration (as ppo.resume_from). A checkpoint folder, or a run folder (its newest "
-        "checkpoint). Any configuration difference is an error naming the field; the resumed run's own "
-        "checkpoints go to its own folder.")
 
     def trainer_config(self) -> RLConfig:
         return RLConfig(**self.model_dump(include=set(RLConfig.model_fields)))
