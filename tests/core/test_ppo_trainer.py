@@ -165,9 +165,11 @@ def _weights(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
 
 
-@pytest.mark.parametrize("value_model", ["separate", "shared"])
-def test_resume_gives_identical_run(tok, tmp_path: Path, value_model: str) -> None:
-    kw = dict(num_updates=6, checkpoint_every=3, num_mini_batches=4, value_model=value_model)
+@pytest.mark.parametrize(("value_model", "lora"), [("separate", None), ("shared", None), ("separate", {"r": 4})])
+def test_resume_gives_identical_run(tok, tmp_path: Path, value_model: str, lora: dict | None) -> None:
+    """Resumed from its middle checkpoint, a run ends as the uninterrupted one; with LoRA the checkpoint holds
+    the adapters (the base weights, the reference, are the starting model's)."""
+    kw = dict(num_updates=6, checkpoint_every=3, num_mini_batches=4, value_model=value_model, lora=lora)
     full = make_trainer(tok, checkpoint_dir=str(tmp_path / "a"), **kw)
     res_full = full.train()
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["update_000003", "update_000006"]
