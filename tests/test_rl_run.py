@@ -1,5 +1,6 @@
 """The RL branches through the real `kedro run --env tiny` of a copy of the shared tiny run (its reward model,
-transform and reference policy reused), read back from MLflow."""
+transform and reference policy reused), read back from MLflow: GRPO and DPO here; RLOO's is
+``tests/test_rl_resume.py`` (killed and resumed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from tests.harness import kedro_run, latest_run, preload
+from tests.harness import kedro_run, latest_run, preload, saved
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,17 @@ def test_grpo_runs_on_the_tiny_run_with_the_adaptive_controller_and_the_evaluati
     # rewards per step, every form, gold included
     for name in ("raw", "calibrated", "normalized", "gold", "gold_gap"):
         assert len(_history(client, run, keys.rl_reward(name))) == 3, name
+    # scored raw -> calibrated -> normalized through the completed run's frozen transform (before GRPO's own
+    # batch scaling): the logged per-update means follow the transform's formula
+    transform = saved(project, "data/06_models/reward_transform.json")
+    raw, calibrated, normalized = (_history(client, run, keys.rl_reward(n)) for n in ("raw", "calibrated", "normalized"))
+    assert len(set(raw)) > 1
+    for r, c, z in zip(raw, calibrated, normalized):
+        assert c == pytest.approx(r / transform["temperature"], rel=1e-6)
+        # the mean of z-scores is the z-score of the mean while no reward reaches the clip (tiny rewards do not)
+        assert z == pytest.approx((c - transform["mean"]) / transform["std"], rel=1e-5, abs=1e-6)
+    # the console: the project's terse progress lines, not TRL's log dicts printed at every update
+    assert re.search(r"GRPO 3/3 \([0-9.]+/s\) kl=", out) and "'step_time':" not in out
     # the one evaluation protocol, under the keys PPO's evaluation uses
     m = run.data.metrics
     assert m[keys.PPO_EVAL_GOLD_GAIN_CI_LOW] <= m[keys.PPO_EVAL_GOLD_GAIN] <= m[keys.PPO_EVAL_GOLD_GAIN_CI_HIGH]
@@ -59,35 +71,6 @@ def test_grpo_runs_on_the_tiny_run_with_the_adaptive_controller_and_the_evaluati
     assert "rl_policy" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_rloo_optimizes_the_transformed_reward_it_logs(tiny_run_project):
-    """RLOO (the default algorithm) scores its completions raw -> calibrated -> normalized through the completed
-    run's frozen transform: the logged per-update means follow the transform's formula."""
-    from mlflow import MlflowClient
-
-    from calibrated_rlhf.core import metric_keys as keys
-    from tests.harness import saved
-
-    project = tiny_run_project
-    preload()
-    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", name="rloo")
-    assert code == 0, out[-4000:]
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    run = latest_run(project)
-    assert run.info.status == "FINISHED" and run.data.tags[keys.RL_ALGORITHM_TAG] == "rloo"
-    # the console: the project's terse progress lines, not TRL's log dicts printed at every update
-    assert re.search(r"RLOO 3/3 \([0-9.]+/s\) kl=", out) and "'step_time':" not in out
-    transform = saved(project, "data/06_models/reward_transform.json")
-    raw, calibrated, normalized = (_history(client, run, keys.rl_reward(n)) for n in ("raw", "calibrated", "normalized"))
-    assert len(raw) == 3 and len(set(raw)) > 1
-    for r, c, z in zip(raw, calibrated, normalized):
-        assert c == pytest.approx(r / transform["temperature"], rel=1e-6)
-        # the mean of z-scores is the z-score of the mean while no reward reaches the clip (tiny rewards do not)
-        assert z == pytest.approx((c - transform["mean"]) / transform["std"], rel=1e-5, abs=1e-6)
-    transform_version = max(p.name for p in (project / "data/06_models/reward_transform.json").iterdir()
-                            if (p / "_complete.json").exists())
-    assert run.data.tags["provenance/loaded/reward_transform"] == transform_version
-
-
 def test_dpo_trains_and_its_implicit_reward_is_calibrated_from_what_the_run_saved(tiny_run_project):
     """DPO from the completed run's reference policy; the temperature it logs is the fit of the implicit-reward
     margins it saved, and those margins are what its saved policy and the reference give."""
@@ -96,7 +79,6 @@ def test_dpo_trains_and_its_implicit_reward_is_calibrated_from_what_the_run_save
     from calibrated_rlhf.core import metric_keys as keys
     from calibrated_rlhf.core.calibration import fit_temperature
     from calibrated_rlhf.core.rl.dpo import score_pairs
-    from tests.harness import saved
 
     project = tiny_run_project
     preload()
