@@ -57,3 +57,17 @@ def test_report_files_from_recorded_runs(tmp_path):
     text = (tmp_path / "frontier.md").read_text()
     assert "not supported" in text and "Missing methods: grpo." in text and "| rloo |" in text
     assert (tmp_path / "frontier.png").stat().st_size > 1000 and paths["figure"].endswith("frontier.png")
+
+
+def test_dpo_calibration_table_reads_each_dpo_runs_implicit_reward_figures(tmp_path):
+    runs = RUNS.copy()
+    runs.loc[runs["run_id"] == "e", ["metrics.dpo/calibration/temperature", "metrics.dpo/calibration/test_ece_before",
+                                     "metrics.dpo/calibration/test_ece_after"]] = [0.21, 0.149, 0.033]
+    table = frontier.dpo_calibration_table(runs)
+    assert list(table["run_id"]) == ["e"]  # the DPO run only; PPO and RLOO runs have no implicit reward
+    row = table.iloc[0]
+    assert (row["beta"], row["temperature"], row["ece_before"], row["ece_after"]) == (0.1, 0.21, 0.149, 0.033)
+    assert math.isnan(row["bayes_nll"])  # not logged: NaN, never guessed
+    points = frontier.frontier_points(runs)
+    text = open(frontier.write_report(points, [1.0, 4.0], str(tmp_path), table)["markdown"]).read()
+    assert "## DPO's implicit reward" in text and "| e | 0.1 | 0.21 | 0.149 | 0.033 |" in text

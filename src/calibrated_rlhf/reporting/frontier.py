@@ -93,7 +93,29 @@ def frontier_verdict(table: pd.DataFrame) -> Verdict:
     return Verdict("frontier", claim, holds, "; ".join(found), missing)
 
 
-def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str) -> dict[str, str]:
+# DPO's implicit reward as a Bradley-Terry reward: the calibration pipeline's figures under dpo/ (column -> key)
+DPO_CALIBRATION = {"temperature": keys.DPO_CALIBRATION_TEMPERATURE,
+                   "ece_before": keys.dpo_key(keys.CALIBRATION_TEST_ECE_BEFORE),
+                   "ece_after": keys.DPO_CALIBRATION_TEST_ECE_AFTER,
+                   "oracle_ece": keys.dpo_key(keys.CALIBRATION_TEST_ORACLE_ECE),
+                   "nll_before": keys.dpo_key(keys.CALIBRATION_TEST_NLL_BEFORE),
+                   "nll_after": keys.DPO_CALIBRATION_TEST_NLL_AFTER,
+                   "bayes_nll": keys.dpo_key(keys.CALIBRATION_TEST_BAYES_NLL)}
+
+
+def dpo_calibration_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per DPO run: its beta and its implicit reward's temperature, test ECE and NLL before and after,
+    beside the oracle ECE and Bayes NLL (NaN off the synthetic task)."""
+    dpo = runs[method_of(runs) == "dpo"]
+    columns = ["run_id", "beta", *DPO_CALIBRATION]
+    rows = [{"run_id": run["run_id"], "beta": as_float(run.get(f"params.{BUDGET_PARAMS['dpo']}")),
+             **{col: as_float(run.get(f"metrics.{key}")) for col, key in DPO_CALIBRATION.items()}}
+            for _, run in dpo.iterrows()]
+    return pd.DataFrame(rows, columns=columns).sort_values("beta", kind="stable").reset_index(drop=True)
+
+
+def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str,
+                 dpo_calibration: pd.DataFrame | None = None) -> dict[str, str]:
     """``frontier.png`` and ``frontier.md`` (points, matched-KL table, verdict) under ``out_dir``."""
     from pathlib import Path
 
@@ -110,6 +132,9 @@ def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str)
              markdown_table(shown), "", f"**{verdict.claim}: {verdict.status}.** {verdict.evidence}"]
     if verdict.missing:
         lines.append(f"Missing methods: {', '.join(verdict.missing)}.")
+    if dpo_calibration is not None and len(dpo_calibration):
+        lines += ["", "## DPO's implicit reward beta * log(pi / pi_ref), calibrated as a reward model's", "",
+                  markdown_table(dpo_calibration.round(4))]
     (out / "frontier.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"figure": str(out / "frontier.png"), "markdown": str(out / "frontier.md")}
 
@@ -127,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="reports/frontier")
     args = parser.parse_args(argv)
     runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,) if args.scenario else ()))
-    paths = write_report(frontier_points(runs), [float(k) for k in args.kl.split(",")], args.out)
+    paths = write_report(frontier_points(runs), [float(k) for k in args.kl.split(",")], args.out,
+                         dpo_calibration_table(runs))
     for note in notes:
         print(note)
     print(f"frontier report: {paths['markdown']}, {paths['figure']}")
