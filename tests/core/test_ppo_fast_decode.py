@@ -26,10 +26,12 @@ def _model(kind: str, **overrides):
     kw.update(overrides)
     torch.manual_seed(0)
     model = cls[1](cls[0](**kw)).eval()
-    with torch.no_grad():  # biases are zero at init: make them matter
+    with torch.no_grad():  # biases are zero and norm gains one at init: make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -64,6 +66,28 @@ def test_early_eos_and_other_seeds_still_match() -> None:
         torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
         stopped_early |= bool((slow.mask.sum(1) < slow.mask.shape[1]).any())
     assert stopped_early  # the case this test is for did happen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_decode_lean(dtype: torch.dtype) -> None:
+    """In bfloat16 / float16 the lean step passes its check (rounding-sized differences) and samples
+    what the model's own forward samples, with logprobs as close as that precision allows."""
+    model = _model("qwen2").to(dtype)
+    slow = _sample(model, False, sampling_temperature=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed check would warn and fall back
+        fast = _sample(model, True, sampling_temperature=1.0)
+    assert fast_decode._checked.get(model) is True
+    agree = (fast.responses == slow.responses).float().mean()
+    assert agree > 0.9  # a rounding-sized difference may flip a near-tie draw, then the row drifts
+    same = (fast.responses == slow.responses).all(1)
+    torch.testing.assert_close(fast.logprobs[same], slow.logprobs[same], atol=0.05, rtol=0.05)
+    # a genuinely different step is still refused at that precision
+    model2 = _model("llama").to(dtype)
+    h = torch.randn(4, 64, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not fast_decode.agrees_with(model2, h + 0.1 * (1 + h.abs().max()), h)
 
 
 def test_unsupported_models_fall_back() -> None:

@@ -262,10 +262,11 @@ def sample_responses(
         logits = lm_head(h).float()
         if sampling_temperature != 1.0:
             logits = logits / sampling_temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        tok = sample_categorical(logp.exp(), generator)
+        probs = torch.softmax(logits, dim=-1)
+        tok = sample_categorical(probs, generator)
         responses[:, t] = tok.squeeze(1)
-        logprobs[:, t] = logp.gather(-1, tok).squeeze(1)
+        # the log of the one probability drawn, not a log_softmax over the vocabulary
+        logprobs[:, t] = probs.gather(-1, tok).squeeze(1).log()
         if values is not None:
             values[:, t] = value_head(h).squeeze(-1).float()
         done = done | (tok.squeeze(1) == eos_token_id)
