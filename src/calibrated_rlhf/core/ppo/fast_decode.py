@@ -4,9 +4,9 @@ Sampling a response costs ``response_length`` forward passes of one token each. 
 each pass is dominated by per-operation overhead, and a transformers decoder spends most of it
 outside the matrix products: building the attention mask, growing the KV cache by concatenation,
 recomputing the rotary tables, three q/k/v products instead of one. :class:`LeanDecoder` runs the
-same math on a preallocated cache, with fused q/k/v and gate/up weights (norm gains folded in), rotary tables computed
-once per batch and attention written out for a single query. The prompt's prefill stays with
-transformers, whose cache it starts from.
+same math on a preallocated cache, with fused q/k/v and gate/up weights (norm gains folded in),
+rotary tables computed once per batch and attention written out for a single query. The prompt's
+prefill stays with transformers, whose cache it starts from.
 
 :func:`lean_decoder` returns None for an architecture it does not recognise, and the caller keeps
 the model's own forward. The first step for each model is also checked against that forward
