@@ -312,6 +312,22 @@ def test_single_minibatch_fast_path_matches_plain_path(tok) -> None:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
+def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
+    # the last layer at the read positions only is the same function: the runs agree to float rounding
+    runs = [make_trainer(tok, num_updates=3, trim_last_layer=trim) for trim in (True, False)]
+    (trim, full) = [r.train().history for r in runs]
+    from calibrated_rlhf.core.ppo import trimmed_forward
+
+    assert trimmed_forward._checked.get(runs[0].policy) is True  # the trimmed path did run
+    assert runs[1].policy not in trimmed_forward._checked
+    for a, b in zip(trim, full):
+        for k, v in a.items():
+            # a clip fraction counts comparisons that float rounding decides while nothing is clipped
+            # (the old and new values are equal up to rounding at the first epoch)
+            if not k.startswith(PERF) and not k.endswith("clipfrac"):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
 @pytest.mark.parametrize("num_mini_batches,max_grad_norm", [(1, 1.0), (2, 1.0), (1, 1e-3)])
 def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int, max_grad_norm: float) -> None:
     # with one intra-op thread everywhere the two schedules do the same float operations, the

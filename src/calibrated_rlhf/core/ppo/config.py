@@ -51,6 +51,13 @@ class PPOConfig(BaseModel):
         "for Llama, Mistral and Qwen2 policies; other architectures, and any model whose first step "
         "disagrees with its own forward, use the model's forward. Same samples up to float rounding.",
     )
+    trim_last_layer: bool = Field(
+        True,
+        description="Run each model's last decoder layer only at the positions PPO reads (the last prompt "
+        "token and the response), for Llama, Mistral and Qwen2 models: earlier layers still see the whole "
+        "sequence. The first forward of each model is checked against its full forward; other architectures, "
+        "and any model that disagrees, keep the full forward. Same values up to float rounding.",
+    )
     cpu_malloc_tuning: bool = Field(
         True,
         description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds for the process when the "

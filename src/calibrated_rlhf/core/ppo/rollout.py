@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from calibrated_rlhf.core.ppo import trimmed_forward
 from calibrated_rlhf.core.ppo.fast_decode import agrees_with, lean_decoder, needs_check
 from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
 
@@ -52,16 +53,21 @@ def _response_hidden(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     response_start: int,
+    trim: bool = False,
 ) -> torch.Tensor:
     """Last hidden states at the positions that predict each response token: [B, R, H].
 
     The final token is left out of the forward: nothing is predicted from it and, attention being
-    causal, no earlier position depends on it.
+    causal, no earlier position depends on it. ``trim`` runs the last layer at those positions only
+    (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward`) where the architecture allows it.
     """
-    h = backbone_of(model)(
-        input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-        use_cache=False,
-    ).last_hidden_state
+    ids, attn, pos = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
+    backbone = backbone_of(model)
+    if trim:
+        h = trimmed_forward.response_hidden(model, backbone, ids, attn, pos, response_start - 1)
+        if h is not None:
+            return h
+    h = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     return h[:, response_start - 1 :]
 
 
@@ -69,11 +75,12 @@ class PolicyAndValue(nn.Module):
     """Policy plus value function behind one ``forward``, so DDP sees a single module.
 
     ``value_model`` (separate mode) or ``value_head`` (shared mode: a linear map of the policy's
-    last hidden state) must be given, not both.
+    last hidden state) must be given, not both. ``trim_last_layer``: see :func:`_response_hidden`.
     """
 
     def __init__(
-        self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None
+        self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None,
+        trim_last_layer: bool = False,
     ) -> None:
         super().__init__()
         if (value_model is None) == (value_head is None):
@@ -81,6 +88,7 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value_model = value_model
         self.value_head = value_head
+        self.trim_last_layer = trim_last_layer
 
     def forward(
         self,
@@ -95,12 +103,13 @@ class PolicyAndValue(nn.Module):
         Position ``response_start - 1 + t`` predicts response token t and holds the value of the
         state before it is emitted.
         """
-        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
+        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start,
+                                  self.trim_last_layer)
         logits = self._logits(h_resp, sampling_temperature)
         if self.value_head is not None:
             values = self.value_head(h_resp).squeeze(-1)
         else:
-            values = sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start)
+            values = self.values(input_ids, attention_mask, position_ids, response_start)
         return logits, values
 
     def policy_logits(
@@ -112,7 +121,8 @@ class PolicyAndValue(nn.Module):
         sampling_temperature: float = 1.0,
     ) -> torch.Tensor:
         """The policy half of ``forward`` (separate value model only)."""
-        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start)
+        h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start,
+                                  self.trim_last_layer)
         return self._logits(h_resp, sampling_temperature)
 
     def _logits(self, h_resp: torch.Tensor, sampling_temperature: float) -> torch.Tensor:
@@ -123,7 +133,8 @@ class PolicyAndValue(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int
     ) -> torch.Tensor:
         """The value half of ``forward`` (separate value model only)."""
-        return sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start)
+        return sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start,
+                               self.trim_last_layer)
 
 
 def sequence_values(
@@ -132,9 +143,10 @@ def sequence_values(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     response_start: int,
+    trim: bool = False,
 ) -> torch.Tensor:
     """Per-token values [B, R] from a sequence-classification model's head applied at every position."""
-    h = _response_hidden(value_model, input_ids, attention_mask, position_ids, response_start)
+    h = _response_hidden(value_model, input_ids, attention_mask, position_ids, response_start, trim)
     return value_head_of(value_model)(h).squeeze(-1).float()
 
 
@@ -145,9 +157,10 @@ def response_logprobs(
     position_ids: torch.Tensor,
     response_start: int,
     sampling_temperature: float = 1.0,
+    trim: bool = False,
 ) -> torch.Tensor:
     """log p(response token) [B, R] under a causal LM, with the sampling temperature applied."""
-    h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start)
+    h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start, trim)
     logits = model.get_output_embeddings()(h).float()
     if sampling_temperature != 1.0:
         logits = logits / sampling_temperature

@@ -47,7 +47,7 @@ from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
 from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, decode_responses,
                                               left_pad, position_ids_from_mask, response_logprobs,
-                                              sample_responses, score_tensors, sequence_values)
+                                              sample_responses, score_tensors)
 from calibrated_rlhf.core.ppo.schedule import make_schedule, tune_glibc_malloc
 from calibrated_rlhf.core.ppo.stats import OPTIM_STATS, optimization_metrics, perf_metrics, rollout_metrics, stop_reason
 
@@ -246,9 +246,9 @@ class PPOTrainer:
         old = self.schedule.old_passes(
             x,
             reference=lambda: reference_logprobs(self.ref_policy, lambda ref: response_logprobs(
-                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature)),
-            old_values=lambda: (samples.values if samples.values is not None else
-                                sequence_values(unwrapped.value_model, x.ids, x.attn, x.pos, x.start)),
+                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature, cfg.trim_last_layer)),
+            old_values=lambda: (samples.values if samples.values is not None else unwrapped.values(
+                x.ids, x.attn, x.pos, x.start)),
             score=lambda: self._score(idx, samples.responses, samples.mask),
             was_training=was_training)
         mask = samples.mask.float()

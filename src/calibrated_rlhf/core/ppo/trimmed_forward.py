@@ -1,0 +1,114 @@
+"""The last decoder layer run only at the positions PPO reads.
+
+PPO reads a model's last hidden states at the response's positions only (the policy's logits, the
+value model's values, the reference's logprobs). Every layer but the last must run over the whole
+sequence, since later positions attend to all earlier ones; the last layer's queries, attention
+output, MLP and final norm matter only where they are read. With a prompt about as long as the
+response that is half of the last layer: a sixth of a two-layer model's forward and backward, the
+same function computed with less waste.
+
+The earlier layers run as the model runs them (its masks, rotary tables and attention kernel): a
+forward pre-hook on the last layer takes their output and ends the model's forward there. The last
+layer then runs from its own modules on the read rows. Llama-style layers only (the family
+``fast_decode`` accepts); the first call for each model is checked against the model's full forward,
+and an unsupported or disagreeing model keeps the full forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibrated_rlhf.core.ppo.fast_decode import check_tolerance, unsupported_reason
+
+# model -> whether its first trimmed forward matched its full forward (checked once per model)
+_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+class _LastLayerReached(Exception):
+    """Raised by the pre-hook to end the model's forward once the last layer's input is known."""
+
+
+def response_hidden(backbone_owner: nn.Module, backbone: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, position_ids: torch.Tensor, first: int) -> torch.Tensor | None:
+    """Final-norm hidden states at rows ``first:`` [B, T - first, H], or None where the full forward must run.
+
+    ``backbone_owner`` is the model whose config and layers are checked (the causal LM or the
+    sequence-classification model); ``backbone`` its trunk. Rows ``first:`` must all be real tokens
+    (PPO reads the last prompt token and the response, after any left padding).
+    """
+    if _checked.get(backbone_owner) is False or unsupported_reason(backbone_owner, input_ids.shape[1]) is not None:
+        return None
+    h, rope = _last_layer_input(backbone, input_ids, attention_mask, position_ids)
+    out = backbone.norm(_last_layer_rows(backbone.layers[-1], h, rope, attention_mask, first))
+    if backbone_owner not in _checked and not _agrees(backbone_owner, backbone, out, input_ids, attention_mask,
+                                                      position_ids, first):
+        return None
+    return out
+
+
+def _last_layer_input(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The hidden states entering the last layer and the rotary tables, from the model's own forward."""
+    captured: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        captured["rope"] = kwargs["position_embeddings"]
+        raise _LastLayerReached
+
+    handle = backbone.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except _LastLayerReached:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"], captured["rope"]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _last_layer_rows(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     attention_mask: torch.Tensor, first: int) -> torch.Tensor:
+    """The decoder layer's output at rows ``first:``; keys and values still come from every row."""
+    attn = layer.self_attn
+    B, T, _ = h.shape
+    D = attn.head_dim
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x[:, first:]).view(B, T - first, -1, D).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in rope)  # [B, 1, T, D]
+    q, k = _rotate(q, cos[:, :, first:], sin[:, :, first:]), _rotate(k, cos, sin)
+    # row first + i attends to the real keys at or before it
+    causal = torch.ones((T - first, T), dtype=torch.bool, device=h.device).tril(diagonal=first)
+    mask = causal & attention_mask[:, None, None, :].bool()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True,
+                                         dropout_p=attn.attention_dropout if attn.training else 0.0)
+    hr = h[:, first:] + attn.o_proj(out.transpose(1, 2).reshape(B, T - first, -1))
+    return hr + layer.mlp(layer.post_attention_layernorm(hr))
+
+
+def _agrees(model: nn.Module, backbone: nn.Module, trimmed: torch.Tensor, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor, position_ids: torch.Tensor, first: int) -> bool:
+    """Record (and return) whether the trimmed rows match the full forward's; warn once if not."""
+    with torch.no_grad():
+        full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state[:, first:]
+        scale = 1.0 + float(full.abs().max())
+        error = float((trimmed.detach() - full).abs().max())
+    ok = bool(torch.isfinite(trimmed).all()) and error <= check_tolerance(full.dtype) * scale
+    _checked[model] = ok
+    if not ok:
+        warnings.warn(f"the trimmed last layer disagrees with {type(model).__name__}'s full forward "
+                      f"(max error {error:.3g}); running the full forward instead", RuntimeWarning, stacklevel=3)
+    return ok
