@@ -279,6 +279,15 @@ def main() -> None:
                 "ceiling_free_rollout": mt["train_wall_s"] / median(clean(ours), "optimize_s_total"),
                 "optimize_share_of_ours": median(clean(ours), "optimize_s_total") / mo["train_wall_s"],
             }
+        # where the time goes (medians, seconds): ours' sampling, the passes after it (reference, old
+        # values, scoring, the first PPO forward) and the optimization epochs; TRL's generation, reward and
+        # value reads, every forward (reference and PPO epochs), and the rest (backward, optimizer, bookkeeping)
+        setting["phases_s"] = {"ours": {k: median(clean(ours), k + "_s_total")
+                                        for k in ("generate", "score", "rollout", "optimize")}}
+        if trl:
+            t = {k: median(clean(trl), k + "_s_total") for k in ("generate", "get_reward", "forward")}
+            t["rest"] = median(clean(trl), "train_wall_s") - sum(t.values())
+            setting["phases_s"]["trl_gc_freeze"] = t
         out["settings"][f"ppo_epochs_{ep}"] = setting
     results = RESULTS if a.value_model == "separate" else RESULTS.with_name(f"ppo_{a.value_model}.json")
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +303,8 @@ def main() -> None:
                          "ceiling_free_rollout": round(s["ratio_ours_over_trl"]["ceiling_free_rollout"], 2),
                          "optimize_share_of_ours": round(s["ratio_ours_over_trl"]["optimize_share_of_ours"], 2)})
         print(name, json.dumps(line))
+        print(f"{name} phases_s", json.dumps({side: {k: round(v, 2) for k, v in ph.items()}
+                                             for side, ph in s["phases_s"].items()}))
     print("wrote", results)
 
 
