@@ -53,7 +53,7 @@ def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
     # pytest's capture replaced sys.stdout/stderr with its own objects: point them at the log too.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - the process ends with the run
     os.chdir(project)
-    os.environ.update(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{Path(project) / 'mlflow.db'}", **env)
+    os.environ.update({**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(project) / 'mlflow.db'}", **env})
     sys.argv = ["kedro", "run", *args]
     from kedro.framework.cli import main
 

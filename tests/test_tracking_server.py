@@ -164,7 +164,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         yield uri, root / "artifacts"
     finally:
         # The server forks workers: end the whole group, then make sure.
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
