@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
     from mlflow import MlflowClient
 
     preload()
-    project = make_project(tmp_path_factory.mktemp("replay"))
+    project = make_project(tmp_path_factory.mktemp("replay"), store=True)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep,reward_model",
                           "--params", "reward_model.training.learning_rate=0.002", name="a")

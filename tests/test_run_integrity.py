@@ -275,7 +275,7 @@ def test_a_killed_run_leaves_nothing_a_later_run_loads(tmp_path):
     from tests.project import make_project
 
     preload()  # the run to kill and the next one are forked (tests/harness.py)
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / "project", store=True)
     proc = start_kedro_run(project, "--env", "tiny", name="killed")
     # SIGKILL while the reward model trains: TRL's output folder is a staging folder of this process.
     pattern = os.path.join(tempfile.gettempdir(), f".rm-train.staging-{staging.host_name()}-{proc.pid}-*")

@@ -18,7 +18,7 @@ import pytest
 from calibrated_rlhf.tracking_check import TrackingServerUnreachable, check_tracking_server
 
 from tests.harness import kedro_run, preload
-from tests.project import make_project, wait_until_up
+from tests.project import empty_store, make_project, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -150,6 +150,7 @@ def test_check_skips_non_http_uris():
 def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`mlflow server` with a sqlite backend and a proxied artifact store, on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow_server")
+    empty_store(root / "mlflow.db")  # the server's own store, its tables made beforehand
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
