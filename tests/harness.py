@@ -16,6 +16,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,41 +26,54 @@ import pandas as pd
 ENV = {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "COLUMNS": "200"}
 PRELOADED = ("calibrated_rlhf.pipeline_registry", "kedro.framework.cli", "kedro_mlflow.framework.hooks",
-             "kedro_datasets.pandas", "kedro_datasets.json", "mlflow.store.tracking.sqlalchemy_store", "IPython")
+             "kedro_datasets.pandas", "kedro_datasets.json", "kedro_datasets.text", "kedro_datasets.matplotlib",
+             "mlflow.store.tracking.sqlalchemy_store", "mlflow.transformers", "IPython", "git", "datasets",
+             "transformers.trainer", "trl.trainer.reward_trainer", "trl.trainer.sft_trainer",
+             "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
 
 
 def preload() -> None:
-    """Import once what every forked run would otherwise import again (MLflow probes IPython at start_run)."""
+    """Import once what every forked run would otherwise import again (MLflow probes IPython at start_run).
+
+    The project's pipelines count most: ``register_pipelines`` imports every stage's nodes, and with them
+    torch, transformers and TRL, in each run that has not got them yet (about 10 s on two cores)."""
     for module in PRELOADED:
         importlib.import_module(module)
+    import calibrated_rlhf.pipelines as stages
+
+    for stage in pkgutil.iter_modules(stages.__path__):
+        if stage.ispkg:
+            importlib.import_module(f"{stages.__name__}.{stage.name}.pipeline")
 
 
-def _cli(project: str, args: list[str], log: str) -> None:
+def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     # pytest's capture replaced sys.stdout/stderr with its own objects: point them at the log too.
     sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 - the process ends with the run
     os.chdir(project)
-    os.environ.update(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{Path(project) / 'mlflow.db'}")
+    os.environ.update({**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{Path(project) / 'mlflow.db'}", **env})
     sys.argv = ["kedro", "run", *args]
     from kedro.framework.cli import main
 
     main()
 
 
-def start_kedro_run(project: Path, *args: str, name: str) -> multiprocessing.Process:
-    """`kedro run ARGS` in ``project``, forked and not waited for (a run to kill); it prints to logs/<name>.txt."""
+def start_kedro_run(project: Path, *args: str, name: str, env: dict[str, str] | None = None) -> multiprocessing.Process:
+    """`kedro run ARGS` in ``project``, forked and not waited for (a run to kill); it prints to logs/<name>.txt.
+    ``env`` is set in the run's environment over the harness's own (e.g. another MLFLOW_TRACKING_URI)."""
     log = project / "logs" / f"{name}.txt"
     log.parent.mkdir(exist_ok=True)
-    proc = multiprocessing.get_context("fork").Process(target=_cli, args=(str(project), list(args), str(log)))
+    proc = multiprocessing.get_context("fork").Process(target=_cli,
+                                                       args=(str(project), list(args), str(log), dict(env or {})))
     proc.start()
     return proc
 
 
-def kedro_run(project: Path, *args: str, name: str) -> tuple[int, str]:
+def kedro_run(project: Path, *args: str, name: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """`kedro run ARGS` in ``project``, forked: the exit code and everything the run printed."""
-    proc = start_kedro_run(project, *args, name=name)
+    proc = start_kedro_run(project, *args, name=name, env=env)
     proc.join(300)
     assert proc.exitcode is not None, f"kedro run {name} did not finish"
     return proc.exitcode, (project / "logs" / f"{name}.txt").read_text()

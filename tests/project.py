@@ -11,13 +11,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_project(dst: Path) -> Path:
-    """Copy the configuration, pyproject.toml and the telemetry opt-out; no data, no local or replay envs."""
+def make_project(dst: Path, store: bool = False) -> Path:
+    """Copy the configuration, pyproject.toml and the telemetry opt-out; no data, no local or replay envs.
+
+    ``store``: start with an empty MLflow store (``empty_store``) instead of none, for tests whose subject is
+    not a project's first run; the first run's store creation stays covered by those that leave it False."""
     shutil.copytree(ROOT / "conf", dst / "conf", ignore=shutil.ignore_patterns("local", "replay_*"))
     (dst / "conf" / "local").mkdir()
     for name in ("pyproject.toml", ".telemetry"):
         shutil.copy(ROOT / name, dst / name)
     (dst / "src").mkdir()
+    if store:
+        empty_store(dst / "mlflow.db")
+    return dst
+
+
+_EMPTY_STORE: list[Path] = []
+
+
+def empty_store(dst: Path) -> Path:
+    """A copy at ``dst`` of an MLflow sqlite store with its tables made and nothing logged: what MLflow writes
+    when it first opens the file. Its schema migrations take seconds on two cores, so they run once per test
+    process."""
+    if not _EMPTY_STORE:
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        made = Path(tempfile.mkdtemp(prefix="empty_mlflow_store_")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{made}").search_experiments()
+        _EMPTY_STORE.append(made)
+    shutil.copy(_EMPTY_STORE[0], dst)
     return dst
 
 

@@ -78,7 +78,7 @@ def real_run(tmp_path_factory) -> Iterator[tuple[Path, list[dict], subprocess.Po
 def project(tmp_path_factory, real_run) -> Path:
     """One copy of the project for the module's failing cases; inputs live outside data/."""
     preload()  # shared by every forked run
-    root = make_project(tmp_path_factory.mktemp("bad_input") / "project")
+    root = make_project(tmp_path_factory.mktemp("bad_input") / "project", store=True)
     (root / "inputs").mkdir()
     return root
 

@@ -26,7 +26,7 @@ N_PROMPTS, PER_PROMPT = 12, 4
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     preload()
-    root = make_project(tmp_path_factory.mktemp("formats") / "project")
+    root = make_project(tmp_path_factory.mktemp("formats") / "project", store=True)
     (root / "inputs").mkdir()
     return root
 

@@ -23,7 +23,7 @@ def finished(tmp_path_factory):
     from mlflow import MlflowClient
 
     preload()
-    project = make_project(tmp_path_factory.mktemp("project"))
+    project = make_project(tmp_path_factory.mktemp("project"), store=True)
     size = ("--params", "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std")
     code, out = kedro_run(project, "--env", "tiny", *size, "--pipelines", "data_prep,policy_init", name="first")
     assert code == 0, out[-3000:]

@@ -50,7 +50,7 @@ def music_pairs(n: int, seed: int = 7, scale: float = 2.0) -> list[dict]:
 
 def test_a_foreign_chat_file_goes_through_every_stage(tmp_path):
     preload()
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / "project", store=True)
     source = tmp_path / "music_prefs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in music_pairs(240)))
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", STAGES, "--params",

@@ -31,7 +31,7 @@ def test_ppo_raises_the_gold_reward_of_the_reference_policy(tmp_path):
     from mlflow import MlflowClient
 
     preload()
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / "project", store=True)
     code, out = kedro_run(project, "--env", "tiny", "--params", LEARNABLE, name="gold")
     assert code == 0, out[-3000:]
     run = latest_run(project)

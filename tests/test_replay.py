@@ -30,9 +30,30 @@ def _env(project: Path) -> dict[str, str]:
             "COLUMNS": "200"}
 
 
+def _replay_cli(project: Path, args: list[str], out: Path, err: Path) -> None:
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    # pytest's capture replaced sys.stdout/stderr with its own objects: point them at the files too.
+    sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
+    os.chdir(project)
+    os.environ.update(_env(project))
+    sys.argv = ["python -m calibrated_rlhf.replay", *args]
+    sys.exit(replay.main(args))
+
+
 def run_replay(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "calibrated_rlhf.replay", *args], cwd=project, env=_env(project),
-                          capture_output=True, text=True, timeout=600)
+    """`python -m calibrated_rlhf.replay ARGS` in ``project``: its ``main``, forked from the test process with the
+    heavy modules imported once (tests/harness.py); the `kedro run` it starts is a fresh interpreter of its own."""
+    import multiprocessing
+
+    preload()
+    out, err = project / "logs" / "replay_stdout.txt", project / "logs" / "replay_stderr.txt"
+    out.parent.mkdir(exist_ok=True)
+    proc = multiprocessing.get_context("fork").Process(target=_replay_cli, args=(project, list(args), out, err))
+    proc.start()
+    proc.join(600)
+    assert proc.exitcode is not None, "replay did not finish"
+    return subprocess.CompletedProcess(args, proc.exitcode, out.read_text(), err.read_text())
 
 
 def latest_run(client):
@@ -105,7 +126,7 @@ def runs(tmp_path_factory):
     from mlflow import MlflowClient
 
     preload()
-    project = make_project(tmp_path_factory.mktemp("replay"))
+    project = make_project(tmp_path_factory.mktemp("replay"), store=True)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep,reward_model",
                           "--params", "reward_model.training.learning_rate=0.002", name="a")

@@ -208,11 +208,6 @@ def test_dead_runs_are_marked_killed_live_ones_kept(tmp_path):
 # ---- real `kedro run`s: two at once in one folder, a killed one ---------------------------------------
 
 
-def _popen(project: Path, *args: str) -> subprocess.Popen:
-    from tests.project import kedro_env
-
-    return subprocess.Popen([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=kedro_env(project),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _runs(project: Path) -> list:
@@ -232,12 +227,17 @@ def test_two_runs_at_once_in_one_folder_read_only_their_own_artifacts(tmp_path):
 
     from tests.project import make_project
 
+    from tests.harness import preload, start_kedro_run
+
+    preload()  # both runs are forked (tests/harness.py) and go on at the same time
     project = make_project(tmp_path / "project")
     stages = "data_prep,reward_model,calibration"
-    procs = [_popen(project, "--env", "tiny", "--pipelines", stages, "--params",
-                    f"data_prep.source.synthetic.seed={seed}") for seed in (1, 2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    procs = [start_kedro_run(project, "--env", "tiny", "--pipelines", stages, "--params",
+                             f"data_prep.source.synthetic.seed={seed}", name=f"seed_{seed}") for seed in (1, 2)]
+    for p in procs:
+        p.join(600)
+    outputs = [(project / "logs" / f"seed_{seed}.txt").read_text() for seed in (1, 2)]
+    assert [p.exitcode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
 
     client, runs = _runs(project)
     assert len(runs) == 2
@@ -271,19 +271,21 @@ def test_a_killed_run_leaves_nothing_a_later_run_loads(tmp_path):
     import tempfile
     import time
 
+    from tests.harness import kedro_run, preload, squash, start_kedro_run
     from tests.project import make_project
 
-    project = make_project(tmp_path / "project")
-    proc = _popen(project, "--env", "tiny")
+    preload()  # the run to kill and the next one are forked (tests/harness.py)
+    project = make_project(tmp_path / "project", store=True)
+    proc = start_kedro_run(project, "--env", "tiny", name="killed")
     # SIGKILL while the reward model trains: TRL's output folder is a staging folder of this process.
     pattern = os.path.join(tempfile.gettempdir(), f".rm-train.staging-{staging.host_name()}-{proc.pid}-*")
     deadline = time.monotonic() + 300
     while not glob.glob(pattern):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.exitcode is None, (project / "logs" / "killed.txt").read_text()[-3000:]
         assert time.monotonic() < deadline, "reward-model training never started"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
     debris = glob.glob(pattern)
     assert debris  # SIGKILL runs no cleanup
     client, runs = _runs(project)
@@ -292,9 +294,6 @@ def test_a_killed_run_leaves_nothing_a_later_run_loads(tmp_path):
     assert not list((project / "data").rglob("_complete.json"))
 
     # The next run: PPO alone needs a reward model and pairs, and none comes from a completed run.
-    from tests.harness import kedro_run, preload, squash
-
-    preload()
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", "ppo", name="ppo_after_kill")
     assert code != 0
     assert squash("no completed run has produced it") in squash(out)

@@ -17,7 +17,8 @@ import pytest
 
 from calibrated_rlhf.tracking_check import TrackingServerUnreachable, check_tracking_server
 
-from tests.project import make_project, wait_until_up
+from tests.harness import kedro_run, preload
+from tests.project import empty_store, make_project, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -25,11 +26,11 @@ LOOPBACK = "127.0.0.1"
 
 
 
-def kedro(project: Path, tracking_uri: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "KEDRO_DISABLE_TELEMETRY": "true",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "kedro", "run", *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def kedro(project: Path, tracking_uri: str, *args: str, name: str) -> tuple[int, str]:
+    """`kedro run ARGS` in ``project`` logging to ``tracking_uri``, forked (tests/harness.py): the exit code and
+    everything the run printed."""
+    preload()
+    return kedro_run(project, *args, name=name, env={"MLFLOW_TRACKING_URI": tracking_uri})
 
 
 def free_port() -> int:
@@ -149,6 +150,7 @@ def test_check_skips_non_http_uris():
 def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """`mlflow server` with a sqlite backend and a proxied artifact store, on a free loopback port."""
     root = tmp_path_factory.mktemp("mlflow_server")
+    empty_store(root / "mlflow.db")  # the server's own store, its tables made beforehand
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -163,7 +165,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         yield uri, root / "artifacts"
     finally:
         # The server forks workers: end the whole group, then make sure.
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
@@ -186,8 +188,8 @@ def test_kedro_run_against_a_tracking_server(mlflow_server, tmp_path):
 
     uri, artifact_store = mlflow_server
     project = make_project(tmp_path / "project")
-    proc = kedro(project, uri, "--env", "tiny", "--pipelines", "data_prep,reward_model")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, out = kedro(project, uri, "--env", "tiny", "--pipelines", "data_prep,reward_model", name="server")
+    assert code == 0, out[-3000:]
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("calibrated_rlhf")
@@ -215,11 +217,12 @@ def test_kedro_run_against_a_tracking_server(mlflow_server, tmp_path):
 def test_unreachable_server_fails_fast_naming_it(tmp_path):
     project = make_project(tmp_path / "project")
     uri = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
+    preload()  # imports are not the run's: time the run alone
     start = time.monotonic()
-    proc = kedro(project, uri, "--env", "tiny", "--pipelines", "data_prep,reward_model", timeout=120)
+    code, out = kedro(project, uri, "--env", "tiny", "--pipelines", "data_prep,reward_model", name="unreachable")
     elapsed = time.monotonic() - start
-    assert proc.returncode != 0
+    assert code != 0
     assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert squash(f"MLflow tracking server at {uri} is unreachable") in squash(proc.stderr + proc.stdout)
-    assert squash("start it or unset MLFLOW_TRACKING_URI") in squash(proc.stderr + proc.stdout)
+    assert squash(f"MLflow tracking server at {uri} is unreachable") in squash(out)
+    assert squash("start it or unset MLFLOW_TRACKING_URI") in squash(out)
     assert not (project / "data").exists() or not any(p.is_file() for p in (project / "data").rglob("*"))
