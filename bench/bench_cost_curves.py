@@ -2,6 +2,7 @@
 
     python bench/bench_cost_curves.py            # full sweep (about 10 min on an idle 2-core host)
     python bench/bench_cost_curves.py --quick    # two points per axis, short runs (about 3 min)
+    python bench/bench_cost_curves.py --only rm --rm-seq-len 32 64 128 --no-write   # reward-model cells only
 
 PPO (``bench_ppo.py --single`` against TRL 1.12's PPO through the anchor, ``trl_ppo_cell.py``, in
 ``.venv-trl112``; cells without that venv show ours only), one axis at a time around the anchor's point
@@ -43,7 +44,7 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def rm_child(side: str, seq_len: int, n_pairs: int) -> dict:
+def rm_child(side: str, seq_len: int, n_pairs: int, overrides: dict) -> dict:
     """One reward-model training run on random pairs of lengths in [seq_len/4, seq_len]."""
     sys.path.insert(0, str(ANCHORS))
     import numpy as np
@@ -68,7 +69,7 @@ def rm_child(side: str, seq_len: int, n_pairs: int) -> dict:
         from calibrated_rlhf.core.reward_model import RewardTrainingParams, train_reward_model
 
         params = RewardTrainingParams(num_train_epochs=1, per_device_train_batch_size=16, lr_scheduler_type="linear",
-                                      warmup_steps=0, logging_steps=50)
+                                      warmup_steps=0, logging_steps=50, **overrides)
         _, history = train_reward_model(model, tok, pairs, None, params)
         runtime = [p for p in history if "train_runtime" in p][-1]["train_runtime"]
     else:
@@ -187,10 +188,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two points per axis, short runs")
     ap.add_argument("--no-trl", action="store_true", help="ours only")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG and table from cost_curves.json")
-    ap.add_argument("--rm-child", nargs=3, metavar=("SIDE", "SEQ_LEN", "N_PAIRS"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("ppo", "rm"), help="run one workload's cells only")
+    ap.add_argument("--rm-seq-len", type=int, nargs="+", help="reward-model maximum lengths (default: the grid's)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the table only, leaving bench/results as it is (for partial runs)")
+    ap.add_argument("--rm-repeats", type=int, default=1,
+                    help="reward-model runs per side and cell, interleaved; each cell reports the median pairs/s")
+    ap.add_argument("--rm-params", default="{}",
+                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"length_buckets": 1}\'')
+    ap.add_argument("--rm-child", nargs=4, metavar=("SIDE", "SEQ_LEN", "N_PAIRS", "PARAMS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rm_child:
-        print("RESULT_JSON=" + json.dumps(rm_child(a.rm_child[0], int(a.rm_child[1]), int(a.rm_child[2]))))
+        side, seq_len, n, overrides = a.rm_child
+        print("RESULT_JSON=" + json.dumps(rm_child(side, int(seq_len), int(n), json.loads(overrides))))
         return
     if a.replot:
         points = json.loads((RESULTS / "cost_curves.json").read_text())["points"]
@@ -203,16 +213,26 @@ def main() -> None:
         print(f"no TRL 1.12 venv at {TRL_PY}: PPO cells show ours only", flush=True)
     t0 = time.perf_counter()
     points: list[dict] = []
-    for cell in ppo_cells(grid):
+    for cell in ppo_cells(grid) if a.only != "rm" else []:
         points += ppo_point(cell, updates, have_trl)
         print(json.dumps(points[-2:] if have_trl else points[-1:]), flush=True)
-    for seq_len in grid["rm_seq_len"]:
-        for side in ("ours", "trl"):
-            points.append(run([sys.executable, __file__, "--rm-child", side, str(seq_len), str(n_pairs)]))
-            print(json.dumps(points[-1]), flush=True)
+    for seq_len in (a.rm_seq_len or grid["rm_seq_len"]) if a.only != "ppo" else []:
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for _ in range(a.rm_repeats):  # interleaved: a drift of the shared host hits both sides alike
+            for side in runs:
+                runs[side].append(run([sys.executable, __file__, "--rm-child", side, str(seq_len), str(n_pairs),
+                                       a.rm_params]))
+                print(json.dumps(runs[side][-1]), flush=True)
+        for side, got in runs.items():
+            mid = sorted(got, key=lambda p: p["pairs_per_s"])[len(got) // 2]
+            points.append({**mid, "pairs_per_s_runs": [p["pairs_per_s"] for p in got]})
+    summary = {"quick": a.quick, "ppo_updates": updates, "rm_pairs": n_pairs, "rm_params": json.loads(a.rm_params),
+               "sweep_wall_s": time.perf_counter() - t0, "points": points}
+    if a.no_write:
+        print(table(points))
+        print(f"took {summary['sweep_wall_s']:.0f} s")
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    summary = {"quick": a.quick, "ppo_updates": updates, "rm_pairs": n_pairs, "sweep_wall_s": time.perf_counter() - t0,
-               "points": points}
     (RESULTS / "cost_curves.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / "cost_curves.md").write_text(table(points))
     plot(points, RESULTS / "cost_curves.png")
