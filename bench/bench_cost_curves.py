@@ -196,6 +196,8 @@ def main() -> None:
                     help="reward-model runs per side and cell, interleaved; each cell reports the median pairs/s")
     ap.add_argument("--rm-params", default="{}",
                     help='JSON overrides of our RewardTrainingParams, e.g. \'{"length_buckets": 1}\'')
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every child (OMP_NUM_THREADS); on a crowded host 1 avoids spin-waits")
     ap.add_argument("--rm-child", nargs=4, metavar=("SIDE", "SEQ_LEN", "N_PAIRS", "PARAMS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rm_child:
@@ -207,6 +209,8 @@ def main() -> None:
         (RESULTS / "cost_curves.md").write_text(table(points))
         plot(points, RESULTS / "cost_curves.png")
         return
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     grid, updates, n_pairs = (QUICK, 3, 64) if a.quick else (FULL, 4, 256)
     have_trl = TRL_PY.exists() and not a.no_trl
     if not have_trl:
@@ -227,6 +231,7 @@ def main() -> None:
             mid = sorted(got, key=lambda p: p["pairs_per_s"])[len(got) // 2]
             points.append({**mid, "pairs_per_s_runs": [p["pairs_per_s"] for p in got]})
     summary = {"quick": a.quick, "ppo_updates": updates, "rm_pairs": n_pairs, "rm_params": json.loads(a.rm_params),
+               "threads": a.threads,
                "sweep_wall_s": time.perf_counter() - t0, "points": points}
     if a.no_write:
         print(table(points))

@@ -59,7 +59,7 @@ class RewardTrainingParams(BaseModel):
         "Same loss and gradients; 1 = one padded batch, as TRL does.",
     )
     bucket_cost_tokens: float = Field(
-        0.0,
+        250.0,
         ge=0,
         description="What one more forward and backward pass costs, in tokens: a split into length buckets "
         "must save more padded tokens than this. Fewer buckets on short sequences, where a pass's fixed cost "
