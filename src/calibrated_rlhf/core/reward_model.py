@@ -62,10 +62,9 @@ class RewardTrainingParams(BaseModel):
         250.0,
         ge=0,
         description="What one more forward and backward pass costs, in tokens: a split into length buckets "
-        "must save more padded tokens than this. Fewer buckets on short sequences, where a pass's fixed cost "
-        "outweighs the padding; 0 = always the fewest padded tokens. The default is measured for the "
-        "workload's small Llama on CPU (bench/bench_forward_cost.py); wider models make tokens dearer and "
-        "the price lower.",
+        "must save more padded tokens than this. Short batches then run whole, as in TRL; 0 = always the "
+        "fewest padded tokens. The default is the workload's Llama (hidden 128, 2 layers) on 2 CPU threads "
+        "(bench/bench_forward_cost.py); on 1 thread, or for a wider model, whose tokens cost more, it is lower.",
     )
 
 
