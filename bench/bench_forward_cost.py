@@ -1,6 +1,6 @@
 """What one more forward pass costs in tokens: the default of ``RewardTrainingParams.bucket_cost_tokens``.
 
-    python bench/bench_forward_cost.py                  # the workload's Llama, 32 rows (16 pairs)
+    python bench/bench_forward_cost.py --repeats 20     # the workload's Llama, 32 rows (16 pairs)
     python bench/bench_forward_cost.py --hidden 512 --layers 4
 
 Times the forward and backward of the reward model (the workload's Llama, random init) through
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from paths import ANCHORS
 
-from calibrated_rlhf.core.reward_model import BucketedForward, length_buckets
+from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
 
 
 def batch(rows: int, max_len: int, vocab: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--max-lengths", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128])
     ap.add_argument("--hidden", type=int, default=None, help="override the workload's width (128)")
     ap.add_argument("--layers", type=int, default=None, help="override the workload's depth (2)")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--price", type=float, default=None, help="mark the passes this price picks (default: the default)")
     a = ap.parse_args()
     sys.path.insert(0, str(ANCHORS))
     import workload as W
@@ -67,13 +68,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).train()
     rng = np.random.default_rng(0)
+    price = RewardTrainingParams().bucket_cost_tokens if a.price is None else a.price
     cells = []
     for max_len in a.max_lengths:
         ids, mask = batch(a.rows, max_len, len(tok), rng)
         lengths = sorted(mask.sum(dim=1).tolist())
+        chosen = len(length_buckets(lengths, 3, price))
         for k in (1, 2, 3):
             runs = length_buckets(lengths, k)
-            cells.append({"max_len": max_len, "buckets": k, "passes": len(runs),
+            cells.append({"max_len": max_len, "buckets": k, "passes": len(runs), "chosen": len(runs) == chosen,
                           "tokens": sum((e - s) * lengths[e - 1] for s, e in runs), "ids": ids, "mask": mask})
     for c in cells:
         c["forward"] = BucketedForward(model, c["buckets"])
@@ -96,12 +99,14 @@ def main() -> None:
             saved, dt = prev["tokens"] - c["tokens"], c["seconds"] - prev["seconds"]
             (paid if dt < 0 else unpaid).append(saved)
             step = f"   one more pass: {saved:4d} tokens fewer, {dt * 1e3:+6.2f} ms"
-        print(f"max length {c['max_len']:4d}, {c['passes']} pass(es), {c['tokens']:5d} tokens: "
+        mark = "*" if c["chosen"] else " "
+        print(f"{mark} max length {c['max_len']:4d}, {c['passes']} pass(es), {c['tokens']:5d} tokens: "
               f"{c['seconds'] * 1e3:7.2f} ms (fit {fit * 1e3:7.2f}){step}")
     print(f"linear fit: base {base * 1e3:.2f} ms, {per_pass * 1e3:.2f} ms per extra pass, {per_token * 1e6:.3f} us "
           f"per token: one more pass costs {per_pass / per_token:.0f} tokens (threads {torch.get_num_threads()})")
+    print(f"* = the passes price {price:g} picks (price 0 picks 3 on every batch here)")
     print(f"one more pass did not pay when it saved {sorted(unpaid)} tokens, paid when it saved {sorted(paid)}")
-    print("RESULT_JSON=" + json.dumps({"rows": a.rows, "cells": cells, "paid": paid, "unpaid": unpaid, "base_s": base, "per_pass_s": per_pass,
+    print("RESULT_JSON=" + json.dumps({"rows": a.rows, "price": price, "cells": cells, "paid": paid, "unpaid": unpaid, "base_s": base, "per_pass_s": per_pass,
                                        "per_token_s": per_token, "bucket_cost_tokens": per_pass / per_token,
                                        "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                                        "threads": torch.get_num_threads()}))
