@@ -2,6 +2,9 @@
 
     python bench/bench_cost_curves.py            # full sweep (about 10 min on an idle 2-core host)
     python bench/bench_cost_curves.py --quick    # two points per axis, short runs (about 3 min)
+    python bench/bench_cost_curves.py --only rm --rm-seq-len 32 64 128 --no-write   # reward-model cells only
+    python bench/bench_cost_curves.py --only rm --no-write --rm-repeats 3 --rm-params '{}' \
+        --rm-params '{"bucket_cost_tokens": 0}'   # two settings of ours beside TRL, interleaved, median of 3
 
 PPO (``bench_ppo.py --single`` against TRL 1.12's PPO through the anchor, ``trl_ppo_cell.py``, in
 ``.venv-trl112``; cells without that venv show ours only), one axis at a time around the anchor's point
@@ -43,7 +46,7 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def rm_child(side: str, seq_len: int, n_pairs: int) -> dict:
+def rm_child(side: str, seq_len: int, n_pairs: int, overrides: dict) -> dict:
     """One reward-model training run on random pairs of lengths in [seq_len/4, seq_len]."""
     sys.path.insert(0, str(ANCHORS))
     import numpy as np
@@ -68,7 +71,7 @@ def rm_child(side: str, seq_len: int, n_pairs: int) -> dict:
         from calibrated_rlhf.core.reward_model import RewardTrainingParams, train_reward_model
 
         params = RewardTrainingParams(num_train_epochs=1, per_device_train_batch_size=16, lr_scheduler_type="linear",
-                                      warmup_steps=0, logging_steps=50)
+                                      warmup_steps=0, logging_steps=50, **overrides)
         _, history = train_reward_model(model, tok, pairs, None, params)
         runtime = [p for p in history if "train_runtime" in p][-1]["train_runtime"]
     else:
@@ -128,13 +131,13 @@ def table(points: list[dict]) -> str:
     seen = set()
     for p in points:
         key = (p["kind"], p.get("hidden"), p.get("response_length"), p.get("batch"), p.get("seq_len"))
-        if key in seen:
+        if p["side"] == "trl" or (key, p.get("variant", 0)) in seen:
             continue
-        seen.add(key)
-        o, t = pair(lambda q: (q["kind"], q.get("hidden"), q.get("response_length"), q.get("batch"), q.get("seq_len")) == key)
+        seen.add((key, p.get("variant", 0)))
+        o, t = p, pair(lambda q: (q["kind"], q.get("hidden"), q.get("response_length"), q.get("batch"), q.get("seq_len")) == key)[1]
         rate = "episodes_per_s" if p["kind"] == "ppo" else "pairs_per_s"
         cell = (f"hidden {p['hidden']}, response {p['response_length']}, batch {p['batch']}" if p["kind"] == "ppo"
-                else f"max length {p['seq_len']}, {p['n_pairs']} pairs")
+                else f"max length {p['seq_len']}, {p['n_pairs']} pairs" + (f", {json.dumps(p['params'])}" if p.get("params") else ""))
         name = "PPO episodes" if p["kind"] == "ppo" else "reward-model pairs"
         tr = f"{t[rate]:.1f}" if t else "-"
         ratio = f"{o[rate] / t[rate]:.2f}" if t else "-"
@@ -155,7 +158,8 @@ def plot(points: list[dict], path: Path) -> None:
     for col, (axis, label) in enumerate(axes_spec):
         for side, style in (("ours", "o-"), ("trl", "s--")):
             if axis == "seq_len":
-                pts = sorted((p for p in points if p["kind"] == "rm" and p["side"] == side), key=lambda p: p["seq_len"])
+                pts = sorted((p for p in points if p["kind"] == "rm" and p["side"] == side and not p.get("variant")),
+                             key=lambda p: p["seq_len"])
                 rate = "pairs_per_s"
             else:
                 others = [a for a in BASE if a != axis]
@@ -187,32 +191,62 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two points per axis, short runs")
     ap.add_argument("--no-trl", action="store_true", help="ours only")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG and table from cost_curves.json")
-    ap.add_argument("--rm-child", nargs=3, metavar=("SIDE", "SEQ_LEN", "N_PAIRS"), help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=("ppo", "rm"), help="run one workload's cells only")
+    ap.add_argument("--rm-seq-len", type=int, nargs="+", help="reward-model maximum lengths (default: the grid's)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the table only, leaving bench/results as it is (for partial runs)")
+    ap.add_argument("--rm-repeats", type=int, default=1,
+                    help="reward-model runs per side and cell, interleaved; each cell reports the median pairs/s")
+    ap.add_argument("--rm-params", action="append",
+                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"length_buckets": 1}\'; given several '
+                    "times, each is one more side of ours, interleaved with the others (the plot shows the first)")
+    ap.add_argument("--rm-pairs", type=int, default=None, help="pairs per reward-model run (default 256, quick 64)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every child (OMP_NUM_THREADS); on a crowded host 1 avoids spin-waits")
+    ap.add_argument("--rm-child", nargs=4, metavar=("SIDE", "SEQ_LEN", "N_PAIRS", "PARAMS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rm_child:
-        print("RESULT_JSON=" + json.dumps(rm_child(a.rm_child[0], int(a.rm_child[1]), int(a.rm_child[2]))))
+        side, seq_len, n, overrides = a.rm_child
+        print("RESULT_JSON=" + json.dumps(rm_child(side, int(seq_len), int(n), json.loads(overrides))))
         return
     if a.replot:
         points = json.loads((RESULTS / "cost_curves.json").read_text())["points"]
         (RESULTS / "cost_curves.md").write_text(table(points))
         plot(points, RESULTS / "cost_curves.png")
         return
+    if a.threads:
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     grid, updates, n_pairs = (QUICK, 3, 64) if a.quick else (FULL, 4, 256)
+    n_pairs = a.rm_pairs or n_pairs
+    variants = [json.loads(v) for v in a.rm_params or ["{}"]]
     have_trl = TRL_PY.exists() and not a.no_trl
     if not have_trl:
         print(f"no TRL 1.12 venv at {TRL_PY}: PPO cells show ours only", flush=True)
     t0 = time.perf_counter()
     points: list[dict] = []
-    for cell in ppo_cells(grid):
+    for cell in ppo_cells(grid) if a.only != "rm" else []:
         points += ppo_point(cell, updates, have_trl)
         print(json.dumps(points[-2:] if have_trl else points[-1:]), flush=True)
-    for seq_len in grid["rm_seq_len"]:
-        for side in ("ours", "trl"):
-            points.append(run([sys.executable, __file__, "--rm-child", side, str(seq_len), str(n_pairs)]))
-            print(json.dumps(points[-1]), flush=True)
+    for seq_len in (a.rm_seq_len or grid["rm_seq_len"]) if a.only != "ppo" else []:
+        sides = [("ours", v) for v in variants] + [("trl", {})]
+        runs: list[list[dict]] = [[] for _ in sides]
+        for _ in range(a.rm_repeats):  # interleaved: a drift of the shared host hits every side alike
+            for (side, params), got in zip(sides, runs):
+                got.append(run([sys.executable, __file__, "--rm-child", side, str(seq_len), str(n_pairs),
+                                json.dumps(params)]))
+                print(json.dumps({**got[-1], "params": params}), flush=True)
+        for i, ((side, params), got) in enumerate(zip(sides, runs)):
+            mid = sorted(got, key=lambda p: p["pairs_per_s"])[len(got) // 2]
+            points.append({**mid, "params": params, "variant": i if side == "ours" else 0,
+                           "pairs_per_s_runs": [p["pairs_per_s"] for p in got]})
+    summary = {"quick": a.quick, "ppo_updates": updates, "rm_pairs": n_pairs, "rm_params": variants,
+               "threads": a.threads,
+               "sweep_wall_s": time.perf_counter() - t0, "points": points}
+    if a.no_write:
+        print(table(points))
+        print(f"took {summary['sweep_wall_s']:.0f} s")
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    summary = {"quick": a.quick, "ppo_updates": updates, "rm_pairs": n_pairs, "sweep_wall_s": time.perf_counter() - t0,
-               "points": points}
     (RESULTS / "cost_curves.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / "cost_curves.md").write_text(table(points))
     plot(points, RESULTS / "cost_curves.png")

@@ -58,6 +58,14 @@ class RewardTrainingParams(BaseModel):
         "padded only to its own longest: the shorter side of a pair stops paying for the longer one. "
         "Same loss and gradients; 1 = one padded batch, as TRL does.",
     )
+    bucket_cost_tokens: float = Field(
+        250.0,
+        ge=0,
+        description="What one more forward and backward pass costs, in tokens: a split into length buckets "
+        "must save more padded tokens than this. Short batches then run whole, as in TRL; 0 = always the "
+        "fewest padded tokens. The default is the workload's Llama (hidden 128, 2 layers) on 2 CPU threads "
+        "(bench/bench_forward_cost.py); on 1 thread, or for a wider model, whose tokens cost more, it is lower.",
+    )
 
 
 def _as_dataset(ids: pd.DataFrame, with_margin: bool):
@@ -94,13 +102,29 @@ class PairLengthSampler(torch.utils.data.Sampler):
         return iter([i for b in [batches[j] for j in order] + tail for i in b])
 
 
-def length_buckets(lengths: list[int], max_buckets: int) -> list[tuple[int, int]]:
-    """Split ascending ``lengths`` into at most ``max_buckets`` runs minimising the padded tokens.
+def length_buckets(lengths: list[int], max_buckets: int, bucket_cost_tokens: float = 0.0) -> list[tuple[int, int]]:
+    """Split ascending ``lengths`` into at most ``max_buckets`` runs of least cost; ``(start, end)`` slices.
 
-    Each run is padded to its last (longest) length; returns ``(start, end)`` slices. Exact dynamic
-    programme: a batch holds tens of sequences, so O(k n^2) is nothing beside a forward pass.
+    A run is one forward (and backward) pass padded to its last, longest, length. Its cost is the
+    tokens it computes, padding included, plus ``bucket_cost_tokens`` for every run after the first:
+    the part of a pass's time that does not shrink with its tokens (Python dispatch, kernel launches,
+    the gather and reorder of the rows), priced in tokens. On short sequences a split saves less padding
+    than that price and one run wins, which is what TRL does; on long, spread ones the padding saved
+    dwarfs it and the runs are those of price 0, the fewest padded tokens.
+
+    Exact dynamic programme: the fewest tokens with exactly j runs for every j <= ``max_buckets``,
+    then the j with the lowest total, fewer runs on a tie. A batch holds tens of sequences, so
+    O(k n^2) is nothing beside a forward pass.
+
+    Degenerate cases: no lengths give no runs; ``max_buckets`` below 1 means 1; equal lengths give
+    one run at any price (a split saves nothing); a negative price is refused, since it would pay
+    for splits that save nothing.
     """
+    if bucket_cost_tokens < 0:
+        raise ValueError(f"bucket_cost_tokens must be >= 0, got {bucket_cost_tokens}")
     n = len(lengths)
+    if n == 0:
+        return []
     k = max(1, min(max_buckets, n))
     inf = float("inf")
     # cost[j][i]: fewest padded tokens covering lengths[:i] with j runs; cut[j][i]: start of the last run
@@ -108,12 +132,12 @@ def length_buckets(lengths: list[int], max_buckets: int) -> list[tuple[int, int]
     cut = [[0] * (n + 1) for _ in range(k + 1)]
     cost[0][0] = 0
     for j in range(1, k + 1):
-        for i in range(1, n + 1):
+        for i in range(j, n + 1):
             for s in range(j - 1, i):
                 c = cost[j - 1][s] + (i - s) * lengths[i - 1]
                 if c < cost[j][i]:
                     cost[j][i], cut[j][i] = c, s
-    best = min(range(1, k + 1), key=lambda j: (cost[j][n], j))
+    best = min(range(1, k + 1), key=lambda j: (cost[j][n] + bucket_cost_tokens * (j - 1), j))
     runs, i = [], n
     for j in range(best, 0, -1):
         runs.append((cut[j][i], i))
@@ -126,12 +150,14 @@ class BucketedForward:
 
     Rows are sorted by length and cut by :func:`length_buckets`; each bucket is trimmed to its own
     width, and the logits come back in the batch's row order. With causal attention and right
-    padding a row's logits do not depend on the padding after it, so the loss is unchanged.
+    padding a row's logits do not depend on the padding after it, so the loss is unchanged. When one
+    bucket wins, the batch goes through as it came: no gather, no reorder, TRL's own forward.
     """
 
-    def __init__(self, model: torch.nn.Module, max_buckets: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_buckets: int, bucket_cost_tokens: float = 0.0) -> None:
         self.model = model
         self.max_buckets = max_buckets
+        self.bucket_cost_tokens = bucket_cost_tokens
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
@@ -140,8 +166,12 @@ class BucketedForward:
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths, stable=True)
         sorted_lengths = lengths[order].tolist()
+        runs = length_buckets(sorted_lengths, self.max_buckets, self.bucket_cost_tokens)
+        if len(runs) == 1:
+            width = sorted_lengths[-1]
+            return self.model(input_ids=input_ids[:, :width], attention_mask=attention_mask[:, :width], **kwargs)
         parts = []
-        for start, end in length_buckets(sorted_lengths, self.max_buckets):
+        for start, end in runs:
             rows, width = order[start:end], sorted_lengths[end - 1]
             parts.append(self.model(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width],
                                     **kwargs).logits)
@@ -168,7 +198,7 @@ def _reward_trainer_class(params: RewardTrainingParams):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # DDP expects one forward per backward: there the batch goes through whole, as in TRL
             if params.length_buckets > 1 and not isinstance(model, DistributedDataParallel):
-                model = BucketedForward(model, params.length_buckets)
+                model = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return LengthAwareRewardTrainer
