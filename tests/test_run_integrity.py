@@ -208,8 +208,6 @@ def test_dead_runs_are_marked_killed_live_ones_kept(tmp_path):
 # ---- real `kedro run`s: two at once in one folder, a killed one ---------------------------------------
 
 
-
-
 def _runs(project: Path) -> list:
     from mlflow import MlflowClient
 
