@@ -125,13 +125,12 @@ class LeanDecoder:
         t, L = self.step_index, self.length + 1
         cos, sin = self.cos[:, t], self.sin[:, t]  # [B, 1, D]
         mask = self.mask[..., :L]
-        half = D // 2
         x = F.embedding(tokens.reshape(B), self.backbone.embed_tokens.weight)
         for lean in self.layers:
             qkv = F.linear(F.rms_norm(x, (x.shape[-1],), lean.gain_in, lean.eps_in), lean.w_qkv, lean.b_qkv)
             # rotate q and k heads together: one set of ops instead of two
             qk = qkv[:, : (H + Hkv) * D].view(B, H + Hkv, D)
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            qk = rotate(qk, cos, sin)
             lean.keys[:, :, L - 1] = qk[:, H:]
             lean.values[:, :, L - 1] = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
             # one query per row: grouped heads share their key/value head without copying it; the
@@ -146,6 +145,12 @@ class LeanDecoder:
         self.length = L
         self.step_index += 1
         return _rms_norm(self.backbone.norm, x)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` [..., D] (Llama's rotate-half layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 class _LeanLayer:

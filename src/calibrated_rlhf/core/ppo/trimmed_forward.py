@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import check_tolerance, unsupported_reason
+from calibrated_rlhf.core.ppo.fast_decode import check_tolerance, rotate, unsupported_reason
 
 # model -> whether its first trimmed forward matched its full forward (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -72,11 +72,6 @@ def _last_layer_input(backbone: nn.Module, input_ids: torch.Tensor, attention_ma
     return captured["h"], captured["rope"]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-
 def _last_layer_rows(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      attention_mask: torch.Tensor, first: int) -> torch.Tensor:
     """The decoder layer's output at rows ``first:``; keys and values still come from every row."""
@@ -88,7 +83,7 @@ def _last_layer_rows(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor
     k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in rope)  # [B, 1, T, D]
-    q, k = _rotate(q, cos[:, :, first:], sin[:, :, first:]), _rotate(k, cos, sin)
+    q, k = rotate(q, cos[:, :, first:], sin[:, :, first:]), rotate(k, cos, sin)
     # row first + i attends to the real keys at or before it
     causal = torch.ones((T - first, T), dtype=torch.bool, device=h.device).tril(diagonal=first)
     mask = causal & attention_mask[:, None, None, :].bool()
