@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
+from calibrated_rlhf.core.pair_packing import PackedPairForward
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -50,6 +51,13 @@ class RewardTrainingParams(BaseModel):
         description="Batch pairs of similar length (keyed on each pair's longer side), the batches in random "
         "order: far less padding, the same pairs each epoch. Off by default: it changes which pairs share a "
         "batch, and on small data sets that moved the learned margins (see the README's benchmarks).",
+    )
+    padding_free: bool = Field(
+        True,
+        description="Pack each batch's pairs into rows without padding, each pair's shared prompt run once (the "
+        "rejected side attends to it, not to the chosen side): the same rewards, loss and gradients from fewer "
+        "tokens. Models whose attention takes no custom mask (flash-attention kernels) keep padded batches, "
+        "split by length_buckets.",
     )
     length_buckets: int = Field(
         3,
@@ -179,12 +187,22 @@ class BucketedForward:
         return SequenceClassifierOutputWithPast(logits=logits)
 
 
+def _batch_forward(model: torch.nn.Module, params: RewardTrainingParams) -> Any:
+    """The forward a training batch goes through: packed, length buckets, or the model's own."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):  # DDP expects its own forward: the batch goes through whole
+        return model
+    padded = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens) if params.length_buckets > 1 \
+        else model
+    return PackedPairForward(model, padded) if params.padding_free else padded
+
+
 def _reward_trainer_class(params: RewardTrainingParams):
     """TRL's RewardTrainer with length-aware batching: the sampler and the forward, nothing else."""
-    from torch.nn.parallel import DistributedDataParallel
     from trl import RewardTrainer
 
-    if not params.group_by_length and params.length_buckets <= 1:
+    if not params.group_by_length and params.length_buckets <= 1 and not params.padding_free:
         return RewardTrainer
 
     class LengthAwareRewardTrainer(RewardTrainer):
@@ -196,10 +214,7 @@ def _reward_trainer_class(params: RewardTrainingParams):
             return PairLengthSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # DDP expects one forward per backward: there the batch goes through whole, as in TRL
-            if params.length_buckets > 1 and not isinstance(model, DistributedDataParallel):
-                model = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(_batch_forward(model, params), inputs, return_outputs, num_items_in_batch)
 
     return LengthAwareRewardTrainer
 

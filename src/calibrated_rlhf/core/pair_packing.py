@@ -1,0 +1,252 @@
+"""Padding-free reward-model batches, each pair's shared prompt computed once.
+
+TRL's collator puts a batch of pairs in 2B rows (chosen rows first, then rejected) padded to the
+longest: padding runs through every layer like real tokens, and the prompt, identical at the start of
+both sequences of a pair, runs twice. Here each pair becomes one *unit* of a row: the shared prefix
+(the longest common prefix of its two token sequences), the chosen tail, then the rejected tail. The
+rejected tail attends to the prefix and to itself, never to the chosen tail, and its positions go on
+from the prefix as in its own sequence. Under causal attention a token's hidden state depends only on
+the tokens it attends to and on their positions, so each read reward is the one the padded batch
+gives, and so are the loss and the gradients, up to rounding.
+
+Units are packed into rows by first-fit decreasing, with a block mask between units. The row width is
+chosen by a cost model (:func:`plan_rows`), because a dense-mask attention kernel computes every
+(query, key) pair of a row: wide rows pad less but attend over more.
+
+The model runs its own forward (embeddings, rotary tables, layers, kernels) with that 4D mask and
+position ids; only the readout is ours, and it is the sequence-classification head's: the score at
+the last token that is not the pad token. Models whose attention takes no custom mask, an active
+sliding window shorter than the batch, left padding, or a first packed forward that disagrees with
+the model's own forward (checked once per model) keep the padded path.
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from calibrated_rlhf.core.ppo.fast_decode import check_tolerance
+
+# attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
+MASKED_ATTENTION = ("sdpa", "eager")
+# a dense-mask attention kernel runs at about half the rate of the matrix products on CPU (the
+# flash-attention CPU kernel at 38 against 77 GFLOP/s on the workload's Llama, 2 threads): one
+# attended key costs this many of its multiply-adds
+ATTENTION_SLOWDOWN = 2.0
+CHOSEN_TAIL, REJECTED_TAIL = 1, 2
+
+# model -> whether its first packed forward matched its own forward (checked once per model)
+_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class PackedPairs:
+    """A pair batch as packed rows: what the backbone reads, and where each reward is read."""
+
+    input_ids: torch.Tensor  # [R, W]
+    position_ids: torch.Tensor  # [R, W]
+    attention: torch.Tensor  # [R, 1, W, W] bool, True where a query may attend to a key
+    read: torch.Tensor  # [2B] flat indices into R * W: chosen sides first, then rejected (TRL's order)
+
+
+def shared_prefix_lengths(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens each pair shares before its sides differ, leaving each side at least one token of its own.
+
+    Rows 0..B-1 are the chosen sides, B..2B-1 the rejected ones. The cap keeps both tails non-empty,
+    so identical sides, or one side a prefix of the other, still make a unit of three segments (the
+    shorter side's tail is then its last token).
+    """
+    B = input_ids.shape[0] // 2
+    shortest = torch.minimum(lengths[:B], lengths[B:])
+    inside = torch.arange(input_ids.shape[1], device=input_ids.device) < shortest[:, None]
+    common = ((input_ids[:B] == input_ids[B:]) & inside).cumprod(dim=1).sum(dim=1)
+    return torch.minimum(common, shortest - 1)
+
+
+def plan_rows(unit_lengths: list[int], attention_width: float) -> list[list[int]]:
+    """Units (by index) packed into rows of least modelled cost.
+
+    Every row is padded to the fullest, so R rows of width W compute R * W tokens, and each token
+    attends over W keys. With ``attention_width`` the width at which a token's attention costs as
+    much as its linear layers, the cost is ``R * W * (1 + W / attention_width)``. For each row count
+    R = 1..n the units go longest first onto the least-filled row (LPT scheduling: rows come out
+    nearly even, which is what padding to the fullest rewards; first-fit packing at a capacity left
+    7% more padding on the reference workload), and the R of least cost wins. n is a batch's pair
+    count (tens), so n packings cost nothing beside a forward pass.
+
+    Degenerate cases: no units give no rows; one unit gives one row.
+    """
+    order = sorted(range(len(unit_lengths)), key=lambda u: (-unit_lengths[u], u))
+    best: list[list[int]] = []
+    best_cost = float("inf")
+    for n_rows in range(1, len(unit_lengths) + 1):
+        heap = [(0, r) for r in range(n_rows)]
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        for u in order:
+            fill, r = heapq.heappop(heap)
+            rows[r].append(u)
+            heapq.heappush(heap, (fill + unit_lengths[u], r))
+        width = max(fill for fill, _ in heap)
+        cost = n_rows * width * (1 + width / attention_width)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Where a sequence-classification head reads each row: its last token that is not the pad token.
+
+    transformers' own rule (the rightmost non-pad token; position 0 if there is none), so a pad
+    token that is also the end-of-sequence token moves the readout the same way in both paths.
+    """
+    non_pad = (input_ids != pad_token_id).to(torch.int64)
+    return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int,
+               attention_width: float) -> PackedPairs:
+    """Pack a right-padded TRL pair batch (rows 0..B-1 chosen, B..2B-1 rejected) into units and rows.
+
+    Unit i is laid out from a flat offset ``start[i]``: the whole chosen sequence (prefix, then its
+    tail), then the rejected tail. Every token's destination is computed at once, so the cost does
+    not grow with the pair count in Python.
+    """
+    device, (two_b, width) = input_ids.device, input_ids.shape
+    B = two_b // 2
+    lengths = attention_mask.sum(dim=1)
+    shared = shared_prefix_lengths(input_ids, lengths)
+    chosen_len, rejected_len = lengths[:B], lengths[B:]
+    unit_len = (chosen_len + rejected_len - shared).tolist()
+    rows = plan_rows(unit_len, attention_width)
+    R, W = len(rows), max(sum(unit_len[u] for u in row) for row in rows)
+    start = [0] * B
+    for r, members in enumerate(rows):
+        offset = r * W
+        for i in members:
+            start[i], offset = offset, offset + unit_len[i]
+    start_t = torch.tensor(start, device=device)[:, None]
+    j = torch.arange(width, device=device)[None, :]  # position in the own sequence
+    take_chosen = j < chosen_len[:, None]
+    take_rejected = (j >= shared[:, None]) & (j < rejected_len[:, None])
+    to_chosen = start_t + j
+    to_rejected = start_t + chosen_len[:, None] + j - shared[:, None]
+    dest = torch.cat([to_chosen[take_chosen], to_rejected[take_rejected]])
+    unit_of = torch.arange(B, device=device)[:, None].expand(B, width)
+    ids = torch.full((R * W,), pad_token_id, dtype=input_ids.dtype, device=device)
+    pos = torch.zeros(R * W, dtype=torch.long, device=device)
+    unit = torch.full((R * W,), -1, dtype=torch.long, device=device)  # padding: its own unit, attended by nobody
+    segment = torch.zeros(R * W, dtype=torch.long, device=device)
+    ids[dest] = torch.cat([input_ids[:B][take_chosen], input_ids[B:][take_rejected]])
+    pos[dest] = torch.cat([j.expand(B, width)[take_chosen], j.expand(B, width)[take_rejected]])
+    unit[dest] = torch.cat([unit_of[take_chosen], unit_of[take_rejected]])
+    segment[to_chosen[take_chosen & (j >= shared[:, None])]] = CHOSEN_TAIL
+    segment[to_rejected[take_rejected]] = REJECTED_TAIL
+    reads = read_positions(input_ids, pad_token_id)
+    read_rejected = torch.where(reads[B:] < shared, start_t[:, 0] + reads[B:],
+                                start_t[:, 0] + chosen_len + reads[B:] - shared)
+    unit, segment = unit.view(R, W), segment.view(R, W)
+    k = torch.arange(W, device=device)
+    attention = ((unit[:, :, None] == unit[:, None, :]) & (k[:, None] >= k[None, :])
+                 & ~((segment[:, :, None] == REJECTED_TAIL) & (segment[:, None, :] == CHOSEN_TAIL)))
+    return PackedPairs(ids.view(R, W), pos.view(R, W), attention[:, None],
+                       torch.cat([start_t[:, 0] + reads[:B], read_rejected]))
+
+
+def attention_width(model: nn.Module) -> float:
+    """The row width at which a token's attention costs as much as its linear layers (see plan_rows)."""
+    backbone = _parts(model)[1]
+    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None) or []
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
+    per_key = 2 * cfg.num_attention_heads * head_dim * ATTENTION_SLOWDOWN  # q.k and p.v, every head
+    return max(1.0, linear / max(1, len(layers)) / per_key)
+
+
+def unsupported_reason(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+    """Why this batch cannot be packed for ``model`` (None: it can)."""
+    inner, backbone, head = _parts(model)
+    cfg = getattr(inner, "config", None)
+    if cfg is None or backbone is None or head is None:
+        return "not a sequence-classification model with a backbone and a score head"
+    text = cfg.get_text_config()
+    if getattr(cfg, "_attn_implementation", None) not in MASKED_ATTENTION:
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} takes no custom mask"
+    if text.pad_token_id is None:
+        return "no pad token id: the head's readout is undefined"
+    window = getattr(text, "sliding_window", None)
+    if window is not None and getattr(text, "use_sliding_window", True) and window < input_ids.shape[1]:
+        return f"sliding window {window} < batch width {input_ids.shape[1]}"
+    if input_ids.shape[0] % 2:
+        return "an odd number of rows is not a pair batch"
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    if not torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1], device=lengths.device) < lengths):
+        return "the batch is not right-padded"
+    return None
+
+
+def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """(classification model, its backbone, its score head), through a PEFT wrapper if there is one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return inner, backbone, getattr(inner, "score", None)
+
+
+def packed_logits(model: nn.Module, packed: PackedPairs) -> torch.Tensor:
+    """Rewards [2B, 1] of a packed batch, through ``model``'s backbone and score head."""
+    inner, backbone, head = _parts(model)
+    mask = packed.attention
+    if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=inner.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(inner.dtype).min)
+    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
+                      use_cache=False).last_hidden_state
+    return head(hidden.reshape(-1, hidden.shape[-1])[packed.read])
+
+
+class PackedPairForward:
+    """Calls a sequence-classification model on a TRL pair batch, packed; padded where it cannot be.
+
+    ``fallback`` is the padded forward (the model, or length buckets over it). The first packed batch
+    of each model is compared with the model's own forward, in eval mode so dropout cannot differ;
+    a model that disagrees keeps the fallback, with a warning.
+    """
+
+    def __init__(self, model: nn.Module, fallback: Callable[..., Any]) -> None:
+        self.model, self.fallback = model, fallback
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        if _checked.get(self.model) is False or unsupported_reason(self.model, input_ids, attention_mask):
+            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        pad_id = _parts(self.model)[0].config.get_text_config().pad_token_id
+        packed = pack_pairs(input_ids, attention_mask, pad_id, attention_width(self.model))
+        if self.model not in _checked and not self._agrees(packed, input_ids, attention_mask):
+            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return SequenceClassifierOutputWithPast(logits=packed_logits(self.model, packed))
+
+    def _agrees(self, packed: PackedPairs, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                ours = packed_logits(self.model, packed)
+                theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            self.model.train(training)
+        scale = 1.0 + float(theirs.abs().max())
+        error = float((ours.float() - theirs.float()).abs().max())
+        ok = bool(torch.isfinite(ours).all()) and error <= check_tolerance(theirs.dtype) * scale
+        _checked[self.model] = ok
+        if not ok:
+            warnings.warn(f"padding-free pair batches disagree with {type(self.model).__name__}'s own forward "
+                          f"(max error {error:.3g}); training with padded batches", stacklevel=3)
+        return ok
