@@ -189,6 +189,8 @@ def unsupported_reason(model: nn.Module, input_ids: torch.Tensor, attention_mask
     lengths = attention_mask.sum(dim=1, keepdim=True)
     if not torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1], device=lengths.device) < lengths):
         return "the batch is not right-padded"
+    if bool((read_positions(input_ids, text.pad_token_id) >= lengths[:, 0]).any()):
+        return "the head reads past a sequence's end (the batch is padded with another token than the pad id)"
     return None
 
 

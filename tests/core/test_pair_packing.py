@@ -1,0 +1,220 @@
+"""Padding-free pair batches: the packing, its plan, and the rewards and gradients it must preserve."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
+                          Qwen2Config, Qwen2ForSequenceClassification)
+
+from calibrated_rlhf.core.pair_packing import (PackedPairForward, pack_pairs, plan_rows, read_positions,
+                                               shared_prefix_lengths, unsupported_reason)
+
+VOCAB, PAD, EOS = 48, 0, 2
+
+
+def pair_batch(pairs: list[tuple[list[int], list[int]]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's collator layout: chosen rows, then rejected rows, right-padded with ``pad``."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    ids = torch.full((len(seqs), max(map(len, seqs)) + 2), pad)  # trailing all-padding columns too
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+def random_pairs(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Pairs sharing a prompt of 0-12 tokens, tails of 1-15 tokens, each ending in EOS."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(k: int) -> list[int]:
+        return torch.randint(3, VOCAB, (k,), generator=g).tolist()
+
+    pairs = []
+    for _ in range(n):
+        prompt = tokens(int(torch.randint(0, 13, (1,), generator=g)))
+        pairs.append((prompt + tokens(int(torch.randint(1, 16, (1,), generator=g))) + [EOS],
+                      prompt + tokens(int(torch.randint(1, 16, (1,), generator=g))) + [EOS]))
+    return pairs
+
+
+EDGE_PAIRS = [
+    ([5, 6, 7, 8, EOS], [5, 6, 7, 8, EOS]),  # identical sides
+    ([5, 6, 7, EOS], [5, 6, 7, EOS, 9, 10, EOS]),  # chosen is a prefix of rejected
+    ([9, EOS], [10, 11, 12, EOS]),  # nothing shared
+    ([7], [7]),  # one token each
+]
+
+
+def small_model(family: str, attn: str = "sdpa", **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, num_labels=1)
+    cls = {"llama": (LlamaConfig, LlamaForSequenceClassification),
+           "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+           "mistral": (MistralConfig, MistralForSequenceClassification)}[family]
+    model = cls[1](cls[0](**{**common, **extra}))
+    model.config._attn_implementation = attn
+    return model
+
+
+def logits_and_grads(forward, model, ids, mask):
+    model.zero_grad()
+    logits = forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(ids.shape[0] // 2)).logits
+    weights = torch.arange(1.0, ids.shape[0] + 1)  # row-specific weights: the order of the rewards matters
+    (logits.squeeze(-1) * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_shared_prefixes_leave_each_side_a_token_of_its_own():
+    ids, mask = pair_batch(EDGE_PAIRS + [([5, 6, 9, EOS], [5, 6, 10, 11, EOS])])
+    assert shared_prefix_lengths(ids, mask.sum(dim=1)).tolist() == [4, 3, 0, 0, 2]
+    # padding is never shared, even where both rows hold PAD past their ends
+    ids, mask = pair_batch([([5, 6], [5, 6, 7, 8])])
+    assert shared_prefix_lengths(ids, mask.sum(dim=1)).tolist() == [1]
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 5, 5, 5], [30, 3, 14, 9, 22, 8, 1], list(range(1, 17))])
+@pytest.mark.parametrize("attention_width", [1.0, 64.0, 1e9])
+def test_row_plans_place_every_unit_once_at_no_more_than_the_simple_plans_cost(lengths, attention_width):
+    def cost(rows):
+        width = max(sum(lengths[u] for u in row) for row in rows)
+        return len(rows) * width * (1 + width / attention_width)
+
+    rows = plan_rows(lengths, attention_width)
+    assert sorted(itertools.chain(*rows)) == list(range(len(lengths)))
+    assert all(rows)
+    assert cost(rows) <= min(cost([list(range(len(lengths)))]), cost([[u] for u in range(len(lengths))]))
+
+
+def test_row_plans_follow_the_price_of_attention():
+    lengths = [10, 4, 3, 3]
+    cheap = plan_rows(lengths, 1e9)  # attention nearly free: no padding at all ([10] beside [4, 3, 3])
+    assert len(cheap) * max(sum(lengths[u] for u in row) for row in cheap) == sum(lengths)
+    assert len(plan_rows([10, 10, 10, 10], 1e9)) == 4  # equal units: one row each saves attention, no tokens
+    dear = plan_rows([10, 9, 8, 7, 6, 5], 0.01)  # attention dear: no row wider than the longest unit
+    assert max(sum([10, 9, 8, 7, 6, 5][u] for u in row) for row in dear) == 10
+    assert len(plan_rows([10, 9, 8, 7, 6, 5], 1e9)) < len(dear)
+    assert plan_rows([], 10.0) == [] and plan_rows([3], 10.0) == [[0]]
+
+
+def test_read_positions_follow_transformers_rule_when_the_pad_token_ends_a_sequence():
+    # EOS doubles as PAD here: the head reads the last token before it, and so must we
+    ids = torch.tensor([[5, 6, 7, PAD, PAD], [5, PAD, 8, 9, PAD], [PAD, PAD, PAD, PAD, PAD]])
+    assert read_positions(ids, PAD).tolist() == [2, 3, 0]
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"),
+                                         ("mistral", "sdpa")])
+def test_packed_pairs_give_the_padded_batchs_rewards_and_gradients(family, attn):
+    model = small_model(family, attn)
+    ids, mask = pair_batch(random_pairs(9, seed=1) + EDGE_PAIRS)
+    packed = pack_pairs(ids, mask, PAD, attention_width=40.0)
+    assert packed.input_ids.numel() < mask.sum()  # fewer tokens than the batch's real tokens: prompts run once
+    want_logits, want_grads = logits_and_grads(lambda margin, **kw: model(**kw), model, ids, mask)
+    forward = PackedPairForward(model, fallback=lambda **kw: pytest.fail("the packed path fell back"))
+    got_logits, got_grads = logits_and_grads(forward, model, ids, mask)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_pad_token_that_ends_sequences_moves_the_readout_in_both_paths():
+    model = small_model("llama")
+    model.config.pad_token_id = EOS  # a common setting for checkpoints without a pad token
+    ids, mask = pair_batch(random_pairs(6, seed=2) + EDGE_PAIRS[:3], pad=EOS)
+    want, _ = logits_and_grads(lambda margin, **kw: model(**kw), model, ids, mask)
+    got, _ = logits_and_grads(PackedPairForward(model, lambda **kw: pytest.fail("fell back")), model, ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_batches_it_cannot_pack_take_the_padded_path():
+    ids, mask = pair_batch(random_pairs(4, seed=3))
+    windowed = small_model("mistral", sliding_window=4)  # a window shorter than the batch: the mask would drop it
+    assert "sliding window" in unsupported_reason(windowed, ids, mask)
+    left = (torch.flip(ids, dims=[1]), torch.flip(mask, dims=[1]))
+    assert "right-padded" in unsupported_reason(small_model("llama"), *left)
+    assert "takes no custom mask" in unsupported_reason(small_model("llama", "flash_attention_2"), ids, mask)
+    assert "pad token" in unsupported_reason(small_model("llama", pad_token_id=None), ids, mask)
+    assert "odd" in unsupported_reason(small_model("llama"), ids[:-1], mask[:-1])
+    # padded with another token than the model's pad id: its head reads inside the padding
+    assert "reads past" in unsupported_reason(small_model("llama", pad_token_id=EOS), ids, mask)
+
+    calls = []
+
+    def padded(margin, **kw):
+        calls.append(kw["input_ids"].shape)
+        return windowed(**kw)
+
+    got = PackedPairForward(windowed, padded)(input_ids=ids, attention_mask=mask, use_cache=False,
+                                              margin=torch.zeros(4)).logits
+    assert calls == [ids.shape]
+    torch.testing.assert_close(got, windowed(input_ids=ids, attention_mask=mask).logits)
+
+
+class OffsetHead(LlamaForSequenceClassification):
+    """A model whose own forward adds to the score: what the packed readout cannot know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits + 1.0
+        return out
+
+
+def test_a_model_that_disagrees_with_its_packed_forward_keeps_the_padded_path_and_says_so():
+    torch.manual_seed(0)
+    model = OffsetHead(small_model("llama").config)
+    ids, mask = pair_batch(random_pairs(5, seed=4))
+    forward = PackedPairForward(model, lambda margin, **kw: model(**kw))
+    with pytest.warns(UserWarning, match="disagree"):
+        first = forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(5)).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second check, no second warning
+        second = forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(5)).logits
+    want = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, want)
+
+
+def test_the_check_runs_without_dropout_and_restores_training_mode():
+    model = small_model("llama", attention_dropout=0.5)
+    model.train()
+    ids, mask = pair_batch(random_pairs(4, seed=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropout would make the two forwards differ: the check must not see it
+        PackedPairForward(model, lambda **kw: pytest.fail("fell back"))(input_ids=ids, attention_mask=mask)
+    assert model.training
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_with_packed_pairs_follows_the_padded_training(lora, synthetic_pairs, tiny_tokenizer):
+    from calibrated_rlhf.core.lora import LoraParams
+    from calibrated_rlhf.core.preferences import tokenize_pairs
+    from calibrated_rlhf.core.reward_model import RewardTrainingParams, train_reward_model
+
+    data = tokenize_pairs(synthetic_pairs.head(64), tiny_tokenizer)
+    data["margin"] = [0.1 * (i % 3) for i in range(len(data))]  # the margin loss rides along
+    histories, weights = [], []
+    for padding_free in (False, True):
+        params = RewardTrainingParams(num_train_epochs=2, per_device_train_batch_size=8, logging_steps=2,
+                                      padding_free=padding_free, length_buckets=1,
+                                      lora=LoraParams(r=4, target_modules=["q_proj", "v_proj"]) if lora else None)
+        model = small_model("llama", vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id)
+        rows_seen = []  # rows of every backbone call: 16 per padded batch of 8 pairs, at most 8 packed
+        model.model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append((a or [kw["input_ids"]])[0].shape[0]),
+                                              with_kwargs=True)
+        model, history = train_reward_model(model, tiny_tokenizer, data, None, params)
+        histories.append([(h["step"], h["loss"]) for h in history if "loss" in h])
+        weights.append(model.state_dict())
+        packed_calls = sum(rows <= 8 for rows in rows_seen)
+        assert packed_calls == (16 + 1 if padding_free else 0)  # 2 epochs of 8 batches, and the first one's check
+    assert len(histories[0]) == len(histories[1]) >= 5
+    for (step_a, loss_a), (step_b, loss_b) in zip(*histories):
+        assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-4)
+    for name, want in weights[0].items():
+        torch.testing.assert_close(weights[1][name], want, atol=1e-4, rtol=1e-3, msg=name)
