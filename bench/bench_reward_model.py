@@ -14,8 +14,8 @@ One run, each side in a fresh process, the sides interleaved seed by seed (2 cor
    sides to one width) and ``remove_unused_columns=False`` (otherwise the column is dropped before the
    sampler reads it, and the sampler fails looking for ``input_ids``).
 4. Pipeline: ``kedro run --env reference_workload --pipelines data_prep,reward_model`` in-process, with
-   ``backbone.seed`` and ``reward_model.training.seed`` = s (its defaults: length buckets,
-   length grouping off, see ``RewardTrainingParams``).
+   ``backbone.seed`` and ``reward_model.training.seed`` = s (its defaults: padding-free
+   pair batches, length grouping off, see ``RewardTrainingParams``).
 5. Every trained model is scored on the same test pairs (the pipeline's test split of the held-out file).
 
 Train pairs/s is ``n_train / train_runtime`` (the Trainer's own figure) on every side; checkpoints are off

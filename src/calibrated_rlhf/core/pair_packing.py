@@ -126,44 +126,52 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     unit_len = (chosen_len + rejected_len - shared).tolist()
     rows = plan_rows(unit_len, attention_width)
     R, W = len(rows), max(sum(unit_len[u] for u in row) for row in rows)
-    start = [0] * B
-    for r, members in enumerate(rows):
-        offset = r * W
-        for i in members:
-            start[i], offset = offset, offset + unit_len[i]
-    start_t = torch.tensor(start, device=device)[:, None]
-    j = torch.arange(width, device=device)[None, :]  # position in the own sequence
+    start = _unit_starts(rows, unit_len, W).to(device)[:, None]
+    j = torch.arange(width, device=device)[None, :]  # a token's position in its own sequence
     take_chosen = j < chosen_len[:, None]
     take_rejected = (j >= shared[:, None]) & (j < rejected_len[:, None])
-    to_chosen = start_t + j
-    to_rejected = start_t + chosen_len[:, None] + j - shared[:, None]
+    to_chosen = start + j
+    to_rejected = start + chosen_len[:, None] + j - shared[:, None]
     dest = torch.cat([to_chosen[take_chosen], to_rejected[take_rejected]])
-    unit_of = torch.arange(B, device=device)[:, None].expand(B, width)
     ids = torch.full((R * W,), pad_token_id, dtype=input_ids.dtype, device=device)
     pos = torch.zeros(R * W, dtype=torch.long, device=device)
     unit = torch.full((R * W,), -1, dtype=torch.long, device=device)  # padding: its own unit, attended by nobody
     segment = torch.zeros(R * W, dtype=torch.long, device=device)
     ids[dest] = torch.cat([input_ids[:B][take_chosen], input_ids[B:][take_rejected]])
     pos[dest] = torch.cat([j.expand(B, width)[take_chosen], j.expand(B, width)[take_rejected]])
+    unit_of = torch.arange(B, device=device)[:, None].expand(B, width)
     unit[dest] = torch.cat([unit_of[take_chosen], unit_of[take_rejected]])
     segment[to_chosen[take_chosen & (j >= shared[:, None])]] = CHOSEN_TAIL
     segment[to_rejected[take_rejected]] = REJECTED_TAIL
     reads = read_positions(input_ids, pad_token_id)
-    read_rejected = torch.where(reads[B:] < shared, start_t[:, 0] + reads[B:],
-                                start_t[:, 0] + chosen_len + reads[B:] - shared)
-    unit, segment = unit.view(R, W), segment.view(R, W)
-    k = torch.arange(W, device=device)
-    attention = ((unit[:, :, None] == unit[:, None, :]) & (k[:, None] >= k[None, :])
-                 & ~((segment[:, :, None] == REJECTED_TAIL) & (segment[:, None, :] == CHOSEN_TAIL)))
-    return PackedPairs(ids.view(R, W), pos.view(R, W), attention[:, None],
-                       torch.cat([start_t[:, 0] + reads[:B], read_rejected]))
+    start = start[:, 0]
+    read_rejected = torch.where(reads[B:] < shared, start + reads[B:], start + chosen_len + reads[B:] - shared)
+    return PackedPairs(ids.view(R, W), pos.view(R, W), _block_mask(unit.view(R, W), segment.view(R, W)),
+                       torch.cat([start + reads[:B], read_rejected]))
+
+
+def _unit_starts(rows: list[list[int]], unit_len: list[int], width: int) -> torch.Tensor:
+    """Flat offset of each unit: its row's start plus the units placed before it in that row."""
+    start = [0] * len(unit_len)
+    for r, members in enumerate(rows):
+        offset = r * width
+        for u in members:
+            start[u], offset = offset, offset + unit_len[u]
+    return torch.tensor(start)
+
+
+def _block_mask(unit: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """[R, 1, W, W]: causal within a unit, nothing across units, no rejected query on a chosen key."""
+    k = torch.arange(unit.shape[1], device=unit.device)
+    return ((unit[:, :, None] == unit[:, None, :]) & (k[:, None] >= k[None, :])
+            & ~((segment[:, :, None] == REJECTED_TAIL) & (segment[:, None, :] == CHOSEN_TAIL)))[:, None]
 
 
 def attention_width(model: nn.Module) -> float:
     """The row width at which a token's attention costs as much as its linear layers (see plan_rows)."""
-    backbone = _parts(model)[1]
+    inner, backbone, _ = _parts(model)
     layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None) or []
-    cfg = model.config.get_text_config()
+    cfg = inner.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     linear = sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
     per_key = 2 * cfg.num_attention_heads * head_dim * ATTENTION_SLOWDOWN  # q.k and p.v, every head
