@@ -11,7 +11,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
                           Qwen2Config, Qwen2ForSequenceClassification)
 
-from calibrated_rlhf.core.pair_packing import (PackedPairForward, pack_pairs, plan_rows, read_positions,
+from calibrated_rlhf.core.pair_packing import (PackedPairForward, pack_pairs, packed_logits, plan_rows, read_positions,
                                                shared_prefix_lengths, unsupported_reason)
 
 VOCAB, PAD, EOS = 48, 0, 2
@@ -63,12 +63,18 @@ def small_model(family: str, attn: str = "sdpa", **extra) -> torch.nn.Module:
     return model
 
 
-def logits_and_grads(forward, model, ids, mask):
+def logits_and_grads(model, logits_of):
+    """Rewards and every parameter's gradient of a row-weighted sum (the order of the rewards matters)."""
     model.zero_grad()
-    logits = forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(ids.shape[0] // 2)).logits
-    weights = torch.arange(1.0, ids.shape[0] + 1)  # row-specific weights: the order of the rewards matters
-    (logits.squeeze(-1) * weights).sum().backward()
+    logits = logits_of()
+    (logits.squeeze(-1) * torch.arange(1.0, len(logits) + 1)).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def through(forward, ids, mask):
+    """A call as TRL's compute_loss makes it: the whole batch, margin and use_cache included."""
+    return lambda: forward(input_ids=ids, attention_mask=mask, use_cache=False,
+                           margin=torch.zeros(ids.shape[0] // 2)).logits
 
 
 def test_shared_prefixes_leave_each_side_a_token_of_its_own():
@@ -116,9 +122,28 @@ def test_packed_pairs_give_the_padded_batchs_rewards_and_gradients(family, attn)
     ids, mask = pair_batch(random_pairs(9, seed=1) + EDGE_PAIRS)
     packed = pack_pairs(ids, mask, PAD, attention_width=40.0)
     assert packed.input_ids.numel() < mask.sum()  # fewer tokens than the batch's real tokens: prompts run once
-    want_logits, want_grads = logits_and_grads(lambda margin, **kw: model(**kw), model, ids, mask)
+    want_logits, want_grads = logits_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
     forward = PackedPairForward(model, fallback=lambda **kw: pytest.fail("the packed path fell back"))
-    got_logits, got_grads = logits_and_grads(forward, model, ids, mask)
+    got_logits, got_grads = logits_and_grads(model, through(forward, ids, mask))
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention_width,together", [(1e9, True), (1.0, False)])
+def test_both_plans_give_the_padded_batchs_rewards_and_gradients(attention_width, together):
+    model = small_model("llama")
+    pairs = random_pairs(9, seed=7) + EDGE_PAIRS
+    ids, mask = pair_batch(pairs)
+    packed = pack_pairs(ids, mask, PAD, attention_width)
+    shared = shared_prefix_lengths(ids, mask.sum(dim=1))
+    # attention nearly free: pairs packed together, prompts once; attention dear: every sequence apart,
+    # in rows no wider than the longest sequence
+    assert int((packed.input_ids != PAD).sum()) == int(mask.sum()) - (int(shared.sum()) if together else 0)
+    if not together:
+        assert packed.input_ids.shape[1] == max(len(s) for pair in pairs for s in pair)
+    want_logits, want_grads = logits_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
+    got_logits, got_grads = logits_and_grads(model, lambda: packed_logits(model, packed))
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
@@ -128,8 +153,8 @@ def test_a_pad_token_that_ends_sequences_moves_the_readout_in_both_paths():
     model = small_model("llama")
     model.config.pad_token_id = EOS  # a common setting for checkpoints without a pad token
     ids, mask = pair_batch(random_pairs(6, seed=2) + EDGE_PAIRS[:3], pad=EOS)
-    want, _ = logits_and_grads(lambda margin, **kw: model(**kw), model, ids, mask)
-    got, _ = logits_and_grads(PackedPairForward(model, lambda **kw: pytest.fail("fell back")), model, ids, mask)
+    want, _ = logits_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
+    got, _ = logits_and_grads(model, through(PackedPairForward(model, lambda **kw: pytest.fail("fell back")), ids, mask))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -218,3 +243,31 @@ def test_training_with_packed_pairs_follows_the_padded_training(lora, synthetic_
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-4)
     for name, want in weights[0].items():
         torch.testing.assert_close(weights[1][name], want, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_batch_the_padded_path_prices_lower_goes_padded():
+    from calibrated_rlhf.core.reward_model import BucketedForward
+
+    model = small_model("llama")
+    widths = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple((a or [kw["input_ids"]])[0].shape)),
+                                          with_kwargs=True)
+    padded = BucketedForward(model, max_buckets=3, bucket_cost_tokens=0.0)
+    forward = PackedPairForward(model, padded, padded.modeled_cost)
+    g = torch.Generator().manual_seed(8)
+
+    def seq(n, first):
+        return [first] + torch.randint(3, VOCAB, (n - 1,), generator=g).tolist()
+
+    # nothing shared, short and long sequences: packed rows would be as wide as the longest for all
+    unshared = [(seq(4, 3), seq(4, 4)), (seq(4, 5), seq(4, 6)), (seq(30, 7), seq(30, 8)), (seq(30, 9), seq(30, 10))]
+    ids, mask = pair_batch(unshared)
+    logits = through(forward, ids, mask)()
+    assert sorted(widths) == [(4, 4), (4, 30)]  # two length buckets, not packed rows
+    torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
+    # long shared prompts: packing runs each once and wins
+    widths.clear()
+    prompt = seq(25, 3)
+    ids, mask = pair_batch([(prompt + seq(3, 11), prompt + seq(3, 12)), (prompt + seq(4, 13), prompt + seq(2, 14))])
+    through(forward, ids, mask)()
+    assert widths[-1][0] < ids.shape[0]  # packed rows: fewer than the batch's 4 (after the first-use check)

@@ -9,9 +9,9 @@ from the prefix as in its own sequence. Under causal attention a token's hidden 
 the tokens it attends to and on their positions, so each read reward is the one the padded batch
 gives, and so are the loss and the gradients, up to rounding.
 
-Units are packed into rows by first-fit decreasing, with a block mask between units. The row width is
-chosen by a cost model (:func:`plan_rows`), because a dense-mask attention kernel computes every
-(query, key) pair of a row: wide rows pad less but attend over more.
+Units are packed into rows, with a block mask between units. The rows are planned by a cost model
+(:func:`plan_rows`), because a dense-mask attention kernel computes every (query, key) pair of a row:
+wide rows pad less but attend over more.
 
 The model runs its own forward (embeddings, rotary tables, layers, kernels) with that 4D mask and
 position ids; only the readout is ours, and it is the sequence-classification head's: the score at
@@ -37,8 +37,8 @@ from calibrated_rlhf.core.ppo.fast_decode import check_tolerance
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")
 # a dense-mask attention kernel runs at about half the rate of the matrix products on CPU (the
-# flash-attention CPU kernel at 38 against 77 GFLOP/s on the workload's Llama, 2 threads): one
-# attended key costs this many of its multiply-adds
+# flash-attention CPU kernel at about 40 against 80 GFLOP/s in a profile of the workload's Llama on
+# 2 threads): one attended key costs this many of its multiply-adds
 ATTENTION_SLOWDOWN = 2.0
 CHOSEN_TAIL, REJECTED_TAIL = 1, 2
 
@@ -54,6 +54,7 @@ class PackedPairs:
     position_ids: torch.Tensor  # [R, W]
     attention: torch.Tensor  # [R, 1, W, W] bool, True where a query may attend to a key
     read: torch.Tensor  # [2B] flat indices into R * W: chosen sides first, then rejected (TRL's order)
+    cost: float  # row_cost of the plan
 
 
 def shared_prefix_lengths(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,9 @@ def plan_rows(unit_lengths: list[int], attention_width: float) -> list[list[int]
     attends over W keys. With ``attention_width`` the width at which a token's attention costs as
     much as its linear layers, the cost is ``R * W * (1 + W / attention_width)``. For each row count
     R = 1..n the units go longest first onto the least-filled row (LPT scheduling: rows come out
-    nearly even, which is what padding to the fullest rewards; first-fit packing at a capacity left
-    7% more padding on the reference workload), and the R of least cost wins. n is a batch's pair
+    nearly even, which is what padding to the fullest rewards; first-fit packing up to a capacity
+    computed 8.5% more tokens on the reference workload's first 30 batches), and the R of least cost
+    wins. n is a batch's pair
     count (tens), so n packings cost nothing beside a forward pass.
 
     Degenerate cases: no units give no rows; one unit gives one row.
@@ -93,11 +95,18 @@ def plan_rows(unit_lengths: list[int], attention_width: float) -> list[list[int]
             fill, r = heapq.heappop(heap)
             rows[r].append(u)
             heapq.heappush(heap, (fill + unit_lengths[u], r))
-        width = max(fill for fill, _ in heap)
-        cost = n_rows * width * (1 + width / attention_width)
+        cost = row_cost(rows, unit_lengths, attention_width)
         if cost < best_cost:
             best, best_cost = rows, cost
     return best
+
+
+def row_cost(rows: list[list[int]], unit_lengths: list[int], attention_width: float) -> float:
+    """The modelled cost of a plan (see :func:`plan_rows`), in token-equivalents; 0 for no rows."""
+    if not rows:
+        return 0.0
+    width = max(sum(unit_lengths[u] for u in row) for row in rows)
+    return len(rows) * width * (1 + width / attention_width)
 
 
 def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -112,26 +121,37 @@ def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int,
                attention_width: float) -> PackedPairs:
-    """Pack a right-padded TRL pair batch (rows 0..B-1 chosen, B..2B-1 rejected) into units and rows.
+    """Pack a right-padded TRL pair batch (rows 0..B-1 chosen, B..2B-1 rejected) into rows.
 
-    Unit i is laid out from a flat offset ``start[i]``: the whole chosen sequence (prefix, then its
-    tail), then the rejected tail. Every token's destination is computed at once, so the cost does
-    not grow with the pair count in Python.
+    Two plans are priced by :func:`row_cost` and the cheaper is taken. Joint: each pair is one unit,
+    its chosen sequence whole, then its rejected tail after the shared prefix. Apart: every sequence is
+    a unit of its own, nothing shared; rows can then be as narrow as the longest sequence, which wins
+    when pairs share little (a unit twice a sequence's length makes every token attend over twice the
+    width). Each token's destination is computed at once, so Python does not loop over tokens.
     """
     device, (two_b, width) = input_ids.device, input_ids.shape
     B = two_b // 2
     lengths = attention_mask.sum(dim=1)
-    shared = shared_prefix_lengths(input_ids, lengths)
     chosen_len, rejected_len = lengths[:B], lengths[B:]
-    unit_len = (chosen_len + rejected_len - shared).tolist()
-    rows = plan_rows(unit_len, attention_width)
+    shared = shared_prefix_lengths(input_ids, lengths)
+    joint, apart = (chosen_len + rejected_len - shared).tolist(), lengths.tolist()
+    joint_rows, apart_rows = plan_rows(joint, attention_width), plan_rows(apart, attention_width)
+    joint_cost, apart_cost = row_cost(joint_rows, joint, attention_width), row_cost(apart_rows, apart, attention_width)
+    together = joint_cost <= apart_cost
+    rows, unit_len = (joint_rows, joint) if together else (apart_rows, apart)
     R, W = len(rows), max(sum(unit_len[u] for u in row) for row in rows)
-    start = _unit_starts(rows, unit_len, W).to(device)[:, None]
+    starts = _unit_starts(rows, unit_len, W).to(device)
+    pairs = torch.arange(B, device=device)
+    if together:
+        start_chosen, start_rejected, unit_rejected = starts, starts + chosen_len, pairs
+    else:
+        start_chosen, start_rejected, unit_rejected = starts[:B], starts[B:], pairs + B
+        shared = torch.zeros_like(shared)
     j = torch.arange(width, device=device)[None, :]  # a token's position in its own sequence
     take_chosen = j < chosen_len[:, None]
     take_rejected = (j >= shared[:, None]) & (j < rejected_len[:, None])
-    to_chosen = start + j
-    to_rejected = start + chosen_len[:, None] + j - shared[:, None]
+    to_chosen = start_chosen[:, None] + j
+    to_rejected = start_rejected[:, None] + j - shared[:, None]
     dest = torch.cat([to_chosen[take_chosen], to_rejected[take_rejected]])
     ids = torch.full((R * W,), pad_token_id, dtype=input_ids.dtype, device=device)
     pos = torch.zeros(R * W, dtype=torch.long, device=device)
@@ -139,15 +159,14 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     segment = torch.zeros(R * W, dtype=torch.long, device=device)
     ids[dest] = torch.cat([input_ids[:B][take_chosen], input_ids[B:][take_rejected]])
     pos[dest] = torch.cat([j.expand(B, width)[take_chosen], j.expand(B, width)[take_rejected]])
-    unit_of = torch.arange(B, device=device)[:, None].expand(B, width)
-    unit[dest] = torch.cat([unit_of[take_chosen], unit_of[take_rejected]])
+    unit[dest] = torch.cat([pairs[:, None].expand(B, width)[take_chosen],
+                            unit_rejected[:, None].expand(B, width)[take_rejected]])
     segment[to_chosen[take_chosen & (j >= shared[:, None])]] = CHOSEN_TAIL
     segment[to_rejected[take_rejected]] = REJECTED_TAIL
     reads = read_positions(input_ids, pad_token_id)
-    start = start[:, 0]
-    read_rejected = torch.where(reads[B:] < shared, start + reads[B:], start + chosen_len + reads[B:] - shared)
+    read_rejected = torch.where(reads[B:] < shared, start_chosen + reads[B:], start_rejected + reads[B:] - shared)
     return PackedPairs(ids.view(R, W), pos.view(R, W), _block_mask(unit.view(R, W), segment.view(R, W)),
-                       torch.cat([start + reads[:B], read_rejected]))
+                       torch.cat([start_chosen + reads[:B], read_rejected]), min(joint_cost, apart_cost))
 
 
 def _unit_starts(rows: list[list[int]], unit_len: list[int], width: int) -> torch.Tensor:
@@ -224,22 +243,27 @@ def packed_logits(model: nn.Module, packed: PackedPairs) -> torch.Tensor:
 class PackedPairForward:
     """Calls a sequence-classification model on a TRL pair batch, packed; padded where it cannot be.
 
-    ``fallback`` is the padded forward (the model, or length buckets over it). The first packed batch
-    of each model is compared with the model's own forward, in eval mode so dropout cannot differ;
-    a model that disagrees keeps the fallback, with a warning.
+    ``fallback`` is the padded forward (the model, or length buckets over it); with ``fallback_cost``
+    (its modelled cost of a batch, given the attention mask and the attention width) a batch the
+    padded path prices lower goes that way: long, unshared sequences in a small model, whose packed
+    rows would make short sequences attend over the longest one's width. The first packed batch of
+    each model is compared with the model's own forward, in eval mode so dropout cannot differ; a
+    model that disagrees keeps the fallback, with a warning.
     """
 
-    def __init__(self, model: nn.Module, fallback: Callable[..., Any]) -> None:
-        self.model, self.fallback = model, fallback
+    def __init__(self, model: nn.Module, fallback: Callable[..., Any],
+                 fallback_cost: Callable[[torch.Tensor, float], float] | None = None) -> None:
+        self.model, self.fallback, self.fallback_cost = model, fallback, fallback_cost
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
         if _checked.get(self.model) is False or unsupported_reason(self.model, input_ids, attention_mask):
             return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        pad_id = _parts(self.model)[0].config.get_text_config().pad_token_id
-        packed = pack_pairs(input_ids, attention_mask, pad_id, attention_width(self.model))
-        if self.model not in _checked and not self._agrees(packed, input_ids, attention_mask):
+        pad_id, width = _parts(self.model)[0].config.get_text_config().pad_token_id, attention_width(self.model)
+        packed = pack_pairs(input_ids, attention_mask, pad_id, width)
+        cheaper_padded = self.fallback_cost is not None and self.fallback_cost(attention_mask, width) < packed.cost
+        if cheaper_padded or (self.model not in _checked and not self._agrees(packed, input_ids, attention_mask)):
             return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return SequenceClassifierOutputWithPast(logits=packed_logits(self.model, packed))
 

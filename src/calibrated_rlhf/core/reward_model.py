@@ -167,6 +167,13 @@ class BucketedForward:
         self.max_buckets = max_buckets
         self.bucket_cost_tokens = bucket_cost_tokens
 
+    def modeled_cost(self, attention_mask: torch.Tensor, attention_width: float) -> float:
+        """This batch's cost in the units of ``pair_packing.row_cost``, plus the price of its extra passes."""
+        lengths = sorted(attention_mask.sum(dim=1).tolist())
+        runs = length_buckets(lengths, self.max_buckets, self.bucket_cost_tokens)
+        return sum((e - s) * lengths[e - 1] * (1 + lengths[e - 1] / attention_width) for s, e in runs) \
+            + self.bucket_cost_tokens * (len(runs) - 1)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
@@ -193,9 +200,8 @@ def _batch_forward(model: torch.nn.Module, params: RewardTrainingParams) -> Any:
 
     if isinstance(model, DistributedDataParallel):  # DDP expects its own forward: the batch goes through whole
         return model
-    padded = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens) if params.length_buckets > 1 \
-        else model
-    return PackedPairForward(model, padded) if params.padding_free else padded
+    padded = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens)
+    return PackedPairForward(model, padded, padded.modeled_cost) if params.padding_free else padded
 
 
 def _reward_trainer_class(params: RewardTrainingParams):
