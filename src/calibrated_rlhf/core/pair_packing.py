@@ -11,7 +11,9 @@ gives, and so are the loss and the gradients, up to rounding.
 
 Units are packed into rows, with a block mask between units. The rows are planned by a cost model
 (:func:`plan_rows`), because a dense-mask attention kernel computes every (query, key) pair of a row:
-wide rows pad less but attend over more.
+wide rows pad less but attend over more. By the same model a batch whose pairs share little packs
+every sequence as a unit of its own (narrower rows), and one the padded path prices lower (long,
+unshared sequences in a small model) goes padded.
 
 The model runs its own forward (embeddings, rotary tables, layers, kernels) with that 4D mask and
 position ids; only the readout is ours, and it is the sequence-classification head's: the score at
