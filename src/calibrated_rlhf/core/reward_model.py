@@ -55,9 +55,10 @@ class RewardTrainingParams(BaseModel):
     padding_free: bool = Field(
         True,
         description="Pack each batch's pairs into rows without padding, each pair's shared prompt run once (the "
-        "rejected side attends to it, not to the chosen side): the same rewards, loss and gradients from fewer "
-        "tokens. Models whose attention takes no custom mask (flash-attention kernels) keep padded batches, "
-        "split by length_buckets.",
+        "rejected side attends to it, not to the chosen side), or its sequences apart where they share little: "
+        "the same rewards, loss and gradients from fewer tokens (core/pair_packing.py). Models whose attention "
+        "takes no custom mask (flash-attention kernels), and batches a cost model prices cheaper padded, keep "
+        "padded batches, split by length_buckets.",
     )
     length_buckets: int = Field(
         3,
