@@ -176,9 +176,13 @@ def test_batches_it_cannot_pack_take_the_padded_path():
         calls.append(kw["input_ids"].shape)
         return windowed(**kw)
 
-    got = PackedPairForward(windowed, padded)(input_ids=ids, attention_mask=mask, use_cache=False,
-                                              margin=torch.zeros(4)).logits
-    assert calls == [ids.shape]
+    forward = PackedPairForward(windowed, padded)
+    with pytest.warns(UserWarning, match="sliding window"):
+        got = forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(4)).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per model
+        forward(input_ids=ids, attention_mask=mask, use_cache=False, margin=torch.zeros(4))
+    assert calls == [ids.shape] * 2
     torch.testing.assert_close(got, windowed(input_ids=ids, attention_mask=mask).logits)
 
 

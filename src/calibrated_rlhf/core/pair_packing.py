@@ -46,6 +46,10 @@ CHOSEN_TAIL, REJECTED_TAIL = 1, 2
 
 # model -> whether its first packed forward matched its own forward (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# model -> its attention width (read off its layers once, not every step)
+_widths: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
+# models already told why a batch of theirs could not be packed (once each, not every step)
+_told: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,12 @@ def _block_mask(unit: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
 
 def attention_width(model: nn.Module) -> float:
     """The row width at which a token's attention costs as much as its linear layers (see plan_rows)."""
+    if model not in _widths:
+        _widths[model] = _attention_width(model)
+    return _widths[model]
+
+
+def _attention_width(model: nn.Module) -> float:
     inner, backbone, _ = _parts(model)
     layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None) or []
     cfg = inner.config.get_text_config()
@@ -260,7 +270,14 @@ class PackedPairForward:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-        if _checked.get(self.model) is False or unsupported_reason(self.model, input_ids, attention_mask):
+        if _checked.get(self.model) is False:
+            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        reason = unsupported_reason(self.model, input_ids, attention_mask)
+        if reason is not None:
+            if self.model not in _told:
+                _told.add(self.model)
+                warnings.warn(f"padding-free pair batches are off for a batch of {type(self.model).__name__}: "
+                              f"{reason}; it trains padded (said once per model)", stacklevel=2)
             return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         pad_id, width = _parts(self.model)[0].config.get_text_config().pad_token_id, attention_width(self.model)
         packed = pack_pairs(input_ids, attention_mask, pad_id, width)
