@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import check_tolerance
+from calibrated_rlhf.core.ppo.fast_decode import within_tolerance
 
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -264,27 +265,38 @@ class PackedPairForward:
     """
 
     def __init__(self, model: nn.Module, fallback: Callable[..., Any],
-                 fallback_cost: Callable[[torch.Tensor, float], float] | None = None) -> None:
-        self.model, self.fallback, self.fallback_cost = model, fallback, fallback_cost
+                 fallback_cost: Callable[[torch.Tensor, float], float] | None = None,
+                 tally: Counter | None = None) -> None:
+        self.model, self.fallback, self.fallback_cost, self.tally = model, fallback, fallback_cost, tally
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        logits = self._packed(input_ids, attention_mask)
+        if self.tally is not None and self.model.training:  # which path each training batch took
+            self.tally["batches"] += 1
+            self.tally["packed"] += logits is not None
+        if logits is None:
+            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+        return SequenceClassifierOutputWithPast(logits=logits)
+
+    def _packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The packed batch's rewards, or None where the batch goes the padded way."""
         if _checked.get(self.model) is False:
-            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return None
         reason = unsupported_reason(self.model, input_ids, attention_mask)
         if reason is not None:
             if self.model not in _told:
                 _told.add(self.model)
                 warnings.warn(f"padding-free pair batches are off for a batch of {type(self.model).__name__}: "
-                              f"{reason}; it trains padded (said once per model)", stacklevel=2)
-            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                              f"{reason}; it trains padded (said once per model)", stacklevel=3)
+            return None
         pad_id, width = _parts(self.model)[0].config.get_text_config().pad_token_id, attention_width(self.model)
         packed = pack_pairs(input_ids, attention_mask, pad_id, width)
         cheaper_padded = self.fallback_cost is not None and self.fallback_cost(attention_mask, width) < packed.cost
         if cheaper_padded or (self.model not in _checked and not self._agrees(packed, input_ids, attention_mask)):
-            return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return SequenceClassifierOutputWithPast(logits=packed_logits(self.model, packed))
+            return None
+        return packed_logits(self.model, packed)
 
     def _agrees(self, packed: PackedPairs, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
         training = self.model.training
@@ -295,11 +307,9 @@ class PackedPairForward:
                 theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         finally:
             self.model.train(training)
-        scale = 1.0 + float(theirs.abs().max())
-        error = float((ours.float() - theirs.float()).abs().max())
-        ok = bool(torch.isfinite(ours).all()) and error <= check_tolerance(theirs.dtype) * scale
+        ok, error = within_tolerance(ours, theirs)
         _checked[self.model] = ok
         if not ok:
             warnings.warn(f"padding-free pair batches disagree with {type(self.model).__name__}'s own forward "
-                          f"(max error {error:.3g}); training with padded batches", stacklevel=3)
+                          f"(max error {error:.3g}); training with padded batches", stacklevel=4)
         return ok

@@ -7,6 +7,7 @@ rewards at 0; the scale stays free and is fixed afterwards by temperature calibr
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,14 +196,14 @@ class BucketedForward:
         return SequenceClassifierOutputWithPast(logits=logits)
 
 
-def _batch_forward(model: torch.nn.Module, params: RewardTrainingParams) -> Any:
+def _batch_forward(model: torch.nn.Module, params: RewardTrainingParams, tally: Counter) -> Any:
     """The forward a training batch goes through: packed, length buckets, or the model's own."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):  # DDP expects its own forward: the batch goes through whole
         return model
     padded = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens)
-    return PackedPairForward(model, padded, padded.modeled_cost) if params.padding_free else padded
+    return PackedPairForward(model, padded, padded.modeled_cost, tally) if params.padding_free else padded
 
 
 def _reward_trainer_class(params: RewardTrainingParams):
@@ -213,6 +214,10 @@ def _reward_trainer_class(params: RewardTrainingParams):
         return RewardTrainer
 
     class LengthAwareRewardTrainer(RewardTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tally: Counter = Counter()  # training batches, and how many went packed
+
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
             if not params.group_by_length:
@@ -221,7 +226,8 @@ def _reward_trainer_class(params: RewardTrainingParams):
             return PairLengthSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(_batch_forward(model, params), inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(_batch_forward(model, params, self.tally), inputs, return_outputs,
+                                        num_items_in_batch)
 
     return LengthAwareRewardTrainer
 
@@ -239,7 +245,8 @@ def train_reward_model(
     With ``params.lora`` the backbone trains through adapters and the returned model has them merged.
 
     Returns the trained model and its history: one dict per logged point with ``step`` and TRL's
-    keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation).
+    keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation); with
+    ``padding_free``, a last point with ``packed_batch_fraction`` (training batches that went packed).
     """
     from trl import RewardConfig
 
@@ -281,6 +288,10 @@ def train_reward_model(
         )
         attach_progress(trainer, "reward model")
         trainer.train()
+    tally = getattr(trainer, "tally", Counter())
+    if tally["batches"]:
+        history.points.append({"step": trainer.state.global_step,
+                               "packed_batch_fraction": tally["packed"] / tally["batches"]})
     model = merged(trainer.model).to("cpu").eval()
     return model, history.points
 

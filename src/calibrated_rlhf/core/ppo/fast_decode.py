@@ -213,6 +213,17 @@ def check_tolerance(dtype: torch.dtype) -> float:
     return max(CHECK_RTOL, CHECK_EPS_UNITS * torch.finfo(dtype).eps)
 
 
+def within_tolerance(ours: torch.Tensor, reference: torch.Tensor) -> tuple[bool, float]:
+    """(whether ``ours`` is finite and matches ``reference`` within the check's tolerance, the max error).
+
+    The error is relative to ``1 + max |reference|``, so values near 0 are held to an absolute bound.
+    Shared by every first-use check that compares a faster path with the model's own forward.
+    """
+    scale = 1.0 + float(reference.abs().max())
+    error = float((ours.detach().float() - reference.float()).abs().max())
+    return bool(torch.isfinite(ours).all()) and error <= check_tolerance(reference.dtype) * scale, error
+
+
 def needs_check(model: nn.Module) -> bool:
     """Whether ``model``'s first lean step has not been compared with its own forward yet."""
     return model not in _checked
@@ -220,9 +231,7 @@ def needs_check(model: nn.Module) -> bool:
 
 def agrees_with(model: nn.Module, lean_hidden: torch.Tensor, reference_hidden: torch.Tensor) -> bool:
     """Record (and return) whether a lean step matched the transformers step; warn once if not."""
-    scale = 1.0 + float(reference_hidden.abs().max())
-    error = float((lean_hidden - reference_hidden).abs().max())
-    ok = bool(torch.isfinite(lean_hidden).all()) and error <= check_tolerance(reference_hidden.dtype) * scale
+    ok, _ = within_tolerance(lean_hidden, reference_hidden)
     _checked[model] = ok
     if not ok:
         warnings.warn(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import check_tolerance, rotate, unsupported_reason
+from calibrated_rlhf.core.ppo.fast_decode import rotate, unsupported_reason, within_tolerance
 
 # model -> whether its first trimmed forward matched its full forward (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -99,9 +99,7 @@ def _agrees(model: nn.Module, backbone: nn.Module, trimmed: torch.Tensor, input_
     with torch.no_grad():
         full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False).last_hidden_state[:, first:]
-        scale = 1.0 + float(full.abs().max())
-        error = float((trimmed.detach() - full).abs().max())
-    ok = bool(torch.isfinite(trimmed).all()) and error <= check_tolerance(full.dtype) * scale
+    ok, error = within_tolerance(trimmed, full)
     _checked[model] = ok
     if not ok:
         warnings.warn(f"the trimmed last layer disagrees with {type(model).__name__}'s full forward "

@@ -32,6 +32,7 @@ TRAIN_CURVES = {
     "eval_mean_reward": keys.RM_VALIDATION_REWARD_MEAN,
     "train_runtime": keys.RM_TRAIN_RUNTIME_S,
     "train_samples_per_second": keys.RM_TRAIN_PAIRS_PER_S,
+    "packed_batch_fraction": keys.RM_TRAIN_PACKED_BATCH_FRACTION,
 }
 
 
