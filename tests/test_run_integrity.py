@@ -205,6 +205,40 @@ def test_dead_runs_are_marked_killed_live_ones_kept(tmp_path):
     assert status == {dead: "KILLED", live: "RUNNING", elsewhere: "RUNNING"}
 
 
+def _start_tracking(uri: str, experiment: dict, barrier) -> None:
+    """What each `kedro run` does at start: this project's hook, then kedro-mlflow's get-or-create."""
+    import mlflow
+
+    from calibrated_rlhf.run_integrity import init_sqlite_store
+
+    barrier.wait(30)
+    init_sqlite_store(uri, experiment)
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(experiment["name"]) is None:  # kedro_mlflow_config._set_experiment
+        client.create_experiment(experiment["name"])
+
+
+def test_runs_starting_together_on_a_new_store_all_find_one_experiment(tmp_path):
+    # Four at once: with two, CI's `kedro run`s failed now and then on `UNIQUE constraint failed`.
+    import multiprocessing
+
+    import mlflow
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - imported once, before the forks
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = {"name": "calibrated_rlhf", "create_experiment_kwargs": {"tags": {"team": "rlhf"}}}
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_start_tracking, args=(uri, experiment, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    found = mlflow.MlflowClient(uri).search_experiments(filter_string="name = 'calibrated_rlhf'")
+    assert len(found) == 1 and found[0].tags == {"team": "rlhf"}
+
+
 # ---- real `kedro run`s: two at once in one folder, a killed one ---------------------------------------
 
 

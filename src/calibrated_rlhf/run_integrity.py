@@ -172,11 +172,14 @@ def _conflict(node: str, ancestor: str, first: str, first_version: str, second: 
 # ---- the hook ---------------------------------------------------------------------------------------
 
 
-def init_sqlite_store(uri: str | None) -> None:
-    """Create (or migrate) an MLflow sqlite store once, under a file lock.
+def init_sqlite_store(uri: str | None, experiment: dict[str, Any] | None = None) -> None:
+    """Create (or migrate) an MLflow sqlite store and its experiment once, under a file lock.
 
-    Two runs started together on a new store would both run MLflow's schema migrations, and one
-    fails (``duplicate column name``). Other stores are left to MLflow.
+    Runs started together on a new store would otherwise race twice: both run MLflow's schema
+    migrations (one fails, ``duplicate column name``), then both find no experiment and create it (one
+    fails, ``UNIQUE constraint failed``). ``experiment`` is mlflow.yml's ``tracking.experiment``; it is
+    created here with the kwargs kedro-mlflow would pass, so kedro-mlflow finds it. Other stores are
+    left to MLflow.
     """
     if not uri or not uri.startswith("sqlite:///"):
         return
@@ -190,6 +193,11 @@ def init_sqlite_store(uri: str | None) -> None:
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)
+        name = (experiment or {}).get("name")
+        if name and client.get_experiment_by_name(name) is None:
+            kwargs = experiment.get("create_experiment_kwargs") or {}
+            client.create_experiment(name, artifact_location=kwargs.get("artifact_location"),
+                                     tags=kwargs.get("tags"))
 
 
 class RunIsolation:
@@ -201,9 +209,11 @@ class RunIsolation:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
     def after_context_created(self, context: Any) -> None:
-        from calibrated_rlhf.tracking_check import configured_tracking_uri
+        from calibrated_rlhf.tracking_check import configured_mlflow
 
-        init_sqlite_store(configured_tracking_uri(context))
+        conf = configured_mlflow(context)
+        init_sqlite_store((conf.get("server") or {}).get("mlflow_tracking_uri"),
+                          (conf.get("tracking") or {}).get("experiment"))
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

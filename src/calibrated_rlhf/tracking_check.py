@@ -85,8 +85,8 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     )
 
 
-def configured_tracking_uri(context: Any) -> str | None:
-    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of the resolved mlflow.yml."""
+def configured_mlflow(context: Any) -> dict[str, Any]:
+    """The resolved mlflow.yml kedro-mlflow will read (empty when the project has none)."""
     from kedro.config import MissingConfigException
 
     loader = context.config_loader
@@ -94,7 +94,11 @@ def configured_tracking_uri(context: Any) -> str | None:
         # The same patterns kedro-mlflow adds (it skips adding when the key is present).
         loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
     try:
-        conf = loader["mlflow"] or {}
+        return dict(loader["mlflow"] or {})
     except MissingConfigException:
-        return None
-    return (conf.get("server") or {}).get("mlflow_tracking_uri")
+        return {}
+
+
+def configured_tracking_uri(context: Any) -> str | None:
+    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of the resolved mlflow.yml."""
+    return (configured_mlflow(context).get("server") or {}).get("mlflow_tracking_uri")
