@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
-                          Qwen2Config, Qwen2ForSequenceClassification)
+                          Qwen2Config, Qwen2ForSequenceClassification, Qwen3Config, Qwen3ForSequenceClassification)
 
-from calibrated_rlhf.core.pair_packing import (PackedPairForward, pack_pairs, packed_logits, plan_rows, read_positions,
+from calibrated_rlhf.core.pair_packing import (PackedPairForward, attention_width, pack_pairs, packed_logits, plan_rows,
                                                shared_prefix_lengths, unsupported_reason)
 
 VOCAB, PAD, EOS = 48, 0, 2
@@ -57,7 +57,10 @@ def small_model(family: str, attn: str = "sdpa", **extra) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, num_labels=1)
     cls = {"llama": (LlamaConfig, LlamaForSequenceClassification),
            "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
-           "mistral": (MistralConfig, MistralForSequenceClassification)}[family]
+           "mistral": (MistralConfig, MistralForSequenceClassification),
+           "qwen3": (Qwen3Config, Qwen3ForSequenceClassification)}[family]  # q/k norms: no trimmed last layer
+    if family == "qwen3":
+        common["head_dim"] = 8
     model = cls[1](cls[0](**{**common, **extra}))
     model.config._attn_implementation = attn
     return model
@@ -109,25 +112,27 @@ def test_row_plans_follow_the_price_of_attention():
     assert plan_rows([], 10.0) == [] and plan_rows([3], 10.0) == [[0]]
 
 
-def test_read_positions_follow_transformers_rule_when_the_pad_token_ends_a_sequence():
-    # EOS doubles as PAD here: the head reads the last token before it, and so must we
-    ids = torch.tensor([[5, 6, 7, PAD, PAD], [5, PAD, 8, 9, PAD], [PAD, PAD, PAD, PAD, PAD]])
-    assert read_positions(ids, PAD).tolist() == [2, 3, 0]
-
-
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"),
-                                         ("mistral", "sdpa")])
+                                         ("mistral", "sdpa"), ("qwen3", "sdpa")])
 def test_packed_pairs_give_the_padded_batchs_rewards_and_gradients(family, attn):
     model = small_model(family, attn)
     ids, mask = pair_batch(random_pairs(9, seed=1) + EDGE_PAIRS)
-    packed = pack_pairs(ids, mask, PAD, attention_width=40.0)
+    packed = pack_pairs(ids, mask, PAD, attention_width(model))  # the plan the forward below makes
     assert packed.input_ids.numel() < mask.sum()  # fewer tokens than the batch's real tokens: prompts run once
     want_logits, want_grads = logits_and_grads(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
+    last_mlp_rows = []
+    model.model.layers[-1].mlp.register_forward_pre_hook(lambda m, a: last_mlp_rows.append(a[0].shape[:-1].numel()))
     forward = PackedPairForward(model, fallback=lambda **kw: pytest.fail("the packed path fell back"))
     got_logits, got_grads = logits_and_grads(model, through(forward, ids, mask))
     torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
+    # the last layer's MLP ran at the read positions only (each row's most reads, in every row), or,
+    # for q/k-normed Qwen3, whose layers the trimmed layer does not write out, at every position
+    rows = packed.read // packed.input_ids.shape[1]
+    reads = len(packed.input_ids) * int(torch.bincount(rows).max())
+    assert last_mlp_rows[-1] == (packed.input_ids.numel() if family == "qwen3" else reads)
+    assert reads < packed.input_ids.numel() / 4
 
 
 @pytest.mark.parametrize("attention_width,together", [(1e9, True), (1.0, False)])
@@ -268,6 +273,8 @@ def test_a_batch_the_padded_path_prices_lower_goes_padded():
     # nothing shared, short and long sequences: packed rows would be as wide as the longest for all
     unshared = [(seq(4, 3), seq(4, 4)), (seq(4, 5), seq(4, 6)), (seq(30, 7), seq(30, 8)), (seq(30, 9), seq(30, 10))]
     ids, mask = pair_batch(unshared)
+    through(forward, ids, mask)()
+    widths.clear()  # after the readout's first-use check
     logits = through(forward, ids, mask)()
     assert sorted(widths) == [(4, 4), (4, 30)]  # two length buckets, not packed rows
     torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)

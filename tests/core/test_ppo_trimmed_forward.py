@@ -91,8 +91,8 @@ def test_a_disagreeing_model_keeps_the_full_forward(monkeypatch) -> None:
     model = _model("llama")
     ids, attn, pos, start = _batch()
     full = _response_hidden(model, ids, attn, pos, start)
-    real = trimmed_forward._last_layer_rows
-    monkeypatch.setattr(trimmed_forward, "_last_layer_rows", lambda *a: real(*a) + 0.1)
+    real = trimmed_forward.last_layer_at
+    monkeypatch.setattr(trimmed_forward, "last_layer_at", lambda *a: real(*a) + 0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = _response_hidden(model, ids, attn, pos, start, trim=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from calibrated_rlhf.core.readout import readout_logits
 from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
 
 
@@ -66,9 +67,10 @@ def test_bucketed_forward_gives_the_padded_batchs_logits_and_gradients(price, pa
     for row, n in enumerate(lengths):
         ids[row, :n] = torch.randint(1, 40, (n,))
         mask[row, :n] = 1
+    readout_logits(model, ids, mask)  # its first-use check, before the passes are counted
     calls = []
-    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
-                                with_kwargs=True)
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args or [kwargs.get("input_ids")])[0].shape), with_kwargs=True)
 
     def run(forward):
         model.zero_grad()

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import within_tolerance
+from calibrated_rlhf.core.ppo.fast_decode import architecture_reason, within_tolerance
+from calibrated_rlhf.core.ppo.trimmed_forward import last_layer_at, last_layer_input
+from calibrated_rlhf.core.readout import classifier_parts, read_positions
 
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -116,16 +118,6 @@ def row_cost(rows: list[list[int]], unit_lengths: list[int], attention_width: fl
     return len(rows) * width * (1 + width / attention_width)
 
 
-def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Where a sequence-classification head reads each row: its last token that is not the pad token.
-
-    transformers' own rule (the rightmost non-pad token; position 0 if there is none), so a pad
-    token that is also the end-of-sequence token moves the readout the same way in both paths.
-    """
-    non_pad = (input_ids != pad_token_id).to(torch.int64)
-    return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
-
-
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int,
                attention_width: float) -> PackedPairs:
     """Pack a right-padded TRL pair batch (rows 0..B-1 chosen, B..2B-1 rejected) into rows.
@@ -201,7 +193,7 @@ def attention_width(model: nn.Module) -> float:
 
 
 def _attention_width(model: nn.Module) -> float:
-    inner, backbone, _ = _parts(model)
+    inner, backbone, _ = classifier_parts(model)
     layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None) or []
     cfg = inner.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -212,7 +204,7 @@ def _attention_width(model: nn.Module) -> float:
 
 def unsupported_reason(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
     """Why this batch cannot be packed for ``model`` (None: it can)."""
-    inner, backbone, head = _parts(model)
+    inner, backbone, head = classifier_parts(model)
     cfg = getattr(inner, "config", None)
     if cfg is None or backbone is None or head is None:
         return "not a sequence-classification model with a backbone and a score head"
@@ -234,23 +226,45 @@ def unsupported_reason(model: nn.Module, input_ids: torch.Tensor, attention_mask
     return None
 
 
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
-    """(classification model, its backbone, its score head), through a PEFT wrapper if there is one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    return inner, backbone, getattr(inner, "score", None)
-
-
 def packed_logits(model: nn.Module, packed: PackedPairs) -> torch.Tensor:
-    """Rewards [2B, 1] of a packed batch, through ``model``'s backbone and score head."""
-    inner, backbone, head = _parts(model)
+    """Rewards [2B, 1] of a packed batch, through ``model``'s backbone and score head.
+
+    Only the read positions go through the last layer where its layers allow it
+    (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward`): 2B queries of R * W, the rest of the last layer
+    computes nothing that is read. Otherwise the backbone runs whole.
+    """
+    inner, backbone, head = classifier_parts(model)
     mask = packed.attention
     if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=inner.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(inner.dtype).min)
-    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
-                      use_cache=False).last_hidden_state
-    return head(hidden.reshape(-1, hidden.shape[-1])[packed.read])
+    forward = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": mask}
+    if architecture_reason(inner, packed.input_ids.shape[1]) is not None:
+        hidden = backbone(use_cache=False, **forward).last_hidden_state
+        return head(hidden.reshape(-1, hidden.shape[-1])[packed.read])
+    h, rope = last_layer_input(backbone, **forward)
+    row, slot, queries = _read_slots(packed.read, packed.input_ids.shape)
+    key_mask = packed.attention[:, 0].gather(1, queries[..., None].expand(-1, -1, packed.attention.shape[-1]))
+    out = last_layer_at(backbone.layers[-1], h, rope, queries, key_mask)
+    return head(backbone.norm(out[row, slot]))
+
+
+def _read_slots(read: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each read's row and slot, and the columns [R, Q] each row reads (Q: the most reads in a row).
+
+    A row with fewer reads repeats column 0, the first token of the row's first unit: it attends to
+    itself, so the spare query is finite, and it is never read.
+    """
+    R, W = shape
+    row, col = read // W, read % W
+    counts = torch.bincount(row, minlength=R)
+    order = torch.argsort(row, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(row)
+    slot[order] = torch.arange(len(row), device=read.device) - first[row[order]]
+    queries = torch.zeros((R, int(counts.max())), dtype=torch.long, device=read.device)
+    queries[row, slot] = col
+    return row, slot, queries
 
 
 class PackedPairForward:
@@ -291,7 +305,7 @@ class PackedPairForward:
                 warnings.warn(f"padding-free pair batches are off for a batch of {type(self.model).__name__}: "
                               f"{reason}; it trains padded (said once per model)", stacklevel=3)
             return None
-        pad_id, width = _parts(self.model)[0].config.get_text_config().pad_token_id, attention_width(self.model)
+        pad_id, width = classifier_parts(self.model)[0].config.get_text_config().pad_token_id, attention_width(self.model)
         packed = pack_pairs(input_ids, attention_mask, pad_id, width)
         cheaper_padded = self.fallback_cost is not None and self.fallback_cost(attention_mask, width) < packed.cost
         if cheaper_padded or (self.model not in _checked and not self._agrees(packed, input_ids, attention_mask)):

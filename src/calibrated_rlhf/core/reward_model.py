@@ -21,6 +21,7 @@ from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
 from calibrated_rlhf.core.pair_packing import PackedPairForward
+from calibrated_rlhf.core.readout import readout_logits
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -161,7 +162,9 @@ class BucketedForward:
     Rows are sorted by length and cut by :func:`length_buckets`; each bucket is trimmed to its own
     width, and the logits come back in the batch's row order. With causal attention and right
     padding a row's logits do not depend on the padding after it, so the loss is unchanged. When one
-    bucket wins, the batch goes through as it came: no gather, no reorder, TRL's own forward.
+    bucket wins, the batch goes through as it came: no gather, no reorder. Each pass goes through
+    :func:`~calibrated_rlhf.core.readout.readout_logits` (the last layer at the read positions only).
+    TRL hands the model its whole batch (``margin``, ``use_cache``); only the ids and the mask are read.
     """
 
     def __init__(self, model: torch.nn.Module, max_buckets: int, bucket_cost_tokens: float = 0.0) -> None:
@@ -179,19 +182,18 @@ class BucketedForward:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-        kwargs.pop("margin", None)  # TRL hands the whole batch to the model; the margin is its own
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths, stable=True)
         sorted_lengths = lengths[order].tolist()
         runs = length_buckets(sorted_lengths, self.max_buckets, self.bucket_cost_tokens)
         if len(runs) == 1:
             width = sorted_lengths[-1]
-            return self.model(input_ids=input_ids[:, :width], attention_mask=attention_mask[:, :width], **kwargs)
+            return SequenceClassifierOutputWithPast(
+                logits=readout_logits(self.model, input_ids[:, :width], attention_mask[:, :width]))
         parts = []
         for start, end in runs:
             rows, width = order[start:end], sorted_lengths[end - 1]
-            parts.append(self.model(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width],
-                                    **kwargs).logits)
+            parts.append(readout_logits(self.model, input_ids[rows, :width], attention_mask[rows, :width]))
         logits = torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
         return SequenceClassifierOutputWithPast(logits=logits)
 
@@ -321,7 +323,7 @@ def iter_scores(
             seq = sequences[i]
             ids[row, : len(seq)] = torch.as_tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = readout_logits(model, ids.to(device), mask.to(device))
         yield idx, logits.squeeze(-1).float().cpu().numpy().astype(np.float64)
 
 

@@ -37,6 +37,19 @@ _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictiona
 
 def unsupported_reason(model: nn.Module, total_length: int) -> str | None:
     """Why :class:`LeanDecoder` cannot run ``model`` for sequences of ``total_length`` (None: it can)."""
+    reason = architecture_reason(model, total_length)
+    if reason is None and any(hasattr(m, "lora_A") for m in model.modules()):
+        # the lean step reads the base weights: it would sample from the reference, not the policy
+        return "LoRA adapters (the lean step reads base weights only)"
+    return reason
+
+
+def architecture_reason(model: nn.Module, total_length: int) -> str | None:
+    """Why ``model``'s layers are not the Llama-style layers this module writes out (None: they are).
+
+    What a path that recomputes a layer from its modules needs: RMSNorm, q/k/v/o projections with
+    rotary positions and no q/k norm, a gated MLP, no sliding window inside ``total_length``.
+    """
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_MODEL_TYPES}"
@@ -46,9 +59,6 @@ def unsupported_reason(model: nn.Module, total_length: int) -> str | None:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if backbone is None or not all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "backbone lacks embed_tokens / layers / norm / rotary_emb"
-    if any(hasattr(m, "lora_A") for m in backbone.modules()):
-        # the lean step reads the base weights: it would sample from the reference, not the policy
-        return "LoRA adapters (the lean step reads base weights only)"
     for layer in backbone.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:

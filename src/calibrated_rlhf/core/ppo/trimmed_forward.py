@@ -1,17 +1,18 @@
-"""The last decoder layer run only at the positions PPO reads.
+"""The last decoder layer run only at the positions that are read.
 
 PPO reads a model's last hidden states at the response's positions only (the policy's logits, the
-value model's values, the reference's logprobs). Every layer but the last must run over the whole
-sequence, since later positions attend to all earlier ones; the last layer's queries, attention
-output, MLP and final norm matter only where they are read. With a prompt about as long as the
-response that is half of the last layer: a sixth of a two-layer model's forward and backward, the
-same function computed with less waste.
+value model's values, the reference's logprobs); a reward model reads one position per sequence (its
+last real token). Every layer but the last must run over the whole sequence, since later positions
+attend to all earlier ones; the last layer's queries, attention output, MLP and final norm matter
+only where they are read. For PPO, with a prompt about as long as the response, that is half of the
+last layer: a sixth of a two-layer model's forward and backward; for a reward model it is nearly the
+whole last layer (only its keys and values run over every token).
 
 The earlier layers run as the model runs them (its masks, rotary tables and attention kernel): a
 forward pre-hook on the last layer takes their output and ends the model's forward there. The last
-layer then runs from its own modules on the read rows. Llama-style layers only (the family
-``fast_decode`` accepts); the first call for each model is checked against the model's full forward,
-and an unsupported or disagreeing model keeps the full forward.
+layer then runs from its own modules on the read positions (:func:`last_layer_at`). Llama-style
+layers only (``fast_decode.architecture_reason``); each caller checks its first call for each model
+against the model's full forward, and an unsupported or disagreeing model keeps the full forward.
 """
 
 from __future__ import annotations
@@ -44,17 +45,22 @@ def response_hidden(backbone_owner: nn.Module, backbone: nn.Module, input_ids: t
     """
     if _checked.get(backbone_owner) is False or unsupported_reason(backbone_owner, input_ids.shape[1]) is not None:
         return None
-    h, rope = _last_layer_input(backbone, input_ids, attention_mask, position_ids)
-    out = backbone.norm(_last_layer_rows(backbone.layers[-1], h, rope, attention_mask, first))
+    h, rope = last_layer_input(backbone, input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids)
+    T = input_ids.shape[1]
+    queries = torch.arange(first, T, device=h.device).expand(h.shape[0], -1)
+    # row first + i attends to the real keys at or before it
+    causal = torch.ones((T - first, T), dtype=torch.bool, device=h.device).tril(diagonal=first)
+    out = backbone.norm(last_layer_at(backbone.layers[-1], h, rope, queries,
+                                      causal & attention_mask[:, None, :].bool()))
     if backbone_owner not in _checked and not _agrees(backbone_owner, backbone, out, input_ids, attention_mask,
                                                       position_ids, first):
         return None
     return out
 
 
-def _last_layer_input(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """The hidden states entering the last layer and the rotary tables, from the model's own forward."""
+def last_layer_input(backbone: nn.Module, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The hidden states entering the last layer [B, T, H] and the rotary tables, from the model's own forward."""
     captured: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -64,7 +70,7 @@ def _last_layer_input(backbone: nn.Module, input_ids: torch.Tensor, attention_ma
 
     handle = backbone.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        backbone(use_cache=False, **forward_kwargs)
     except _LastLayerReached:
         pass
     finally:
@@ -72,24 +78,29 @@ def _last_layer_input(backbone: nn.Module, input_ids: torch.Tensor, attention_ma
     return captured["h"], captured["rope"]
 
 
-def _last_layer_rows(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     attention_mask: torch.Tensor, first: int) -> torch.Tensor:
-    """The decoder layer's output at rows ``first:``; keys and values still come from every row."""
+def last_layer_at(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  queries: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder layer's output [B, Q, H] at positions ``queries`` [B, Q]; keys and values from every position.
+
+    ``key_mask`` [B, Q, T] is True where a query may attend to a key. Every query must attend to at
+    least one key (itself): a fully masked row makes the attention NaN, and NaN survives a zero gradient.
+    """
     attn = layer.self_attn
-    B, T, _ = h.shape
-    D = attn.head_dim
+    (B, T, H), Q, D = h.shape, queries.shape[1], attn.head_dim
+
+    def at_queries(t: torch.Tensor) -> torch.Tensor:  # [B, T, X] -> [B, Q, X]
+        return t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1]))
+
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x[:, first:]).view(B, T - first, -1, D).transpose(1, 2)
+    q = attn.q_proj(at_queries(x)).view(B, Q, -1, D).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in rope)  # [B, 1, T, D]
-    q, k = rotate(q, cos[:, :, first:], sin[:, :, first:]), rotate(k, cos, sin)
-    # row first + i attends to the real keys at or before it
-    causal = torch.ones((T - first, T), dtype=torch.bool, device=h.device).tril(diagonal=first)
-    mask = causal & attention_mask[:, None, None, :].bool()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True,
+    cos, sin = (t.expand(B, -1, -1) for t in rope)  # [B or 1, T, D]: 1 when the model made the position ids
+    q = rotate(q, at_queries(cos).unsqueeze(1), at_queries(sin).unsqueeze(1))
+    k = rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None], scale=attn.scaling, enable_gqa=True,
                                          dropout_p=attn.attention_dropout if attn.training else 0.0)
-    hr = h[:, first:] + attn.o_proj(out.transpose(1, 2).reshape(B, T - first, -1))
+    hr = at_queries(h) + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
     return hr + layer.mlp(layer.post_attention_layernorm(hr))
 
 

@@ -1,0 +1,97 @@
+"""A sequence-classification model's rewards, its last layer run only where its head reads.
+
+A reward model's head reads one position per sequence: the last token that is not the pad token.
+Every layer but the last must run over the whole sequence, but the last layer's queries, attention
+output, MLP and final norm matter at that position only; only its keys and values are needed
+everywhere. For the workload's two-layer Llama that is about 40% of the matrix products of a training
+step, and half of its attention (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward` does the same for
+PPO's response positions).
+
+:func:`readout_logits` is a drop-in for ``model(input_ids, attention_mask).logits`` on padded rows
+(training batches that are not packed, and scoring); ``pair_packing`` reads packed rows the same
+way. Llama-style layers only; anything else, and a first call whose rewards disagree with the
+model's own forward (checked once per model), runs the model's own forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from calibrated_rlhf.core.ppo.fast_decode import architecture_reason, within_tolerance
+from calibrated_rlhf.core.ppo.trimmed_forward import last_layer_at, last_layer_input
+
+# model -> whether its first trimmed readout matched its own forward (checked once per model)
+_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """(classification model, its backbone, its score head), through a PEFT wrapper if there is one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return inner, backbone, getattr(inner, "score", None)
+
+
+def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Where a sequence-classification head reads each row: its last token that is not the pad token.
+
+    transformers' own rule (the rightmost non-pad token; position 0 if there is none), so a pad
+    token that is also the end-of-sequence token moves the readout the same way in every path.
+    """
+    non_pad = (input_ids != pad_token_id).to(torch.int64)
+    return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
+
+
+def readout_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids, attention_mask).logits`` [B, labels], the last layer computed at each read position only."""
+    if model not in _checked:
+        _check(model, input_ids, attention_mask)
+    logits = _trimmed(model, input_ids, attention_mask) if _checked.get(model) else None
+    if logits is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits
+
+
+def _trimmed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The trimmed logits, or None where this batch or model needs the full forward."""
+    inner, backbone, head = classifier_parts(model)
+    cfg = getattr(inner, "config", None)
+    if backbone is None or head is None or cfg is None or architecture_reason(inner, input_ids.shape[1]):
+        return None
+    pad_id = cfg.get_text_config().pad_token_id
+    if pad_id is None:  # transformers then reads the last column, of a batch of one only
+        return None
+    read = read_positions(input_ids, pad_id)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if not bool(attention_mask[rows, read].all()):  # a read on a masked token: leave it to the model
+        return None
+    h, rope = last_layer_input(backbone, input_ids=input_ids, attention_mask=attention_mask)
+    keys = torch.arange(input_ids.shape[1], device=input_ids.device)
+    key_mask = ((keys[None, :] <= read[:, None]) & attention_mask.bool())[:, None, :]  # causal at the read
+    out = last_layer_at(backbone.layers[-1], h, rope, read[:, None], key_mask)
+    return head(backbone.norm(out[:, 0]))
+
+
+def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Record whether the trimmed logits match the model's own, without dropout; warn once if not.
+
+    A batch the trimmed path does not take (a read on a masked token) records nothing: the next one is checked.
+    """
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = _trimmed(model, input_ids, attention_mask)
+            if ours is None:
+                return
+            theirs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        model.train(training)
+    ok, error = within_tolerance(ours, theirs)
+    _checked[model] = ok
+    if not ok:
+        warnings.warn(f"the trimmed readout disagrees with {type(model).__name__}'s own forward "
+                      f"(max error {error:.3g}); running the full forward instead", RuntimeWarning, stacklevel=3)
