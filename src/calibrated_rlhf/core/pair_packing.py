@@ -16,10 +16,11 @@ every sequence as a unit of its own (narrower rows), and one the padded path pri
 unshared sequences in a small model) goes padded.
 
 The model runs its own forward (embeddings, rotary tables, layers, kernels) with that 4D mask and
-position ids; only the readout is ours, and it is the sequence-classification head's: the score at
-the last token that is not the pad token. Models whose attention takes no custom mask, an active
-sliding window shorter than the batch, left padding, or a first packed forward that disagrees with
-the model's own forward (checked once per model) keep the padded path.
+position ids up to its last layer, which runs at the read positions only (``core.readout``); the
+readout is the sequence-classification head's: the score at the last token that is not the pad
+token. Models whose attention takes no custom mask, an active sliding window shorter than the batch,
+left padding, or a first packed forward that disagrees with the model's own forward (checked once per
+model) keep the padded path.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def last_layer_at(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, t
     least one key (itself): a fully masked row makes the attention NaN, and NaN survives a zero gradient.
     """
     attn = layer.self_attn
-    (B, T, H), Q, D = h.shape, queries.shape[1], attn.head_dim
+    (B, T, _), Q, D = h.shape, queries.shape[1], attn.head_dim
 
     def at_queries(t: torch.Tensor) -> torch.Tensor:  # [B, T, X] -> [B, Q, X]
         return t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1]))
