@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from calibrated_rlhf.core import readout
+from calibrated_rlhf.core.pair_packing import PackedPairForward
 from calibrated_rlhf.core.readout import read_positions, readout_logits
 from calibrated_rlhf.core.reward_model import score_sequences
-from tests.core.test_pair_packing import EOS, PAD, VOCAB, logits_and_grads, small_model
+from tests.core.test_pair_packing import EOS, PAD, VOCAB, logits_and_grads, pair_batch, random_pairs, small_model
 
 
 def padded(seqs: list[list[int]], pad: int = PAD, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +112,16 @@ def test_a_disagreeing_model_keeps_its_own_forward_and_says_so_once(monkeypatch)
     assert torch.equal(first, want) and torch.equal(second, want)
 
 
-def test_the_check_runs_without_dropout_and_restores_training_mode():
+@pytest.mark.parametrize("path", ["padded", "packed"])
+def test_each_first_use_check_runs_without_dropout_and_restores_training_mode(path):
     model = small_model("llama", attention_dropout=0.5)
     model.train()
-    ids, mask = padded(sequences(4, seed=6))
+    ids, mask = pair_batch(random_pairs(4, seed=5))
+    forward = (PackedPairForward(model, lambda **kw: pytest.fail("fell back")) if path == "packed"
+               else lambda input_ids, attention_mask: readout_logits(model, input_ids, attention_mask))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # dropout would make the two forwards differ: the check must not see it
-        readout_logits(model, ids, mask)
+        forward(input_ids=ids, attention_mask=mask)
     assert model.training
 
 
