@@ -47,6 +47,7 @@ def test_run_logs_the_issue_metrics_and_curves(finished_run):
     assert len(history) >= 3 and len({m.step for m in history}) == len(history)
     assert run.data.metrics["data/n_train"] + run.data.metrics["data/n_test"] > 100
     assert 0 < run.data.metrics["rm/train/packed_batch_fraction"] <= 1  # padding-free batches in a real run
+    assert run.data.metrics["rm/train/trimmed_batch_fraction"] == 1  # the last layer at the read positions
 
 
 def test_run_records_provenance_and_data_hashes(finished_run):

@@ -239,6 +239,8 @@ def test_training_with_packed_pairs_follows_the_padded_training(lora, synthetic_
         assert packed_calls == (16 + 1 if padding_free else 0)  # 2 epochs of 8 batches, and the first one's check
         fractions = [h["packed_batch_fraction"] for h in history if "packed_batch_fraction" in h]
         assert fractions == ([1.0] if padding_free else [])
+        trimmed = [h["trimmed_batch_fraction"] for h in history if "trimmed_batch_fraction" in h]
+        assert trimmed == ([1.0] if padding_free else [])  # padded with one bucket: TRL's own trainer
     assert len(histories[0]) == len(histories[1]) >= 5
     for (step_a, loss_a), (step_b, loss_b) in zip(*histories):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-4)

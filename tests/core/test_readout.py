@@ -57,6 +57,7 @@ def test_the_readout_gives_the_models_rewards_and_gradients(family, attn, left):
         torch.testing.assert_close(got_grads[name], want, atol=1e-5, rtol=1e-4, msg=name)
     # one position per sequence; Qwen3's q/k-normed layers are not written out: its own forward runs
     assert rows[-1] == (ids.numel() if family == "qwen3" else len(ids))
+    assert readout.trims(model, ids.shape[1]) == (family != "qwen3")
 
 
 def test_the_readout_trains_lora_adapters_as_the_model_does():
@@ -110,6 +111,7 @@ def test_a_disagreeing_model_keeps_its_own_forward_and_says_so_once(monkeypatch)
         second = readout_logits(model, ids, mask)
     want = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(first, want) and torch.equal(second, want)
+    assert not readout.trims(model, ids.shape[1])  # what rm/train/trimmed_batch_fraction counts
 
 
 @pytest.mark.parametrize("path", ["padded", "packed"])

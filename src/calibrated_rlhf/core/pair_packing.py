@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import architecture_reason, within_tolerance
+from calibrated_rlhf.core.ppo.fast_decode import within_tolerance
 from calibrated_rlhf.core.ppo.trimmed_forward import last_layer_at, last_layer_input
-from calibrated_rlhf.core.readout import classifier_parts, read_positions
+from calibrated_rlhf.core.readout import classifier_parts, read_positions, trims
 
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -240,7 +240,7 @@ def packed_logits(model: nn.Module, packed: PackedPairs) -> torch.Tensor:
         mask = torch.zeros(mask.shape, dtype=inner.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(inner.dtype).min)
     forward = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "attention_mask": mask}
-    if architecture_reason(inner, packed.input_ids.shape[1]) is not None:
+    if not trims(model, packed.input_ids.shape[1]):
         hidden = backbone(use_cache=False, **forward).last_hidden_state
         return head(hidden.reshape(-1, hidden.shape[-1])[packed.read])
     h, rope = last_layer_input(backbone, **forward)
@@ -286,8 +286,7 @@ class PackedPairForward:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
         logits = self._packed(input_ids, attention_mask)
-        if self.tally is not None and self.model.training:  # which path each training batch took
-            self.tally["batches"] += 1
+        if self.tally is not None and self.model.training:  # training batches that went packed
             self.tally["packed"] += logits is not None
         if logits is None:
             return self.fallback(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -55,13 +55,22 @@ def readout_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return logits
 
 
+def trims(model: nn.Module, width: int) -> bool:
+    """Whether ``model``'s rewards over rows of ``width`` tokens go through the trimmed last layer.
+
+    Its layers must allow it, and its first use, once made, must have agreed with its own forward.
+    """
+    inner, backbone, head = classifier_parts(model)
+    return (backbone is not None and head is not None and getattr(inner, "config", None) is not None
+            and architecture_reason(inner, width) is None and _checked.get(model) is not False)
+
+
 def _trimmed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """The trimmed logits, or None where this batch or model needs the full forward."""
-    inner, backbone, head = classifier_parts(model)
-    cfg = getattr(inner, "config", None)
-    if backbone is None or head is None or cfg is None or architecture_reason(inner, input_ids.shape[1]):
+    if not trims(model, input_ids.shape[1]):
         return None
-    pad_id = cfg.get_text_config().pad_token_id
+    inner, backbone, head = classifier_parts(model)
+    pad_id = inner.config.get_text_config().pad_token_id
     if pad_id is None:  # transformers then reads the last column, of a batch of one only
         return None
     read = read_positions(input_ids, pad_id)

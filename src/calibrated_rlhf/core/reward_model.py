@@ -21,7 +21,7 @@ from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
 from calibrated_rlhf.core.pair_packing import PackedPairForward
-from calibrated_rlhf.core.readout import readout_logits
+from calibrated_rlhf.core.readout import readout_logits, trims
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -218,7 +218,7 @@ def _reward_trainer_class(params: RewardTrainingParams):
     class LengthAwareRewardTrainer(RewardTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.tally: Counter = Counter()  # training batches, and how many went packed
+            self.tally: Counter = Counter()  # training batches, how many went packed, how many trimmed
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -228,8 +228,12 @@ def _reward_trainer_class(params: RewardTrainingParams):
             return PairLengthSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(_batch_forward(model, params, self.tally), inputs, return_outputs,
-                                        num_items_in_batch)
+            out = super().compute_loss(_batch_forward(model, params, self.tally), inputs, return_outputs,
+                                       num_items_in_batch)
+            if model.training:  # after the forward: a first-use check may have turned the trimmed layer off
+                self.tally["batches"] += 1
+                self.tally["trimmed"] += trims(model, inputs["input_ids"].shape[1])
+            return out
 
     return LengthAwareRewardTrainer
 
@@ -247,8 +251,10 @@ def train_reward_model(
     With ``params.lora`` the backbone trains through adapters and the returned model has them merged.
 
     Returns the trained model and its history: one dict per logged point with ``step`` and TRL's
-    keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation); with
-    ``padding_free``, a last point with ``packed_batch_fraction`` (training batches that went packed).
+    keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation); where
+    this project's forward runs the batches (``padding_free``, ``length_buckets`` or ``group_by_length``),
+    a last point with ``trimmed_batch_fraction`` (training batches whose last layer ran at the read
+    positions only, ``core.readout``) and, with ``padding_free``, ``packed_batch_fraction``.
     """
     from trl import RewardConfig
 
@@ -293,7 +299,9 @@ def train_reward_model(
     tally = getattr(trainer, "tally", Counter())
     if tally["batches"]:
         history.points.append({"step": trainer.state.global_step,
-                               "packed_batch_fraction": tally["packed"] / tally["batches"]})
+                               "trimmed_batch_fraction": tally["trimmed"] / tally["batches"],
+                               **({"packed_batch_fraction": tally["packed"] / tally["batches"]}
+                                  if params.padding_free else {})})
     model = merged(trainer.model).to("cpu").eval()
     return model, history.points
 

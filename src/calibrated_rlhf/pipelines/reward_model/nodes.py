@@ -33,6 +33,7 @@ TRAIN_CURVES = {
     "train_runtime": keys.RM_TRAIN_RUNTIME_S,
     "train_samples_per_second": keys.RM_TRAIN_PAIRS_PER_S,
     "packed_batch_fraction": keys.RM_TRAIN_PACKED_BATCH_FRACTION,
+    "trimmed_batch_fraction": keys.RM_TRAIN_TRIMMED_BATCH_FRACTION,
 }
 
 
