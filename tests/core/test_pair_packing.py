@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import warnings
 
-import pandas as pd
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
