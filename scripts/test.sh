@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up the test dependencies and runs the whole test suite.
+# Sets up the test dependencies (in the virtual environment of setup.sh) and runs the whole test suite.
+# Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test,viz
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-python3 -m pytest "$@"
+"$(bash scripts/python.sh)" -m pytest "$@"

@@ -27,13 +27,13 @@ ENV = {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PAR
        "COLUMNS": "200"}
 PRELOADED = ("calibrated_rlhf.pipeline_registry", "kedro.framework.cli", "kedro_mlflow.framework.hooks",
              "kedro_datasets.pandas", "kedro_datasets.json", "kedro_datasets.text", "kedro_datasets.matplotlib",
-             "mlflow.store.tracking.sqlalchemy_store", "mlflow.transformers", "IPython", "git", "datasets",
+             "mlflow.store.tracking.sqlalchemy_store", "mlflow.transformers", "git", "datasets",
              "transformers.trainer", "trl.trainer.reward_trainer", "trl.trainer.sft_trainer",
              "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
 
 
 def preload() -> None:
-    """Import once what every forked run would otherwise import again (MLflow probes IPython at start_run).
+    """Import once what every forked run would otherwise import again.
 
     The project's pipelines count most: ``register_pipelines`` imports every stage's nodes, and with them
     torch, transformers and TRL, in each run that has not got them yet (about 10 s on two cores)."""
