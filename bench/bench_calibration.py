@@ -11,7 +11,7 @@ temperature of
 
 with the time ratio, the relative difference of the two temperatures, and how much higher the
 float64 NLL is at the LBFGS temperature. ``T err`` is the relative error of ``fit_temperature``
-against an independent, untimed float64 Newton solve on all data (tolerance 1e-14). The data match ``shared/anchors/calibration_anchor.py``
+against an independent, untimed float64 Newton solve on all data (tolerance 1e-14). The data match ``bench/baselines/calibration_anchor.py``
 (seed 0 per N): ``z ~ N(0, 1.5^2)``, ``y ~ Bernoulli(sigmoid(z))``, ``margins = 2.5 z`` as float32.
 
 Usage::
@@ -21,7 +21,7 @@ Usage::
 
 Section ``scoring``: reward-model scoring throughput (pairs/s) with length-sorted batches against
 batches in input order, on the reference workload's held-out pairs (its tokenizer and 2-layer Llama,
-``shared/anchors/workload.py``), batch 64, median of ``--repeats``; the scores of both must agree.
+``bench/baselines/workload.py``), batch 64, median of ``--repeats``; the scores of both must agree.
 
 Results go to ``bench/results/<section>.json``.
 """
@@ -196,9 +196,8 @@ def run_scoring(ns: list[int], repeats: int, batch_size: int = 64) -> dict[str, 
     from calibrated_rlhf.core.preferences import MarginParams, standardize, tokenize_pairs
     from calibrated_rlhf.core.reward_model import score_sequences
 
-    anchors = HERE.parent.parent / "shared" / "anchors"
-    sys.path.insert(0, str(anchors))
-    import workload as W  # the anchors' reference workload
+    sys.path.insert(0, str(HERE / "baselines"))
+    import workload as W  # the baselines' reference workload
 
     wl = W.build_workload()
     tok = W.build_tokenizer(wl)

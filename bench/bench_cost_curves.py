@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from paths import ANCHORS, HERE, TRL_PY
+from paths import BASELINES, HERE, TRL_PY
 
 RESULTS = HERE / "results"
 BASE = {"hidden": 128, "response_length": 24, "batch": 16}
@@ -48,7 +48,7 @@ def peak_memory_mib() -> float:
 
 def rm_child(side: str, seq_len: int, n_pairs: int, overrides: dict) -> dict:
     """One reward-model training run on random pairs of lengths in [seq_len/4, seq_len]."""
-    sys.path.insert(0, str(ANCHORS))
+    sys.path.insert(0, str(BASELINES))
     import numpy as np
     import pandas as pd
     import torch
@@ -89,7 +89,7 @@ def rm_child(side: str, seq_len: int, n_pairs: int, overrides: dict) -> dict:
 
 
 def run(cmd: list[str]) -> dict:
-    env = dict(os.environ, ANCHORS_DIR=str(ANCHORS), TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
                ANCHOR_OUT=os.path.join("/tmp", "cost-curves-anchor"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -221,7 +221,7 @@ def main() -> None:
     variants = [json.loads(v) for v in a.rm_params or ["{}"]]
     have_trl = TRL_PY.exists() and not a.no_trl
     if not have_trl:
-        print(f"no TRL 1.12 venv at {TRL_PY}: PPO cells show ours only", flush=True)
+        print(f"no TRL 1.12 venv at {TRL_PY} (bash bench/baselines/setup_trl112.sh makes it): PPO cells show ours only", flush=True)
     t0 = time.perf_counter()
     points: list[dict] = []
     for cell in ppo_cells(grid) if a.only != "rm" else []:

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from paths import ANCHORS
+from paths import BASELINES
 
 from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--price", type=float, default=None, help="mark the passes this price picks (default: the default)")
     a = ap.parse_args()
-    sys.path.insert(0, str(ANCHORS))
+    sys.path.insert(0, str(BASELINES))
     import workload as W
     from transformers import AutoModelForSequenceClassification
 

@@ -1,6 +1,6 @@
-"""Benchmark this project's PPO against TRL's last PPO (trl 1.12) on the shared reference workload.
+"""Benchmark this project's PPO against TRL's last PPO (trl 1.12) on the reference workload (bench/baselines).
 
-Workload (from ``shared/anchors/workload.py``, as in ``trl_ppo_anchor.py``): its BPE tokenizer and
+Workload (from ``bench/baselines/workload.py``, as in ``trl_ppo_anchor.py``): its BPE tokenizer and
 2-layer Llama, the train prompts, batch 16, response length 24, 32 updates (512 episodes), fixed KL
 weight 0.05, a random-init reward model (seed 2) and value model (seed 1), policy seed 0.
 
@@ -10,8 +10,8 @@ Each measured run is a fresh process (``--single``) so peak RSS is per run. Usag
     python bench/bench_ppo.py --repeats 3     # medians over fresh processes
     python bench/bench_ppo.py --single --ppo-epochs 4
 
-The TRL anchor runs in ``.venv-trl112`` (``python3 -m venv .venv-trl112 &&
-.venv-trl112/bin/pip install torch==2.13.0 trl==1.12.0``) with ``--single --gc-freeze``.
+The TRL anchor (``bench/baselines/trl_ppo_anchor.py``) runs in ``.venv-trl112``, made by
+``bash bench/baselines/setup_trl112.sh``, with ``--single --gc-freeze``.
 Results go to ``bench/results/ppo.json`` (``ppo_shared.json`` with ``--value-model shared``: a value
 head on the policy trunk instead of TRL's separate value network, so not like-for-like).
 """
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from paths import ANCHORS, HERE, TRL_PY
+from paths import BASELINES, HERE, TRL_PY
 
 RESULTS = HERE / "results" / "ppo.json"
 
@@ -64,7 +64,7 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
            batch: int = 16, response_length: int = 24, hidden: int | None = None, layers: int | None = None,
            heads: int | None = None, intermediate: int | None = None, dtype: str = "float32") -> dict:
     """One measured run of this project's PPO, in this process."""
-    sys.path.insert(0, str(ANCHORS))
+    sys.path.insert(0, str(BASELINES))
     import numpy as np
     import torch
     import workload as W
@@ -240,8 +240,8 @@ def main() -> None:
 
     have_trl = TRL_PY.exists() and not a.no_trl
     if not have_trl and not a.no_trl:
-        print(f"no TRL venv at {TRL_PY}; reporting ours only", flush=True)
-    out: dict = {"workload": "shared/anchors/workload.py: batch 16, response_length 24, fixed beta 0.05",
+        print(f"no TRL venv at {TRL_PY} (bash bench/baselines/setup_trl112.sh makes it); reporting ours only", flush=True)
+    out: dict = {"workload": "bench/baselines/workload.py: batch 16, response_length 24, fixed beta 0.05",
                  "value_model": a.value_model, "override": json.loads(a.override),
                  "total_episodes": a.total_episodes, "repeats": a.repeats, "settings": {}}
     anchor_env = dict(os.environ, ANCHOR_OUT=os.path.join(tempfile.gettempdir(), "anchors_bench"))
@@ -256,7 +256,7 @@ def main() -> None:
             ours.append(run_child(cmd))
             print(f"[ours epochs={ep} run {i + 1}] " + json.dumps({k: round(ours[-1][k], 3) for k in KEYS}), flush=True)
             if have_trl:
-                cmd = [str(TRL_PY), str(ANCHORS / "trl_ppo_anchor.py"), "--single", "--gc-freeze",
+                cmd = [str(TRL_PY), str(BASELINES / "trl_ppo_anchor.py"), "--single", "--gc-freeze",
                        "--ppo-epochs", str(ep), "--total-episodes", str(a.total_episodes)]
                 r = run_child(cmd, env=anchor_env)
                 r.pop("log_history", None)

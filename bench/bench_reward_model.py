@@ -5,7 +5,7 @@ One run, each side in a fresh process, the sides interleaved seed by seed (2 cor
     python bench/bench_reward_model.py --repeats 3       # seeds 0, 1, 2
     python bench/bench_reward_model.py --repeats 1 --pairs 1024 --threads 1   # a quick look on a busy host
 
-1. Exports the anchor workload's pairs as JSONL (``../shared/anchors/workload.py --export``); ``--pairs N``
+1. Exports the anchor workload's pairs as JSONL (``bench/baselines/workload.py --export``); ``--pairs N``
    keeps the first N training pairs (every side reads the same file).
 2. TRL default: a plain ``RewardTrainer`` with the anchor's settings (``trl_reward_trainer.py``: the anchor's
    tokenizer and 2-layer Llama, 1 epoch, batch 16, lr 1e-3, centering 0.01, max_length 128), seed s.
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from paths import ANCHORS
+from paths import BASELINES
 from paths import REPO as ROOT
 
 EXPORT_DIR = ROOT / "data" / "01_raw" / "reference_workload"
@@ -85,7 +85,7 @@ def child_pipeline(scratch: Path, seed: int) -> dict:
 
 def child_trl(scratch: Path, seed: int, best: bool) -> dict:
     """TRL's RewardTrainer on the exported pairs, set up as the anchor does; ``best`` adds length grouping."""
-    sys.path.insert(0, str(ANCHORS))
+    sys.path.insert(0, str(BASELINES))
     import torch
     import workload as W
     from datasets import Dataset, disable_progress_bar
@@ -149,7 +149,7 @@ def score_on_test(model_dir: str, tokenizer_dir: str, test_version: str) -> floa
 
 
 def export(pairs: int | None) -> None:
-    subprocess.run([sys.executable, str(ANCHORS / "workload.py"), "--export", str(EXPORT_DIR)], check=True)
+    subprocess.run([sys.executable, str(BASELINES / "workload.py"), "--export", str(EXPORT_DIR)], check=True)
     if pairs:
         path = EXPORT_DIR / "train.jsonl"
         path.write_text("".join(path.read_text().splitlines(keepends=True)[:pairs]))
@@ -172,8 +172,8 @@ def main() -> None:
         print("RESULT_JSON=" + json.dumps(child_trl(Path(a.scratch), a.seed, best=a.child == "trl_best")))
         return
 
-    if not ANCHORS.is_dir():
-        raise SystemExit(f"the anchors are not at {ANCHORS}")
+    if not BASELINES.is_dir():
+        raise SystemExit(f"the anchors are not at {BASELINES}")
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     export(a.pairs)

@@ -31,22 +31,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+BASELINES = HERE / "baselines"  # TRL's RewardTrainer and PPO runs, the reference workload
 SIZES = {
     "gpu": dict(hidden=1024, intermediate=2816, layers=12, heads=16, dtype="bfloat16", rm_pairs=2048, rm_batch=16,
                 ppo_batch=32, response_length=128, ppo_updates=4),
     "tiny": dict(hidden=32, intermediate=64, layers=1, heads=2, dtype="bfloat16", rm_pairs=16, rm_batch=8,
                  ppo_batch=4, response_length=8, ppo_updates=2),
 }
-
-
-def anchors_dir() -> Path:
-    """``$ANCHORS_DIR``, else ``shared/anchors`` beside the checkout or one level up."""
-    if os.environ.get("ANCHORS_DIR"):
-        return Path(os.environ["ANCHORS_DIR"])
-    for base in (REPO.parent, REPO.parent.parent, REPO):
-        if (base / "shared" / "anchors" / "workload.py").is_file():
-            return base / "shared" / "anchors"
-    raise SystemExit("the anchors (shared/anchors/workload.py) are not beside this checkout; set ANCHORS_DIR")
 
 
 WORKLOAD: dict = {}  # the workload and its tokenizer, built once before the sides fork
@@ -118,7 +109,7 @@ def ppo_ours(size: dict) -> dict:
             "train_wall_s": r["train_wall_s"], "peak_memory_mib": r["peak_memory_mib"]}
 
 
-def ppo_trl(size: dict, anchors: Path) -> dict:
+def ppo_trl(size: dict) -> dict:
     trl_py = Path(os.environ.get("TRL112_PYTHON", REPO / ".venv-trl112" / "bin" / "python"))
     if not trl_py.exists():
         return {"side": "trl", "skipped": f"no TRL 1.12 environment at {trl_py} (gpu.sh creates it)"}
@@ -126,7 +117,7 @@ def ppo_trl(size: dict, anchors: Path) -> dict:
            "--heads", str(size["heads"]), "--intermediate", str(size["intermediate"]), "--dtype", size["dtype"],
            "--batch", str(size["ppo_batch"]), "--response-length", str(size["response_length"]),
            "--updates", str(size["ppo_updates"])]
-    env = dict(os.environ, ANCHORS_DIR=str(anchors), TRL_EXPERIMENTAL_SILENCE="1", ANCHOR_OUT="/tmp/gpu-bench-anchor")
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", ANCHOR_OUT="/tmp/gpu-bench-anchor")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"side": "trl", "error": proc.stderr[-3000:]}
@@ -165,8 +156,7 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="gpu")
     ap.add_argument("--out", required=True, help="folder for gpu_bench.json")
     a = ap.parse_args()
-    anchors = anchors_dir()
-    sys.path[:0] = [str(anchors), str(HERE)]
+    sys.path[:0] = [str(BASELINES), str(HERE)]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import importlib.metadata as md
 
@@ -184,7 +174,7 @@ def main() -> None:
     size = SIZES[a.size]
     t0 = time.perf_counter()
     rm = {side: forked(rm_side, side, size) for side in ("trl_default", "trl_best", "ours")}
-    ppo = {"ours": forked(ppo_ours, size), "trl": ppo_trl(size, anchors)}
+    ppo = {"ours": forked(ppo_ours, size), "trl": ppo_trl(size)}
     device = forked(lambda: {"cuda": __import__("torch").cuda.is_available(),
                              "name": (__import__("torch").cuda.get_device_name(0)
                                       if __import__("torch").cuda.is_available() else platform.processor() or "cpu")})

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from paths import ANCHORS, HERE
+from paths import BASELINES, HERE
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of every model")
     a = ap.parse_args()
-    sys.path[:0] = [str(ANCHORS), str(HERE)]
+    sys.path[:0] = [str(BASELINES), str(HERE)]
     import torch
     import trl.experimental.ppo as trl_ppo
     import trl_ppo_anchor as anchor
