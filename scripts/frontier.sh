@@ -9,7 +9,7 @@ export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=
 read -r -a kl_targets <<< "${KL_TARGETS:-1 2 4 8}"
 read -r -a dpo_betas <<< "${DPO_BETAS:-0.03 0.1 0.3 1.0}"
 # GRPO moves the policy faster per step (group-scaled advantages, the KL in its loss): its own step and initial
-# beta, the pair that held its target on the default task (README: the settings tried)
+# beta, the pair that held its target on the default task (docs/results.md: the settings tried)
 grpo=${GRPO_PARAMS:-rl.learning_rate=3.0e-4,rl.beta=0.2}
 # The controller moves beta by at most a factor exp(0.2 * episodes / horizon) over a run (1.5 for PPO's
 # default 60 x 32 episodes at horizon 1000): targets far from where the policy drifts by itself need a shorter one

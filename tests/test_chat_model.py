@@ -50,6 +50,6 @@ def test_a_missing_model_folder_is_named_with_the_command_that_writes_one(tmp_pa
     assert check_model_source(str(tmp_path)) == str(tmp_path)
 
 
-def test_the_chat_environment_reads_the_folder_the_readme_writes():
+def test_the_chat_environment_reads_the_folder_the_docs_write():
     folder = yaml.safe_load((ROOT / "conf" / "chat" / "parameters.yml").read_text())["backbone"]["name_or_path"]
-    assert f"python -m calibrated_rlhf.chat_model {folder} && kedro run --env chat" in (ROOT / "README.md").read_text()
+    assert f"python -m calibrated_rlhf.chat_model {folder} && kedro run --env chat" in (ROOT / "docs" / "data-and-models.md").read_text()
