@@ -1,4 +1,4 @@
-"""Real `kedro run`s of a two-member reward ensemble on the tiny configuration, through PPO: the README's recipe."""
+"""Real `kedro run`s of a two-member reward ensemble on the tiny configuration, through PPO: the recipe of docs/ensembles.md."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """The README's recipe for an ensemble: data and reference policy first, the members in parallel
-    processes (one per GPU in the README; CPU here), then the rest against them. Every test below reads
+    """The recipe of docs/ensembles.md for an ensemble: data and reference policy first, the members in parallel
+    processes (one per GPU in the docs; CPU here), then the rest against them. Every test below reads
     this one project; the one-shot run's wiring (all members in one session) is run in memory by
     tests/pipelines/test_reward_ensemble.py."""
     from mlflow import MlflowClient
