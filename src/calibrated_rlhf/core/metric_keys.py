@@ -4,7 +4,7 @@ The nodes that log a key and the report that reads it both import it from here, 
 changes in one line and cannot leave the report reading a key nobody logs any more. Plain constants
 and key builders: no Kedro, no MLflow (``core`` is a plain library).
 
-Keys are ``<stage>/<name>`` or ``<stage>/<group>/<name>``; the README's "Tracking" section lists them.
+Keys are ``<stage>/<name>`` or ``<stage>/<group>/<name>``; the "Tracking" section of docs/runs-and-tracking.md lists them.
 Families whose last part is data (a drop reason, a quantile level, a reward name, an ensemble member)
 have a builder; the constants below are the members the code or the report names.
 """

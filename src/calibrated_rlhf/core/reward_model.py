@@ -52,7 +52,7 @@ class RewardTrainingParams(BaseModel):
         False,
         description="Batch pairs of similar length (keyed on each pair's longer side), the batches in random "
         "order: far less padding, the same pairs each epoch. Off by default: it changes which pairs share a "
-        "batch, and on small data sets that moved the learned margins (see the README's benchmarks).",
+        "batch, and on small data sets that moved the learned margins (see docs/benchmarks.md).",
     )
     padding_free: bool = Field(
         True,

@@ -30,7 +30,7 @@ class RLConfig(BaseModel):
     learning_rate: float = Field(
         1e-3, gt=0, description="AdamW learning rate, linear decay. One pass per batch (PPO takes four) needs a "
         "larger step to reach the KL target; GRPO, whose group scaling and loss-side KL move the policy faster, "
-        "held its target on the default task at 3e-4 with beta 0.2 (README: the settings tried).")
+        "held its target on the default task at 3e-4 with beta 0.2 (docs/results.md: the settings tried).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     num_iterations: int = Field(1, gt=0, description="Optimization passes over each generation batch.")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
