@@ -101,13 +101,15 @@ def latest_run(project: Path) -> Any:
 
 
 def saved(project: Path, filepath: str) -> Any:
-    """What the newest completed run saved at a catalog ``filepath`` (a Parquet or JSON dataset), read back
+    """What the newest completed run saved at a catalog ``filepath`` (a Parquet, CSV or JSON dataset), read back
     from disk the way the next stage reads it: the newest version with a completion marker."""
     root = project / filepath
     versions = sorted((p for p in root.iterdir() if (p / "_complete.json").exists()), reverse=True)
     assert versions, f"no completed version under {root}"
     path = versions[0] / root.name
-    return pd.read_parquet(path) if path.suffix == ".parquet" else json.loads(path.read_text())
+    if path.suffix in (".parquet", ".csv"):
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    return json.loads(path.read_text())
 
 
 def kill_at_first_checkpoint(project: Path, root: Path, known: set[str], *args: str, name: str,

@@ -54,7 +54,7 @@ class RegistryState:
 _SHAPE = RegistryState()
 
 # Pipelines of RL methods besides PPO: registered, but outside `__default__`.
-ALTERNATIVE_METHODS = ("rl", "dpo")
+ALTERNATIVE_METHODS = ("rl", "dpo", "best_of_n")
 
 
 def use_config(config_loader: Any) -> None:
@@ -129,7 +129,7 @@ def register_pipelines() -> dict[str, Pipeline]:
                 pipelines[stage] = sum((reward_ensemble.member_pipeline(i, stage) for i in range(size)), Pipeline([]))
         if "calibration" in pipelines:
             pipelines["calibration"] += reward_ensemble.create_pipeline(ensemble_size=size)
-        for stage in ("normalization", "ppo", "rl"):
+        for stage in ("normalization", "ppo", "rl", "best_of_n"):
             if stage in pipelines:
                 pipelines[stage] = reward_ensemble.assembly_pipeline(size) + pipeline(
                     pipelines[stage], inputs={"reward_model": "reward_ensemble"})

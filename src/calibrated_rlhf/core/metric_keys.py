@@ -224,6 +224,18 @@ DPO_CALIBRATION_TEMPERATURE = dpo_key(CALIBRATION_TEMPERATURE)
 DPO_CALIBRATION_TEST_NLL_AFTER = dpo_key(CALIBRATION_TEST_NLL_AFTER)
 DPO_CALIBRATION_TEST_ECE_AFTER = dpo_key(CALIBRATION_TEST_ECE_AFTER)
 
+# ---- best_of_n: the reference's pool ranked by the calibrated reward (core.best_of_n) -------------------------
+
+def best_of_n_curve(name: str) -> str:
+    """A point of the curve over n (the MLflow step is n): ``kl``, ``kl_bound``, ``gold_gain``, ``proxy_gain``..."""
+    return f"best_of_n/curve/{name}"
+
+
+def best_of_n_fit(name: str) -> str:
+    """Gao et al.'s best-of-n form fitted to the gold gain: ``alpha``, ``beta``, ``r2_held_out``, ``d_peak``..."""
+    return f"best_of_n/fit/{name}"
+
+
 # ---- ensemble: the calibrated aggregate against its members ------------------------------------------------
 
 ENSEMBLE_SIZE = "ensemble/size"
@@ -243,4 +255,4 @@ def member_key(key: str, member: int) -> str:
 # ---- namespaces --------------------------------------------------------------------------------------------
 
 # A run with no metric under these did not train anything (a reporting run, an aborted one).
-TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/", "rl/", "dpo/")
+TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/", "rl/", "dpo/", "best_of_n/")

@@ -109,3 +109,22 @@ def kl_control(steps: Any, kl: Any, beta: Any, kl_target: float, controller: str
     ax_beta.set_xlabel("update"), ax_beta.set_ylabel("beta (normalized-reward units per nat)")
     ax_kl.set_title(f"KL control: {controller}")
     return fig
+
+
+def best_of_n(points: Any, fitted: Any | None) -> Figure:
+    """Best-of-n: proxy and gold gains against d = sqrt(KL) with the fitted form, and the measured KL against
+    the usual formula over n. ``points``: ``core.best_of_n.curve``; ``fitted``: its ``CurveFit`` or None."""
+    fig = _figure(10.0, 3.8)
+    ax_gain, ax_kl = fig.subplots(1, 2)
+    for name, color in (("proxy_gain", "tab:blue"), ("gold_gain", "tab:green")):
+        ax_gain.errorbar(points["d"], points[name], yerr=[points[name] - points[f"{name}_ci_low"],
+                         points[f"{name}_ci_high"] - points[name]], fmt="o", ms=3, color=color, label=name)
+    if fitted is not None:
+        d = np.linspace(0.0, float(np.max(points["d"])), 200)
+        ax_gain.plot(d, fitted.predict(d), color="tab:green", ls="--",
+                     label=f"fit d({fitted.alpha:.3g} - {fitted.beta:.3g} d)")
+    ax_gain.set_xlabel("d = sqrt(KL), sqrt(nats)"), ax_gain.set_ylabel("gain over the reference"), ax_gain.legend()
+    ax_kl.plot(points["n"], points["kl_bound"], "k--", label="log n - (n - 1) / n")
+    ax_kl.plot(points["n"], points["kl"], "o-", label="measured over the pool")
+    ax_kl.set_xscale("log", base=2), ax_kl.set_xlabel("n"), ax_kl.set_ylabel("KL, nats"), ax_kl.legend()
+    return fig
