@@ -20,6 +20,7 @@ from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
 from calibrated_rlhf.core.ppo.checkpoint import digest
+from calibrated_rlhf.core.ppo.results import sample_frame
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
@@ -155,7 +156,7 @@ def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
     figure = plots.kl_control([h[keys.PPO_STEP] for h in result.history], [h[keys.PPO_KL] for h in result.history],
                               [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
-    return history, pd.DataFrame(result.samples), figure, training_summary(result.history, config,
+    return history, sample_frame(result.samples), figure, training_summary(result.history, config,
                                                                             result.stopped_early)
 
 
