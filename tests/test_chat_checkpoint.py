@@ -108,6 +108,23 @@ def test_rewards_are_finite_and_the_console_is_quiet(chat_run):
         assert noise not in text
 
 
+def test_lora_ppo_measures_its_kl_against_the_policy_with_adapters_off(chat_run):
+    """Update 1 samples from the initial policy (adapters start at zero): no divergence but float rounding
+    between the sampling and the full forward (~1e-7 here). From update 2 the adapters have trained, so the KL to
+    the reference (the same weights, adapters off) is well away from 0 (~1e-4 here; the per-batch estimate may
+    be negative); a reference read with the adapters on would be the sampling policy itself, its KL at the
+    rounding level at every update."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+
+    project, _ = chat_run
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    kl = {m.step: m.value for m in client.get_metric_history(latest_run(project).info.run_id, keys.PPO_KL)}
+    assert sorted(kl) == [1, 2], kl
+    assert abs(kl[1]) < 1e-5 < abs(kl[2]), kl
+
+
 @pytest.fixture(scope="module")
 def models(chat_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
