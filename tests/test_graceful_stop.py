@@ -80,16 +80,37 @@ def test_sigterm_stops_ppo_at_an_update_with_a_checkpoint_and_resume_finishes(ti
 
 
 @pytest.mark.slow
-def test_sigterm_stops_rloo_at_an_update_with_a_checkpoint_and_resume_finishes(tiny_run_project):
-    project, root = tiny_run_project, Path("data") / "06_models" / "rl_checkpoints"
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_sigterm_stops_rl_at_an_update_with_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(
+        tiny_run_project, algorithm):
+    """RLOO and GRPO; the resumed run logs the whole run, update for update what an uninterrupted run of the same
+    configuration logs, and ends with the same evaluation."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+    from tests.harness import latest_run
+
+    project, root, name = tiny_run_project, Path("data") / "06_models" / "rl_checkpoints", algorithm.upper()
     preload()
-    params = f"rl.num_updates={UPDATES},rl.checkpoint_every=100"
-    run_dir, code, out, took = signal_mid_training(project, root, "RLOO 1/", "--env", "tiny", "--pipelines", "rl",
-                                                   "--params", params, name="rl_sigterm")
-    stopped_at = stopped_cleanly(project, run_dir, code, out, "RLOO")
-    print(f"stopped {took:.1f} s after SIGTERM, at update {stopped_at}")
+    params = f"rl.algorithm={algorithm},rl.num_updates={UPDATES},rl.checkpoint_every=100"
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params", params,
+                          name=f"{algorithm}_uninterrupted")
+    assert code == 0, out[-3000:]
+    reference = latest_run(project)
+    run_dir, code, out, took = signal_mid_training(project, root, f"{name} 1/", "--env", "tiny", "--pipelines", "rl",
+                                                   "--params", params, name=f"{algorithm}_sigterm")
+    stopped_at = stopped_cleanly(project, run_dir, code, out, name)
+    print(f"{name} stopped {took:.1f} s after SIGTERM, at update {stopped_at}")
 
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params",
-                          params + ",rl.resume_from=latest", name="rl_after_sigterm")
+                          params + ",rl.resume_from=latest", name=f"{algorithm}_after_sigterm")
     assert code == 0, out[-3000:]
-    assert squash(f"RLOO resumes run {run_dir.name} from update {stopped_at}") in squash(out)
+    assert squash(f"{name} resumes run {run_dir.name} from update {stopped_at}") in squash(out)
+    resumed = latest_run(project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for key in (keys.RL_KL, keys.RL_BETA, keys.RL_SCORE, keys.RL_LOSS):
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(reference.info.run_id, key))
+        assert len(curve) == UPDATES, (key, curve)
+        assert sorted((m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, key)) == curve, key
+    evaluation = {k: v for k, v in reference.data.metrics.items() if k.startswith("rl/eval/") and "runtime" not in k}
+    assert evaluation and {k: resumed.data.metrics[k] for k in evaluation} == evaluation
