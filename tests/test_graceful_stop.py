@@ -80,11 +80,11 @@ def test_sigterm_stops_ppo_at_an_update_with_a_checkpoint_and_resume_finishes(ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["grpo"])  # RLOO: the same stage and callback; its resume: test_rl_resume
 def test_sigterm_stops_rl_at_an_update_with_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(
         tiny_run_project, algorithm):
-    """RLOO and GRPO; the resumed run logs the whole run, update for update what an uninterrupted run of the same
-    configuration logs, and ends with the same evaluation."""
+    """The resumed run logs the whole run, update for update what an uninterrupted run of the same configuration
+    logs, and ends with the same evaluation."""
     from mlflow import MlflowClient
 
     from calibrated_rlhf.core import metric_keys as keys
