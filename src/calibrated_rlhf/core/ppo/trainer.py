@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,7 +33,6 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
-from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.chat import prompt_label, stop_token_id
 from calibrated_rlhf.core.ppo import checkpoint as ckpt
 from calibrated_rlhf.core.progress import Progress
@@ -183,11 +181,10 @@ class PPOTrainer:
     def train(self, num_updates: int | None = None, resume_from: str | os.PathLike | None = None) -> PPOResult:
         """Run updates until ``num_updates`` (default ``config.num_updates``) are done in total.
 
-        ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``.
-        A :class:`PPOEarlyStop` ends the loop; the result carries ``stopped_early`` and the reason.
-        With a ``checkpoint_dir``, the run folder records its writer when training starts and is marked
-        complete once ``config.num_updates`` are done or training stopped early (see ``checkpoint.py``).
-        """
+        ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``. A
+        :class:`PPOEarlyStop` ends the loop (``stopped_early``, the reason), a stop signal with a checkpoint
+        (``checkpoint.stop_if_signalled``). With a ``checkpoint_dir``, the run folder records its writer and
+        is marked complete once ``config.num_updates`` are done or training stopped early."""
         cfg = self.config
         total = cfg.num_updates if num_updates is None else num_updates
         if resume_from is not None:
@@ -197,18 +194,17 @@ class PPOTrainer:
             ckpt.mark_started(run_dir, self.resumed_from)
         stopped, reason = False, None
         bar = Progress(total - self.update, "PPO", terminal=None if self.is_main_process else False)
-        with stop_signals.deferred():
-            while self.update < total:
-                try:
-                    m = self.step()
-                except PPOEarlyStop as e:
-                    stopped, reason = True, e.reason
-                    if self.is_main_process:
-                        logger.warning("PPO early stop at update %d: %s", self.update + 1, e.reason)
-                    break
+        while self.update < total:
+            try:
+                m = self.step()
+            except PPOEarlyStop as e:
+                stopped, reason = True, e.reason
                 if self.is_main_process:
-                    bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])
-                self._stop_if_signalled(bar)
+                    logger.warning("PPO early stop at update %d: %s", self.update + 1, e.reason)
+                break
+            if self.is_main_process:
+                bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])
+            ckpt.stop_if_signalled(self)
         bar.close()
         if (not stopped and cfg.checkpoint_every is not None
                 and (self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt.ckpt_name(self.update))):
@@ -218,21 +214,6 @@ class PPOTrainer:
         return PPOResult(history=self.history, samples=self.samples, updates=self.update, episodes=self.episodes,
                          beta=self.beta, stopped_early=stopped, stop_reason=reason,
                          last_checkpoint=self.last_checkpoint, controller_state=self.kl_controller.state_dict())
-
-    def _stop_if_signalled(self, bar: Progress) -> None:
-        """At an update boundary, after SIGTERM/SIGINT (``core.stop_signals``; on any rank): checkpoint
-        the update just done, then raise ``StopRequested``; ``resume_from: latest`` continues from it."""
-        signalled = stop_signals.requested() is not None
-        if self.world_size > 1:  # every rank must stop at the same update and join the checkpoint's barriers
-            signalled = bool(self._reduce_sum(torch.tensor([float(signalled)], dtype=torch.float64))[0] > 0)
-        if not signalled:
-            return
-        bar.close()
-        if self.config.checkpoint_dir is not None and (
-                self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt.ckpt_name(self.update)):
-            self.save_checkpoint()
-        raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGTERM,
-                                         f"after PPO update {self.update} (checkpoint: {self.last_checkpoint})")
 
     def step(self) -> dict[str, float]:
         """One PPO update. Returns its metrics (``ppo/...`` keys); raises :class:`PPOEarlyStop`."""

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core import evaluation, plots, scoring
+from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.lora import merged
@@ -127,7 +127,8 @@ def train_ppo(
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
     resume = prepare_resume("ppo", "PPO", params.resume_from, root, trainer.fingerprint, run_dir,
                             saving=trainer.config.checkpoint_dir is not None)
-    result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
+    with stop_signals.deferred():  # SIGTERM/SIGINT: stop after the update under way, with a checkpoint
+        result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
     # published merged: every later stage loads a plain transformers model
