@@ -84,12 +84,16 @@ def project(tmp_path_factory, real_run) -> Path:
 
 
 def fails_cleanly(project: Path, *params: str, name: str, expect: list[str]) -> str:
+    """The run fails naming ``expect``, before anything is saved: no node completed and no dataset save began
+    (an artifact saved and then swept by the failure hook would leave the listing unchanged, not the log)."""
     before = listing(project)
     code, out = run(project, *params, name=name)
     assert code != 0, out[-3000:]
     for text in expect:
         assert squash(text) in squash(out), f"{text!r} not in:\n{out[-3000:]}"
     assert listing(project) == before, f"new files under data/: {sorted(listing(project) - before)}"
+    # the first node at most started (a bad parameter fails before it does), and nothing was handed to a dataset
+    assert out.count("Running node:") <= 1 and "Saving data to" not in out and " out of " not in out, out[-3000:]
     return out
 
 
@@ -134,6 +138,44 @@ def test_json_lines_parse_error_names_the_line(project):
     lines[6] = lines[6][:-1]  # line 7 loses its closing brace
     path.write_text("\n".join(lines) + "\n")
     fails_cleanly(project, *source(path), name="broken", expect=[f"'{path}' line 7: not valid JSON"])
+
+
+@pytest.mark.slow
+def test_margins_and_ratings_past_their_bounds(project):
+    rows = [dict(r, margin=1.0, chosen_rating=4, rejected_rating=2) for r in text_rows()]
+    rows[4]["margin"] = 1e30
+    rows[6]["rejected_rating"] = -1e30
+    path = write_jsonl(project / "inputs" / "bounds.jsonl", rows)
+    fails_cleanly(project, *source(path), name="bounds", expect=[
+        f"invalid preference data in '{path}'",
+        "a value past ±100 in field 'margin': rows 4 (row 4: margin 1e+30 is past ±100)",
+        "a value past ±1000 in field 'rejected_rating': rows 6 (row 6: rejected_rating -1e+30 is past ±1000)"])
+
+
+@pytest.mark.slow
+def test_a_file_not_in_utf8_is_named_not_a_traceback(project):
+    path = project / "inputs" / "utf16.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in text_rows()), encoding="utf-16")
+    out = fails_cleanly(project, *source(path), name="utf16", expect=[
+        f"'{path}' is not UTF-8 text (byte 0: invalid start byte); it looks UTF-16 encoded; save it as UTF-8"])
+    assert "UnicodeDecodeError" not in out
+    path = project / "inputs" / "latin1.csv"
+    pd.DataFrame([dict(r, chosen=r["chosen"] + " café") for r in text_rows()]).to_csv(path, index=False,
+                                                                                      encoding="latin-1")
+    out = fails_cleanly(project, *source(path), name="latin1", expect=[f"'{path}' is not UTF-8 text"])
+    assert "UnicodeDecodeError" not in out
+
+
+@pytest.mark.slow
+def test_a_utf8_file_with_a_byte_order_mark_is_read(project):
+    path = project / "inputs" / "bom.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in text_rows()), encoding="utf-8-sig")
+    assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+    code, out = run(project, *source(path), name="bom")
+    assert code == 0, out[-3000:]
+    m = latest_run(project).data.metrics
+    assert sum(m[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) == N_PROMPTS * PER_PROMPT
+    assert set(saved(project, "data/03_primary/train_pairs.parquet")["prompt"]) <= {r["prompt"] for r in text_rows()}
 
 
 def write_csv(path: Path, rows: list[dict], header_at: int | None = None) -> Path:

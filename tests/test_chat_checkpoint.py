@@ -45,13 +45,17 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+def chat_params(chat_checkpoint: Path) -> str:
+    return ",".join([f"backbone.name_or_path={chat_checkpoint}", f"policy_init.name_or_path={chat_checkpoint}",
+                     "data_prep.source.synthetic.format=conversational", "data_prep.source.synthetic.n_pairs=160",
+                     "reward_model.training.lora={r: 4}", "ppo.trainer.lora={r: 4}", "ppo.trainer.num_updates=2",
+                     "normalization.max_new_tokens=8", "ppo.evaluation.n_prompts=4"])
+
+
 @pytest.fixture(scope="module")
 def chat_run(tiny_run_project, chat_checkpoint):
     preload()
-    params = ",".join([f"backbone.name_or_path={chat_checkpoint}", f"policy_init.name_or_path={chat_checkpoint}",
-                       "data_prep.source.synthetic.format=conversational", "data_prep.source.synthetic.n_pairs=160",
-                       "reward_model.training.lora={r: 4}", "ppo.trainer.lora={r: 4}", "ppo.trainer.num_updates=2",
-                       "normalization.max_new_tokens=8", "ppo.evaluation.n_prompts=4"])
+    params = chat_params(chat_checkpoint)
     # every stage that builds, trains, loads or publishes a model; the run comparison (reporting) reads MLflow only
     code, log = kedro_run(tiny_run_project, "--env", "tiny", "--params", params, "--pipelines", STAGES,
                           name="chat_checkpoint")
@@ -106,6 +110,23 @@ def test_rewards_are_finite_and_the_console_is_quiet(chat_run):
     for noise in ("register_new_resolver()isdeprecated", "`gradient_checkpointing`isdeprecated",
                   "`is_gradient_checkpointing`isdeprecated", "PassingaPythonobjectas`python_model`"):
         assert noise not in text
+
+
+def test_lora_ppo_measures_its_kl_against_the_policy_with_adapters_off(chat_run):
+    """Update 1 samples from the initial policy (adapters start at zero): no divergence but float rounding
+    between the sampling and the full forward (~1e-7 here). From update 2 the adapters have trained, so the KL to
+    the reference (the same weights, adapters off) is well away from 0 (~1e-4 here; the per-batch estimate may
+    be negative); a reference read with the adapters on would be the sampling policy itself, its KL at the
+    rounding level at every update."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+
+    project, _ = chat_run
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    kl = {m.step: m.value for m in client.get_metric_history(latest_run(project).info.run_id, keys.PPO_KL)}
+    assert sorted(kl) == [1, 2], kl
+    assert abs(kl[1]) < 1e-5 < abs(kl[2]), kl
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +203,28 @@ def test_the_served_model_takes_message_lists(chat_run, models, monkeypatch):
     as_messages = served.predict(pd.DataFrame({"prompt": prompts, "chosen": [plain(c) for c in test["chosen"]],
                                                "rejected": [plain(r) for r in test["rejected"]]}))
     np.testing.assert_allclose(as_messages["raw_chosen"], out["raw"], atol=1e-5)
+
+
+@pytest.mark.parametrize("stage,algorithm", [("rl", "rloo"), ("rl", "grpo"), ("dpo", "dpo")])
+def test_rloo_grpo_and_dpo_train_on_the_chat_data(chat_run, chat_checkpoint, stage, algorithm):
+    """The other RL methods through a real `kedro run` of their stage on the chat run's conversational pairs
+    and ChatML policy: each finishes and evaluates its policy on the gold reward. Last in the module: the tests
+    above read the chat run as the project's latest."""
+    from mlflow import MlflowClient
+
+    from calibrated_rlhf.core import metric_keys as keys
+
+    project, _ = chat_run
+    params = chat_params(chat_checkpoint) + (f",rl.algorithm={algorithm}" if stage == "rl" else "")
+    code, log = kedro_run(project, "--env", "tiny", "--params", params, "--pipelines", stage, name=f"chat_{algorithm}")
+    assert code == 0, log[-4000:]
+    run = latest_run(project)
+    assert run.data.tags[keys.RL_ALGORITHM_TAG] == algorithm
+    for key in (keys.PPO_EVAL_GOLD_POLICY, keys.PPO_EVAL_GOLD_GAIN, keys.PPO_EVAL_KL_REFERENCE):
+        assert math.isfinite(run.data.metrics[key]), key
+    if stage == "rl":  # tiny: 3 updates, each with the KL the controller read
+        client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+        kl = client.get_metric_history(run.info.run_id, keys.RL_KL)
+        assert len(kl) == 3 and all(math.isfinite(m.value) for m in kl)
+    else:
+        assert math.isfinite(run.data.metrics[keys.DPO_TRAIN_LOSS])

@@ -1,7 +1,8 @@
 """The published reward model loads and scores where this project cannot be imported: after a tiny `kedro run`,
-a fresh interpreter with the project's editable install taken off its import path loads the model from the
-MLflow registry by name (or, if no version is registered, from the run's logged model URI that
-``published_reward_model`` records) and scores a DataFrame, with only the code the model ships with."""
+the run has registered exactly one version of the model, and a fresh interpreter with the project's editable
+install taken off its import path loads that version from the MLflow registry by name and scores a DataFrame,
+with only the code the model ships with; an input longer than the trained length (128 tokens, within the
+backbone's 256 positions) is refused."""
 
 from __future__ import annotations
 
@@ -48,7 +49,18 @@ CHILD = textwrap.dedent(r'''
                                          "response": [" calm bright", " noisy dirty broken"]}))
     pairs = model.predict(pd.DataFrame({"prompt": ["Describe the food in Paris."],
                                         "chosen": [" calm bright"], "rejected": [" noisy dirty broken"]}))
-    print(json.dumps({"shipped": shipped, "single": single.to_dict("list"), "pairs": pairs.to_dict("list")}))
+    # between the trained length and the backbone's positions: only the recorded trained length refuses it
+    tokenizer = model.unwrap_python_model().tokenizer
+    words = 1
+    while len(tokenizer(" calm" * words)["input_ids"]) <= 160:
+        words += 1
+    try:
+        model.predict(pd.DataFrame({"prompt": ["Q"], "response": [" calm" * words]}))
+        overlong = "accepted"
+    except Exception as e:  # noqa: BLE001 - the message is the subject
+        overlong = str(e)
+    print(json.dumps({"shipped": shipped, "single": single.to_dict("list"), "pairs": pairs.to_dict("list"),
+                      "overlong": overlong}))
 ''')
 
 
@@ -62,23 +74,20 @@ def published(tiny_run_project):
     return project, record, transform
 
 
-def model_uri(project: Path, record: dict) -> tuple[str, str]:
-    """(URI, how it was found): the newest registered version by name, else the run's logged model."""
+def test_the_finished_run_registered_one_version_and_tagged_its_run(published):
     from mlflow import MlflowClient
 
+    project, record, _ = published
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    versions = client.search_model_versions(f"name='{NAME}'")
-    if versions:
-        newest = max(int(v.version) for v in versions)
-        return f"models:/{NAME}/{newest}", "registry"
-    assert record.get("model_uri"), record
-    return record["model_uri"], "logged model of the run (no registered version)"
+    (version,) = client.search_model_versions(f"name='{NAME}'")
+    assert record["registered_model_name"] == NAME and int(version.version) == 1
+    assert version.run_id == record["run_id"] and version.source == record["model_uri"]
+    assert client.get_run(record["run_id"]).data.tags[f"registered/{NAME}"] == "1"
 
 
 def test_registered_model_scores_where_the_project_is_not_importable(published, tmp_path):
     project, record, transform = published
-    uri, how = model_uri(project, record)
-    print(f"loading {uri} via {how}")
+    uri, how = f"models:/{NAME}/1", "registry"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}", PROJECT_SRC=os.path.realpath(src),
@@ -105,3 +114,4 @@ def test_registered_model_scores_where_the_project_is_not_importable(published, 
     assert pairs["raw_rejected"][0] == pytest.approx(single["raw"][1], rel=1e-5, abs=1e-6)
     d = pairs["calibrated_chosen"][0] - pairs["calibrated_rejected"][0]
     assert pairs["p_chosen_preferred"][0] == pytest.approx(1 / (1 + math.exp(-d)), rel=1e-5)
+    assert "longer than the model's 128 tokens" in out["overlong"], out["overlong"]

@@ -1,5 +1,6 @@
 """A real `kedro run` of the rl stage (RLOO, running_zscore) killed with SIGKILL mid-training, then resumed with
-``rl.resume_from=latest``: it continues the killed run from its last checkpoint, says so, and logs the whole run."""
+``rl.resume_from=latest``: it continues the killed run from its last checkpoint, says so, logs the whole run, and ends
+as an uninterrupted run of the same configuration does."""
 
 from __future__ import annotations
 
@@ -21,18 +22,23 @@ ROOT = Path("data") / "06_models" / "rl_checkpoints"
 
 
 def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the_running_moments(tiny_run_project):
-    """Two runs of the stage (the equality with an uninterrupted run, weights included, is
+    """Three runs of the stage: an uninterrupted one, one killed, its resume (the weights' equality is
     ``tests/core/test_rl_kl_control.py``'s, through the same library entry point): the resumed run logs the whole
-    run's betas, which follow the controller's formula across the kill, and ends with the running moments of
-    every update's batch."""
+    run's betas, which follow the controller's formula across the kill, every figure as the uninterrupted run logs
+    it, and ends with the running moments of every update's batch."""
     from mlflow import MlflowClient
 
     from calibrated_rlhf.core import metric_keys as keys
     from calibrated_rlhf.core.ppo.checkpoint import SCORE_STATE_FILE, read_run
     from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+    from tests.harness import latest_run
 
     project = tiny_run_project
     preload()
+    # the uninterrupted run of the same configuration, to compare the resumed one with
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "rl", "--params", PARAMS, name="rl_uninterrupted")
+    assert code == 0, out[-3000:]
+    reference = latest_run(project)
     known = {d.name for d in (project / ROOT).iterdir()} if (project / ROOT).is_dir() else set()
     killed_dir = kill_at_first_checkpoint(project, ROOT, known, "--env", "tiny", "--pipelines", "rl", "--params",
                                           PARAMS, name="rl_killed")
@@ -45,7 +51,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
     assert squash(f"RLOO resumes run {killed_dir.name} from update {killed_at}") in squash(out)
     root = project / ROOT
     assert not list(root.rglob(f"*{MARK}*"))  # the killed run's TRL staging folder was swept
-    (resumed_dir,) = [d for d in root.iterdir() if (d / COMPLETE_FILE).is_file()]
+    (resumed_dir,) = [d for d in root.iterdir() if (d / COMPLETE_FILE).is_file() and d.name not in known]
     assert read_run(resumed_dir)["resumed_from"]["run"] == killed_dir.name
     last = list_checkpoints(resumed_dir)[-1]
     assert last.name == f"update_{UPDATES:06d}"
@@ -63,6 +69,12 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     kl, beta = history(keys.RL_KL), history(keys.RL_BETA)
     assert len(kl) == len(beta) == len(history(keys.RL_SCORE)) == UPDATES
+    # killed with SIGKILL and resumed, the run logs what the uninterrupted one does, update for update
+    for key in (keys.RL_KL, keys.RL_BETA, keys.RL_SCORE, keys.RL_LOSS):
+        assert history(key) == [m.value for m in sorted(client.get_metric_history(reference.info.run_id, key),
+                                                        key=lambda m: m.step)], key
+    evaluation = {k: v for k, v in reference.data.metrics.items() if "/eval/" in k and "runtime" not in k}
+    assert evaluation and {k: run.data.metrics[k] for k in evaluation} == evaluation
     controller = AdaptiveKLController(0.1, 4.0, 1000)  # conf/base rl: beta, kl_target, kl_horizon
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)

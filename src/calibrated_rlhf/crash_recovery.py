@@ -12,6 +12,10 @@ A model version registered by a node would be "latest" in the registry even if t
 was killed, so registration waits for the end of the run: a dataset whose catalog entry carries
 ``metadata: {mlflow_register: true}`` holds ``model_uri`` and ``registered_model_name``, and the model is
 registered after the run has completed and kedro-mlflow has ended its MLflow run.
+
+SIGTERM and SIGINT, unlike SIGKILL, can be handled: :class:`GracefulStop` has them stop the run at the next
+update boundary of a training loop with a checkpoint (``core.stop_signals``), or at once elsewhere; the run
+then fails (exit code 1) with its MLflow run ended KILLED, and ``resume_from: latest`` continues it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.staging import host_name, pid_alive, sweep_stale
 
 log = logging.getLogger(__name__)
@@ -101,3 +106,36 @@ class CrashRecovery:
         import mlflow
 
         register_models(pipeline, catalog, mlflow.MlflowClient())
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT handlers for the duration of the pipeline run (the previous ones put back after); a run
+    they stop ends its MLflow run KILLED rather than FAILED."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] | None = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self) -> None:
+        self._previous = stop_signals.install()
+
+    @hook_impl(trylast=True)
+    def before_node_run(self) -> None:
+        # a request that something swallowed (a broad ``except Exception``) still stops the run here
+        stop_signals.raise_if_requested("before the next node")
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        stop_signals.restore(self._previous)
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow ends the run as FAILED
+    def on_pipeline_error(self, error: Exception) -> None:
+        import mlflow
+
+        stop_signals.restore(self._previous)
+        if stop_signals.requested() is None and not isinstance(error, stop_signals.StopRequested):
+            return
+        run = mlflow.active_run()
+        if run is not None:
+            log.warning("MLflow run %s stopped by a signal: marked KILLED", run.info.run_id)
+            mlflow.end_run(status="KILLED")

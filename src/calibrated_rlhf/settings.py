@@ -6,7 +6,7 @@ from calibrated_rlhf.known_noise import filter_known_noise
 
 filter_known_noise()  # before the imports below and before Kedro loads its plugins: some noise comes at import
 
-from calibrated_rlhf.crash_recovery import CrashRecovery  # noqa: E402
+from calibrated_rlhf.crash_recovery import CrashRecovery, GracefulStop  # noqa: E402
 from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck  # noqa: E402
 from calibrated_rlhf.launch import is_secondary_rank  # noqa: E402
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader  # noqa: E402
@@ -22,7 +22,7 @@ from calibrated_rlhf.run_integrity import RunIsolation  # noqa: E402
 # LaunchedRanks is registered after RunIsolation so that, both tryfirst, it goes first (pluggy calls
 # later registrations first): a launched secondary rank's outputs are in memory before anything pins them.
 HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), LaunchedRanks(), CrashRecovery(),
-         ProvenanceHooks())
+         GracefulStop(), ProvenanceHooks())
 
 # A secondary rank of `python -m calibrated_rlhf.launch` neither tracks nor saves: only the main process
 # opens the MLflow run. The distribution's name is spelt either way depending on how it was packaged.

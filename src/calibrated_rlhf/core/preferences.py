@@ -36,11 +36,18 @@ class ValidationParams(BaseModel):
     bad_text: Action = Field("error", description="Empty or non-string text, or a malformed message list.")
     identical: Action = Field("error", description="Chosen identical to rejected.")
     duplicate: Action = Field("error", description="The same (prompt, chosen, rejected) more than once.")
-    bad_margin: Action = Field("error", description="NaN or infinite margin, or ratings that contradict the label.")
+    bad_margin: Action = Field("error", description="NaN, infinite or out-of-bounds margin or rating, or ratings that "
+                               "contradict the label.")
     too_long: Action = Field("drop", description="Chosen or rejected longer than max_length tokens.")
     repeated_header: Action = Field("error", description="A row whose values are the column names (a CSV header "
                                     "repeated, e.g. where files were concatenated).")
     max_length: int = Field(128, ge=8, description="Longest prompt + response in tokens, EOS included.")
+    max_abs_margin: float = Field(
+        100.0, gt=0, description="Largest |margin| accepted (reward logits). Past about 40 the margin loss's sigmoid "
+        "is 1 in float64: a larger margin is a unit or parse mistake (a percentage, 1e30), not a preference.")
+    max_abs_rating: float = Field(
+        1000.0, gt=0, description="Largest |rating| accepted in the rating columns; wide enough for 0-100 scales, "
+        "narrow enough to catch a sentinel (1e30, -9999) standing in for a missing rating.")
 
 
 class MarginParams(BaseModel):
@@ -269,16 +276,18 @@ def _contradicting_ratings(df: pd.DataFrame, rating_columns: tuple[str, str]) ->
     return [(int(df["pair_id"].iloc[i]), f"{chosen_col} {c[i]:g} < {rejected_col} {r[i]:g}") for i in bad]
 
 
-def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = None) -> list[Problem]:
+def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = None,
+                  bounds: ValidationParams | None = None) -> list[Problem]:
     """Every problem found, one :class:`Problem` per kind and field.
 
     ``rating_columns``: check that the chosen response is not rated below the rejected one (a label the
-    ratings contradict), when both columns are present.
+    ratings contradict), when both columns are present. ``bounds``: check margins and ratings against
+    ``max_abs_margin`` and ``max_abs_rating`` (kind ``bad_margin``).
     """
-    found: dict[tuple[str, str], Problem] = {}
+    found: dict[tuple[str, str, str], Problem] = {}
 
     def add(kind: str, field: str, pair_id: int, why: str = "", what: str = "") -> None:
-        p = found.setdefault((kind, field), Problem(kind, field, [], why, what))
+        p = found.setdefault((kind, field, what), Problem(kind, field, [], why, what))
         p.rows.append(int(pair_id))
 
     for field in TEXT_FIELDS:
@@ -299,11 +308,24 @@ def find_problems(df: pd.DataFrame, rating_columns: tuple[str, str] | None = Non
         m = df["margin"].to_numpy(dtype=float)
         for pid, value in zip(df.loc[~np.isfinite(m), "pair_id"], m[~np.isfinite(m)]):
             add("bad_margin", "margin", pid, f"margin is {value}")
+    if bounds is not None:
+        for field, limit in _bounded_fields(df, rating_columns, bounds):
+            v = pd.to_numeric(df[field], errors="coerce").to_numpy(dtype=float)
+            past = np.isfinite(v) & (np.abs(v) > limit)  # NaN and inf are reported above or as missing
+            for pid, value in zip(df.loc[past, "pair_id"], v[past]):
+                add("bad_margin", field, pid, f"{field} {value:g} is past ±{limit:g}", f"a value past ±{limit:g}")
     if rating_columns is not None:
         for pid, why in _contradicting_ratings(df, rating_columns):
             add("bad_margin", "/".join(rating_columns), pid, why,
                 "ratings that contradict the label (chosen rated below rejected)")
     return list(found.values())
+
+
+def _bounded_fields(df: pd.DataFrame, rating_columns: tuple[str, str] | None,
+                    bounds: ValidationParams) -> list[tuple[str, float]]:
+    """The margin and rating columns present, each with its bound; ratings before the margin they make."""
+    ratings = [(c, bounds.max_abs_rating) for c in (rating_columns or ()) if c in df.columns]
+    return ratings + ([("margin", bounds.max_abs_margin)] if "margin" in df.columns else [])
 
 
 def apply_validation(
@@ -373,7 +395,7 @@ def validate(
     pairs = standardize(raw, margin)
     headers = find_header_rows(raw)
     body = pairs[~pairs["pair_id"].isin(headers)]
-    problems = find_problems(body, margin.rating_columns if check_ratings else None)
+    problems = find_problems(body, margin.rating_columns if check_ratings else None, params)
     if headers:
         problems.insert(0, Problem("repeated_header", "all columns", headers, "values equal the column names"))
     clean, dropped = apply_validation(pairs, problems, params, source)

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.staging import MARK, host_name, make_staging_dir, pid_alive
 
@@ -488,6 +490,22 @@ def save_trainer(trainer: Any, root: Path) -> Path:
 
     return write_checkpoint(root, ckpt_name(trainer.update), trainer.accelerator, write_shared, write_own,
                             trainer.config.keep_checkpoints)
+
+
+def stop_if_signalled(trainer: Any) -> None:
+    """At an update boundary, after SIGTERM/SIGINT (``core.stop_signals``) on any rank: checkpoint the update
+    just done (with a ``checkpoint_dir``), then raise ``StopRequested``; ``resume_from: latest`` continues from it.
+    A signal waits for this only inside ``stop_signals.deferred()`` (the ppo stage trains in one)."""
+    signalled = stop_signals.requested() is not None
+    if trainer.world_size > 1:  # every rank stops at the same update and joins the checkpoint's barriers
+        signalled = bool(trainer._reduce_sum(torch.tensor([float(signalled)], dtype=torch.float64))[0] > 0)
+    if not signalled:
+        return
+    if trainer.config.checkpoint_dir is not None and (
+            trainer.last_checkpoint is None or Path(trainer.last_checkpoint).name != ckpt_name(trainer.update)):
+        trainer.save_checkpoint()
+    raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGTERM,
+                                     f"after PPO update {trainer.update} (checkpoint: {trainer.last_checkpoint})")
 
 
 def resolve_checkpoint(path: str | os.PathLike, checkpoint_dir: str | None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import pandas as pd
 import torch
 
 ScoreFn = Callable[[list[str], list[str]], Mapping[str, torch.Tensor]]
@@ -34,6 +35,16 @@ class PPOResult:
     stop_reason: str | None = None
     last_checkpoint: str | None = None
     controller_state: dict[str, Any] = field(default_factory=dict)
+
+
+# The columns every sample row has; the score function's own entries follow them.
+SAMPLE_COLUMNS = ("update", "prompt", "response", "score")
+
+
+def sample_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The sample rows as a table; with none (fewer updates than ``sample_every``) still the
+    :data:`SAMPLE_COLUMNS` header, so the saved CSV reads back as an empty table, not a 1-byte file."""
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(SAMPLE_COLUMNS))
 
 
 def sample_rows(update: int, prompts: list[str], responses: list[str], score: torch.Tensor,

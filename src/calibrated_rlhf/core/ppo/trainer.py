@@ -181,11 +181,10 @@ class PPOTrainer:
     def train(self, num_updates: int | None = None, resume_from: str | os.PathLike | None = None) -> PPOResult:
         """Run updates until ``num_updates`` (default ``config.num_updates``) are done in total.
 
-        ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``.
-        A :class:`PPOEarlyStop` ends the loop; the result carries ``stopped_early`` and the reason.
-        With a ``checkpoint_dir``, the run folder records its writer when training starts and is marked
-        complete once ``config.num_updates`` are done or training stopped early (see ``checkpoint.py``).
-        """
+        ``resume_from``: a checkpoint directory, or "latest" for the newest in ``checkpoint_dir``. A
+        :class:`PPOEarlyStop` ends the loop (``stopped_early``, the reason), a stop signal with a checkpoint
+        (``checkpoint.stop_if_signalled``). With a ``checkpoint_dir``, the run folder records its writer and
+        is marked complete once ``config.num_updates`` are done or training stopped early."""
         cfg = self.config
         total = cfg.num_updates if num_updates is None else num_updates
         if resume_from is not None:
@@ -205,6 +204,7 @@ class PPOTrainer:
                 break
             if self.is_main_process:
                 bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])
+            ckpt.stop_if_signalled(self)
         bar.close()
         if (not stopped and cfg.checkpoint_every is not None
                 and (self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt.ckpt_name(self.update))):

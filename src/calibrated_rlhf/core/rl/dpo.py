@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from calibrated_rlhf.core import chat
 from calibrated_rlhf.core.evaluation import sequence_logprobs
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
@@ -63,16 +64,17 @@ def train_dpo(reference_policy: Any, tokenizer: Any, pairs: pd.DataFrame, config
     return trainer.model.to("cpu").eval(), history.points
 
 
-def completion_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def completion_ids(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids with EOS) split as DPO splits them: where the tokenized prompt and
-    the tokenized prompt + completion first differ."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    the tokenized prompt + completion first differ. Text, or messages through the chat template (the prompt
+    with the assistant's generation prompt)."""
+    prompt_ids = chat.prompt_ids(tokenizer, [prompt])[0]
     full = render_ids(tokenizer, prompt, completion)
     n = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
     return full[:n], full[n:]
 
 
-def implicit_rewards(policy: Any, reference: Any, tokenizer: Any, prompts: list[str], completions: list[str],
+def implicit_rewards(policy: Any, reference: Any, tokenizer: Any, prompts: list[Any], completions: list[Any],
                      beta: float) -> np.ndarray:
     """``beta * log(pi(y|x) / pi_ref(y|x))`` of each completion (summed over its tokens, EOS included)."""
     split = [completion_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]

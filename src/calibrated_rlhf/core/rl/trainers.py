@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
@@ -75,11 +77,22 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
     attach_kl_control(trainer, KLControlCallback(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
                                                  episodes_per_step=config.episodes_per_update,
                                                  reward_scale=reward_scale))
+    trainer.add_callback(StopOnSignal())
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
                                                         "reward": "reward"})
     return trainer, history
+
+
+class StopOnSignal(TrainerCallback):
+    """After SIGTERM/SIGINT (``core.stop_signals``): save a checkpoint at the end of this update (when the run
+    checkpoints) and end training; :func:`train` then raises ``StopRequested``."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if stop_signals.requested() is not None:
+            control.should_save = args.save_strategy != "no"
+            control.should_training_stop = True
 
 
 @dataclass
@@ -106,8 +119,11 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
                                              reward_scale=reward_scale)
             resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
-            trainer.train(resume_from_checkpoint=resume)
+            with stop_signals.deferred():
+                trainer.train(resume_from_checkpoint=resume)
             runtime = time.perf_counter() - start
+            # after TRL's checkpoint at the signalled update is published, before the run is marked complete
+            stop_signals.raise_if_requested(f"after {config.algorithm.upper()} update {trainer.state.global_step}")
         if checkpointing is not None:
             rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]

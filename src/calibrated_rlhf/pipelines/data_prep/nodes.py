@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -57,8 +58,22 @@ class SourceParams(StrictParams):
         return self
 
 
+def read_text(p: Path) -> str:
+    """The file's text as UTF-8, a byte-order mark dropped (editors on Windows write one); any other
+    encoding is a :class:`~calibrated_rlhf.core.preferences.PreferenceDataError` naming the file."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = "it looks UTF-16 encoded; " if utf16 else ""
+        # from None: the codec's own traceback names no file and adds nothing to this message
+        raise prefs.PreferenceDataError(f"'{p}' is not UTF-8 text (byte {e.start}: {e.reason}); {hint}"
+                                        "save it as UTF-8") from None
+
+
 def _read_json(p: Path) -> pd.DataFrame:
-    text = p.read_text()
+    text = read_text(p)
     if text.lstrip()[:1] == "[":  # one JSON array of records
         try:
             return pd.DataFrame.from_records(json.loads(text))
@@ -80,7 +95,7 @@ def _read_json(p: Path) -> pd.DataFrame:
 
 
 def _read_csv(p: Path) -> pd.DataFrame:
-    df = pd.read_csv(p, keep_default_na=False)
+    df = pd.read_csv(io.StringIO(read_text(p)), keep_default_na=False)
     # Conversational data in CSV can only travel as JSON text; decode it back into messages.
     for col in prefs.TEXT_FIELDS:
         if col not in df.columns:
@@ -107,7 +122,7 @@ def _read_file(path: str) -> pd.DataFrame:
     if suffix not in readers:
         raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' "
                          "(use .jsonl, .json, .parquet or .csv)")
-    if p.stat().st_size == 0 or (suffix != ".parquet" and not p.read_text().strip()):
+    if p.stat().st_size == 0 or (suffix != ".parquet" and not read_text(p).strip()):
         raise prefs.PreferenceDataError(f"'{path}' is empty: no preference pairs to read")
     df = readers[suffix](p)
     if df.empty:

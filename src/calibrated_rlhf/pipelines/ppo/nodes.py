@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core import evaluation, plots, scoring
+from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.lora import merged
@@ -20,6 +20,7 @@ from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
 from calibrated_rlhf.core.ppo.checkpoint import digest
+from calibrated_rlhf.core.ppo.results import sample_frame
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
@@ -126,7 +127,8 @@ def train_ppo(
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
     resume = prepare_resume("ppo", "PPO", params.resume_from, root, trainer.fingerprint, run_dir,
                             saving=trainer.config.checkpoint_dir is not None)
-    result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
+    with stop_signals.deferred():  # SIGTERM/SIGINT: stop after the update under way, with a checkpoint
+        result = trainer.train(resume_from=resume.checkpoint if resume is not None else None)
     if result.stopped_early:
         log.warning("PPO stopped early: %s", result.stop_reason)
     # published merged: every later stage loads a plain transformers model
@@ -155,7 +157,7 @@ def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
     figure = plots.kl_control([h[keys.PPO_STEP] for h in result.history], [h[keys.PPO_KL] for h in result.history],
                               [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
-    return history, pd.DataFrame(result.samples), figure, training_summary(result.history, config,
+    return history, sample_frame(result.samples), figure, training_summary(result.history, config,
                                                                             result.stopped_early)
 
 
