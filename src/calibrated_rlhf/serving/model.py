@@ -197,7 +197,7 @@ def log_reward_model(
     """
     from calibrated_rlhf.core.ensemble import RewardEnsemble
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole calibrated_rlhf package, not just serving/
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as tmp:
         tmp_path = Path(tmp)
         if isinstance(reward_model, RewardEnsemble):
