@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from calibrated_rlhf.serving.batcher import Batcher, QueueFull
 from calibrated_rlhf.serving.model import OVERLENGTH, RequestError
@@ -76,18 +79,18 @@ def load_served(model_uri: str, overlength: str = "reject") -> Served:
     model = pyfunc.unwrap_python_model()
     meta = pyfunc.metadata
     name = version = None
-    if model_uri.startswith("models:/"):
-        name, _, version = model_uri[len("models:/"):].partition("/")
-        if version and not version.isdigit():  # an alias or stage: the version it points at now
+    path = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    if "/" in path or "@" in path:  # a registered model's version or alias (models:/m-<id> is a logged model)
+        name, version = path.split("@", 1) if "@" in path else path.split("/", 1)
+        if not version.isdigit():  # an alias or stage: the version it points at now
             try:
-                mv = mlflow.MlflowClient().get_model_version_by_alias(name, version.lstrip("@"))
-                version = mv.version
+                version = mlflow.MlflowClient().get_model_version_by_alias(name, version).version
             except Exception:
                 pass
     t = model.transform
     info = {
         "model_uri": model_uri, "registered_model": name, "model_version": version, "run_id": meta.run_id,
-        "model_uuid": getattr(meta, "model_uuid", None),
+        "model_id": getattr(meta, "model_id", None),
         "reward_transform": t.to_dict(),
         "rewards": "normalized: clip((raw / temperature - mean) / std, +-clip), the frozen z-score "
                    "(normalization.method zscore)",
@@ -126,10 +129,6 @@ def rewards_of(transform: Any, raw: np.ndarray, ensemble_std: np.ndarray | None)
 
 def create_app(served: Served, limits: Limits = Limits(), token: str | None = None) -> Any:
     """The FastAPI app over a loaded bundle (tests and the benchmark start it through :func:`main`)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     renderer = Renderer(served.model.tokenizer, served.model.max_length, served.model.overlength)
     batcher = Batcher(score_ids(served.model), limits.max_batch_tokens, limits.max_wait_ms / 1000,
                       limits.max_queue_rows)

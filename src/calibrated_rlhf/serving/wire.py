@@ -131,7 +131,11 @@ def parse_inputs(body: Any, max_rows: int) -> tuple[list[Any], list[Any]]:
             prompts.append(messages[:-1])
             responses.append(messages[-1:])
         elif "response" in row:
-            prompts.append(row.get("prompt", ""))
+            prompt = row.get("prompt", "")
+            if isinstance(row["response"], list) and isinstance(prompt, str) and prompt:
+                raise RequestError(f"inputs[{i}]: a response given as messages needs the prompt as messages too "
+                                   "(or none), got a text prompt")
+            prompts.append(prompt)
             responses.append(row["response"])
         else:
             raise RequestError(f"inputs[{i}] needs 'response' (and 'prompt') or 'messages', got {sorted(row)}")
