@@ -66,7 +66,7 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-inference")
-        self.batches_run = 0
+        self.batches_run = self.rows_scored = 0
 
     @property
     def queued_rows(self) -> int:
@@ -160,4 +160,5 @@ class Batcher:
                 std = np.empty(len(ids)) if std is None else std
                 std[idx] = s
             self.batches_run += 1
+            self.rows_scored += len(idx)
         return raw, std

@@ -206,7 +206,8 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued_rows": batcher.queued_rows}
+        return {"status": "ok", "queued_rows": batcher.queued_rows, "rows_scored": batcher.rows_scored,
+                "batches_run": batcher.batches_run}
 
     return app
 
