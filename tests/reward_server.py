@@ -21,9 +21,10 @@ WORDS = ("calm bright noisy food Paris river quiet broken warm old city garden s
          "and is was very").split()
 
 
-def log_chat_bundle(root: Path, ensemble: int = 1, seed: int = 0) -> tuple[str, str, str]:
+def log_chat_bundle(root: Path, ensemble: int = 1, seed: int = 0, spec: Any = None) -> tuple[str, str, str]:
     """(tracking URI, model URI, run id) of a tiny chat reward model (Qwen2 trunk, ChatML template, pad = EOS =
-    ``<|im_end|>``) or ensemble, logged with ``log_reward_model`` into a store under ``root``."""
+    ``<|im_end|>``) or ensemble, logged with ``log_reward_model`` into a store under ``root``; ``spec``: another
+    ``ChatModelSpec`` (the benchmark's larger one)."""
     import mlflow
     from transformers import AutoTokenizer
 
@@ -32,20 +33,25 @@ def log_chat_bundle(root: Path, ensemble: int = 1, seed: int = 0) -> tuple[str, 
     from calibrated_rlhf.core.normalization import RewardTransform
     from calibrated_rlhf.serving import log_reward_model
 
-    checkpoint = save_chat_checkpoint(root / "chat", seed=seed)
+    if spec is None:
+        checkpoint = save_chat_checkpoint(root / "chat", seed=seed)
+    else:
+        from calibrated_rlhf.chat_model import save_chat_model
+
+        checkpoint = save_chat_model(root / "chat", spec.model_copy(update={"seed": seed}))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     members = [build_reward_backbone(BackboneParams(name_or_path=str(checkpoint), seed=seed + i), tokenizer)
                for i in range(ensemble)]
     tokenizer.model_max_length = TRAINED_LENGTH
-    spec = None
+    ensemble_spec = None
     if ensemble > 1:
-        spec = EnsembleSpec("mean", tuple(1.0 + 0.1 * i for i in range(ensemble)))
-        model: Any = RewardEnsemble(members, spec)
+        ensemble_spec = EnsembleSpec("mean", tuple(1.0 + 0.1 * i for i in range(ensemble)))
+        model: Any = RewardEnsemble(members, ensemble_spec)
     else:
         model = members[0]
     transform = RewardTransform(temperature=1.7, mean=0.3, std=0.8, clip=5.0, computed_on="test",
                                 reward_model_version=None, n=10,
-                                ensemble=None if spec is None else spec.to_dict())
+                                ensemble=None if ensemble_spec is None else ensemble_spec.to_dict())
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking)
     experiment = client.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
@@ -69,8 +75,9 @@ class ServerProcess:
     """``python -m calibrated_rlhf.serving.server`` on 127.0.0.1, logging to a file; :meth:`stop` always ends it."""
 
     def __init__(self, tracking: str, model_uri: str, log: Path, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.tracking, self.model_uri, self.log, self.args = tracking, model_uri, log, args
+                 env: dict[str, str] | None = None, threads: int | None = 1) -> None:
+        self.tracking, self.model_uri, self.log = tracking, model_uri, log
+        self.args = (*args, *(("--threads", str(threads)) if threads else ()))
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -80,7 +87,7 @@ class ServerProcess:
         from tests.project import wait_until_up
 
         cmd = [sys.executable, "-m", "calibrated_rlhf.serving.server", "--model-uri", self.model_uri,
-               "--tracking-uri", self.tracking, "--port", str(self.port), "--threads", "1", *self.args]
+               "--tracking-uri", self.tracking, "--port", str(self.port), *self.args]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         wait_until_up(self.url + "/health", self.proc, lambda: self.log.read_text()[-3000:], timeout_s)
