@@ -5,7 +5,7 @@
     PYTHONPATH=src:. python bench/bench_serving.py --load 10000          # + the long run: memory and answers
     PYTHONPATH=src:. python bench/bench_serving.py --model-uri models:/NAME/3 --tracking-uri sqlite:///mlflow.db
 
-Without ``--model-uri`` it logs a chat reward model (Qwen2 trunk of ``--hidden`` x ``--layers``, ChatML
+Both servers get ``--torch-threads`` (OMP_NUM_THREADS, default 1). Without ``--model-uri`` it logs a chat reward model (Qwen2 trunk of ``--hidden`` x ``--layers``, ChatML
 template) into a scratch MLflow store. Both servers run as processes on loopback; ``mlflow models serve`` with
 ``--env-manager local`` (the same interpreter and packages) and its default single worker, the reward server
 with its defaults. Each client sends requests of ``--rows`` (prompt, response) rows, half chat and half text,
@@ -50,10 +50,12 @@ def examples(n: int, seed: int = 0) -> list[dict]:
 
 
 class MlflowServe:
-    def __init__(self, tracking: str, uri: str, log: Path) -> None:
+    def __init__(self, tracking: str, uri: str, log: Path, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "TOKENIZERS_PARALLELISM": "false", **env,
+               # it execs `uvicorn`: this interpreter's, as a virtual environment not activated leaves it off PATH
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                                       "local", "-h", "127.0.0.1", "-p", str(self.port)],
                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
@@ -171,6 +173,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=2000)
     p.add_argument("--load", type=int, default=0, help="requests of the long run (0: none)")
     p.add_argument("--server-args", default="", help="extra options of the reward server")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads of both servers (OMP_NUM_THREADS): 1 suits a shared host")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     if args.model_uri:
@@ -183,11 +187,10 @@ def main() -> None:
                              max_position_embeddings=256)
         tracking, uri, _ = log_chat_bundle(work, spec=spec)
     exs = examples(args.examples)
-    print(f"model {uri}; {args.rows} rows a request; {args.seconds:.0f} s a cell; torch threads: defaults",
-          flush=True)
-
-    # torch's default threads, as mlflow models serve has
-    ours = ServerProcess(tracking, uri, work / "server.log", *args.server_args.split(), threads=None)
+    threads = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
+    print(f"model {uri}; {args.rows} rows a request; {args.seconds:.0f} s a cell; torch threads "
+          f"{args.torch_threads}", flush=True)
+    ours = ServerProcess(tracking, uri, work / "server.log", *args.server_args.split(), threads=None, env=threads)
     results: dict[str, dict[int, dict]] = {"reward_server": {}, "mlflow_models_serve": {}}
     score_body = lambda a, b: json.dumps({"inputs": exs[a:b]})  # noqa: E731
     mlflow_body = lambda a, b: json.dumps({"dataframe_records": exs[a:b]})  # noqa: E731
@@ -208,7 +211,7 @@ def main() -> None:
             print("load", json.dumps(load_run(ours, exs, expected, args.load, args.rows)), flush=True)
     finally:
         ours.stop()
-    theirs = MlflowServe(tracking, uri, work / "mlflow_serve.log")
+    theirs = MlflowServe(tracking, uri, work / "mlflow_serve.log", threads)
     try:
         for c in args.clients:
             results["mlflow_models_serve"][c] = cell(theirs.url, "/invocations", mlflow_body, len(exs), c,

@@ -307,3 +307,31 @@ def test_a_server_killed_under_load_and_restarted_answers_again(bundle, tmp_path
     assert not [x for x in flat if x[0].startswith("wrong")], flat
     assert any(x == ("down", True) for x in flat), "the kill was not seen"
     assert sum(x == ("ok", False) for x in flat) > 0 and sum(x == ("ok", True) for x in flat) >= 40
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_served_with_its_ensemble_std(tmp_path):
+    import mlflow
+
+    tracking, uri, _ = log_chat_bundle(tmp_path, ensemble=2)
+    mlflow.set_tracking_uri(tracking)
+    try:
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    finally:
+        mlflow.set_tracking_uri(None)
+    exs = examples(24, seed=8)
+    expected = in_process(model, exs)
+    assert expected.ensemble_std is not None and np.all(expected.ensemble_std > 0)
+    proc = ServerProcess(tracking, uri, tmp_path / "server.log").start()
+    try:
+        status, _, out = call(proc.url + "/score", {"inputs": exs})
+        queries = [openrlhf_query(model.tokenizer, e, random.Random(9)) for e in exs]
+        q_status, _, q_out = call(proc.url + "/get_reward", {"query": queries})
+        status_info, _, info = call(proc.url + "/info")
+    finally:
+        proc.stop()
+    assert status == 200 and q_status == 200 and status_info == 200, (out, q_out)
+    np.testing.assert_allclose(out["ensemble_std"], expected.ensemble_std, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["normalized"], expected.normalized, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(q_out["extra_logs"]["ensemble_std"], expected.ensemble_std, rtol=0, atol=1e-6)
+    assert info["ensemble_size"] == 2

@@ -167,8 +167,8 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"malformed JSON: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise RequestError(f"malformed JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}") from None
 
     async def scored(request: Request, render: Any) -> dict[str, list[float]] | JSONResponse:
         if (no := refused(request)) is not None:
@@ -194,11 +194,13 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
         if isinstance(out, JSONResponse):
             return out
         extra = {k: v for k, v in out.items() if k != "normalized"}
-        return {"rewards": out["normalized"], "scores": out["normalized"], "extra_logs": extra}
+        # JSONResponse directly: FastAPI's encoder walks every float again
+        return JSONResponse({"rewards": out["normalized"], "scores": out["normalized"], "extra_logs": extra})
 
     @app.post("/score")
     async def score(request: Request) -> Any:
-        return await scored(request, lambda body: renderer.row_ids(*parse_inputs(body, limits.max_request_rows)))
+        out = await scored(request, lambda body: renderer.row_ids(*parse_inputs(body, limits.max_request_rows)))
+        return out if isinstance(out, JSONResponse) else JSONResponse(out)
 
     @app.get("/info")
     async def info(request: Request) -> Any:
@@ -269,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     served = load_served(args.model_uri, args.overlength)
     limits = Limits(args.max_body_bytes, args.max_request_rows, args.max_queue_rows, args.max_batch_tokens,
                     args.max_wait_ms)
+    if limits.max_request_rows > limits.max_queue_rows:
+        sys.exit(f"--max-request-rows {limits.max_request_rows} > --max-queue-rows {limits.max_queue_rows}: such a "
+                 "request could never be queued")
     if served.model.max_length is not None and limits.max_batch_tokens < served.model.max_length:
         sys.exit(f"--max-batch-tokens {limits.max_batch_tokens} < the trained length {served.model.max_length}")
     log.info("serving %s (run %s) on %s:%d", args.model_uri, served.info["run_id"], args.host, args.port)

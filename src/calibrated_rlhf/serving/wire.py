@@ -16,7 +16,8 @@ Two shapes (JSON objects):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -62,6 +63,8 @@ class Renderer:
     tokenizer: Any
     max_length: int | None
     overlength: str = "reject"
+    # requests render on the server's worker threads; a fast tokenizer is not safe to share between threads
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.markers = conversation_markers(self.tokenizer)
@@ -72,6 +75,10 @@ class Renderer:
         return fit_lengths({column: ids}, self.max_length, self.overlength, side)[column]
 
     def query_ids(self, queries: list[str]) -> list[list[int]]:
+        with self._lock:
+            return self._query_ids(queries)
+
+    def _query_ids(self, queries: list[str]) -> list[list[int]]:
         tok = self.tokenizer
         out = []
         for q in queries:
@@ -87,7 +94,8 @@ class Renderer:
         return self._fit("query", out)
 
     def row_ids(self, prompts: list[Any], responses: list[Any]) -> list[list[int]]:
-        return self._fit("inputs", self.scorer.render(prompts, responses))
+        with self._lock:
+            return self._fit("inputs", self.scorer.render(prompts, responses))
 
 
 def _rows(body: Any, key: str, max_rows: int) -> list:
