@@ -87,7 +87,7 @@ def cell(url: str, path: str, body_of, n_rows: int, clients: int, seconds: float
 
     stop_at = time.monotonic() + seconds
     lat: list[float] = []
-    errors = [0]
+    errors: list[str] = []
     lock = threading.Lock()
 
     def client(k: int) -> None:
@@ -99,15 +99,15 @@ def cell(url: str, path: str, body_of, n_rows: int, clients: int, seconds: float
                 try:
                     r = s.post(url + path, data=body_of(a, a + rows), headers={"Content-Type": "application/json"},
                                timeout=120)
-                    ok = r.status_code == 200
-                except requests.RequestException:
-                    ok = False
+                    why = None if r.status_code == 200 else f"{r.status_code} {r.text[:160]}"
+                except requests.RequestException as e:
+                    why = repr(e)[:160]
                 dt = time.perf_counter() - t0
                 with lock:
-                    if ok:
+                    if why is None:
                         lat.append(dt)
                     else:
-                        errors[0] += 1
+                        errors.append(why)
 
     start = time.monotonic()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -118,7 +118,7 @@ def cell(url: str, path: str, body_of, n_rows: int, clients: int, seconds: float
     wall = time.monotonic() - start
     ms = np.array(lat) * 1000
     return {"requests": len(lat), "rows_per_s": len(lat) * rows / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "errors": errors[0]}
+            "p99_ms": float(np.percentile(ms, 99)), "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
 def load_run(server: ServerProcess, exs: list[dict], expected: np.ndarray, n_requests: int, rows: int) -> dict:

@@ -156,6 +156,20 @@ def test_plain_endpoint_info_and_clients_give_the_in_process_rewards(server, bun
     np.testing.assert_allclose(batch, expected.normalized[:4], atol=1e-6, rtol=0)
 
 
+def test_the_pyfunc_predicts_from_threads_as_it_does_alone(bundle):
+    """`mlflow models serve` calls one loaded model's predict from a pool of threads (the comparison the benchmark
+    makes): the reward readout hooks the shared model for a forward pass, so concurrent calls must not interleave."""
+    import pandas as pd
+
+    model = bundle[2]
+    exs = examples(192, seed=10)
+    batches = [pd.DataFrame(exs[i:i + 8]) for i in range(0, len(exs), 8)]
+    expected = [model.predict(None, b)["raw"].tolist() for b in batches]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda b: model.predict(None, b)["raw"].tolist(), batches, timeout=120))
+    assert got == expected
+
+
 def test_32_clients_each_get_the_answer_to_their_own_request(server, bundle):
     """A bounded load (the 10,000-request one is bench/bench_serving.py --load): zero errors, and each answer
     is its own request's (every request scores a different slice, so a swapped answer shows)."""
