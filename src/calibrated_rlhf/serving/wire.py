@@ -20,11 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
-from calibrated_rlhf.core.preferences import render_ids
+from calibrated_rlhf.core.preferences import render_ids, text_problem
 from calibrated_rlhf.core.scoring import RewardScorer
-from calibrated_rlhf.serving.model import RequestError, check_request, fit_lengths
+from calibrated_rlhf.serving.model import RequestError, fit_lengths
 
 _PROBE = "\u2063probe\u2063"  # content no template alters, to find what the template puts around a turn
 
@@ -147,9 +145,12 @@ def parse_inputs(body: Any, max_rows: int) -> tuple[list[Any], list[Any]]:
             responses.append(row["response"])
         else:
             raise RequestError(f"inputs[{i}] needs 'response' (and 'prompt') or 'messages', got {sorted(row)}")
-    try:
-        check_request(pd.DataFrame({"prompt": pd.Series(prompts, dtype=object),
-                                    "response": pd.Series(responses, dtype=object)}))
-    except RequestError as e:
-        raise RequestError(f"inputs: {e}".replace("bad rows", "bad inputs rows")) from None
+    # the pyfunc's checks (core.preferences.text_problem), row by row: a DataFrame per request costs more than
+    # scoring a small one
+    for field, values in (("prompt", prompts), ("response", responses)):
+        for i, v in enumerate(values):
+            why = text_problem("" if v is None and field == "prompt" else v, field)
+            if why:
+                raise RequestError(f"inputs[{i}].{field} needs {'text' if field == 'prompt' else 'non-empty text'} "
+                                   f"or a list of {{role, content}} messages: {why}")
     return prompts, responses
