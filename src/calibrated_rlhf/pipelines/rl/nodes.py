@@ -25,9 +25,9 @@ from calibrated_rlhf.core.scoring import rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transform_matches, gold_offset, make_score_fn,
                                                  stage_fingerprint)
+from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)
 
