@@ -47,7 +47,7 @@ class RewardScorer:
     """Scores responses with a reward model (or ensemble) and applies the frozen reward transform.
 
     ``raw_multiplier`` scales the raw output (the scale experiment). Lengths are the caller's: the served
-    model checks them against the trained length (``serving.fit_lengths``) between :meth:`render` and
+    model checks them against the trained length (``serving.model.fit_lengths``) between :meth:`render` and
     :meth:`raw_of_ids`.
     """
 

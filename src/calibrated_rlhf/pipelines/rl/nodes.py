@@ -10,22 +10,24 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from calibrated_rlhf.core import evaluation, plots
+from calibrated_rlhf.core import evaluation, plots, scoring
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
-from calibrated_rlhf.core.preferences import distinct_prompts
+from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
 from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
+from calibrated_rlhf.core.scoring import rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transform_matches, gold_offset, make_score_fn,
                                                  stage_fingerprint)
+from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ class RLParams(RLConfig, CheckpointParams):
     raw_reward_multiplier: float = Field(
         1.0, gt=0, description="Multiplies the reward model's raw output: the scale experiment (a in {0.25, 1, 4}).")
     evaluation: EvaluationParams = EvaluationParams()
+    reward_url: str | None = Field(
+        None, description="Score through a reward server (python -m calibrated_rlhf.serving.server) at this URL, "
+        "e.g. http://127.0.0.1:5000, instead of in process; its token from CALIBRATED_RLHF_REWARD_TOKEN. It must "
+        "serve this project's reward (the same reward transform); the rewards and metrics are then the in-process "
+        "ones. null = in process.")
     checkpoint_root: str = Field(
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
@@ -58,9 +65,15 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     check_transform_matches(original, reward_model, rm_fingerprint)
     transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
-              if task is not None else None)
-    score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier, offset)
+    if params.reward_url is None:
+        offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses,
+                              params.raw_reward_multiplier) if task is not None else None)
+        score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier,
+                                 offset)
+    else:
+        scorer = served_scorer(params, original)
+        offset = scoring.gold_offset(scorer, task, *reference_rows(reference_responses)) if task is not None else None
+        score_fn = rl_score_fn(scorer, method, task, offset)
     config, prompts = params.trainer_config(), distinct_prompts(train_pairs)
     checkpointing = prepare_checkpoints(params, rl_checkpoint.resume_fingerprint(
         config, reference_policy, tokenizer, prompts, stage_fingerprint(rm_fingerprint, transform, params, task, offset,
@@ -74,6 +87,26 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
                               [p[BETA] for p in points], params.kl_target, params.kl_control)
     return (result.policy, as_history(points, trainers.METRIC_KEYS), figure,
             training_summary(points, params, result.runtime_s), {keys.RL_ALGORITHM_TAG: params.algorithm})
+
+
+def served_scorer(params: RLParams, transform: RewardTransform) -> RemoteScorer:
+    """The reward server at ``rl.reward_url``, refused unless it serves this project's reward unscaled."""
+    if params.raw_reward_multiplier != 1.0:
+        raise ValueError("rl.raw_reward_multiplier rescales the in-process reward; a served reward is not "
+                         "rescaled: leave rl.reward_url null for the scale experiment")
+    scorer = RemoteScorer(RewardClient(params.reward_url))
+    served = scorer.transform.to_dict()
+    differ = sorted(k for k, v in transform.to_dict().items() if served.get(k) != v)
+    if differ:
+        raise ValueError(f"rl.reward_url {params.reward_url} serves {scorer.info.get('model_uri')} whose reward "
+                         f"transform differs from this project's in {differ}: serve the model this run published, "
+                         "or leave rl.reward_url null")
+    return scorer
+
+
+def reference_rows(responses: pd.DataFrame) -> tuple[list, list]:
+    responses = plain_frame(responses)  # read back from Parquet: message lists arrive as numpy arrays
+    return list(responses["prompt"]), list(responses["response"])
 
 
 def prepare_checkpoints(params: RLParams, fingerprint: dict[str, Any]) -> rl_checkpoint.Checkpointing:

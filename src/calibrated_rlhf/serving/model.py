@@ -27,6 +27,7 @@ import importlib.metadata as md
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +131,20 @@ class CalibratedRewardModel(mlflow.pyfunc.PythonModel):
         if self.overlength not in OVERLENGTH:
             raise ValueError(f"model_config overlength: expected one of {OVERLENGTH}, got {self.overlength!r}")
         self.max_length = length_limit(self.model, self.tokenizer)
+        # `mlflow models serve` predicts on a pool of threads; the reward readout hooks the shared model for the
+        # length of a forward pass, and a fast tokenizer is not to be shared between threads
+        self._lock = threading.Lock()
 
     def _raw(self, prompts: list[Any], responses: dict[str, list[Any]]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (and the ensemble's ensemble_std) of each column's responses, the columns one after another."""
         from calibrated_rlhf.core.scoring import RewardScorer
 
         scorer = RewardScorer(self.model, self.tokenizer, self.transform)
-        ids = {col: scorer.render(prompts, texts) for col, texts in responses.items()}
-        ids = fit_lengths(ids, self.max_length, self.overlength, getattr(self.tokenizer, "truncation_side", "right"))
-        return scorer.raw_of_ids([x for seqs in ids.values() for x in seqs])
+        with self._lock:
+            ids = {col: scorer.render(prompts, texts) for col, texts in responses.items()}
+            ids = fit_lengths(ids, self.max_length, self.overlength,
+                              getattr(self.tokenizer, "truncation_side", "right"))
+            return scorer.raw_of_ids([x for seqs in ids.values() for x in seqs])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from calibrated_rlhf.core.preferences import plain_frame
@@ -197,7 +203,7 @@ def log_reward_model(
     """
     from calibrated_rlhf.core.ensemble import RewardEnsemble
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole calibrated_rlhf package, not just serving/
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as tmp:
         tmp_path = Path(tmp)
         if isinstance(reward_model, RewardEnsemble):
