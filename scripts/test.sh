@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,viz
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-"$(bash scripts/python.sh)" -m pytest "$@"
+# as `source .venv/bin/activate` would: commands that start others by name (mlflow models serve's uvicorn) find them
+bin=$(dirname "$(bash scripts/python.sh)")
+export PATH="$bin:$PATH" VIRTUAL_ENV="$(dirname "$bin")"
+python -m pytest "$@"
