@@ -13,9 +13,18 @@ interface, and so does the TRL RLOO/GRPO callback (``core.rl.kl_control``)::
 ``log beta`` by one (Ziegler's ``beta *= 1 + err * n / horizon`` is ``log beta += err * n / horizon`` to first
 order). Ziegler's error is ``kl / target - 1`` clipped to +-0.2, so over ``N`` episodes beta moves by at most
 ``exp(0.2 N / horizon)``: 1.5x over PPO's default run at horizon 1000, which is why targets far from where the
-initial beta lands were missed. The PI controller's error is ``log(kl / target)`` clipped to +-1 (a ratio error,
-symmetric: twice and half the target pull equally hard), so the same horizon moves beta five times as far, and
-its proportional term answers a KL excursion at once instead of after the integral has caught up.
+initial beta lands were missed. The PI controller keeps Ziegler's error but clips it to [-0.5, 1], so the same
+horizon moves beta up to five times as far, and its proportional term answers a KL excursion at once instead of
+after the integral has caught up.
+
+Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
+over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
+log error it is the geometric mean, below the arithmetic one by about half the batch KL's squared coefficient of
+variation (~0.3-0.5 per batch of 32 here), so the KL would settle several percent above every target. Why the
+clip is asymmetric: every run starts at KL 0 whatever beta is (the policy is the reference), and a KL under
+target rises by itself, pulled by the reward, while a KL over it falls only as fast as beta pushes it back. A
+full -1 at the start lowered beta by e^-1.3 within five updates in the first trials and let GRPO run to KL 18
+against a target of 4; counting anything below half the target as half halves that dip.
 """
 
 from __future__ import annotations
@@ -30,11 +39,12 @@ KLControl = Literal["pi", "adaptive", "fixed"]
 # integral with it) keeps a target the policy cannot reach in the run (KL 16 at a small step) from winding the
 # integral up so far that it takes the rest of the run to come back.
 BETA_MIN, BETA_MAX = 1e-4, 1e2
-# The log-ratio error is clipped to +-ERROR_CLIP: a batch KL of 0 (the first update, the policy still at the
-# reference), negative (k1's batch mean can be) or 100x the target counts as e^-1 or e^1 of it, no more.
-ERROR_CLIP = 1.0
-# Proportional gain on log(kl / target): a KL twice the target multiplies beta by 2^gain at once.
-DEFAULT_GAIN = 1.0
+# The error kl / target - 1 is clipped to [-ERROR_CLIP_LOW, ERROR_CLIP_HIGH]: a batch KL of 0 (the first
+# updates, the policy still at the reference) or negative (k1's batch mean can be) counts as half the target, and
+# 100x the target as twice it, no more.
+ERROR_CLIP_LOW, ERROR_CLIP_HIGH = 0.5, 1.0
+# Proportional gain: a KL twice the target (error 1) multiplies beta by e^gain at once.
+DEFAULT_GAIN = 0.5
 
 
 class AdaptiveKLController:
@@ -88,7 +98,7 @@ class FixedKLController(AdaptiveKLController):
 
 
 class PIKLController(AdaptiveKLController):
-    """Proportional-integral control of ``log beta`` on the error ``e = clip(log(kl / kl_target), +-1)``::
+    """Proportional-integral control of ``log beta`` on the error ``e = clip(kl / kl_target - 1, -0.5, 1)``::
 
         integral <- clamp(integral + e * n / horizon)          # per episode: batch-size independent
         log beta  = clamp(log beta_0 + integral + gain * e)    # to [log BETA_MIN, log BETA_MAX]
@@ -110,15 +120,13 @@ class PIKLController(AdaptiveKLController):
         self.gain = float(gain)
         self.log_beta0 = math.log(self.beta)
         self.integral = 0.0
-        self.error = 0.0  # the last update's clipped log error, kept for diagnostics
+        self.error = 0.0  # the last update's clipped error, kept for diagnostics
 
     def update(self, kl: float, n_episodes: int) -> float:
         if not math.isfinite(kl):
             raise ValueError(f"pi KL control got a non-finite KL ({kl}) at update {self.steps + 1}")
         lo, hi = math.log(BETA_MIN), math.log(BETA_MAX)
-        ratio = kl / self.kl_target
-        e = math.log(ratio) if ratio > 0 else -ERROR_CLIP
-        e = min(max(e, -ERROR_CLIP), ERROR_CLIP)
+        e = min(max(kl / self.kl_target - 1.0, -ERROR_CLIP_LOW), ERROR_CLIP_HIGH)
         self.integral = min(max(self.integral + e * n_episodes / self.horizon, lo - self.log_beta0),
                             hi - self.log_beta0)
         self.beta = math.exp(min(max(self.log_beta0 + self.integral + self.gain * e, lo), hi))
