@@ -120,7 +120,8 @@ def markdown(runs: pd.DataFrame, summ: pd.DataFrame, tolerance: float = TOLERANC
                        & (runs["learning_rate"] == default_lr[m])]
             row[f"{m} {c}"] = _cell(sel)
         rows.append(row)
-    lines += [f"Each cell: every seed's second-half KL (its error against the target); default learning rates "
+    lines += [f"Each cell: every seed's second-half KL (its error against the target), at the learning rate most of "
+              f"the method's runs used "
               f"({', '.join(f'{m} {default_lr[m]:g}' for m, _ in dict.fromkeys((m, 0) for m, _ in cols))}).", "",
               markdown_table(pd.DataFrame(rows)), ""]
     others = runs.merge(pd.Series(default_lr, name="default_lr"), left_on="method", right_index=True)
