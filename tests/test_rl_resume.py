@@ -63,7 +63,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     kl, beta = history(keys.RL_KL), history(keys.RL_BETA)
     assert len(kl) == len(beta) == len(history(keys.RL_SCORE)) == UPDATES
-    controller = PIKLController(0.1, 4.0, 200, gain=0.5)  # conf/base rl: pi, beta, kl_target, kl_horizon, kl_gain
+    controller = PIKLController(0.1, 4.0, 400, gain=2.0)  # conf/base rl: pi, beta, kl_target, kl_horizon, kl_gain
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)

@@ -12,6 +12,7 @@ import pytest
 from calibrated_rlhf.core.kl_controller import (
     BETA_MAX,
     BETA_MIN,
+    DEFAULT_GAIN,
     ERROR_CLIP_HIGH,
     ERROR_CLIP_LOW,
     PIKLController,
@@ -20,7 +21,7 @@ from calibrated_rlhf.core.kl_controller import (
 
 
 def simulate(kind: str, beta: float, target: float, horizon: int, updates: int = 120, batch: int = 32,
-             lag: float = 0.15, gain: float = 0.5, noise: float = 0.0, seed: int = 0) -> tuple[list[float], list[float]]:
+             lag: float = 0.15, gain: float = DEFAULT_GAIN, noise: float = 0.0, seed: int = 0) -> tuple[list[float], list[float]]:
     """A policy whose KL relaxes (``lag`` of the way per update) towards the optimum of E[r] - beta KL for a
     unit-Gaussian reward: the tilted policy, KL = 1 / (2 beta^2); each batch's KL is that times a mean-one
     log-normal factor of spread ``noise``. Returns the batch KL and the beta of every update."""

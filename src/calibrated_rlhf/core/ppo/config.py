@@ -123,7 +123,7 @@ class PPOConfig(BaseModel):
     kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the pi and adaptive controllers.")
     kl_horizon: int = Field(10000, gt=0, description="Controller horizon, in episodes: a sustained unit error moves "
                             "log beta by one over it (the integral time of 'pi').")
-    kl_gain: float = Field(0.5, ge=0, description="'pi' only: proportional gain on the error kl / kl_target - 1.")
+    kl_gain: float = Field(2.0, ge=0, description="'pi' only: proportional gain on the error kl / kl_target - 1.")
     score_key: str = Field(
         "normalized",
         description="Which score_fn output is optimized (the others are only logged); its units are the "

@@ -41,7 +41,7 @@ class RLConfig(BaseModel):
     beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat.")
     kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the controller, nats.")
     kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes (the integral time of pi).")
-    kl_gain: float = Field(0.5, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
+    kl_gain: float = Field(2.0, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
     scale_rewards: Literal["group", "batch", "none"] | None = Field(
         None, description="GRPO only: divide rewards by the group's (group), the batch's (batch) or no (none) "
         "standard deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score.")
