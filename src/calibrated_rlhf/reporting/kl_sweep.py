@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.reporting.table import as_float, comparison_table
@@ -92,6 +93,11 @@ def achieved_figure(runs: pd.DataFrame, tolerance: float = TOLERANCE) -> Figure:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
+        ax.set_xticks(targets)  # plain numbers at the targets, not powers of ten
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_title(method.upper())
         ax.set_xlabel("KL target, nats per sequence")
     axes[0].set_ylabel("second-half KL, nats per sequence")
