@@ -56,6 +56,6 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   grid adaptive "${adaptive_seeds[@]}"
 fi
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}  # where kedro-mlflow logged (conf/base/mlflow.yml)
-"$python" -m calibrated_rlhf.reporting.kl_sweep --scenario kl_control --tracking-uri "$MLFLOW_TRACKING_URI" --out "$out"
+"$python" -m calibrated_rlhf.reporting.kl_sweep --scenario kl_control --out "$out"
 "$python" -m calibrated_rlhf.reporting.frontier --scenario kl_control --kl "$(IFS=,; echo "${targets[*]}")" \
   --out "$out/frontier"

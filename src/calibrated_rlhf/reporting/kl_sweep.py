@@ -159,20 +159,17 @@ def write_report(runs: pd.DataFrame, out_dir: str | Path, tolerance: float = TOL
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m calibrated_rlhf.reporting.kl_sweep [--scenario kl_control] [--out docs/results/kl_control]``."""
+    """``python -m calibrated_rlhf.reporting.kl_sweep [--scenario kl_control] [--out docs/results/kl_control]``, from
+    the tracking URI in ``MLFLOW_TRACKING_URI`` (``scripts/kl_sweep.sh`` sets the project's)."""
     import argparse
-
-    import mlflow
 
     from calibrated_rlhf.reporting.runs import RunSelection, load_runs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="calibrated_rlhf")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--scenario", default="kl_control", help="the scenario tag of the runs ('': every run)")
     parser.add_argument("--out", default="docs/results/kl_control")
     args = parser.parse_args(argv)
-    mlflow.set_tracking_uri(args.tracking_uri)
     runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,) if args.scenario else ()))
     paths = write_report(sweep_runs(runs), args.out)
     for note in notes:
