@@ -19,12 +19,12 @@ after the integral has caught up.
 
 Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
 over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
-log error it is the geometric mean, below the arithmetic one by about half the batch KL's squared coefficient of
-variation (~0.3-0.5 per batch of 32 here), so the KL would settle several percent above every target. Why the
+log error it is the geometric mean, below the arithmetic one by about half the squared coefficient of variation
+of the batch KL (which is ~0.3-0.5 per batch of 32 here), so the KL would settle several percent above target. Why the
 clip is asymmetric: every run starts at KL 0 whatever beta is (the policy is the reference), and a KL under
 target rises by itself, pulled by the reward, while a KL over it falls only as fast as beta pushes it back. A
 full -1 at the start lowered beta by e^-1.3 within five updates in the first trials and let GRPO run to KL 18
-against a target of 4; counting anything below half the target as half halves that dip.
+against a target of 4; counting anything below half the target as half halves the integral's drift there.
 """
 
 from __future__ import annotations
