@@ -17,11 +17,11 @@ def _history(client, run, key):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def test_grpo_runs_on_the_tiny_run_with_the_adaptive_controller_and_the_evaluation_protocol(tiny_run_project):
+def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_protocol(tiny_run_project):
     from mlflow import MlflowClient
 
     from calibrated_rlhf.core import metric_keys as keys
-    from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+    from calibrated_rlhf.core.kl_controller import PIKLController
 
     project = tiny_run_project
     template = latest_run(project)
@@ -40,7 +40,7 @@ def test_grpo_runs_on_the_tiny_run_with_the_adaptive_controller_and_the_evaluati
     # the controller's formula on the logged per-sequence KL gives the logged betas (tiny: 8 episodes an update)
     kl, beta = _history(client, run, keys.RL_KL), _history(client, run, keys.RL_BETA)
     assert len(kl) == len(beta) == 3
-    controller = AdaptiveKLController(0.1, 0.05, 1000)
+    controller = PIKLController(0.1, 0.05, 400, gain=2.0)  # conf/base rl: pi, beta, kl_horizon, kl_gain
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)
