@@ -186,7 +186,7 @@ def build_tokenizer(train_pairs: pd.DataFrame, backbone: BackboneParams, validat
     can refuse longer inputs.
     """
     if backbone.name_or_path:
-        tokenizer = load_tokenizer(backbone.name_or_path)
+        tokenizer = load_tokenizer(backbone.name_or_path, backbone.gguf_file)
     else:
         def texts(value: Any) -> list[str]:
             if prefs.is_conversational(value):
