@@ -28,7 +28,8 @@ def test_fit_on_gold_margins_recovers_the_true_scale_for_any_multiple(task_pairs
     fit = nodes.fit_calibration(scores_from_gold(df, a, b=3.0), nodes.CalibrationParams())
     # P = sigmoid(4 * gold_diff) and margins = a * gold_diff, so the ML temperature is a / 4.
     assert fit["temperature"] == pytest.approx(a / 4.0, rel=0.05)
-    m, _, _ = nodes.report_calibration(scores_from_gold(df, a, b=3.0), df, fit, task, nodes.CalibrationParams())
+    m, _, _ = nodes.report_calibration(scores_from_gold(df, a, b=3.0), df, fit, task,
+                                       nodes.CalibrationParams(n_bootstrap=100))
     assert m["calibration/recovered_scale"]["value"] == pytest.approx(4.0, rel=0.05)
 
 
@@ -40,7 +41,7 @@ def test_pipeline_reports_before_and_after_and_plots(task_pairs):
         "test_scores": scores_from_gold(test, 9.0),
         "test_pairs": test,
         "synthetic_task": task,
-        "params:calibration": nodes.CalibrationParams(),
+        "params:calibration": nodes.CalibrationParams(n_bootstrap=100),
     })
     m = {k: v["value"] for k, v in out["calibration_metrics"].items()}
     for key in ("temperature", "test_nll_before", "test_nll_after", "test_ece_before", "test_ece_after",
@@ -67,3 +68,36 @@ def test_too_few_or_broken_margins_fail_clearly(task_pairs):
     broken.loc[7, "reward_chosen"] = np.nan
     with pytest.raises(ValueError, match="NaN|non-finite|finite"):
         nodes.fit_calibration(broken, nodes.CalibrationParams())
+
+
+def test_a_small_calibration_split_is_warned_about_with_the_size_that_would_do(task_pairs, caplog):
+    df, _ = task_pairs
+    with caplog.at_level("WARNING", logger="calibrated_rlhf.pipelines.calibration.nodes"):
+        small = nodes.fit_calibration(scores_from_gold(df.iloc[:40], 9.0), nodes.CalibrationParams())
+    (warning,) = [r.getMessage() for r in caplog.records if "calibration split too small" in r.getMessage()]
+    assert small["relative_std_error"] > 0.05 and small["sufficient_pairs"] > 40
+    assert f"about {small['sufficient_pairs']} pairs" in warning and "40 calibration pairs" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="calibrated_rlhf.pipelines.calibration.nodes"):
+        big = nodes.fit_calibration(scores_from_gold(df, 9.0), nodes.CalibrationParams())
+    assert big["relative_std_error"] < 0.05 and not caplog.records
+
+
+def test_the_report_gives_intervals_with_the_oracle_on_the_same_resamples(task_pairs):
+    df, task = task_pairs
+    cal, test = df.iloc[:4800], df.iloc[4800:6000]
+    params = nodes.CalibrationParams(n_bootstrap=200)
+    fit = nodes.fit_calibration(scores_from_gold(cal, 9.0), params)
+    m = {k: v["value"] for k, v in nodes.report_calibration(scores_from_gold(test, 9.0), test, fit, task, params)[0].items()}
+    assert m["calibration/temperature_rel_std_error"] == pytest.approx(fit["relative_std_error"])
+    for figure in ("ece", "nll", "brier"):
+        assert m[f"calibration/test_{figure}_after_low"] <= m[f"calibration/test_{figure}_after"] \
+            <= m[f"calibration/test_{figure}_after_high"]
+        assert m[f"calibration/test_oracle_{figure}_low"] <= m[f"calibration/test_oracle_{figure}"] \
+            <= m[f"calibration/test_oracle_{figure}_high"]
+        diff = m[f"calibration/test_{figure}_minus_oracle"]
+        assert diff == pytest.approx(m[f"calibration/test_{figure}_after"] - m[f"calibration/test_oracle_{figure}"])
+        # gold margins calibrated: as good as the oracle, and the paired interval is the narrower one
+        assert m[f"calibration/test_{figure}_minus_oracle_low"] <= 0.01
+        assert (m[f"calibration/test_{figure}_minus_oracle_high"] - m[f"calibration/test_{figure}_minus_oracle_low"]
+                < m[f"calibration/test_oracle_{figure}_high"] - m[f"calibration/test_oracle_{figure}_low"])

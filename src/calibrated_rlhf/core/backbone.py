@@ -68,6 +68,9 @@ class BackboneParams(BaseModel):
     name_or_path: str | None = Field(
         None, description="Hub id or local folder of a pretrained model; null builds the tiny model from config."
     )
+    gguf_file: str | None = Field(
+        None, description="A GGUF file (llama.cpp's format) inside the name_or_path folder to read the model and "
+        "tokenizer from, dequantized to dense weights; needs the `gguf` extra. null: the folder's own files.")
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size of the locally trained tokenizer.")
     hidden_size: int = Field(128, ge=8)
     intermediate_size: int = Field(256, ge=8)
@@ -121,9 +124,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return fast
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """Load a pretrained tokenizer; give it a pad token if it has none (reward batches need padding)."""
-    tok = AutoTokenizer.from_pretrained(check_model_source(name_or_path))
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerFast:
+    """Load a pretrained tokenizer (from the folder, or from its GGUF file); give it a pad token if it has
+    none (reward batches need padding)."""
+    if gguf_file:
+        from calibrated_rlhf.core.gguf import gguf_path, require_gguf
+
+        require_gguf()
+        gguf_path(check_model_source(name_or_path), gguf_file)
+        tok = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+    else:
+        tok = AutoTokenizer.from_pretrained(check_model_source(name_or_path))
     ensure_pad_token(tok)
     return tok
 
@@ -186,7 +197,7 @@ def reward_model_from_causal_lm(name_or_path: str, params: BackboneParams) -> Pr
     loader.setLevel(hf_logging.ERROR)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, output_loading_info=True, **params.load_kwargs())
+            name_or_path, num_labels=1, output_loading_info=True, **params.load_kwargs(), **_gguf_kwargs(params))
     finally:
         loader.setLevel(level)
     missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
@@ -201,13 +212,23 @@ def reward_model_from_causal_lm(name_or_path: str, params: BackboneParams) -> Pr
 def build_causal_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A causal LM: the policy that writes responses."""
     if params.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(check_model_source(params.name_or_path), **params.load_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(check_model_source(params.name_or_path), **params.load_kwargs(),
+                                                     **_gguf_kwargs(params))
     else:
         torch.manual_seed(params.seed)
         model = AutoModelForCausalLM.from_config(tiny_config(params, tokenizer), **params.load_kwargs())
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _gguf_kwargs(params: BackboneParams) -> dict:
+    """Read ``params.gguf_file`` dequantized: a plain model the stages can train and save."""
+    if not params.gguf_file:
+        return {}
+    from calibrated_rlhf.core.gguf import dense_load_kwargs
+
+    return dense_load_kwargs(params.name_or_path, params.gguf_file)
 
 
 def prepare_for_training(model: PreTrainedModel, params: BackboneParams) -> PreTrainedModel:

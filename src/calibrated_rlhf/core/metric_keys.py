@@ -87,6 +87,26 @@ CALIBRATION_TEST_ORACLE_ECE = "calibration/test_oracle_ece"
 CALIBRATION_TEST_NLL_GAP_TO_BAYES = "calibration/test_nll_gap_to_bayes"
 CALIBRATION_TRUE_SCALE = "calibration/true_scale"
 CALIBRATION_RECOVERED_SCALE = "calibration/recovered_scale"
+# How sure: the temperature's relative standard error and the calibration size that would bring it under
+# its target; bootstrap intervals over the test pairs of the after-calibration figures, of the oracle's on
+# the same resamples and of the paired difference (``calibration_interval``).
+CALIBRATION_TEMPERATURE_REL_STD_ERROR = "calibration/temperature_rel_std_error"
+CALIBRATION_SUFFICIENT_PAIRS = "calibration/sufficient_pairs"
+
+
+def calibration_interval(name: str, bound: str) -> str:
+    """``calibration/test_<name>_<bound>``: ``name`` is ``ece_after``, ``oracle_nll``, ``nll_minus_oracle``, ...;
+    ``bound`` ``low`` or ``high`` (the interval's ends) or ``value`` (the figure, where no other key has it)."""
+    if bound not in ("low", "high", "value"):
+        raise ValueError(f"bound must be 'low', 'high' or 'value', got {bound!r}")
+    return f"calibration/test_{name}" if bound == "value" else f"calibration/test_{name}_{bound}"
+
+
+CALIBRATION_TEST_ECE_AFTER_LOW = calibration_interval("ece_after", "low")
+CALIBRATION_TEST_ECE_AFTER_HIGH = calibration_interval("ece_after", "high")
+CALIBRATION_TEST_ECE_MINUS_ORACLE = calibration_interval("ece_minus_oracle", "value")
+CALIBRATION_TEST_ECE_MINUS_ORACLE_LOW = calibration_interval("ece_minus_oracle", "low")
+CALIBRATION_TEST_ECE_MINUS_ORACLE_HIGH = calibration_interval("ece_minus_oracle", "high")
 
 # ---- normalization: the frozen statistics of calibrated rewards --------------------------------------------
 

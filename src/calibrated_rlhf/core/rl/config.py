@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.lora import LoraParams
+
 RLAlgorithm = Literal["rloo", "grpo"]
 
 
@@ -47,6 +49,9 @@ class RLConfig(BaseModel):
         "standard deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score.")
     normalize_advantages: bool | None = Field(
         None, description="RLOO only: whiten the advantages over the batch; null = TRL's default (off).")
+    lora: LoraParams | None = Field(
+        None, description="LoRA adapters instead of a full fine-tune (TRL's reference is then the policy with its "
+        "adapters off: no second model); the trained policy is merged. null trains every weight.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RLConfig":

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.history import HistoryCallback
+from calibrated_rlhf.core.lora import lora_config, merged
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
 from calibrated_rlhf.core.rl.checkpoint import Checkpointing, trl_output_dir
@@ -72,8 +73,9 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
     cls = GRPOTrainer if config.algorithm == "grpo" else RLOOTrainer
     if len(prompts) < config.batch_size // config.num_generations:
         raise ValueError(f"{len(prompts)} prompts < one update's {config.batch_size // config.num_generations}")
+    peft = {"peft_config": lora_config(config.lora, "CAUSAL_LM")} if config.lora is not None else {}
     trainer = cls(model=str(policy_dir), reward_funcs=[reward], args=trl_config(config, output_dir, save_steps),
-                  train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer)
+                  train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer, **peft)
     attach_kl_control(trainer, KLControlCallback(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
                                                  episodes_per_step=config.episodes_per_update,
                                                  reward_scale=reward_scale, gain=config.kl_gain))
@@ -127,4 +129,4 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
         if checkpointing is not None:
             rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
-    return RLResult(trainer.model.to("cpu").eval(), points, runtime)
+    return RLResult(merged(trainer.model).to("cpu").eval(), points, runtime)

@@ -16,7 +16,7 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.backbone import BackboneParams, chat_corpus_text, load_tokenizer, train_tokenizer
 from calibrated_rlhf.core.completions import CompletionParams, completions_to_pairs, is_rated_completions
-from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
+from calibrated_rlhf.core.synthetic import SyntheticSpec, SyntheticTask, make_pairs, make_task
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -49,6 +49,10 @@ class SourceParams(StrictParams):
         "huggingface: a hub id or a save_to_disk folder.",
     )
     split: str = Field("train", description="huggingface: which split to read.")
+    gold_task: str | None = Field(
+        None, description="file only: a JSON file with the hidden gold the pairs were labelled with (words, "
+        "utilities, scale; written by `python -m calibrated_rlhf.real_task`), so the gold figures are reported "
+        "as on the synthetic task.")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -158,6 +162,18 @@ def read_source(source: SourceParams) -> tuple[pd.DataFrame, str]:
     return pd.concat(frames, ignore_index=True), named
 
 
+def read_gold_task(path: str | None) -> dict[str, Any]:
+    """The gold of a file source (words, utilities, scale), checked the way the stages will read it; {} without."""
+    if path is None:
+        return {}
+    try:
+        task = json.loads(Path(path).read_text())
+        SyntheticTask.from_dict(task)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"data_prep.source.gold_task {path!r}: {err}") from err
+    return task
+
+
 def load_pairs(
     source: SourceParams, margin: prefs.MarginParams, validation: prefs.ValidationParams,
     completions: CompletionParams,
@@ -172,7 +188,7 @@ def load_pairs(
         task = make_task(spec)
         raw, task_dict, where = make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}, "synthetic task"
     else:
-        (raw, where), task_dict = read_source(source), {}
+        (raw, where), task_dict = read_source(source), read_gold_task(source.gold_task)
         if is_rated_completions(raw, completions):
             n_rows = len(raw)
             raw, ties = completions_to_pairs(raw, completions, where)
@@ -201,7 +217,7 @@ def build_tokenizer(train_pairs: pd.DataFrame, backbone: BackboneParams, validat
     can refuse longer inputs.
     """
     if backbone.name_or_path:
-        tokenizer = load_tokenizer(backbone.name_or_path)
+        tokenizer = load_tokenizer(backbone.name_or_path, backbone.gguf_file)
     else:
         def texts(value: Any) -> list[str]:
             if prefs.is_conversational(value):

@@ -20,6 +20,8 @@ class PolicyInitParams(StrictParams):
     name_or_path: str | None = Field(
         None, description="Hub id or local folder of a causal LM used as is; null fine-tunes the backbone (SFT)."
     )
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside the name_or_path folder to read that model from (see backbone).")
     sft: SFTParams = SFTParams()
 
 
@@ -28,7 +30,8 @@ def init_policy(
 ) -> tuple[Any, dict[str, list[dict[str, float]]]]:
     """The reference policy: the given model, or the backbone fine-tuned on the training pairs' chosen responses."""
     if params.name_or_path:
-        return build_causal_backbone(backbone.model_copy(update={"name_or_path": params.name_or_path}), tokenizer), {}
+        return build_causal_backbone(backbone.model_copy(
+            update={"name_or_path": params.name_or_path, "gguf_file": params.gguf_file}), tokenizer), {}
     model = build_causal_backbone(backbone, tokenizer)
     model, history = sft_policy(model, tokenizer, list(train_pairs["prompt"]), list(train_pairs["chosen"]),
                                 params.sft, backbone.gradient_checkpointing)
