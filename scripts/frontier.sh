@@ -11,8 +11,8 @@ read -r -a dpo_betas <<< "${DPO_BETAS:-0.03 0.1 0.3 1.0}"
 # GRPO moves the policy faster per step (group-scaled advantages, the KL in its loss): its own step and initial
 # beta, the pair that held its target on the default task (docs/results.md: the settings tried)
 grpo=${GRPO_PARAMS:-rl.learning_rate=3.0e-4,rl.beta=0.2}
-# The controller moves beta by at most a factor exp(0.2 * episodes / horizon) over a run (1.5 for PPO's
-# default 60 x 32 episodes at horizon 1000): targets far from where the policy drifts by itself need a shorter one
+# KL_HORIZON overrides the controllers' horizon (conf/base: pi's). Ziegler's (kl_control=adaptive) moves beta by at
+# most exp(0.2 * episodes / horizon) over a run: 1.5x for PPO's 60 x 32 episodes at 1000 (docs/results/kl_control)
 ppo_h=${KL_HORIZON:+,ppo.trainer.kl_horizon=$KL_HORIZON}
 rl_h=${KL_HORIZON:+,rl.kl_horizon=$KL_HORIZON}
 for kl in "${kl_targets[@]}"; do

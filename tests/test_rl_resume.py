@@ -29,7 +29,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     from calibrated_rlhf.core import metric_keys as keys
     from calibrated_rlhf.core.ppo.checkpoint import SCORE_STATE_FILE, read_run
-    from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+    from calibrated_rlhf.core.kl_controller import PIKLController
 
     project = tiny_run_project
     preload()
@@ -63,7 +63,8 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     kl, beta = history(keys.RL_KL), history(keys.RL_BETA)
     assert len(kl) == len(beta) == len(history(keys.RL_SCORE)) == UPDATES
-    controller = AdaptiveKLController(0.1, 4.0, 1000)  # conf/base rl: beta, kl_target, kl_horizon
+    controller = PIKLController(0.1, 4.0, 400, gain=2.0)  # conf/base rl: pi, beta, kl_target, kl_horizon, kl_gain
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)
+    assert len(set(beta)) == UPDATES  # the controller moved beta at every update, across the kill too

@@ -194,6 +194,20 @@ def test_resume_gives_identical_run(tok, tmp_path: Path, value_model: str, lora:
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
 
 
+def test_pi_controller_resumes_to_the_uninterrupted_beta_trajectory(tok, tmp_path: Path) -> None:
+    """The PI controller's integral and last error ride in the checkpoint: resumed from update 3, the betas
+    and the controller's state are bit for bit the uninterrupted run's."""
+    kw = dict(num_updates=6, checkpoint_every=3, num_mini_batches=1, kl_control="pi", kl_target=0.5, kl_horizon=64)
+    full = make_trainer(tok, checkpoint_dir=str(tmp_path / "a"), **kw)
+    betas = [h["ppo/objective/beta_next"] for h in full.train().history]
+    assert len(set(betas)) == 6  # the controller moved beta at every update
+    resumed = make_trainer(tok, checkpoint_dir=str(tmp_path / "b"), **kw)
+    resumed.load_checkpoint(tmp_path / "a" / "update_000003")
+    assert resumed.kl_controller.kind == "pi" and resumed.kl_controller.steps == 3
+    assert [h["ppo/objective/beta_next"] for h in resumed.train().history] == betas
+    assert resumed.kl_controller.state_dict() == full.kl_controller.state_dict()
+
+
 def running_zscore_score(tok):
     """The library's running_zscore score function over a tiny reward model: stateful, its moments grow with
     every batch."""

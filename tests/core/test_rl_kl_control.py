@@ -64,7 +64,7 @@ def test_fixed_beta_stays_and_state_rebuilds_the_callback():
         KLControlCallback("adaptive", beta=0.0)
 
 
-def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, save_steps=None):
+def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, save_steps=None, kl_control="adaptive"):
     from calibrated_rlhf.core.rl.config import RLConfig
     from calibrated_rlhf.core.rl.kl_control import kl_callback
     from calibrated_rlhf.core.rl.reward import ScoreReward
@@ -75,7 +75,7 @@ def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, s
 
     # a KL target far below what sampling reaches, so beta moves at every update
     config = RLConfig(algorithm="rloo", num_updates=max_steps, batch_size=4, num_generations=2, response_length=6,
-                      learning_rate=5e-3, beta=0.2, kl_target=1e-3, kl_horizon=8)
+                      learning_rate=5e-3, beta=0.2, kl_target=1e-3, kl_horizon=8, kl_control=kl_control)
     trainer, history = build_trainer(config, policy_dir, tiny_tokenizer, prompts, ScoreReward(score_fn, tiny_tokenizer),
                                      out, save_steps=save_steps)
     trainer.train(resume_from_checkpoint=resume)
@@ -83,7 +83,8 @@ def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, s
     return kl_callback(trainer), trainer.beta, params, history.points
 
 
-def test_resumed_trl_run_equals_an_uninterrupted_one(tiny_tokenizer, synthetic_pairs, tmp_path):
+@pytest.mark.parametrize("kl_control", ["pi", "adaptive"])
+def test_resumed_trl_run_equals_an_uninterrupted_one(tiny_tokenizer, synthetic_pairs, tmp_path, kl_control):
     from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
     from tests.conftest import TINY_BACKBONE
 
@@ -91,17 +92,21 @@ def test_resumed_trl_run_equals_an_uninterrupted_one(tiny_tokenizer, synthetic_p
     build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).save_pretrained(policy_dir)
     prompts = list(dict.fromkeys(synthetic_pairs["prompt"]))[:16]
 
-    whole_cb, whole_beta, whole_params, whole_points = _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "a")
-    _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "b", save_steps=2)
+    whole_cb, whole_beta, whole_params, whole_points = _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "a",
+                                                              kl_control=kl_control)
+    _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "b", save_steps=2, kl_control=kl_control)
     saved = tmp_path / "b" / "checkpoint-2"
     resumed_cb, resumed_beta, resumed_params, resumed_points = _train(tiny_tokenizer, policy_dir, prompts,
-                                                                      tmp_path / "c", resume=str(saved))
+                                                                      tmp_path / "c", resume=str(saved),
+                                                                      kl_control=kl_control)
     assert whole_cb.controller.steps == 4 and whole_beta != 0.2  # the controller moved beta at each update
+    assert whole_cb.controller.kind == resumed_cb.controller.kind == kl_control
     # transformers rebuilt the callback from the checkpoint, and the trainer follows the rebuilt one
     assert resumed_cb.controller.state_dict() == pytest.approx(whole_cb.controller.state_dict())
     assert resumed_beta == pytest.approx(whole_beta, rel=1e-9)
-    assert [p[BETA] for p in resumed_points if BETA in p] == pytest.approx([p[BETA] for p in whole_points
-                                                                             if BETA in p][2:])
+    whole_betas = [p[BETA_NEXT] for p in whole_points if BETA_NEXT in p]
+    assert len(set(whole_betas)) == 4  # a new beta after every update
+    assert [p[BETA_NEXT] for p in resumed_points if BETA_NEXT in p] == pytest.approx(whole_betas[2:], rel=1e-12)
     assert torch.allclose(resumed_params, whole_params, atol=1e-6)
 
 

@@ -115,12 +115,15 @@ class PPOConfig(BaseModel):
         description="Per-token KL estimator: k1 = logp - logp_ref; k3 = (r - 1) - log r, r = p_ref / p. "
         "It sets both the penalty in the reward and ppo/objective/kl, the KL the controller sees.",
     )
-    kl_control: Literal["adaptive", "fixed"] = Field(
-        "adaptive", description="'adaptive': Ziegler et al. (2019) proportional controller; 'fixed': constant beta."
+    kl_control: Literal["pi", "adaptive", "fixed"] = Field(
+        "adaptive", description="'pi': proportional-integral control of log beta (core.kl_controller); 'adaptive': "
+        "Ziegler et al. (2019) controller; 'fixed': constant beta."
     )
     beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat.")
-    kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the adaptive controller.")
-    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller horizon, in episodes.")
+    kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the pi and adaptive controllers.")
+    kl_horizon: int = Field(10000, gt=0, description="Controller horizon, in episodes: a sustained unit error moves "
+                            "log beta by one over it (the integral time of 'pi').")
+    kl_gain: float = Field(2.0, ge=0, description="'pi' only: proportional gain on the error kl / kl_target - 1.")
     score_key: str = Field(
         "normalized",
         description="Which score_fn output is optimized (the others are only logged); its units are the "

@@ -115,7 +115,7 @@ class PPOTrainer:
         self._global_batch = self.data.global_batch
         self._build_models(policy, ref_policy, value_model, fingerprint)
         self.kl_controller: AdaptiveKLController = make_kl_controller(
-            config.kl_control, config.beta, config.kl_target, config.kl_horizon)
+            config.kl_control, config.beta, config.kl_target, config.kl_horizon, config.kl_gain)
 
         self.update = 0  # completed updates
         self.episodes = 0  # episodes consumed, all processes

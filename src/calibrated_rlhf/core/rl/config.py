@@ -34,12 +34,14 @@ class RLConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     num_iterations: int = Field(1, gt=0, description="Optimization passes over each generation batch.")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
-    kl_control: Literal["adaptive", "fixed"] = Field(
-        "adaptive", description="adaptive: the project's Ziegler controller sets beta after each update from the "
-        "per-sequence KL; fixed: beta stays as given (TRL's own behaviour).")
+    kl_control: Literal["pi", "adaptive", "fixed"] = Field(
+        "adaptive", description="pi / adaptive: the project's controller (PPO's, core.kl_controller: PI on log beta "
+        "or Ziegler's) sets beta after each update from the per-sequence KL; fixed: beta stays as given (TRL's own "
+        "behaviour).")
     beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat.")
-    kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the adaptive controller, nats.")
-    kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes.")
+    kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the controller, nats.")
+    kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes (the integral time of pi).")
+    kl_gain: float = Field(2.0, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
     scale_rewards: Literal["group", "batch", "none"] | None = Field(
         None, description="GRPO only: divide rewards by the group's (group), the batch's (batch) or no (none) "
         "standard deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score.")

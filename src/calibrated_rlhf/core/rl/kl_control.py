@@ -1,7 +1,7 @@
 """The project's KL controller driving a TRL trainer's ``beta`` (RLOO, GRPO) as a ``TrainerCallback``.
 
 TRL's RLOO and GRPO read ``trainer.beta`` on every batch and log ``kl``, a per-token mean over the
-completions of the logged steps. The controller (``core.ppo.kl``, the one PPO uses) expects the batch
+completions of the logged steps. The controller (``core.kl_controller``, the one PPO uses) expects the batch
 mean of each sequence's summed KL: ``kl * completions/mean_length`` is that, exactly for one process.
 
 The callback's state (the controller's and the last step it saw) goes into every checkpoint through
@@ -12,12 +12,12 @@ second, stateless callback that binds whichever KL callback is registered to the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, make_kl_controller
+from calibrated_rlhf.core.kl_controller import DEFAULT_GAIN, AdaptiveKLController, KLControl, make_kl_controller
 
 # What TRL's RLOO and GRPO trainers log (per-token mean KL, mean completion length in tokens).
 TRL_KL = "kl"
@@ -46,16 +46,17 @@ class KLControlCallback(TrainerCallback, ExportableState):
     Register it before the callbacks that record logs: it adds :data:`SEQUENCE_KL`, :data:`BETA` and
     :data:`BETA_NEXT` to each record that carries a KL."""
 
-    def __init__(self, kind: Literal["adaptive", "fixed"] = "adaptive", beta: float = 0.05, kl_target: float = 4.0,
+    def __init__(self, kind: KLControl = "adaptive", beta: float = 0.05, kl_target: float = 4.0,
                  horizon: int = 1000, episodes_per_step: int = 1, reward_scale: float = 1.0,
-                 controller_state: dict | None = None, last_step: int = 0) -> None:
+                 controller_state: dict | None = None, last_step: int = 0, gain: float = DEFAULT_GAIN) -> None:
         if beta <= 0:
             # TRL loads no reference model when beta starts at 0, and a multiplicative controller never leaves 0
             raise ValueError(f"KL control needs beta > 0, got {beta}")
         self.kind, self.init_beta, self.kl_target, self.horizon = kind, float(beta), float(kl_target), int(horizon)
         self.episodes_per_step = int(episodes_per_step)
         self.reward_scale = float(reward_scale)
-        self.controller: AdaptiveKLController = make_kl_controller(kind, beta, kl_target, horizon)
+        self.gain = float(gain)
+        self.controller: AdaptiveKLController = make_kl_controller(kind, beta, kl_target, horizon, gain)
         if controller_state is not None:
             self.controller.load_state_dict(controller_state)
         self.last_step = int(last_step)
@@ -86,7 +87,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
         # the controller's state rides as an __init__ argument: transformers rebuilds the callback with it
         return {"args": {"kind": self.kind, "beta": self.init_beta, "kl_target": self.kl_target,
                          "horizon": self.horizon, "episodes_per_step": self.episodes_per_step,
-                         "reward_scale": self.reward_scale,
+                         "reward_scale": self.reward_scale, "gain": self.gain,
                          "controller_state": self.controller.state_dict(), "last_step": self.last_step},
                 "attributes": {}}
 

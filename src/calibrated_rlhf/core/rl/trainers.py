@@ -74,7 +74,7 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
                   train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer)
     attach_kl_control(trainer, KLControlCallback(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
                                                  episodes_per_step=config.episodes_per_update,
-                                                 reward_scale=reward_scale))
+                                                 reward_scale=reward_scale, gain=config.kl_gain))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,

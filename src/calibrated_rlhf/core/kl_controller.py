@@ -1,0 +1,162 @@
+"""The KL-penalty controllers PPO, RLOO and GRPO share: PI on log beta (default), Ziegler's, fixed.
+
+A controller is a plain object, free of any trainer: ``value`` is the KL weight to apply,
+``update(kl, n_episodes)`` folds in one batch's KL, and ``state_dict()`` / ``load_state_dict()``
+carry its state through checkpoints as a JSON-able dict. PPOTrainer drives it through exactly that
+interface, and so does the TRL RLOO/GRPO callback (``core.rl.kl_control``)::
+
+    ctl = make_kl_controller("pi", beta=0.1, kl_target=4.0, horizon=250)
+    # at the end of each step, with the batch mean of each sequence's summed KL:
+    trainer_args.beta = ctl.update(kl=mean_seq_kl, n_episodes=batch_size)
+
+``horizon`` is one concept for both adaptive kinds: the episodes over which a sustained unit error moves
+``log beta`` by one (Ziegler's ``beta *= 1 + err * n / horizon`` is ``log beta += err * n / horizon`` to first
+order). Ziegler's error is ``kl / target - 1`` clipped to +-0.2, so over ``N`` episodes beta moves by at most
+``exp(0.2 N / horizon)``: 1.5x over PPO's default run at horizon 1000, which is why targets far from where the
+initial beta lands were missed. The PI controller keeps Ziegler's error but clips it to [-0.5, 1], so the same
+horizon moves beta up to five times as far, and its proportional term answers a KL excursion at once instead of
+after the integral has caught up.
+
+Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
+over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
+log error it is the geometric mean, below the arithmetic one by about half the batch KL's squared coefficient of
+variation (~0.3-0.5 per batch of 32 here), so the KL would settle several percent above every target. Why the
+clip is asymmetric: every run starts at KL 0 whatever beta is (the policy is the reference), and a KL under
+target rises by itself, pulled by the reward, while a KL over it falls only as fast as beta pushes it back. A
+full -1 at the start lowered beta by e^-1.3 within five updates in the first trials and let GRPO run to KL 18
+against a target of 4; counting anything below half the target as half halves that dip.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+KLControl = Literal["pi", "adaptive", "fixed"]
+
+# The PI controller's bounds (normalized-reward units per nat). Below 1e-4 the penalty is nil against a unit-scale
+# reward; above 1e2 the policy is pinned to the reference whatever the reward. Clamping log beta there (and the
+# integral with it) keeps a target the policy cannot reach in the run (KL 16 at a small step) from winding the
+# integral up so far that it takes the rest of the run to come back.
+BETA_MIN, BETA_MAX = 1e-4, 1e2
+# The error kl / target - 1 is clipped to [-ERROR_CLIP_LOW, ERROR_CLIP_HIGH]: a batch KL of 0 (the first
+# updates, the policy still at the reference) or negative (k1's batch mean can be) counts as half the target, and
+# 100x the target as twice it, no more.
+ERROR_CLIP_LOW, ERROR_CLIP_HIGH = 0.5, 1.0
+# Proportional gain: a KL twice the target (error 1) multiplies beta by e^gain at once. The policy's KL answers a
+# change of beta only over several updates; a weak proportional term leaves the integral to do the work and it
+# winds up over that lag: at gain 0.5 and horizon 200, RLOO at target 0.5 ran to KL 2.8, beta rose to 4 and the KL
+# then fell to 0.001. A strong proportional term and an integral time of ~10% of the run's episodes (conf/base:
+# PPO 200 of 1,920, RLOO and GRPO 400 of 3,840) brake at once and leave the integral only the offset.
+DEFAULT_GAIN = 2.0
+
+
+class AdaptiveKLController:
+    """Proportional controller of the KL weight (Ziegler et al. 2019, section 2.2).
+
+    ``err = clip(kl / kl_target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + err * n / horizon)``, where
+    ``kl`` is the batch mean of each sequence's summed per-token KL and ``n`` the episodes in it.
+    """
+
+    kind = "adaptive"
+
+    def __init__(self, beta: float, kl_target: float, horizon: int) -> None:
+        self.beta = float(beta)
+        self.kl_target = float(kl_target)
+        self.horizon = int(horizon)
+        self.steps = 0  # updates seen, kept for diagnostics and resume checks
+
+    @property
+    def value(self) -> float:
+        """The KL weight to apply now (``beta``)."""
+        return self.beta
+
+    def update(self, kl: float, n_episodes: int) -> float:
+        """Fold in one batch's KL; returns the new beta."""
+        err = min(max(kl / self.kl_target - 1.0, -0.2), 0.2)
+        self.beta = self.beta * (1.0 + err * n_episodes / self.horizon)
+        self.steps += 1
+        return self.beta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "beta": self.beta, "kl_target": self.kl_target,
+                "horizon": self.horizon, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind", self.kind) != self.kind:
+            raise ValueError(f"controller state is for {state['kind']!r}, not {self.kind!r}")
+        self.beta = float(state["beta"])
+        self.kl_target = float(state["kl_target"])
+        self.horizon = int(state["horizon"])
+        self.steps = int(state["steps"])
+
+
+class FixedKLController(AdaptiveKLController):
+    """Constant beta; still counts steps so checkpoints look alike."""
+
+    kind = "fixed"
+
+    def update(self, kl: float, n_episodes: int) -> float:
+        self.steps += 1
+        return self.beta
+
+
+class PIKLController(AdaptiveKLController):
+    """Proportional-integral control of ``log beta`` on the error ``e = clip(kl / kl_target - 1, -0.5, 1)``::
+
+        integral <- clamp(integral + e * n / horizon)          # per episode: batch-size independent
+        log beta  = clamp(log beta_0 + integral + gain * e)    # to [log BETA_MIN, log BETA_MAX]
+
+    The integral is dual ascent on the constraint KL = target (the Lagrangian view of beta); it alone removes
+    a steady-state error. Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the
+    beta bounds, so a saturated controller comes back as soon as the error changes sign. A KL that is not finite
+    is an error: the trainer's own checks stop a diverged run before its KL reaches the controller.
+    """
+
+    kind = "pi"
+
+    def __init__(self, beta: float, kl_target: float, horizon: int, gain: float = DEFAULT_GAIN) -> None:
+        if not BETA_MIN <= beta <= BETA_MAX:
+            raise ValueError(f"pi KL control needs {BETA_MIN:g} <= beta <= {BETA_MAX:g}, got {beta}")
+        if gain < 0:
+            raise ValueError(f"pi KL control needs gain >= 0, got {gain}")
+        super().__init__(beta, kl_target, horizon)
+        self.gain = float(gain)
+        self.log_beta0 = math.log(self.beta)
+        self.integral = 0.0
+        self.error = 0.0  # the last update's clipped error, kept for diagnostics
+
+    def update(self, kl: float, n_episodes: int) -> float:
+        if not math.isfinite(kl):
+            raise ValueError(f"pi KL control got a non-finite KL ({kl}) at update {self.steps + 1}")
+        lo, hi = math.log(BETA_MIN), math.log(BETA_MAX)
+        e = min(max(kl / self.kl_target - 1.0, -ERROR_CLIP_LOW), ERROR_CLIP_HIGH)
+        self.integral = min(max(self.integral + e * n_episodes / self.horizon, lo - self.log_beta0),
+                            hi - self.log_beta0)
+        self.beta = math.exp(min(max(self.log_beta0 + self.integral + self.gain * e, lo), hi))
+        self.error = e
+        self.steps += 1
+        return self.beta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "gain": self.gain, "log_beta0": self.log_beta0, "integral": self.integral,
+                "error": self.error}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.gain = float(state["gain"])
+        self.log_beta0 = float(state["log_beta0"])
+        self.integral = float(state["integral"])
+        self.error = float(state["error"])
+
+
+def make_kl_controller(kind: KLControl, beta: float, kl_target: float, horizon: int,
+                       gain: float = DEFAULT_GAIN) -> AdaptiveKLController:
+    """Controller for ``PPOConfig.kl_control`` / ``RLConfig.kl_control``; ``gain`` is the PI controller's."""
+    if kind == "pi":
+        return PIKLController(beta, kl_target, horizon, gain)
+    if kind == "adaptive":
+        return AdaptiveKLController(beta, kl_target, horizon)
+    if kind == "fixed":
+        return FixedKLController(beta, kl_target, horizon)
+    raise ValueError(f"unknown kl_control {kind!r}")
