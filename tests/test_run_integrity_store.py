@@ -154,6 +154,16 @@ def test_discard_removes_only_the_runs_folder_when_others_remain(tmp_path):
     assert (tmp_path / "model.json" / OLD).exists()
 
 
+def test_discard_goes_past_outputs_it_has_nothing_to_remove_for(tmp_path):
+    ours = generate_timestamp()
+    catalog = _catalog(tmp_path, ours)
+    catalog.save("transform", "half")  # 'model' was never saved, 'plain' is not versioned
+    pipe = Pipeline([Node(lambda: 1, None, "model"), Node(lambda: 1, None, "plain"),
+                     Node(lambda: 1, None, "transform")])
+    assert discard_outputs(pipe, catalog) == [str(tmp_path / "transform.json" / ours)]
+    assert not (tmp_path / "transform.json").exists()
+
+
 def test_resolution_skips_parameters_memory_and_unversioned_datasets(tmp_path):
     _save(tmp_path, "tokenizer", OLD, "tok")
     catalog = _catalog(tmp_path, NEW)

@@ -83,9 +83,10 @@ def test_without_entropy_nothing_about_it_is_logged():
 
 def test_half_precision_logits_are_scored_in_float32():
     logits, responses, old, adv, mask = _policy_inputs(3, dtype=torch.bfloat16)
-    stats, _ = policy_terms(logits, responses, old, adv, mask, cliprange=0.2, entropy_coef=0.0, with_entropy=False)
+    stats, _ = policy_terms(logits, responses, old, adv, mask, cliprange=0.2, entropy_coef=0.0, with_entropy=True)
     want = _by_hand(logits.float(), responses, old, adv, mask, 0.2)
-    assert stats["ratio"].dtype == torch.float32
+    assert stats["ratio"].dtype == torch.float32 and stats["entropy"].dtype == torch.float32
+    assert float(stats["entropy"]) == pytest.approx(float(want["entropy"]), rel=1e-6)
     assert float(stats["ratio"]) == pytest.approx(float(want["ratio"]), rel=1e-6)
     assert float(stats["approx_kl"]) == pytest.approx(float(want["approx_kl"]), rel=1e-5)
 
@@ -103,6 +104,9 @@ def test_value_clipfrac_counts_tokens_where_the_clipped_value_is_worse():
     # R = 2: token 0's clipped value 0.2 is worse than 1.0; token 1's is the value itself; token 2 equal
     assert float(out.clipfrac) == pytest.approx(1 / 3)
     assert float(out.loss) == pytest.approx(0.5 * ((2 - 0.2) ** 2 + (2 - 0.05) ** 2 + 1.0) / 3, rel=1e-6)
+    # a value far below the old one is clipped from below: clip(-1, 0 - 0.2, 0 + 0.2) = -0.2
+    out = clipped_value_loss(torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([[-2.0]]), torch.ones(1, 1), 0.2)
+    assert float(out.clipfrac) == 1.0 and float(out.loss) == pytest.approx(0.5 * 1.8**2)
 
 
 def test_value_terms_compute_in_float32_from_half_precision_values():
@@ -164,6 +168,14 @@ def test_masked_whiten_is_the_z_score_with_bessels_correction_and_zero_padding()
     kept = masked_whiten(x, mask, shift_mean=False)
     torch.testing.assert_close(kept[0, :3], want + mean.float())
     assert kept[0, 3] == 0.0
+
+
+def test_masked_whiten_of_a_small_spread_and_of_two_tokens():
+    for values in ([0.0, 0.001, 0.003], [2.0, 5.0]):
+        x = torch.tensor([values], dtype=torch.float64)
+        v = x[0]
+        want = (v - v.mean()) / torch.sqrt(v.var(unbiased=True) + 1e-8)
+        torch.testing.assert_close(masked_whiten(x, torch.ones_like(x))[0], want)
 
 
 def test_masked_whiten_of_one_valid_token_or_a_constant_is_zero():

@@ -142,6 +142,8 @@ def test_bad_settings_are_refused(kwargs, message):
     (np.array([1.0, np.nan, 2.0, np.inf] + [1.0] * 8), None,
      r"^margins contain 2 non-finite values \(NaN or inf\) \(first indices: \[1, 3\]\)$"),
     (np.full(12, np.nan), None, r"\(first indices: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\.\]\)$"),
+    (np.full(11, np.nan), None, r"^margins contain 11 non-finite .*\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\.\]\)$"),
+    (np.full(10, np.nan), None, r"^margins contain 10 non-finite .*\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]\)$"),
     (np.ones(12), np.ones(11), r"^labels must have the same shape as margins: \(11,\) != \(12,\)$"),
     (np.ones(12), np.array(["1"] * 12), r"^labels must be numeric or bool, got dtype <U1$"),
     (np.ones(12), np.array([1, 0, 2, 1, 1, 1, 1, 1, 1, 1, -1, 1]),
