@@ -98,7 +98,6 @@ def test_a_completed_run_marks_each_versioned_output_with_its_run_and_lineage(tm
     ours = generate_timestamp()
     catalog = _catalog(tmp_path, ours)
     hook = RunIsolation()
-    assert hook._resolved == {} and hook._lineage == {}
     hook.before_pipeline_run({"load_versions": {}}, TRAIN_AND_USE, catalog)
     assert hook._resolved == {"tokenizer": OLD, "model": ours, "transform": ours}
     catalog.save("model", "m")  # 'transform' is not written: an optional output
@@ -109,6 +108,16 @@ def test_a_completed_run_marks_each_versioned_output_with_its_run_and_lineage(tm
                       "lineage": {"tokenizer": OLD}}
     assert read_marker(catalog.get("transform"), ours) is None
     assert not (tmp_path / "transform.json").exists()
+
+
+def test_a_hook_that_pinned_nothing_still_marks_what_the_run_saved(tmp_path, monkeypatch):
+    ours = generate_timestamp()
+    catalog = _catalog(tmp_path, ours)
+    catalog.save("model", "m")
+    monkeypatch.setattr(run_integrity, "_active_mlflow_run_id", lambda: None)
+    RunIsolation().after_pipeline_run({}, Pipeline([Node(lambda: 1, None, "model")]), catalog)
+    assert read_marker(catalog.get("model"), ours) == {"session_id": None, "mlflow_run_id": None, "dataset": "model",
+                                                       "lineage": {}}
 
 
 def test_the_marker_is_written_whole_as_sorted_json(tmp_path):
@@ -231,6 +240,28 @@ def test_a_conflict_on_an_input_itself_is_named_first(tmp_path):
                                                     rf"this run loads 'tokenizer' version {NEW}\. Rerun the stages "
                                                     r"after 'tokenizer'"):
         lineage(three, catalog, resolve_versions(three, catalog))
+
+
+def test_a_marker_without_lineage_counts_as_made_from_nothing(tmp_path):
+    catalog = _catalog(tmp_path, OLD)
+    catalog.save("tokenizer", "t")
+    write_marker(catalog.get("tokenizer"), OLD, {"dataset": "tokenizer"})
+    catalog = _catalog(tmp_path, NEW)
+    origins = lineage(TRAIN_AND_USE, catalog, resolve_versions(TRAIN_AND_USE, catalog))
+    assert origins["tokenizer"] == {} and origins["model"] == {"tokenizer": OLD}
+    assert origins["transform"] == {"tokenizer": OLD, "model": NEW}
+
+
+def test_a_conflict_through_an_in_memory_intermediate_names_it_as_of_this_run(tmp_path):
+    _save(tmp_path, "tokenizer", OLD, "t1")
+    _save(tmp_path, "model", OLD, "m", made_from={"tokenizer": OLD})
+    _save(tmp_path, "tokenizer", NEW, "t2")
+    pipe = Pipeline([Node(lambda t: t, "tokenizer", "scratch", name="prep"),
+                     Node(lambda m, s: m, ["model", "scratch"], "transform", name="use")])
+    catalog = _catalog(tmp_path, generate_timestamp())
+    with pytest.raises(InconsistentArtifacts, match=rf"but 'scratch' \(version of this run\) was made from "
+                                                    rf"'tokenizer' version {NEW}\. Rerun"):
+        lineage(pipe, catalog, resolve_versions(pipe, catalog))
 
 
 def test_the_active_mlflow_run_is_named(tmp_path):
