@@ -148,6 +148,12 @@ def test_gae_of_a_two_token_episode_written_out():
     torch.testing.assert_close(ret, torch.tensor([[d0 + gamma * lam * d1 + 1.0, d1 + 3.0, 0.0]]))
 
 
+def test_gae_of_one_token_responses_is_reward_minus_value():
+    adv, ret = compute_gae(torch.tensor([[1.0], [2.0]]), torch.tensor([[0.25], [3.0]]), torch.ones(2, 1), 0.9, 0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.75], [-1.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0], [2.0]]))
+
+
 def test_gae_at_the_last_column_does_not_bootstrap():
     rewards = torch.tensor([[1.0, 1.0]])
     values = torch.tensor([[0.5, 0.25]])

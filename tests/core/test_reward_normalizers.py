@@ -18,6 +18,7 @@ def test_whiten_batch_is_the_population_z_score():
 
 def test_minmax_batch_maps_the_batch_onto_0_1():
     np.testing.assert_allclose(minmax_batch(np.array([2.0, 4.0, 3.0])), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(minmax_batch(np.array([0.25, 0.5, 0.3])), [0.0, 1.0, 0.2])  # a span under 1
 
 
 def test_running_normalizer_scores_each_batch_against_all_batches_so_far():
