@@ -120,13 +120,39 @@ def test_a_hook_that_pinned_nothing_still_marks_what_the_run_saved(tmp_path, mon
                                                        "lineage": {}}
 
 
-def test_the_marker_is_written_whole_as_sorted_json(tmp_path):
+def test_the_marker_is_written_whole(tmp_path):
     _save(tmp_path, "model", OLD, 1, made_from={"tokenizer": "x"})
     path = tmp_path / "model.json" / OLD / MARKER
-    text = path.read_text()
-    assert json.loads(text) == {"dataset": "model", "lineage": {"tokenizer": "x"}}
-    assert text == json.dumps({"dataset": "model", "lineage": {"tokenizer": "x"}}, indent=1, sort_keys=True)
+    assert json.loads(path.read_text()) == {"dataset": "model", "lineage": {"tokenizer": "x"}}
     assert sorted(p.name for p in path.parent.iterdir()) == [MARKER, "model.json"]  # no temporary file left
+
+
+def test_markers_live_on_the_datasets_own_filesystem(tmp_path, monkeypatch):
+    """A dataset on another fsspec filesystem (here in memory) keeps its markers there, not on local disk."""
+    monkeypatch.chdir(tmp_path)
+    root = f"memory://integrity-{generate_timestamp()}"
+    catalog = DataCatalog.from_config({"model": {"type": "json.JSONDataset", "filepath": f"{root}/model.json",
+                                                 "versioned": True}}, save_version=OLD)
+    catalog.save("model", {"w": 1})
+    ds = catalog.get("model")
+    write_marker(ds, OLD, {"dataset": "model"})
+    assert read_marker(ds, OLD) == {"dataset": "model"}
+    assert run_integrity.latest_complete(ds) == OLD
+    assert list(tmp_path.iterdir()) == []  # nothing written to the local folder its path would name
+
+
+def test_markers_of_a_local_folder_dataset_without_a_filesystem(tmp_path, tiny_tokenizer):
+    from kedro.io.core import Version
+
+    from calibrated_rlhf.datasets.hf_pretrained import HFPretrainedDataset
+
+    ds = HFPretrainedDataset(filepath=str(tmp_path / "tokenizer"), kind="tokenizer", version=Version(None, OLD))
+    assert getattr(ds, "_fs", None) is None
+    ds.save(tiny_tokenizer)
+    assert read_marker(ds, OLD) is None
+    write_marker(ds, OLD, {"dataset": "tokenizer"})
+    assert read_marker(ds, OLD) == {"dataset": "tokenizer"}
+    assert (tmp_path / "tokenizer" / OLD / MARKER).exists()
 
 
 def test_a_failed_run_discards_its_unmarked_outputs_through_the_hook(tmp_path, caplog):
