@@ -91,6 +91,8 @@ def test_pi_refuses_a_non_finite_kl_naming_the_update():
 
 def test_pi_state_resumes_the_same_trajectory():
     a = PIKLController(beta=0.2, kl_target=2.0, horizon=50, gain=1.5)
+    assert a.state_dict() == {"kind": "pi", "beta": 0.2, "kl_target": 2.0, "horizon": 50, "steps": 0, "gain": 1.5,
+                              "log_beta0": math.log(0.2), "integral": 0.0, "error": 0.0}  # nothing seen yet
     for kl in (0.5, 3.0, 6.0):
         a.update(kl=kl, n_episodes=16)
     state = a.state_dict()

@@ -49,6 +49,7 @@ def test_minmax_batch_degenerate_batches():
     np.testing.assert_array_equal(minmax_batch(np.array([5.0, 5.0])), [0.0, 0.0])
     np.testing.assert_allclose(minmax_batch([1, 3]), [0.0, 1.0])  # a list of ints is fine
     assert minmax_batch([2, 2]).dtype == np.float64 and whiten_batch([2]).dtype == np.float64
+    assert RunningNormalizer(clip=None)([1, 1]).dtype == np.float64
 
 
 def test_running_normalizer_clips_both_tails_and_keeps_none_unclipped():

@@ -78,6 +78,9 @@ def test_score_of_an_ensemble_carries_its_disagreement(tiny_tokenizer):
     np.testing.assert_allclose(scored.calibrated, raw / t.temperature)
     out = rl_score_fn(scorer, "zscore")(PROMPTS, RESPONSES)
     np.testing.assert_allclose(out["ensemble_std"].numpy(), spread.astype(np.float32))
+    plain = RewardScorer(ens, tiny_tokenizer).score(PROMPTS, RESPONSES)  # no transform: raw and disagreement
+    np.testing.assert_array_equal(plain.ensemble_std, spread)
+    np.testing.assert_array_equal(plain.raw, raw)
 
 
 TASK = {"words": ["calm", "bright", "dull", "wet"], "utilities": [0.5, 1.0, -1.0, -0.5], "scale": 4.0}
@@ -145,6 +148,17 @@ def test_calibrated_clip_without_a_clip_is_the_calibrated_reward(reward_model, t
     assert fn.clip is None
     out = fn(PROMPTS, RESPONSES)
     torch.testing.assert_close(out["score"], out["calibrated"])
+
+
+@pytest.mark.parametrize("multiplier", [1.0, -1.0])
+def test_calibrated_clip_bounds_both_tails(reward_model, tiny_tokenizer, multiplier):
+    t = RewardTransform(temperature=1e-3, mean=0.0, std=1.0, clip=0.5, computed_on="x", reward_model_version=None,
+                        n=2)
+    scorer = RewardScorer(reward_model, tiny_tokenizer, transform=t, raw_multiplier=multiplier)
+    out = rl_score_fn(scorer, "calibrated_clip")(PROMPTS, RESPONSES)
+    calibrated = out["calibrated"].numpy()
+    np.testing.assert_array_equal(out["score"].numpy(), np.clip(calibrated, -0.5, 0.5))
+    assert np.all(np.abs(out["score"].numpy()) <= 0.5)
 
 
 def test_running_zscore_state_resumes_the_same_rewards(reward_model, tiny_tokenizer):
