@@ -109,13 +109,19 @@ def test_margins_no_better_than_chance_stop_at_the_upper_bound():
     with pytest.warns(CalibrationWarning, match="no better than chance at any temperature up to t_max=1000"):
         fit = fit_temperature(m, labels, bounds=(1e-3, 1e3))
     assert fit.at_bound and fit.temperature == 1e3 and fit.std_error is None and fit.n_iter >= 1
+    assert fit.n_subsample_iter == 0 and fit.n_pairs == 20
     assert fit.nll == pytest.approx(_nll(m, labels, 1e3), rel=1e-12)
 
 
 def test_separable_pairs_return_the_lower_bound():
-    with pytest.warns(CalibrationWarning, match="perfectly separable"):
+    with pytest.warns(CalibrationWarning, match="perfectly separable") as record:
         fit = fit_temperature(np.array([0.0, 1.0, 2.0, 0.5] * 3), bounds=(0.5, 2.0))
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert fit.temperature == 0.5 and fit.at_bound and fit.n_iter == 0 and fit.n_pairs == 12
+    assert fit.n_subsample_iter == 0 and fit.bounds == (0.5, 2.0)
+    with pytest.warns(CalibrationWarning):
+        narrow = fit_temperature(np.array([1.0, 2.0] * 6), bounds=(0.5, 0.9))
+    assert narrow.temperature == 0.5
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -163,6 +169,9 @@ def test_integer_and_tensor_margins_are_accepted():
     ints = np.round(m * 4).astype(np.int64)
     assert fit_temperature(ints, labels).temperature == pytest.approx(
         fit_temperature(ints.astype(np.float64), labels).temperature, rel=1e-12)
+    half = m.astype(np.float16)
+    assert fit_temperature(half, labels).temperature == pytest.approx(
+        fit_temperature(half.astype(np.float64), labels).temperature, rel=1e-12)
     assert fit_temperature(torch.tensor(m), torch.tensor(labels)).temperature == pytest.approx(
         fit_temperature(m, labels).temperature, rel=1e-12)
 
