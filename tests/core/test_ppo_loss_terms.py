@@ -67,7 +67,7 @@ def test_entropy_bonus_enters_the_loss_with_its_coefficient_and_gradient():
                                with_entropy=False)
     want = _by_hand(logits.detach(), responses, old, adv, mask, 0.2)
     assert float(loss.detach()) == pytest.approx(float(want["policy"] - 0.05 * want["entropy"]), rel=1e-5)
-    assert float(stats["entropy"]) == pytest.approx(float(want["entropy"]), rel=1e-5)
+    assert float(stats["entropy"].detach()) == pytest.approx(float(want["entropy"]), rel=1e-5)
     (grad,) = torch.autograd.grad(loss, logits)
     x = logits.detach().double().requires_grad_(True)
     ref = _by_hand(x, responses, old, adv, mask, 0.2)
