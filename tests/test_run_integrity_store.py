@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -130,7 +131,7 @@ def test_the_marker_is_written_whole(tmp_path):
 def test_markers_live_on_the_datasets_own_filesystem(tmp_path, monkeypatch):
     """A dataset on another fsspec filesystem (here in memory) keeps its markers there, not on local disk."""
     monkeypatch.chdir(tmp_path)
-    root = f"memory://integrity-{generate_timestamp()}"
+    root = f"memory:///integrity-{uuid.uuid4().hex}"  # the memory filesystem is shared by the whole process
     catalog = DataCatalog.from_config({"model": {"type": "json.JSONDataset", "filepath": f"{root}/model.json",
                                                  "versioned": True}}, save_version=OLD)
     catalog.save("model", {"w": 1})
