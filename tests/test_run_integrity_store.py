@@ -139,6 +139,12 @@ def test_markers_live_on_the_datasets_own_filesystem(tmp_path, monkeypatch):
     write_marker(ds, OLD, {"dataset": "model"})
     assert read_marker(ds, OLD) == {"dataset": "model"}
     assert run_integrity.latest_complete(ds) == OLD
+    catalog = DataCatalog.from_config({"model": {"type": "json.JSONDataset", "filepath": f"{root}/model.json",
+                                                 "versioned": True}}, save_version=NEW)
+    catalog.save("model", {"w": 2})  # then the run fails: its version goes, the completed one stays
+    assert discard_outputs(Pipeline([Node(lambda: 1, None, "model")]), catalog) == [f"{root[len('memory://'):]}"
+                                                                                  f"/model.json/{NEW}"]
+    assert run_integrity.versions_on_disk(catalog.get("model")) == [OLD]
     assert list(tmp_path.iterdir()) == []  # nothing written to the local folder its path would name
 
 
