@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from calibrated_rlhf.core.ensemble import EnsembleSpec
 from calibrated_rlhf.core.normalization import (QuantileSketch, RewardStats, RewardTransform, RunningMoments,
                                                 identity_transform, transform_from_stats)
 
@@ -239,7 +240,9 @@ def test_transform_to_dict_lists_every_field_and_only_an_ensemble_carries_its_ke
                            "quantiles": {"0.5": 0.25}}
     spec = {"aggregation": "mean", "member_temperatures": [1.0, 2.0]}
     e = _transform(ensemble=spec)
+    assert e.ensemble == EnsembleSpec.from_dict(spec).to_dict()  # stored normalized, defaults filled in
     assert e.ensemble["aggregation"] == "mean" and list(e.ensemble["member_temperatures"]) == [1.0, 2.0]
+    assert "std_penalty" in e.ensemble and "std_penalty" not in spec
     assert RewardTransform.from_dict(json.loads(json.dumps(e.to_dict()))) == e
     assert e.to_dict()["ensemble"] == e.ensemble
 

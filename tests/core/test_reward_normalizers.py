@@ -219,3 +219,25 @@ def test_non_finite_rewards_are_refused_naming_their_count_and_first_indices():
     with pytest.raises(ValueError, match=r"contain 12 non-finite values \(first indices: \[0, 1, 2, 3, 4, 5, 6, 7, 8, "
                                          r"9\]\)$"):
         QuantileSketch().update(bad)
+
+
+def test_a_stream_in_batches_equals_the_stream_at_once():
+    x = np.array([0.0, -1.0, 2.0, 0.0, 3.0, -4.0])
+    batched = QuantileSketch().update(x[:2]).update(x[2:4]).update(x[4:])
+    assert batched.to_dict() == QuantileSketch().update(x).to_dict()
+    assert batched.count == 6 and batched.zero_count == 2
+    moments = RunningMoments().update([5.0]).merge(RunningMoments().update([1.0, 3.0]))
+    assert (moments.count, moments.mean, moments.m2) == (3, 3.0, 8.0)
+
+
+def test_sketch_writes_integer_lists():
+    data = json.loads(json.dumps(QuantileSketch().update([0.5, 2.0, -3.0, 2.0]).to_dict()))
+    for side in ("positive", "negative"):
+        assert all(type(v) is int for v in data[side]["keys"] + data[side]["counts"]), data[side]
+
+
+def test_the_largest_value_is_exact_and_the_one_below_it_is_within_the_bound():
+    # with accuracy 0.2 (g = 1.5) the bucket holding 1.5 is represented by 1.2: only the tracked max makes q = 1 exact
+    sketch = QuantileSketch(relative_accuracy=0.2).update([1.0, 1.2, 1.5])
+    assert sketch.quantiles([1.0])[0] == 1.5
+    assert abs(sketch.quantiles([0.5])[0] - 1.2) <= 0.2 * 1.2

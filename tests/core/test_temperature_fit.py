@@ -28,7 +28,7 @@ def test_fit_is_the_likelihood_optimum_found_in_few_newton_steps():
                           options={"xatol": 1e-10})
     assert fit.temperature == pytest.approx(ref.x, rel=1e-6)
     assert fit.nll == pytest.approx(_nll(m, labels, fit.temperature), rel=1e-12)
-    assert fit.converged and not fit.at_bound and fit.warning is None
+    assert fit.converged and fit.at_bound is False and fit.warning is None
     assert fit.n_pairs == 4000 and fit.n_subsample_iter == 0
     # safeguarded Newton from the IRLS start: quadratic convergence, a handful of evaluations
     assert fit.n_iter <= 12
@@ -76,6 +76,10 @@ def test_a_capped_fit_reports_that_it_did_not_converge():
     fit = fit_temperature(m, labels, max_iter=2)
     assert not fit.converged and fit.n_iter == 2
     assert fit.temperature != pytest.approx(fit_temperature(m, labels).temperature, rel=1e-6)
+    full = fit_temperature(m, labels)
+    # max_iter counts evaluations exactly: the full fit's own count is enough, one fewer is not
+    assert fit_temperature(m, labels, max_iter=full.n_iter).converged
+    assert not fit_temperature(m, labels, max_iter=full.n_iter - 1).converged
     loose = fit_temperature(m, labels, rtol=0.5)
     assert loose.converged and loose.n_iter < fit_temperature(m, labels).n_iter
 
