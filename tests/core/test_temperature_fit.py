@@ -206,3 +206,30 @@ def test_fit_record_serializes_with_bounds_as_a_list():
     assert isinstance(d["bounds"], list) and d["bounds"] == [1e-4, 1e4]
     assert set(d) == {"temperature", "nll", "n_pairs", "n_iter", "at_bound", "warning", "std_error", "converged",
                       "n_subsample_iter", "bounds"}
+
+
+@pytest.mark.parametrize("curvature", ["exact", "none", "tiny"])
+@pytest.mark.parametrize("root", [3e-4, 0.7, 2.5e3])
+def test_the_safeguarded_newton_solver_brackets_and_bisects_when_newton_steps_fail(curvature, root):
+    """The solver's contract on any monotone gradient: a root inside the bounds is found to rtol, whatever the
+    curvature estimate (exact, missing or far too small); Newton steps that leave the bracket or
+    stall fall back to jumps to the bounds and geometric bisection."""
+    from calibrated_rlhf.core.calibration import _solve_inv_temperature
+
+    scale = {"exact": 1.0, "none": 0.0, "tiny": 1e-6}[curvature]
+
+    def sums(b):  # A > 0 below the root (the optimum lies above), B the curvature estimate Newton divides by
+        return math.log(root / b), scale * 1.0
+
+    sol = _solve_inv_temperature(sums, 1e-4, 1e-4, 1e4, rtol=1e-10, max_iter=200)
+    assert sol.bound is None and sol.converged
+    assert sol.inv_temperature == pytest.approx(root, rel=1e-8)
+
+
+def test_the_solver_reports_a_root_beyond_either_bound():
+    from calibrated_rlhf.core.calibration import _solve_inv_temperature
+
+    up = _solve_inv_temperature(lambda b: (math.log(1e5 / b), 1.0), 1e-4, 1e-4, 1e4, rtol=1e-10, max_iter=200)
+    assert (up.bound, up.inv_temperature) == ("inv_temperature_max", 1e4)
+    down = _solve_inv_temperature(lambda b: (math.log(1e-5 / b), 1.0), 1.0, 1e-4, 1e4, rtol=1e-10, max_iter=200)
+    assert (down.bound, down.inv_temperature) == ("inv_temperature_min", 1e-4)
