@@ -139,13 +139,22 @@ def test_markers_live_on_the_datasets_own_filesystem(tmp_path, monkeypatch):
     write_marker(ds, OLD, {"dataset": "model"})
     assert read_marker(ds, OLD) == {"dataset": "model"}
     assert run_integrity.latest_complete(ds) == OLD
-    catalog = DataCatalog.from_config({"model": {"type": "json.JSONDataset", "filepath": f"{root}/model.json",
-                                                 "versioned": True}}, save_version=NEW)
-    catalog.save("model", {"w": 2})  # then the run fails: its version goes, the completed one stays
-    assert discard_outputs(Pipeline([Node(lambda: 1, None, "model")]), catalog) == [f"{root[len('memory://'):]}"
-                                                                                  f"/model.json/{NEW}"]
-    assert run_integrity.versions_on_disk(catalog.get("model")) == [OLD]
     assert list(tmp_path.iterdir()) == []  # nothing written to the local folder its path would name
+
+
+def test_a_failed_runs_output_is_discarded_on_the_datasets_own_filesystem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = f"memory:///integrity-{uuid.uuid4().hex}"
+    config = {"model": {"type": "json.JSONDataset", "filepath": f"{root}/model.json", "versioned": True}}
+    done = DataCatalog.from_config(config, save_version=OLD)
+    done.save("model", {"w": 1})
+    write_marker(done.get("model"), OLD, {"dataset": "model"})
+    failed = DataCatalog.from_config(config, save_version=NEW)
+    failed.save("model", {"w": 2})  # then the run fails: its version goes, the completed one stays
+    assert discard_outputs(Pipeline([Node(lambda: 1, None, "model")]), failed) == [
+        f"{root[len('memory://'):]}/model.json/{NEW}"]
+    assert run_integrity.versions_on_disk(failed.get("model")) == [OLD]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_markers_of_a_local_folder_dataset_without_a_filesystem(tmp_path, tiny_tokenizer):
