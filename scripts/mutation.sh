@@ -12,4 +12,7 @@ status=0
 timeout "${1:-5400}" "$bin/mutmut" run --max-children "$(nproc)" || status=$?
 [ "$status" -eq 124 ] && echo "budget spent: run the same command again to go on"
 "$bin/mutmut" results   # the surviving mutants; `mutmut show NAME` prints one
+echo "per module: status, count"
+"$bin/mutmut" results --all true | awk -F': ' '{m = $1; sub(/^ +/, "", m); sub(/\.x(_|ǁ).*/, "", m); n[m "\t" $2]++}
+    END {for (k in n) print k "\t" n[k]}' | sort
 exit "$status"

@@ -1,0 +1,142 @@
+"""The KL controllers' update laws, written out independently, and their state through a checkpoint."""
+
+import math
+
+import pytest
+import torch
+
+from calibrated_rlhf.core.kl_controller import (AdaptiveKLController, FixedKLController, PIKLController,
+                                                make_kl_controller)
+from calibrated_rlhf.core.ppo.kl import kl_per_token
+
+
+def test_ziegler_update_is_the_clipped_proportional_law():
+    ctl = AdaptiveKLController(beta=0.1, kl_target=4.0, horizon=1000)
+    assert ctl.update(kl=4.4, n_episodes=100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))  # err 0.1, inside the clip
+    assert ctl.update(kl=40.0, n_episodes=100) == pytest.approx(0.1 * 1.01 * (1 + 0.2 * 0.1))  # err clipped at 0.2
+    assert ctl.steps == 2
+
+
+def test_ziegler_lowers_beta_below_target_and_clips_at_minus_0_2():
+    ctl = AdaptiveKLController(beta=1.0, kl_target=4.0, horizon=100)
+    assert ctl.update(kl=3.6, n_episodes=10) == pytest.approx(1.0 * (1 - 0.1 * 0.1))
+    assert ctl.update(kl=0.0, n_episodes=50) == pytest.approx(0.99 * (1 - 0.2 * 0.5))
+    assert ctl.update(kl=4.0, n_episodes=50) == pytest.approx(0.99 * 0.9)  # on target: unchanged
+    assert ctl.value == ctl.beta and ctl.steps == 3
+
+
+def test_fixed_controller_counts_steps_and_never_moves():
+    ctl = FixedKLController(beta=0.3, kl_target=1.0, horizon=10)
+    for kl in (0.0, 100.0, -5.0):
+        assert ctl.update(kl=kl, n_episodes=64) == 0.3
+    assert ctl.steps == 3 and ctl.value == 0.3
+    assert ctl.state_dict() == {"kind": "fixed", "beta": 0.3, "kl_target": 1.0, "horizon": 10, "steps": 3}
+
+
+def _pi_by_hand(beta0, target, horizon, gain, kls, n):
+    lo, hi = math.log(1e-4), math.log(1e2)
+    integral, betas, errors = 0.0, [], []
+    for kl in kls:
+        e = min(max(kl / target - 1.0, -0.5), 1.0)
+        integral = min(max(integral + e * n / horizon, lo - math.log(beta0)), hi - math.log(beta0))
+        betas.append(math.exp(min(max(math.log(beta0) + integral + gain * e, lo), hi)))
+        errors.append(e)
+    return betas, integral, errors
+
+
+@pytest.mark.parametrize("gain", [0.0, 0.7, 2.0])
+def test_pi_update_is_the_clamped_proportional_integral_law(gain):
+    kls = [0.0, 1.0, 3.0, 5.0, 9.0, 400.0, 4.0, -2.0, 2.5]
+    ctl = PIKLController(beta=0.05, kl_target=4.0, horizon=200, gain=gain)
+    want, integral, errors = _pi_by_hand(0.05, 4.0, 200, gain, kls, n=32)
+    got = [ctl.update(kl=kl, n_episodes=32) for kl in kls]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert ctl.integral == pytest.approx(integral, rel=1e-12) and ctl.error == errors[-1]
+    assert ctl.steps == len(kls) and ctl.value == got[-1]
+
+
+def test_pi_saturates_at_its_bounds_and_comes_back_when_the_error_turns():
+    hi = PIKLController(beta=50.0, kl_target=1.0, horizon=10, gain=1.0)
+    for _ in range(20):
+        beta = hi.update(kl=100.0, n_episodes=10)
+    assert beta == pytest.approx(100.0) and hi.integral == pytest.approx(math.log(100.0) - math.log(50.0))
+    assert hi.update(kl=0.0, n_episodes=10) < 100.0 * math.exp(-0.5)  # the integral did not wind up past the bound
+    lo = PIKLController(beta=2e-4, kl_target=1.0, horizon=10, gain=1.0)
+    for _ in range(20):
+        beta = lo.update(kl=0.0, n_episodes=10)
+    assert beta == pytest.approx(1e-4) and lo.integral == pytest.approx(math.log(1e-4) - math.log(2e-4))
+    assert lo.update(kl=3.0, n_episodes=10) > 1e-4 * math.exp(1.0)
+
+
+def test_pi_accepts_the_edges_of_its_range_and_refuses_beyond():
+    assert PIKLController(beta=1e-4, kl_target=1.0, horizon=10).value == 1e-4
+    assert PIKLController(beta=1e2, kl_target=1.0, horizon=10, gain=0.0).value == 1e2
+    with pytest.raises(ValueError, match=r"^pi KL control needs 0\.0001 <= beta <= 100, got 5e-05$"):
+        PIKLController(beta=5e-5, kl_target=1.0, horizon=10)
+    with pytest.raises(ValueError, match=r"^pi KL control needs 0\.0001 <= beta <= 100, got 101$"):
+        PIKLController(beta=101, kl_target=1.0, horizon=10)
+    with pytest.raises(ValueError, match=r"^pi KL control needs gain >= 0, got -0\.1$"):
+        PIKLController(beta=0.1, kl_target=1.0, horizon=10, gain=-0.1)
+
+
+def test_pi_refuses_a_non_finite_kl_naming_the_update():
+    ctl = PIKLController(beta=0.1, kl_target=1.0, horizon=10)
+    ctl.update(kl=1.0, n_episodes=4)
+    with pytest.raises(ValueError, match=r"^pi KL control got a non-finite KL \(nan\) at update 2$"):
+        ctl.update(kl=math.nan, n_episodes=4)
+    with pytest.raises(ValueError, match=r"non-finite KL \(inf\)"):
+        ctl.update(kl=math.inf, n_episodes=4)
+    assert ctl.steps == 1
+
+
+def test_pi_state_resumes_the_same_trajectory():
+    a = PIKLController(beta=0.2, kl_target=2.0, horizon=50, gain=1.5)
+    assert a.state_dict() == {"kind": "pi", "beta": 0.2, "kl_target": 2.0, "horizon": 50, "steps": 0, "gain": 1.5,
+                              "log_beta0": math.log(0.2), "integral": 0.0, "error": 0.0}  # nothing seen yet
+    for kl in (0.5, 3.0, 6.0):
+        a.update(kl=kl, n_episodes=16)
+    state = a.state_dict()
+    assert state["kind"] == "pi" and state["gain"] == 1.5 and state["steps"] == 3
+    assert state["log_beta0"] == pytest.approx(math.log(0.2)) and state["error"] == a.error
+    b = PIKLController(beta=1.0, kl_target=9.0, horizon=7, gain=0.0)
+    b.load_state_dict(state)
+    assert b.state_dict() == state
+    for kl in (1.0, 2.5, 0.0):
+        assert b.update(kl=kl, n_episodes=16) == a.update(kl=kl, n_episodes=16)
+
+
+def test_adaptive_state_resumes_and_a_foreign_kind_is_refused():
+    a = AdaptiveKLController(beta=0.1, kl_target=3.0, horizon=500)
+    a.update(kl=5.0, n_episodes=64)
+    b = AdaptiveKLController(beta=9.0, kl_target=1.0, horizon=1)
+    b.load_state_dict(a.state_dict())
+    assert (b.beta, b.kl_target, b.horizon, b.steps) == (a.beta, 3.0, 500, 1)
+    assert b.update(kl=2.0, n_episodes=64) == a.update(kl=2.0, n_episodes=64)
+    legacy = {k: v for k, v in a.state_dict().items() if k != "kind"}  # a checkpoint from before "kind"
+    AdaptiveKLController(1.0, 1.0, 1).load_state_dict(legacy)
+    with pytest.raises(ValueError, match=r"^controller state is for 'pi', not 'adaptive'$"):
+        AdaptiveKLController(1.0, 1.0, 1).load_state_dict({**a.state_dict(), "kind": "pi"})
+    with pytest.raises(ValueError, match=r"^controller state is for 'adaptive', not 'pi'$"):
+        PIKLController(0.1, 1.0, 1).load_state_dict(a.state_dict())
+
+
+def test_make_kl_controller_builds_each_kind_with_its_settings():
+    pi = make_kl_controller("pi", beta=0.2, kl_target=3.0, horizon=40, gain=0.5)
+    assert isinstance(pi, PIKLController) and (pi.beta, pi.kl_target, pi.horizon, pi.gain) == (0.2, 3.0, 40, 0.5)
+    assert make_kl_controller("pi", 0.2, 3.0, 40).gain == 2.0
+    ad = make_kl_controller("adaptive", 0.2, 3.0, 40)
+    assert type(ad) is AdaptiveKLController and (ad.beta, ad.kl_target, ad.horizon) == (0.2, 3.0, 40)
+    fx = make_kl_controller("fixed", 0.2, 3.0, 40)
+    assert type(fx) is FixedKLController and (fx.beta, fx.kl_target, fx.horizon) == (0.2, 3.0, 40)
+    with pytest.raises(ValueError, match=r"^unknown kl_control 'ziegler'$"):
+        make_kl_controller("ziegler", 0.2, 3.0, 40)
+
+
+def test_k3_estimator_is_r_minus_1_minus_log_r():
+    logp = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([-1.5, -1.0, -0.5], dtype=torch.float64)
+    r = torch.exp(ref - logp)
+    torch.testing.assert_close(kl_per_token(logp, ref, "k3"), (r - 1) - torch.log(r))
+    torch.testing.assert_close(kl_per_token(logp, ref), logp - ref)
+    with pytest.raises(ValueError, match=r"^unknown KL estimator 'k2'$"):
+        kl_per_token(logp, ref, "k2")
