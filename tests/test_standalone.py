@@ -18,7 +18,8 @@ def test_no_file_names_a_folder_outside_the_repository():
         paths = [ROOT / top] if (ROOT / top).is_file() else (ROOT / top).rglob("*")
         for path in paths:
             built = any(part.endswith(".egg-info") or part == "__pycache__" for part in path.parts)
-            if path.is_file() and not built and path.suffix in {"", ".py", ".sh", ".md", ".yml", ".yaml", ".toml", ".txt", ".ipynb"}:
+            text_file = path.suffix in {"", ".py", ".sh", ".md", ".yml", ".yaml", ".toml", ".txt", ".ipynb"}
+            if path.is_file() and not built and text_file:
                 text = path.read_text(errors="replace")
                 named += [f"{path.relative_to(ROOT)}: {o}" for o in OUTSIDE if o in text]
     assert not named, named

@@ -44,8 +44,9 @@ def best_of_n_curve(reference_policy: Any, tokenizer: Any, reward_model: Any, re
     """The best-of-n curve over ``params.ns``: KL (measured and bound), proxy and gold gains with intervals."""
     scorer = RewardScorer(reward_model, tokenizer, RewardTransform.from_dict(reward_transform))
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    pool = best_of_n.sample_pool(reference_policy, tokenizer, scorer, task, distinct_prompts(test_pairs)[: params.n_prompts],
-                                 params.pool_size, params.response_length, params.seed)
+    prompts = distinct_prompts(test_pairs)[: params.n_prompts]
+    pool = best_of_n.sample_pool(reference_policy, tokenizer, scorer, task, prompts, params.pool_size,
+                                 params.response_length, params.seed)
     return best_of_n.curve(pool, params.ns)
 
 

@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["reference_policy", "tokenizer", "reward_model", "reward_transform", "test_pairs", "synthetic_task",
                   "params:best_of_n"],
                  "best_of_n_points", name="best_of_n_curve"),
-            Node(nodes.report_best_of_n, "best_of_n_points", ["best_of_n_history", "best_of_n_fit", "best_of_n_diagram"],
-                 name="report_best_of_n"),
+            Node(nodes.report_best_of_n, "best_of_n_points",
+                 ["best_of_n_history", "best_of_n_fit", "best_of_n_diagram"], name="report_best_of_n"),
         ]
     )
