@@ -21,12 +21,11 @@ from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
-from calibrated_rlhf.core.scoring import rl_score_fn
+from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.ppo.nodes import (EvaluationParams, check_transform_matches, gold_offset, make_score_fn,
-                                                 stage_fingerprint)
+from calibrated_rlhf.pipelines.ppo.nodes import EvaluationParams, check_transform_matches, stage_fingerprint
 from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)
@@ -65,15 +64,11 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     check_transform_matches(original, reward_model, rm_fingerprint)
     transform = original.rescaled(params.raw_reward_multiplier)
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
-    if params.reward_url is None:
-        offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses,
-                              params.raw_reward_multiplier) if task is not None else None)
-        score_fn = make_score_fn(reward_model, tokenizer, transform, task, method, params.raw_reward_multiplier,
-                                 offset)
-    else:
-        scorer = served_scorer(params, original)
-        offset = scoring.gold_offset(scorer, task, *reference_rows(reference_responses)) if task is not None else None
-        score_fn = rl_score_fn(scorer, method, task, offset)
+    # in process or through a server, one scoring path: the offset and the score function read the same scorer
+    scorer = (served_scorer(params, original) if params.reward_url is not None
+              else RewardScorer(reward_model, tokenizer, transform, raw_multiplier=params.raw_reward_multiplier))
+    offset = scoring.gold_offset(scorer, task, *reference_rows(reference_responses)) if task is not None else None
+    score_fn = rl_score_fn(scorer, method, task, offset)
     config, prompts = params.trainer_config(), distinct_prompts(train_pairs)
     checkpointing = prepare_checkpoints(params, rl_checkpoint.resume_fingerprint(
         config, reference_policy, tokenizer, prompts, stage_fingerprint(rm_fingerprint, transform, params, task, offset,
@@ -105,6 +100,7 @@ def served_scorer(params: RLParams, transform: RewardTransform) -> RemoteScorer:
 
 
 def reference_rows(responses: pd.DataFrame) -> tuple[list, list]:
+    """Prompts and responses of the reference set, as the scorer takes them."""
     responses = plain_frame(responses)  # read back from Parquet: message lists arrive as numpy arrays
     return list(responses["prompt"]), list(responses["response"])
 
