@@ -15,7 +15,7 @@ from calibrated_rlhf.core.rl import dpo
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
-from calibrated_rlhf.pipelines.ppo.nodes import EvaluationParams
+from calibrated_rlhf.pipelines.stage import EvaluationParams
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
@@ -19,28 +19,18 @@ from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
-from calibrated_rlhf.core.ppo.checkpoint import digest
 from calibrated_rlhf.core.ppo.results import sample_frame
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
+from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
 
 log = logging.getLogger(__name__)
 
 # The stage sets these trainer fields itself (a folder per run under checkpoint_root).
 STAGE_CHECKPOINT_FIELDS = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints")
-
-
-class EvaluationParams(BaseModel):
-    """Gold-reward comparison of the final policy with the reference policy on test prompts."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
-
-    n_prompts: int = Field(128, ge=2, description="Test prompts sampled from (the first n).")
-    samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt and policy.")
-    seed: int = Field(1234, description="Sampling seed, the same for the final and the reference policy.")
 
 
 class PPOParams(CheckpointParams):
@@ -161,20 +151,6 @@ def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure
                                                                             result.stopped_early)
 
 
-def check_transform_matches(transform: RewardTransform, reward_model: Any, fingerprint: str | None = None) -> None:
-    """Refuse a transform computed for other weights (another run's model, or one model vs an ensemble).
-
-    ``fingerprint``: the reward model's, when already computed (it hashes every weight)."""
-    if transform.reward_model_version is None:
-        return
-    actual = fingerprint or reward_fingerprint(reward_model)
-    if actual != transform.reward_model_version:
-        kind = "an ensemble" if transform.ensemble else "one reward model"
-        raise ValueError(f"reward_transform was computed for {kind} with fingerprint "
-                         f"{transform.reward_model_version[:12]}..., but the reward model given has {actual[:12]}...: "
-                         "pin matching versions with --load-versions, or rerun normalization")
-
-
 def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> float | None:
     """The trainer's absolute threshold on the ensemble's disagreement, from a multiple of the reference one."""
     if multiple is None:
@@ -184,23 +160,6 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> flo
         raise ValueError("ppo.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
                          "whose transform records its reference disagreement")
     return multiple * reference
-
-
-def stage_fingerprint(reward_model: str, transform: RewardTransform, params: PPOParams, task: SyntheticTask | None,
-                      gold_offset: float | None, method: NormalizationMethod = "zscore") -> dict[str, Any]:
-    """What changes the run's result beyond the trainer's own fingerprint: the reward model's weights,
-    the reward transform applied (the rescaled one in the scale experiment), which reward is optimized,
-    and on the synthetic task the gold reward behind the logged gold metrics."""
-    applied = transform.to_dict()
-    return {
-        "reward_model": reward_model,
-        "normalization.method": method,
-        "raw_reward_multiplier": params.raw_reward_multiplier,
-        **{f"reward_transform.{k}": applied[k] for k in ("temperature", "mean", "std", "clip")},
-        "reward_transform": digest(applied),
-        "synthetic_task": digest(task.to_dict()) if task is not None else None,
-        "gold_offset": gold_offset,
-    }
 
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:

@@ -25,7 +25,7 @@ from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.ppo.nodes import EvaluationParams, check_transform_matches, stage_fingerprint
+from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
 from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,57 @@
+"""What the RL stages (PPO, RLOO and GRPO, DPO) share: the evaluation's parameters, the refusal of a reward
+transform made for other weights, and the stage's part of the resume fingerprint.
+
+Here rather than in one stage's nodes, so that no pipeline imports another's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from calibrated_rlhf.core.ppo.checkpoint import digest
+from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
+from calibrated_rlhf.core.ensemble import reward_fingerprint
+from calibrated_rlhf.core.synthetic import SyntheticTask
+
+
+class EvaluationParams(BaseModel):
+    """Gold-reward comparison of the final policy with the reference policy on test prompts."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must fail, not leave the default in force
+
+    n_prompts: int = Field(128, ge=2, description="Test prompts sampled from (the first n).")
+    samples_per_prompt: int = Field(4, ge=1, description="Responses sampled per prompt and policy.")
+    seed: int = Field(1234, description="Sampling seed, the same for the final and the reference policy.")
+
+
+def check_transform_matches(transform: RewardTransform, reward_model: Any, fingerprint: str | None = None) -> None:
+    """Refuse a transform computed for other weights (another run's model, or one model vs an ensemble).
+
+    ``fingerprint``: the reward model's, when already computed (it hashes every weight)."""
+    if transform.reward_model_version is None:
+        return
+    actual = fingerprint or reward_fingerprint(reward_model)
+    if actual != transform.reward_model_version:
+        kind = "an ensemble" if transform.ensemble else "one reward model"
+        raise ValueError(f"reward_transform was computed for {kind} with fingerprint "
+                         f"{transform.reward_model_version[:12]}..., but the reward model given has {actual[:12]}...: "
+                         "pin matching versions with --load-versions, or rerun normalization")
+
+
+def stage_fingerprint(reward_model: str, transform: RewardTransform, params: Any, task: SyntheticTask | None,
+                      gold_offset: float | None, method: NormalizationMethod = "zscore") -> dict[str, Any]:
+    """What changes the run's result beyond the trainer's own fingerprint: the reward model's weights,
+    the reward transform applied (the rescaled one in the scale experiment), which reward is optimized,
+    and on the synthetic task the gold reward behind the logged gold metrics. ``params``: the stage's
+    parameters (PPO's or RL's), of which only ``raw_reward_multiplier`` counts."""
+    applied = transform.to_dict()
+    return {
+        "reward_model": reward_model,
+        "normalization.method": method,
+        "raw_reward_multiplier": params.raw_reward_multiplier,
+        **{f"reward_transform.{k}": applied[k] for k in ("temperature", "mean", "std", "clip")},
+        "reward_transform": digest(applied),
+        "synthetic_task": digest(task.to_dict()) if task is not None else None,
+        "gold_offset": gold_offset,
+    }
