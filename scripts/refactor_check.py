@@ -94,6 +94,11 @@ def weights(project: Path) -> dict[str, str]:
     return {k: ",".join(v) for k, v in found.items()}
 
 
+def _comparable(part: str, value: object) -> object:
+    """Weights under one masked path (several runs' folders, named by random run ids) compare as a multiset."""
+    return sorted(value.split(",")) if part == "weights" and isinstance(value, str) else value
+
+
 def diff(a: dict, b: dict) -> int:
     bad = 0
     print(f"commands: {a['commands']}")
@@ -101,7 +106,7 @@ def diff(a: dict, b: dict) -> int:
         keys = sorted(set(a[part]) | set(b[part]))
         timing = [k for k in keys if part == "metrics" and TIMING.search(k.split(":", 1)[1])]
         compared = [k for k in keys if k not in timing]
-        changed = [k for k in compared if a[part].get(k) != b[part].get(k)]
+        changed = [k for k in compared if _comparable(part, a[part].get(k)) != _comparable(part, b[part].get(k))]
         print(f"{part}: {len(compared)} compared, {len(changed)} differ"
               + (f", {len(timing)} timings left out" if timing else ""))
         for k in changed:

@@ -121,7 +121,7 @@ def kill_at_first_checkpoint(project: Path, root: Path, known: set[str], *args: 
 
     import pytest
 
-    from calibrated_rlhf.core.ppo import list_checkpoints
+    from calibrated_rlhf.core.checkpointing import list_checkpoints
 
     proc = start_kedro_run(project, *args, name=name)
     deadline = time.monotonic() + timeout_s

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from calibrated_rlhf.core.ppo import list_checkpoints
-from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
+from calibrated_rlhf.core.checkpointing import list_checkpoints
+from calibrated_rlhf.core.checkpointing.checkpoints import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK
 from tests.harness import kedro_run, preload, squash, start_kedro_run
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from calibrated_rlhf.core.ppo import list_checkpoints
-from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
+from calibrated_rlhf.core.checkpointing import list_checkpoints
+from calibrated_rlhf.core.checkpointing.checkpoints import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK, host_name
 from tests.harness import kedro_run, kill_at_first_checkpoint, preload, squash
 

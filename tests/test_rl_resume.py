@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from calibrated_rlhf.core.ppo import list_checkpoints
-from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE
+from calibrated_rlhf.core.checkpointing import list_checkpoints
+from calibrated_rlhf.core.checkpointing.checkpoints import COMPLETE_FILE
 from calibrated_rlhf.core.staging import MARK
 from tests.harness import kedro_run, kill_at_first_checkpoint, preload, squash
 
@@ -29,7 +29,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
     from mlflow import MlflowClient
 
     from calibrated_rlhf.core import metric_keys as keys
-    from calibrated_rlhf.core.ppo.checkpoint import SCORE_STATE_FILE, read_run
+    from calibrated_rlhf.core.checkpointing.checkpoints import SCORE_STATE_FILE, read_run
     from calibrated_rlhf.core.kl_controller import PIKLController
     from tests.harness import latest_run
 

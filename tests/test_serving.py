@@ -73,7 +73,7 @@ def test_truncate_when_configured_scores_the_first_tokens(bundle):
     assert fit_lengths({"r": [[1, 2, 3], [4]]}, 2, "truncate") == {"r": [[1, 2], [4]]}
     assert fit_lengths({"r": [[1, 2, 3], [4]]}, 2, "truncate", side="left") == {"r": [[2, 3], [4]]}
     # Scoring the first TRAINED_LENGTH tokens of the long text equals scoring the truncated ids directly.
-    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.scoring import score_rewards
     from calibrated_rlhf.core.preferences import render_ids
 
     full = render_ids(m.tokenizer, long["prompt"][0], long["response"][0])

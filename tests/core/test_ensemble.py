@@ -15,13 +15,11 @@ from calibrated_rlhf.core.ensemble import (
     RewardEnsemble,
     aggregate_rewards,
     bootstrap_indices,
-    iter_rewards,
     ensemble_std_of,
-    reward_fingerprint,
-    score_rewards,
 )
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.reward_model import model_fingerprint, score_sequences
+from calibrated_rlhf.core.scoring import iter_rewards, reward_fingerprint, score_rewards
 from tests.conftest import TINY_BACKBONE
 
 finite = st.floats(-50, 50, allow_nan=False)

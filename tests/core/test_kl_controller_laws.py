@@ -7,7 +7,7 @@ import torch
 
 from calibrated_rlhf.core.kl_controller import (AdaptiveKLController, FixedKLController, PIKLController,
                                                 make_kl_controller)
-from calibrated_rlhf.core.ppo.kl import kl_per_token
+from calibrated_rlhf.core.kl import kl_per_token
 
 
 def test_ziegler_update_is_the_clipped_proportional_law():

@@ -10,7 +10,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification,
                           Qwen2Config, Qwen2ForSequenceClassification, Qwen3Config, Qwen3ForSequenceClassification)
 
-from calibrated_rlhf.core.pair_packing import (PackedPairForward, attention_width, pack_pairs, packed_logits, plan_rows,
+from calibrated_rlhf.core.speed.pair_packing import (PackedPairForward, attention_width, pack_pairs, packed_logits, plan_rows,
                                                shared_prefix_lengths, unsupported_reason)
 
 VOCAB, PAD, EOS = 48, 0, 2

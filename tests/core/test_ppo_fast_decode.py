@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 
-from calibrated_rlhf.core.ppo import fast_decode
-from calibrated_rlhf.core.ppo.fast_decode import unsupported_reason
-from calibrated_rlhf.core.ppo.rollout import left_pad, sample_responses
+from calibrated_rlhf.core.speed import fast_decode
+from calibrated_rlhf.core.causal_lm import left_pad
+from calibrated_rlhf.core.ppo.rollout import sample_responses
+from calibrated_rlhf.core.speed.layers import unsupported_reason
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
 EOS, PAD = 1, 0

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibrated_rlhf.core.ppo import AdaptiveKLController, FixedKLController, kl_per_token, make_kl_controller
+from calibrated_rlhf.core.kl import kl_per_token
+from calibrated_rlhf.core.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
 
 
 def test_adaptive_controller_matches_hand_computed_betas() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from calibrated_rlhf.core.lora import LoraParams, has_adapters, merged
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
-from calibrated_rlhf.core.ppo.fast_decode import unsupported_reason
+from calibrated_rlhf.core.speed.layers import unsupported_reason
 from calibrated_rlhf.core.ppo.models import reference_logprobs
 from calibrated_rlhf.core.ppo.rollout import response_logprobs
 

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibrated_rlhf.core.ppo.rollout import (
-    PolicyAndValue,
-    left_pad,
-    position_ids_from_mask,
-    response_logprobs,
-    response_mask,
-    sample_categorical,
-    sample_responses,
-)
+from calibrated_rlhf.core.causal_lm import left_pad, position_ids_from_mask, response_mask, sample_categorical
+from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, response_logprobs, sample_responses
 
 from .test_ppo_helpers import PROMPTS, build_tokenizer, tiny_models
 
@@ -118,7 +111,7 @@ def test_responses_decode_as_continuations_of_their_prompts() -> None:
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-    from calibrated_rlhf.core.ppo.rollout import decode_responses
+    from calibrated_rlhf.core.causal_lm import decode_responses
 
     prompt = [2, 3]  # "say red"
     responses = torch.tensor([[4, 5, 1, 0], [4, 6, 6, 6]])  # "▁w1 ▁w2 <eos>", "▁w1 w3 w3 w3"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from calibrated_rlhf.core.ppo import PPOConfig, PPOEarlyStop, PPOTrainer, latest_checkpoint, list_checkpoints
+from calibrated_rlhf.core.checkpointing import latest_checkpoint, list_checkpoints
+from calibrated_rlhf.core.ppo import PPOConfig, PPOEarlyStop, PPOTrainer
 
 from .test_ppo_helpers import PROMPTS, build_tokenizer, score_fn, tiny_models
 
@@ -330,7 +331,7 @@ def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
     # the last layer at the read positions only is the same function: the runs agree to float rounding
     runs = [make_trainer(tok, num_updates=3, trim_last_layer=trim) for trim in (True, False)]
     (trim, full) = [r.train().history for r in runs]
-    from calibrated_rlhf.core.ppo import trimmed_forward
+    from calibrated_rlhf.core.speed import trimmed_forward
 
     assert trimmed_forward._checked.get(runs[0].policy) is True  # the trimmed path did run
     assert runs[1].policy not in trimmed_forward._checked
@@ -376,7 +377,7 @@ def test_glibc_malloc_tuning_applies_where_there_is_glibc() -> None:
     import platform
     import sys
 
-    from calibrated_rlhf.core.ppo.trainer import tune_glibc_malloc
+    from calibrated_rlhf.core.speed.schedule import tune_glibc_malloc
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert tune_glibc_malloc() is expected
@@ -397,7 +398,7 @@ def _interrupted_run(tok, folder: Path, **overrides) -> PPOTrainer:
 @pytest.mark.parametrize("change, field", [(dict(kl_target=3.0), "kl_target"), (dict(batch_size=16), "batch_size"),
                                            (dict(fingerprint={"reward_model": "b" * 64}), "reward_model")])
 def test_resume_under_another_configuration_names_the_field(tok, tmp_path: Path, change, field) -> None:
-    from calibrated_rlhf.core.ppo import ResumeMismatchError
+    from calibrated_rlhf.core.checkpointing import ResumeMismatchError
 
     _interrupted_run(tok, tmp_path / "run")
     other = make_trainer(tok, checkpoint_dir=str(tmp_path / "other"), **{**RUN, "fingerprint": REWARD_A, **change})
@@ -417,7 +418,7 @@ def test_settings_that_do_not_change_the_result_may_differ_on_resume(tok, tmp_pa
 
 
 def test_run_folders_are_marked_started_and_complete(tok, tmp_path: Path) -> None:
-    from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE, RUN_FILE
+    from calibrated_rlhf.core.checkpointing.checkpoints import COMPLETE_FILE, RUN_FILE
 
     trainer = _interrupted_run(tok, tmp_path / "run")
     assert (tmp_path / "run" / RUN_FILE).is_file() and not (tmp_path / "run" / COMPLETE_FILE).exists()
@@ -428,7 +429,7 @@ def test_run_folders_are_marked_started_and_complete(tok, tmp_path: Path) -> Non
 def test_latest_is_the_newest_interrupted_run_of_this_configuration(tok, tmp_path: Path) -> None:
     import json
 
-    from calibrated_rlhf.core.ppo import ResumeMismatchError, find_resumable
+    from calibrated_rlhf.core.checkpointing import ResumeMismatchError, find_resumable
 
     done = make_trainer(tok, checkpoint_dir=str(tmp_path / "done"), fingerprint=REWARD_A, **RUN)
     done.train()  # finished: never offered
@@ -472,7 +473,7 @@ def test_latest_is_the_newest_interrupted_run_of_this_configuration(tok, tmp_pat
 
 
 def test_latest_without_any_interrupted_run(tmp_path: Path) -> None:
-    from calibrated_rlhf.core.ppo import find_resumable
+    from calibrated_rlhf.core.checkpointing import find_resumable
 
     with pytest.raises(FileNotFoundError, match="no interrupted run"):
         find_resumable(tmp_path, {})
@@ -521,7 +522,7 @@ def test_a_checkpoint_is_staged_under_its_writers_name(tok, tmp_path: Path, monk
 
 
 def test_an_explicit_folder_resumes_whatever_its_run_state(tok, tmp_path: Path) -> None:
-    from calibrated_rlhf.core.ppo import resolve_resume
+    from calibrated_rlhf.core.checkpointing import resolve_resume
 
     _interrupted_run(tok, tmp_path / "run")
     assert resolve_resume(None, tmp_path, {}) is None

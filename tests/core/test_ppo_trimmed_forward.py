@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from calibrated_rlhf.core.ppo import trimmed_forward
-from calibrated_rlhf.core.ppo.rollout import (PolicyAndValue, _response_hidden, left_pad, position_ids_from_mask,
-                                              response_logprobs)
+from calibrated_rlhf.core.speed import trimmed_forward
+from calibrated_rlhf.core.causal_lm import left_pad, position_ids_from_mask
+from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, _response_hidden, response_logprobs
 
 from .test_ppo_fast_decode import EOS, PAD, PROMPTS, _model
 

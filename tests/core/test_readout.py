@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from calibrated_rlhf.core import readout
-from calibrated_rlhf.core.pair_packing import PackedPairForward
-from calibrated_rlhf.core.readout import read_positions, readout_logits
+from calibrated_rlhf.core.speed import readout
+from calibrated_rlhf.core.speed.pair_packing import PackedPairForward
+from calibrated_rlhf.core.speed.readout import read_positions, readout_logits
 from calibrated_rlhf.core.reward_model import score_sequences
 from tests.core.test_pair_packing import EOS, PAD, VOCAB, logits_and_grads, pair_batch, random_pairs, small_model
 

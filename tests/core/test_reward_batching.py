@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from calibrated_rlhf.core.readout import readout_logits
+from calibrated_rlhf.core.speed.readout import readout_logits
 from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
 
 

@@ -1,6 +1,6 @@
 """The project's KL controller as a TRL callback: the controller's formula on a logged KL sequence, and its
 state through a checkpoint and a resume of TRL's real RLOO trainer, directly and through the library's entry
-point (``core.rl.trainers.train`` with ``core.rl.checkpoint``), running reward statistics included."""
+point (``core.rl.trainers.train`` with ``core.checkpointing.trl_checkpoints``), running reward statistics included."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from calibrated_rlhf.core.ppo.kl import AdaptiveKLController
+from calibrated_rlhf.core.kl_controller import AdaptiveKLController
 from calibrated_rlhf.core.rl.kl_control import BETA, BETA_NEXT, SEQUENCE_KL, KLControlCallback, sequence_kl
 
 
@@ -121,9 +121,9 @@ def test_interrupted_rloo_run_resumes_through_the_library_to_the_uninterrupted_r
     of a run never interrupted."""
     from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone, build_reward_backbone
     from calibrated_rlhf.core.normalization import RewardTransform
-    from calibrated_rlhf.core.ppo import ResumeMismatchError, list_checkpoints, resolve_resume
-    from calibrated_rlhf.core.ppo.checkpoint import COMPLETE_FILE, read_run
-    from calibrated_rlhf.core.rl.checkpoint import TRL_DIR, Checkpointing, resume_fingerprint
+    from calibrated_rlhf.core.checkpointing import ResumeMismatchError, list_checkpoints, resolve_resume
+    from calibrated_rlhf.core.checkpointing.checkpoints import COMPLETE_FILE, read_run
+    from calibrated_rlhf.core.checkpointing.trl_checkpoints import TRL_DIR, Checkpointing, resume_fingerprint
     from calibrated_rlhf.core.rl.config import RLConfig
     from calibrated_rlhf.core.rl.reward import ScoreReward
     from calibrated_rlhf.core.rl.trainers import train

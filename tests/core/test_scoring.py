@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
-from calibrated_rlhf.core.ensemble import score_rewards
+from calibrated_rlhf.core.scoring import score_rewards
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.preferences import render_ids
 from calibrated_rlhf.core.scoring import RewardScorer

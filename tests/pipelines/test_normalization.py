@@ -216,7 +216,7 @@ def ensemble_transform(ensemble, tokenizer, pairs):
 
 
 def test_an_ensembles_transform_normalizes_its_aggregate_and_carries_the_members(ensemble, tiny_tokenizer, pairs):
-    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.scoring import score_rewards
     from calibrated_rlhf.core.preferences import render_ids
 
     t, metrics = ensemble_transform(ensemble, tiny_tokenizer, pairs)
@@ -236,7 +236,7 @@ def test_an_ensembles_pyfunc_carries_every_member_and_returns_their_spread(ensem
                                                                           tmp_path):
     import mlflow
 
-    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.scoring import score_rewards
     from calibrated_rlhf.core.preferences import render_ids
 
     t, _ = ensemble_transform(ensemble, tiny_tokenizer, pairs)

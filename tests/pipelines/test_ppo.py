@@ -80,7 +80,8 @@ def members(tokenizer, k=3):
 
 
 def test_score_fn_of_an_ensemble_reports_its_disagreement(tiny_tokenizer):
-    from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble, score_rewards
+    from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
+    from calibrated_rlhf.core.scoring import score_rewards
     from calibrated_rlhf.core.preferences import render_ids
 
     models = members(tiny_tokenizer)
@@ -185,7 +186,8 @@ def test_stage_resumes_latest_only_under_the_same_reward_model(reward_model, tin
     import sys
 
     from calibrated_rlhf.core.backbone import build_causal_backbone
-    from calibrated_rlhf.core.ppo import PPOConfig, ResumeMismatchError
+    from calibrated_rlhf.core.checkpointing import ResumeMismatchError
+    from calibrated_rlhf.core.ppo import PPOConfig
     from calibrated_rlhf.core.staging import MARK, host_name
 
     task = make_task(SyntheticSpec(seed=1, n_words=12))

@@ -20,8 +20,8 @@ from transformers import PreTrainedModel
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
-from calibrated_rlhf.core.pair_packing import PackedPairForward
-from calibrated_rlhf.core.readout import readout_logits, trims
+from calibrated_rlhf.core.speed.pair_packing import PackedPairForward
+from calibrated_rlhf.core.speed.readout import readout_logits, trims
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -58,7 +58,7 @@ class RewardTrainingParams(BaseModel):
         True,
         description="Pack each batch's pairs into rows without padding, each pair's shared prompt run once (the "
         "rejected side attends to it, not to the chosen side), or its sequences apart where they share little: "
-        "the same rewards, loss and gradients from fewer tokens (core/pair_packing.py). Models whose attention "
+        "the same rewards, loss and gradients from fewer tokens (core/speed/pair_packing.py). Models whose attention "
         "takes no custom mask (flash-attention kernels), and batches a cost model prices cheaper padded, keep "
         "padded batches, split by length_buckets.",
     )
@@ -163,7 +163,7 @@ class BucketedForward:
     width, and the logits come back in the batch's row order. With causal attention and right
     padding a row's logits do not depend on the padding after it, so the loss is unchanged. When one
     bucket wins, the batch goes through as it came: no gather, no reorder. Each pass goes through
-    :func:`~calibrated_rlhf.core.readout.readout_logits` (the last layer at the read positions only).
+    :func:`~calibrated_rlhf.core.speed.readout.readout_logits` (the last layer at the read positions only).
     TRL hands the model its whole batch (``margin``, ``use_cache``); only the ids and the mask are read.
     """
 
@@ -254,7 +254,7 @@ def train_reward_model(
     keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation); where
     this project's forward runs the batches (``padding_free``, ``length_buckets`` or ``group_by_length``),
     a last point with ``trimmed_batch_fraction`` (training batches whose last layer ran at the read
-    positions only, ``core.readout``) and, with ``padding_free``, ``packed_batch_fraction``.
+    positions only, ``core.speed.readout``) and, with ``padding_free``, ``packed_batch_fraction``.
     """
     from trl import RewardConfig
 

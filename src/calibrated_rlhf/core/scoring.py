@@ -17,12 +17,56 @@ import numpy as np
 import torch
 
 from calibrated_rlhf.core.chat import response_text
-from calibrated_rlhf.core.ensemble import iter_rewards, score_rewards
+from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
                                                 RunningNormalizer, minmax_batch, whiten_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_ids
 from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.synthetic import SyntheticTask
+
+
+def iter_rewards(
+    reward_model: Any, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yield (indices, reward, ensemble_std or None) batch by batch, for one model or an ensemble.
+
+    For one model the reward is its raw output; for a :class:`RewardEnsemble` it is the aggregate of the
+    members' calibrated rewards, which the ensemble's own temperature then calibrates.
+    """
+    from calibrated_rlhf.core.reward_model import iter_scores
+
+    if not isinstance(reward_model, RewardEnsemble):
+        for idx, raw in iter_scores(reward_model, sequences, pad_token_id, batch_size):
+            yield idx, raw, None
+        return
+    # Members score the same length-sorted batches, so the batches line up row for row.
+    streams = [iter_scores(m, sequences, pad_token_id, batch_size) for m in reward_model.members]
+    for batches in zip(*streams):
+        idx = batches[0][0]
+        reward, ensemble_std = reward_model.spec.aggregate(np.stack([r for _, r in batches], axis=1))
+        yield idx, reward, ensemble_std
+
+
+def score_rewards(reward_model: Any, sequences: list[list[int]], pad_token_id: int,
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """(reward, ensemble_std or None) of each sequence, in input order; see :func:`iter_rewards`."""
+    reward = np.empty(len(sequences))
+    ensemble_std = np.empty(len(sequences)) if isinstance(reward_model, RewardEnsemble) else None
+    for idx, r, s in iter_rewards(reward_model, sequences, pad_token_id, batch_size):
+        reward[idx] = r
+        if ensemble_std is not None:
+            ensemble_std[idx] = s
+    return reward, ensemble_std
+
+
+def reward_fingerprint(reward_model: Any) -> str:
+    """The weight fingerprint of one model, or the ensemble's fingerprint."""
+    if isinstance(reward_model, RewardEnsemble):
+        return reward_model.fingerprint()
+    from calibrated_rlhf.core.reward_model import model_fingerprint
+
+    return model_fingerprint(reward_model)
+
 
 @dataclass(frozen=True)
 class ScoredRewards:

@@ -1,7 +1,7 @@
 """Run folders and resuming for the training stages that checkpoint (ppo, rl): one design, one lookup.
 
 Each run checkpoints into ``<checkpoint_root>/<MLflow run id>/`` and ``resume_from`` picks what it continues
-(``core.ppo.checkpoint.resolve_resume``: ``latest`` is the newest interrupted run of the same resume
+(``core.checkpointing.checkpoints.resolve_resume``: ``latest`` is the newest interrupted run of the same resume
 fingerprint). The run folder and what was resumed are logged to the run as ``<stage>.checkpoint_dir`` and
 ``<stage>.resumed_from_{run,update,checkpoint}`` params (and ``<stage>/resumed_from_*`` tags) as soon as they
 are known, so a run killed later still says where its checkpoints are.
@@ -16,8 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibrated_rlhf.core.ppo import ResumePoint, resolve_resume
-from calibrated_rlhf.core.ppo.checkpoint import describe_mismatches
+from calibrated_rlhf.core.checkpointing import ResumePoint, describe_mismatches, resolve_resume
 from calibrated_rlhf.core.staging import sweep_stale
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class CheckpointParams(BaseModel):
     resume_from: str | None = Field(
         None,
         description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under "
-        "checkpoint_root with this exact configuration (see core.ppo.checkpoint.find_resumable). A checkpoint "
+        "checkpoint_root with this exact configuration (see core.checkpointing.checkpoints.find_resumable). A checkpoint "
         "folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
         "the field; the resumed run's own checkpoints go to its own folder.")
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibrated_rlhf.core.ppo.checkpoint import digest
+from calibrated_rlhf.core.checkpointing import digest
 from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
-from calibrated_rlhf.core.ensemble import reward_fingerprint
+from calibrated_rlhf.core.scoring import reward_fingerprint
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
 

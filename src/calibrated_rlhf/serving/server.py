@@ -104,7 +104,7 @@ def score_ids(model: Any):
     """``ids -> (raw, ensemble_std)`` of the loaded bundle: the in-process scorer's forward pass."""
     import torch
 
-    from calibrated_rlhf.core.ensemble import score_rewards
+    from calibrated_rlhf.core.scoring import score_rewards
 
     pad = model.tokenizer.pad_token_id
 

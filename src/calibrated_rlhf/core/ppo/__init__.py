@@ -28,31 +28,12 @@ ratio}``, ``value/{loss,clipfrac,explained_variance,mean}``, ``losses/{policy,to
 ``rollout/{response_length,eos_fraction}``, ``optim/{grad_norm,lr}``, ``perf/{episodes_per_s,
 update_s,rollout_s,generate_s,score_s}``, ``step``, ``episodes``.
 
-Checkpoints (``<checkpoint_dir>/update_000050/``, written to a staging folder named after its writer
-and renamed; ``checkpoint.py``): ``policy/`` and ``value_model/`` (``save_pretrained``;
-``value_head.pt`` in shared mode), ``optimizer.pt``, ``trainer_state.json`` (update, episodes, KL
-controller state, data position, history, samples, config, resume fingerprint),
-``rng_state_<rank>.pt`` and ``score_state_<rank>.json`` (the score function's state, if any). ``checkpoint_dir`` is one run's folder: ``run.json`` names its writer and
-``COMPLETE`` marks it finished; ``find_resumable(root, trainer.fingerprint)`` finds the newest
-interrupted run of the same configuration among the run folders under ``root``.
+Checkpoints, run folders and the resume fingerprint: ``core.checkpointing`` (shared with RLOO and GRPO);
+the KL estimators and controllers: ``core.kl`` and ``core.kl_controller``.
 """
 
-from calibrated_rlhf.core.ppo.checkpoint import (
-    ResumeMismatchError,
-    ResumePoint,
-    find_resumable,
-    latest_checkpoint,
-    list_checkpoints,
-    resolve_resume,
-)
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_mean, masked_whiten
-from calibrated_rlhf.core.ppo.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    kl_per_token,
-    make_kl_controller,
-)
 from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_loss
 from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, sample_responses
 from calibrated_rlhf.core.ppo.trainer import (
@@ -63,26 +44,16 @@ from calibrated_rlhf.core.ppo.trainer import (
 )
 
 __all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
     "PPOConfig",
     "PPOEarlyStop",
     "PPOResult",
     "PPOTrainer",
     "PolicyAndValue",
-    "ResumeMismatchError",
-    "ResumePoint",
     "ScoreFn",
     "clipped_policy_loss",
     "clipped_value_loss",
     "compute_gae",
-    "find_resumable",
-    "kl_per_token",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "make_kl_controller",
     "masked_mean",
     "masked_whiten",
-    "resolve_resume",
     "sample_responses",
 ]

@@ -10,7 +10,8 @@ from torch import nn
 
 from calibrated_rlhf.core.lora import add_adapters, adapters_disabled
 from calibrated_rlhf.core.ppo.config import PPOConfig
-from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, backbone_of, hidden_size_of, value_head_of
+from calibrated_rlhf.core.causal_lm import backbone_of, hidden_size_of, value_head_of
+from calibrated_rlhf.core.ppo.rollout import PolicyAndValue
 
 
 def with_lora(policy: nn.Module, value_model: nn.Module | None, config: PPOConfig

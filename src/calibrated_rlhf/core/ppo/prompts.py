@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from calibrated_rlhf.core.chat import prompt_ids, prompt_kind
-from calibrated_rlhf.core.ppo.checkpoint import digest
+from calibrated_rlhf.core.checkpointing.checkpoints import digest
 from calibrated_rlhf.core.preferences import plain
 
 

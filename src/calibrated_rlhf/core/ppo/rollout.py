@@ -8,43 +8,17 @@ logits are only computed over the response window. A separate value model is a t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo import trimmed_forward
-from calibrated_rlhf.core.ppo.fast_decode import agrees_with, lean_decoder, needs_check
+from calibrated_rlhf.core.causal_lm import (backbone_of, position_ids_from_mask, response_mask, sample_categorical,
+                                            value_head_of)
 from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The transformer trunk of a transformers model (e.g. ``LlamaModel`` inside ``LlamaForCausalLM``)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    if not prefix or not hasattr(model, prefix):
-        raise TypeError(f"{type(model).__name__} has no base_model_prefix backbone")
-    return getattr(model, prefix)
-
-
-def value_head_of(model: nn.Module) -> nn.Module:
-    """The scalar head of a sequence-classification value model."""
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise TypeError(f"{type(model).__name__} has no 'score' head; pass an AutoModelForSequenceClassification")
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a prompt's tokens sit at 0..n-1 whatever its padding."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+from calibrated_rlhf.core.speed import trimmed_forward
+from calibrated_rlhf.core.speed.fast_decode import agrees_with, lean_decoder, needs_check
 
 
 def _response_hidden(
@@ -59,7 +33,7 @@ def _response_hidden(
 
     The final token is left out of the forward: nothing is predicted from it and, attention being
     causal, no earlier position depends on it. ``trim`` runs the last layer at those positions only
-    (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward`) where the architecture allows it.
+    (:mod:`~calibrated_rlhf.core.speed.trimmed_forward`) where the architecture allows it.
     """
     ids, attn, pos = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
     backbone = backbone_of(model)
@@ -167,20 +141,6 @@ def response_logprobs(
     return logprobs_from_logits(logits, input_ids[:, response_start:])
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (None: leave it)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 @dataclass
 class Samples:
     """Output of :func:`sample_responses` (all [B, R] except the query tensors)."""
@@ -260,7 +220,7 @@ def sample_responses(
     The logprobs of the sampled tokens come from the same cached forward passes, so the rollout
     needs no second policy forward; with ``value_head`` the values do too. Sampling stops early
     once every row has produced EOS. ``fast_decode`` runs the steps after the prompt through
-    :class:`~calibrated_rlhf.core.ppo.fast_decode.LeanDecoder` when the architecture allows it.
+    :class:`~calibrated_rlhf.core.speed.fast_decode.LeanDecoder` when the architecture allows it.
     """
     lm_head = policy.get_output_embeddings()
     B = query_ids.shape[0]
@@ -347,57 +307,6 @@ class _Decoding:
         return h
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row [B, V] -> [B, 1] by inverting the CDF.
-
-    Needs one uniform per row instead of one per vocabulary entry (multinomial and Gumbel-max
-    draw V), which dominates the cost of a decoding step for small models.
-    """
-    cdf = probs.cumsum(-1)
-    # draw on the generator's device (a CPU generator keeps runs reproducible across devices)
-    gen_device = generator.device if generator is not None else probs.device
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=gen_device, dtype=cdf.dtype).to(probs.device)
-    # scale by the row total so rounding in the cumsum never leaves u above the last bin;
-    # clamp_min keeps u = 0 from landing on a leading zero-probability token
-    u = (u * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)
-    return torch.searchsorted(cdf, u).clamp_max(probs.shape[-1] - 1)
-
-
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask of tokens up to and including the first EOS, whether an EOS occurred) per row."""
-    is_eos = responses == eos_token_id
-    # number of EOS strictly before t is 0 exactly for the prefix up to the first EOS
-    eos_before = is_eos.long().cumsum(-1) - is_eos.long()
-    return eos_before == 0, is_eos.any(-1)
-
-
-def decode_responses(
-    tokenizer: Any,
-    prompt_ids: list[list[int]],
-    prompt_texts: list[str | None],
-    responses: torch.Tensor,
-    mask: torch.Tensor,
-) -> list[str]:
-    """Response texts as continuations of their prompts, so ``prompt + response`` reads right.
-
-    Decoding a response on its own loses what some tokenizers fold into its first token (the
-    leading space of a Metaspace/SentencePiece word), so each prompt + response is decoded together
-    and the decoded prompt is cut off the front; when that prefix does not match (a tokenizer
-    that rewrites text across the boundary), the response is decoded alone. A prompt text of None (a
-    conversational prompt: the chat template's own tokens separate the turns) has its response decoded
-    alone. Special tokens (EOS, end of turn, padding) are dropped.
-    """
-    rows = [ids + r[m].tolist() for ids, r, m in zip(prompt_ids, responses.cpu(), mask.cpu())]
-    full = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    out = []
-    for text, prefix, ids, r, m in zip(full, prompt_texts, prompt_ids, responses.cpu(), mask.cpu()):
-        if prefix is not None and text.startswith(prefix):
-            out.append(text[len(prefix):])
-        else:
-            out.append(tokenizer.decode(r[m].tolist(), skip_special_tokens=True))
-    return out
-
-
 def score_tensors(scores: Mapping[str, Any], key: str, known_keys: list[str] | None, n: int,
                   device: torch.device | str) -> dict[str, torch.Tensor]:
     """``score_fn``'s output as float tensors [n] on ``device``, keys sorted; checks that the optimized
@@ -413,13 +322,3 @@ def score_tensors(scores: Mapping[str, Any], key: str, known_keys: list[str] | N
     return tensors
 
 
-def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (ids, mask) [B, L]."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s):] = 1
-    return ids.to(device), mask.to(device)

@@ -33,28 +33,27 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
+from calibrated_rlhf.core.causal_lm import decode_responses, left_pad, position_ids_from_mask
 from calibrated_rlhf.core.chat import prompt_label, stop_token_id
-from calibrated_rlhf.core.ppo import checkpoint as ckpt
-from calibrated_rlhf.core.progress import Progress
-from calibrated_rlhf.core.ppo.checkpoint import latest_checkpoint, list_checkpoints
+from calibrated_rlhf.core.checkpointing import checkpoints as ckpt
+from calibrated_rlhf.core.kl import kl_per_token
+from calibrated_rlhf.core.kl_controller import AdaptiveKLController, make_kl_controller
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_whiten
-from calibrated_rlhf.core.ppo.kl import AdaptiveKLController, kl_per_token, make_kl_controller
 from calibrated_rlhf.core.ppo.losses import policy_terms, value_terms
 from calibrated_rlhf.core.ppo.models import (adamw, disable_dropout, frozen_reference, policy_and_value,
                                              reference_logprobs, with_lora)
 from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
-from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, decode_responses,
-                                              left_pad, position_ids_from_mask, response_logprobs,
+from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, response_logprobs,
                                               sample_responses, score_tensors)
-from calibrated_rlhf.core.ppo.schedule import make_schedule, tune_glibc_malloc
 from calibrated_rlhf.core.ppo.stats import OPTIM_STATS, optimization_metrics, perf_metrics, rollout_metrics, stop_reason
+from calibrated_rlhf.core.progress import Progress
+from calibrated_rlhf.core.speed.schedule import make_schedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PPOEarlyStop", "PPOResult", "PPOTrainer", "ScoreFn", "disable_dropout", "latest_checkpoint",
-           "list_checkpoints", "tune_glibc_malloc"]
+__all__ = ["PPOEarlyStop", "PPOResult", "PPOTrainer", "ScoreFn", "disable_dropout"]
 
 
 class PPOTrainer:
@@ -376,7 +375,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> str:
         """Write a checkpoint atomically (staging folder, then rename) and return its path; the
-        layout is :func:`~calibrated_rlhf.core.ppo.checkpoint.save_trainer`'s."""
+        layout is :func:`~calibrated_rlhf.core.checkpointing.checkpoints.save_trainer`'s."""
         root = Path(directory) if directory is not None else Path(self.config.checkpoint_dir or "checkpoints")
         self.last_checkpoint = str(ckpt.save_trainer(self, root))
         return self.last_checkpoint

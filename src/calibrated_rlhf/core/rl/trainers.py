@@ -17,8 +17,8 @@ from calibrated_rlhf.core import stop_signals
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.lora import lora_config, merged
 from calibrated_rlhf.core.progress import attach_progress
-from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
-from calibrated_rlhf.core.rl.checkpoint import Checkpointing, trl_output_dir
+from calibrated_rlhf.core.checkpointing import trl_checkpoints as rl_checkpoint
+from calibrated_rlhf.core.checkpointing.trl_checkpoints import Checkpointing, trl_output_dir
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
@@ -110,7 +110,7 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
     frozen reference from); returns the trained policy on CPU and the per-update records.
 
-    ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.rl.checkpoint``), and a run
+    ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.checkpointing.trl_checkpoints``), and a run
     resumed from ``resume`` after checking its fingerprint; the records then cover the whole run."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import plots
-from calibrated_rlhf.core.ensemble import RewardEnsemble, reward_fingerprint
+from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.normalization import (NormalizationParams, RewardStats, RewardTransform, identity_transform,
                                                 transform_from_stats)
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame, text_key

@@ -14,7 +14,6 @@ from pydantic import Field, model_validator
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
-from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform

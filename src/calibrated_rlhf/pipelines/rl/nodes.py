@@ -12,11 +12,10 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation, plots, scoring
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.ensemble import reward_fingerprint
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
-from calibrated_rlhf.core.rl import checkpoint as rl_checkpoint
+from calibrated_rlhf.core.checkpointing import trl_checkpoints as rl_checkpoint
 from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL

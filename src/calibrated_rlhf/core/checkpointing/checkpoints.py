@@ -1,4 +1,5 @@
-"""PPO checkpoints on disk: atomic writes, run folders, and the resume fingerprint.
+"""Checkpoints on disk (PPO's, and RLOO's and GRPO's in the same layout): atomic writes, run folders, and
+the resume fingerprint.
 
 Layout under a checkpoint root (one folder per run, named by the caller, e.g. the MLflow run id)::
 
@@ -33,7 +34,6 @@ from pydantic import BaseModel
 from torch import nn
 
 from calibrated_rlhf.core import stop_signals
-from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.staging import MARK, host_name, make_staging_dir, pid_alive
 
 CHECKPOINT_PREFIX = "update_"
@@ -288,7 +288,7 @@ def digest(value: Any) -> str:
 
 
 def resume_fingerprint(
-    config: PPOConfig | BaseModel, *, reference_policy: str, initial_policy: str, tokenizer: str,
+    config: BaseModel, *, reference_policy: str, initial_policy: str, tokenizer: str,
     prompts: Sequence[Any], world_size: int, extra: Mapping[str, Any] | None = None,
     exclude: Iterable[str] = NOT_IN_FINGERPRINT,
 ) -> dict[str, Any]:

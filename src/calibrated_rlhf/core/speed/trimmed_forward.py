@@ -11,7 +11,7 @@ whole last layer (only its keys and values run over every token).
 The earlier layers run as the model runs them (its masks, rotary tables and attention kernel): a
 forward pre-hook on the last layer takes their output and ends the model's forward there. The last
 layer then runs from its own modules on the read positions (:func:`last_layer_at`). Llama-style
-layers only (``fast_decode.architecture_reason``); each caller checks its first call for each model
+layers only (``layers.architecture_reason``); each caller checks its first call for each model
 against the model's full forward, and an unsupported or disagreeing model keeps the full forward.
 """
 
@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import rotate, unsupported_reason, within_tolerance
+from calibrated_rlhf.core.speed.layers import last_layer_at, last_layer_input, unsupported_reason, within_tolerance
 
 # model -> whether its first trimmed forward matched its full forward (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-class _LastLayerReached(Exception):
-    """Raised by the pre-hook to end the model's forward once the last layer's input is known."""
 
 
 def response_hidden(backbone_owner: nn.Module, backbone: nn.Module, input_ids: torch.Tensor,
@@ -57,51 +51,6 @@ def response_hidden(backbone_owner: nn.Module, backbone: nn.Module, input_ids: t
                                                       position_ids, first):
         return None
     return out
-
-
-def last_layer_input(backbone: nn.Module, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """The hidden states entering the last layer [B, T, H] and the rotary tables, from the model's own forward."""
-    captured: dict[str, Any] = {}
-
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        captured["rope"] = kwargs["position_embeddings"]
-        raise _LastLayerReached
-
-    handle = backbone.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        backbone(use_cache=False, **forward_kwargs)
-    except _LastLayerReached:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"], captured["rope"]
-
-
-def last_layer_at(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  queries: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder layer's output [B, Q, H] at positions ``queries`` [B, Q]; keys and values from every position.
-
-    ``key_mask`` [B, Q, T] is True where a query may attend to a key. Every query must attend to at
-    least one key (itself): a fully masked row makes the attention NaN, and NaN survives a zero gradient.
-    """
-    attn = layer.self_attn
-    (B, T, _), Q, D = h.shape, queries.shape[1], attn.head_dim
-
-    def at_queries(t: torch.Tensor) -> torch.Tensor:  # [B, T, X] -> [B, Q, X]
-        return t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1]))
-
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(at_queries(x)).view(B, Q, -1, D).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, -1, D).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
-    cos, sin = (t.expand(B, -1, -1) for t in rope)  # [B or 1, T, D]: 1 when the model made the position ids
-    q = rotate(q, at_queries(cos).unsqueeze(1), at_queries(sin).unsqueeze(1))
-    k = rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None], scale=attn.scaling, enable_gqa=True,
-                                         dropout_p=attn.attention_dropout if attn.training else 0.0)
-    hr = at_queries(h) + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
-    return hr + layer.mlp(layer.post_attention_layernorm(hr))
 
 
 def _agrees(model: nn.Module, backbone: nn.Module, trimmed: torch.Tensor, input_ids: torch.Tensor,

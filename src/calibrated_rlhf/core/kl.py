@@ -1,19 +1,11 @@
-"""KL estimators; the KL-penalty controllers live in ``core.kl_controller`` (PPO, RLOO and GRPO share them)
-and are importable from here as before."""
+"""KL estimators from sampled tokens (PPO's per-token penalty); the KL-penalty controllers that PPO, RLOO and
+GRPO share live in ``core.kl_controller``."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-
-from calibrated_rlhf.core.kl_controller import (  # noqa: F401  (re-exported)
-    AdaptiveKLController,
-    FixedKLController,
-    KLControl,
-    PIKLController,
-    make_kl_controller,
-)
 
 
 def kl_per_token(

@@ -23,62 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# relative tolerance of the first-step check: well above float32 rounding, far below any real mismatch
-CHECK_RTOL = 1e-4
-# in bfloat16 and float16 the two ways of computing one step differ by about one rounding unit
-# (measured: 0.5-0.7 eps in bfloat16, 1-1.5 eps in float16, over Llama, Qwen2 and Mistral layers);
-# four units still sits far below what a different layer computes
-CHECK_EPS_UNITS = 4
+from calibrated_rlhf.core.speed.layers import rotate, unsupported_reason, within_tolerance
 
 # model -> whether its first lean step matched the transformers step (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def unsupported_reason(model: nn.Module, total_length: int) -> str | None:
-    """Why :class:`LeanDecoder` cannot run ``model`` for sequences of ``total_length`` (None: it can)."""
-    reason = architecture_reason(model, total_length)
-    if reason is None and any(hasattr(m, "lora_A") for m in model.modules()):
-        # the lean step reads the base weights: it would sample from the reference, not the policy
-        return "LoRA adapters (the lean step reads base weights only)"
-    return reason
-
-
-def architecture_reason(model: nn.Module, total_length: int) -> str | None:
-    """Why ``model``'s layers are not the Llama-style layers this module writes out (None: they are).
-
-    What a path that recomputes a layer from its modules needs: RMSNorm, q/k/v/o projections with
-    rotary positions and no q/k norm, a gated MLP, no sliding window inside ``total_length``.
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < total_length:
-        return f"sliding window {window} < sequence length {total_length}"
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if backbone is None or not all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return "backbone lacks embed_tokens / layers / norm / rotary_emb"
-    for layer in backbone.layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None:
-            return "a layer lacks self_attn or mlp"
-        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
-            return "attention lacks q/k/v/o projections or scaling"
-        if any(hasattr(attn, a) for a in ("q_norm", "k_norm")):
-            return "attention normalizes q/k"
-        if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            return "mlp is not a gated (gate/up/down) MLP"
-        for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
-            if not _is_rms_norm(norm):
-                return "layer norms are not RMSNorm"
-    if not _is_rms_norm(backbone.norm):
-        return "final norm is not RMSNorm"
-    return None
-
-
-def _is_rms_norm(norm: Any) -> bool:
-    return isinstance(norm, nn.Module) and hasattr(norm, "weight") and hasattr(norm, "variance_epsilon")
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -157,12 +105,6 @@ class LeanDecoder:
         return _rms_norm(self.backbone.norm, x)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of ``x`` [..., D] (Llama's rotate-half layout)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-
 class _LeanLayer:
     """One decoder layer's weights as the lean step reads them, and its preallocated cache.
 
@@ -216,22 +158,6 @@ def lean_decoder(
     except (AttributeError, IndexError, TypeError):
         return None
     return LeanDecoder(model, cache, key_mask, next_positions, max_new_tokens)
-
-
-def check_tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance of the first-step check for hidden states of ``dtype``."""
-    return max(CHECK_RTOL, CHECK_EPS_UNITS * torch.finfo(dtype).eps)
-
-
-def within_tolerance(ours: torch.Tensor, reference: torch.Tensor) -> tuple[bool, float]:
-    """(whether ``ours`` is finite and matches ``reference`` within the check's tolerance, the max error).
-
-    The error is relative to ``1 + max |reference|``, so values near 0 are held to an absolute bound.
-    Shared by every first-use check that compares a faster path with the model's own forward.
-    """
-    scale = 1.0 + float(reference.abs().max())
-    error = float((ours.detach().float() - reference.float()).abs().max())
-    return bool(torch.isfinite(ours).all()) and error <= check_tolerance(reference.dtype) * scale, error
 
 
 def needs_check(model: nn.Module) -> bool:

@@ -16,7 +16,7 @@ every sequence as a unit of its own (narrower rows), and one the padded path pri
 unshared sequences in a small model) goes padded.
 
 The model runs its own forward (embeddings, rotary tables, layers, kernels) with that 4D mask and
-position ids up to its last layer, which runs at the read positions only (``core.readout``); the
+position ids up to its last layer, which runs at the read positions only (``readout``); the
 readout is the sequence-classification head's: the score at the last token that is not the pad
 token. Models whose attention takes no custom mask, an active sliding window shorter than the batch,
 left padding, or a first packed forward that disagrees with the model's own forward (checked once per
@@ -36,9 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import within_tolerance
-from calibrated_rlhf.core.ppo.trimmed_forward import last_layer_at, last_layer_input
-from calibrated_rlhf.core.readout import classifier_parts, read_positions, trims
+from calibrated_rlhf.core.speed.layers import last_layer_at, last_layer_input, within_tolerance
+from calibrated_rlhf.core.speed.readout import classifier_parts, read_positions, trims
 
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -231,7 +230,7 @@ def packed_logits(model: nn.Module, packed: PackedPairs) -> torch.Tensor:
     """Rewards [2B, 1] of a packed batch, through ``model``'s backbone and score head.
 
     Only the read positions go through the last layer where its layers allow it
-    (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward`): 2B queries of R * W, the rest of the last layer
+    (:mod:`~calibrated_rlhf.core.speed.trimmed_forward`): 2B queries of R * W, the rest of the last layer
     computes nothing that is read. Otherwise the backbone runs whole.
     """
     inner, backbone, head = classifier_parts(model)

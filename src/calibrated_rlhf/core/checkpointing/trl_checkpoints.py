@@ -1,4 +1,4 @@
-"""RLOO and GRPO checkpoints in PPO's layout, so that one lookup (``core.ppo.checkpoint``) serves both.
+"""RLOO and GRPO checkpoints in PPO's layout, so that one lookup (``core.checkpointing.checkpoints``) serves both.
 
 A run folder (``run.json`` and ``COMPLETE`` as PPO's) holds::
 
@@ -27,20 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pydantic import BaseModel
 from transformers import TrainerCallback
 
-from calibrated_rlhf.core.ppo import checkpoint as ckpt
-from calibrated_rlhf.core.ppo.checkpoint import ResumePoint
-from calibrated_rlhf.core.rl.config import RLConfig
+from calibrated_rlhf.core.checkpointing import checkpoints as ckpt
+from calibrated_rlhf.core.checkpointing.checkpoints import ResumePoint
 from calibrated_rlhf.core.staging import make_staging_dir
 
 TRL_DIR = "trl"
 
 
-def resume_fingerprint(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: Sequence[Any],
+def resume_fingerprint(config: BaseModel, reference_policy: Any, tokenizer: Any, prompts: Sequence[Any],
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """PPO's resume fingerprint (``core.ppo.checkpoint.resume_fingerprint``) of an RL run: every field of
-    ``config`` (``num_updates`` too: TRL's learning rate decays to 0 at the last update), the reference
+    """PPO's resume fingerprint (``checkpoints.resume_fingerprint``) of an RL run: every field of its ``config``
+    (``core.rl.config.RLConfig``; ``num_updates`` too: TRL's learning rate decays to 0 at the last update), the reference
     policy's weights (the policy starts from them), the tokenizer and its chat template, the prompts, the
     number of processes, and ``extra`` (the reward model, the reward transform, ...)."""
     from accelerate import PartialState

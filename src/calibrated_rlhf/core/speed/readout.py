@@ -4,7 +4,7 @@ A reward model's head reads one position per sequence: the last token that is no
 Every layer but the last must run over the whole sequence, but the last layer's queries, attention
 output, MLP and final norm matter at that position only; only its keys and values are needed
 everywhere. For the workload's two-layer Llama that is about 40% of the matrix products of a training
-step, and half of its attention (:mod:`~calibrated_rlhf.core.ppo.trimmed_forward` does the same for
+step, and half of its attention (:mod:`~calibrated_rlhf.core.speed.trimmed_forward` does the same for
 PPO's response positions).
 
 :func:`readout_logits` is a drop-in for ``model(input_ids, attention_mask).logits`` on padded rows
@@ -21,8 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.fast_decode import architecture_reason, within_tolerance
-from calibrated_rlhf.core.ppo.trimmed_forward import last_layer_at, last_layer_input
+from calibrated_rlhf.core.speed.layers import architecture_reason, last_layer_at, last_layer_input, within_tolerance
 
 # model -> whether its first trimmed readout matched its own forward (checked once per model)
 _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

@@ -19,19 +19,36 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.ppo.config import PPOConfig
-from calibrated_rlhf.core.ppo.rollout import Inputs, PolicyAndValue, cpu_threads
 
 S = TypeVar("S")
+# The algorithm's types, duck-typed so that this package imports no algorithm: a batch of model inputs (``ids``,
+# ``attn``, ``pos``, ``start``, ``sampling_temperature``; PPO's ``rollout.Inputs``) and a policy with its value
+# model behind one forward (``policy``, ``value_model``, ``policy_logits``, ``values``; PPO's ``PolicyAndValue``).
+Inputs = Any
+PolicyAndValue = Any
 # A loss half: the network's output -> (statistics to log, the loss to backpropagate).
 LossFn = Callable[[torch.Tensor], "tuple[dict[str, torch.Tensor], torch.Tensor]"]
 
-__all__ = ["CpuOverlap", "OldPasses", "Sequential", "make_schedule", "tune_glibc_malloc"]
+__all__ = ["CpuOverlap", "OldPasses", "Sequential", "cpu_threads", "make_schedule", "tune_glibc_malloc"]
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @dataclass
@@ -172,8 +189,11 @@ class CpuOverlap(Sequential):
         return total
 
 
-def make_schedule(config: PPOConfig, accelerator: Any, model: nn.Module, unwrapped: PolicyAndValue) -> Sequential:
-    """The schedule the config and device allow; tunes glibc malloc on CPU when asked to."""
+def make_schedule(config: Any, accelerator: Any, model: nn.Module, unwrapped: PolicyAndValue) -> Sequential:
+    """The schedule the config and device allow; tunes glibc malloc on CPU when asked to.
+
+    ``config``: PPO's (its ``cpu_malloc_tuning``, ``cpu_parallel``, ``decode_threads``, ``num_mini_batches``,
+    ``value_model``, ``disable_dropout`` and ``lora``)."""
     on_cpu = accelerator.device.type == "cpu"
     if config.cpu_malloc_tuning and on_cpu:
         tune_glibc_malloc()
