@@ -16,7 +16,7 @@ from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.normalization import (NormalizationParams, RewardStats, RewardTransform, identity_transform,
                                                 transform_from_stats)
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame, text_key
-from calibrated_rlhf.core.scoring import RewardScorer, reference_statistics
+from calibrated_rlhf.core.scoring import RewardScorer, reference_statistics, reward_fingerprint
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 

@@ -20,7 +20,7 @@ from calibrated_rlhf.core.normalization import NormalizationMethod, Normalizatio
 from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
 from calibrated_rlhf.core.ppo.results import sample_frame
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
-from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
+from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics

@@ -20,7 +20,7 @@ from calibrated_rlhf.core.rl import trainers
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
-from calibrated_rlhf.core.scoring import RewardScorer, rl_score_fn
+from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
