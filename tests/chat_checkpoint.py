@@ -1,11 +1,11 @@
-"""The tests' chat-model folder: ``calibrated_rlhf.chat_model`` at a tiny size (Qwen2, hidden 32, one
+"""The tests' chat-model folder: ``calibrated_rlhf.runtime.chat_model`` at a tiny size (Qwen2, hidden 32, one
 layer, a ChatML tokenizer without a pad token), written with ``save_pretrained`` like a downloaded model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from calibrated_rlhf.chat_model import ChatModelSpec, save_chat_model
+from calibrated_rlhf.runtime.chat_model import ChatModelSpec, save_chat_model
 
 TINY = ChatModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, max_position_embeddings=128)

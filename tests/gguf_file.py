@@ -1,8 +1,8 @@
 """A tiny Llama written as a GGUF file, the way llama.cpp's converter lays one out.
 
-Byte-level BPE tokenizer with ChatML's tokens (the one ``calibrated_rlhf.chat_model`` trains), random
+Byte-level BPE tokenizer with ChatML's tokens (the one ``calibrated_rlhf.runtime.chat_model`` trains), random
 weights, the 2-D weights stored Q8_0-quantized (so reading it exercises dequantization) and the norms
-in float32. The tests convert it through ``python -m calibrated_rlhf.gguf_model`` and train on it.
+in float32. The tests convert it through ``python -m calibrated_rlhf.runtime.gguf_model`` and train on it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrated_rlhf.chat_model import CHATML, chat_tokenizer, synthetic_corpus
+from calibrated_rlhf.runtime.chat_model import CHATML, chat_tokenizer, synthetic_corpus
 
 
 def write_tiny_gguf(path: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,

@@ -36,7 +36,7 @@ def log_chat_bundle(root: Path, ensemble: int = 1, seed: int = 0, spec: Any = No
     if spec is None:
         checkpoint = save_chat_checkpoint(root / "chat", seed=seed)
     else:
-        from calibrated_rlhf.chat_model import save_chat_model
+        from calibrated_rlhf.runtime.chat_model import save_chat_model
 
         checkpoint = save_chat_model(root / "chat", spec.model_copy(update={"seed": seed}))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

@@ -1,4 +1,4 @@
-"""The chat-model folder ``conf/chat`` runs from (``python -m calibrated_rlhf.chat_model``), and the error a
+"""The chat-model folder ``conf/chat`` runs from (``python -m calibrated_rlhf.runtime.chat_model``), and the error a
 missing model folder gives."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibrated_rlhf.chat_model import main
+from calibrated_rlhf.runtime.chat_model import main
 from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone, check_model_source, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +45,11 @@ def test_a_missing_model_folder_is_named_with_the_command_that_writes_one(tmp_pa
                  lambda: build_causal_backbone(BackboneParams(name_or_path=missing), tokenizer=None)):
         with pytest.raises(ValueError, match=re.escape(f"no model folder at {missing!r}")) as err:
             load()
-        assert f"python -m calibrated_rlhf.chat_model {missing}" in str(err.value)
+        assert f"python -m calibrated_rlhf.runtime.chat_model {missing}" in str(err.value)
     assert check_model_source("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"  # a hub id goes on to transformers
     assert check_model_source(str(tmp_path)) == str(tmp_path)
 
 
 def test_the_chat_environment_reads_the_folder_the_docs_write():
     folder = yaml.safe_load((ROOT / "conf" / "chat" / "parameters.yml").read_text())["backbone"]["name_or_path"]
-    assert f"python -m calibrated_rlhf.chat_model {folder} && kedro run --env chat" in (ROOT / "docs" / "data-and-models.md").read_text()
+    assert f"python -m calibrated_rlhf.runtime.chat_model {folder} && kedro run --env chat" in (ROOT / "docs" / "data-and-models.md").read_text()

@@ -1,4 +1,4 @@
-"""GGUF files as a model source: the folder ``python -m calibrated_rlhf.gguf_model`` writes, the backbone
+"""GGUF files as a model source: the folder ``python -m calibrated_rlhf.runtime.gguf_model`` writes, the backbone
 reading the file directly, and a whole ``kedro run`` on a GGUF backbone. The file is a tiny Llama the tests
 write themselves (``tests.gguf_file``), quantized like a llama.cpp download."""
 
@@ -40,7 +40,7 @@ def _transformers_gguf_load(folder):
 
 
 def _convert(src, dest):
-    return subprocess.run([sys.executable, "-m", "calibrated_rlhf.gguf_model", str(src), str(dest)],
+    return subprocess.run([sys.executable, "-m", "calibrated_rlhf.runtime.gguf_model", str(src), str(dest)],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from calibrated_rlhf.known_noise import KNOWN_NOISE, filter_known_noise
+from calibrated_rlhf.runtime.known_noise import KNOWN_NOISE, filter_known_noise
 
 
 @pytest.fixture

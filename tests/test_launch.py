@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 
-from calibrated_rlhf import launch
-from calibrated_rlhf.launch import LAUNCH_ENV
+from calibrated_rlhf.runtime import launch
+from calibrated_rlhf.runtime.launch import LAUNCH_ENV
 
 
 class State:
@@ -34,7 +34,7 @@ def test_a_secondary_rank_keeps_the_pipelines_outputs_in_memory(monkeypatch, tmp
     from kedro.pipeline import Node, Pipeline
     from kedro_datasets.json import JSONDataset
 
-    from calibrated_rlhf.hooks import LaunchedRanks
+    from calibrated_rlhf.runtime.hooks import LaunchedRanks
 
     def catalog() -> DataCatalog:
         return DataCatalog({name: JSONDataset(filepath=str(tmp_path / f"{name}.json"), version=None)
@@ -85,7 +85,7 @@ def test_the_main_process_result_or_its_error(monkeypatch):
 
 
 def test_ppo_launch_is_the_launcher_with_the_ppo_pipeline(monkeypatch):
-    from calibrated_rlhf import ppo_launch
+    from calibrated_rlhf.runtime import ppo_launch
 
     calls = []
     monkeypatch.setattr(launch, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
@@ -99,17 +99,17 @@ def test_ppo_launch_is_the_launcher_with_the_ppo_pipeline(monkeypatch):
 
 
 def test_the_command_is_recorded_as_typed():
-    from calibrated_rlhf.provenance import _package_dir, command_line
+    from calibrated_rlhf.runtime.provenance import _package_dir, command_line
 
-    launched = str(_package_dir() / "launch.py")
-    assert command_line([launched, "--pipelines", "ppo"]) == "python -m calibrated_rlhf.launch --pipelines ppo"
+    launched = str(_package_dir() / "runtime" / "launch.py")
+    assert command_line([launched, "--pipelines", "ppo"]) == "python -m calibrated_rlhf.runtime.launch --pipelines ppo"
     assert command_line(["/usr/bin/kedro", "run", "--env", "tiny"]) == "kedro run --env tiny"
     assert command_line(["/elsewhere/script.py", "x"]) == "/elsewhere/script.py x"
 
 
 def test_one_flatten_for_parameters_and_replayed_params():
-    from calibrated_rlhf import replay
-    from calibrated_rlhf.provenance import flatten
+    from calibrated_rlhf.runtime import replay
+    from calibrated_rlhf.runtime.provenance import flatten
 
     assert flatten({"a": {"b": 1, "c": {}}}, "ppo") == {"ppo.a.b": 1, "ppo.a.c": {}}
     assert flatten({"a": {"b": 1}}) == {"a.b": 1}
@@ -117,7 +117,7 @@ def test_one_flatten_for_parameters_and_replayed_params():
 
 
 def test_fields_the_stage_sets_are_not_logged_as_null():
-    from calibrated_rlhf.hooks import ProvenanceHooks
+    from calibrated_rlhf.runtime.hooks import ProvenanceHooks
     from calibrated_rlhf.pipelines.ppo.nodes import PPOParams
 
     class Client:

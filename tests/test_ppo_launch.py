@@ -1,4 +1,4 @@
-"""Training stages on two CPU processes through the launcher (`python -m calibrated_rlhf.launch`).
+"""Training stages on two CPU processes through the launcher (`python -m calibrated_rlhf.runtime.launch`).
 
 Every rank runs a real `kedro run`: one version of each output (saved by rank 0, with its completion
 marker), one MLflow run with the project's provenance and `run_config/`, so the run replays. The reward
@@ -24,14 +24,14 @@ UPSTREAM = "data_prep,reward_model,calibration,policy_init,normalization"
 
 
 def launch(project: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node 2 -m calibrated_rlhf.launch ARGS` in ``project``."""
+    """`python -m torch.distributed.run --nproc_per_node 2 -m calibrated_rlhf.runtime.launch ARGS` in ``project``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**kedro_env(project), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "calibrated_rlhf.launch", *args],
+         "--master_port", str(port), "-m", "calibrated_rlhf.runtime.launch", *args],
         cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -123,7 +123,7 @@ def test_a_launched_run_has_the_runs_provenance_and_upstream_pins(upstream, ppo)
     (run,) = launched_runs(client, "ppo")
     tags, params = run.data.tags, run.data.params
     assert tags["scenario"] == "launched" and params["ppo.evaluation.seed"] == "7"  # --params
-    assert tags["provenance/command"].startswith("python -m calibrated_rlhf.launch --env tiny --pipelines ppo")
+    assert tags["provenance/command"].startswith("python -m calibrated_rlhf.runtime.launch --env tiny --pipelines ppo")
     assert tags["provenance/launcher"] == "accelerate, 2 processes" and tags["provenance/version/kedro"]
     (upstream_run,) = launched_runs(client, ",".join(sorted(UPSTREAM.split(","))))
     # the main process pinned every upstream input to the completed run's version, for every rank
@@ -139,7 +139,7 @@ def test_a_launched_run_replays(upstream, ppo):
     itself, upstream pins included, is tests/test_replay.py's)."""
     project, client = upstream
     (run,) = launched_runs(client, "ppo")
-    proc = subprocess.run([sys.executable, "-m", "calibrated_rlhf.replay", run.info.run_id, "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", "calibrated_rlhf.runtime.replay", run.info.run_id, "--dry-run"],
                           cwd=project, env={**kedro_env(project), "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -147,5 +147,5 @@ def test_a_launched_run_replays(upstream, ppo):
     assert f"kedro run --env {env} --pipelines ppo --load-versions " in proc.stdout
     assert f"CALIBRATED_RLHF_REPLAY_OF={run.info.run_id}" in proc.stdout
     assert "was launched on 2 processes; this replay runs in one" in proc.stderr
-    assert f"accelerate launch --num_processes 2 -m calibrated_rlhf.launch --env {env}" in proc.stderr
+    assert f"accelerate launch --num_processes 2 -m calibrated_rlhf.runtime.launch --env {env}" in proc.stderr
     assert not (project / "conf" / env).exists()

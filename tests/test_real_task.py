@@ -1,4 +1,4 @@
-"""``python -m calibrated_rlhf.real_task``: the model's samples become pairs with a known gold, written for
+"""``python -m calibrated_rlhf.runtime.real_task``: the model's samples become pairs with a known gold, written for
 data_prep, whose file source reads the gold beside them (``data_prep.source.gold_task``)."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import pytest
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.completions import CompletionParams
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, load_pairs
-from calibrated_rlhf.real_task import main
+from calibrated_rlhf.runtime.real_task import main
 
 
 def _generate(model, dest, *extra):
-    return subprocess.run([sys.executable, "-m", "calibrated_rlhf.real_task", str(model), str(dest), "--n-prompts", "8",
+    return subprocess.run([sys.executable, "-m", "calibrated_rlhf.runtime.real_task", str(model), str(dest),
+                           "--n-prompts", "8",
                            "--samples-per-prompt", "3", "--max-new-tokens", "12", "--n-words", "20",
                            "--min-word-length", "3", "--bayes-accuracy", "0.7", *extra],
                           capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""`python -m calibrated_rlhf.replay RUN_ID` redoes a past run: same parameters, same upstream versions."""
+"""`python -m calibrated_rlhf.runtime.replay RUN_ID` redoes a past run: same parameters, same upstream versions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibrated_rlhf import replay
+from calibrated_rlhf.runtime import replay
 
 from tests.harness import kedro_run, preload
 from tests.project import make_project
@@ -37,13 +37,13 @@ def _replay_cli(project: Path, args: list[str], out: Path, err: Path) -> None:
     sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # noqa: SIM115
     os.chdir(project)
     os.environ.update(_env(project))
-    sys.argv = ["python -m calibrated_rlhf.replay", *args]
+    sys.argv = ["python -m calibrated_rlhf.runtime.replay", *args]
     sys.exit(replay.main(args))
 
 
 def run_replay(project: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m calibrated_rlhf.replay ARGS` in ``project``: its ``main``, forked from the test process with the
-    heavy modules imported once (tests/harness.py); the `kedro run` it starts is a fresh interpreter of its own."""
+    """`python -m calibrated_rlhf.runtime.replay ARGS` in ``project``: its ``main``, forked from the test process with
+    the heavy modules imported once (tests/harness.py); the `kedro run` it starts is a fresh interpreter of its own."""
     import multiprocessing
 
     preload()

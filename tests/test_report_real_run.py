@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from calibrated_rlhf import report_cli
+from calibrated_rlhf.runtime import report_cli
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs

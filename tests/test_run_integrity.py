@@ -1,4 +1,4 @@
-"""Version pinning, completion markers and lineage (calibrated_rlhf.run_integrity) over a real catalog of
+"""Version pinning, completion markers and lineage (calibrated_rlhf.runtime.run_integrity) over a real catalog of
 versioned JSON files; staging debris (calibrated_rlhf.core.staging); killed MLflow runs."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kedro.io.core import generate_timestamp
 from kedro.pipeline import Node, Pipeline
 
 from calibrated_rlhf.core import staging
-from calibrated_rlhf.run_integrity import (
+from calibrated_rlhf.runtime.run_integrity import (
     InconsistentArtifacts,
     latest_complete,
     lineage,
@@ -131,7 +131,7 @@ def test_outputs_of_one_node_name_each_other(tmp_path):
 
 
 def test_a_failed_run_removes_what_it_saved_and_nothing_else(tmp_path):
-    from calibrated_rlhf.run_integrity import discard_outputs
+    from calibrated_rlhf.runtime.run_integrity import discard_outputs
 
     _save(tmp_path, "tokenizer", "2026-01-01T00.00.00.000Z", "tok")
     ours = generate_timestamp()
@@ -192,7 +192,7 @@ def test_a_zombie_counts_as_gone():
 def test_dead_runs_are_marked_killed_live_ones_kept(tmp_path):
     import mlflow
 
-    from calibrated_rlhf.crash_recovery import HOST_TAG, PID_TAG, mark_dead_runs_killed
+    from calibrated_rlhf.runtime.crash_recovery import HOST_TAG, PID_TAG, mark_dead_runs_killed
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e")
@@ -209,7 +209,7 @@ def _start_tracking(uri: str, experiment: dict, barrier) -> None:
     """What each `kedro run` does at start: this project's hook, then kedro-mlflow's get-or-create."""
     import mlflow
 
-    from calibrated_rlhf.run_integrity import init_sqlite_store
+    from calibrated_rlhf.runtime.run_integrity import init_sqlite_store
 
     barrier.wait(30)
     init_sqlite_store(uri, experiment)

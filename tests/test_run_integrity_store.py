@@ -15,8 +15,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.io.core import generate_timestamp
 from kedro.pipeline import Node, Pipeline
 
-from calibrated_rlhf import run_integrity
-from calibrated_rlhf.run_integrity import (MARKER, InconsistentArtifacts, RunIsolation, discard_outputs,
+from calibrated_rlhf.runtime import run_integrity
+from calibrated_rlhf.runtime.run_integrity import (MARKER, InconsistentArtifacts, RunIsolation, discard_outputs,
                                            init_sqlite_store, lineage, read_marker, resolve_versions, write_marker)
 
 OLD, NEW = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
@@ -179,7 +179,7 @@ def test_a_failed_run_discards_its_unmarked_outputs_through_the_hook(tmp_path, c
     hook = RunIsolation()
     hook.before_pipeline_run({}, TRAIN_AND_USE, catalog)
     catalog.save("model", "half")
-    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.run_integrity"):
+    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.runtime.run_integrity"):
         hook.on_pipeline_error(TRAIN_AND_USE, catalog)
     assert f"the run failed: removed its partial output {tmp_path / 'model.json' / ours}" in caplog.text
     assert sorted(p.name for p in (tmp_path / "model.json").iterdir()) == [OLD]  # the older version stays
@@ -244,14 +244,14 @@ def test_a_pin_of_an_incomplete_version_is_loaded_with_a_warning(tmp_path, caplo
     _save(tmp_path, "tokenizer", NEW, "partial", complete=False)
     pin = {"tokenizer": NEW}
     catalog = _catalog(tmp_path, generate_timestamp(), pin)
-    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.run_integrity"):
+    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.runtime.run_integrity"):
         resolved = resolve_versions(USE, catalog, pin)
     assert resolved == {"tokenizer": NEW, "model": OLD, "transform": resolved["transform"]}
     assert f"tokenizer: the pinned version {NEW} is not from a completed run" in caplog.text
     assert catalog.load("tokenizer") == "partial" and catalog.load("model") == "m"
     caplog.clear()
     pin = {"tokenizer": OLD}
-    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.run_integrity"):
+    with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.runtime.run_integrity"):
         resolve_versions(USE, _catalog(tmp_path, generate_timestamp(), pin), pin)
     assert "not from a completed run" not in caplog.text
 

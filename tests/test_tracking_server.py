@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from calibrated_rlhf.tracking_check import TrackingServerUnreachable, check_tracking_server
+from calibrated_rlhf.runtime.tracking_check import TrackingServerUnreachable, check_tracking_server
 
 from tests.harness import kedro_run, preload
 from tests.project import empty_store, make_project, wait_until_up

@@ -2,15 +2,16 @@
 
 import os
 
-from calibrated_rlhf.known_noise import filter_known_noise
+from calibrated_rlhf.runtime.known_noise import filter_known_noise
 
 filter_known_noise()  # before the imports below and before Kedro loads its plugins: some noise comes at import
 
-from calibrated_rlhf.crash_recovery import CrashRecovery, GracefulStop  # noqa: E402
-from calibrated_rlhf.hooks import LaunchedRanks, PipelineShape, ProvenanceHooks, TrackingServerCheck  # noqa: E402
-from calibrated_rlhf.launch import is_secondary_rank  # noqa: E402
+from calibrated_rlhf.runtime.crash_recovery import CrashRecovery, GracefulStop  # noqa: E402
+from calibrated_rlhf.runtime.hooks import (LaunchedRanks, PipelineShape, ProvenanceHooks,  # noqa: E402
+                                           TrackingServerCheck)
+from calibrated_rlhf.runtime.launch import is_secondary_rank  # noqa: E402
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader  # noqa: E402
-from calibrated_rlhf.run_integrity import RunIsolation  # noqa: E402
+from calibrated_rlhf.runtime.run_integrity import RunIsolation  # noqa: E402
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
@@ -24,7 +25,7 @@ from calibrated_rlhf.run_integrity import RunIsolation  # noqa: E402
 HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), LaunchedRanks(), CrashRecovery(),
          GracefulStop(), ProvenanceHooks())
 
-# A secondary rank of `python -m calibrated_rlhf.launch` neither tracks nor saves: only the main process
+# A secondary rank of `python -m calibrated_rlhf.runtime.launch` neither tracks nor saves: only the main process
 # opens the MLflow run. The distribution's name is spelt either way depending on how it was packaged.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-mlflow", "kedro_mlflow") if is_secondary_rank() else ()
 

@@ -13,7 +13,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from calibrated_rlhf import report_cli
+from calibrated_rlhf.runtime import report_cli
 from calibrated_rlhf.pipelines.reporting import create_pipeline
 from calibrated_rlhf.pipelines.reporting.nodes import ReportingParams, compare_runs
 from calibrated_rlhf.reporting import verdicts

@@ -55,8 +55,8 @@ def check_model_source(name_or_path: str) -> str:
         return name_or_path
     windows_path = os.sep != "/" and os.sep in name_or_path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or windows_path:
-        raise ValueError(f"no model folder at {name_or_path!r} (from {os.getcwd()}); a small chat model for "
-                         f"trying the pipeline is written by `python -m calibrated_rlhf.chat_model {name_or_path}`")
+        raise ValueError(f"no model folder at {name_or_path!r} (from {os.getcwd()}); a small chat model for trying "
+                         f"the pipeline is written by `python -m calibrated_rlhf.runtime.chat_model {name_or_path}`")
     return name_or_path
 
 

@@ -158,7 +158,7 @@ PPO_ROLLOUT_S = "ppo/perf/rollout_s"
 PPO_GENERATE_S = "ppo/perf/generate_s"
 PPO_SCORE_S = "ppo/perf/score_s"
 PPO_UPDATE_S = "ppo/perf/update_s"
-PPO_NUM_PROCESSES = "ppo/perf/num_processes"  # logged once by the launcher (calibrated_rlhf.launch)
+PPO_NUM_PROCESSES = "ppo/perf/num_processes"  # logged once by the launcher (calibrated_rlhf.runtime.launch)
 
 
 def ppo_reward(name: str) -> str:

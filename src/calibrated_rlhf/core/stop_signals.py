@@ -11,7 +11,7 @@ handlers are in place:
 
 :class:`StopRequested` is an ``Exception`` (not a ``BaseException`` as ``KeyboardInterrupt`` is) so that the
 runner's error handling runs: staging folders are removed by their context managers, and the run's
-failure hooks end the tracking run (as KILLED, ``calibrated_rlhf.crash_recovery``).
+failure hooks end the tracking run (as KILLED, ``calibrated_rlhf.runtime.crash_recovery``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ kedro-datasets has no dataset for transformers models or tokenizers, so this one
 version (``filepath/<version>/<name>/``). A save goes to a temporary sibling first and is renamed into
 place only when complete: an interrupted run never leaves a half-written model, and an existing
 version is never overwritten. (Whether the run that saved a version completed is recorded apart, by
-``calibrated_rlhf.run_integrity``.)
+``calibrated_rlhf.runtime.run_integrity``.)
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ class CheckpointParams(BaseModel):
     resume_from: str | None = Field(
         None,
         description="null: a fresh run. 'latest': the newest interrupted run (not COMPLETE) under "
-        "checkpoint_root with this exact configuration (see core.checkpointing.checkpoints.find_resumable). A checkpoint "
-        "folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
+        "checkpoint_root with this exact configuration (see core.checkpointing.checkpoints.find_resumable). "
+        "A checkpoint folder, or a run folder (its newest checkpoint). Any configuration difference is an error naming "
         "the field; the resumed run's own checkpoints go to its own folder.")
 
 
@@ -117,8 +117,8 @@ def from_main_process(value: Any) -> Any:
 
 def run_folder_name() -> str:
     """This run's checkpoint folder name, the same on every rank: the active MLflow run's id (kedro-mlflow
-    opens it, on the main process only under ``calibrated_rlhf.launch``), else a fresh uuid. Never a clock: two runs
-    started in the same second would share a folder."""
+    opens it, on the main process only under ``calibrated_rlhf.runtime.launch``), else a fresh uuid. Never a clock:
+    two runs started in the same second would share a folder."""
     import mlflow
 
     run = mlflow.active_run() if is_main_process() else None

@@ -6,5 +6,5 @@
 * ``render``: the curves figure, Markdown and HTML, and the files the pipeline and the CLI write;
 * ``frontier``: gold reward against KL to the reference, per method.
 
-Used by the ``reporting`` pipeline, ``python -m calibrated_rlhf.report_cli`` and notebooks/compare_runs.ipynb.
+Used by the ``reporting`` pipeline, ``python -m calibrated_rlhf.runtime.report_cli`` and notebooks/compare_runs.ipynb.
 """

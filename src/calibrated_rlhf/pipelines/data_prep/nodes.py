@@ -51,7 +51,7 @@ class SourceParams(StrictParams):
     split: str = Field("train", description="huggingface: which split to read.")
     gold_task: str | None = Field(
         None, description="file only: a JSON file with the hidden gold the pairs were labelled with (words, "
-        "utilities, scale; written by `python -m calibrated_rlhf.real_task`), so the gold figures are reported "
+        "utilities, scale; written by `python -m calibrated_rlhf.runtime.real_task`), so the gold figures are reported "
         "as on the synthetic task.")
     synthetic: SyntheticParams = SyntheticParams()
 

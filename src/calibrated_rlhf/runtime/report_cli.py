@@ -1,8 +1,8 @@
 """The run-comparison report outside Kedro.
 
-    python -m calibrated_rlhf.report_cli --experiment calibrated_rlhf --last 10 --out reports/
-    python -m calibrated_rlhf.report_cli --runs ID1,ID2 --out reports/
-    python -m calibrated_rlhf.report_cli --filter "tags.scenario != ''" --out reports/ --log-to-mlflow
+    python -m calibrated_rlhf.runtime.report_cli --experiment calibrated_rlhf --last 10 --out reports/
+    python -m calibrated_rlhf.runtime.report_cli --runs ID1,ID2 --out reports/
+    python -m calibrated_rlhf.runtime.report_cli --filter "tags.scenario != ''" --out reports/ --log-to-mlflow
 
 Writes the same four files as ``kedro run --pipelines reporting`` (comparison_report.md/.html,
 comparison_table.csv, comparison_curves.png) into ``--out``. Which scenario plays which part in the
@@ -29,7 +29,8 @@ DEFAULT_PARAMETERS = "conf/base/parameters_reporting.yml"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.report_cli", description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.report_cli",
+                                     description=__doc__.split("\n")[1])
     parser.add_argument("--experiment", default="calibrated_rlhf", help="MLflow experiment to read.")
     parser.add_argument("--runs", default="", help="Comma-separated run ids: exactly these runs.")
     parser.add_argument("--last", type=int, default=None, help="Only the N most recent matching runs.")

@@ -1,6 +1,6 @@
 """A small chat-model folder of a real architecture, saved the way a downloaded model is stored.
 
-``python -m calibrated_rlhf.chat_model FOLDER`` writes a randomly initialised Qwen2 causal LM and a
+``python -m calibrated_rlhf.runtime.chat_model FOLDER`` writes a randomly initialised Qwen2 causal LM and a
 byte-level BPE tokenizer (Qwen2's scheme) trained on the synthetic task's words, with ChatML's special
 tokens and chat template and, like Llama 3 or Mistral checkpoints, no pad token. Both are written with
 ``save_pretrained``, so the pipeline reads the folder through ``from_pretrained``: the code path of a hub
@@ -98,7 +98,8 @@ def save_chat_model(folder: str | os.PathLike[str], spec: ChatModelSpec | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.chat_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.chat_model",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="where to write the model; an existing folder is left as it is")
     for name, field in ChatModelSpec.model_fields.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=field.default, help=field.description)

@@ -1,6 +1,6 @@
 """Preference pairs with a known gold over a real model's own text (``core.real_task``), written for data_prep.
 
-``python -m calibrated_rlhf.real_task MODEL DEST`` samples ``--samples-per-prompt`` responses to each of
+``python -m calibrated_rlhf.runtime.real_task MODEL DEST`` samples ``--samples-per-prompt`` responses to each of
 ``--n-prompts`` instructions from the chat model in the folder ``MODEL`` (through its chat template, plain
 ancestral sampling, as the reference policy samples), draws the hidden gold over the words those samples
 use, and writes into the new folder ``DEST``:
@@ -93,8 +93,10 @@ def generate(model_folder: str | os.PathLike[str], dest: str | os.PathLike[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.real_task", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a chat model folder (e.g. written by python -m calibrated_rlhf.gguf_model)")
+    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.real_task",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("model",
+                        help="a chat model folder (e.g. written by python -m calibrated_rlhf.runtime.gguf_model)")
     parser.add_argument("dest", help="the folder to write; must not exist")
     for name, field in GenerationSpec.model_fields.items():
         kind = float if field.annotation is float else int

@@ -1,12 +1,13 @@
 """Any training stage on several processes (GPUs), under ``accelerate launch``: a real ``kedro run`` on every rank.
 
-    accelerate launch --num_processes 4 -m calibrated_rlhf.launch --pipelines ppo \\
+    accelerate launch --num_processes 4 -m calibrated_rlhf.runtime.launch --pipelines ppo \\
         [--env ENV] [--params k=v,...] [--load-versions ds:version,...]
-    python -m torch.distributed.run --nproc_per_node 2 -m calibrated_rlhf.launch --env tiny --pipelines reward_model
+    python -m torch.distributed.run --nproc_per_node 2 -m calibrated_rlhf.runtime.launch --env tiny \\
+        --pipelines reward_model
 
 Every rank runs the same ``KedroSession.run``, so every project hook applies as in ``kedro run``: versions
 pinned at start and completion markers (``run_integrity``), provenance and ``run_config/`` (so
-``python -m calibrated_rlhf.replay RUN_ID`` replays a launched run), crash recovery, the tracking-server
+``python -m calibrated_rlhf.runtime.replay RUN_ID`` replays a launched run), crash recovery, the tracking-server
 check. The ranks differ in two ways:
 
 - **Versions.** The main process resolves the upstream versions once (the ``--load-versions`` pins, else
@@ -144,7 +145,7 @@ def upstream_versions(project: Path, env: str | None, runtime_params: dict[str, 
     from kedro.framework.project import PACKAGE_NAME, pipelines, settings
     from kedro.pipeline import Pipeline
 
-    from calibrated_rlhf.run_integrity import resolve_versions
+    from calibrated_rlhf.runtime.run_integrity import resolve_versions
 
     loader = settings.CONFIG_LOADER_CLASS(conf_source=str(project / settings.CONF_SOURCE), env=env,
                                           runtime_params=runtime_params, **settings.CONFIG_LOADER_ARGS)
@@ -221,7 +222,7 @@ def cli(pipelines: list[str], env: str | None, params: dict[str, Any], load_vers
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m calibrated_rlhf.launch")
+    cli.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m calibrated_rlhf.runtime.launch")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ registrations first):
 - ``TrackingServerCheck`` runs before kedro-mlflow touches the tracking server, so an unreachable
   server fails ``kedro run`` in seconds with the URI named, instead of after minutes of HTTP retries.
 - ``LaunchedRanks`` keeps a launched secondary rank's outputs in memory, and has the main rank log how
-  many processes trained (``calibrated_rlhf.launch``).
+  many processes trained (``calibrated_rlhf.runtime.launch``).
 - ``ProvenanceHooks`` runs after kedro-mlflow has started the run, and writes to that run by id
   through ``MlflowClient`` (not the fluent API), so it also works from a ``ThreadRunner``'s workers.
 """
@@ -23,8 +23,8 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from calibrated_rlhf import launch
-from calibrated_rlhf.provenance import (
+from calibrated_rlhf.runtime import launch
+from calibrated_rlhf.runtime.provenance import (
     MAX_PATCH_BYTES,
     REPLAY_OF_ENV,
     RUN_CONFIG_DIR,
@@ -36,7 +36,7 @@ from calibrated_rlhf.provenance import (
     run_config,
     saved_path,
 )
-from calibrated_rlhf.tracking_check import check_tracking_server, configured_tracking_uri
+from calibrated_rlhf.runtime.tracking_check import check_tracking_server, configured_tracking_uri
 
 
 class PipelineShape:
@@ -65,7 +65,7 @@ class TrackingServerCheck:
 
 
 class LaunchedRanks:
-    """Under ``calibrated_rlhf.launch``: only the main process saves outputs and tracks the run.
+    """Under ``calibrated_rlhf.runtime.launch``: only the main process saves outputs and tracks the run.
 
     A secondary rank runs every node (the trainers need every rank), with the pipeline's outputs in
     memory: nothing it makes reaches ``data/`` or gets a completion marker, and downstream nodes of the

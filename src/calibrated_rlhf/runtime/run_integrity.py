@@ -209,7 +209,7 @@ class RunIsolation:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow opens the store
     def after_context_created(self, context: Any) -> None:
-        from calibrated_rlhf.tracking_check import configured_mlflow
+        from calibrated_rlhf.runtime.tracking_check import configured_mlflow
 
         conf = configured_mlflow(context)
         init_sqlite_store((conf.get("server") or {}).get("mlflow_tracking_uri"),

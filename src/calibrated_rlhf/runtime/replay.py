@@ -1,6 +1,6 @@
 """Replay a past ``kedro run`` from its MLflow run id: same parameters, same upstream data versions.
 
-    python -m calibrated_rlhf.replay RUN_ID [--tracking-uri URI] [--project-path DIR] [--dry-run]
+    python -m calibrated_rlhf.runtime.replay RUN_ID [--tracking-uri URI] [--project-path DIR] [--dry-run]
 
 It reads ``run_config/parameters.json`` and ``run_config/run_params.json`` (logged by the project's
 ``ProvenanceHooks``), writes the recorded parameters to a new Kedro environment
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from calibrated_rlhf.provenance import REPLAY_OF_ENV, RUN_CONFIG_DIR, flatten
+from calibrated_rlhf.runtime.provenance import REPLAY_OF_ENV, RUN_CONFIG_DIR, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # as conf/base/mlflow.yml when MLFLOW_TRACKING_URI is unset
 SEQUENTIAL = "kedro.runner.sequential_runner.SequentialRunner"
@@ -106,7 +106,7 @@ def parameters_yaml(parameters: dict[str, Any], run_id: str) -> str:
     """The recorded parameters as a Kedro parameters file, checked to load back to exactly the same values."""
     from omegaconf import OmegaConf
 
-    text = (f"# The resolved parameters of MLflow run {run_id}, written by calibrated_rlhf.replay.\n"
+    text = (f"# The resolved parameters of MLflow run {run_id}, written by calibrated_rlhf.runtime.replay.\n"
             + yaml.dump(_escape_interpolations(parameters), Dumper=_ParamsDumper, sort_keys=False,
                         default_flow_style=False, allow_unicode=True))
     # Kedro reads YAML through OmegaConf, whose resolvers differ from PyYAML's (e.g. '1e-3' is a float there).
@@ -205,7 +205,8 @@ def write_replay_env(conf: Path, env: str, source_env: str | None, parameters_te
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.replay", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.replay",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("run_id")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the project's sqlite:///mlflow.db")
     parser.add_argument("--project-path", type=Path, default=Path.cwd(), help="the Kedro project (default: here)")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = launched_processes(args.run_id, uri)
     if processes and processes > 1:
         # batch sizes are per process: one process gives other numbers
-        launched = ["accelerate", "launch", "--num_processes", str(processes), "-m", "calibrated_rlhf.launch",
+        launched = ["accelerate", "launch", "--num_processes", str(processes), "-m", "calibrated_rlhf.runtime.launch",
                     *cmd_args[1:]]
         print(f"replay: run {args.run_id} was launched on {processes} processes; this replay runs in one. "
               f"As launched: {prefix} {shlex.join(launched)}", file=sys.stderr)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launched_processes(run_id: str, tracking_uri: str) -> int | None:
-    """How many processes ``python -m calibrated_rlhf.launch`` ran the run on; None for a ``kedro run``."""
+    """How many processes ``python -m calibrated_rlhf.runtime.launch`` ran the run on; None for a ``kedro run``."""
     import mlflow
 
     value = mlflow.MlflowClient(tracking_uri).get_run(run_id).data.tags.get("provenance/num_processes", "")
