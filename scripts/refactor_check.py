@@ -9,8 +9,8 @@ A refactor must leave both unchanged. Run this once with the code before it and 
 Each run list runs in order in one scratch copy of the project (conf/, pyproject.toml; no data), with the
 package imported from ``--src`` (``PYTHONPATH``), its own sqlite MLflow store and ``PYTHONHASHSEED=1``.
 The default list is the tiny run (every default stage, PPO included) and, from it, RLOO, GRPO, DPO and
-best-of-n. Metrics are keyed ``<command index>:<metric>`` with their whole history; weights by their path with
-version timestamps and run-folder names replaced by their order. Timings (``perf/``, ``*_s``, ``runtime``) differ
+best-of-n. Metrics are keyed ``<command index>:<metric>`` with their whole history; weights (and parameters) by
+their path with version timestamps and run ids masked. Timings (``perf/``, ``*_s``, ``runtime``) differ
 from run to run and are left out of the comparison, listed apart.
 """
 
@@ -37,8 +37,8 @@ RUNS = [
 ]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npy")
 TIMING = re.compile(r"(^|/)perf/|_s$|runtime|per_second|samples_per|steps_per|_seconds|duration|elapsed")
-# a versioned dataset's folder (2026-12-06T18.40.12.123Z) and other per-run names (hosts, pids, uuids)
-VOLATILE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z|[0-9a-f]{32}|run_[^/]+")
+# a versioned dataset's folder (2026-12-06T18.40.12.123Z), run ids, and staging folders named by host and pid
+VOLATILE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z|[0-9a-f]{32}|run_[^/]+|staging-[^/]+")
 
 
 def run_all(src: Path, runs: list[list[str]], work: Path) -> dict:
@@ -82,7 +82,7 @@ def metrics(project: Path) -> dict[str, list[float]]:
 
 def params(project: Path) -> dict[str, str]:
     _, runs = _runs(project)
-    return {f"{i}:{k}": v for i, run in enumerate(runs) for k, v in sorted(run.data.params.items())}
+    return {f"{i}:{k}": VOLATILE.sub("<v>", v) for i, run in enumerate(runs) for k, v in sorted(run.data.params.items())}
 
 
 def weights(project: Path) -> dict[str, str]:
@@ -90,13 +90,24 @@ def weights(project: Path) -> dict[str, str]:
     for path in sorted(project.rglob("*")):
         if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
             key = VOLATILE.sub("<v>", str(path.relative_to(project)))
-            found.setdefault(key, []).append(hashlib.sha256(path.read_bytes()).hexdigest())
+            found.setdefault(key, []).append(_sha256(path))
     return {k: ",".join(v) for k, v in found.items()}
 
 
 def _comparable(part: str, value: object) -> object:
     """Weights under one masked path (several runs' folders, named by random run ids) compare as a multiset."""
     return sorted(value.split(",")) if part == "weights" and isinstance(value, str) else value
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256; for TRL's pickled ``training_args.bin``, that of its fields with run folders masked (its
+    ``output_dir`` is a staging folder inside the run's, named by the MLflow run id)."""
+    if path.name != "training_args.bin":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    import torch
+
+    fields = {k: VOLATILE.sub("<v>", str(v)) for k, v in sorted(vars(torch.load(path, weights_only=False)).items())}
+    return "fields:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def diff(a: dict, b: dict) -> int:
@@ -121,11 +132,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="where the JSON fingerprint goes")
     ap.add_argument("--run", action="append", help="one `kedro run` argument string (repeatable; default: the list)")
     ap.add_argument("--keep", type=Path, help="run in this folder (kept) instead of a temporary one")
+    ap.add_argument("--rehash", type=Path, help="recompute a kept folder's fingerprint (--keep) into --out")
     ap.add_argument("--diff", nargs=2, type=Path, metavar=("BEFORE", "AFTER"), help="compare two fingerprints")
     args = ap.parse_args()
     if args.diff:
         raise SystemExit(diff(*(json.loads(p.read_text()) for p in args.diff)))
     runs = [r.split() for r in args.run] if args.run else RUNS
+    if args.rehash:
+        project = args.rehash / "project"
+        result = {"commands": [" ".join(a) for a in runs], "metrics": metrics(project), "params": params(project),
+                  "weights": weights(project)}
+        args.out.write_text(json.dumps(result, indent=1, sort_keys=True))
+        return
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = run_all(args.src, runs, args.keep)

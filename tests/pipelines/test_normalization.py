@@ -11,7 +11,7 @@ from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.pipelines.calibration.nodes import CalibrationParams, fit_calibration
 from calibrated_rlhf.pipelines.normalization import nodes
-from calibrated_rlhf.pipelines.reward_model.nodes import score_pairs
+from calibrated_rlhf.pipelines.pair_scores import score_pairs
 from calibrated_rlhf.serving import RequestError, check_request, log_reward_model
 from tests.conftest import TINY_BACKBONE
 from tests.project import wait_until_up

@@ -7,7 +7,7 @@ from calibrated_rlhf.pipelines.data_prep import create_pipeline as data_prep
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticParams
 from calibrated_rlhf.core.preferences import SplitParams
 from calibrated_rlhf.pipelines.reward_model import create_pipeline as reward_model
-from calibrated_rlhf.pipelines.reward_model import nodes
+from calibrated_rlhf.pipelines.pair_scores import score_pairs
 from tests.conftest import TINY_BACKBONE
 from tests.pipelines.helpers import data_prep_params, run
 
@@ -60,8 +60,8 @@ def test_margins_from_ratings_widen_the_learned_margins(prepared):
 def test_scores_follow_the_pair_not_its_batch(prepared):
     out = train(prepared, num_train_epochs=1)
     model, tok, pairs = out["reward_model"], prepared["tokenizer"], prepared["test_pairs"]
-    full = nodes.score_pairs(model, tok, pairs)
-    part = nodes.score_pairs(model, tok, pairs.iloc[::-1][:7])
+    full = score_pairs(model, tok, pairs)
+    part = score_pairs(model, tok, pairs.iloc[::-1][:7])
     expected = full.set_index("pair_id").loc[part["pair_id"], "reward_chosen"].to_numpy()
     np.testing.assert_allclose(part["reward_chosen"], expected, atol=1e-5)
 

@@ -3,7 +3,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from calibrated_rlhf.pipelines.calibration import nodes
-from calibrated_rlhf.pipelines.reward_model.nodes import score_pairs
+from calibrated_rlhf.pipelines.pair_scores import score_pairs
 
 
 def create_pipeline(**kwargs) -> Pipeline:

@@ -80,15 +80,6 @@ def member_trainer(member: int) -> Callable[..., tuple[Any, dict[str, list[dict[
     return train_member
 
 
-def score_pairs(reward_model: Any, tokenizer: Any, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Raw rewards of both sides of every pair: pair_id, reward_chosen, reward_rejected (+ true_prob)."""
-    r_c, r_r = rm.score_pairs(reward_model, tokenize_pairs(pairs, tokenizer), tokenizer.pad_token_id)
-    out = pd.DataFrame({"pair_id": pairs["pair_id"].to_numpy(), "reward_chosen": r_c, "reward_rejected": r_r})
-    if "true_prob" in pairs.columns:
-        out["true_prob"] = pairs["true_prob"].to_numpy(dtype=float)
-    return out
-
-
 def evaluate_reward_model(test_scores: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Test accuracy, reward offset and spread, mean margin; Bayes figures on the synthetic task."""
     true_prob = test_scores["true_prob"].to_numpy() if "true_prob" in test_scores.columns else None

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from calibrated_rlhf.pipelines.pair_scores import score_pairs
 from calibrated_rlhf.pipelines.reward_model import nodes
 
 
@@ -19,7 +20,7 @@ def create_pipeline(member: int | None = None, **kwargs) -> Pipeline:
     return Pipeline(
         [
             train,
-            Node(nodes.score_pairs, ["reward_model", "tokenizer", "test_pairs"], "test_scores",
+            Node(score_pairs, ["reward_model", "tokenizer", "test_pairs"], "test_scores",
                  name="score_test_pairs"),
             Node(nodes.evaluate_reward_model, "test_scores", "rm_test_metrics", name="evaluate_reward_model"),
         ]
