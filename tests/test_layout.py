@@ -132,3 +132,16 @@ def test_the_graph_sees_nested_submodule_and_relative_imports(tmp_path):
 def test_the_chain_refuses_a_cycle():
     with pytest.raises(ValueError, match="cycle"):
         longest_chain({"a": {"b"}, "b": {"a"}})
+
+
+def test_in_pipelines_only_tracking_imports_mlflow():
+    """Nodes log through kedro-mlflow's datasets; what must stay a direct MLflow call is in pipelines/tracking.py,
+    with the reason."""
+    importers = set()
+    for path in sorted((PACKAGE / "pipelines").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("mlflow", "kedro_mlflow") for n in names):
+                importers.add(str(path.relative_to(PACKAGE)))
+    assert importers == {"pipelines/tracking.py"}, f"MLflow imported outside pipelines/tracking.py: {importers}"

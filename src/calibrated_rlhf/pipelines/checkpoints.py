@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.checkpointing import ResumePoint, describe_mismatches, resolve_resume
 from calibrated_rlhf.core.staging import sweep_stale
+from calibrated_rlhf.pipelines import tracking
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,8 @@ def log_resume(stage: str, label: str, resume: ResumePoint, run_dir: Path | None
 
 def track(params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> None:
     """Log to the active MLflow run from the main process; nothing when no run is tracked."""
-    import mlflow
-
-    if not is_main_process() or mlflow.active_run() is None:
-        return
-    if params:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-    if tags:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    if is_main_process():
+        tracking.log_params_and_tags(params, tags)
 
 
 def is_main_process() -> bool:
@@ -119,7 +114,5 @@ def run_folder_name() -> str:
     """This run's checkpoint folder name, the same on every rank: the active MLflow run's id (kedro-mlflow
     opens it, on the main process only under ``calibrated_rlhf.runtime.launch``), else a fresh uuid. Never a clock:
     two runs started in the same second would share a folder."""
-    import mlflow
-
-    run = mlflow.active_run() if is_main_process() else None
-    return from_main_process(run.info.run_id if run is not None else uuid.uuid4().hex)
+    run_id = tracking.active_run_id() if is_main_process() else None
+    return from_main_process(run_id if run_id is not None else uuid.uuid4().hex)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
 from calibrated_rlhf.core.normalization import NormalizationMethod
+from calibrated_rlhf.pipelines import tracking
 from calibrated_rlhf.pipelines.params import StrictParams
 from calibrated_rlhf.reporting import render
 from calibrated_rlhf.reporting.runs import RunSelection, load_histories, load_runs
@@ -76,12 +76,12 @@ def compare_runs(params: ReportingParams) -> tuple[str, str, pd.DataFrame, Figur
 
     The run this node is logged to is left out: under ``__default__`` it is still training.
     """
-    active = mlflow.active_run()
+    active = tracking.active_run_id()
     selection = params.selection()
-    runs, notes = load_runs(selection, exclude_run_ids=[active.info.run_id] if active else [])
+    runs, notes = load_runs(selection, exclude_run_ids=[active] if active else [])
     histories = load_histories(runs["run_id"])
     result = render.build_report(runs, histories, roles=params.scenario_roles.roles(), experiment=params.experiment,
-                                 source=mlflow.get_tracking_uri(), selection=selection.describe(), notes=notes,
+                                 source=tracking.tracking_uri(), selection=selection.describe(), notes=notes,
                                  tolerance=params.tolerance, ece_margin=params.ece_margin)
     for verdict in result.verdicts:
         log.info("%s: %s. %s", verdict.topic, verdict.status, verdict.evidence)
