@@ -6,6 +6,9 @@ A refactor must leave both unchanged. Run this once with the code before it and 
     nice -n 10 python scripts/refactor_check.py --src src --out after.json
     python scripts/refactor_check.py --diff before.json after.json
 
+``--keep DIR`` runs in ``DIR`` and keeps it; ``--rehash DIR --out F`` fingerprints a kept folder again (after a
+change to this script's masks) without rerunning.
+
 Each run list runs in order in one scratch copy of the project (conf/, pyproject.toml; no data), with the
 package imported from ``--src`` (``PYTHONPATH``), its own sqlite MLflow store and ``PYTHONHASHSEED=1``.
 The default list is the tiny run (every default stage, PPO included) and, from it, RLOO, GRPO, DPO and
@@ -38,7 +41,7 @@ RUNS = [
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npy")
 TIMING = re.compile(r"(^|/)perf/|_s$|runtime|per_second|samples_per|steps_per|_seconds|duration|elapsed")
 # a versioned dataset's folder (2026-12-06T18.40.12.123Z), run ids, and staging folders named by host and pid
-VOLATILE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z|[0-9a-f]{32}|run_[^/]+|staging-[^/]+")
+VOLATILE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z|[0-9a-f]{32}|staging-[^/]+")
 
 
 def run_all(src: Path, runs: list[list[str]], work: Path) -> dict:
