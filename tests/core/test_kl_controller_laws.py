@@ -35,10 +35,13 @@ def test_fixed_controller_counts_steps_and_never_moves():
 
 def _pi_by_hand(beta0, target, horizon, gain, kls, n):
     lo, hi = math.log(1e-4), math.log(1e2)
-    integral, betas, errors = 0.0, [], []
+    integral, trend, reached, betas, errors = 0.0, 0.0, False, [], []
     for kl in kls:
         e = min(max(kl / target - 1.0, -0.5), 1.0)
-        integral = min(max(integral + e * n / horizon, lo - math.log(beta0)), hi - math.log(beta0))
+        reached = reached or kl >= target
+        if reached or kl <= trend * 1.05:  # during the climb a batch above the KL's trend leaves the integral alone
+            integral = min(max(integral + e * n / horizon, lo - math.log(beta0)), hi - math.log(beta0))
+        trend += 0.25 * (kl - trend)
         betas.append(math.exp(min(max(math.log(beta0) + integral + gain * e, lo), hi)))
         errors.append(e)
     return betas, integral, errors
@@ -46,7 +49,8 @@ def _pi_by_hand(beta0, target, horizon, gain, kls, n):
 
 @pytest.mark.parametrize("gain", [0.0, 0.7, 2.0])
 def test_pi_update_is_the_clamped_proportional_integral_law(gain):
-    kls = [0.0, 1.0, 3.0, 5.0, 9.0, 400.0, 4.0, -2.0, 2.5]
+    # the climb (rising: 1, 3; falling back: 0.2), the first crossing (5), then every batch integrates (2.5, 2.5)
+    kls = [0.0, 1.0, 3.0, 0.2, 5.0, 9.0, 400.0, 4.0, -2.0, 2.5, 2.5]
     ctl = PIKLController(beta=0.05, kl_target=4.0, horizon=200, gain=gain)
     want, integral, errors = _pi_by_hand(0.05, 4.0, 200, gain, kls, n=32)
     got = [ctl.update(kl=kl, n_episodes=32) for kl in kls]
@@ -92,17 +96,20 @@ def test_pi_refuses_a_non_finite_kl_naming_the_update():
 def test_pi_state_resumes_the_same_trajectory():
     a = PIKLController(beta=0.2, kl_target=2.0, horizon=50, gain=1.5)
     assert a.state_dict() == {"kind": "pi", "beta": 0.2, "kl_target": 2.0, "horizon": 50, "steps": 0, "gain": 1.5,
-                              "log_beta0": math.log(0.2), "integral": 0.0, "error": 0.0}  # nothing seen yet
-    for kl in (0.5, 3.0, 6.0):
+                              "log_beta0": math.log(0.2), "integral": 0.0, "error": 0.0, "kl_trend": 0.0,
+                              "reached": False}  # nothing seen yet
+    for kl in (0.5, 1.5):  # still climbing: the trend and the not-yet-reached flag decide the next integration
         a.update(kl=kl, n_episodes=16)
     state = a.state_dict()
-    assert state["kind"] == "pi" and state["gain"] == 1.5 and state["steps"] == 3
+    assert state["reached"] is False and state["kl_trend"] == pytest.approx(0.25 * 0.5 + 0.25 * (1.5 - 0.125))
+    assert state["kind"] == "pi" and state["gain"] == 1.5 and state["steps"] == 2
     assert state["log_beta0"] == pytest.approx(math.log(0.2)) and state["error"] == a.error
     b = PIKLController(beta=1.0, kl_target=9.0, horizon=7, gain=0.0)
     b.load_state_dict(state)
     assert b.state_dict() == state
-    for kl in (1.0, 2.5, 0.0):
+    for kl in (1.9, 0.1, 2.5, 0.0):
         assert b.update(kl=kl, n_episodes=16) == a.update(kl=kl, n_episodes=16)
+    assert b.state_dict() == a.state_dict() and a.reached
 
 
 def test_adaptive_state_resumes_and_a_foreign_kind_is_refused():

@@ -49,6 +49,27 @@ ERROR_CLIP_LOW, ERROR_CLIP_HIGH = 0.5, 1.0
 # then fell to 0.001. A strong proportional term and an integral time of ~10% of the run's episodes (conf/base:
 # PPO 200 of 1,920, RLOO and GRPO 400 of 3,840) brake at once and leave the integral only the offset.
 DEFAULT_GAIN = 2.0
+# The penalty, in normalized-reward standard deviations, that the whole KL budget costs at the start (initial_beta).
+PENALTY_AT_TARGET = 0.25
+# Weight of the newest batch in the KL trend that the climb's conditional integration compares each batch with: about
+# the last four updates, long enough to smooth one batch's noise, short enough to follow the climb from KL 0.
+TREND_WEIGHT = 0.25
+# How far above its trend a batch's KL must be to count as still climbing. PPO's climbs to targets 4 and 16 led their
+# trend by 8-30%; a KL creeping towards a level short of the target leads by less and less, and integrates again.
+CLIMB_LEAD = 0.05
+
+
+def initial_beta(kl_target: float) -> float:
+    """The starting KL weight for a target, in normalized-reward units per nat: ``PENALTY_AT_TARGET / kl_target``.
+
+    With the reward normalized, ``beta * kl`` is a penalty in reward standard deviations, so the beta that holds a
+    target scales as ``1 / kl_target``: on the default task the controllers settled at ``beta * kl_target`` of
+    0.19-0.22 for PPO, 0.35-0.39 for RLOO and 0.53 for GRPO over targets 0.5 to 16. Starting at 0.25 of a
+    standard deviation leaves the integral a factor of about two to find, where a constant start was off by up to
+    50x at the ends of that range. Refuses a target that is not positive."""
+    if not kl_target > 0:
+        raise ValueError(f"an initial beta needs kl_target > 0, got {kl_target}")
+    return PENALTY_AT_TARGET / kl_target
 
 
 class AdaptiveKLController:
@@ -125,14 +146,27 @@ class PIKLController(AdaptiveKLController):
         self.log_beta0 = math.log(self.beta)
         self.integral = 0.0
         self.error = 0.0  # the last update's clipped error, kept for diagnostics
+        self.kl_trend = 0.0  # moving average of the batch KL; 0 is the KL of the reference the run starts at
+        self.reached = False  # whether a batch's KL has reached the target yet (the climb is over)
 
     def update(self, kl: float, n_episodes: int) -> float:
         if not math.isfinite(kl):
             raise ValueError(f"pi KL control got a non-finite KL ({kl}) at update {self.steps + 1}")
         lo, hi = math.log(BETA_MIN), math.log(BETA_MAX)
         e = min(max(kl / self.kl_target - 1.0, -ERROR_CLIP_LOW), ERROR_CLIP_HIGH)
-        self.integral = min(max(self.integral + e * n_episodes / self.horizon, lo - self.log_beta0),
-                            hi - self.log_beta0)
+        # Conditional integration during the climb: until the KL first reaches the target, a batch more than
+        # CLIMB_LEAD above the KL's trend (still rising) is left to the proportional term. The climb from KL 0 is
+        # limited by the policy's step size whatever beta is, so integrating its shortfall only winds log beta down
+        # by several nats, and the run then overshoots the target until the integral has climbed back (PPO at a
+        # target of 16 ran to KL 22). A climb levelling off short of the target integrates again: its lead over
+        # the trend shrinks to nothing. After the first crossing every batch counts, so the integral's fixed point
+        # stays at mean KL = target (gating there would hold the KL on whichever side of the target it sits).
+        self.reached = self.reached or kl >= self.kl_target
+        heading_for_target = not self.reached and kl > self.kl_trend * (1.0 + CLIMB_LEAD)
+        if not heading_for_target:
+            self.integral = min(max(self.integral + e * n_episodes / self.horizon, lo - self.log_beta0),
+                                hi - self.log_beta0)
+        self.kl_trend += TREND_WEIGHT * (kl - self.kl_trend)
         self.beta = math.exp(min(max(self.log_beta0 + self.integral + self.gain * e, lo), hi))
         self.error = e
         self.steps += 1
@@ -140,7 +174,7 @@ class PIKLController(AdaptiveKLController):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "gain": self.gain, "log_beta0": self.log_beta0, "integral": self.integral,
-                "error": self.error}
+                "error": self.error, "kl_trend": self.kl_trend, "reached": self.reached}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -148,6 +182,8 @@ class PIKLController(AdaptiveKLController):
         self.log_beta0 = float(state["log_beta0"])
         self.integral = float(state["integral"])
         self.error = float(state["error"])
+        self.kl_trend = float(state["kl_trend"])
+        self.reached = bool(state["reached"])
 
 
 def make_kl_controller(kind: KLControl, beta: float, kl_target: float, horizon: int,

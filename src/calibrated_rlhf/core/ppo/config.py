@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.kl_controller import initial_beta
 from calibrated_rlhf.core.lora import LoraParams
 
 
@@ -119,7 +120,8 @@ class PPOConfig(BaseModel):
         "adaptive", description="'pi': proportional-integral control of log beta (core.kl_controller); 'adaptive': "
         "Ziegler et al. (2019) controller; 'fixed': constant beta."
     )
-    beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat.")
+    beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat; "
+                        "null: core.kl_controller.initial_beta(kl_target), 0.25 / kl_target.")
     kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the pi and adaptive controllers.")
     kl_horizon: int = Field(10000, gt=0, description="Controller horizon, in episodes: a sustained unit error moves "
                             "log beta by one over it (the integral time of 'pi').")
@@ -157,6 +159,15 @@ class PPOConfig(BaseModel):
         None, gt=0, description="Record sample responses every K updates (for a table); None = never."
     )
     num_samples: int = Field(4, gt=0, description="Sample rows recorded each time (from the first process).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_beta(cls, data: Any) -> Any:
+        """``beta: null`` starts from the beta the target implies in normalized-reward units (initial_beta)."""
+        if isinstance(data, dict) and "beta" in data and data["beta"] is None:
+            target = data.get("kl_target", cls.model_fields["kl_target"].default)
+            data = {**data, "beta": initial_beta(float(target))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "PPOConfig":

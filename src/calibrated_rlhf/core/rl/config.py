@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.kl_controller import initial_beta
 from calibrated_rlhf.core.lora import LoraParams
 
 RLAlgorithm = Literal["rloo", "grpo"]
@@ -40,7 +41,8 @@ class RLConfig(BaseModel):
         "adaptive", description="pi / adaptive: the project's controller (PPO's, core.kl_controller: PI on log beta "
         "or Ziegler's) sets beta after each update from the per-sequence KL; fixed: beta stays as given (TRL's own "
         "behaviour).")
-    beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat.")
+    beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat; "
+                        "null: core.kl_controller.initial_beta(kl_target), 0.25 / kl_target.")
     kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the controller, nats.")
     kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes (the integral time of pi).")
     kl_gain: float = Field(2.0, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
@@ -52,6 +54,15 @@ class RLConfig(BaseModel):
     lora: LoraParams | None = Field(
         None, description="LoRA adapters instead of a full fine-tune (TRL's reference is then the policy with its "
         "adapters off: no second model); the trained policy is merged. null trains every weight.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_beta(cls, data: Any) -> Any:
+        """``beta: null`` starts from the beta the target implies in normalized-reward units (initial_beta)."""
+        if isinstance(data, dict) and "beta" in data and data["beta"] is None:
+            target = data.get("kl_target", cls.model_fields["kl_target"].default)
+            data = {**data, "beta": initial_beta(float(target))}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "RLConfig":
