@@ -30,7 +30,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
 
     from calibrated_rlhf.core import metric_keys as keys
     from calibrated_rlhf.core.checkpointing.checkpoints import SCORE_STATE_FILE, read_run
-    from calibrated_rlhf.core.kl_controller import PIKLController
+    from calibrated_rlhf.core.kl_controller import PIKLController, initial_beta
     from tests.harness import latest_run
 
     project = tiny_run_project
@@ -75,7 +75,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
                                                         key=lambda m: m.step)], key
     evaluation = {k: v for k, v in reference.data.metrics.items() if "/eval/" in k and "runtime" not in k}
     assert evaluation and {k: run.data.metrics[k] for k in evaluation} == evaluation
-    controller = PIKLController(0.1, 4.0, 400, gain=2.0)  # conf/base rl: pi, beta, kl_target, kl_horizon, kl_gain
+    controller = PIKLController(initial_beta(4.0), 4.0, 400, gain=2.0)  # conf/base rl: pi, beta null, horizon, gain
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)

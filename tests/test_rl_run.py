@@ -21,7 +21,7 @@ def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_pro
     from mlflow import MlflowClient
 
     from calibrated_rlhf.core import metric_keys as keys
-    from calibrated_rlhf.core.kl_controller import PIKLController
+    from calibrated_rlhf.core.kl_controller import PIKLController, initial_beta
 
     project = tiny_run_project
     template = latest_run(project)
@@ -40,7 +40,7 @@ def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_pro
     # the controller's formula on the logged per-sequence KL gives the logged betas (tiny: 8 episodes an update)
     kl, beta = _history(client, run, keys.RL_KL), _history(client, run, keys.RL_BETA)
     assert len(kl) == len(beta) == 3
-    controller = PIKLController(0.1, 0.05, 400, gain=2.0)  # conf/base rl: pi, beta, kl_horizon, kl_gain
+    controller = PIKLController(initial_beta(0.05), 0.05, 400, gain=2.0)  # conf/base rl: pi, beta null, horizon
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)
