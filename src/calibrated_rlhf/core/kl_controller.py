@@ -17,6 +17,16 @@ initial beta lands were missed. The PI controller keeps Ziegler's error but clip
 horizon moves beta up to five times as far, and its proportional term answers a KL excursion at once instead of
 after the integral has caught up.
 
+Why the integral waits out the climb: every run starts at KL 0, and the policy's step size, not beta, limits how
+fast its KL can rise. Integrating that shortfall wound log beta down by several nats while nothing answered (PPO
+at a target of 16: beta 0.1 -> 3e-4), and the run then sat above its target until the integral had climbed back,
+which is the second half the target is judged on (PPO without it: 4.40 for 4, 0.575 for 0.5). So until the KL
+first reaches the target, a batch still rising above its trend moves beta through the proportional term only
+(conditional integration); after that, every batch counts. Why the start is ``initial_beta(kl_target)``: with the
+reward normalized, ``beta * kl`` is a penalty in reward standard deviations, and the betas the controller settled
+at held ``beta * kl_target`` near 0.2-0.5 for every target and method, so a start at 0.25 / kl_target leaves the
+integral a factor of about two to find instead of the 50x a constant start missed by at the ends of the range.
+
 Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
 over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
 log error it is the geometric mean, below the arithmetic one by about half the squared coefficient of variation
@@ -129,7 +139,8 @@ class PIKLController(AdaptiveKLController):
         log beta  = clamp(log beta_0 + integral + gain * e)    # to [log BETA_MIN, log BETA_MAX]
 
     The integral is dual ascent on the constraint KL = target (the Lagrangian view of beta); it alone removes
-    a steady-state error. Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the
+    a steady-state error. Until the KL first reaches the target, a batch more than ``CLIMB_LEAD`` above the KL's
+    trend (an exponential average of weight ``TREND_WEIGHT``) leaves the integral where it is (module docstring). Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the
     beta bounds, so a saturated controller comes back as soon as the error changes sign. A KL that is not finite
     is an error: the trainer's own checks stop a diverged run before its KL reaches the controller.
     """
