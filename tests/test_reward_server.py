@@ -212,8 +212,9 @@ def guarded(bundle):
 
 
 def test_a_lone_request_is_scored_at_once_whatever_the_batching_wait(guarded):
-    """The batching wait is for requests that arrive while the inference thread is busy: with the thread idle,
-    a lone request goes at once (here well inside its timeout, a third of the 30 s wait), one after another."""
+    """The batching wait is for requests on their way or arriving while the inference thread is busy: with the
+    thread idle and nothing else on its way, a lone request goes at once (well inside its timeout, a third of the
+    30 s wait here), one after another."""
     for n in (1, 3, 32):
         status, _, out = call(guarded.url + "/get_reward", {"query": ["calm bright food"] * n}, token=TOKEN,
                               timeout_s=10)
