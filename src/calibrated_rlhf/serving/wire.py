@@ -111,8 +111,8 @@ class Renderer:
 
     def _tokenized(self, n: int, rendered: dict[int, str], texts: dict[int, str]) -> list[list[int]]:
         """Ids of ``n`` rows, each a rendered conversation or a text response (EOS appended where it lacks one, as
-        ``render_ids`` does), with one tokenizer call per kind: called row by row, the tokenizer's Python wrapper
-        costs more than the tokenizing. Call it holding the lock."""
+        ``render_ids`` does), with one tokenizer call per kind rather than one per row: a call's overhead in the
+        tokenizer's Python wrapper is more than the tokenizing of a short row. Call it holding the lock."""
         tok, out = self.tokenizer, [None] * n
         eos = tok.eos_token
         texts = {i: t if t.endswith(eos) else t + eos for i, t in texts.items()}
