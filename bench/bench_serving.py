@@ -43,6 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reward_ser
 from tests.reward_server import WORDS, ServerProcess, free_port, log_chat_bundle  # noqa: E402
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def examples(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
@@ -193,7 +197,7 @@ def main() -> None:
     exs = examples(args.examples)
     threads = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
     print(f"model {uri}; {args.rows} rows a request; {args.seconds:.0f} s a cell; torch threads "
-          f"{args.torch_threads}", flush=True)
+          f"{args.torch_threads}; load average {load_average()}", flush=True)
     ours = ServerProcess(tracking, uri, work / "server.log", *args.server_args.split(), threads=None, env=threads)
     results: dict[str, dict[int, dict]] = {"reward_server": {}, "mlflow_models_serve": {}}
     score_body = lambda a, b: json.dumps({"inputs": exs[a:b]})  # noqa: E731
@@ -231,6 +235,7 @@ def main() -> None:
                   f"{r['errors']}")
         ratio = results["reward_server"][c]["rows_per_s"] / max(results["mlflow_models_serve"][c]["rows_per_s"], 1e-9)
         print(f"{c:>7} | throughput ratio reward_server / mlflow_models_serve: {ratio:.2f}x")
+    print(f"load average at the end {load_average()} (both servers share the host with its other work)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.reward_server import TRAINED_LENGTH, WORDS, ServerProcess, call, log_chat_bundle
+from tests.reward_server import TRAINED_LENGTH, WORDS, ServerProcess, call, free_port, log_chat_bundle
 
 TOKEN = "s3cret-token"
 
@@ -202,13 +202,23 @@ def test_32_clients_each_get_the_answer_to_their_own_request(server, bundle):
 
 @pytest.fixture(scope="module")
 def guarded(bundle):
-    """A server with a token, small caps, and a long batching wait (so a request stays queued a while)."""
+    """A server with a token, small caps, and a batching wait far longer than any request's timeout here."""
     tracking, uri, _, root, _ = bundle
     proc = ServerProcess(tracking, uri, root / "guarded.log", "--token", TOKEN, "--max-body-bytes", "20000",
-                         "--max-request-rows", "32", "--max-queue-rows", "40", "--max-wait-ms", "700",
+                         "--max-request-rows", "32", "--max-queue-rows", "40", "--max-wait-ms", "30000",
                          "--max-batch-tokens", "100000").start()
     yield proc
     proc.stop()
+
+
+def test_a_lone_request_is_scored_at_once_whatever_the_batching_wait(guarded):
+    """The batching wait is for requests on their way or arriving while the inference thread is busy: with the
+    thread idle and nothing else on its way, a lone request goes at once (well inside its timeout, a third of the
+    30 s wait here), one after another."""
+    for n in (1, 3, 32):
+        status, _, out = call(guarded.url + "/get_reward", {"query": ["calm bright food"] * n}, token=TOKEN,
+                              timeout_s=10)
+        assert status == 200 and len(out["rewards"]) == n
 
 
 def test_tokens_malformed_requests_and_caps_are_answered_and_the_server_keeps_serving(guarded):
@@ -243,12 +253,6 @@ def test_tokens_malformed_requests_and_caps_are_answered_and_the_server_keeps_se
     assert status == 400 and "at most 32 per request" in out["error"]
     status, _, out = call(url + "/get_reward", {"query": ["calm " * 5000]}, token=TOKEN)
     assert status == 413 and "20000" in out["error"]
-    # a full queue: one request of 32 rows waits 0.7 s for company; a second of 32 would pass the bound of 40
-    first = ThreadPoolExecutor(1).submit(call, url + "/get_reward", {"query": ["calm"] * 32}, TOKEN)
-    time.sleep(0.3)
-    status, headers, out = call(url + "/get_reward", {"query": ["food"] * 32}, token=TOKEN)
-    assert status == 503 and headers.get("retry-after") == "1" and "busy" in out["error"]
-    assert first.result(timeout=60)[0] == 200
     status, _, out = call(url + "/get_reward", ok, token=TOKEN)
     assert status == 200 and len(out["rewards"]) == 1
 
@@ -267,12 +271,63 @@ def test_clients_that_go_away_leave_nothing_behind(guarded):
     # mid-request: the whole request sent, the client gone while it waits in the queue
     for _ in range(3):
         _raw_post(guarded.port, body, len(body)).close()
-    time.sleep(1.5)  # past the batching wait: those requests were dropped or scored, answers discarded
+    time.sleep(1.5)  # those requests were scored at once (the inference thread idle), their answers discarded
     status, _, health = call(guarded.url + "/health")
     assert status == 200 and health["queued_rows"] == 0
     status, _, out = call(guarded.url + "/get_reward", {"query": ["calm bright", "food"]}, token=TOKEN)
     assert status == 200 and len(out["rewards"]) == 2
     assert guarded.proc.poll() is None
+
+
+def test_while_the_inference_thread_is_busy_requests_queue_and_a_full_queue_gets_503(bundle):
+    """The app in this process, its scorer held on a gate so that the inference thread stays busy: a request
+    arriving meanwhile waits for company (the batching wait is long), one that would pass --max-queue-rows gets
+    503 with Retry-After, and both held requests get their rewards once the thread is free."""
+    import uvicorn
+
+    from calibrated_rlhf.serving.server import Limits, Served, create_app
+
+    model = bundle[2]
+    app = create_app(Served(model, {}), Limits(max_request_rows=32, max_queue_rows=40, max_batch_tokens=100000,
+                                               max_wait_ms=30000))
+    batcher = app.state.batcher
+    score, gate, busy = batcher.score, threading.Event(), threading.Event()
+
+    def held(ids):
+        busy.set()
+        gate.wait(60)
+        return score(ids)
+
+    batcher.score = held
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    pool = ThreadPoolExecutor(2)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = pool.submit(call, url + "/get_reward", {"query": ["calm"]})
+        assert busy.wait(30), "the lone request never reached the scorer"
+        second = pool.submit(call, url + "/get_reward", {"query": ["food bright"] * 32})
+        while call(url + "/health")[2]["queued_rows"] < 32 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert call(url + "/health")[2]["queued_rows"] == 32  # waiting while the thread is busy
+        status, headers, out = call(url + "/get_reward", {"query": ["warm"] * 32})
+        assert status == 503 and headers.get("retry-after") == "1" and "busy" in out["error"]
+        gate.set()
+        (s1, _, o1), (s2, _, o2) = first.result(timeout=60), second.result(timeout=60)
+        assert s1 == 200 and s2 == 200 and len(o1["rewards"]) == 1 and len(o2["rewards"]) == 32
+        expected = in_process(model, [{"prompt": "", "response": "food bright"}]).normalized[0]
+        np.testing.assert_allclose(o2["rewards"], [expected] * 32, rtol=0, atol=1e-6)
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert not thread.is_alive()
 
 
 @pytest.mark.slow

@@ -23,20 +23,22 @@ wrong; an input longer than the trained length is refused naming its row (``--ov
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from calibrated_rlhf.serving.batcher import Batcher, QueueFull
 from calibrated_rlhf.serving.model import OVERLENGTH, RequestError
@@ -101,16 +103,36 @@ def load_served(model_uri: str, overlength: str = "reject") -> Served:
 
 
 def score_ids(model: Any):
-    """``ids -> (raw, ensemble_std)`` of the loaded bundle: the in-process scorer's forward pass."""
+    """``ids -> (raw, ensemble_std)`` of the loaded bundle: the in-process scorer's forward pass
+    (``core.scoring.score_rewards``: each member's ``readout_logits`` on the rows padded to the longest, an
+    ensemble's members aggregated by its spec) on one batch the batcher has already sorted and cut.
+
+    The padded ids and mask are built in numpy, one tensor each: filling them row by row in torch costs a few
+    small tensor operations per row, and each drops the GIL and waits to take it back from the event loop or the
+    render thread."""
     import torch
 
-    from calibrated_rlhf.core.scoring import score_rewards
+    from calibrated_rlhf.core.ensemble import RewardEnsemble
+    from calibrated_rlhf.core.speed.readout import readout_logits
 
     pad = model.tokenizer.pad_token_id
+    ensemble = model.model if isinstance(model.model, RewardEnsemble) else None
+    members = list(ensemble.members) if ensemble is not None else [model.model]
+    device = next(members[0].parameters()).device
 
     def score(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        real = np.arange(lengths.max(initial=0))[None, :] < lengths[:, None]
+        padded = np.full(real.shape, pad, dtype=np.int64)
+        padded[real] = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))  # row by row
+        input_ids = torch.from_numpy(padded).to(device)
+        attention_mask = torch.from_numpy(real.astype(np.int64)).to(device)
         with torch.inference_mode():
-            return score_rewards(model.model, ids, pad, batch_size=max(len(ids), 1))
+            raws = [readout_logits(m, input_ids, attention_mask).squeeze(-1).float().cpu().numpy().astype(np.float64)
+                    for m in members]
+        if ensemble is None:
+            return raws[0], None
+        return ensemble.spec.aggregate(np.stack(raws, axis=1))
 
     return score
 
@@ -132,12 +154,16 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
     renderer = Renderer(served.model.tokenizer, served.model.max_length, served.model.overlength)
     batcher = Batcher(score_ids(served.model), limits.max_batch_tokens, limits.max_wait_ms / 1000,
                       limits.max_queue_rows)
+    # Requests are parsed and rendered on one thread of their own: rendering is serial anyway (the tokenizer is
+    # not shared between threads), and a pool of threads queuing on its lock costs the event loop more than one.
+    render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-render")
 
     @asynccontextmanager
     async def lifespan(app: Any):
         batcher.start()
         yield
         await batcher.stop()
+        render_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="calibrated reward", lifespan=lifespan)
     app.state.batcher = batcher
@@ -155,7 +181,7 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
         return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                      **{"WWW-Authenticate": "Bearer"})
 
-    async def body_of(request: Request) -> Any:
+    async def body_of(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise _TooLarge(f"body of {declared} bytes; this server takes at most {limits.max_body_bytes}")
@@ -165,18 +191,17 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
             if size > limits.max_body_bytes:
                 raise _TooLarge(f"body over {limits.max_body_bytes} bytes")
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise RequestError(f"malformed JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}") from None
+        return b"".join(chunks)
 
     async def scored(request: Request, render: Any) -> dict[str, list[float]] | JSONResponse:
         if (no := refused(request)) is not None:
             return no
         try:
-            body = await body_of(request)
-            ids = await run_in_threadpool(render, body)
-            raw, ensemble_std = await batcher.submit(ids)
+            with batcher.arriving():
+                body = await body_of(request)
+                ids = await asyncio.get_running_loop().run_in_executor(render_thread, lambda: render(json_of(body)))
+                scores = batcher.submit(ids)
+            raw, ensemble_std = await scores
         except _TooLarge as e:
             return error(413, str(e))
         except RequestError as e:
@@ -188,7 +213,8 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
             return error(500, f"{type(e).__name__}: {e}")
         return rewards_of(served.transform, raw, ensemble_std)
 
-    @app.post("/get_reward")
+    # plain Starlette routes: the handlers read the request and build the response themselves, and FastAPI's
+    # per-request machinery (dependencies, response validation) would cost more than the scoring of a small request
     async def get_reward(request: Request) -> Any:
         out = await scored(request, lambda body: renderer.query_ids(parse_queries(body, limits.max_request_rows)))
         if isinstance(out, JSONResponse):
@@ -197,10 +223,12 @@ def create_app(served: Served, limits: Limits = Limits(), token: str | None = No
         # JSONResponse directly: FastAPI's encoder walks every float again
         return JSONResponse({"rewards": out["normalized"], "scores": out["normalized"], "extra_logs": extra})
 
-    @app.post("/score")
     async def score(request: Request) -> Any:
         out = await scored(request, lambda body: renderer.row_ids(*parse_inputs(body, limits.max_request_rows)))
         return out if isinstance(out, JSONResponse) else JSONResponse(out)
+
+    app.add_route("/get_reward", get_reward, methods=["POST"])
+    app.add_route("/score", score, methods=["POST"])
 
     @app.get("/info")
     async def info(request: Request) -> Any:
@@ -218,6 +246,13 @@ class _TooLarge(ValueError):
     pass
 
 
+def json_of(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RequestError(f"malformed JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}") from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -225,6 +260,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def keep_freed_blocks() -> None:
+    """Let glibc's malloc keep the blocks a forward pass frees, to serve the next one.
+
+    A batch's tensors are a few MB each. glibc serves blocks that large with mmap and unmaps them when freed, so
+    every forward pass faults in fresh zeroed pages: the inference thread spent as long in the kernel as in
+    the forward itself. Blocks up to 32 MB (glibc's largest mmap threshold) now come from the heap, and the
+    heap keeps up to 256 MB free rather than hand it back at once. Other C libraries: nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 2**20)
+    mallopt(m_trim_threshold, 256 * 2**20)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(args.tracking_uri)
+    keep_freed_blocks()
     if args.threads:
         import torch
 
@@ -278,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--max-batch-tokens {limits.max_batch_tokens} < the trained length {served.model.max_length}")
     log.info("serving %s (run %s) on %s:%d", args.model_uri, served.info["run_id"], args.host, args.port)
     uvicorn.run(create_app(served, limits, token), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+                access_log=False, timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from calibrated_rlhf.core.preferences import render_ids, text_problem
-from calibrated_rlhf.core.scoring import RewardScorer
+from calibrated_rlhf.core.preferences import is_conversational, plain, text_problem
+from calibrated_rlhf.core.scoring import as_completion
 from calibrated_rlhf.serving.model import RequestError, fit_lengths
 
 _PROBE = "\u2063probe\u2063"  # content no template alters, to find what the template puts around a turn
@@ -66,7 +66,6 @@ class Renderer:
 
     def __post_init__(self) -> None:
         self.markers = conversation_markers(self.tokenizer)
-        self.scorer = RewardScorer(None, self.tokenizer)
 
     def _fit(self, column: str, ids: list[list[int]]) -> list[list[int]]:
         side = getattr(self.tokenizer, "truncation_side", "right")
@@ -78,22 +77,50 @@ class Renderer:
 
     def _query_ids(self, queries: list[str]) -> list[list[int]]:
         tok = self.tokenizer
-        out = []
-        for q in queries:
+        rendered, texts = {}, {}  # row -> a rendered conversation (tokenized as is) / a text response
+        for i, q in enumerate(queries):
             text = _strip_token(q, tok.pad_token, left=True, right=True)
             text = _strip_token(_strip_token(text, tok.eos_token, False, True), tok.pad_token, False, True)
             if self.markers is not None and self.markers[0] in text:
                 end = self.markers[1]
                 closed = end.rstrip()
-                text = text + end[len(closed):] if text.endswith(closed) else text + end
-                out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
+                rendered[i] = text + end[len(closed):] if text.endswith(closed) else text + end
             else:
-                out.append(render_ids(tok, "", text))
-        return self._fit("query", out)
+                texts[i] = text
+        return self._fit("query", self._tokenized(len(queries), rendered, texts))
 
     def row_ids(self, prompts: list[Any], responses: list[Any]) -> list[list[int]]:
+        """``RewardScorer.render`` of the rows (``core.preferences.render_ids`` of each prompt and
+        ``as_completion`` of its response), length-checked."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        conversations, texts = {}, {}
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            completion = as_completion(prompt, response)
+            if is_conversational(completion):
+                conversations[i] = [plain(dict(m)) for m in [*(prompt if prompt is not None else []), *completion]]
+            else:
+                texts[i] = (prompt or "") + completion
         with self._lock:
-            return self._fit("inputs", self.scorer.render(prompts, responses))
+            rendered = {}
+            if conversations:
+                # what apply_chat_template(tokenize=True) tokenizes: the rendered text, no special tokens added
+                rendered = dict(zip(conversations, self.tokenizer.apply_chat_template(list(conversations.values()),
+                                                                                        tokenize=False)))
+            return self._fit("inputs", self._tokenized(len(prompts), rendered, texts))
+
+    def _tokenized(self, n: int, rendered: dict[int, str], texts: dict[int, str]) -> list[list[int]]:
+        """Ids of ``n`` rows, each a rendered conversation or a text response (EOS appended where it lacks one, as
+        ``render_ids`` does), with one tokenizer call per kind rather than one per row: a call's overhead in the
+        tokenizer's Python wrapper is more than the tokenizing of a short row. Call it holding the lock."""
+        tok, out = self.tokenizer, [None] * n
+        eos = tok.eos_token
+        texts = {i: t if t.endswith(eos) else t + eos for i, t in texts.items()}
+        for rows, add_special in ((rendered, False), (texts, True)):
+            if rows:
+                for i, ids in zip(rows, tok(list(rows.values()), add_special_tokens=add_special)["input_ids"]):
+                    out[i] = list(ids)
+        return out
 
 
 def _rows(body: Any, key: str, max_rows: int) -> list:
