@@ -82,6 +82,13 @@ def initial_beta(kl_target: float) -> float:
     return PENALTY_AT_TARGET / kl_target
 
 
+def derive_beta(params: Any, default_target: float) -> Any:
+    """Config data with ``beta: null`` given ``initial_beta`` of its ``kl_target`` (``default_target`` if absent)."""
+    if isinstance(params, dict) and "beta" in params and params["beta"] is None:
+        return {**params, "beta": initial_beta(float(params.get("kl_target", default_target)))}
+    return params
+
+
 class AdaptiveKLController:
     """Proportional controller of the KL weight (Ziegler et al. 2019, section 2.2).
 

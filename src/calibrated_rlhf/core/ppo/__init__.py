@@ -36,24 +36,7 @@ from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_mean, masked_whiten
 from calibrated_rlhf.core.ppo.losses import clipped_policy_loss, clipped_value_loss
 from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, sample_responses
-from calibrated_rlhf.core.ppo.trainer import (
-    PPOEarlyStop,
-    PPOResult,
-    PPOTrainer,
-    ScoreFn,
-)
+from calibrated_rlhf.core.ppo.trainer import PPOEarlyStop, PPOResult, PPOTrainer, ScoreFn
 
-__all__ = [
-    "PPOConfig",
-    "PPOEarlyStop",
-    "PPOResult",
-    "PPOTrainer",
-    "PolicyAndValue",
-    "ScoreFn",
-    "clipped_policy_loss",
-    "clipped_value_loss",
-    "compute_gae",
-    "masked_mean",
-    "masked_whiten",
-    "sample_responses",
-]
+__all__ = ["PPOConfig", "PPOEarlyStop", "PPOResult", "PPOTrainer", "PolicyAndValue", "ScoreFn", "clipped_policy_loss",
+           "clipped_value_loss", "compute_gae", "masked_mean", "masked_whiten", "sample_responses"]

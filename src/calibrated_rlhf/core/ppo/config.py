@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from calibrated_rlhf.core.kl_controller import initial_beta
+from calibrated_rlhf.core.kl_controller import derive_beta
 from calibrated_rlhf.core.lora import LoraParams
 
 
@@ -162,12 +162,8 @@ class PPOConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _derived_beta(cls, data: Any) -> Any:
-        """``beta: null`` starts from the beta the target implies in normalized-reward units (initial_beta)."""
-        if isinstance(data, dict) and "beta" in data and data["beta"] is None:
-            target = data.get("kl_target", cls.model_fields["kl_target"].default)
-            data = {**data, "beta": initial_beta(float(target))}
-        return data
+    def _derived_beta(cls, data: Any) -> Any:  # beta: null -> initial_beta(kl_target)
+        return derive_beta(data, cls.model_fields["kl_target"].default)
 
     @model_validator(mode="after")
     def _check(self) -> "PPOConfig":
