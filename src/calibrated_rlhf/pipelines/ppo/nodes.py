@@ -166,16 +166,16 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
     tracking = summarize_kl_tracking([h[keys.PPO_KL] for h in history], config.kl_target,
                                      [h[keys.PPO_BETA] for h in history], [h[keys.PPO_EPISODES_PER_S] for h in history])
     values = {
-        keys.PPO_EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
-        keys.PPO_EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error,
-        keys.PPO_EVAL_FINAL_BETA: tracking.final_beta,
-        keys.PPO_EVAL_EPISODES_PER_S: tracking.episodes_per_s,
-        keys.PPO_EVAL_UPDATES: float(tracking.updates),
-        keys.PPO_EVAL_STOPPED_EARLY: float(stopped_early),
+        keys.EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
+        keys.EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error,
+        keys.EVAL_FINAL_BETA: tracking.final_beta,
+        keys.EVAL_EPISODES_PER_S: tracking.episodes_per_s,
+        keys.EVAL_UPDATES: float(tracking.updates),
+        keys.EVAL_STOPPED_EARLY: float(stopped_early),
     }
     # Over-optimization signals at the end of training.
-    for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.PPO_EVAL_FINAL_GOLD_GAP),
-                          (keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EVAL_FINAL_ENSEMBLE_STD)):
+    for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.EVAL_FINAL_GOLD_GAP),
+                          (keys.PPO_REWARD_ENSEMBLE_STD, keys.EVAL_FINAL_ENSEMBLE_STD)):
         if key in history[-1]:
             values[eval_key] = end_of_training_mean([h[key] for h in history])
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
