@@ -64,6 +64,8 @@ def test_the_table_reads_what_the_ppo_stage_logged_and_its_curves_agree(tracking
     histories = load_histories([run_id])
     row = comparison_table(runs, histories).iloc[0]
     logged = run.data.metrics
+    # the method is the run's tag, as for every RL method, not guessed from its curves
+    assert run.data.tags[keys.RL_ALGORITHM_TAG] == "ppo" and row["method"] == "ppo"
     assert row["final_beta"] == logged[keys.EVAL_FINAL_BETA]
     assert row["episodes_per_s"] == logged[keys.EVAL_EPISODES_PER_S]
     assert row["kl_tracking_error"] == logged[keys.EVAL_KL_TRACKING_ERROR]

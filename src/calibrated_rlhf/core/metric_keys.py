@@ -172,7 +172,7 @@ PPO_REWARD_ENSEMBLE_STD = ppo_reward("ensemble_std")
 
 # ---- eval: once, at the end, for every RL method (PPO, RLOO, GRPO, DPO) -----------------------------------------
 # One prefix for every method, so the report compares like with like; the run's ``rl/algorithm`` tag says which
-# method it was (``RL_ALGORITHM_TAG``; a PPO run has none, its ``ppo/`` curves say it).
+# method it was (``RL_ALGORITHM_TAG``; a PPO run logged before PPO set it is known by its ``ppo/`` curves).
 
 def eval_key(name: str) -> str:
     """``eval/<name>``: a figure of the final policy or a summary of the training that made it."""
@@ -224,7 +224,7 @@ def legacy_keys(key: str) -> tuple[str, ...]:
 
 # ---- rl: TRL's RLOO and GRPO, per update (the trainer's log, renamed) --------------------------------------
 
-RL_ALGORITHM_TAG = "rl/algorithm"  # a tag, not a metric: rloo | grpo | dpo; PPO runs have none (their ppo/ curves say it)
+RL_ALGORITHM_TAG = "rl/algorithm"  # a tag, not a metric: ppo | rloo | grpo | dpo (older PPO runs: none)
 RL_KL = "rl/objective/kl"  # per sequence: TRL's per-token mean times the mean completion length
 RL_KL_PER_TOKEN = "rl/objective/kl_per_token"
 RL_BETA = "rl/objective/beta"  # the beta this update used

@@ -161,8 +161,9 @@ def with_current_keys(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def method_of(runs: pd.DataFrame) -> pd.Series:
-    """Each run's RL method: its ``rl/algorithm`` tag (rloo, grpo, dpo), else ``ppo`` where it logged a PPO
-    metric beyond the shared evaluation protocol, else None (a run that trained no policy)."""
+    """Each run's RL method: its ``rl/algorithm`` tag (ppo, rloo, grpo, dpo), else ``ppo`` where it logged a PPO
+    metric beyond the shared evaluation protocol (a PPO run logged before PPO set the tag), else None (a run that
+    trained no policy)."""
     tagged = tag_values(runs, keys.RL_ALGORITHM_TAG)
     ppo_columns = [c for c in runs.columns
                    if c.startswith("metrics.ppo/") and c[len("metrics."):] not in LEGACY_PROTOCOL_KEYS]
