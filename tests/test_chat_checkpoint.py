@@ -180,7 +180,7 @@ def test_ppo_scored_its_chat_replies_as_pairs_would_be_and_evaluation_ran(chat_r
     replies = samples["response"].fillna("").tolist()
     np.testing.assert_allclose(samples["raw"], reward_of_replies(tokenizer, model, prompts, replies), atol=1e-4)
     metrics = latest_run(project).data.metrics
-    for key in ("ppo/eval/gold_reference", "ppo/eval/gold_policy", "ppo/eval/gold_gain_ci_low",
+    for key in ("eval/gold_reference", "eval/gold_policy", "eval/gold_gain_ci_low",
                 "ppo/rewards/normalized", "ppo/rewards/gold", "normalization/mean", "normalization/std"):
         assert math.isfinite(metrics[key]), key
     assert metrics["normalization/std"] > 0
@@ -220,7 +220,7 @@ def test_rloo_grpo_and_dpo_train_on_the_chat_data(chat_run, chat_checkpoint, sta
     assert code == 0, log[-4000:]
     run = latest_run(project)
     assert run.data.tags[keys.RL_ALGORITHM_TAG] == algorithm
-    for key in (keys.PPO_EVAL_GOLD_POLICY, keys.PPO_EVAL_GOLD_GAIN, keys.PPO_EVAL_KL_REFERENCE):
+    for key in (keys.EVAL_GOLD_POLICY, keys.EVAL_GOLD_GAIN, keys.EVAL_KL_REFERENCE):
         assert math.isfinite(run.data.metrics[key]), key
     if stage == "rl":  # tiny: 3 updates, each with the KL the controller read
         client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")

@@ -121,3 +121,20 @@ def test_environment_overrides_fields_not_blocks():
     assert tiny["ppo"]["trainer"]["num_updates"] != base["ppo"]["trainer"]["num_updates"]
     for k in ("kl_target", "cliprange", "vf_coef", "gamma", "lam"):
         assert tiny["ppo"]["trainer"][k] == base["ppo"]["trainer"][k], k
+
+
+@pytest.mark.parametrize("env", ["base", *ENVS])
+def test_the_catalog_reads_the_preference_file_the_parameters_name(env):
+    """``data_prep.source`` (logged with the run's parameters) and the catalog's ``preference_file`` (which reads
+    the file) follow one setting in every environment; --params moves both."""
+    from kedro.config import OmegaConfigLoader
+
+    from calibrated_rlhf.settings import CONFIG_LOADER_ARGS
+
+    runtime = {"data_prep": {"source": {"kind": "file", "path": "mine.jsonl"}}}
+    for params, expected in ((None, None), (runtime, ("file", "mine.jsonl"))):
+        loader = OmegaConfigLoader(conf_source=str(CONF), env=None if env == "base" else env, runtime_params=params,
+                                   **CONFIG_LOADER_ARGS)
+        source, entry = loader["parameters"]["data_prep"]["source"], loader["catalog"]["preference_file"]
+        assert (entry["kind"], entry["filepath"]) == (source["kind"], source["path"]), env
+        assert expected is None or (source["kind"], source["path"]) == expected, env

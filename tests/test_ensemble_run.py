@@ -75,8 +75,8 @@ def test_runs_log_members_ensemble_and_over_optimization_curves(finished):
                 f"rm/member_{i}/train/loss"} <= keys
     assert {"rm/test_accuracy", "calibration/test_nll_after", "ensemble/test_nll_after",
             "ensemble/best_member_test_nll_after", "normalization/ensemble_std",
-            "ppo/eval/final_gold_gap", "ppo/eval/final_ensemble_std"} <= set(rest.data.metrics)
-    updates = int(rest.data.metrics["ppo/eval/updates"])
+            "eval/final_gold_gap", "eval/final_ensemble_std"} <= set(rest.data.metrics)
+    updates = int(rest.data.metrics["eval/updates"])
     for key in ("ppo/rewards/ensemble_std", "ppo/rewards/gold_gap"):
         history = client.get_metric_history(rest.info.run_id, key)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, updates + 1)), key

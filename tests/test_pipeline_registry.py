@@ -70,7 +70,7 @@ def test_a_changed_shape_rebuilds_the_registered_pipelines(fresh_registry):
 
     pipeline_registry.use_config(None)
     assert member_namespaces(dict(pipelines)) == {None}
-    # A plain OmegaConfigLoader does not hand itself over; use_config (the PipelineShape hook) does.
+    # A plain OmegaConfigLoader does not hand itself over; use_config (what ProjectConfigLoader calls) does.
     loader = OmegaConfigLoader(str(ROOT / "conf"), env=ENSEMBLE_ENV, **CONFIG_LOADER_ARGS)
     assert member_namespaces(dict(pipelines)) == {None}
     pipeline_registry.use_config(loader)

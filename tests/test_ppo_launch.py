@@ -112,8 +112,8 @@ def test_two_processes_train_one_policy_and_log_one_run(upstream, ppo):
     assert last.name == "update_000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in last.iterdir()}
     # the ranks' logs show the same KL statistics: the controller saw globally reduced values
     text = re.sub(r"\s+", " ", proc.stdout + proc.stderr)
-    kls = re.findall(r"'ppo/eval/kl_second_half_mean': ([-0-9.e]+)", text)
-    betas_logged = re.findall(r"'ppo/eval/final_beta': ([-0-9.e]+)", text)
+    kls = re.findall(r"'eval/kl_second_half_mean': ([-0-9.e]+)", text)
+    betas_logged = re.findall(r"'eval/final_beta': ([-0-9.e]+)", text)
     assert len(kls) == 2 and len(set(kls)) == 1, kls  # one summary per rank, equal
     assert len(betas_logged) == 2 and len(set(betas_logged)) == 1, betas_logged
 

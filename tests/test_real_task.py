@@ -11,6 +11,7 @@ import pytest
 
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.completions import CompletionParams
+from calibrated_rlhf.datasets import PreferenceFileDataset
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, load_pairs
 from calibrated_rlhf.runtime.real_task import main
 
@@ -40,7 +41,8 @@ def test_the_samples_become_pairs_that_data_prep_reads_with_their_gold(real_task
     gold = json.loads((real_task_dir / "gold_task.json").read_text())
     source = SourceParams(kind="file", path=str(real_task_dir / "pairs.jsonl"),
                           gold_task=str(real_task_dir / "gold_task.json"))
-    pairs, _, task = load_pairs(source, prefs.MarginParams(), prefs.ValidationParams(), CompletionParams())
+    pairs, _, task = load_pairs(PreferenceFileDataset(filepath=source.path).load(), source, prefs.MarginParams(),
+                                prefs.ValidationParams(), CompletionParams())
     assert task["words"] == gold["words"] and task["scale"] == gold["scale"]
     assert len(pairs) == info["n_pairs"] and {"true_prob", "gold_chosen", "gold_rejected"} <= set(pairs.columns)
     samples = [json.loads(line) for line in (real_task_dir / "samples.jsonl").read_text().splitlines()]
@@ -63,4 +65,5 @@ def test_a_bad_gold_file_is_named(tmp_path):
     pairs.write_text(json.dumps({"prompt": "p", "chosen": "a b", "rejected": "c d"}) + "\n")
     source = SourceParams(kind="file", path=str(pairs), gold_task=str(bad))
     with pytest.raises(ValueError, match=f"data_prep.source.gold_task '{bad}'.*utilities"):
-        load_pairs(source, prefs.MarginParams(), prefs.ValidationParams(), CompletionParams())
+        load_pairs(PreferenceFileDataset(filepath=source.path).load(), source, prefs.MarginParams(),
+                   prefs.ValidationParams(), CompletionParams())

@@ -64,17 +64,19 @@ def test_the_table_reads_what_the_ppo_stage_logged_and_its_curves_agree(tracking
     histories = load_histories([run_id])
     row = comparison_table(runs, histories).iloc[0]
     logged = run.data.metrics
-    assert row["final_beta"] == logged[keys.PPO_EVAL_FINAL_BETA]
-    assert row["episodes_per_s"] == logged[keys.PPO_EVAL_EPISODES_PER_S]
-    assert row["kl_tracking_error"] == logged[keys.PPO_EVAL_KL_TRACKING_ERROR]
+    # the method is the run's tag, as for every RL method, not guessed from its curves
+    assert run.data.tags[keys.RL_ALGORITHM_TAG] == "ppo" and row["method"] == "ppo"
+    assert row["final_beta"] == logged[keys.EVAL_FINAL_BETA]
+    assert row["episodes_per_s"] == logged[keys.EVAL_EPISODES_PER_S]
+    assert row["kl_tracking_error"] == logged[keys.EVAL_KL_TRACKING_ERROR]
     # Recomputed from the logged curves with the stage's own summary, the figures are the ones it logged.
     curve = {k: list(histories.loc[histories["key"] == k].sort_values("step")["value"])
              for k in (keys.PPO_KL, keys.PPO_BETA, keys.PPO_EPISODES_PER_S)}
     again = summarize_kl_tracking(curve[keys.PPO_KL], row["kl_target"], curve[keys.PPO_BETA],
                                   curve[keys.PPO_EPISODES_PER_S])
-    assert math.isclose(again.kl_second_half_mean, logged[keys.PPO_EVAL_KL_SECOND_HALF_MEAN], rel_tol=1e-9)
-    assert again.final_beta == logged[keys.PPO_EVAL_FINAL_BETA]
-    assert again.updates == logged[keys.PPO_EVAL_UPDATES]
+    assert math.isclose(again.kl_second_half_mean, logged[keys.EVAL_KL_SECOND_HALF_MEAN], rel_tol=1e-9)
+    assert again.final_beta == logged[keys.EVAL_FINAL_BETA]
+    assert again.updates == logged[keys.EVAL_UPDATES]
 
 
 def test_the_cli_report_shows_no_empty_cell(tiny_run, tmp_path):

@@ -170,12 +170,12 @@ def test_metric_histories_are_identical(two_runs):
     keys, problems = metric_differences(ca, a.info.run_id, cb, b.info.run_id)
     assert not problems, problems
     assert len(keys) >= 60 and {"rm/train/loss", "rm/test_accuracy", "calibration/test_ece_after",
-                                "ppo/objective/kl", "ppo/rewards/gold", "ppo/eval/gold_policy"} <= keys
+                                "ppo/objective/kl", "ppo/rewards/gold", "eval/gold_policy"} <= keys
     assert len(ca.get_metric_history(a.info.run_id, "rm/train/loss")) >= 3
     assert len(ca.get_metric_history(a.info.run_id, "ppo/objective/kl")) >= 3  # one point per PPO update
     timing = sorted(k for k in keys if TIMING.search(k))
     # nothing else is exempt
-    assert timing == ["policy_init/train/runtime_s", "ppo/eval/episodes_per_s", "ppo/perf/episodes_per_s",
+    assert timing == ["eval/episodes_per_s", "policy_init/train/runtime_s", "ppo/perf/episodes_per_s",
                       "ppo/perf/generate_s", "ppo/perf/rollout_s", "ppo/perf/score_s", "ppo/perf/update_s",
                       "rm/train/pairs_per_s", "rm/train/runtime_s"], timing
 

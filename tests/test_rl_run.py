@@ -44,7 +44,7 @@ def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_pro
     for k, b in zip(kl, beta):
         assert b == pytest.approx(controller.value, rel=1e-9)
         controller.update(k, 8)
-    assert run.data.metrics[keys.RL_EVAL_FINAL_BETA] == pytest.approx(beta[-1])
+    assert run.data.metrics[keys.EVAL_FINAL_BETA] == pytest.approx(beta[-1])
     assert kl[-1] > 0 and beta[-1] != 0.1
     # rewards per step, every form, gold included
     for name in ("raw", "calibrated", "normalized", "gold", "gold_gap"):
@@ -60,10 +60,10 @@ def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_pro
         assert z == pytest.approx((c - transform["mean"]) / transform["std"], rel=1e-5, abs=1e-6)
     # the console: the project's terse progress lines, not TRL's log dicts printed at every update
     assert re.search(r"GRPO 3/3 \([0-9.]+/s\) kl=", out) and "'step_time':" not in out
-    # the one evaluation protocol, under the keys PPO's evaluation uses
+    # the one evaluation protocol, under the eval/ keys every method uses
     m = run.data.metrics
-    assert m[keys.PPO_EVAL_GOLD_GAIN_CI_LOW] <= m[keys.PPO_EVAL_GOLD_GAIN] <= m[keys.PPO_EVAL_GOLD_GAIN_CI_HIGH]
-    assert m[keys.PPO_EVAL_KL_REFERENCE_CI_LOW] <= m[keys.PPO_EVAL_KL_REFERENCE] <= m[keys.PPO_EVAL_KL_REFERENCE_CI_HIGH]
+    assert m[keys.EVAL_GOLD_GAIN_CI_LOW] <= m[keys.EVAL_GOLD_GAIN] <= m[keys.EVAL_GOLD_GAIN_CI_HIGH]
+    assert m[keys.EVAL_KL_REFERENCE_CI_LOW] <= m[keys.EVAL_KL_REFERENCE] <= m[keys.EVAL_KL_REFERENCE_CI_HIGH]
     # the policy is versioned under the run's own version, completed, and logged
     version = run.data.tags["run_id"]
     assert (project / "data/06_models/rl_policy" / version / "_complete.json").exists()
@@ -92,7 +92,7 @@ def test_dpo_trains_and_its_implicit_reward_is_calibrated_from_what_the_run_save
     fit = fit_temperature(scores["reward_chosen"] - scores["reward_rejected"])
     assert m[keys.DPO_CALIBRATION_TEMPERATURE] == pytest.approx(fit.temperature, rel=1e-6)
     assert m[keys.dpo_key("calibration/test_ece_before")] >= 0 and m[keys.DPO_CALIBRATION_TEST_ECE_AFTER] >= 0
-    assert keys.PPO_EVAL_KL_REFERENCE in m and keys.PPO_EVAL_GOLD_GAIN in m  # the one protocol, PPO's keys
+    assert keys.EVAL_KL_REFERENCE in m and keys.EVAL_GOLD_GAIN in m  # the one protocol, every method's keys
     version = run.data.tags["run_id"]
     policy_folder = project / "data/06_models/dpo_policy" / version / "dpo_policy"
     assert (policy_folder.parent / "_complete.json").exists()

@@ -1,15 +1,25 @@
 """Project pipelines.
 
-``reward_model.ensemble_size`` shapes the DAG (K namespaced members instead of one reward model), so the
-registry reads it from the run's configuration. That configuration reaches the registry three ways, the
-first that applies wins:
+Static but for one thing: ``reward_model.ensemble_size`` K shapes the DAG. With K > 1, ``reward_model`` and
+``calibration`` become K namespaced members (``member_0`` ... ``member_{K-1}``, each with its own datasets) plus
+the ensemble's calibration, and every stage that scores (``normalization``, ``ppo``, ``rl``, ``best_of_n``) reads
+the assembled ``reward_ensemble``. That part must stay dynamic: Kedro's namespaces are fixed when a pipeline is
+built and a node cannot fan out at run time, so K members are K copies of the member pipeline; registering a
+fixed maximum of members would run the unused ones. Everything else is static: the stages are found by
+``find_pipelines``, ``__default__`` is every stage but the alternatives to PPO (:data:`ALTERNATIVE_METHODS`,
+run with ``--pipelines rl``, ``dpo``, ``best_of_n``), and K = 1 registers exactly the stages' own pipelines.
+
+K is read from the run's configuration, which Kedro does not hand to ``register_pipelines``, so it reaches
+the registry two ways, the first that applies wins:
 
 - every config loader Kedro builds for a context (``settings.CONFIG_LOADER_CLASS`` is
-  :class:`ProjectConfigLoader`) hands itself over, also where no hook runs: ``kedro viz`` swaps the
-  hook manager for a null one, so ``kedro viz --env scenario_ensemble_mean`` still draws the ensemble;
-- the ``PipelineShape`` hook hands over the context's loader (a loader class of someone else's);
-- with neither (``kedro registry describe``, no context at all), the registry reads the configuration
-  itself: the environment the CLI's ``--env`` or ``KEDRO_ENV`` names.
+  :class:`ProjectConfigLoader`) hands itself over, before any hook and also where no hook runs: ``kedro viz``
+  swaps the hook manager for a null one, so ``kedro viz --env scenario_ensemble_mean`` still draws the ensemble;
+- with none (``kedro registry describe``, no context at all), the registry reads the configuration itself:
+  the environment the CLI's ``--env`` or ``KEDRO_ENV`` names.
+
+Kedro caches the registered pipelines, so a loader that changes K (a second session in one process, a test)
+has them rebuilt (:meth:`RegistryState.use`).
 """
 from __future__ import annotations
 

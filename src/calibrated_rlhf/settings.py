@@ -7,8 +7,7 @@ from calibrated_rlhf.runtime.known_noise import filter_known_noise
 filter_known_noise()  # before the imports below and before Kedro loads its plugins: some noise comes at import
 
 from calibrated_rlhf.runtime.crash_recovery import CrashRecovery, GracefulStop  # noqa: E402
-from calibrated_rlhf.runtime.hooks import (LaunchedRanks, PipelineShape, ProvenanceHooks,  # noqa: E402
-                                           TrackingServerCheck)
+from calibrated_rlhf.runtime.hooks import LaunchedRanks, ProvenanceHooks, TrackingServerCheck  # noqa: E402
 from calibrated_rlhf.runtime.launch import is_secondary_rank  # noqa: E402
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader  # noqa: E402
 from calibrated_rlhf.runtime.run_integrity import RunIsolation  # noqa: E402
@@ -17,12 +16,12 @@ from calibrated_rlhf.runtime.run_integrity import RunIsolation  # noqa: E402
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
 # connects to the server, ProvenanceHooks' before_pipeline_run after kedro-mlflow has started the run.
 # The registry must see the run's configuration before anything asks for the pipelines (reading the
-# parameters does): the config loader hands itself over when Kedro builds it, PipelineShape (tryfirst)
-# covers a context built with another loader. RunIsolation pins every dataset's version before any
+# parameters does): the config loader (CONFIG_LOADER_CLASS below) hands itself over when Kedro builds it,
+# before any hook runs. RunIsolation pins every dataset's version before any
 # other hook or node reads one; CrashRecovery registers models only after kedro-mlflow has ended the run.
 # LaunchedRanks is registered after RunIsolation so that, both tryfirst, it goes first (pluggy calls
 # later registrations first): a launched secondary rank's outputs are in memory before anything pins them.
-HOOKS = (PipelineShape(), TrackingServerCheck(), RunIsolation(), LaunchedRanks(), CrashRecovery(),
+HOOKS = (TrackingServerCheck(), RunIsolation(), LaunchedRanks(), CrashRecovery(),
          GracefulStop(), ProvenanceHooks())
 
 # A secondary rank of `python -m calibrated_rlhf.runtime.launch` neither tracks nor saves: only the main process

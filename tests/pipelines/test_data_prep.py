@@ -2,9 +2,11 @@ import json
 
 import pandas as pd
 import pytest
+from kedro.io import DatasetError
 
 from calibrated_rlhf.core.completions import CompletionParams
 from calibrated_rlhf.core.preferences import MarginParams, PreferenceDataError, SplitParams, ValidationParams
+from calibrated_rlhf.datasets import PreferenceFileDataset
 from calibrated_rlhf.pipelines.data_prep import create_pipeline
 from calibrated_rlhf.pipelines.data_prep import nodes
 from tests.pipelines.helpers import data_prep_params, run
@@ -12,6 +14,21 @@ from tests.pipelines.helpers import data_prep_params, run
 
 def params(source: nodes.SourceParams, **validation) -> dict:
     return data_prep_params(source, **validation)
+
+
+def read_source(source: nodes.SourceParams) -> tuple[pd.DataFrame, str]:
+    """The node's reading of a source, the file read by the catalog's dataset as in a run. Kedro wraps a
+    dataset's error in a DatasetError that repeats its message; the original is raised here, to test its type."""
+    try:
+        loaded = PreferenceFileDataset(filepath=source.path, kind=source.kind).load()
+    except DatasetError as e:
+        assert str(e.__cause__) in str(e)  # what the run prints names the file as the reader did
+        raise e.__cause__ from None
+    return nodes.read_source(source, loaded)
+
+
+def load_pairs(source: nodes.SourceParams, *rest):
+    return nodes.load_pairs(PreferenceFileDataset(filepath=source.path, kind=source.kind).load(), source, *rest)
 
 
 def synthetic(**kw) -> nodes.SourceParams:
@@ -65,7 +82,7 @@ def test_file_sources_by_configuration(tmp_path, synthetic_pairs, kind, conversa
         })
     path = tmp_path / f"pairs.{kind}"
     write(df, path, kind)
-    valid, dropped, task = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(path)), MarginParams(),
+    valid, dropped, task = load_pairs(nodes.SourceParams(kind="file", path=str(path)), MarginParams(),
                                             ValidationParams(), CompletionParams())
     assert task == {} and dropped == {} and len(valid) == len(df)
     assert valid.loc[0, "chosen"] == df.loc[0, "chosen"]
@@ -77,17 +94,17 @@ def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
 
     ds = Dataset.from_pandas(synthetic_pairs[["prompt", "chosen", "rejected"]])
     DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(tmp_path / "hf")
-    raw, _ = nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"))
+    raw, _ = read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"))
     assert len(raw) == 10 and list(raw["chosen"]) == list(synthetic_pairs["chosen"][:10])
     with pytest.raises(ValueError, match="split 'dev' not in"):
-        nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
+        read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
 
 
 def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):
     a, b = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     write(synthetic_pairs[:200], a, "jsonl")
     write(synthetic_pairs[200:], b, "jsonl")
-    raw, where = nodes.read_source(nodes.SourceParams(kind="file", path=[str(a), str(b)]))
+    raw, where = read_source(nodes.SourceParams(kind="file", path=[str(a), str(b)]))
     assert where == f"'{a}' (pair_id 0-199), '{b}' (pair_id 200-239)"
     assert raw["source_file"].value_counts().to_dict() == {"train": 200, "heldout": 40}
 
@@ -96,24 +113,41 @@ def test_bad_file_data_fails_naming_rows(tmp_path, synthetic_pairs):
     df = synthetic_pairs[["prompt", "chosen", "rejected"]].copy()
     df.loc[7, "chosen"] = ""
     write(df, tmp_path / "bad.jsonl", "jsonl")
-    with pytest.raises(PreferenceDataError, match=r"field 'chosen': rows 7 \(row 7: empty text\)"):
-        run(create_pipeline(), params(nodes.SourceParams(kind="file", path=str(tmp_path / "bad.jsonl"))))
+    inputs = params(nodes.SourceParams(kind="file", path=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(PreferenceDataError, match=r"(?s)'.*bad\.jsonl'.*field 'chosen': rows 7 \(row 7: empty text\)"):
+        run(create_pipeline(), inputs)
 
 
 def test_source_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="path is required"):
         nodes.SourceParams(kind="file")
     with pytest.raises(FileNotFoundError, match="no file at"):
-        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "missing.jsonl")))
+        read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "missing.jsonl")))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="unsupported file type"):
-        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))
+        read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "x.txt")))
+
+
+def test_the_file_read_must_be_the_one_the_parameters_name(tmp_path, synthetic_pairs):
+    """An environment that moves data_prep.source.path but not the catalog's preference_file (or back) would
+    log one file and train on another: refused, naming both."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write(synthetic_pairs[:20], a, "jsonl")
+    write(synthetic_pairs[20:40], b, "jsonl")
+    read_b = PreferenceFileDataset(filepath=str(b)).load()
+    with pytest.raises(ValueError, match=rf"data_prep.source.path is '{a}' but the catalog's preference_file read '{b}'"):
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(a)), read_b)
+    with pytest.raises(ValueError, match="preference_file read None"):
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(a)), None)
+    assert PreferenceFileDataset(filepath=str(a), kind="synthetic").load() is None  # not a file source: not read
+    raw, where = nodes.read_source(nodes.SourceParams(kind="file", path=str(b)), read_b)
+    assert where == f"'{b}'" and list(raw["chosen"]) == list(synthetic_pairs["chosen"][20:40])
 
 
 def test_read_errors_name_the_file_and_the_line_or_row(tmp_path):
     def read(name: str, text: str):
         (tmp_path / name).write_text(text)
-        return nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / name)))
+        return read_source(nodes.SourceParams(kind="file", path=str(tmp_path / name)))
 
     good = '{"prompt": "Q", "chosen": " a", "rejected": " b"}\n'
     with pytest.raises(PreferenceDataError, match=r"'.*bad\.jsonl' line 3: not valid JSON \(Expecting"):
@@ -131,14 +165,14 @@ def test_read_errors_name_the_file_and_the_line_or_row(tmp_path):
                          'Q,"[{""role"": ""a"", ",b\n')
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(PreferenceDataError, match="empty.parquet' is empty"):
-        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "empty.parquet")))
+        read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "empty.parquet")))
 
 
 def test_parquet_message_lists_come_back_as_lists_and_split(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": f"Q{i % 8}"}], "chosen": [{"role": "assistant", "content": f"a{i}"}],
              "rejected": [{"role": "assistant", "content": f"b{i}"}]} for i in range(32)]
     pd.DataFrame(rows).to_parquet(tmp_path / "conv.parquet")
-    pairs, dropped, _ = nodes.load_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "conv.parquet")),
+    pairs, dropped, _ = load_pairs(nodes.SourceParams(kind="file", path=str(tmp_path / "conv.parquet")),
                                          MarginParams(), ValidationParams(), CompletionParams())
     assert pairs.loc[5, "chosen"] == rows[5]["chosen"] and isinstance(pairs.loc[5, "prompt"], list)
     pairs.to_parquet(tmp_path / "saved.parquet")  # as the catalog saves raw_pairs and split_pairs reads it back

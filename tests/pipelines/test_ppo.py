@@ -157,9 +157,9 @@ def test_ppo_stage_logs_the_issue_metrics_and_checkpoints_per_run(reward_model, 
         assert [p["step"] for p in history[key]] == [1, 2, 3], key
     assert all(np.isfinite(p["value"]) for k in ISSUE_KEYS for p in history[k])
     ev = {k: v["value"] for k, v in {**out["ppo_evaluation"], **out["ppo_summary"]}.items()}
-    assert ev["ppo/eval/updates"] == 3 and ev["ppo/eval/final_beta"] == history["ppo/objective/beta"][-1]["value"]
-    assert ev["ppo/eval/gold_gain_ci_low"] <= ev["ppo/eval/gold_gain"] <= ev["ppo/eval/gold_gain_ci_high"]
-    assert ev["ppo/eval/kl_reference_ci_low"] <= ev["ppo/eval/kl_reference"] <= ev["ppo/eval/kl_reference_ci_high"]
+    assert ev["eval/updates"] == 3 and ev["eval/final_beta"] == history["ppo/objective/beta"][-1]["value"]
+    assert ev["eval/gold_gain_ci_low"] <= ev["eval/gold_gain"] <= ev["eval/gold_gain_ci_high"]
+    assert ev["eval/kl_reference_ci_low"] <= ev["eval/kl_reference"] <= ev["eval/kl_reference_ci_high"]
     assert {"prompt", "response"} <= set(out["ppo_samples"].columns) and len(out["ppo_samples"]) > 0
     runs = list((tmp_path / "ckpt").iterdir())
     assert len(runs) == 1 and any(runs[0].iterdir())  # this run's own folder

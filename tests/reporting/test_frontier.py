@@ -12,10 +12,10 @@ from calibrated_rlhf.reporting import frontier
 
 
 def _run(run_id, method, budget, kl, gain, half=0.02):
-    row = {"run_id": run_id, "metrics.ppo/eval/kl_reference": kl, "metrics.ppo/eval/gold_gain": gain,
-           "metrics.ppo/eval/gold_gain_ci_low": gain - half, "metrics.ppo/eval/gold_gain_ci_high": gain + half}
+    row = {"run_id": run_id, "metrics.eval/kl_reference": kl, "metrics.eval/gold_gain": gain,
+           "metrics.eval/gold_gain_ci_low": gain - half, "metrics.eval/gold_gain_ci_high": gain + half}
     if method == "ppo":
-        row |= {"metrics.ppo/eval/updates": 60.0, "params.ppo.trainer.kl_target": str(budget)}
+        row |= {"metrics.ppo/objective/kl": kl, "metrics.eval/updates": 60.0, "params.ppo.trainer.kl_target": str(budget)}
     else:
         row |= {"tags.rl/algorithm": method,
                 ("params.dpo.trainer.beta" if method == "dpo" else "params.rl.kl_target"): str(budget)}

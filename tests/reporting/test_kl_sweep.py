@@ -24,7 +24,7 @@ def test_a_setting_holds_only_when_every_seed_is_within_tolerance(tmp_path):
         sweep_run("a0", "rloo", "adaptive", 4.0, 0, -0.30),
         sweep_run("g0", "grpo", "pi", 4.0, 0, 0.09), sweep_run("g1", "grpo", "pi", 4.0, 0, 0.40, lr=1e-4),
         sweep_run("g2", "grpo", "pi", 4.0, 1, -0.04),
-        run_row("d", "kl_control", metrics={"ppo/eval/gold_gain": 0.1}) | {"tags.rl/algorithm": "dpo"},
+        run_row("d", "kl_control", metrics={"eval/gold_gain": 0.1}) | {"tags.rl/algorithm": "dpo"},
     ])
     table = kl_sweep.sweep_runs(runs)
     assert list(table["run_id"]) == ["p0", "p1", "a0", "r0", "r1", "g1", "g0", "g2"]  # DPO has no KL target

@@ -71,7 +71,7 @@ def store(tmp_path_factory):
         "baseline": log_run(client, exp, "__default__", "baseline", kl=1.01, params=ppo("zscore", 1) | {
             "calibration.enabled": True, "reward_model.training.center_rewards_coefficient": 0.01},
             metrics=calibrated | {"rm/test_reward_mean": 0.02, "normalization/mean": 0.3, "normalization/std": 1.7,
-                                  "ppo/eval/gold_policy": 0.40, "ppo/eval/gold_gain": 0.1}),
+                                  "eval/gold_policy": 0.40, "eval/gold_gain": 0.1}),
         "no_centering": log_run(client, exp, "__default__", "no_centering", metrics={"rm/test_reward_mean": 2.5}),
         "untagged": log_run(client, exp, "__default__", metrics={"rm/test_accuracy": 0.8}),
         "reporting": log_run(client, exp, "reporting"),
@@ -83,13 +83,13 @@ def store(tmp_path_factory):
                                           ("scale_4_raw", "raw", 4, 6.0, 0.10)]:
         # The scale runs log PPO's evaluation; the baseline's KL summary comes from its curve.
         ids[scenario] = log_run(client, exp, "ppo", scenario, kl=kl, params=ppo(reward, a),
-                                metrics={"ppo/eval/gold_policy": gold, "ppo/eval/kl_second_half_mean": kl})
+                                metrics={"eval/gold_policy": gold, "eval/kl_second_half_mean": kl})
     # An RLOO run of the baseline scenario (`--pipelines rl`), newer than PPO's: its own row, label and verdicts.
     ids["baseline_rloo"] = log_run(client, exp, "rl", "baseline", params={
         "normalization.method": "zscore", "rl.raw_reward_multiplier": 1.0, "rl.kl_target": 4.0,
         "rl.kl_control": "adaptive", "rl.scale_rewards": None},
-        metrics={"rl/eval/kl_second_half_mean": 4.4, "rl/eval/kl_tracking_error": 0.1, "rl/eval/final_beta": 0.07,
-                 "ppo/eval/kl_reference": 4.6, "ppo/eval/gold_gain": 0.2, "ppo/eval/gold_policy": 0.5})
+        metrics={"eval/kl_second_half_mean": 4.4, "eval/kl_tracking_error": 0.1, "eval/final_beta": 0.07,
+                 "eval/kl_reference": 4.6, "eval/gold_gain": 0.2, "eval/gold_policy": 0.5})
     client.set_tag(ids["baseline_rloo"], "rl/algorithm", "rloo")
     yield uri, ids
     mlflow.set_tracking_uri(previous)

@@ -37,8 +37,8 @@ def run_row(run_id: str, scenario: str | None = None, *, minute: int = 0, name: 
 def ppo_run(run_id: str, scenario: str, reward: str, a: float, kl: float, gold: float, minute: int = 0,
             tracking_error: float | None = None) -> dict[str, object]:
     return run_row(run_id, scenario, minute=minute, params={"normalization.method": reward, "ppo.raw_reward_multiplier": a},
-                   metrics={"ppo/eval/kl_second_half_mean": kl, "ppo/eval/gold_policy": gold,
-                            "ppo/eval/kl_tracking_error": kl / 1.0 - 1 if tracking_error is None else tracking_error})
+                   metrics={"eval/kl_second_half_mean": kl, "eval/gold_policy": gold,
+                            "eval/kl_tracking_error": kl / 1.0 - 1 if tracking_error is None else tracking_error})
 
 
 SCALE_RUNS = [
@@ -64,7 +64,7 @@ def history(run_id: str, key: str, values: list[float]) -> pd.DataFrame:
 def test_select_runs_drops_reporting_runs_and_the_active_run_then_keeps_the_newest():
     runs = pd.DataFrame([
         run_row("old", "baseline", minute=0, metrics={"rm/test_reward_mean": 0.1}),
-        run_row("new", "scale_4", minute=5, metrics={"ppo/eval/gold_policy": 0.4}),
+        run_row("new", "scale_4", minute=5, metrics={"eval/gold_policy": 0.4}),
         run_row("mid", None, minute=3, metrics={"calibration/temperature": 2.0}),
         run_row("rep", None, minute=6, name="reporting"),  # an earlier report: no pipeline metrics
         run_row("me", None, minute=7, metrics={"ppo/objective/kl": 1.0}),
@@ -148,7 +148,7 @@ def test_scale_verdict_names_missing_scenarios_and_uses_baseline_for_a_1():
 def test_scale_verdict_counts_a_run_without_ppo_metrics_as_missing_and_decides_on_kl_without_gold():
     no_ppo = run_row("b", "baseline", params={"normalization.method": "zscore", "ppo.raw_reward_multiplier": 1.0},
                      metrics={"rm/test_reward_mean": 0.0})
-    no_gold = [{k: v for k, v in r.items() if k != "metrics.ppo/eval/gold_policy"}
+    no_gold = [{k: v for k, v in r.items() if k != "metrics.eval/gold_policy"}
                for r in (SCALE_RUNS[0], SCALE_RUNS[2])]
     v = verdicts.scale_verdict(table_of([no_ppo, *no_gold]), ROLES)
     assert v.holds is True and "a in {0.25, 4}" in v.evidence and "scale_1" in v.missing
@@ -211,17 +211,17 @@ def rl_run(run_id: str, scenario: str | None, method: str, *, normalization: str
            kl: float = 4.0, error: float = 0.0, gain: float = 0.3, half: float = 0.05, target: float = 4.0,
            minute: int = 0, scale_rewards: str | None = None) -> dict[str, object]:
     """A run of ``--pipelines ppo`` (method ppo) or ``--pipelines rl`` (rloo, grpo): the method's KL summary and
-    parameters, and the one evaluation protocol under PPO's keys."""
-    protocol = {"ppo/eval/kl_reference": kl, "ppo/eval/gold_gain": gain, "ppo/eval/gold_gain_ci_low": gain - half,
-                "ppo/eval/gold_gain_ci_high": gain + half, "ppo/eval/gold_policy": 0.2 + gain}
+    parameters, and the one evaluation protocol under the eval/ keys of every method."""
+    protocol = {"eval/kl_reference": kl, "eval/gold_gain": gain, "eval/gold_gain_ci_low": gain - half,
+                "eval/gold_gain_ci_high": gain + half, "eval/gold_policy": 0.2 + gain}
     if method == "ppo":
         return run_row(run_id, scenario, minute=minute, metrics=protocol | {
-            "ppo/eval/updates": 60.0, "ppo/eval/kl_second_half_mean": kl, "ppo/eval/kl_tracking_error": error,
-            "ppo/eval/final_beta": 0.1}, params={"normalization.method": normalization, "ppo.raw_reward_multiplier": a,
+            "ppo/objective/kl": kl, "eval/updates": 60.0, "eval/kl_second_half_mean": kl, "eval/kl_tracking_error": error,
+            "eval/final_beta": 0.1}, params={"normalization.method": normalization, "ppo.raw_reward_multiplier": a,
                                                  "ppo.trainer.kl_target": target, "ppo.trainer.kl_control": "adaptive"})
     row = run_row(run_id, scenario, minute=minute, name="rl", metrics=protocol | {
-        "rl/eval/updates": 60.0, "rl/eval/kl_second_half_mean": kl, "rl/eval/kl_tracking_error": error,
-        "rl/eval/final_beta": 0.05}, params={"normalization.method": normalization, "rl.raw_reward_multiplier": a,
+        "eval/updates": 60.0, "eval/kl_second_half_mean": kl, "eval/kl_tracking_error": error,
+        "eval/final_beta": 0.05}, params={"normalization.method": normalization, "rl.raw_reward_multiplier": a,
                                              "rl.kl_target": target, "rl.kl_control": "adaptive",
                                              "rl.scale_rewards": scale_rewards})
     return row | {"tags.rl/algorithm": method}
@@ -230,9 +230,9 @@ def rl_run(run_id: str, scenario: str | None, method: str, *, normalization: str
 def test_method_is_the_rl_algorithm_tag_else_ppo_by_its_own_metrics():
     runs = pd.DataFrame([
         rl_run("p", "baseline", "ppo"), rl_run("r", "baseline", "rloo"), rl_run("g", "baseline", "grpo"),
-        run_row("d", None, metrics={"ppo/eval/gold_gain": 0.1}) | {"tags.rl/algorithm": "dpo"},
+        run_row("d", None, metrics={"eval/gold_gain": 0.1}) | {"tags.rl/algorithm": "dpo"},
         run_row("m", "no_centering", metrics={"rm/test_reward_mean": 2.0}),
-        run_row("e", None, metrics={"ppo/eval/gold_gain": 0.1, "ppo/eval/kl_reference": 2.0}),  # protocol keys only
+        run_row("e", None, metrics={"eval/gold_gain": 0.1, "eval/kl_reference": 2.0}),  # protocol keys only
         run_row("c", None, metrics={"ppo/objective/kl": 1.0}),  # an interrupted PPO run: curves, no summary
     ])
     assert list(tables.method_of(runs)) == ["ppo", "rloo", "grpo", "dpo", None, None, "ppo"]
@@ -350,12 +350,12 @@ def test_normalization_methods_verdict_compares_at_one_kl_target_by_the_newest_r
 def ensemble_run(run_id, scenario, size, aggregation, nll, best, gap, gold, minute=0):
     return run_row(run_id, scenario, minute=minute, params={"reward_model.ensemble.aggregation": aggregation},
                    metrics={"ensemble/size": size, "ensemble/test_nll_after": nll, "ensemble/best_member_test_nll_after": best,
-                            "calibration/test_nll_after": nll, "ppo/eval/final_gold_gap": gap,
-                            "ppo/eval/gold_policy": gold})
+                            "calibration/test_nll_after": nll, "eval/final_gold_gap": gap,
+                            "eval/gold_policy": gold})
 
 
 def test_ensemble_calibration_verdict_checks_every_ensemble_run():
-    baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    baseline = run_row("b", "baseline", metrics={"eval/final_gold_gap": 0.9, "eval/gold_policy": 0.6})
     good = [ensemble_run("m", "ensemble_mean", 5, "mean", 0.550, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.553, 0.556, 0.4, 0.62)]
     v = verdicts.ensemble_calibration_verdict(table_of([baseline, *good]), ROLES)
@@ -366,7 +366,7 @@ def test_ensemble_calibration_verdict_checks_every_ensemble_run():
 
 
 def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
-    baseline = run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": 0.9, "ppo/eval/gold_policy": 0.6})
+    baseline = run_row("b", "baseline", metrics={"eval/final_gold_gap": 0.9, "eval/gold_policy": 0.6})
     runs = [baseline, ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, 0.5, 0.65),
             ensemble_run("n", "ensemble_min", 5, "min", 0.55, 0.556, 0.4, 0.62)]
     v = verdicts.over_optimization_verdict(table_of(runs), ROLES)
@@ -378,12 +378,12 @@ def test_over_optimization_verdict_compares_each_ensemble_with_one_model():
     assert list(table.loc[table["scenario"] == "ensemble_min", "final_gold_gap"]) == [0.4]
     assert "Reward ensembles and over-optimization" in render.render_markdown(table, [v], experiment="e")
     assert "Every gap is negative" not in v.evidence
-    cautious = [run_row("b", "baseline", metrics={"ppo/eval/final_gold_gap": -0.7, "ppo/eval/gold_policy": 0.6}),
+    cautious = [run_row("b", "baseline", metrics={"eval/final_gold_gap": -0.7, "eval/gold_policy": 0.6}),
                 ensemble_run("m", "ensemble_mean", 5, "mean", 0.55, 0.556, -0.75, 0.65)]
     v = verdicts.over_optimization_verdict(table_of(cautious), ROLES)
     assert v.holds is True and "Every gap is negative" in v.evidence
     # a regime compares its own scenarios only
-    lowdata = [run_row("l", "lowdata", metrics={"ppo/eval/final_gold_gap": 0.5, "ppo/eval/gold_policy": 0.3}),
+    lowdata = [run_row("l", "lowdata", metrics={"eval/final_gold_gap": 0.5, "eval/gold_policy": 0.3}),
                ensemble_run("lm", "lowdata_ensemble_mean", 5, "mean", 0.62, 0.63, 0.2, 0.4)]
     v = verdicts.over_optimization_verdict(table_of(cautious + lowdata), ROLES, "lowdata")
     assert v.holds is True and v.topic == "Over-optimization (lowdata)"

@@ -37,12 +37,12 @@ class PolicyEvaluation:
 
     def metrics(self) -> dict[str, float]:
         """The figures under the protocol's metric keys (gold figures only when they exist)."""
-        out = {keys.PPO_EVAL_KL_REFERENCE: self.kl_reference, keys.PPO_EVAL_KL_REFERENCE_CI_LOW: self.kl_reference_ci_low,
-               keys.PPO_EVAL_KL_REFERENCE_CI_HIGH: self.kl_reference_ci_high}
+        out = {keys.EVAL_KL_REFERENCE: self.kl_reference, keys.EVAL_KL_REFERENCE_CI_LOW: self.kl_reference_ci_low,
+               keys.EVAL_KL_REFERENCE_CI_HIGH: self.kl_reference_ci_high}
         if not np.isnan(self.gold_policy):
-            out |= {keys.PPO_EVAL_GOLD_REFERENCE: self.gold_reference, keys.PPO_EVAL_GOLD_POLICY: self.gold_policy,
-                    keys.PPO_EVAL_GOLD_GAIN: self.gold_gain, keys.PPO_EVAL_GOLD_GAIN_CI_LOW: self.gold_gain_ci_low,
-                    keys.PPO_EVAL_GOLD_GAIN_CI_HIGH: self.gold_gain_ci_high}
+            out |= {keys.EVAL_GOLD_REFERENCE: self.gold_reference, keys.EVAL_GOLD_POLICY: self.gold_policy,
+                    keys.EVAL_GOLD_GAIN: self.gold_gain, keys.EVAL_GOLD_GAIN_CI_LOW: self.gold_gain_ci_low,
+                    keys.EVAL_GOLD_GAIN_CI_HIGH: self.gold_gain_ci_high}
         return out
 
 

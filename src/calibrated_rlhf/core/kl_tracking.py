@@ -1,6 +1,6 @@
 """How closely PPO's KL tracked its target, from the per-update curves (plain library).
 
-One summary for both readers: the PPO stage logs it at the end of training (``ppo/eval/*``), and
+One summary for both readers: the PPO stage logs it at the end of training (``eval/*``), and
 the report recomputes it from a run's logged curves when that run did not log it (an older run, an
 interrupted one), so the two can never disagree about what "tracking error" means.
 """

@@ -170,32 +170,61 @@ PPO_REWARD_GOLD = ppo_reward("gold")
 PPO_REWARD_GOLD_GAP = ppo_reward("gold_gap")  # proxy minus gold, calibrated-logit units
 PPO_REWARD_ENSEMBLE_STD = ppo_reward("ensemble_std")
 
-# ---- ppo: once, at the end (the stage's training summary and gold evaluation) ------------------------------
+# ---- eval: once, at the end, for every RL method (PPO, RLOO, GRPO, DPO) -----------------------------------------
+# One prefix for every method, so the report compares like with like; the run's ``rl/algorithm`` tag says which
+# method it was (``RL_ALGORITHM_TAG``; a PPO run logged before PPO set it is known by its ``ppo/`` curves).
 
-PPO_EVAL_KL_SECOND_HALF_MEAN = "ppo/eval/kl_second_half_mean"
-PPO_EVAL_KL_TRACKING_ERROR = "ppo/eval/kl_tracking_error"
-PPO_EVAL_FINAL_BETA = "ppo/eval/final_beta"
-PPO_EVAL_EPISODES_PER_S = "ppo/eval/episodes_per_s"  # median over updates
-PPO_EVAL_UPDATES = "ppo/eval/updates"
-PPO_EVAL_STOPPED_EARLY = "ppo/eval/stopped_early"
-PPO_EVAL_FINAL_GOLD_GAP = "ppo/eval/final_gold_gap"
-PPO_EVAL_FINAL_ENSEMBLE_STD = "ppo/eval/final_ensemble_std"
-PPO_EVAL_GOLD_REFERENCE = "ppo/eval/gold_reference"
-PPO_EVAL_GOLD_POLICY = "ppo/eval/gold_policy"
-PPO_EVAL_GOLD_GAIN = "ppo/eval/gold_gain"
-PPO_EVAL_GOLD_GAIN_CI_LOW = "ppo/eval/gold_gain_ci_low"
-PPO_EVAL_GOLD_GAIN_CI_HIGH = "ppo/eval/gold_gain_ci_high"
-# The final policy's per-sequence KL to the reference on the evaluation's own samples (core.evaluation).
-PPO_EVAL_KL_REFERENCE = "ppo/eval/kl_reference"
-PPO_EVAL_KL_REFERENCE_CI_LOW = "ppo/eval/kl_reference_ci_low"
-PPO_EVAL_KL_REFERENCE_CI_HIGH = "ppo/eval/kl_reference_ci_high"
-# The ppo/eval/gold_* and ppo/eval/kl_reference* keys are the one evaluation protocol of every RL method:
-# RLOO, GRPO and DPO runs log their final policy's figures under them too (the run's rl/algorithm tag says
-# which method), so the report compares like with like.
+def eval_key(name: str) -> str:
+    """``eval/<name>``: a figure of the final policy or a summary of the training that made it."""
+    return f"eval/{name}"
+
+
+# The one evaluation protocol (core.evaluation): the final policy's gold reward against the reference's on
+# test prompts, with a 95% interval of the gain, and its per-sequence KL to the reference on the same samples.
+EVAL_GOLD_REFERENCE = eval_key("gold_reference")
+EVAL_GOLD_POLICY = eval_key("gold_policy")
+EVAL_GOLD_GAIN = eval_key("gold_gain")
+EVAL_GOLD_GAIN_CI_LOW = eval_key("gold_gain_ci_low")
+EVAL_GOLD_GAIN_CI_HIGH = eval_key("gold_gain_ci_high")
+EVAL_KL_REFERENCE = eval_key("kl_reference")
+EVAL_KL_REFERENCE_CI_LOW = eval_key("kl_reference_ci_low")
+EVAL_KL_REFERENCE_CI_HIGH = eval_key("kl_reference_ci_high")
+EVAL_PROTOCOL_KEYS: tuple[str, ...] = (EVAL_GOLD_REFERENCE, EVAL_GOLD_POLICY, EVAL_GOLD_GAIN, EVAL_GOLD_GAIN_CI_LOW,
+                                       EVAL_GOLD_GAIN_CI_HIGH, EVAL_KL_REFERENCE, EVAL_KL_REFERENCE_CI_LOW,
+                                       EVAL_KL_REFERENCE_CI_HIGH)
+# KL tracking over training (core.kl_tracking), logged by PPO, RLOO and GRPO (DPO has no KL controller).
+EVAL_KL_SECOND_HALF_MEAN = eval_key("kl_second_half_mean")
+EVAL_KL_TRACKING_ERROR = eval_key("kl_tracking_error")
+EVAL_FINAL_BETA = eval_key("final_beta")
+EVAL_UPDATES = eval_key("updates")
+# The rest of the training summary, where a method logs it.
+EVAL_EPISODES_PER_S = eval_key("episodes_per_s")  # PPO: median over updates
+EVAL_STOPPED_EARLY = eval_key("stopped_early")  # PPO
+EVAL_FINAL_GOLD_GAP = eval_key("final_gold_gap")  # PPO, synthetic task: proxy minus gold at the end
+EVAL_FINAL_ENSEMBLE_STD = eval_key("final_ensemble_std")  # PPO with a reward ensemble
+EVAL_RUNTIME_S = eval_key("runtime_s")  # RLOO, GRPO: the trainer's wall clock
+
+# Where runs logged before the one prefix keep each figure: PPO under ``ppo/eval/``, RLOO and GRPO their KL
+# tracking under ``rl/eval/`` and the protocol under PPO's keys, DPO the protocol under PPO's keys. The report
+# reads a key, else these (``reporting.table.with_current_keys``), so runs already in a store stay readable.
+_LEGACY_PPO_ONLY = (EVAL_EPISODES_PER_S, EVAL_STOPPED_EARLY, EVAL_FINAL_GOLD_GAP, EVAL_FINAL_ENSEMBLE_STD,
+                    *EVAL_PROTOCOL_KEYS)
+_LEGACY_PPO_AND_RL = (EVAL_KL_SECOND_HALF_MEAN, EVAL_KL_TRACKING_ERROR, EVAL_FINAL_BETA, EVAL_UPDATES)
+LEGACY_KEYS: dict[str, tuple[str, ...]] = {
+    **{k: ("ppo/" + k,) for k in _LEGACY_PPO_ONLY},
+    **{k: ("ppo/" + k, "rl/" + k) for k in _LEGACY_PPO_AND_RL},
+    EVAL_RUNTIME_S: ("rl/" + EVAL_RUNTIME_S,),
+}
+
+
+def legacy_keys(key: str) -> tuple[str, ...]:
+    """The keys older runs logged ``key``'s figure under, newest name first; empty for a key never renamed."""
+    return LEGACY_KEYS.get(key, ())
+
 
 # ---- rl: TRL's RLOO and GRPO, per update (the trainer's log, renamed) --------------------------------------
 
-RL_ALGORITHM_TAG = "rl/algorithm"  # a tag, not a metric: rloo | grpo | dpo
+RL_ALGORITHM_TAG = "rl/algorithm"  # a tag, not a metric: ppo | rloo | grpo | dpo (older PPO runs: none)
 RL_KL = "rl/objective/kl"  # per sequence: TRL's per-token mean times the mean completion length
 RL_KL_PER_TOKEN = "rl/objective/kl_per_token"
 RL_BETA = "rl/objective/beta"  # the beta this update used
@@ -215,14 +244,6 @@ def rl_reward(name: str) -> str:
 
 
 RL_REWARD_GOLD = rl_reward("gold")
-
-# ---- rl: once, at the end (KL tracking over training; core.kl_tracking) ------------------------------------
-
-RL_EVAL_KL_SECOND_HALF_MEAN = "rl/eval/kl_second_half_mean"
-RL_EVAL_KL_TRACKING_ERROR = "rl/eval/kl_tracking_error"
-RL_EVAL_FINAL_BETA = "rl/eval/final_beta"
-RL_EVAL_UPDATES = "rl/eval/updates"
-RL_EVAL_RUNTIME_S = "rl/eval/runtime_s"
 
 # ---- dpo: TRL's DPO, and its implicit reward calibrated like a reward model ---------------------------------
 
@@ -275,4 +296,5 @@ def member_key(key: str, member: int) -> str:
 # ---- namespaces --------------------------------------------------------------------------------------------
 
 # A run with no metric under these did not train anything (a reporting run, an aborted one).
-TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/", "rl/", "dpo/", "best_of_n/")
+TRAINING_PREFIXES: tuple[str, ...] = ("rm/", "calibration/", "normalization/", "ppo/", "rl/", "dpo/", "eval/",
+                                     "best_of_n/")

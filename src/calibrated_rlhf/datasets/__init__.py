@@ -1,6 +1,8 @@
-"""Kedro datasets of the project's own (kedro-datasets has none for transformers folders)."""
+"""Kedro datasets of the project's own (kedro-datasets has none for transformers folders, nor one that reads
+preference rows naming the file, line and field of a malformed one)."""
 
 from calibrated_rlhf.datasets.hf_pretrained import HFPretrainedDataset
 from calibrated_rlhf.datasets.mlflow_tags import MlflowTagsDataset
+from calibrated_rlhf.datasets.preference_file import PreferenceFileDataset
 
-__all__ = ["HFPretrainedDataset", "MlflowTagsDataset"]
+__all__ = ["HFPretrainedDataset", "MlflowTagsDataset", "PreferenceFileDataset"]

@@ -1,8 +1,8 @@
 """The gold-reward-against-KL frontier of every RL method (PPO, RLOO, GRPO, DPO), from recorded runs.
 
 Each run contributes one point from the one evaluation protocol (``core.evaluation``): the final policy's KL to
-the reference on its own samples (``ppo/eval/kl_reference``) and its gold-reward gain over the reference with a
-95% interval (``ppo/eval/gold_gain*``). The plot puts gold gain against sqrt(KL), as Gao et al. (2022) plot
+the reference on its own samples (``eval/kl_reference``) and its gold-reward gain over the reference with a
+95% interval (``eval/gold_gain*``). The plot puts gold gain against sqrt(KL), as Gao et al. (2022) plot
 over-optimization; the table interpolates each method's gain at matched KL values, and the verdict names the
 method with the most gold reward per nat at each, from those numbers. Plain pandas: ``runs`` reads MLflow.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting.table import METHOD_KEYS, as_float, method_of
+from calibrated_rlhf.reporting.table import METHOD_KEYS, as_float, method_of, with_current_keys
 from calibrated_rlhf.reporting.verdicts import Verdict
 
 METHODS = ("ppo", "rloo", "grpo", "dpo")
@@ -27,20 +27,22 @@ BUDGET_PARAMS["dpo"] = "dpo.trainer.beta"
 
 
 def frontier_points(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run that has the protocol's figures: method, budget, KL, sqrt(KL), gold gain and interval."""
+    """One row per run that has the protocol's figures: method, budget, KL, sqrt(KL), gold gain and interval
+    (a run logged before the one ``eval/`` prefix through its older keys)."""
+    runs = with_current_keys(runs)
     methods = method_of(runs)
     rows = []
     for i, run in runs.iterrows():
         method = methods[i]
-        kl = as_float(run.get(f"metrics.{keys.PPO_EVAL_KL_REFERENCE}"))
-        gain = as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN}"))
+        kl = as_float(run.get(f"metrics.{keys.EVAL_KL_REFERENCE}"))
+        gain = as_float(run.get(f"metrics.{keys.EVAL_GOLD_GAIN}"))
         if method is None or math.isnan(kl) or math.isnan(gain):
             continue
         rows.append({"run_id": run["run_id"], "method": method,
                      "budget": as_float(run.get(f"params.{BUDGET_PARAMS.get(method, '')}")),
                      "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0)), "gold_gain": gain,
-                     "gold_gain_ci_low": as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN_CI_LOW}")),
-                     "gold_gain_ci_high": as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN_CI_HIGH}"))})
+                     "gold_gain_ci_low": as_float(run.get(f"metrics.{keys.EVAL_GOLD_GAIN_CI_LOW}")),
+                     "gold_gain_ci_high": as_float(run.get(f"metrics.{keys.EVAL_GOLD_GAIN_CI_HIGH}"))})
     columns = ["run_id", "method", "budget", "kl", "sqrt_kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high"]
     return pd.DataFrame(rows, columns=columns).sort_values(["method", "kl"], kind="stable").reset_index(drop=True)
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.reporting.table import as_float, comparison_table
+from calibrated_rlhf.reporting.table import as_float, comparison_table, with_current_keys
 
 TOLERANCE = 0.10  # issue 29: the second-half KL within 10% of the target
 METHODS = ("ppo", "rloo", "grpo")
@@ -32,6 +32,7 @@ RUN_COLUMNS = ["run_id", "method", "kl_control", "learning_rate", "kl_target", "
 
 def sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per PPO, RLOO or GRPO run that logged its KL tracking (:data:`RUN_COLUMNS`)."""
+    runs = with_current_keys(runs)
     table = comparison_table(runs)
     rows = []
     for (_, run), (_, row) in zip(runs.iterrows(), table.iterrows()):
@@ -44,8 +45,8 @@ def sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
                      "kl_second_half_mean": as_float(row["kl_second_half_mean"]),
                      "kl_tracking_error": as_float(row["kl_tracking_error"]),
                      "final_beta": as_float(row["final_beta"]),
-                     "kl_reference": as_float(run.get(f"metrics.{keys.PPO_EVAL_KL_REFERENCE}")),
-                     "gold_gain": as_float(run.get(f"metrics.{keys.PPO_EVAL_GOLD_GAIN}"))})
+                     "kl_reference": as_float(run.get(f"metrics.{keys.EVAL_KL_REFERENCE}")),
+                     "gold_gain": as_float(run.get(f"metrics.{keys.EVAL_GOLD_GAIN}"))})
     order = {m: i for i, m in enumerate(METHODS)}
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
     return frame.sort_values(["method", "kl_control", "learning_rate", "kl_target", "seed"],

@@ -36,19 +36,19 @@ METRICS: dict[str, str] = {
     "norm_mean": keys.NORMALIZATION_MEAN,
     "norm_std": keys.NORMALIZATION_STD,
     "norm_n": keys.NORMALIZATION_N,
-    # The one evaluation protocol: every method logs its final policy's figures under PPO's keys.
-    "kl_reference": keys.PPO_EVAL_KL_REFERENCE,
-    "gold_reward": keys.PPO_EVAL_GOLD_POLICY,
-    "gold_reference": keys.PPO_EVAL_GOLD_REFERENCE,
-    "gold_gain": keys.PPO_EVAL_GOLD_GAIN,
-    "gold_gain_ci_low": keys.PPO_EVAL_GOLD_GAIN_CI_LOW,
-    "gold_gain_ci_high": keys.PPO_EVAL_GOLD_GAIN_CI_HIGH,
-    "episodes_per_s": keys.PPO_EVAL_EPISODES_PER_S,
+    # The one evaluation protocol: every method logs its final policy's figures under the same ``eval/`` keys.
+    "kl_reference": keys.EVAL_KL_REFERENCE,
+    "gold_reward": keys.EVAL_GOLD_POLICY,
+    "gold_reference": keys.EVAL_GOLD_REFERENCE,
+    "gold_gain": keys.EVAL_GOLD_GAIN,
+    "gold_gain_ci_low": keys.EVAL_GOLD_GAIN_CI_LOW,
+    "gold_gain_ci_high": keys.EVAL_GOLD_GAIN_CI_HIGH,
+    "episodes_per_s": keys.EVAL_EPISODES_PER_S,
     "ensemble_size": keys.ENSEMBLE_SIZE,
     "ensemble_nll_after": keys.ENSEMBLE_TEST_NLL_AFTER,
     "best_member_nll_after": keys.ENSEMBLE_BEST_MEMBER_TEST_NLL_AFTER,
-    "final_gold_gap": keys.PPO_EVAL_FINAL_GOLD_GAP,
-    "final_ensemble_std": keys.PPO_EVAL_FINAL_ENSEMBLE_STD,
+    "final_gold_gap": keys.EVAL_FINAL_GOLD_GAP,
+    "final_ensemble_std": keys.EVAL_FINAL_ENSEMBLE_STD,
 }
 
 # Table column -> flattened MLflow param key, the same for every method.
@@ -71,15 +71,15 @@ class MethodKeys:
 
 
 _PPO_KEYS = MethodKeys(
-    metrics={"kl_second_half_mean": keys.PPO_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.PPO_EVAL_KL_TRACKING_ERROR,
-             "final_beta": keys.PPO_EVAL_FINAL_BETA, "kl_target": keys.PPO_KL_TARGET},
+    metrics={"kl_second_half_mean": keys.EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.EVAL_KL_TRACKING_ERROR,
+             "final_beta": keys.EVAL_FINAL_BETA, "kl_target": keys.PPO_KL_TARGET},
     params={"kl_target": "ppo.trainer.kl_target", "reward_multiplier": "ppo.raw_reward_multiplier",
             "kl_control": "ppo.trainer.kl_control"},
     curves={"kl": keys.PPO_KL, "kl_target": keys.PPO_KL_TARGET, "beta": keys.PPO_BETA, "gold": keys.PPO_REWARD_GOLD,
             "gold_gap": keys.PPO_REWARD_GOLD_GAP})
 _RL_KEYS = MethodKeys(
-    metrics={"kl_second_half_mean": keys.RL_EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.RL_EVAL_KL_TRACKING_ERROR,
-             "final_beta": keys.RL_EVAL_FINAL_BETA},
+    metrics={"kl_second_half_mean": keys.EVAL_KL_SECOND_HALF_MEAN, "kl_tracking_error": keys.EVAL_KL_TRACKING_ERROR,
+             "final_beta": keys.EVAL_FINAL_BETA},
     params={"kl_target": "rl.kl_target", "reward_multiplier": "rl.raw_reward_multiplier", "kl_control": "rl.kl_control"},
     curves={"kl": keys.RL_KL, "beta": keys.RL_BETA, "gold": keys.RL_REWARD_GOLD,
             "gold_gap": keys.rl_reward("gold_gap")})  # the target is a parameter
@@ -137,17 +137,36 @@ def _column(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs[name] if name in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
 
 
-# PPO's evaluation keys every method logs (the one protocol): they do not make a run a PPO run.
-PROTOCOL_KEYS = frozenset({keys.PPO_EVAL_KL_REFERENCE, keys.PPO_EVAL_KL_REFERENCE_CI_LOW,
-                           keys.PPO_EVAL_KL_REFERENCE_CI_HIGH, keys.PPO_EVAL_GOLD_REFERENCE, keys.PPO_EVAL_GOLD_POLICY,
-                           keys.PPO_EVAL_GOLD_GAIN, keys.PPO_EVAL_GOLD_GAIN_CI_LOW, keys.PPO_EVAL_GOLD_GAIN_CI_HIGH})
+# The protocol's keys as older runs logged them, under PPO's name for every method: they do not make a run a PPO run.
+LEGACY_PROTOCOL_KEYS = frozenset(old for key in keys.EVAL_PROTOCOL_KEYS for old in keys.legacy_keys(key))
+
+
+def with_current_keys(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with each renamed metric (``keys.LEGACY_KEYS``) filled from its older keys where a run did not
+    log it under the current one: runs logged before the one ``eval/`` prefix read like new ones. The older
+    columns stay (:func:`method_of` reads them); ``runs`` itself is not changed."""
+    out = runs
+    for key, olds in keys.LEGACY_KEYS.items():
+        present = [f"metrics.{old}" for old in olds if f"metrics.{old}" in runs.columns]
+        if not present:
+            continue
+        if out is runs:
+            out = runs.copy()
+        column = f"metrics.{key}"
+        values = out[column] if column in out.columns else pd.Series(math.nan, index=out.index, dtype=object)
+        for old in present:
+            values = values.where(values.map(as_float).notna(), out[old])
+        out[column] = values
+    return out
 
 
 def method_of(runs: pd.DataFrame) -> pd.Series:
-    """Each run's RL method: its ``rl/algorithm`` tag (rloo, grpo, dpo), else ``ppo`` where it logged a PPO
-    metric beyond the shared evaluation protocol, else None (a run that trained no policy)."""
+    """Each run's RL method: its ``rl/algorithm`` tag (ppo, rloo, grpo, dpo), else ``ppo`` where it logged a PPO
+    metric beyond the shared evaluation protocol (a PPO run logged before PPO set the tag), else None (a run that
+    trained no policy)."""
     tagged = tag_values(runs, keys.RL_ALGORITHM_TAG)
-    ppo_columns = [c for c in runs.columns if c.startswith("metrics.ppo/") and c[len("metrics."):] not in PROTOCOL_KEYS]
+    ppo_columns = [c for c in runs.columns
+                   if c.startswith("metrics.ppo/") and c[len("metrics."):] not in LEGACY_PROTOCOL_KEYS]
     ppo = runs[ppo_columns].map(as_float).notna().any(axis=1) if ppo_columns else pd.Series(False, index=runs.index)
     return pd.Series([t if t else ("ppo" if p else None) for t, p in zip(tagged, ppo)], index=runs.index, dtype=object)
 
@@ -240,10 +259,12 @@ def comparison_table(runs: pd.DataFrame, histories: pd.DataFrame | None = None) 
     ``method`` is the run's RL method (:func:`method_of`); the KL-tracking columns, the KL target, the reward
     multiplier and the KL control come from that method's keys (:data:`METHOD_KEYS`). A logged summary wins;
     the PPO summary columns a PPO run did not log (an older or interrupted run) are recomputed from its curves
-    with ``core.kl_tracking``, the function the PPO stage logs them with.
+    with ``core.kl_tracking``, the function the PPO stage logs them with. Runs logged before the one ``eval/``
+    prefix are read through their older keys (:func:`with_current_keys`).
     One reward model counts as an ensemble of size 1 (its ``reward_model.ensemble_size`` parameter).
     """
     histories = histories if histories is not None else empty_histories()
+    runs = with_current_keys(runs)
     rows = []
     labels = run_labels(runs) if len(runs) else []
     names, scenarios, methods = tag_values(runs, "mlflow.runName"), tag_values(runs, "scenario"), method_of(runs)

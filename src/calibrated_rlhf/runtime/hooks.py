@@ -1,12 +1,10 @@
 """The project's Kedro hooks: thin adapters over ``provenance``, ``tracking_check``, ``pipeline_registry``
-and ``launch``.
+and ``launch``. (The pipeline registry needs no hook: the project's config loader hands itself to it.)
 
 Ordered against kedro-mlflow's hook with pluggy's ``tryfirst``/``trylast`` rather than by registration
 order (kedro-mlflow registers through an entry point, after ``settings.HOOKS``, and pluggy calls later
 registrations first):
 
-- ``PipelineShape`` hands the run's configuration to the pipeline registry before anything asks for the
-  pipelines.
 - ``TrackingServerCheck`` runs before kedro-mlflow touches the tracking server, so an unreachable
   server fails ``kedro run`` in seconds with the URI named, instead of after minutes of HTTP retries.
 - ``LaunchedRanks`` keeps a launched secondary rank's outputs in memory, and has the main rank log how
@@ -37,19 +35,6 @@ from calibrated_rlhf.runtime.provenance import (
     saved_path,
 )
 from calibrated_rlhf.runtime.tracking_check import check_tracking_server, configured_tracking_uri
-
-
-class PipelineShape:
-    """Hands the run's configuration to the pipeline registry: ``reward_model.ensemble_size`` shapes the DAG.
-
-    The project's config loader hands itself over too (``pipeline_registry.ProjectConfigLoader``); this
-    covers a context built with another loader class."""
-
-    @hook_impl(tryfirst=True)
-    def after_context_created(self, context: Any) -> None:
-        from calibrated_rlhf.pipeline_registry import use_config
-
-        use_config(context.config_loader)
 
 
 class TrackingServerCheck:

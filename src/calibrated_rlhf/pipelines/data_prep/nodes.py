@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
@@ -17,6 +15,7 @@ from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.backbone import BackboneParams, chat_corpus_text, load_tokenizer, train_tokenizer
 from calibrated_rlhf.core.completions import CompletionParams, completions_to_pairs, is_rated_completions
 from calibrated_rlhf.core.synthetic import SyntheticSpec, SyntheticTask, make_pairs, make_task
+from calibrated_rlhf.datasets.preference_file import FILEPATH_ATTR, SOURCE_ATTR
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -62,78 +61,6 @@ class SourceParams(StrictParams):
         return self
 
 
-def read_text(p: Path) -> str:
-    """The file's text as UTF-8, a byte-order mark dropped (editors on Windows write one); any other
-    encoding is a :class:`~calibrated_rlhf.core.preferences.PreferenceDataError` naming the file."""
-    data = p.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
-        hint = "it looks UTF-16 encoded; " if utf16 else ""
-        # from None: the codec's own traceback names no file and adds nothing to this message
-        raise prefs.PreferenceDataError(f"'{p}' is not UTF-8 text (byte {e.start}: {e.reason}); {hint}"
-                                        "save it as UTF-8") from None
-
-
-def _read_json(p: Path) -> pd.DataFrame:
-    text = read_text(p)
-    if text.lstrip()[:1] == "[":  # one JSON array of records
-        try:
-            return pd.DataFrame.from_records(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise prefs.PreferenceDataError(f"'{p}' line {e.lineno}: not valid JSON ({e.msg})") from e
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise prefs.PreferenceDataError(
-                f"'{p}' line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise prefs.PreferenceDataError(f"'{p}' line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return pd.DataFrame.from_records(rows)
-
-
-def _read_csv(p: Path) -> pd.DataFrame:
-    df = pd.read_csv(io.StringIO(read_text(p)), keep_default_na=False)
-    # Conversational data in CSV can only travel as JSON text; decode it back into messages.
-    for col in prefs.TEXT_FIELDS:
-        if col not in df.columns:
-            continue
-        values = list(df[col])
-        for row, v in enumerate(values):
-            if isinstance(v, str) and v.lstrip().startswith("[{"):
-                try:
-                    values[row] = json.loads(v)
-                except json.JSONDecodeError as e:
-                    raise prefs.PreferenceDataError(
-                        f"'{p}' row {row} (0-based, header excluded), field '{col}': messages are not valid JSON "
-                        f"({e.msg})") from e
-        df[col] = pd.Series(values, index=df.index, dtype=object)
-    return df
-
-
-def _read_file(path: str) -> pd.DataFrame:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data_prep.source.path: no file at '{path}'")
-    suffix = p.suffix.lower()
-    readers = {".jsonl": _read_json, ".json": _read_json, ".parquet": pd.read_parquet, ".csv": _read_csv}
-    if suffix not in readers:
-        raise ValueError(f"data_prep.source.path: unsupported file type '{suffix}' "
-                         "(use .jsonl, .json, .parquet or .csv)")
-    if p.stat().st_size == 0 or (suffix != ".parquet" and not read_text(p).strip()):
-        raise prefs.PreferenceDataError(f"'{path}' is empty: no preference pairs to read")
-    df = readers[suffix](p)
-    if df.empty:
-        raise prefs.PreferenceDataError(f"'{path}' has no rows: no preference pairs to read")
-    return prefs.plain_frame(df)
-
-
 def _read_huggingface(path: str, split: str) -> pd.DataFrame:
     import datasets
 
@@ -148,18 +75,18 @@ def _read_huggingface(path: str, split: str) -> pd.DataFrame:
     return prefs.plain_frame(ds.to_pandas())
 
 
-def read_source(source: SourceParams) -> tuple[pd.DataFrame, str]:
-    """A file or Hugging Face source's rows, nested values as plain lists; and how to name it in errors."""
+def read_source(source: SourceParams, preference_file: pd.DataFrame | None) -> tuple[pd.DataFrame, str]:
+    """A file or Hugging Face source's rows, nested values as plain lists; and how to name it in errors. A file
+    source arrives read by the catalog's ``preference_file``, which must be the file ``data_prep.source.path``
+    names (both follow one setting; an environment that moves only one is refused here)."""
     if source.kind == "huggingface":
         return _read_huggingface(source.path, source.split), f"Hugging Face data '{source.path}'"
-    paths = [source.path] if isinstance(source.path, str) else source.path
-    frames = [_read_file(p) for p in paths]
-    if len(paths) == 1:
-        return frames[0], f"'{paths[0]}'"
-    starts = np.cumsum([0] + [len(f) for f in frames])
-    named = ", ".join(f"'{p}' (pair_id {a}-{b - 1})" for p, a, b in zip(paths, starts, starts[1:]))
-    frames = [f.assign(source_file=Path(p).stem) for f, p in zip(frames, paths)]
-    return pd.concat(frames, ignore_index=True), named
+    read = None if preference_file is None else preference_file.attrs.get(FILEPATH_ATTR)
+    if read != source.path:
+        raise ValueError(f"data_prep.source.path is {source.path!r} but the catalog's preference_file read {read!r}: "
+                         "set both through --params data_prep.source.path=... or the environment's globals.yml "
+                         "(preference_source.path)")
+    return preference_file, preference_file.attrs[SOURCE_ATTR]
 
 
 def read_gold_task(path: str | None) -> dict[str, Any]:
@@ -175,8 +102,8 @@ def read_gold_task(path: str | None) -> dict[str, Any]:
 
 
 def load_pairs(
-    source: SourceParams, margin: prefs.MarginParams, validation: prefs.ValidationParams,
-    completions: CompletionParams,
+    preference_file: pd.DataFrame | None, source: SourceParams, margin: prefs.MarginParams,
+    validation: prefs.ValidationParams, completions: CompletionParams,
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
     """Validated canonical pairs from the configured source, the drop counts, and the synthetic task's
     ground truth (empty otherwise). Rated completions (prompt, completions, ratings) become pairs first.
@@ -188,7 +115,7 @@ def load_pairs(
         task = make_task(spec)
         raw, task_dict, where = make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}, "synthetic task"
     else:
-        (raw, where), task_dict = read_source(source), read_gold_task(source.gold_task)
+        (raw, where), task_dict = read_source(source, preference_file), read_gold_task(source.gold_task)
         if is_rated_completions(raw, completions):
             n_rows = len(raw)
             raw, ties = completions_to_pairs(raw, completions, where)

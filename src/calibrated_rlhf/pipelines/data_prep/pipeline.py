@@ -8,9 +8,10 @@ from calibrated_rlhf.pipelines.data_prep import nodes
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            # Loading validates: bad rows fail the run (or are dropped) before anything is saved.
+            # Loading validates: bad rows fail the run (or are dropped) before anything is saved. A file
+            # source arrives read by the catalog's preference_file (None for the synthetic task and hub data).
             Node(nodes.load_pairs,
-                 ["params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation",
+                 ["preference_file", "params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation",
                   "params:data_prep.completions"],
                  ["raw_pairs", "dropped_invalid", "synthetic_task"], name="load_pairs"),
             Node(nodes.split_pairs, ["raw_pairs", "params:data_prep.split"],

@@ -84,10 +84,11 @@ def train_ppo(
     params: PPOParams,
     normalization: NormalizationParams = NormalizationParams(),
     backbone: BackboneParams = BackboneParams(),
-) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]]]:
+) -> tuple[Any, dict[str, list[dict[str, float]]], pd.DataFrame, Figure, dict[str, dict[str, float]],
+           dict[str, str]]:
     """PPO from the reference policy against the frozen reward transform, optimizing the reward that
     ``normalization.method`` names; returns the final policy,
-    per-update metrics, sample responses, the KL-control plot and a summary of the run.
+    per-update metrics, sample responses, the KL-control plot, a summary of the run and its method tag.
 
     ``reward_model`` is one model or a ``RewardEnsemble``; ``reference_responses`` (the normalization's
     reference set) anchors the proxy-gold gap on the synthetic task. Checkpoints go to
@@ -140,14 +141,15 @@ def trainer_config(params: PPOParams, transform: RewardTransform, method: Normal
     })
 
 
-def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure, dict]:
-    """The stage's outputs besides the policy: curves, samples, the KL-control plot, the summary."""
+def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure, dict, dict[str, str]]:
+    """The stage's outputs besides the policy: curves, samples, the KL-control plot, the summary, and the run's
+    method tag (every RL method's, so the ``eval/*`` figures say whose they are)."""
     points = [{**p, "step": int(p[keys.PPO_STEP])} for p in result.history]
     history = as_history(points, {k: k for p in points for k in p if k not in ("step", keys.PPO_STEP)})
     figure = plots.kl_control([h[keys.PPO_STEP] for h in result.history], [h[keys.PPO_KL] for h in result.history],
                               [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
-    return history, sample_frame(result.samples), figure, training_summary(result.history, config,
-                                                                            result.stopped_early)
+    return (history, sample_frame(result.samples), figure,
+            training_summary(result.history, config, result.stopped_early), {keys.RL_ALGORITHM_TAG: "ppo"})
 
 
 def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> float | None:
@@ -166,16 +168,16 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
     tracking = summarize_kl_tracking([h[keys.PPO_KL] for h in history], config.kl_target,
                                      [h[keys.PPO_BETA] for h in history], [h[keys.PPO_EPISODES_PER_S] for h in history])
     values = {
-        keys.PPO_EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
-        keys.PPO_EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error,
-        keys.PPO_EVAL_FINAL_BETA: tracking.final_beta,
-        keys.PPO_EVAL_EPISODES_PER_S: tracking.episodes_per_s,
-        keys.PPO_EVAL_UPDATES: float(tracking.updates),
-        keys.PPO_EVAL_STOPPED_EARLY: float(stopped_early),
+        keys.EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
+        keys.EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error,
+        keys.EVAL_FINAL_BETA: tracking.final_beta,
+        keys.EVAL_EPISODES_PER_S: tracking.episodes_per_s,
+        keys.EVAL_UPDATES: float(tracking.updates),
+        keys.EVAL_STOPPED_EARLY: float(stopped_early),
     }
     # Over-optimization signals at the end of training.
-    for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.PPO_EVAL_FINAL_GOLD_GAP),
-                          (keys.PPO_REWARD_ENSEMBLE_STD, keys.PPO_EVAL_FINAL_ENSEMBLE_STD)):
+    for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.EVAL_FINAL_GOLD_GAP),
+                          (keys.PPO_REWARD_ENSEMBLE_STD, keys.EVAL_FINAL_ENSEMBLE_STD)):
         if key in history[-1]:
             values[eval_key] = end_of_training_mean([h[key] for h in history])
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})

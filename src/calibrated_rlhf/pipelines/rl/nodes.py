@@ -116,9 +116,9 @@ def prepare_checkpoints(params: RLParams, fingerprint: dict[str, Any]) -> rl_che
 def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s: float) -> dict[str, dict[str, float]]:
     """How well KL tracked its target over the second half of training (``core.kl_tracking``), the final beta."""
     tracking = summarize_kl_tracking([p[SEQUENCE_KL] for p in points], params.kl_target, [p[BETA] for p in points])
-    values = {keys.RL_EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
-              keys.RL_EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error, keys.RL_EVAL_FINAL_BETA: tracking.final_beta,
-              keys.RL_EVAL_UPDATES: float(tracking.updates), keys.RL_EVAL_RUNTIME_S: runtime_s}
+    values = {keys.EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
+              keys.EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error, keys.EVAL_FINAL_BETA: tracking.final_beta,
+              keys.EVAL_UPDATES: float(tracking.updates), keys.EVAL_RUNTIME_S: runtime_s}
     log.info("%s training: %s", params.algorithm.upper(), {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
 
@@ -126,7 +126,7 @@ def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s
 def evaluate_rl_policy(rl_policy: Any, reference_policy: Any, tokenizer: Any, test_pairs: pd.DataFrame,
                        synthetic_task: dict[str, Any], params: RLParams) -> dict[str, dict[str, float]]:
     """The one evaluation protocol (``core.evaluation``): gold gain over the reference with a 95% interval
-    and the KL to the reference on the same samples, under PPO's evaluation keys."""
+    and the KL to the reference on the same samples, under the ``eval/`` keys of every method."""
     ev = params.evaluation
     task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
     result = evaluation.evaluate_policy(rl_policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
