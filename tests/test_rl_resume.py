@@ -73,7 +73,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_with_the_controller_and_the
     for key in (keys.RL_KL, keys.RL_BETA, keys.RL_SCORE, keys.RL_LOSS):
         assert history(key) == [m.value for m in sorted(client.get_metric_history(reference.info.run_id, key),
                                                         key=lambda m: m.step)], key
-    evaluation = {k: v for k, v in reference.data.metrics.items() if "/eval/" in k and "runtime" not in k}
+    evaluation = {k: v for k, v in reference.data.metrics.items() if k.startswith("eval/") and "runtime" not in k}
     assert evaluation and {k: run.data.metrics[k] for k in evaluation} == evaluation
     controller = PIKLController(initial_beta(4.0), 4.0, 400, gain=2.0)  # conf/base rl: pi, beta null, horizon, gain
     for k, b in zip(kl, beta):

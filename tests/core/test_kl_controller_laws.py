@@ -110,6 +110,12 @@ def test_pi_state_resumes_the_same_trajectory():
     for kl in (1.9, 0.1, 2.5, 0.0):
         assert b.update(kl=kl, n_episodes=16) == a.update(kl=kl, n_episodes=16)
     assert b.state_dict() == a.state_dict() and a.reached
+    # past the first crossing, a batch under the target that leads its trend still integrates: only if the flag
+    # came back with the state does a restored controller do the same
+    c = PIKLController(beta=1.0, kl_target=9.0, horizon=7, gain=0.0)
+    c.load_state_dict(a.state_dict())
+    assert 1.05 * a.kl_trend < 1.9 < a.kl_target
+    assert c.update(kl=1.9, n_episodes=16) == a.update(kl=1.9, n_episodes=16) and c.integral == a.integral
 
 
 def test_adaptive_state_resumes_and_a_foreign_kind_is_refused():
