@@ -153,3 +153,17 @@ def test_k3_estimator_is_r_minus_1_minus_log_r():
     torch.testing.assert_close(kl_per_token(logp, ref), logp - ref)
     with pytest.raises(ValueError, match=r"^unknown KL estimator 'k2'$"):
         kl_per_token(logp, ref, "k2")
+
+
+def test_a_pi_checkpoint_from_before_the_climb_gate_resumes_integrating_every_batch():
+    """A PI state saved before the controller kept a KL trend and a first-crossing flag loads as past the climb,
+    which is how that controller treated every batch."""
+    old = PIKLController(beta=0.2, kl_target=2.0, horizon=50)
+    old.update(kl=3.0, n_episodes=16)
+    state = {k: v for k, v in old.state_dict().items() if k not in ("kl_trend", "reached")}
+    ctl = PIKLController(beta=1.0, kl_target=9.0, horizon=7)
+    ctl.load_state_dict(state)
+    assert ctl.reached and ctl.kl_trend == 0.0
+    integral = ctl.integral
+    ctl.update(kl=1.0, n_episodes=16)  # under the target and above the trend: integrated, as before the gate
+    assert ctl.integral == pytest.approx(integral + (1.0 / 2.0 - 1.0) * 16 / 50)

@@ -19,13 +19,15 @@ after the integral has caught up.
 
 Why the integral waits out the climb: every run starts at KL 0, and the policy's step size, not beta, limits how
 fast its KL can rise. Integrating that shortfall wound log beta down by several nats while nothing answered (PPO
-at a target of 16: beta 0.1 -> 3e-4), and the run then sat above its target until the integral had climbed back,
-which is the second half the target is judged on (PPO without it: 4.40 for 4, 0.575 for 0.5). So until the KL
-first reaches the target, a batch still rising above its trend moves beta through the proportional term only
-(conditional integration); after that, every batch counts. Why the start is ``initial_beta(kl_target)``: with the
-reward normalized, ``beta * kl`` is a penalty in reward standard deviations, and the betas the controller settled
-at held ``beta * kl_target`` near 0.2-0.5 for every target and method, so a start at 0.25 / kl_target leaves the
-integral a factor of about two to find instead of the 50x a constant start missed by at the ends of the range.
+at a target of 16, horizon 100: beta 0.1 -> 3e-4, then KL 20-30 to the end), and the run then sat above its
+target until the integral had climbed back, in the second half the target is judged on (PPO without the gate:
+4.40 for 4, 0.575 for 0.5). So until the KL first reaches the target, a batch still rising above its trend moves
+beta through the proportional term only (conditional integration); after that, every batch counts.
+
+Why the start is ``initial_beta(kl_target)``: with the reward normalized, ``beta * kl`` is a penalty in reward
+standard deviations, and the betas the controller settled at held ``beta * kl_target`` near 0.2-0.5 for every
+target and method, so a start at 0.25 / kl_target leaves the integral a factor of about two to find instead of
+the 50x a constant start missed by at the ends of the range.
 
 Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
 over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
@@ -147,9 +149,10 @@ class PIKLController(AdaptiveKLController):
 
     The integral is dual ascent on the constraint KL = target (the Lagrangian view of beta); it alone removes
     a steady-state error. Until the KL first reaches the target, a batch more than ``CLIMB_LEAD`` above the KL's
-    trend (an exponential average of weight ``TREND_WEIGHT``) leaves the integral where it is (module docstring). Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the
-    beta bounds, so a saturated controller comes back as soon as the error changes sign. A KL that is not finite
-    is an error: the trainer's own checks stop a diverged run before its KL reaches the controller.
+    trend (an exponential average of weight ``TREND_WEIGHT``) leaves the integral where it is (module docstring).
+    Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the beta bounds, so a
+    saturated controller comes back as soon as the error changes sign. A KL that is not finite is an error: the
+    trainer's own checks stop a diverged run before its KL reaches the controller.
     """
 
     kind = "pi"
@@ -172,13 +175,10 @@ class PIKLController(AdaptiveKLController):
             raise ValueError(f"pi KL control got a non-finite KL ({kl}) at update {self.steps + 1}")
         lo, hi = math.log(BETA_MIN), math.log(BETA_MAX)
         e = min(max(kl / self.kl_target - 1.0, -ERROR_CLIP_LOW), ERROR_CLIP_HIGH)
-        # Conditional integration during the climb: until the KL first reaches the target, a batch more than
-        # CLIMB_LEAD above the KL's trend (still rising) is left to the proportional term. The climb from KL 0 is
-        # limited by the policy's step size whatever beta is, so integrating its shortfall only winds log beta down
-        # by several nats, and the run then overshoots the target until the integral has climbed back (PPO at a
-        # target of 16 ran to KL 22). A climb levelling off short of the target integrates again: its lead over
-        # the trend shrinks to nothing. After the first crossing every batch counts, so the integral's fixed point
-        # stays at mean KL = target (gating there would hold the KL on whichever side of the target it sits).
+        # Conditional integration during the climb (module docstring): until the KL first reaches the target, a batch
+        # more than CLIMB_LEAD above its trend is still rising at the pace the policy's step allows, and the integral
+        # waits. After the first crossing every batch counts: gating there would hold the KL on whichever side of
+        # the target it sat, since the integral's fixed point is mean KL = target only when every batch counts.
         self.reached = self.reached or kl >= self.kl_target
         heading_for_target = not self.reached and kl > self.kl_trend * (1.0 + CLIMB_LEAD)
         if not heading_for_target:
@@ -200,8 +200,9 @@ class PIKLController(AdaptiveKLController):
         self.log_beta0 = float(state["log_beta0"])
         self.integral = float(state["integral"])
         self.error = float(state["error"])
-        self.kl_trend = float(state["kl_trend"])
-        self.reached = bool(state["reached"])
+        # a checkpoint from before the climb's gate integrated every batch, as this controller does once past it
+        self.kl_trend = float(state.get("kl_trend", 0.0))
+        self.reached = bool(state.get("reached", True))
 
 
 def make_kl_controller(kind: KLControl, beta: float, kl_target: float, horizon: int,
