@@ -482,14 +482,29 @@ def _split_by_prompt(df: pd.DataFrame, names: list[str], fractions: list[float],
 
 def render_ids(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
     """Token ids of prompt + completion: text gets an EOS appended, messages go through the chat template."""
-    if is_conversational(completion):
-        messages = _as_messages(prompt if prompt is not None else []) + _as_messages(completion)
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    text = (prompt or "") + completion
-    if not text.endswith(tokenizer.eos_token):
-        text += tokenizer.eos_token
-    return list(tokenizer(text)["input_ids"])
+    return render_many(tokenizer, [prompt], [completion])[0]
+
+
+def render_many(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any]) -> list[list[int]]:
+    """:func:`render_ids` of each row, with one template call and one tokenizer call per kind of row: a call's
+    overhead in the tokenizer's Python wrapper is more than the tokenizing of a short row (the reward server's
+    hot path). The chat template's ``tokenize=True`` is its rendered text tokenized without special tokens."""
+    chats, texts = {}, {}
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        if is_conversational(completion):
+            chats[i] = _as_messages(prompt if prompt is not None else []) + _as_messages(completion)
+        else:
+            text = (prompt or "") + completion
+            texts[i] = text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+    out: list[list[int]] = [[] for _ in completions]
+    if chats:
+        rendered = tokenizer.apply_chat_template(list(chats.values()), tokenize=False)
+        for i, ids in zip(chats, tokenizer(rendered, add_special_tokens=False)["input_ids"]):
+            out[i] = list(ids)
+    if texts:
+        for i, ids in zip(texts, tokenizer(list(texts.values()))["input_ids"]):
+            out[i] = list(ids)
+    return out
 
 
 def tokenize_pairs(df: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from calibrated_rlhf.core.chat import response_text
 from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
                                                 RunningNormalizer, minmax_batch, whiten_batch)
-from calibrated_rlhf.core.preferences import is_conversational, render_ids
+from calibrated_rlhf.core.preferences import is_conversational, render_many
 from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.synthetic import SyntheticTask
 
@@ -105,7 +105,7 @@ class RewardScorer:
         """Token ids of each (prompt, response), EOS or end-of-turn included."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        return [render_ids(self.tokenizer, p, as_completion(p, r)) for p, r in zip(prompts, responses)]
+        return render_many(self.tokenizer, prompts, [as_completion(p, r) for p, r in zip(prompts, responses)])
 
     def raw(self, prompts: Sequence[Any], responses: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw rewards (times ``raw_multiplier``) and the ensemble's disagreement (None for one model)."""

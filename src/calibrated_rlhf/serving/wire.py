@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from calibrated_rlhf.core.preferences import is_conversational, plain, text_problem
+from calibrated_rlhf.core.preferences import render_many, text_problem
 from calibrated_rlhf.core.scoring import as_completion
 from calibrated_rlhf.serving.model import RequestError, fit_lengths
 
@@ -87,40 +87,22 @@ class Renderer:
                 rendered[i] = text + end[len(closed):] if text.endswith(closed) else text + end
             else:
                 texts[i] = text
-        return self._fit("query", self._tokenized(len(queries), rendered, texts))
+        out: list[list[int]] = [[] for _ in queries]
+        if rendered:  # as the chat template's own tokenize=True does: no special tokens added
+            for i, ids in zip(rendered, tok(list(rendered.values()), add_special_tokens=False)["input_ids"]):
+                out[i] = list(ids)
+        if texts:
+            for i, ids in zip(texts, render_many(tok, [""] * len(texts), list(texts.values()))):
+                out[i] = ids
+        return self._fit("query", out)
 
     def row_ids(self, prompts: list[Any], responses: list[Any]) -> list[list[int]]:
-        """``RewardScorer.render`` of the rows (``core.preferences.render_ids`` of each prompt and
-        ``as_completion`` of its response), length-checked."""
+        """``RewardScorer.render`` of the rows, length-checked."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        conversations, texts = {}, {}
-        for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            completion = as_completion(prompt, response)
-            if is_conversational(completion):
-                conversations[i] = [plain(dict(m)) for m in [*(prompt if prompt is not None else []), *completion]]
-            else:
-                texts[i] = (prompt or "") + completion
+        completions = [as_completion(p, r) for p, r in zip(prompts, responses)]
         with self._lock:
-            rendered = {}
-            if conversations:
-                # what apply_chat_template(tokenize=True) tokenizes: the rendered text, no special tokens added
-                rendered = dict(zip(conversations, self.tokenizer.apply_chat_template(list(conversations.values()),
-                                                                                        tokenize=False)))
-            return self._fit("inputs", self._tokenized(len(prompts), rendered, texts))
-
-    def _tokenized(self, n: int, rendered: dict[int, str], texts: dict[int, str]) -> list[list[int]]:
-        """Ids of ``n`` rows, each a rendered conversation or a text response (EOS appended where it lacks one, as
-        ``render_ids`` does), with one tokenizer call per kind rather than one per row: a call's overhead in the
-        tokenizer's Python wrapper is more than the tokenizing of a short row. Call it holding the lock."""
-        tok, out = self.tokenizer, [None] * n
-        eos = tok.eos_token
-        texts = {i: t if t.endswith(eos) else t + eos for i, t in texts.items()}
-        for rows, add_special in ((rendered, False), (texts, True)):
-            if rows:
-                for i, ids in zip(rows, tok(list(rows.values()), add_special_tokens=add_special)["input_ids"]):
-                    out[i] = list(ids)
-        return out
+            return self._fit("inputs", render_many(self.tokenizer, prompts, completions))
 
 
 def _rows(body: Any, key: str, max_rows: int) -> list:
