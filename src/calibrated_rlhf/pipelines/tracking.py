@@ -6,8 +6,10 @@ What is left here cannot be a node's output:
   and the report leaves out the run it is being logged to (``reporting``): both read the run kedro-mlflow opened;
 - what a resumed stage picked up (``<stage>.resumed_from_*``) is known only inside the node, once the
   checkpoint is found, and is logged there as params and tags (``track``), from the main process only;
-- the deployable model is logged by ``serving.log_reward_model`` inside the active run and registered by a hook
-  once the run has finished (``runtime.crash_recovery``), so a failed run never becomes the latest version.
+- the deployable model (``log_reward_model``) is an MLflow pyfunc bundle whose artifacts are folders the node
+  writes at run time, where kedro-mlflow's model dataset takes artifacts from static configuration only; it is
+  logged inside the active run and registered by a hook once the run has finished (``runtime.crash_recovery``),
+  so a failed run never becomes the latest version.
 
 MLflow is imported when called: a node module imports without it (the pipelines are built in every ``kedro``
 command).
@@ -43,3 +45,11 @@ def log_params_and_tags(params: dict[str, Any] | None = None, tags: dict[str, An
         mlflow.log_params({k: str(v) for k, v in params.items()})
     if tags:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_reward_model(reward_model: Any, tokenizer: Any, reward_transform: dict[str, Any], name: str,
+                     input_example: Any) -> Any:
+    """Log the deployable bundle (``serving.log_reward_model``) to the active run, unregistered; MLflow's ModelInfo."""
+    from calibrated_rlhf.serving import log_reward_model as log_bundle
+
+    return log_bundle(reward_model, tokenizer, reward_transform, name, None, input_example)

@@ -108,14 +108,12 @@ def publish_reward_model(
     The model is registered under ``registered_model_name`` only once the whole run has finished (a
     hook does it), so a failed or killed run never becomes the registry's latest version.
     """
-    from calibrated_rlhf.serving import log_reward_model
-
     run_id = tracking.active_run_id()
     if not params.enabled or run_id is None:
         log.warning("no active MLflow run (or serving.enabled is false): the pyfunc model is not logged")
         return {"logged": False}
     example = plain_frame(pairs[["prompt", "chosen", "rejected"]].head(2).reset_index(drop=True))
-    info = log_reward_model(reward_model, tokenizer, reward_transform, params.name, None, example)
+    info = tracking.log_reward_model(reward_model, tokenizer, reward_transform, params.name, example)
     log.info("logged %s%s", info.model_uri, f" (registered as {params.registered_model_name} when the run ends)"
              if params.registered_model_name else "")
     return {"logged": True, "model_uri": info.model_uri, "run_id": run_id,
