@@ -48,7 +48,7 @@ COMPLETE_FILE = "COMPLETE"
 # Everything else, thread and kernel choices included, may change float rounding and stays in.
 NOT_IN_FINGERPRINT = frozenset({
     "num_updates", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-    "cpu_malloc_tuning",
+    "speed.cpu_malloc_tuning",
 })
 
 
@@ -295,12 +295,17 @@ def resume_fingerprint(
     """Everything that changes a run's result, as one flat dict of plain JSON values.
 
     The trainer's config (less ``exclude``, by default PPO's :data:`NOT_IN_FINGERPRINT`) under each field's
-    own name; the weight fingerprints of the reference and initial policies; the tokenizer's; a digest of
-    the prompts; the number of processes. ``extra`` adds what the trainer cannot see (the reward model's
+    own name, a nested model's fields as ``field.name`` (so a mismatch names the one that differs); the weight
+    fingerprints of the reference and initial policies; the tokenizer's; a digest of the prompts; the number of
+    processes. ``extra`` adds what the trainer cannot see (the reward model's
     weights, the reward transform): its keys must not shadow the others.
     """
     exclude = frozenset(exclude)
-    fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in exclude}
+    fp: dict[str, Any] = {}
+    for key, value in config.model_dump(mode="json").items():
+        nested = value if isinstance(getattr(config, key), BaseModel) else {None: value}
+        fp.update({key if sub is None else f"{key}.{sub}": v for sub, v in nested.items()})
+    fp = {k: v for k, v in fp.items() if k not in exclude}
     fp.update(reference_policy=reference_policy, initial_policy=initial_policy, tokenizer=tokenizer,
               prompts=digest(list(prompts)), world_size=world_size)
     clash = sorted(set(extra or {}) & set(fp))
