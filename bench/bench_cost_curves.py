@@ -198,8 +198,8 @@ def main() -> None:
     ap.add_argument("--rm-repeats", type=int, default=1,
                     help="reward-model runs per side and cell, interleaved; each cell reports the median pairs/s")
     ap.add_argument("--rm-params", action="append",
-                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"speed": {"length_buckets": 1}}\'; given several '
-                    "times, each is one more side of ours, interleaved with the others (the plot shows the first)")
+                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"speed": {"length_buckets": 1}}\'; '
+                    "given several times, each is one more side of ours, interleaved with the others (the plot shows the first)")
     ap.add_argument("--rm-pairs", type=int, default=None, help="pairs per reward-model run (default 256, quick 64)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of every child (OMP_NUM_THREADS); on a crowded host 1 avoids spin-waits")

@@ -344,6 +344,17 @@ def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
+@pytest.mark.parametrize("key", ["decode_threads", "fast_decode", "trim_last_layer", "cpu_malloc_tuning",
+                                 "cpu_parallel"])
+def test_a_speed_knob_at_its_old_flat_place_is_refused(key: str) -> None:
+    from calibrated_rlhf.core.speed.config import PPOSpeed
+
+    value = PPOSpeed.model_fields[key].default
+    with pytest.raises(ValidationError, match=f"{key}\n.*Extra inputs are not permitted"):
+        PPOConfig(**{key: value})
+    assert getattr(PPOConfig(speed={key: value}).speed, key) == value
+
+
 def test_the_speed_switch_off_trains_as_the_fast_path(tok) -> None:
     # speed.enabled: false turns every path off whatever the knobs say (they stay at their defaults, all on):
     # the model's own forwards and decoding steps, one thread, no value thread; the statistics agree

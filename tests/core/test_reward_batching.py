@@ -101,3 +101,15 @@ def test_pair_length_sampler_groups_lengths_and_keeps_every_pair_once():
     assert max(spreads) < 60  # sorted within the group: neighbours in length, not random draws (~170)
     first = [min(lengths[i] for i in b) for b in batches[:-1]]
     assert first != sorted(first) and first != sorted(first, reverse=True)  # batches in random order
+
+
+@pytest.mark.parametrize("key", ["padding_free", "length_buckets", "bucket_cost_tokens"])
+def test_a_speed_knob_at_its_old_flat_place_is_refused(key):
+    from pydantic import ValidationError
+
+    from calibrated_rlhf.core.speed.config import RewardSpeed
+
+    value = RewardSpeed.model_fields[key].default
+    with pytest.raises(ValidationError, match=f"{key}\n.*Extra inputs are not permitted"):
+        RewardTrainingParams(**{key: value})
+    assert getattr(RewardTrainingParams(speed={key: value}).speed, key) == value
