@@ -56,8 +56,8 @@ class RewardTrainingParams(BaseModel):
     )
     speed: RewardSpeed = Field(
         default_factory=RewardSpeed,
-        description="The training speed paths (packed pairs, length buckets) behind one switch, speed.enabled: "
-        "false trains as TRL does. Same rewards, loss and gradients up to float rounding.",
+        description="The training speed paths (packed pairs, length buckets) behind one switch (speed.enabled; "
+        "false trains as TRL does). Same rewards, loss and gradients up to float rounding.",
     )
 
 

@@ -118,8 +118,8 @@ class PPOConfig(BaseModel):
     # --- speed ----------------------------------------------------------------------------------
     speed: PPOSpeed = Field(
         default_factory=PPOSpeed,
-        description="The speed paths (decoding, trimmed forwards, CPU threads and malloc) behind one switch, "
-        "speed.enabled: false runs the plain path. Each path gives the plain path's numbers up to float rounding.",
+        description="The speed paths (decoding, trimmed forwards, CPU threads and malloc) behind one switch "
+        "(speed.enabled; false runs the plain path). Each gives the plain path's numbers up to float rounding.",
     )
 
     # --- checkpoints and logging ---------------------------------------------------------------
