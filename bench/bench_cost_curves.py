@@ -4,7 +4,7 @@
     python bench/bench_cost_curves.py --quick    # two points per axis, short runs (about 3 min)
     python bench/bench_cost_curves.py --only rm --rm-seq-len 32 64 128 --no-write   # reward-model cells only
     python bench/bench_cost_curves.py --only rm --no-write --rm-repeats 3 --rm-params '{}' \
-        --rm-params '{"bucket_cost_tokens": 0}'   # two settings of ours beside TRL, interleaved, median of 3
+        --rm-params '{"speed": {"bucket_cost_tokens": 0}}'   # two settings of ours beside TRL, interleaved, median of 3
 
 PPO (``bench_ppo.py --single`` against TRL 1.12's PPO through the anchor, ``trl_ppo_cell.py``, in
 ``.venv-trl112``; cells without that venv show ours only), one axis at a time around the anchor's point
@@ -198,8 +198,8 @@ def main() -> None:
     ap.add_argument("--rm-repeats", type=int, default=1,
                     help="reward-model runs per side and cell, interleaved; each cell reports the median pairs/s")
     ap.add_argument("--rm-params", action="append",
-                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"length_buckets": 1}\'; given several '
-                    "times, each is one more side of ours, interleaved with the others (the plot shows the first)")
+                    help='JSON overrides of our RewardTrainingParams, e.g. \'{"speed": {"length_buckets": 1}}\'; '
+                    "given several times, each is one more side of ours, interleaved with the others (the plot shows the first)")
     ap.add_argument("--rm-pairs", type=int, default=None, help="pairs per reward-model run (default 256, quick 64)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of every child (OMP_NUM_THREADS); on a crowded host 1 avoids spin-waits")

@@ -1,4 +1,4 @@
-"""What one more forward pass costs in tokens: the default of ``RewardTrainingParams.bucket_cost_tokens``.
+"""What one more forward pass costs in tokens: the default of ``RewardSpeed.bucket_cost_tokens``.
 
     python bench/bench_forward_cost.py --repeats 20     # the workload's Llama, 32 rows (16 pairs)
     python bench/bench_forward_cost.py --hidden 512 --layers 4
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from paths import BASELINES
 
-from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
+from calibrated_rlhf.core.reward_model import RewardTrainingParams
+from calibrated_rlhf.core.speed.buckets import BucketedForward, length_buckets
 
 
 def batch(rows: int, max_len: int, vocab: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).train()
     rng = np.random.default_rng(0)
-    price = RewardTrainingParams().bucket_cost_tokens if a.price is None else a.price
+    price = RewardTrainingParams().speed.bucket_cost_tokens if a.price is None else a.price
     cells = []
     for max_len in a.max_lengths:
         ids, mask = batch(a.rows, max_len, len(tok), rng)

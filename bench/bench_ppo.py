@@ -230,7 +230,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=None, help="attention heads (with --single)")
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (with --single; default 2x hidden)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of every model")
-    ap.add_argument("--override", default="{}", help='PPOConfig fields as JSON, e.g. \'{"cpu_parallel": false}\'')
+    ap.add_argument("--override", default="{}",
+                    help='PPOConfig fields as JSON, e.g. \'{"speed": {"cpu_parallel": false}}\'')
     a = ap.parse_args()
     if a.single:
         res = single(a.ppo_epochs[0], a.total_episodes, a.value_model, json.loads(a.override),

@@ -1,6 +1,6 @@
 """How the package is divided, read from the sources with ``ast`` (nothing is imported): PPO's package stays its
-algorithm, the rest of ``core`` does not lean on it, ``core`` stays shallow, no pipeline reaches into another's
-nodes, and the top level holds only Kedro's files and packages. That ``core`` imports neither Kedro nor MLflow is
+algorithm, the rest of ``core`` does not lean on it, the speed paths import no algorithm, ``core`` stays shallow,
+no pipeline reaches into another's nodes, and the top level holds only Kedro's files and packages. That ``core`` imports neither Kedro nor MLflow is
 ``tests/test_core_is_plain.py``. Every import counts, one inside a function too."""
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "calibrated_rlhf"
 CORE, PPO, PIPELINES = "calibrated_rlhf.core", "calibrated_rlhf.core.ppo", "calibrated_rlhf.pipelines"
+SPEED = "calibrated_rlhf.core.speed"
+# what the speed paths sit below: they are called by these, never the other way
+ALGORITHMS = (PPO, "calibrated_rlhf.core.rl", "calibrated_rlhf.core.reward_model")
 MAX_PPO_LINES = 1500
 MAX_CORE_LAYERS = 6
 # modules outside core/ppo that may import it: PPO's own entry points (none today)
@@ -81,6 +84,13 @@ def test_no_module_under_core_outside_ppo_imports_it():
                for m, targets in import_graph().items() if not (m == PPO or m.startswith(PPO + "."))}
     leaning = {m: t for m, t in leaning.items() if t and m not in PPO_ENTRY_POINTS}
     assert not leaning, f"core modules that import core/ppo (move what they share below it): {leaning}"
+
+
+def test_the_speed_paths_import_no_algorithm():
+    leaning = {m: sorted(t for t in targets if any(t == a or t.startswith(a + ".") for a in ALGORITHMS))
+               for m, targets in import_graph().items() if m == SPEED or m.startswith(SPEED + ".")}
+    leaning = {m: t for m, t in leaning.items() if t}
+    assert not leaning, f"core/speed modules that import an algorithm (pass what they need in instead): {leaning}"
 
 
 def test_core_is_at_most_6_import_layers_deep():

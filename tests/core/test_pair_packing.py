@@ -225,7 +225,7 @@ def test_training_with_packed_pairs_follows_the_padded_training(lora, synthetic_
     histories, weights = [], []
     for padding_free in (False, True):
         params = RewardTrainingParams(num_train_epochs=2, per_device_train_batch_size=8, logging_steps=2,
-                                      padding_free=padding_free, length_buckets=1,
+                                      speed={"padding_free": padding_free, "length_buckets": 1},
                                       lora=LoraParams(r=4, target_modules=["q_proj", "v_proj"]) if lora else None)
         model = small_model("llama", vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id)
         rows_seen = []  # rows of every backbone call: 16 per padded batch of 8 pairs, at most 8 packed
@@ -247,8 +247,44 @@ def test_training_with_packed_pairs_follows_the_padded_training(lora, synthetic_
         torch.testing.assert_close(weights[1][name], want, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_the_speed_switch_off_trains_as_trl_and_as_the_fast_path(synthetic_pairs, tiny_tokenizer):
+    # speed.enabled: false, whatever the knobs say (their defaults: packed pairs, three length buckets), is
+    # TRL's RewardTrainer on the model's own forward: every backbone call a whole padded batch, no tally
+    from trl import RewardTrainer
+
+    from calibrated_rlhf.core.preferences import tokenize_pairs
+    from calibrated_rlhf.core.reward_model import RewardTrainingParams, _reward_trainer_class, train_reward_model
+    from calibrated_rlhf.core.speed.buckets import TrainingBatches
+
+    data = tokenize_pairs(synthetic_pairs.head(64), tiny_tokenizer)
+    histories, weights = [], []
+    for enabled in (True, False):
+        params = RewardTrainingParams(num_train_epochs=2, per_device_train_batch_size=8, logging_steps=2,
+                                      speed={"enabled": enabled})
+        assert (_reward_trainer_class(params) is RewardTrainer) == (not enabled)
+        model = small_model("llama", vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id)
+        rows_seen = []
+        model.model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append((a or [kw["input_ids"]])[0].shape[0]),
+                                              with_kwargs=True)
+        model, history = train_reward_model(model, tiny_tokenizer, data, None, params)
+        histories.append([(h["step"], h["loss"]) for h in history if "loss" in h])
+        weights.append(model.state_dict())
+        fractions = [h for h in history if "packed_batch_fraction" in h or "trimmed_batch_fraction" in h]
+        if enabled:
+            assert min(rows_seen) <= 8 and fractions  # packed rows went through
+        else:
+            assert set(rows_seen) == {16} and not fractions  # 8 pairs, both sides padded in one batch
+    grouped = RewardTrainingParams(group_by_length=True, speed={"enabled": False})
+    assert TrainingBatches(grouped.speed).forward(model) is model  # TRL's forward under our sampler too
+    assert len(histories[0]) == len(histories[1]) >= 5
+    for (step_a, loss_a), (step_b, loss_b) in zip(*histories):
+        assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-4)
+    for name, want in weights[0].items():
+        torch.testing.assert_close(weights[1][name], want, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_a_batch_the_padded_path_prices_lower_goes_padded():
-    from calibrated_rlhf.core.reward_model import BucketedForward
+    from calibrated_rlhf.core.speed.buckets import BucketedForward
 
     model = small_model("llama")
     widths = []

@@ -10,6 +10,7 @@ import torch
 from calibrated_rlhf.core.speed import fast_decode
 from calibrated_rlhf.core.causal_lm import left_pad
 from calibrated_rlhf.core.ppo.rollout import sample_responses
+from calibrated_rlhf.core.speed.config import PPOSpeed
 from calibrated_rlhf.core.speed.layers import unsupported_reason
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
@@ -39,7 +40,7 @@ def _model(kind: str, **overrides):
 def _sample(model, fast: bool, seed: int = 3, length: int = 12, sampling_temperature: float = 0.8):
     q, qm = left_pad(PROMPTS, PAD)
     return sample_responses(model, q, qm, length, sampling_temperature, EOS, PAD, torch.Generator().manual_seed(seed),
-                            fast_decode=fast)
+                            speed=PPOSpeed(fast_decode=fast))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])

@@ -7,6 +7,7 @@ import torch
 
 from calibrated_rlhf.core.causal_lm import left_pad, position_ids_from_mask, response_mask, sample_categorical
 from calibrated_rlhf.core.ppo.rollout import PolicyAndValue, response_logprobs, sample_responses
+from calibrated_rlhf.core.speed.config import PPOSpeed
 
 from .test_ppo_helpers import PROMPTS, build_tokenizer, tiny_models
 
@@ -44,15 +45,15 @@ def test_sample_categorical_matches_probabilities() -> None:
 
 
 @pytest.mark.parametrize("sampling_temperature", [1.0, 0.7])
-@pytest.mark.parametrize("fast_decode", [False, True])
-def test_cached_logprobs_match_full_forward(setup, sampling_temperature: float, fast_decode: bool) -> None:
+@pytest.mark.parametrize("speed", [None, PPOSpeed(fast_decode=False), PPOSpeed()], ids=["plain", "slow", "fast"])
+def test_cached_logprobs_match_full_forward(setup, sampling_temperature: float, speed: PPOSpeed | None) -> None:
     tok, policy, _ = setup
     ids = tok(PROMPTS[:6])["input_ids"]
     ids[1] = ids[1][:2]  # uneven prompt lengths -> real left padding
     q, qm = left_pad(ids, tok.pad_token_id)
     g = torch.Generator().manual_seed(1)
     s = sample_responses(policy, q, qm, 10, sampling_temperature, tok.eos_token_id, tok.pad_token_id, g,
-                         fast_decode=fast_decode)
+                         speed=speed)
     assert s.responses.shape == (6, 10)
     assert bool((s.responses[~s.mask] == tok.pad_token_id).all())
     inp = torch.cat([q, s.responses], 1)
@@ -77,14 +78,14 @@ def test_left_padding_does_not_change_logprobs(setup) -> None:
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fast_decode", [False, True])
-def test_shared_value_head_values_match_wrapper_forward(setup, fast_decode: bool) -> None:
+@pytest.mark.parametrize("speed", [None, PPOSpeed(fast_decode=False), PPOSpeed()], ids=["plain", "slow", "fast"])
+def test_shared_value_head_values_match_wrapper_forward(setup, speed: PPOSpeed | None) -> None:
     tok, policy, _ = setup
     head = torch.nn.Linear(policy.config.hidden_size, 1)
     pv = PolicyAndValue(policy, value_head=head).eval()
     q, qm = left_pad(tok(PROMPTS[:4])["input_ids"], tok.pad_token_id)
     s = sample_responses(policy, q, qm, 6, 1.0, tok.eos_token_id, tok.pad_token_id,
-                         torch.Generator().manual_seed(2), value_head=head, fast_decode=fast_decode)
+                         torch.Generator().manual_seed(2), value_head=head, speed=speed)
     inp = torch.cat([q, s.responses], 1)
     attn = torch.cat([qm, torch.ones_like(s.responses)], 1)
     with torch.no_grad():

@@ -330,7 +330,7 @@ def test_single_minibatch_fast_path_matches_plain_path(tok) -> None:
 
 def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
     # the last layer at the read positions only is the same function: the runs agree to float rounding
-    runs = [make_trainer(tok, num_updates=3, trim_last_layer=trim) for trim in (True, False)]
+    runs = [make_trainer(tok, num_updates=3, speed={"trim_last_layer": trim}) for trim in (True, False)]
     (trim, full) = [r.train().history for r in runs]
     from calibrated_rlhf.core.speed import trimmed_forward
 
@@ -344,13 +344,43 @@ def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
+@pytest.mark.parametrize("key", ["decode_threads", "fast_decode", "trim_last_layer", "cpu_malloc_tuning",
+                                 "cpu_parallel"])
+def test_a_speed_knob_at_its_old_flat_place_is_refused(key: str) -> None:
+    from calibrated_rlhf.core.speed.config import PPOSpeed
+
+    value = PPOSpeed.model_fields[key].default
+    with pytest.raises(ValidationError, match=f"{key}\n.*Extra inputs are not permitted"):
+        PPOConfig(**{key: value})
+    assert getattr(PPOConfig(speed={key: value}).speed, key) == value
+
+
+def test_the_speed_switch_off_trains_as_the_fast_path(tok) -> None:
+    # speed.enabled: false turns every path off whatever the knobs say (they stay at their defaults, all on):
+    # the model's own forwards and decoding steps, one thread, no value thread; the statistics agree
+    from calibrated_rlhf.core.speed import fast_decode, trimmed_forward
+
+    runs = [make_trainer(tok, num_updates=3, num_mini_batches=1, speed={"enabled": on}) for on in (True, False)]
+    assert runs[0]._pool is not None and runs[1]._pool is None  # the value model's thread
+    fast, plain = [r.train().history for r in runs]
+    assert trimmed_forward._checked.get(runs[0].policy) is True and fast_decode._checked.get(runs[0].policy) is True
+    assert runs[1].policy not in trimmed_forward._checked and runs[1].policy not in fast_decode._checked
+    assert len(fast) == len(plain) == 3
+    for a, b in zip(fast, plain):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            # a clip fraction counts comparisons that float rounding decides while nothing is clipped
+            if not k.startswith(PERF) and not k.endswith("clipfrac"):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
 @pytest.mark.parametrize("num_mini_batches,max_grad_norm", [(1, 1.0), (2, 1.0), (1, 1e-3)])
 def test_parallel_value_backward_matches_sequential(tok, num_mini_batches: int, max_grad_norm: float) -> None:
     # with one intra-op thread everywhere the two schedules do the same float operations, the
     # gradient clipping included (split across the two threads in the parallel schedule)
     runs = []
     for parallel in (True, False):
-        trainer = make_trainer(tok, num_updates=3, num_mini_batches=num_mini_batches, cpu_parallel=parallel,
+        trainer = make_trainer(tok, num_updates=3, num_mini_batches=num_mini_batches, speed={"cpu_parallel": parallel},
                                max_grad_norm=max_grad_norm)
         assert (trainer._pool is not None) == parallel
         runs.append((trainer.train().history, _weights(trainer)))
@@ -397,7 +427,8 @@ def _interrupted_run(tok, folder: Path, **overrides) -> PPOTrainer:
 
 
 @pytest.mark.parametrize("change, field", [(dict(kl_target=3.0), "kl_target"), (dict(batch_size=16), "batch_size"),
-                                           (dict(fingerprint={"reward_model": "b" * 64}), "reward_model")])
+                                           (dict(fingerprint={"reward_model": "b" * 64}), "reward_model"),
+                                           (dict(speed={"decode_threads": 2}), "speed.decode_threads")])
 def test_resume_under_another_configuration_names_the_field(tok, tmp_path: Path, change, field) -> None:
     from calibrated_rlhf.core.checkpointing import ResumeMismatchError
 
@@ -413,7 +444,8 @@ def test_resume_under_another_configuration_names_the_field(tok, tmp_path: Path,
 def test_settings_that_do_not_change_the_result_may_differ_on_resume(tok, tmp_path: Path) -> None:
     _interrupted_run(tok, tmp_path / "run")
     more = make_trainer(tok, checkpoint_dir=str(tmp_path / "next"), fingerprint=REWARD_A,
-                        **{**RUN, "num_updates": 3, "keep_checkpoints": 1, "sample_every": 1})
+                        **{**RUN, "num_updates": 3, "keep_checkpoints": 1, "sample_every": 1,
+                           "speed": {"cpu_malloc_tuning": False}})
     more.load_checkpoint(tmp_path / "run" / "update_000001")
     assert more.train().updates == 3 and more.resumed_from["run"] == "run"
 

@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from calibrated_rlhf.core.speed.readout import readout_logits
-from calibrated_rlhf.core.reward_model import BucketedForward, RewardTrainingParams, length_buckets
+from calibrated_rlhf.core.reward_model import RewardTrainingParams
+from calibrated_rlhf.core.speed.buckets import BucketedForward, length_buckets
 
 
 def padded_tokens(lengths, runs):
@@ -33,7 +34,7 @@ def test_buckets_cover_the_batch_at_the_least_cost(lengths, k, price):
 
 
 def test_the_price_of_a_pass_keeps_short_batches_whole_and_splits_long_spread_ones():
-    price = RewardTrainingParams().bucket_cost_tokens
+    price = RewardTrainingParams().speed.bucket_cost_tokens
     rng = np.random.default_rng(0)
     short = sorted(rng.integers(8, 33, 32).tolist())  # a batch of 16 pairs, lengths as in the cost curves at 32
     assert len(length_buckets(short, 1)) < len(length_buckets(short, 3, 0))  # splitting would save padding...
@@ -100,3 +101,15 @@ def test_pair_length_sampler_groups_lengths_and_keeps_every_pair_once():
     assert max(spreads) < 60  # sorted within the group: neighbours in length, not random draws (~170)
     first = [min(lengths[i] for i in b) for b in batches[:-1]]
     assert first != sorted(first) and first != sorted(first, reverse=True)  # batches in random order
+
+
+@pytest.mark.parametrize("key", ["padding_free", "length_buckets", "bucket_cost_tokens"])
+def test_a_speed_knob_at_its_old_flat_place_is_refused(key):
+    from pydantic import ValidationError
+
+    from calibrated_rlhf.core.speed.config import RewardSpeed
+
+    value = RewardSpeed.model_fields[key].default
+    with pytest.raises(ValidationError, match=f"{key}\n.*Extra inputs are not permitted"):
+        RewardTrainingParams(**{key: value})
+    assert getattr(RewardTrainingParams(speed={key: value}).speed, key) == value

@@ -7,7 +7,6 @@ rewards at 0; the scale stays free and is fixed afterwards by temperature calibr
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +19,9 @@ from transformers import PreTrainedModel
 from calibrated_rlhf.core.history import HistoryCallback
 from calibrated_rlhf.core.progress import attach_progress
 from calibrated_rlhf.core.lora import LoraParams, lora_config, merged
-from calibrated_rlhf.core.speed.pair_packing import PackedPairForward
-from calibrated_rlhf.core.speed.readout import readout_logits, trims
+from calibrated_rlhf.core.speed.buckets import TrainingBatches
+from calibrated_rlhf.core.speed.config import RewardSpeed
+from calibrated_rlhf.core.speed.readout import readout_logits
 from calibrated_rlhf.core.staging import staging_dir
 
 
@@ -54,28 +54,10 @@ class RewardTrainingParams(BaseModel):
         "order: far less padding, the same pairs each epoch. Off by default: it changes which pairs share a "
         "batch, and on small data sets that moved the learned margins (see docs/benchmarks.md).",
     )
-    padding_free: bool = Field(
-        True,
-        description="Pack each batch's pairs into rows without padding, each pair's shared prompt run once (the "
-        "rejected side attends to it, not to the chosen side), or its sequences apart where they share little: "
-        "the same rewards, loss and gradients from fewer tokens (core/speed/pair_packing.py). Models whose attention "
-        "takes no custom mask (flash-attention kernels), and batches a cost model prices cheaper padded, keep "
-        "padded batches, split by length_buckets.",
-    )
-    length_buckets: int = Field(
-        3,
-        ge=1,
-        description="Run each batch's sequences, sorted by length, as at most this many forward passes, each "
-        "padded only to its own longest: the shorter side of a pair stops paying for the longer one. "
-        "Same loss and gradients; 1 = one padded batch, as TRL does.",
-    )
-    bucket_cost_tokens: float = Field(
-        250.0,
-        ge=0,
-        description="What one more forward and backward pass costs, in tokens: a split into length buckets "
-        "must save more padded tokens than this. Short batches then run whole, as in TRL; 0 = always the "
-        "fewest padded tokens. The default is the workload's Llama (hidden 128, 2 layers) on 2 CPU threads "
-        "(bench/bench_forward_cost.py); on 1 thread, or for a wider model, whose tokens cost more, it is lower.",
+    speed: RewardSpeed = Field(
+        default_factory=RewardSpeed,
+        description="The training speed paths (packed pairs, length buckets) behind one switch (speed.enabled; "
+        "false trains as TRL does). Same rewards, loss and gradients up to float rounding.",
     )
 
 
@@ -113,112 +95,17 @@ class PairLengthSampler(torch.utils.data.Sampler):
         return iter([i for b in [batches[j] for j in order] + tail for i in b])
 
 
-def length_buckets(lengths: list[int], max_buckets: int, bucket_cost_tokens: float = 0.0) -> list[tuple[int, int]]:
-    """Split ascending ``lengths`` into at most ``max_buckets`` runs of least cost; ``(start, end)`` slices.
-
-    A run is one forward (and backward) pass padded to its last, longest, length. Its cost is the
-    tokens it computes, padding included, plus ``bucket_cost_tokens`` for every run after the first:
-    the part of a pass's time that does not shrink with its tokens (Python dispatch, kernel launches,
-    the gather and reorder of the rows), priced in tokens. On short sequences a split saves less padding
-    than that price and one run wins, which is what TRL does; on long, spread ones the padding saved
-    dwarfs it and the runs are those of price 0, the fewest padded tokens.
-
-    Exact dynamic programme: the fewest tokens with exactly j runs for every j <= ``max_buckets``,
-    then the j with the lowest total, fewer runs on a tie. A batch holds tens of sequences, so
-    O(k n^2) is nothing beside a forward pass.
-
-    Degenerate cases: no lengths give no runs; ``max_buckets`` below 1 means 1; equal lengths give
-    one run at any price (a split saves nothing); a negative price is refused, since it would pay
-    for splits that save nothing.
-    """
-    if bucket_cost_tokens < 0:
-        raise ValueError(f"bucket_cost_tokens must be >= 0, got {bucket_cost_tokens}")
-    n = len(lengths)
-    if n == 0:
-        return []
-    k = max(1, min(max_buckets, n))
-    inf = float("inf")
-    # cost[j][i]: fewest padded tokens covering lengths[:i] with j runs; cut[j][i]: start of the last run
-    cost = [[inf] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    cost[0][0] = 0
-    for j in range(1, k + 1):
-        for i in range(j, n + 1):
-            for s in range(j - 1, i):
-                c = cost[j - 1][s] + (i - s) * lengths[i - 1]
-                if c < cost[j][i]:
-                    cost[j][i], cut[j][i] = c, s
-    best = min(range(1, k + 1), key=lambda j: (cost[j][n] + bucket_cost_tokens * (j - 1), j))
-    runs, i = [], n
-    for j in range(best, 0, -1):
-        runs.append((cut[j][i], i))
-        i = cut[j][i]
-    return runs[::-1]
-
-
-class BucketedForward:
-    """Calls a sequence-classification model once per length bucket of a right-padded batch.
-
-    Rows are sorted by length and cut by :func:`length_buckets`; each bucket is trimmed to its own
-    width, and the logits come back in the batch's row order. With causal attention and right
-    padding a row's logits do not depend on the padding after it, so the loss is unchanged. When one
-    bucket wins, the batch goes through as it came: no gather, no reorder. Each pass goes through
-    :func:`~calibrated_rlhf.core.speed.readout.readout_logits` (the last layer at the read positions only).
-    TRL hands the model its whole batch (``margin``, ``use_cache``); only the ids and the mask are read.
-    """
-
-    def __init__(self, model: torch.nn.Module, max_buckets: int, bucket_cost_tokens: float = 0.0) -> None:
-        self.model = model
-        self.max_buckets = max_buckets
-        self.bucket_cost_tokens = bucket_cost_tokens
-
-    def modeled_cost(self, attention_mask: torch.Tensor, attention_width: float) -> float:
-        """This batch's cost in the units of ``pair_packing.row_cost``, plus the price of its extra passes."""
-        lengths = sorted(attention_mask.sum(dim=1).tolist())
-        runs = length_buckets(lengths, self.max_buckets, self.bucket_cost_tokens)
-        return sum((e - s) * lengths[e - 1] * (1 + lengths[e - 1] / attention_width) for s, e in runs) \
-            + self.bucket_cost_tokens * (len(runs) - 1)
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-        lengths = attention_mask.sum(dim=1)
-        order = torch.argsort(lengths, stable=True)
-        sorted_lengths = lengths[order].tolist()
-        runs = length_buckets(sorted_lengths, self.max_buckets, self.bucket_cost_tokens)
-        if len(runs) == 1:
-            width = sorted_lengths[-1]
-            return SequenceClassifierOutputWithPast(
-                logits=readout_logits(self.model, input_ids[:, :width], attention_mask[:, :width]))
-        parts = []
-        for start, end in runs:
-            rows, width = order[start:end], sorted_lengths[end - 1]
-            parts.append(readout_logits(self.model, input_ids[rows, :width], attention_mask[rows, :width]))
-        logits = torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
-        return SequenceClassifierOutputWithPast(logits=logits)
-
-
-def _batch_forward(model: torch.nn.Module, params: RewardTrainingParams, tally: Counter) -> Any:
-    """The forward a training batch goes through: packed, length buckets, or the model's own."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):  # DDP expects its own forward: the batch goes through whole
-        return model
-    padded = BucketedForward(model, params.length_buckets, params.bucket_cost_tokens)
-    return PackedPairForward(model, padded, padded.modeled_cost, tally) if params.padding_free else padded
-
-
 def _reward_trainer_class(params: RewardTrainingParams):
     """TRL's RewardTrainer with length-aware batching: the sampler and the forward, nothing else."""
     from trl import RewardTrainer
 
-    if not params.group_by_length and params.length_buckets <= 1 and not params.padding_free:
+    if not params.group_by_length and not TrainingBatches(params.speed).replaces_forward:
         return RewardTrainer
 
     class LengthAwareRewardTrainer(RewardTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.tally: Counter = Counter()  # training batches, how many went packed, how many trimmed
+            self.batches = TrainingBatches(params.speed)
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -228,11 +115,9 @@ def _reward_trainer_class(params: RewardTrainingParams):
             return PairLengthSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(_batch_forward(model, params, self.tally), inputs, return_outputs,
-                                       num_items_in_batch)
-            if model.training:  # after the forward: a first-use check may have turned the trimmed layer off
-                self.tally["batches"] += 1
-                self.tally["trimmed"] += trims(model, inputs["input_ids"].shape[1])
+            out = super().compute_loss(self.batches.forward(model), inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                self.batches.count(model, inputs["input_ids"].shape[1])
             return out
 
     return LengthAwareRewardTrainer
@@ -252,9 +137,8 @@ def train_reward_model(
 
     Returns the trained model and its history: one dict per logged point with ``step`` and TRL's
     keys (``loss``, ``accuracy``, ``margin``, ``mean_reward``, ..., ``eval_*`` for validation); where
-    this project's forward runs the batches (``padding_free``, ``length_buckets`` or ``group_by_length``),
-    a last point with ``trimmed_batch_fraction`` (training batches whose last layer ran at the read
-    positions only, ``core.speed.readout``) and, with ``padding_free``, ``packed_batch_fraction``.
+    this project's forward runs the batches (``speed``, or ``group_by_length`` with ``speed`` on), a last
+    point with ``TrainingBatches.fractions`` (``trimmed_batch_fraction``, ``packed_batch_fraction``).
     """
     from trl import RewardConfig
 
@@ -296,12 +180,9 @@ def train_reward_model(
         )
         attach_progress(trainer, "reward model")
         trainer.train()
-    tally = getattr(trainer, "tally", Counter())
-    if tally["batches"]:
-        history.points.append({"step": trainer.state.global_step,
-                               "trimmed_batch_fraction": tally["trimmed"] / tally["batches"],
-                               **({"packed_batch_fraction": tally["packed"] / tally["batches"]}
-                                  if params.padding_free else {})})
+    fractions = trainer.batches.fractions() if hasattr(trainer, "batches") else {}
+    if fractions:
+        history.points.append({"step": trainer.state.global_step, **fractions})
     model = merged(trainer.model).to("cpu").eval()
     return model, history.points
 

@@ -48,7 +48,7 @@ COMPLETE_FILE = "COMPLETE"
 # Everything else, thread and kernel choices included, may change float rounding and stays in.
 NOT_IN_FINGERPRINT = frozenset({
     "num_updates", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples",
-    "cpu_malloc_tuning",
+    "speed.cpu_malloc_tuning",
 })
 
 
@@ -294,13 +294,17 @@ def resume_fingerprint(
 ) -> dict[str, Any]:
     """Everything that changes a run's result, as one flat dict of plain JSON values.
 
-    The trainer's config (less ``exclude``, by default PPO's :data:`NOT_IN_FINGERPRINT`) under each field's
-    own name; the weight fingerprints of the reference and initial policies; the tokenizer's; a digest of
-    the prompts; the number of processes. ``extra`` adds what the trainer cannot see (the reward model's
-    weights, the reward transform): its keys must not shadow the others.
+    The trainer's config (less ``exclude``, by default PPO's :data:`NOT_IN_FINGERPRINT`; ``field.name`` leaves
+    out one field of a nested model) under each field's own name; the weight fingerprints of the reference and
+    initial policies; the tokenizer's; a digest of the prompts; the number of processes. ``extra`` adds what the
+    trainer cannot see (the reward model's weights, the reward transform): its keys must not shadow the others.
     """
     exclude = frozenset(exclude)
     fp: dict[str, Any] = {k: v for k, v in config.model_dump(mode="json").items() if k not in exclude}
+    for key in exclude:
+        outer, _, inner = key.partition(".")
+        if inner and isinstance(fp.get(outer), dict):
+            fp[outer] = {k: v for k, v in fp[outer].items() if k != inner}
     fp.update(reference_policy=reference_policy, initial_policy=initial_policy, tokenizer=tokenizer,
               prompts=digest(list(prompts)), world_size=world_size)
     clash = sorted(set(extra or {}) & set(fp))
@@ -310,14 +314,18 @@ def resume_fingerprint(
     return json.loads(json.dumps(fp, default=str))  # as it will read back from the checkpoint
 
 
-def fingerprint_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Fields whose value differs: name -> (saved, current); a field on one side only counts too."""
+def fingerprint_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any],
+                           prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs: name -> (saved, current); a field on one side only counts too. Where both
+    sides hold a mapping (a nested model, ``speed``) its fields are compared one by one, named ``speed.name``."""
     missing = object()
     out = {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, missing), current.get(key, missing)
-        if a != b:
-            out[key] = (None if a is missing else a, None if b is missing else b)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.update(fingerprint_mismatches(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[prefix + key] = (None if a is missing else a, None if b is missing else b)
     return out
 
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core.kl_controller import derive_beta
 from calibrated_rlhf.core.lora import LoraParams
+from calibrated_rlhf.core.speed.config import PPOSpeed
 
 
 class PPOConfig(BaseModel):
@@ -38,39 +39,6 @@ class PPOConfig(BaseModel):
     eos_token_id: int | None = Field(
         None, description="Token that ends a response; None takes the tokenizer's eos_token_id (the chat "
         "template's end of turn for conversational prompts)."
-    )
-    decode_threads: int | None = Field(
-        1,
-        gt=0,
-        description="Intra-op CPU threads while decoding (restored afterwards). A decoding step of a small "
-        "model is a chain of tiny ops where extra threads mostly add synchronisation; None keeps torch's "
-        "setting. No effect on GPU work.",
-    )
-    fast_decode: bool = Field(
-        True,
-        description="Sample with a lean KV-cached decoding step (preallocated cache, fused projections) "
-        "for Llama, Mistral and Qwen2 policies; other architectures, and any model whose first step "
-        "disagrees with its own forward, use the model's forward. Same samples up to float rounding.",
-    )
-    trim_last_layer: bool = Field(
-        True,
-        description="Run each model's last decoder layer only at the positions PPO reads (the last prompt "
-        "token and the response), for Llama, Mistral and Qwen2 models: earlier layers still see the whole "
-        "sequence. The first forward of each model is checked against its full forward; other architectures, "
-        "and any model that disagrees, keep the full forward. Same values up to float rounding.",
-    )
-    cpu_malloc_tuning: bool = Field(
-        True,
-        description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds for the process when the "
-        "trainer is built, so "
-        "the activation buffers autograd frees after every op are reused instead of being unmapped and "
-        "mapped again, a page fault per page touched. Process-wide; keeps a pool of freed memory mapped.",
-    )
-    cpu_parallel: bool = Field(
-        True,
-        description="On CPU, in a single process with a separate value model, run the value model's "
-        "forward/backward on a second thread alongside the policy's (one intra-op thread each). Same "
-        "gradients; for small models it keeps two cores busier than one two-threaded stream.",
     )
     missing_eos_penalty: float | None = Field(
         None,
@@ -145,6 +113,13 @@ class PPOConfig(BaseModel):
     ensemble_std_stop: float | None = Field(
         None, gt=0, description="Stop early when the batch mean of score_fn's 'ensemble_std' (the reward "
         "ensemble's disagreement, logged as ppo/rewards/ensemble_std) exceeds this; None = off.",
+    )
+
+    # --- speed ----------------------------------------------------------------------------------
+    speed: PPOSpeed = Field(
+        default_factory=PPOSpeed,
+        description="The speed paths (decoding, trimmed forwards, CPU threads and malloc) behind one switch "
+        "(speed.enabled; false runs the plain path). Each gives the plain path's numbers up to float rounding.",
     )
 
     # --- checkpoints and logging ---------------------------------------------------------------

@@ -68,11 +68,11 @@ def policy_and_value(config: PPOConfig, policy: nn.Module, value_model: nn.Modul
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) / (hidden + 1))
             head.bias.zero_()
         wrapper = PolicyAndValue(policy, value_head=head.to(next(policy.parameters()).dtype),
-                                 trim_last_layer=config.trim_last_layer)
+                                 trim_last_layer=config.speed.active().trim_last_layer)
     else:
         if value_model is None:
             value_model = default_value_model(policy, config.seed)
-        wrapper = PolicyAndValue(policy, value_model=value_model, trim_last_layer=config.trim_last_layer)
+        wrapper = PolicyAndValue(policy, value_model=value_model, trim_last_layer=config.speed.active().trim_last_layer)
     if config.disable_dropout:
         disable_dropout(wrapper)
     return wrapper

@@ -14,11 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.causal_lm import (backbone_of, position_ids_from_mask, response_mask, sample_categorical,
-                                            value_head_of)
+from calibrated_rlhf.core.causal_lm import backbone_of, response_mask, sample_categorical, value_head_of
 from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
 from calibrated_rlhf.core.speed import trimmed_forward
-from calibrated_rlhf.core.speed.fast_decode import agrees_with, lean_decoder, needs_check
+from calibrated_rlhf.core.speed.config import PPOSpeed
+from calibrated_rlhf.core.speed.fast_decode import Decoding
 
 
 def _response_hidden(
@@ -213,14 +213,14 @@ def sample_responses(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     value_head: nn.Module | None = None,
-    fast_decode: bool = False,
+    speed: PPOSpeed | None = None,
 ) -> Samples:
     """Ancestral sampling (top_k=0, top_p=1) from left-padded prompts with a KV cache.
 
     The logprobs of the sampled tokens come from the same cached forward passes, so the rollout
     needs no second policy forward; with ``value_head`` the values do too. Sampling stops early
-    once every row has produced EOS. ``fast_decode`` runs the steps after the prompt through
-    :class:`~calibrated_rlhf.core.speed.fast_decode.LeanDecoder` when the architecture allows it.
+    once every row has produced EOS. ``speed`` (the knobs that apply; None: the plain path) picks how the
+    steps after the prompt run (:class:`~calibrated_rlhf.core.speed.fast_decode.Decoding`).
     """
     lm_head = policy.get_output_embeddings()
     B = query_ids.shape[0]
@@ -229,7 +229,7 @@ def sample_responses(
     logprobs = torch.zeros((B, response_length), dtype=torch.float32, device=device)
     values = torch.zeros((B, response_length), dtype=torch.float32, device=device) if value_head is not None else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    decoding = _Decoding(policy, query_ids, query_mask, response_length, fast_decode)
+    decoding = Decoding(policy, query_ids, query_mask, response_length, speed)
     h = decoding.h
     for t in range(response_length):
         logits = lm_head(h).float()
@@ -253,58 +253,6 @@ def sample_responses(
     if values is not None:
         values = values * mask
     return Samples(responses=responses, logprobs=logprobs, mask=mask, has_eos=has_eos, values=values)
-
-
-class _Decoding:
-    """The KV-cached state of one sampling call: ``h`` is the last hidden state, ``step`` feeds a token."""
-
-    def __init__(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int,
-                 fast_decode: bool) -> None:
-        self.policy = policy
-        self.backbone = backbone_of(policy)
-        B = query_ids.shape[0]
-        device = query_ids.device
-        self.attn = query_mask.long()
-        pos = position_ids_from_mask(self.attn)
-        out = self.backbone(input_ids=query_ids, attention_mask=self.attn, position_ids=pos, use_cache=True)
-        self.cache = out.past_key_values
-        self.h = out.last_hidden_state[:, -1]
-        self.next_pos = pos[:, -1:] + 1
-        self.ones = torch.ones((B, 1), dtype=self.attn.dtype, device=device)
-        # For SDPA, a decoding step's mask is just "which keys are not padding" ([B, 1, 1, keys], True =
-        # attend); slicing one prepared mask skips rebuilding it on every step, a sizeable share of a
-        # small model's step. Other attention kernels get the usual 2D mask.
-        self.step_masks = None
-        if getattr(policy.config, "_attn_implementation", None) == "sdpa":
-            self.step_masks = torch.cat(
-                [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
-            )[:, None, None, :]
-        self.Lq = query_ids.shape[1]
-        self.decoder = (lean_decoder(policy, self.cache, query_mask, self.next_pos, response_length)
-                        if fast_decode else None)
-
-    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
-        """The hidden state after feeding ``tok``, the response's token ``t``."""
-        if self.decoder is not None and not needs_check(self.policy):
-            return self.decoder.step(tok)
-        if self.step_masks is not None:
-            step_mask = self.step_masks[..., : self.Lq + t + 1]
-        else:
-            self.attn = torch.cat([self.attn, self.ones], dim=1)
-            step_mask = self.attn
-        out = self.backbone(input_ids=tok, attention_mask=step_mask, position_ids=self.next_pos,
-                            past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        h = out.last_hidden_state[:, -1]
-        self.next_pos = self.next_pos + 1
-        if self.decoder is not None:
-            # first lean step for this model, checked against its own: a run's samples never depend
-            # on which update happened to run the check (a resumed run checks again)
-            lean_h = self.decoder.step(tok)
-            if agrees_with(self.policy, lean_h, h):
-                return lean_h
-            self.decoder = None  # the model's own cache is still current: carry on with it
-        return h
 
 
 def score_tensors(scores: Mapping[str, Any], key: str, known_keys: list[str] | None, n: int,

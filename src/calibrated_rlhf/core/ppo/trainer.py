@@ -236,7 +236,7 @@ class PPOTrainer:
                 unwrapped.policy, query, query_mask, cfg.response_length, cfg.sampling_temperature, self.eos_token_id,
                 self.pad_token_id, generator=self._gen,
                 value_head=unwrapped.value_head if cfg.value_model == "shared" else None,
-                fast_decode=cfg.fast_decode)
+                speed=cfg.speed.active())
         t_gen = time.perf_counter()
         ids = torch.cat([query, samples.responses], dim=1)
         # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
@@ -245,7 +245,7 @@ class PPOTrainer:
         old = self.schedule.old_passes(
             x,
             reference=lambda: reference_logprobs(self.ref_policy, lambda ref: response_logprobs(
-                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature, cfg.trim_last_layer)),
+                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature, cfg.speed.active().trim_last_layer)),
             old_values=lambda: (samples.values if samples.values is not None else unwrapped.values(
                 x.ids, x.attn, x.pos, x.start)),
             score=lambda: self._score(idx, samples.responses, samples.mask),

@@ -11,6 +11,10 @@ prefill stays with transformers, whose cache it starts from.
 :func:`lean_decoder` returns None for an architecture it does not recognise, and the caller keeps
 the model's own forward. The first step for each model is also checked against that forward
 (:func:`agrees_with`): a model whose layers differ in ways the checks cannot see falls back too.
+
+:class:`Decoding` is the KV-cached state of one sampling call, PPO's seam to all of this: the prompt's
+prefill through the model's own forward, each later step through the lean step where it applies, else
+through the model's forward with its cache.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrated_rlhf.core.causal_lm import backbone_of, position_ids_from_mask
+from calibrated_rlhf.core.speed.config import PPOSpeed
 from calibrated_rlhf.core.speed.layers import rotate, unsupported_reason, within_tolerance
 
 # model -> whether its first lean step matched the transformers step (checked once per model)
@@ -175,3 +181,60 @@ def agrees_with(model: nn.Module, lean_hidden: torch.Tensor, reference_hidden: t
             "forward instead", RuntimeWarning, stacklevel=3,
         )
     return ok
+
+
+class Decoding:
+    """``h`` is the last hidden state [B, H], ``step`` feeds a token and returns the next one.
+
+    ``speed``: the knobs that apply (:meth:`PPOSpeed.active`); None is the plain path, the model's own
+    forward with the usual 2D attention mask at every step.
+    """
+
+    def __init__(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int,
+                 speed: PPOSpeed | None = None) -> None:
+        self.policy = policy
+        self.backbone = backbone_of(policy)
+        B = query_ids.shape[0]
+        device = query_ids.device
+        self.attn = query_mask.long()
+        pos = position_ids_from_mask(self.attn)
+        out = self.backbone(input_ids=query_ids, attention_mask=self.attn, position_ids=pos, use_cache=True)
+        self.cache = out.past_key_values
+        self.h = out.last_hidden_state[:, -1]
+        self.next_pos = pos[:, -1:] + 1
+        self.ones = torch.ones((B, 1), dtype=self.attn.dtype, device=device)
+        fast = speed is not None and speed.enabled
+        # For SDPA, a decoding step's mask is just "which keys are not padding" ([B, 1, 1, keys], True =
+        # attend); slicing one prepared mask skips rebuilding it on every step, a sizeable share of a
+        # small model's step. Other attention kernels, and the plain path, get the usual 2D mask.
+        self.step_masks = None
+        if fast and getattr(policy.config, "_attn_implementation", None) == "sdpa":
+            self.step_masks = torch.cat(
+                [query_mask.bool(), torch.ones((B, response_length), dtype=torch.bool, device=device)], dim=1
+            )[:, None, None, :]
+        self.Lq = query_ids.shape[1]
+        self.decoder = (lean_decoder(policy, self.cache, query_mask, self.next_pos, response_length)
+                        if fast and speed.fast_decode else None)
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        """The hidden state after feeding ``tok``, the response's token ``t``."""
+        if self.decoder is not None and not needs_check(self.policy):
+            return self.decoder.step(tok)
+        if self.step_masks is not None:
+            step_mask = self.step_masks[..., : self.Lq + t + 1]
+        else:
+            self.attn = torch.cat([self.attn, self.ones], dim=1)
+            step_mask = self.attn
+        out = self.backbone(input_ids=tok, attention_mask=step_mask, position_ids=self.next_pos,
+                            past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        h = out.last_hidden_state[:, -1]
+        self.next_pos = self.next_pos + 1
+        if self.decoder is not None:
+            # first lean step for this model, checked against its own: a run's samples never depend
+            # on which update happened to run the check (a resumed run checks again)
+            lean_h = self.decoder.step(tok)
+            if agrees_with(self.policy, lean_h, h):
+                return lean_h
+            self.decoder = None  # the model's own cache is still current: carry on with it
+        return h

@@ -1,5 +1,6 @@
 """What every speed path shares: which decoder layers they can recompute, that layer run at chosen
-positions, and the tolerance a first use is checked to against the model's own forward.
+positions, the tolerance a first use is checked to against the model's own forward, and where a
+sequence-classification head reads (``readout`` and ``pair_packing`` read rewards the same way).
 
 The paths (``fast_decode``, ``trimmed_forward``, ``readout``, ``pair_packing``) recompute Llama-style layers
 (Llama, Mistral, Qwen2) from the layers' own modules; anything else keeps the model's forward.
@@ -7,6 +8,7 @@ The paths (``fast_decode``, ``trimmed_forward``, ``readout``, ``pair_packing``) 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -137,3 +139,36 @@ def last_layer_at(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, t
                                          dropout_p=attn.attention_dropout if attn.training else 0.0)
     hr = at_queries(h) + attn.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
     return hr + layer.mlp(layer.post_attention_layernorm(hr))
+
+
+# --- where a sequence-classification head reads: shared by readout and pair_packing ---------------------------
+# model -> whether its first trimmed readout matched its own forward (``readout`` checks it once per model;
+# ``pair_packing``'s packed rows are read the same way and follow the verdict)
+readout_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+    """(classification model, its backbone, its score head), through a PEFT wrapper if there is one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return inner, backbone, getattr(inner, "score", None)
+
+
+def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Where a sequence-classification head reads each row: its last token that is not the pad token.
+
+    transformers' own rule (the rightmost non-pad token; position 0 if there is none), so a pad
+    token that is also the end-of-sequence token moves the readout the same way in every path.
+    """
+    non_pad = (input_ids != pad_token_id).to(torch.int64)
+    return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
+
+
+def trims(model: nn.Module, width: int) -> bool:
+    """Whether ``model``'s rewards over rows of ``width`` tokens go through the trimmed last layer.
+
+    Its layers must allow it, and its first use, once made, must have agreed with its own forward.
+    """
+    inner, backbone, head = classifier_parts(model)
+    return (backbone is not None and head is not None and getattr(inner, "config", None) is not None
+            and architecture_reason(inner, width) is None and readout_checked.get(model) is not False)

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.speed.layers import last_layer_at, last_layer_input, within_tolerance
-from calibrated_rlhf.core.speed.readout import classifier_parts, read_positions, trims
+from calibrated_rlhf.core.speed.layers import (classifier_parts, last_layer_at, last_layer_input, read_positions, trims,
+                                               within_tolerance)
 
 # attention implementations that read a 4D mask as given (transformers returns a 4D mask unchanged)
 MASKED_ATTENTION = ("sdpa", "eager")

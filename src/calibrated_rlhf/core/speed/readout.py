@@ -16,52 +16,24 @@ model's own forward (checked once per model), runs the model's own forward.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.speed.layers import architecture_reason, last_layer_at, last_layer_input, within_tolerance
+from calibrated_rlhf.core.speed.layers import (classifier_parts, last_layer_at, last_layer_input, read_positions,
+                                               readout_checked, trims, within_tolerance)
 
-# model -> whether its first trimmed readout matched its own forward (checked once per model)
-_checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def classifier_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
-    """(classification model, its backbone, its score head), through a PEFT wrapper if there is one."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
-    return inner, backbone, getattr(inner, "score", None)
-
-
-def read_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Where a sequence-classification head reads each row: its last token that is not the pad token.
-
-    transformers' own rule (the rightmost non-pad token; position 0 if there is none), so a pad
-    token that is also the end-of-sequence token moves the readout the same way in every path.
-    """
-    non_pad = (input_ids != pad_token_id).to(torch.int64)
-    return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
+__all__ = ["classifier_parts", "read_positions", "readout_logits", "trims"]
 
 
 def readout_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``model(input_ids, attention_mask).logits`` [B, labels], the last layer computed at each read position only."""
-    if model not in _checked:
+    if model not in readout_checked:
         _check(model, input_ids, attention_mask)
-    logits = _trimmed(model, input_ids, attention_mask) if _checked.get(model) else None
+    logits = _trimmed(model, input_ids, attention_mask) if readout_checked.get(model) else None
     if logits is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits
-
-
-def trims(model: nn.Module, width: int) -> bool:
-    """Whether ``model``'s rewards over rows of ``width`` tokens go through the trimmed last layer.
-
-    Its layers must allow it, and its first use, once made, must have agreed with its own forward.
-    """
-    inner, backbone, head = classifier_parts(model)
-    return (backbone is not None and head is not None and getattr(inner, "config", None) is not None
-            and architecture_reason(inner, width) is None and _checked.get(model) is not False)
 
 
 def _trimmed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -99,7 +71,7 @@ def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     finally:
         model.train(training)
     ok, error = within_tolerance(ours, theirs)
-    _checked[model] = ok
+    readout_checked[model] = ok
     if not ok:
         warnings.warn(f"the trimmed readout disagrees with {type(model).__name__}'s own forward "
                       f"(max error {error:.3g}); running the full forward instead", RuntimeWarning, stacklevel=3)

@@ -192,17 +192,17 @@ class CpuOverlap(Sequential):
 def make_schedule(config: Any, accelerator: Any, model: nn.Module, unwrapped: PolicyAndValue) -> Sequential:
     """The schedule the config and device allow; tunes glibc malloc on CPU when asked to.
 
-    ``config``: PPO's (its ``cpu_malloc_tuning``, ``cpu_parallel``, ``decode_threads``, ``num_mini_batches``,
-    ``value_model``, ``disable_dropout`` and ``lora``)."""
+    ``config``: PPO's (its ``speed``, ``num_mini_batches``, ``value_model``, ``disable_dropout`` and ``lora``)."""
     on_cpu = accelerator.device.type == "cpu"
-    if config.cpu_malloc_tuning and on_cpu:
+    speed = config.speed.active()
+    if speed.cpu_malloc_tuning and on_cpu:
         tune_glibc_malloc()
     reuse_first = config.num_mini_batches == 1 and config.value_model == "separate" and config.disable_dropout
     # with LoRA the reference is the policy with its adapters off: it must not run beside the policy's forward
-    overlap = (config.cpu_parallel and on_cpu and accelerator.num_processes == 1 and config.value_model == "separate"
+    overlap = (speed.cpu_parallel and on_cpu and accelerator.num_processes == 1 and config.value_model == "separate"
                and config.lora is None)
     return (CpuOverlap if overlap else Sequential)(accelerator, model, unwrapped, reuse_first,
-                                                   config.decode_threads if on_cpu else None)
+                                                   speed.decode_threads if on_cpu else None)
 
 
 def grad_norms(params: list[nn.Parameter]) -> list[torch.Tensor]:
