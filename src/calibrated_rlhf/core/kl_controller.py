@@ -58,8 +58,10 @@ ERROR_CLIP_LOW, ERROR_CLIP_HIGH = 0.5, 1.0
 # Proportional gain: a KL twice the target (error 1) multiplies beta by e^gain at once. The policy's KL answers a
 # change of beta only over several updates; a weak proportional term leaves the integral to do the work and it
 # winds up over that lag: at gain 0.5 and horizon 200, RLOO at target 0.5 ran to KL 2.8, beta rose to 4 and the KL
-# then fell to 0.001. A strong proportional term and an integral time of ~10% of the run's episodes (conf/base:
-# PPO 200 of 1,920, RLOO and GRPO 400 of 3,840) brake at once and leave the integral only the offset.
+# then fell to 0.001. A strong proportional term and an integral time of 5-10% of the run's episodes (conf/base:
+# PPO 100 of 1,920, RLOO and GRPO 400 of 3,840) brake at once and leave the integral only the offset. PPO's is the
+# shorter: its KL answers beta slowest (four small steps per batch), and at 200 it sat 12-13% over targets 1 and 2
+# for a whole second half while the integral caught up.
 DEFAULT_GAIN = 2.0
 # The penalty, in normalized-reward standard deviations, that the whole KL budget costs at the start (initial_beta).
 PENALTY_AT_TARGET = 0.25
