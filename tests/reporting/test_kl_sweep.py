@@ -42,3 +42,21 @@ def test_a_setting_holds_only_when_every_seed_is_within_tolerance(tmp_path):
     assert "| grpo | pi | 0.0001 | 4.0 | 0 | 5.6 | 0.4 |" in text  # the step most GRPO runs did not use
     assert (tmp_path / "kl_control.png").stat().st_size > 0 and paths["figure"].endswith("kl_control.png")
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 8
+
+
+def test_an_earlier_sweeps_runs_join_the_store_once_in_order_and_a_foreign_file_is_refused(tmp_path):
+    store = kl_sweep.sweep_runs(pd.DataFrame([sweep_run("p1", "ppo", "pi", 4.0, 1, 0.05),
+                                              sweep_run("g1", "grpo", "pi", 4.0, 1, -0.02)]))
+    earlier = kl_sweep.sweep_runs(pd.DataFrame([sweep_run("p1", "ppo", "pi", 4.0, 1, 0.30),  # the store's wins
+                                                sweep_run("r0", "rloo", "pi", 4.0, 0, 0.03),
+                                                sweep_run("p0", "ppo", "pi", 4.0, 0, -0.04)]))
+    earlier.to_csv(tmp_path / "runs.csv", index=False)
+    merged = kl_sweep.with_earlier_runs(store, [tmp_path / "runs.csv"])
+    assert list(merged["run_id"]) == ["p0", "p1", "r0", "g1"]
+    assert merged.set_index("run_id").loc["p1", "kl_tracking_error"] == pytest.approx(0.05)
+    assert list(merged["seed"]) == ["0", "1", "0", "1"]  # read back as the store gives them, so seeds group alike
+    summary = kl_sweep.summary(merged).set_index(["method", "kl_control"])
+    assert summary.loc[("ppo", "pi"), "seeds"] == 2 and summary.loc[("ppo", "pi"), "within_tolerance"]
+    earlier.drop(columns=["kl_tracking_error"]).to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(ValueError, match=r"other\.csv: not a KL-sweep runs.csv, it lacks \['kl_tracking_error'\]"):
+        kl_sweep.with_earlier_runs(store, [tmp_path / "other.csv"])

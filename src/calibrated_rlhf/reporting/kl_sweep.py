@@ -54,6 +54,24 @@ def sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
                              ).reset_index(drop=True)
 
 
+def with_earlier_runs(runs: pd.DataFrame, earlier: Sequence[str | Path]) -> pd.DataFrame:
+    """``runs`` and the rows of earlier sweeps' ``runs.csv`` files (runs logged to a store no longer at hand, whose
+    settings the code still reproduces), in :func:`sweep_runs`' order. A run id in both is taken from ``runs``; a
+    file without :data:`RUN_COLUMNS` is refused, naming the file and the columns it lacks."""
+    frames = [runs]
+    for path in earlier:
+        frame = pd.read_csv(path, dtype={"run_id": str, "seed": str})
+        missing = [c for c in RUN_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path}: not a KL-sweep runs.csv, it lacks {missing}")
+        frames.append(frame[RUN_COLUMNS])
+    merged = pd.concat(frames, ignore_index=True).drop_duplicates("run_id", keep="first")
+    order = {m: i for i, m in enumerate(METHODS)}
+    return merged.sort_values(["method", "kl_control", "learning_rate", "kl_target", "seed"],
+                              key=lambda c: c.map(order) if c.name == "method" else c, kind="stable"
+                              ).reset_index(drop=True)
+
+
 def summary(runs: pd.DataFrame, tolerance: float = TOLERANCE) -> pd.DataFrame:
     """Per (method, controller, learning rate, target): seeds, mean achieved KL, the largest |error| over the
     seeds, and whether every seed is within ``tolerance``."""
@@ -170,9 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--experiment", default="calibrated_rlhf")
     parser.add_argument("--scenario", default="kl_control", help="the scenario tag of the runs ('': every run)")
     parser.add_argument("--out", default="docs/results/kl_control")
+    parser.add_argument("--include", action="append", default=[], metavar="RUNS_CSV",
+                        help="an earlier sweep's runs.csv whose runs join these (repeatable)")
     args = parser.parse_args(argv)
     runs, notes = load_runs(RunSelection(experiment=args.experiment, scenarios=(args.scenario,) if args.scenario else ()))
-    paths = write_report(sweep_runs(runs), args.out)
+    paths = write_report(with_earlier_runs(sweep_runs(runs), args.include), args.out)
     for note in notes:
         print(note)
     print(f"kl control report: {paths['markdown']}, {paths['figure']}")
