@@ -6,7 +6,8 @@
 #   TARGETS ("0.5 1 2 4 8 16"), METHODS ("ppo rloo grpo"), SEEDS ("0 1": pi's), ADAPTIVE_SEEDS ("0": Ziegler's);
 #   ADAPTIVE_HORIZON (1000) and ADAPTIVE_BETA (0.1): Ziegler's controller as the project ran it before pi; GRPO_LRS ("1e-4 3e-4"):
 #   GRPO's extra learning rates at target 4 (pi, seed 0; 1e-3 is the default and in the grid); OUT: the report
-#   folder; ADAPTIVE_TARGETS (TARGETS): Ziegler's targets; PI=0 skips pi's runs, REPORT_ONLY=1 every run. Every setting not named here is the default.
+#   folder; ADAPTIVE_TARGETS (TARGETS): Ziegler's targets; PI=0 skips pi's runs, REPORT_ONLY=1 every run; INCLUDE:
+#   earlier sweeps' runs.csv files whose runs join the report. Every setting not named here is the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -60,6 +61,8 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   grid adaptive "${adaptive_seeds[@]}"
 fi
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}  # where kedro-mlflow logged (conf/base/mlflow.yml)
-"$python" -m calibrated_rlhf.reporting.kl_sweep --scenario kl_control --out "$out"
+include=()
+for f in ${INCLUDE:-}; do include+=(--include "$f"); done
+"$python" -m calibrated_rlhf.reporting.kl_sweep --scenario kl_control --out "$out" "${include[@]}"
 "$python" -m calibrated_rlhf.reporting.frontier --scenario kl_control --kl "$(IFS=,; echo "${targets[*]}")" \
   --out "$out/frontier"
