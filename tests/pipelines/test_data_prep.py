@@ -20,7 +20,7 @@ def read_source(source: nodes.SourceParams) -> tuple[pd.DataFrame, str]:
     """The node's reading of a source, the file read by the catalog's dataset as in a run. Kedro wraps a
     dataset's error in a DatasetError that repeats its message; the original is raised here, to test its type."""
     try:
-        loaded = PreferenceFileDataset(filepath=source.path, kind=source.kind).load()
+        loaded = PreferenceFileDataset(filepath=source.path, kind=source.kind, split=source.split).load()
     except DatasetError as e:
         assert str(e.__cause__) in str(e)  # what the run prints names the file as the reader did
         raise e.__cause__ from None
@@ -28,7 +28,7 @@ def read_source(source: nodes.SourceParams) -> tuple[pd.DataFrame, str]:
 
 
 def load_pairs(source: nodes.SourceParams, *rest):
-    return nodes.load_pairs(PreferenceFileDataset(filepath=source.path, kind=source.kind).load(), source, *rest)
+    return nodes.load_pairs(PreferenceFileDataset(filepath=source.path, kind=source.kind).load(), None, source, *rest)
 
 
 def synthetic(**kw) -> nodes.SourceParams:
