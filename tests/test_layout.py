@@ -1,7 +1,8 @@
 """How the package is divided, read from the sources with ``ast`` (nothing is imported): PPO's package stays its
 algorithm, the rest of ``core`` does not lean on it, the speed paths import no algorithm, ``core`` stays shallow,
 no pipeline reaches into another's nodes nor reads data from a path itself, and the top level holds only Kedro's
-files and packages. That ``core`` imports neither Kedro nor MLflow is ``tests/test_core_is_plain.py``. Every import counts, one inside a function too."""
+files and packages. That ``core`` imports neither Kedro nor MLflow is ``tests/test_core_is_plain.py``.
+Every import counts, one inside a function too."""
 
 from __future__ import annotations
 
