@@ -98,6 +98,13 @@ def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
     assert len(raw) == 10 and list(raw["chosen"]) == list(synthetic_pairs["chosen"][:10])
     with pytest.raises(ValueError, match="split 'dev' not in"):
         read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
+    # the catalog read another split, or a file, than the parameters name: refused, naming both
+    train = PreferenceFileDataset(filepath=str(tmp_path / "hf"), kind="huggingface").load()
+    with pytest.raises(ValueError, match="names Hugging Face split 'test' but the catalog's preference_file read "
+                                         "Hugging Face split 'train'"):
+        nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"), train)
+    with pytest.raises(ValueError, match="names a file but the catalog's preference_file read Hugging Face split"):
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "hf")), train)
 
 
 def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):
