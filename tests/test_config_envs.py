@@ -125,16 +125,18 @@ def test_environment_overrides_fields_not_blocks():
 
 @pytest.mark.parametrize("env", ["base", *ENVS])
 def test_the_catalog_reads_the_preference_file_the_parameters_name(env):
-    """``data_prep.source`` (logged with the run's parameters) and the catalog's ``preference_file`` (which reads
-    the file) follow one setting in every environment; --params moves both."""
+    """``data_prep.source`` (logged with the run's parameters) and the catalog's ``preference_file`` and
+    ``gold_task`` (which read the data and its gold) follow one setting in every environment; --params moves both."""
     from kedro.config import OmegaConfigLoader
 
     from calibrated_rlhf.settings import CONFIG_LOADER_ARGS
 
-    runtime = {"data_prep": {"source": {"kind": "file", "path": "mine.jsonl"}}}
-    for params, expected in ((None, None), (runtime, ("file", "mine.jsonl"))):
+    runtime = {"data_prep": {"source": {"kind": "huggingface", "path": "mine", "split": "dev", "gold_task": "g.json"}}}
+    for params, expected in ((None, None), (runtime, ("huggingface", "mine", "dev", "g.json"))):
         loader = OmegaConfigLoader(conf_source=str(CONF), env=None if env == "base" else env, runtime_params=params,
                                    **CONFIG_LOADER_ARGS)
-        source, entry = loader["parameters"]["data_prep"]["source"], loader["catalog"]["preference_file"]
-        assert (entry["kind"], entry["filepath"]) == (source["kind"], source["path"]), env
-        assert expected is None or (source["kind"], source["path"]) == expected, env
+        source, catalog = loader["parameters"]["data_prep"]["source"], loader["catalog"]
+        entry, gold = catalog["preference_file"], catalog["gold_task"]
+        read = (entry["kind"], entry["filepath"], entry["split"], gold["filepath"])
+        assert read == (source["kind"], source["path"], source["split"], source["gold_task"]), env
+        assert expected is None or read == expected, env

@@ -137,3 +137,61 @@ def test_every_check_set_to_drop_is_counted_per_kind(project):
     assert m["data/n_dropped_duplicate"] == 1
     assert m["data/n_dropped"] == 4
     assert sum(m[f"data/n_{s}"] for s in ("train", "validation", "calibration", "test")) == len(bad_rows()) - 4
+
+
+# ---- Hugging Face data and the gold task come through the catalog (preference_file, gold_task) -----------
+
+
+def test_a_save_to_disk_split_is_read_by_the_catalog_and_named_in_the_run(project):
+    """The split the parameters name is the one trained on, and the run's parameters name it; a split the
+    folder lacks fails naming it and the folder, writing nothing."""
+    from datasets import Dataset, DatasetDict
+
+    def split(start: int, n: int) -> Dataset:
+        return Dataset.from_dict({k: [r[k] for r in rows(False)[start:start + n]]
+                                  for k in ("prompt", "chosen", "rejected")})
+
+    folder = project / "inputs" / "hub_copy"
+    DatasetDict({"train": split(0, 40), "test": split(20, 28)}).save_to_disk(str(folder))
+    hub = f"data_prep.source.kind=huggingface,data_prep.source.path={folder}"
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep", "--params",
+                          f"{hub},data_prep.source.split=test", name="hf_split")
+    assert code == 0, out[-3000:]
+    assert squash(f"read 28 pairs from Hugging Face data '{folder}'") in squash(out), out[-3000:]
+    splits = pd.concat([saved(project, f"data/03_primary/{s}_pairs.parquet")
+                        for s in ("train", "validation", "calibration", "test")])
+    assert sorted(splits["chosen"]) == sorted(r["chosen"] for r in rows(False)[20:48])
+    params = latest_run(project).data.params
+    assert (params["data_prep.source.kind"], params["data_prep.source.path"], params["data_prep.source.split"]) \
+        == ("huggingface", str(folder), "test")
+
+    before = listing(project)
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep", "--params",
+                          f"{hub},data_prep.source.split=dev", name="hf_no_split")
+    assert code != 0
+    assert squash(f"data_prep.source.split 'dev' not in ['train', 'test'] of '{folder}'") in squash(out), out[-3000:]
+    assert listing(project) == before
+
+
+GOLD = {"words": ["calm", "bright", "dull", "grey"], "utilities": [0.5, 0.25, -0.5, -0.25], "scale": 3.0}
+
+
+def test_the_gold_task_is_read_by_the_catalog_and_a_malformed_one_names_file_and_field(project):
+    pairs = write(rows(False), project / "inputs" / "gold_pairs.jsonl", "jsonl")
+    gold = project / "inputs" / "gold_task.json"
+    gold.write_text(json.dumps(GOLD))
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep", "--params",
+                          f"{source_params(pairs, 'jsonl')},data_prep.source.gold_task={gold}", name="gold_good")
+    assert code == 0, out[-3000:]
+    assert saved(project, "data/01_raw/synthetic_task.json") == GOLD
+    assert latest_run(project).data.params["data_prep.source.gold_task"] == str(gold)
+
+    bad = project / "inputs" / "gold_bad.json"
+    bad.write_text(json.dumps({**GOLD, "utilities": GOLD["utilities"][:3]}))
+    before = listing(project)
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep", "--params",
+                          f"{source_params(pairs, 'jsonl')},data_prep.source.gold_task={bad}", name="gold_bad")
+    assert code != 0
+    assert squash(f"data_prep.source.gold_task '{bad}', field 'utilities': 3 utilities for 4 words") in squash(out), \
+        out[-3000:]
+    assert listing(project) == before

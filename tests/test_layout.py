@@ -1,7 +1,8 @@
 """How the package is divided, read from the sources with ``ast`` (nothing is imported): PPO's package stays its
 algorithm, the rest of ``core`` does not lean on it, the speed paths import no algorithm, ``core`` stays shallow,
-no pipeline reaches into another's nodes, and the top level holds only Kedro's files and packages. That ``core`` imports neither Kedro nor MLflow is
-``tests/test_core_is_plain.py``. Every import counts, one inside a function too."""
+no pipeline reaches into another's nodes nor reads data from a path itself, and the top level holds only Kedro's
+files and packages. That ``core`` imports neither Kedro nor MLflow is ``tests/test_core_is_plain.py``.
+Every import counts, one inside a function too."""
 
 from __future__ import annotations
 
@@ -157,3 +158,40 @@ def test_in_pipelines_only_tracking_imports_mlflow():
                     or (names[:1] == ["calibrated_rlhf.serving"] and "log_reward_model" in logged)):
                 importers.add(str(path.relative_to(PACKAGE)))
     assert importers == {"pipelines/tracking.py"}, f"MLflow imported outside pipelines/tracking.py: {importers}"
+
+
+# Reading data from a path the parameters name is the catalog's (calibrated_rlhf.datasets): a node that opens it
+# itself reads what the catalog does not describe, and its errors bypass the datasets' naming of file, row and field.
+HF_DATASETS = "datasets"
+READERS = {"open", "read_text", "read_bytes", "load", "load_from_disk", "load_dataset", "read_parquet",
+           "read_csv", "read_json", "read_table"}
+
+
+def data_reads(path: Path) -> list[str]:
+    """``line: what`` for each import of Hugging Face ``datasets`` and each call that reads a file, in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [f"{node.lineno}: import {n}" for n in names if n.split(".")[0] == HF_DATASETS]
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in READERS:
+                found.append(f"{node.lineno}: {name}()")
+    return sorted(found, key=lambda f: int(f.split(":")[0]))
+
+
+def test_no_pipeline_reads_data_from_a_path_itself():
+    reads = {str(p.relative_to(PACKAGE)): r for p in sorted((PACKAGE / "pipelines").rglob("*.py"))
+             if (r := data_reads(p))}
+    assert not reads, f"pipeline modules reading data themselves (read it through a catalog dataset): {reads}"
+
+
+def test_the_data_read_check_sees_imports_and_reads(tmp_path):
+    path = tmp_path / "nodes.py"
+    path.write_text("import json\nfrom pathlib import Path\n\ndef f(p):\n    import datasets\n"
+                    "    return datasets.load_from_disk(p), json.loads(Path(p).read_text())\n"
+                    "from datasets.utils import x\nfrom .datasets import y\nfrom calibrated_rlhf.datasets import z\n")
+    assert data_reads(path) == ["5: import datasets", "6: load_from_disk()", "6: read_text()",
+                                "7: import datasets.utils"]

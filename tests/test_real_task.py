@@ -11,7 +11,8 @@ import pytest
 
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.completions import CompletionParams
-from calibrated_rlhf.datasets import PreferenceFileDataset
+from calibrated_rlhf.datasets.gold_task import GoldTaskError, read_gold_task
+from calibrated_rlhf.datasets import GoldTaskDataset, PreferenceFileDataset
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, load_pairs
 from calibrated_rlhf.runtime.real_task import main
 
@@ -41,7 +42,8 @@ def test_the_samples_become_pairs_that_data_prep_reads_with_their_gold(real_task
     gold = json.loads((real_task_dir / "gold_task.json").read_text())
     source = SourceParams(kind="file", path=str(real_task_dir / "pairs.jsonl"),
                           gold_task=str(real_task_dir / "gold_task.json"))
-    pairs, _, task = load_pairs(PreferenceFileDataset(filepath=source.path).load(), source, prefs.MarginParams(),
+    pairs, _, task = load_pairs(PreferenceFileDataset(filepath=source.path).load(),
+                                GoldTaskDataset(filepath=source.gold_task).load(), source, prefs.MarginParams(),
                                 prefs.ValidationParams(), CompletionParams())
     assert task["words"] == gold["words"] and task["scale"] == gold["scale"]
     assert len(pairs) == info["n_pairs"] and {"true_prob", "gold_chosen", "gold_rejected"} <= set(pairs.columns)
@@ -58,12 +60,36 @@ def test_an_existing_destination_is_refused_before_the_model_loads(tmp_path, cap
     assert f"{dest} exists" in capsys.readouterr().out and [p.name for p in dest.iterdir()] == ["notes.txt"]
 
 
-def test_a_bad_gold_file_is_named(tmp_path):
+@pytest.mark.parametrize("text, fault", [
+    ('{"words": ["a"], "scale": 1.0}', ", field 'utilities': missing"),
+    ('{"words": ["a", "b"], "utilities": [0.5], "scale": 1.0}', ", field 'utilities': 1 utilities for 2 words"),
+    ('{"words": ["a"], "utilities": ["high"], "scale": 1.0}', ", field 'utilities': expected a list of finite"),
+    ('{"words": ["a"], "utilities": [0.5], "scale": 0}', ", field 'scale': expected a positive number, got 0"),
+    ('{"words": ["a"],\n "utilities": [0.5,]}', " line 2: not valid JSON"),
+    ('["a", 0.5]', ": expected a JSON object"),
+])
+def test_a_bad_gold_file_is_named_with_its_field(tmp_path, text, fault):
     bad = tmp_path / "gold.json"
-    bad.write_text(json.dumps({"words": ["a"], "scale": 1.0}))
+    bad.write_text(text)
+    with pytest.raises(GoldTaskError) as err:
+        read_gold_task(str(bad))
+    assert str(err.value).startswith(f"data_prep.source.gold_task '{bad}'{fault}"), str(err.value)
+
+
+def test_the_gold_read_must_be_the_one_the_parameters_name(tmp_path):
+    """An environment that moves data_prep.source.gold_task but not the catalog's gold_task (or back) would log
+    one gold and report against another: refused, naming both."""
+    gold = tmp_path / "gold.json"
+    gold.write_text(json.dumps({"words": ["a"], "utilities": [0.5], "scale": 2.0}))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "p", "chosen": "a b", "rejected": "c d"}) + "\n")
-    source = SourceParams(kind="file", path=str(pairs), gold_task=str(bad))
-    with pytest.raises(ValueError, match=f"data_prep.source.gold_task '{bad}'.*utilities"):
-        load_pairs(PreferenceFileDataset(filepath=source.path).load(), source, prefs.MarginParams(),
-                   prefs.ValidationParams(), CompletionParams())
+    read = GoldTaskDataset(filepath=str(gold)).load()
+    rest = (prefs.MarginParams(), prefs.ValidationParams(), CompletionParams())
+    with pytest.raises(ValueError, match=rf"gold_task is None but the catalog's gold_task read '{gold}'"):
+        load_pairs(PreferenceFileDataset(filepath=str(pairs)).load(), read, SourceParams(kind="file", path=str(pairs)),
+                   *rest)
+    source = SourceParams(kind="file", path=str(pairs), gold_task=str(gold))
+    with pytest.raises(ValueError, match="the catalog's gold_task read None"):
+        load_pairs(PreferenceFileDataset(filepath=str(pairs)).load(), None, source, *rest)
+    _, _, task = load_pairs(PreferenceFileDataset(filepath=str(pairs)).load(), read, source, *rest)
+    assert task == {"words": ["a"], "utilities": [0.5], "scale": 2.0}

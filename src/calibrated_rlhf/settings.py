@@ -41,6 +41,7 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "custom_resolvers": {"env_or": _env_or},
-    # An environment (conf/tiny, a scenario) overrides single fields, not whole parameter blocks.
-    "merge_strategy": {"parameters": "soft"},
+    # An environment (conf/tiny, a scenario) overrides single fields, not whole parameter blocks; its
+    # globals.yml too (conf/real_model sets preference_source's path and gold_task, base keeps its split).
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
 }

@@ -27,15 +27,16 @@ def run(pipeline: Pipeline, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def data_prep_params(source: Any, split: Any = None, **validation: Any) -> dict[str, Any]:
     """Every input the ``data_prep`` pipeline reads: defaults, tiny backbone, the given source, and the
-    catalog's ``preference_file`` as it loads for that source."""
+    catalog's ``preference_file`` and ``gold_task`` as they load for that source."""
     from calibrated_rlhf.core.backbone import BackboneParams
     from calibrated_rlhf.core.completions import CompletionParams
     from calibrated_rlhf.core.preferences import MarginParams, SplitParams, ValidationParams
-    from calibrated_rlhf.datasets import PreferenceFileDataset
+    from calibrated_rlhf.datasets import GoldTaskDataset, PreferenceFileDataset
     from tests.conftest import TINY_BACKBONE
 
     return {
-        "preference_file": PreferenceFileDataset(filepath=source.path, kind=source.kind).load(),
+        "preference_file": PreferenceFileDataset(filepath=source.path, kind=source.kind, split=source.split).load(),
+        "gold_task": GoldTaskDataset(filepath=source.gold_task).load(),
         "params:data_prep.source": source,
         "params:data_prep.margin": MarginParams(),
         "params:data_prep.validation": ValidationParams(**validation),

@@ -20,7 +20,7 @@ def read_source(source: nodes.SourceParams) -> tuple[pd.DataFrame, str]:
     """The node's reading of a source, the file read by the catalog's dataset as in a run. Kedro wraps a
     dataset's error in a DatasetError that repeats its message; the original is raised here, to test its type."""
     try:
-        loaded = PreferenceFileDataset(filepath=source.path, kind=source.kind).load()
+        loaded = PreferenceFileDataset(filepath=source.path, kind=source.kind, split=source.split).load()
     except DatasetError as e:
         assert str(e.__cause__) in str(e)  # what the run prints names the file as the reader did
         raise e.__cause__ from None
@@ -28,7 +28,7 @@ def read_source(source: nodes.SourceParams) -> tuple[pd.DataFrame, str]:
 
 
 def load_pairs(source: nodes.SourceParams, *rest):
-    return nodes.load_pairs(PreferenceFileDataset(filepath=source.path, kind=source.kind).load(), source, *rest)
+    return nodes.load_pairs(PreferenceFileDataset(filepath=source.path, kind=source.kind).load(), None, source, *rest)
 
 
 def synthetic(**kw) -> nodes.SourceParams:
@@ -98,6 +98,13 @@ def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
     assert len(raw) == 10 and list(raw["chosen"]) == list(synthetic_pairs["chosen"][:10])
     with pytest.raises(ValueError, match="split 'dev' not in"):
         read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="dev"))
+    # the catalog read another split, or a file, than the parameters name: refused, naming both
+    train = PreferenceFileDataset(filepath=str(tmp_path / "hf"), kind="huggingface").load()
+    with pytest.raises(ValueError, match="names Hugging Face split 'test' but the catalog's preference_file read "
+                                         "Hugging Face split 'train'"):
+        nodes.read_source(nodes.SourceParams(kind="huggingface", path=str(tmp_path / "hf"), split="test"), train)
+    with pytest.raises(ValueError, match="names a file but the catalog's preference_file read Hugging Face split"):
+        nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "hf")), train)
 
 
 def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):

@@ -1,4 +1,5 @@
-"""The raw preference file(s) a user points the project at, read as one table (``preference_file`` in the catalog).
+"""The raw preference file(s) or Hugging Face data a user points the project at, read as one table
+(``preference_file`` in the catalog).
 
 Reading is where a malformed file is first seen, so every error here names the file and the line or row
 (and the field where one is at fault), as :class:`~calibrated_rlhf.core.preferences.PreferenceDataError`;
@@ -6,8 +7,8 @@ Reading is where a malformed file is first seen, so every error here names the f
 
 The catalog entry takes its ``kind`` and ``filepath`` from the same settings as ``data_prep.source``
 (``--params data_prep.source.kind=file,data_prep.source.path=...``, else the environment's ``globals.yml``), so
-the parameters logged to MLflow and the file read cannot disagree. Any other ``kind`` loads None: the synthetic
-task and Hugging Face data are not files.
+the parameters logged to MLflow and the data read cannot disagree. ``kind: huggingface`` reads a hub id or a
+``save_to_disk`` folder (``split`` as ``data_prep.source.split``); the synthetic task is not read, it loads None.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from calibrated_rlhf.core import preferences as prefs
 
 SOURCE_ATTR = "source"  # DataFrame.attrs key: how validation errors name the file(s)
 FILEPATH_ATTR = "filepath"  # DataFrame.attrs key: the path(s) as configured
+SPLIT_ATTR = "split"  # DataFrame.attrs key: the split read, for Hugging Face data only
 
 
 def read_text(p: Path) -> str:
@@ -114,25 +116,51 @@ def read_files(filepath: str | list[str]) -> pd.DataFrame:
     return out
 
 
-class PreferenceFileDataset(AbstractDataset[None, "pd.DataFrame | None"]):
-    """Read-only: ``.jsonl``/``.json``/``.parquet``/``.csv`` preference rows, as they are (validation is the
-    node's); None unless ``kind`` is ``file``."""
+def read_huggingface(path: str, split: str) -> pd.DataFrame:
+    """A Hugging Face data set's ``split`` as plain rows: a ``save_to_disk`` folder, else a hub id (from the
+    local cache when offline); ``attrs`` name it as :func:`read_files`' do, with the split read."""
+    import datasets  # pyarrow, fsspec and the hub client: only for a run that reads hub data
 
-    def __init__(self, filepath: str | list[str] | None = None, kind: str = "file",
+    if Path(path).is_dir():
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"data_prep.source.split '{split}' not in {list(ds)} of '{path}'")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(path, split=split)
+    out = prefs.plain_frame(ds.to_pandas())
+    out.attrs[SOURCE_ATTR], out.attrs[FILEPATH_ATTR] = f"Hugging Face data '{path}'", path
+    out.attrs[SPLIT_ATTR] = split
+    return out
+
+
+class PreferenceFileDataset(AbstractDataset[None, "pd.DataFrame | None"]):
+    """Read-only: ``.jsonl``/``.json``/``.parquet``/``.csv`` preference rows (``kind: file``) or a Hugging Face
+    data set's ``split`` (``kind: huggingface``), as they are (validation is the node's); None for any other kind."""
+
+    def __init__(self, filepath: str | list[str] | None = None, kind: str = "file", split: str = "train",
                  metadata: dict[str, Any] | None = None) -> None:
         self._filepath = list(filepath) if isinstance(filepath, (list, tuple)) else filepath
         self._kind = kind
+        self._split = split
         self.metadata = metadata
 
     def _load(self) -> pd.DataFrame | None:
-        if self._kind != "file":
+        if self._kind not in ("file", "huggingface"):
             return None
         if not self._filepath:
-            raise ValueError("data_prep.source.path is required when kind is 'file'")
+            raise ValueError(f"data_prep.source.path is required when kind is '{self._kind}'")
+        if self._kind == "huggingface":
+            if not isinstance(self._filepath, str):
+                raise ValueError("data_prep.source.path: Hugging Face data is one hub id or folder, got "
+                                 f"{self._filepath}")
+            return read_huggingface(self._filepath, self._split)
         return read_files(self._filepath)
 
     def _save(self, data: Any) -> None:
         raise DatasetError("PreferenceFileDataset is read-only: the validated pairs are raw_pairs")
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "kind": self._kind}
+        split = {"split": self._split} if self._kind == "huggingface" else {}
+        return {"filepath": self._filepath, "kind": self._kind, **split}

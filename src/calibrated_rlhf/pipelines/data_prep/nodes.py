@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
@@ -14,8 +12,8 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import preferences as prefs
 from calibrated_rlhf.core.backbone import BackboneParams, chat_corpus_text, load_tokenizer, train_tokenizer
 from calibrated_rlhf.core.completions import CompletionParams, completions_to_pairs, is_rated_completions
-from calibrated_rlhf.core.synthetic import SyntheticSpec, SyntheticTask, make_pairs, make_task
-from calibrated_rlhf.datasets.preference_file import FILEPATH_ATTR, SOURCE_ATTR
+from calibrated_rlhf.core.synthetic import SyntheticSpec, make_pairs, make_task
+from calibrated_rlhf.datasets.preference_file import FILEPATH_ATTR, SOURCE_ATTR, SPLIT_ATTR
 from calibrated_rlhf.pipelines.metrics import as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 
@@ -47,11 +45,12 @@ class SourceParams(StrictParams):
         description="file: its path, or a list of files (each row gets a source_file column: the file's stem); "
         "huggingface: a hub id or a save_to_disk folder.",
     )
-    split: str = Field("train", description="huggingface: which split to read.")
+    split: str = Field("train", description="huggingface: which split to read (the catalog's preference_file "
+                       "reads it).")
     gold_task: str | None = Field(
-        None, description="file only: a JSON file with the hidden gold the pairs were labelled with (words, "
+        None, description="file or hub data: a JSON file with the hidden gold the pairs were labelled with (words, "
         "utilities, scale; written by `python -m calibrated_rlhf.runtime.real_task`), so the gold figures are reported "
-        "as on the synthetic task.")
+        "as on the synthetic task; read and checked by the catalog's gold_task.")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -61,52 +60,44 @@ class SourceParams(StrictParams):
         return self
 
 
-def _read_huggingface(path: str, split: str) -> pd.DataFrame:
-    import datasets
-
-    if Path(path).is_dir():
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"data_prep.source.split '{split}' not in {list(ds)} of '{path}'")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(path, split=split)
-    return prefs.plain_frame(ds.to_pandas())
-
-
 def read_source(source: SourceParams, preference_file: pd.DataFrame | None) -> tuple[pd.DataFrame, str]:
-    """A file or Hugging Face source's rows, nested values as plain lists; and how to name it in errors. A file
-    source arrives read by the catalog's ``preference_file``, which must be the file ``data_prep.source.path``
-    names (both follow one setting; an environment that moves only one is refused here)."""
-    if source.kind == "huggingface":
-        return _read_huggingface(source.path, source.split), f"Hugging Face data '{source.path}'"
+    """A file or Hugging Face source's rows, read by the catalog's ``preference_file``, and how to name them in
+    errors. What it read must be what ``data_prep.source`` names (both follow one setting; an environment that
+    moves only one is refused here)."""
     read = None if preference_file is None else preference_file.attrs.get(FILEPATH_ATTR)
     if read != source.path:
         raise ValueError(f"data_prep.source.path is {source.path!r} but the catalog's preference_file read {read!r}: "
                          "set both through --params data_prep.source.path=... or the environment's globals.yml "
                          "(preference_source.path)")
+    wanted, split = source.split if source.kind == "huggingface" else None, preference_file.attrs.get(SPLIT_ATTR)
+    if split != wanted:
+        def named(s: str | None) -> str:
+            return "a file" if s is None else f"Hugging Face split {s!r}"
+
+        raise ValueError(f"data_prep.source names {named(wanted)} but the catalog's preference_file read "
+                         f"{named(split)}: set both through --params data_prep.source.kind=...,data_prep.source.split="
+                         "... or the environment's globals.yml (preference_source)")
     return preference_file, preference_file.attrs[SOURCE_ATTR]
 
 
-def read_gold_task(path: str | None) -> dict[str, Any]:
-    """The gold of a file source (words, utilities, scale), checked the way the stages will read it; {} without."""
-    if path is None:
-        return {}
-    try:
-        task = json.loads(Path(path).read_text())
-        SyntheticTask.from_dict(task)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"data_prep.source.gold_task {path!r}: {err}") from err
-    return task
+def gold_of(source: SourceParams, gold_task: dict[str, Any] | None) -> dict[str, Any]:
+    """The gold the catalog's ``gold_task`` read (already checked), {} without; refused unless it read the file
+    ``data_prep.source.gold_task`` names."""
+    read = None if gold_task is None else gold_task["filepath"]
+    if read != source.gold_task:
+        raise ValueError(f"data_prep.source.gold_task is {source.gold_task!r} but the catalog's gold_task read "
+                         f"{read!r}: set both through --params data_prep.source.gold_task=... or the environment's "
+                         "globals.yml (preference_source.gold_task)")
+    return {} if gold_task is None else gold_task["task"]
 
 
 def load_pairs(
-    preference_file: pd.DataFrame | None, source: SourceParams, margin: prefs.MarginParams,
-    validation: prefs.ValidationParams, completions: CompletionParams,
+    preference_file: pd.DataFrame | None, gold_task: dict[str, Any] | None, source: SourceParams,
+    margin: prefs.MarginParams, validation: prefs.ValidationParams, completions: CompletionParams,
 ) -> tuple[pd.DataFrame, dict[str, int], dict[str, Any]]:
     """Validated canonical pairs from the configured source, the drop counts, and the synthetic task's
-    ground truth (empty otherwise). Rated completions (prompt, completions, ratings) become pairs first.
+    ground truth (for a file or hub data, the catalog's ``gold_task``; empty without). Rated completions
+    (prompt, completions, ratings) become pairs first.
     Validation happens here, before the first save: bad data fails the run naming the source, rows and
     field, and leaves no artifact behind."""
     ties = 0
@@ -115,7 +106,7 @@ def load_pairs(
         task = make_task(spec)
         raw, task_dict, where = make_pairs(spec, task), {**task.to_dict(), "spec": spec.to_dict()}, "synthetic task"
     else:
-        (raw, where), task_dict = read_source(source, preference_file), read_gold_task(source.gold_task)
+        (raw, where), task_dict = read_source(source, preference_file), gold_of(source, gold_task)
         if is_rated_completions(raw, completions):
             n_rows = len(raw)
             raw, ties = completions_to_pairs(raw, completions, where)

@@ -8,11 +8,12 @@ from calibrated_rlhf.pipelines.data_prep import nodes
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            # Loading validates: bad rows fail the run (or are dropped) before anything is saved. A file
-            # source arrives read by the catalog's preference_file (None for the synthetic task and hub data).
+            # Loading validates: bad rows fail the run (or are dropped) before anything is saved. A file or hub
+            # source arrives read by the catalog's preference_file (None for the synthetic task), its gold (if
+            # any) by gold_task.
             Node(nodes.load_pairs,
-                 ["preference_file", "params:data_prep.source", "params:data_prep.margin", "params:data_prep.validation",
-                  "params:data_prep.completions"],
+                 ["preference_file", "gold_task", "params:data_prep.source", "params:data_prep.margin",
+                  "params:data_prep.validation", "params:data_prep.completions"],
                  ["raw_pairs", "dropped_invalid", "synthetic_task"], name="load_pairs"),
             Node(nodes.split_pairs, ["raw_pairs", "params:data_prep.split"],
                  ["train_pairs_unchecked", "validation_pairs_unchecked", "calibration_pairs_unchecked",
