@@ -60,7 +60,7 @@ ERROR_CLIP_LOW, ERROR_CLIP_HIGH = 0.5, 1.0
 # winds up over that lag: at gain 0.5 and horizon 200, RLOO at target 0.5 ran to KL 2.8, beta rose to 4 and the KL
 # then fell to 0.001. A strong proportional term and an integral time of 5-10% of the run's episodes (conf/base:
 # PPO 100 of 1,920, RLOO and GRPO 400 of 3,840) brake at once and leave the integral only the offset. PPO's is the
-# shorter: its KL answers beta slowest (four small steps per batch), and at 200 it sat 12-13% over targets 1 and 2
+# shorter: its KL answers beta slowest (four small steps per batch), and at 200 one seed sat 12-13% over targets 1, 2
 # for a whole second half while the integral caught up.
 DEFAULT_GAIN = 2.0
 # The penalty, in normalized-reward standard deviations, that the whole KL budget costs at the start (initial_beta).
