@@ -5,9 +5,12 @@ integrity, provenance, kedro-mlflow), the catalog with its Parquet and versioned
 parameter models. Use it wherever a behaviour depends on storage; the in-memory helper
 (`tests.pipelines.helpers.run`) stays for what storage cannot change.
 
-To stay fast on two cores, each run is forked from the test process with the heavy modules (torch,
-transformers, mlflow, the pipelines) imported once (`preload`); the child runs kedro's own command
-line, exactly what `python -m kedro run` calls.
+To stay fast on two cores, each run is forked with the heavy modules (torch, transformers, mlflow, the
+pipelines) imported once; the child runs kedro's own command line, exactly what `python -m kedro run` calls.
+The runs fork from a fork server (a fresh process that imported those modules and never ran anything), not
+from the test process: by then the test process has run torch on several threads, and a child forked from it
+inherits thread pools whose threads it does not have (one such run crashed in its first parallel op, inside
+the embedding, in a full run of the suite).
 """
 
 from __future__ import annotations
@@ -32,18 +35,39 @@ PRELOADED = ("calibrated_rlhf.pipeline_registry", "kedro.framework.cli", "kedro_
              "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
 
 
+def _stage_pipelines() -> list[str]:
+    import calibrated_rlhf.pipelines as stages
+
+    return [f"{stages.__name__}.{stage.name}.pipeline" for stage in pkgutil.iter_modules(stages.__path__) if stage.ispkg]
+
+
 def preload() -> None:
-    """Import once what every forked run would otherwise import again.
+    """Import here what the runs' fork server imports once for every run (:func:`_run_context`).
 
     The project's pipelines count most: ``register_pipelines`` imports every stage's nodes, and with them
     torch, transformers and TRL, in each run that has not got them yet (about 10 s on two cores)."""
-    for module in PRELOADED:
+    for module in (*PRELOADED, *_stage_pipelines()):
         importlib.import_module(module)
-    import calibrated_rlhf.pipelines as stages
 
-    for stage in pkgutil.iter_modules(stages.__path__):
-        if stage.ispkg:
-            importlib.import_module(f"{stages.__name__}.{stage.name}.pipeline")
+
+def _run_context() -> multiprocessing.context.BaseContext:
+    """The fork server the runs start from: started once, with the preloaded modules and the harness's
+    environment (rich sizes its console, and so the width of every logged line, when it is imported)."""
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([*PRELOADED, *_stage_pipelines(), __name__])
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ctx
 
 
 def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
@@ -61,12 +85,12 @@ def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
 
 
 def start_kedro_run(project: Path, *args: str, name: str, env: dict[str, str] | None = None) -> multiprocessing.Process:
-    """`kedro run ARGS` in ``project``, forked and not waited for (a run to kill); it prints to logs/<name>.txt.
+    """`kedro run ARGS` in ``project``, forked from the fork server and not waited for (a run to kill); it prints
+    to logs/<name>.txt.
     ``env`` is set in the run's environment over the harness's own (e.g. another MLFLOW_TRACKING_URI)."""
     log = project / "logs" / f"{name}.txt"
     log.parent.mkdir(exist_ok=True)
-    proc = multiprocessing.get_context("fork").Process(target=_cli,
-                                                       args=(str(project), list(args), str(log), dict(env or {})))
+    proc = _run_context().Process(target=_cli, args=(str(project), list(args), str(log), dict(env or {})))
     proc.start()
     return proc
 
