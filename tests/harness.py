@@ -15,7 +15,6 @@ the embedding, in a full run of the suite).
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import os
@@ -42,12 +41,12 @@ def _stage_pipelines() -> list[str]:
 
 
 def preload() -> None:
-    """Import here what the runs' fork server imports once for every run (:func:`_run_context`).
+    """Start the runs' fork server now, so that what it imports once for every run is not timed in a test's run.
 
     The project's pipelines count most: ``register_pipelines`` imports every stage's nodes, and with them
-    torch, transformers and TRL, in each run that has not got them yet (about 10 s on two cores)."""
-    for module in (*PRELOADED, *_stage_pipelines()):
-        importlib.import_module(module)
+    torch, transformers and TRL, in each run that has not got them yet (about 10 s on two cores). The test
+    process itself imports none of it for the runs' sake."""
+    _run_context()
 
 
 def _run_context() -> multiprocessing.context.BaseContext:
