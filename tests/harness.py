@@ -69,7 +69,7 @@ def _run_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
+def _cli(project: str, args: list[str], log: str, env: dict[str, str], session_id: str | None) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -80,16 +80,23 @@ def _cli(project: str, args: list[str], log: str, env: dict[str, str]) -> None:
     sys.argv = ["kedro", "run", *args]
     from kedro.framework.cli import main
 
+    if session_id:  # the session's timestamp, as if the clock read it: runs started in one millisecond
+        import kedro.framework.session.session as kedro_session
+
+        kedro_session.generate_timestamp = lambda: session_id
+
     main()
 
 
-def start_kedro_run(project: Path, *args: str, name: str, env: dict[str, str] | None = None) -> multiprocessing.Process:
+def start_kedro_run(project: Path, *args: str, name: str, env: dict[str, str] | None = None,
+                    session_id: str | None = None) -> multiprocessing.Process:
     """`kedro run ARGS` in ``project``, forked from the fork server and not waited for (a run to kill); it prints
     to logs/<name>.txt.
-    ``env`` is set in the run's environment over the harness's own (e.g. another MLFLOW_TRACKING_URI)."""
+    ``env`` is set in the run's environment over the harness's own (e.g. another MLFLOW_TRACKING_URI);
+    ``session_id`` replaces the timestamp Kedro would name the session (and its save version) after."""
     log = project / "logs" / f"{name}.txt"
     log.parent.mkdir(exist_ok=True)
-    proc = _run_context().Process(target=_cli, args=(str(project), list(args), str(log), dict(env or {})))
+    proc = _run_context().Process(target=_cli, args=(str(project), list(args), str(log), dict(env or {}), session_id))
     proc.start()
     return proc
 

@@ -264,8 +264,12 @@ def test_two_runs_at_once_in_one_folder_read_only_their_own_artifacts(tmp_path):
     preload()  # both runs are forked (tests/harness.py) and go on at the same time
     project = make_project(tmp_path / "project")
     stages = "data_prep,reward_model,calibration"
+    # Started in one millisecond (as CI's two runs once were): Kedro names both sessions, and their save
+    # versions, after the same timestamp.
+    started = generate_timestamp()
     procs = [start_kedro_run(project, "--env", "tiny", "--pipelines", stages, "--params",
-                             f"data_prep.source.synthetic.seed={seed}", name=f"seed_{seed}") for seed in (1, 2)]
+                             f"data_prep.source.synthetic.seed={seed}", name=f"seed_{seed}", session_id=started)
+             for seed in (1, 2)]
     for p in procs:
         p.join(600)
     outputs = [(project / "logs" / f"seed_{seed}.txt").read_text() for seed in (1, 2)]
@@ -273,11 +277,12 @@ def test_two_runs_at_once_in_one_folder_read_only_their_own_artifacts(tmp_path):
 
     client, runs = _runs(project)
     assert len(runs) == 2
-    accuracies = set()
+    accuracies, sessions = set(), set()
     for run in runs:
         run_id = run.info.run_id
         session = json.loads(Path(client.download_artifacts(run_id, "run_config/run_params.json",
                                                             str(tmp_path / run_id))).read_text())["session_id"]
+        sessions.add(session)
         loaded = {k: v for k, v in run.data.tags.items() if k.startswith("provenance/loaded/")}
         assert {"provenance/loaded/train_pairs", "provenance/loaded/reward_model", "provenance/loaded/test_scores",
                 "provenance/loaded/tokenizer"} <= set(loaded)
@@ -294,6 +299,7 @@ def test_two_runs_at_once_in_one_folder_read_only_their_own_artifacts(tmp_path):
         assert run.data.metrics["rm/test_accuracy"] == pytest.approx(own)
         accuracies.add(run.data.tags["data/content_hash/train"])
     assert len(accuracies) == 2  # two seeds, two data sets: the runs did not share one
+    assert started in sessions and len(sessions) == 2  # one saved the session's version, the other a later one
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ from kedro.io.core import generate_timestamp
 from kedro.pipeline import Node, Pipeline
 
 from calibrated_rlhf.runtime import run_integrity
-from calibrated_rlhf.runtime.run_integrity import (MARKER, InconsistentArtifacts, RunIsolation, discard_outputs,
-                                           init_sqlite_store, lineage, read_marker, resolve_versions, write_marker)
+from calibrated_rlhf.runtime.run_integrity import (CLAIMS, MARKER, InconsistentArtifacts, RunIsolation, claim_version,
+                                           discard_outputs, init_sqlite_store, lineage, read_marker, resolve_versions,
+                                           write_marker)
 
 OLD, NEW = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
 
@@ -89,6 +90,11 @@ def _save(root: Path, name: str, version: str, data, complete: bool = True, made
         write_marker(catalog.get(name), version, {"dataset": name, "lineage": made_from or {}})
 
 
+def _run_params(project: Path, session_id: str) -> dict:
+    """What Kedro's session hands the hook: the same dict goes on to the hooks after it and to after_pipeline_run."""
+    return {"project_path": project.as_posix(), "run_id": session_id, "load_versions": {}}
+
+
 TRAIN_AND_USE = Pipeline([Node(lambda t, p: t, ["tokenizer", "params:x"], "model", name="train"),
                           Node(lambda t, m: m, ["tokenizer", "model"], "transform", name="use")])
 USE = Pipeline([Node(lambda t, m: m, ["tokenizer", "model"], "transform", name="use")])
@@ -99,7 +105,7 @@ def test_a_completed_run_marks_each_versioned_output_with_its_run_and_lineage(tm
     ours = generate_timestamp()
     catalog = _catalog(tmp_path, ours)
     hook = RunIsolation()
-    hook.before_pipeline_run({"load_versions": {}}, TRAIN_AND_USE, catalog)
+    hook.before_pipeline_run(_run_params(tmp_path, ours), TRAIN_AND_USE, catalog)
     assert hook._resolved == {"tokenizer": OLD, "model": ours, "transform": ours}
     catalog.save("model", "m")  # 'transform' is not written: an optional output
     monkeypatch.setattr(run_integrity, "_active_mlflow_run_id", lambda: "run-123")
@@ -109,6 +115,30 @@ def test_a_completed_run_marks_each_versioned_output_with_its_run_and_lineage(tm
                       "lineage": {"tokenizer": OLD}}
     assert read_marker(catalog.get("transform"), ours) is None
     assert not (tmp_path / "transform.json").exists()
+
+
+def test_a_run_whose_session_id_another_run_claimed_saves_and_marks_the_version_it_claimed(tmp_path, monkeypatch):
+    _save(tmp_path, "tokenizer", OLD, "tok")
+    ours = generate_timestamp()
+    assert claim_version(tmp_path, ours) == ours  # the run that started first, in the same millisecond
+    later = claim_version(tmp_path, ours)
+    assert later > ours and sorted(p.name for p in (tmp_path / CLAIMS).iterdir()) == [ours, later]
+    hook, catalog, run_params = RunIsolation(), _catalog(tmp_path, later), _run_params(tmp_path, ours)
+    hook.after_catalog_created(save_version=later)
+    hook.before_pipeline_run(run_params, TRAIN_AND_USE, catalog)
+    assert run_params["run_id"] == later  # what the hooks after this one and the MLflow tags name
+    assert hook._resolved == {"tokenizer": OLD, "model": later, "transform": later}
+    catalog.save("model", "m")
+    monkeypatch.setattr(run_integrity, "_active_mlflow_run_id", lambda: None)
+    hook.after_pipeline_run(run_params, TRAIN_AND_USE, catalog)
+    assert read_marker(catalog.get("model"), later)["session_id"] == later
+
+
+def test_a_taken_version_moves_on_even_when_the_clock_is_behind_it(tmp_path):
+    future = "2999-12-31T23.59.59.999Z"
+    assert claim_version(tmp_path, future) == future
+    assert claim_version(tmp_path, future) == "3000-01-01T00.00.00.000Z"
+    assert claim_version(tmp_path, future) == "3000-01-01T00.00.00.001Z"
 
 
 def test_a_hook_that_pinned_nothing_still_marks_what_the_run_saved(tmp_path, monkeypatch):
@@ -177,7 +207,7 @@ def test_a_failed_run_discards_its_unmarked_outputs_through_the_hook(tmp_path, c
     ours = generate_timestamp()
     catalog = _catalog(tmp_path, ours)
     hook = RunIsolation()
-    hook.before_pipeline_run({}, TRAIN_AND_USE, catalog)
+    hook.before_pipeline_run(_run_params(tmp_path, ours), TRAIN_AND_USE, catalog)
     catalog.save("model", "half")
     with caplog.at_level(logging.WARNING, logger="calibrated_rlhf.runtime.run_integrity"):
         hook.on_pipeline_error(TRAIN_AND_USE, catalog)

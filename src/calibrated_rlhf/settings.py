@@ -10,7 +10,7 @@ from calibrated_rlhf.runtime.crash_recovery import CrashRecovery, GracefulStop  
 from calibrated_rlhf.runtime.hooks import LaunchedRanks, ProvenanceHooks, TrackingServerCheck  # noqa: E402
 from calibrated_rlhf.runtime.launch import is_secondary_rank  # noqa: E402
 from calibrated_rlhf.pipeline_registry import ProjectConfigLoader  # noqa: E402
-from calibrated_rlhf.runtime.run_integrity import RunIsolation  # noqa: E402
+from calibrated_rlhf.runtime.run_integrity import ProjectContext, RunIsolation  # noqa: E402
 
 # kedro-mlflow's hook comes from its entry point. The order against it is set in the hooks themselves
 # (pluggy's tryfirst / trylast), not by position here: TrackingServerCheck runs before kedro-mlflow
@@ -33,6 +33,9 @@ def _env_or(name: str, default: str) -> str:
     """An environment variable's value, or ``default`` when it is unset or empty."""
     return os.environ.get(name) or default
 
+
+# A run's catalog saves under a version no other run in this project folder has (runtime/run_integrity.py).
+CONTEXT_CLASS = ProjectContext
 
 # The project's OmegaConfigLoader: it also tells the pipeline registry which configuration shapes the DAG,
 # where no hook runs (`kedro viz`).

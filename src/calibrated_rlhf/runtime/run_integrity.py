@@ -9,6 +9,9 @@ hooks) and adds one fact Kedro lacks: which versions come from runs that complet
   it, ``<filepath>/<version>/_complete.json``, holding the marker's lineage (below). A failed or killed
   run writes none, so nothing it saved is ever "latest"; a failed run also removes what it saved
   (a killed one cannot: its versions stay, unmarked and never loaded).
+- **One version per run.** Kedro names a run's save version after its session id, a millisecond
+  timestamp; two runs started in one millisecond (a scheduler, a sweep) would save into one version
+  folder. A run's catalog claims its version in the project folder first (``claim_version``).
 - **Isolation.** At the start of a run every versioned dataset of its pipeline is pinned once: what
   the run produces to the run's own save version, everything else to the newest *completed* version
   (or the user's ``--load-versions`` pin). No later load consults the disk again.
@@ -23,15 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import PurePosixPath
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
-from kedro.io.core import AbstractVersionedDataset, Version
+from kedro.io import DataCatalog
+from kedro.io.core import VERSION_FORMAT, AbstractVersionedDataset, Version, generate_timestamp
 
 log = logging.getLogger(__name__)
 
 MARKER = "_complete.json"
+CLAIMS = ".run_versions"
 
 
 class InconsistentArtifacts(ValueError):
@@ -80,6 +87,31 @@ def write_marker(ds: AbstractVersionedDataset, version: str, record: dict[str, A
     with fs.open(tmp, "w") as fh:
         json.dump(record, fh, indent=1, sort_keys=True)
     fs.mv(tmp, path)
+
+
+# ---- the run's version --------------------------------------------------------------------------------
+
+
+def claim_version(project_path: str | os.PathLike[str], proposed: str) -> str:
+    """The version this run saves under: ``proposed`` (Kedro's session id), or a later one if another run
+    in this project folder has it.
+
+    Without a claim the second of two runs started in one millisecond fails half-way on Kedro's "save path
+    must not exist", and its failure handler would remove the first run's unfinished outputs as its own.
+    Creating ``<project>/.run_versions/<version>`` with O_EXCL is atomic on a local filesystem; the loser
+    tries the next millisecond, or the clock's time if that is later. Claims stay: one empty file per run.
+    """
+    claims = Path(project_path) / CLAIMS
+    claims.mkdir(exist_ok=True)
+    version = proposed
+    while True:
+        try:
+            os.close(os.open(claims / version, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return version
+        except FileExistsError:
+            # Always later than the taken one, so a clock that stepped back cannot loop here.
+            later = datetime.strptime(version, VERSION_FORMAT) + timedelta(milliseconds=1)
+            version = max(generate_timestamp(), later.strftime(VERSION_FORMAT)[:-4] + "Z")
 
 
 # ---- resolving versions at the start of a run -------------------------------------------------------
@@ -169,7 +201,20 @@ def _conflict(node: str, ancestor: str, first: str, first_version: str, second: 
             "with --load-versions.")
 
 
-# ---- the hook ---------------------------------------------------------------------------------------
+# ---- the context and the hook --------------------------------------------------------------------------
+
+
+class ProjectContext(KedroContext):
+    """Kedro's context, except that a run's catalog saves under a version it claimed (``claim_version``)."""
+
+    def _get_catalog(self, catalog_class: type = DataCatalog, save_version: str | None = None,
+                     load_versions: dict[str, str] | None = None) -> Any:
+        # Kedro's documented place to change how the catalog is made; the version must be set here, as every
+        # dataset of a catalog, lazy ones included, takes the one save version it was built with.
+        if save_version:
+            save_version = claim_version(self.project_path, save_version)
+        return super()._get_catalog(catalog_class, save_version, load_versions)
+
 
 
 def init_sqlite_store(uri: str | None, experiment: dict[str, Any] | None = None) -> None:
@@ -204,6 +249,7 @@ class RunIsolation:
     """Pins versions when a run starts (before any other hook reads them); marks its outputs when it completes."""
 
     def __init__(self) -> None:
+        self._save_version: str | None = None
         self._resolved: dict[str, str] = {}
         self._lineage: dict[str, dict[str, str]] = {}
 
@@ -215,8 +261,19 @@ class RunIsolation:
         init_sqlite_store((conf.get("server") or {}).get("mlflow_tracking_uri"),
                           (conf.get("tracking") or {}).get("experiment"))
 
+    @hook_impl
+    def after_catalog_created(self, save_version: str | None) -> None:
+        if save_version:  # the run's catalog, not one built to look at (`context.catalog`)
+            self._save_version = save_version
+
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if self._save_version and self._save_version != run_params["run_id"]:
+            log.warning("another run in this folder started in the same millisecond: this run saves version %s, "
+                        "not %s", self._save_version, run_params["run_id"])
+            # Kedro hands this one dict to every hook: those after this one (kedro-mlflow's tags, the
+            # provenance record) and the completion markers name the version the run saves.
+            run_params["run_id"] = self._save_version
         self._resolved = resolve_versions(pipeline, catalog, run_params.get("load_versions"))
         self._lineage = lineage(pipeline, catalog, self._resolved)
         upstream = {k: v for k, v in self._resolved.items() if k not in pipeline.all_outputs()}
