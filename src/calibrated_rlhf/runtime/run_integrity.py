@@ -216,7 +216,6 @@ class ProjectContext(KedroContext):
         return super()._get_catalog(catalog_class, save_version, load_versions)
 
 
-
 def init_sqlite_store(uri: str | None, experiment: dict[str, Any] | None = None) -> None:
     """Create (or migrate) an MLflow sqlite store and its experiment once, under a file lock.
 
