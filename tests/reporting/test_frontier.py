@@ -71,3 +71,35 @@ def test_dpo_calibration_table_reads_each_dpo_runs_implicit_reward_figures(tmp_p
     points = frontier.frontier_points(runs)
     text = open(frontier.write_report(points, [1.0, 4.0], str(tmp_path), table)["markdown"]).read()
     assert "## DPO's implicit reward" in text and "| e | 0.1 | 0.21 | 0.149 | 0.033 |" in text
+
+
+def _curve_runs(method: str, alpha: float, beta: float, ds) -> list[dict]:
+    """Runs whose gold gain lies on Gao et al.'s RL law d (alpha - beta ln d), at KL d^2."""
+    return [_run(f"{method}{i}", method, d * d, d * d, d * (alpha - beta * math.log(d))) for i, d in enumerate(ds)]
+
+
+def test_the_rl_law_is_recovered_with_its_peak_and_the_verdict_sees_where_it_turns():
+    ds = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
+    runs = pd.DataFrame(_curve_runs("grpo", 0.5, 0.25, ds) + _curve_runs("ppo", 0.3, 0.05, ds)
+                        + _curve_runs("rloo", 0.4, 0.1, ds[:2]) + _curve_runs("dpo", 0.5, 0.25, ds))
+    fits = frontier.overoptimization_fits(frontier.frontier_points(runs))
+    assert set(fits["method"]) == {"grpo", "ppo"}  # RLOO has 2 points; DPO is not a policy pushed along a proxy
+    rl = fits[fits["form"] == "rl"].set_index("method")
+    assert rl.loc["grpo", "alpha"] == pytest.approx(0.5) and rl.loc["grpo", "beta"] == pytest.approx(0.25)
+    assert rl.loc["grpo", "r2"] == pytest.approx(1.0) and rl.loc["grpo", "held_out_r2"] == pytest.approx(1.0)
+    assert rl.loc["grpo", "d_peak_fitted"] == pytest.approx(math.exp(0.5 / 0.25 - 1))  # e: inside the range run
+    assert rl.loc["grpo", "d_peak_observed"] == 3.0  # the run nearest e, on the way down beyond it
+    assert rl.loc["ppo", "d_peak_fitted"] == pytest.approx(math.exp(0.3 / 0.05 - 1))  # e^5: far past d = 5
+    bon = fits[fits["form"] == "bon"].set_index("method")
+    assert bon.loc["grpo", "r2"] < rl.loc["grpo", "r2"]  # the other law fits these points worse
+    verdict = frontier.overoptimization_verdict(fits)
+    assert verdict.holds is False and "grpo: fitted peak d* 2.72" in verdict.evidence  # PPO has not turned yet
+    assert frontier.overoptimization_verdict(fits[fits["method"] == "grpo"]).holds is True
+    assert frontier.overoptimization_verdict(fits.iloc[:0]).holds is None
+
+
+def test_the_report_shows_the_fits_and_their_verdict(tmp_path):
+    runs = pd.DataFrame(_curve_runs("grpo", 0.5, 0.25, [0.5, 1.0, 2.0, 3.0, 4.0]))
+    text = open(frontier.write_report(frontier.frontier_points(runs), [1.0], str(tmp_path))["markdown"]).read()
+    assert "## Gao et al.'s forms fitted" in text and "| grpo | rl | 5 | 0.5 |" in text
+    assert "**RL's gold reward peaks and turns down within the KL measured: supported.**" in text

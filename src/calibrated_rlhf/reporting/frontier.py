@@ -4,7 +4,10 @@ Each run contributes one point from the one evaluation protocol (``core.evaluati
 the reference on its own samples (``eval/kl_reference``) and its gold-reward gain over the reference with a
 95% interval (``eval/gold_gain*``). The plot puts gold gain against sqrt(KL), as Gao et al. (2022) plot
 over-optimization; the table interpolates each method's gain at matched KL values, and the verdict names the
-method with the most gold reward per nat at each, from those numbers. Plain pandas: ``runs`` reads MLflow.
+method with the most gold reward per nat at each, from those numbers. Each RL method's points are also fitted
+with Gao et al.'s two forms (``core.overoptimization``): ``d (alpha - beta ln d)``, their RL law, and
+``d (alpha - beta d)``, their best-of-n law, with the fitted peak against the observed one. Plain pandas:
+``runs`` reads MLflow.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2
 from calibrated_rlhf.reporting.table import METHOD_KEYS, as_float, method_of, with_current_keys
 from calibrated_rlhf.reporting.verdicts import Verdict
 
@@ -47,14 +51,65 @@ def frontier_points(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values(["method", "kl"], kind="stable").reset_index(drop=True)
 
 
-def frontier_figure(points: pd.DataFrame) -> Figure:
-    """Gold gain (95% interval) against sqrt(KL to the reference), one line per method."""
+FIT_COLUMNS = ["method", "form", "points", "alpha", "alpha_ci_low", "alpha_ci_high", "beta", "beta_ci_low",
+               "beta_ci_high", "r2", "held_out_r2", "d_peak_fitted", "d_peak_observed", "d_max"]
+
+
+def overoptimization_fits(points: pd.DataFrame) -> pd.DataFrame:
+    """Both of Gao et al.'s forms fitted to each RL method's gold gain against ``d = sqrt(KL)``, one row per
+    method and form: coefficients with 95% intervals, R^2 on the points and on held-out ones, the fitted peak
+    ``d*`` beside the observed one (the ``d`` of the largest gain) and the largest ``d`` run.
+
+    DPO is left out (its points are not a policy pushed along one proxy). A method with fewer than three
+    distinct ``d`` has no row; a held-out R^2 that its points cannot support is NaN."""
+    rows = []
+    for method, group in points[points["method"] != "dpo"].groupby("method", sort=True):
+        d, gain = group["sqrt_kl"].to_numpy(), group["gold_gain"].to_numpy()
+        if len(np.unique(d[d > 0])) < 3:
+            continue
+        for form in ("rl", "bon"):
+            fit = fit_curve(d, gain, form)
+            try:
+                held = held_out_r2(d, gain, form)
+            except ValueError:  # too few points left to fit once every third is held out
+                held = math.nan
+            rows.append({"method": method, "form": form, "points": len(d), "alpha": fit.alpha,
+                         "alpha_ci_low": fit.alpha_ci[0], "alpha_ci_high": fit.alpha_ci[1], "beta": fit.beta,
+                         "beta_ci_low": fit.beta_ci[0], "beta_ci_high": fit.beta_ci[1], "r2": fit.r2,
+                         "held_out_r2": held, "d_peak_fitted": fit.d_peak, "d_peak_observed": float(d[np.argmax(gain)]),
+                         "d_max": float(d.max())})
+    return pd.DataFrame(rows, columns=FIT_COLUMNS)
+
+
+def overoptimization_verdict(fits: pd.DataFrame) -> Verdict:
+    """Does RL's gold turn over within the KL measured: for each method, the RL law's fitted peak, with its
+    beta's interval above zero (a peak at all), inside the range of ``d`` run."""
+    rl = fits[fits["form"] == "rl"]
+    claim = "RL's gold reward peaks and turns down within the KL measured"
+    if rl.empty:
+        return Verdict("overoptimization", claim, None, "no method with three or more distinct KL points", ())
+    found = [f"{r.method}: fitted peak d* {r.d_peak_fitted:.2f} (KL {r.d_peak_fitted ** 2:.1f}), observed "
+             f"{r.d_peak_observed:.2f}, largest d run {r.d_max:.2f}, beta {r.beta:.3f} "
+             f"[{r.beta_ci_low:.3f}, {r.beta_ci_high:.3f}]" for r in rl.itertuples()]
+    turned = [r.beta_ci_low > 0 and r.d_peak_fitted < r.d_max for r in rl.itertuples()]
+    return Verdict("overoptimization", claim, all(turned), "; ".join(found), ())
+
+
+def frontier_figure(points: pd.DataFrame, fits: pd.DataFrame | None = None) -> Figure:
+    """Gold gain (95% interval) against sqrt(KL to the reference), one line per method; with ``fits``, each
+    method's RL-law curve dashed over the range it was fitted on."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    rl_fits = {} if fits is None else {r.method: r for r in fits[fits["form"] == "rl"].itertuples()}
     for method, group in points.groupby("method", sort=True):
         err = np.vstack([group["gold_gain"] - group["gold_gain_ci_low"], group["gold_gain_ci_high"] - group["gold_gain"]])
-        ax.errorbar(group["sqrt_kl"], group["gold_gain"], yerr=np.nan_to_num(err), marker="o", capsize=3,
-                    label=method)
+        line = ax.errorbar(group["sqrt_kl"], group["gold_gain"], yerr=np.nan_to_num(err), marker="o", capsize=3,
+                           label=method)
+        if method in rl_fits:
+            fit = rl_fits[method]
+            d = np.linspace(1e-3, fit.d_max, 100)
+            ax.plot(d, d * (fit.alpha - fit.beta * np.log(d)), linestyle="--", linewidth=0.9,
+                    color=line.lines[0].get_color())
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("sqrt(KL to the reference policy), sqrt(nats per sequence)")
     ax.set_ylabel("gold reward gain over the reference")
@@ -123,7 +178,8 @@ def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frontier_figure(points).savefig(out / "frontier.png", dpi=100)
+    fits = overoptimization_fits(points)
+    frontier_figure(points, fits).savefig(out / "frontier.png", dpi=100)
     table = matched_kl_table(points, kl_levels)
     verdict = frontier_verdict(table)
     from calibrated_rlhf.reporting.render import markdown_table
@@ -134,6 +190,13 @@ def write_report(points: pd.DataFrame, kl_levels: Sequence[float], out_dir: str,
              markdown_table(shown), "", f"**{verdict.claim}: {verdict.status}.** {verdict.evidence}"]
     if verdict.missing:
         lines.append(f"Missing methods: {', '.join(verdict.missing)}.")
+    if len(fits):
+        turned = overoptimization_verdict(fits)
+        lines += ["", "## Gao et al.'s forms fitted to each method's gold gain against d = sqrt(KL)", "",
+                  "`rl`: d (alpha - beta ln d), their law for RL; `bon`: d (alpha - beta d), their law for best-of-n. "
+                  "Intervals 95%; held-out R^2 on every third point by d, fitted without it; the RL curves dashed "
+                  "in the figure.", "", markdown_table(fits.round(4)), "",
+                  f"**{turned.claim}: {turned.status}.** {turned.evidence}"]
     if dpo_calibration is not None and len(dpo_calibration):
         lines += ["", "## DPO's implicit reward beta * log(pi / pi_ref), calibrated as a reward model's", "",
                   markdown_table(dpo_calibration.round(4))]
