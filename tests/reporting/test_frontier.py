@@ -95,6 +95,10 @@ def test_the_rl_law_is_recovered_with_its_peak_and_the_verdict_sees_where_it_tur
     verdict = frontier.overoptimization_verdict(fits)
     assert verdict.holds is False and "grpo: fitted peak d* 2.72" in verdict.evidence  # PPO has not turned yet
     assert frontier.overoptimization_verdict(fits[fits["method"] == "grpo"]).holds is True
+    # Runs that only flatten: the fitted peak (e, 2.72) lies inside the range, but no run has less gold than one
+    # before it, so nothing has turned down yet.
+    flat = fits[fits["method"] == "grpo"].assign(d_peak_observed=5.0)
+    assert frontier.overoptimization_verdict(flat).holds is False
     assert frontier.overoptimization_verdict(fits.iloc[:0]).holds is None
 
 

@@ -83,7 +83,9 @@ def overoptimization_fits(points: pd.DataFrame) -> pd.DataFrame:
 
 def overoptimization_verdict(fits: pd.DataFrame) -> Verdict:
     """Does RL's gold turn over within the KL measured: for each method, the RL law's fitted peak, with its
-    beta's interval above zero (a peak at all), inside the range of ``d`` run."""
+    beta's interval above zero (a peak at all), inside the range of ``d`` run, and the runs themselves past
+    their best (a run at larger ``d`` with less gold). A curve that only flattens puts the fitted peak inside
+    the range while every run still gains: that is not a turnover."""
     rl = fits[fits["form"] == "rl"]
     claim = "RL's gold reward peaks and turns down within the KL measured"
     if rl.empty:
@@ -91,7 +93,8 @@ def overoptimization_verdict(fits: pd.DataFrame) -> Verdict:
     found = [f"{r.method}: fitted peak d* {r.d_peak_fitted:.2f} (KL {r.d_peak_fitted ** 2:.1f}), observed "
              f"{r.d_peak_observed:.2f}, largest d run {r.d_max:.2f}, beta {r.beta:.3f} "
              f"[{r.beta_ci_low:.3f}, {r.beta_ci_high:.3f}]" for r in rl.itertuples()]
-    turned = [r.beta_ci_low > 0 and r.d_peak_fitted < r.d_max for r in rl.itertuples()]
+    turned = [r.beta_ci_low > 0 and r.d_peak_fitted < r.d_max and r.d_peak_observed < r.d_max
+              for r in rl.itertuples()]
     return Verdict("overoptimization", claim, all(turned), "; ".join(found), ())
 
 
