@@ -195,3 +195,17 @@ def test_the_gold_task_is_read_by_the_catalog_and_a_malformed_one_names_file_and
     assert squash(f"data_prep.source.gold_task '{bad}', field 'utilities': 3 utilities for 4 words") in squash(out), \
         out[-3000:]
     assert listing(project) == before
+
+
+def test_files_named_relative_to_the_project_are_read(project):
+    # conf/real_model names its pairs and gold relative to the project folder. Kedro's catalog makes a relative
+    # filepath absolute and leaves the parameters as written: the check that both name one file once refused
+    # every such run.
+    write(rows(False), project / "inputs" / "relative_pairs.jsonl", "jsonl")
+    (project / "inputs" / "relative_gold.json").write_text(json.dumps(GOLD))
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep", "--params",
+                          "data_prep.source.kind=file,data_prep.source.path=inputs/relative_pairs.jsonl,"
+                          "data_prep.source.gold_task=inputs/relative_gold.json", name="relative")
+    assert code == 0, out[-3000:]
+    assert saved(project, "data/01_raw/synthetic_task.json") == GOLD
+    assert latest_run(project).data.params["data_prep.source.path"] == "inputs/relative_pairs.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import pandas as pd
@@ -60,12 +61,22 @@ class SourceParams(StrictParams):
         return self
 
 
+def _same_path(read: Any, configured: Any) -> bool:
+    """Whether the catalog read what the parameters name. Kedro's catalog makes a relative ``filepath`` absolute
+    against the project folder (``project / path``) and leaves the parameters as written, so a relative setting
+    matches the absolute path that ends with it."""
+    if read == configured or not (isinstance(read, str) and isinstance(configured, str)):
+        return read == configured
+    relative = PurePosixPath(configured)
+    return not relative.is_absolute() and read.endswith(f"/{relative.as_posix()}")
+
+
 def read_source(source: SourceParams, preference_file: pd.DataFrame | None) -> tuple[pd.DataFrame, str]:
     """A file or Hugging Face source's rows, read by the catalog's ``preference_file``, and how to name them in
     errors. What it read must be what ``data_prep.source`` names (both follow one setting; an environment that
     moves only one is refused here)."""
     read = None if preference_file is None else preference_file.attrs.get(FILEPATH_ATTR)
-    if read != source.path:
+    if not _same_path(read, source.path):
         raise ValueError(f"data_prep.source.path is {source.path!r} but the catalog's preference_file read {read!r}: "
                          "set both through --params data_prep.source.path=... or the environment's globals.yml "
                          "(preference_source.path)")
@@ -84,7 +95,7 @@ def gold_of(source: SourceParams, gold_task: dict[str, Any] | None) -> dict[str,
     """The gold the catalog's ``gold_task`` read (already checked), {} without; refused unless it read the file
     ``data_prep.source.gold_task`` names."""
     read = None if gold_task is None else gold_task["filepath"]
-    if read != source.gold_task:
+    if not _same_path(read, source.gold_task):
         raise ValueError(f"data_prep.source.gold_task is {source.gold_task!r} but the catalog's gold_task read "
                          f"{read!r}: set both through --params data_prep.source.gold_task=... or the environment's "
                          "globals.yml (preference_source.gold_task)")
