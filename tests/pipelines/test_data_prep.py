@@ -107,6 +107,34 @@ def test_huggingface_save_to_disk_folder(tmp_path, synthetic_pairs):
         nodes.read_source(nodes.SourceParams(kind="file", path=str(tmp_path / "hf")), train)
 
 
+def test_a_hub_id_is_read_as_written_though_the_catalog_made_its_filepath_absolute(tmp_path, synthetic_pairs,
+                                                                                   monkeypatch):
+    # Kedro's catalog turns filepath 'org/prefs' into '<project>/org/prefs'; the hub (out of reach here) must
+    # still be asked for 'org/prefs', and the node must see the setting it names.
+    import datasets
+    from kedro.framework.context.context import _convert_paths_to_absolute_posix
+
+    asked = []
+
+    def load_dataset(path, split):
+        asked.append((path, split))
+        return datasets.Dataset.from_pandas(synthetic_pairs[["prompt", "chosen", "rejected"]].head(6))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    conf = _convert_paths_to_absolute_posix(tmp_path, {"preference_file": {
+        "kind": "huggingface", "filepath": "org/prefs", "split": "train", "hub_id": "org/prefs"}})["preference_file"]
+    assert conf["filepath"] == f"{tmp_path.as_posix()}/org/prefs" and conf["hub_id"] == "org/prefs"
+    raw = PreferenceFileDataset(**conf).load()
+    assert asked == [("org/prefs", "train")] and len(raw) == 6
+    got, _ = nodes.read_source(nodes.SourceParams(kind="huggingface", path="org/prefs", split="train"), raw)
+    assert len(got) == 6
+    # a local save_to_disk folder given relative is read from where the catalog put it
+    datasets.Dataset.from_pandas(synthetic_pairs[["prompt", "chosen", "rejected"]].head(4)).save_to_disk(
+        tmp_path / "org" / "local")
+    local = dict(conf, filepath=f"{tmp_path.as_posix()}/org/local", hub_id="org/local")
+    assert len(PreferenceFileDataset(**local).load()) == 4 and len(asked) == 1
+
+
 def test_list_of_files_tags_source_file(tmp_path, synthetic_pairs):
     a, b = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
     write(synthetic_pairs[:200], a, "jsonl")

@@ -140,8 +140,11 @@ class PreferenceFileDataset(AbstractDataset[None, "pd.DataFrame | None"]):
     data set's ``split`` (``kind: huggingface``), as they are (validation is the node's); None for any other kind."""
 
     def __init__(self, filepath: str | list[str] | None = None, kind: str = "file", split: str = "train",
-                 metadata: dict[str, Any] | None = None) -> None:
+                 hub_id: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self._filepath = list(filepath) if isinstance(filepath, (list, tuple)) else filepath
+        # Kedro's catalog makes a relative ``filepath`` absolute against the project folder, and a hub id looks
+        # relative: ``hub_id`` is the same setting under a key it leaves alone, read where no such folder exists.
+        self._hub_id = hub_id
         self._kind = kind
         self._split = split
         self.metadata = metadata
@@ -155,7 +158,8 @@ class PreferenceFileDataset(AbstractDataset[None, "pd.DataFrame | None"]):
             if not isinstance(self._filepath, str):
                 raise ValueError("data_prep.source.path: Hugging Face data is one hub id or folder, got "
                                  f"{self._filepath}")
-            return read_huggingface(self._filepath, self._split)
+            local = Path(self._filepath).exists() or not self._hub_id
+            return read_huggingface(self._filepath if local else self._hub_id, self._split)
         return read_files(self._filepath)
 
     def _save(self, data: Any) -> None:
