@@ -228,3 +228,23 @@ def test_rloo_grpo_and_dpo_train_on_the_chat_data(chat_run, chat_checkpoint, sta
         assert len(kl) == 3 and all(math.isfinite(m.value) for m in kl)
     else:
         assert math.isfinite(run.data.metrics[keys.DPO_TRAIN_LOSS])
+
+
+def test_two_runs_from_one_checkpoint_train_the_same_reward_model(tmp_path, chat_checkpoint):
+    """The score head a checkpoint gets is new: drawn under ``backbone.seed``, so a rerun of one configuration
+    trains the same reward model byte for byte, and another seed another one. Unseeded, the head followed
+    whatever the process had drawn before it: the seed did nothing (the last assertion), and two fresh
+    `kedro run --env real_model`s ended at different weights (forked runs here start from one generator state)."""
+    from tests.project import make_project
+
+    preload()
+    project = make_project(tmp_path / "project")
+    params = chat_params(chat_checkpoint)
+    for i, seed in enumerate((0, 0, 1)):
+        code, log = kedro_run(project, "--env", "tiny", "--pipelines", "data_prep,reward_model", "--params",
+                              f"{params},backbone.seed={seed}", name=f"rerun_{i}")
+        assert code == 0, log[-4000:]
+    root = project / "data" / "06_models" / "reward_model"
+    first, rerun, other = (v / "reward_model" / "model.safetensors" for v in sorted(root.iterdir()))
+    assert first.read_bytes() == rerun.read_bytes()
+    assert not torch.equal(weights(first.parent)["score.weight"], weights(other.parent)["score.weight"])

@@ -171,13 +171,16 @@ def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizer
     """A sequence-classification model with one output: the scalar reward.
 
     From a causal-LM checkpoint transformers keeps the trunk and adds a freshly initialised ``score``
-    head; ``config.pad_token_id`` is set so the reward is read at each sequence's last real token.
+    head, drawn under ``params.seed``; ``config.pad_token_id`` is set so the reward is read at each sequence's last real token.
     """
     ensure_pad_token(tokenizer)
+    # A checkpoint's new score head is drawn from torch's global generator, as a tiny model's every weight is.
+    # Unseeded, it followed whatever the process had drawn before: backbone.seed did nothing, and two runs of
+    # the real model's environment trained from different heads and ended at different weights.
+    torch.manual_seed(params.seed)
     if params.name_or_path:
         model = reward_model_from_causal_lm(check_model_source(params.name_or_path), params)
     else:
-        torch.manual_seed(params.seed)
         cfg = tiny_config(params, tokenizer)
         cfg.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(cfg, **params.load_kwargs())
