@@ -63,7 +63,8 @@ def child_pipeline(scratch: Path, seed: int, pairs_file: Path) -> dict:
     m, tags = run.data.metrics, run.data.tags
     models = ROOT / "data" / "06_models"
     return {"side": "pipeline", "seed": seed, "n_train_pairs": m["data/n_train"],
-            "train_runtime_s": m["rm/train/runtime_s"], "train_pairs_per_s": m["data/n_train"] / m["rm/train/runtime_s"],
+            "train_runtime_s": m["rm/train/runtime_s"],
+            "train_pairs_per_s": m["data/n_train"] / m["rm/train/runtime_s"],
             "kedro_run_wall_s": wall, "peak_rss_mib": peak_rss_mib(),
             "splits": {s: tags.get(f"provenance/loaded/{s}_pairs") for s in ("train", "validation", "test")},
             "model_dir": str(models / "reward_model" / tags["provenance/loaded/reward_model"] / "reward_model"),
@@ -71,11 +72,14 @@ def child_pipeline(scratch: Path, seed: int, pairs_file: Path) -> dict:
 
 
 def _conversations(split: str, version: str) -> list[dict]:
+    """The pipeline's ``split`` at ``version`` as TRL's conversational rows (Parquet's arrays made lists)."""
     import pandas as pd
 
-    df = pd.read_parquet(ROOT / "data" / "03_primary" / f"{split}_pairs.parquet" / version / f"{split}_pairs.parquet")
-    as_list = lambda turns: [{"role": t["role"], "content": t["content"]} for t in turns]  # noqa: E731
-    return [{k: as_list(row[k]) for k in ("prompt", "chosen", "rejected")} for _, row in df.iterrows()]
+    from calibrated_rlhf.core.preferences import plain
+
+    name = f"{split}_pairs.parquet"
+    df = pd.read_parquet(ROOT / "data" / "03_primary" / name / version / name)
+    return [{k: plain(row[k]) for k in ("prompt", "chosen", "rejected")} for _, row in df.iterrows()]
 
 
 def child_trl(scratch: Path, seed: int, best: bool, model_dir: Path, splits: dict) -> dict:
@@ -91,7 +95,8 @@ def child_trl(scratch: Path, seed: int, best: bool, model_dir: Path, splits: dic
     from calibrated_rlhf.core.preferences import render_many
 
     disable_progress_bar()
-    lora = yaml.safe_load((ROOT / "conf" / "real_model" / "parameters.yml").read_text())["reward_model"]["training"]["lora"]
+    conf = yaml.safe_load((ROOT / "conf" / "real_model" / "parameters.yml").read_text())
+    lora = conf["reward_model"]["training"]["lora"]
     tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
@@ -123,8 +128,9 @@ def child_trl(scratch: Path, seed: int, best: bool, model_dir: Path, splits: dic
     trainer.model.merge_and_unload().save_pretrained(str(out_dir / "model"))
     tok.save_pretrained(str(out_dir / "model"))
     return {"side": "trl_best" if best else "trl_default", "seed": seed, "n_train_pairs": n_train,
-            "train_runtime_s": out.metrics["train_runtime"], "train_pairs_per_s": n_train / out.metrics["train_runtime"],
-            "peak_rss_mib": peak_rss_mib(), "model_dir": str(out_dir / "model"), "tokenizer_dir": str(out_dir / "model")}
+            "train_runtime_s": out.metrics["train_runtime"],
+            "train_pairs_per_s": n_train / out.metrics["train_runtime"], "peak_rss_mib": peak_rss_mib(),
+            "model_dir": str(out_dir / "model"), "tokenizer_dir": str(out_dir / "model")}
 
 
 def main() -> None:
@@ -163,7 +169,8 @@ def main() -> None:
                 runs[side].append(run_child([__file__, "--child", side, *common, "--splits", splits]))
             for side in SIDES:
                 r = runs[side][-1]
-                r["test_accuracy"] = score_on_test(r["model_dir"], r["tokenizer_dir"], runs["pipeline"][-1]["splits"]["test"])
+                test_version = runs["pipeline"][-1]["splits"]["test"]
+                r["test_accuracy"] = score_on_test(r["model_dir"], r["tokenizer_dir"], test_version)
                 print(f"[seed {seed}] {side}: {r['train_pairs_per_s']:.2f} pairs/s, test accuracy "
                       f"{r['test_accuracy']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
 

@@ -171,7 +171,8 @@ def build_reward_backbone(params: BackboneParams, tokenizer: PreTrainedTokenizer
     """A sequence-classification model with one output: the scalar reward.
 
     From a causal-LM checkpoint transformers keeps the trunk and adds a freshly initialised ``score``
-    head, drawn under ``params.seed``; ``config.pad_token_id`` is set so the reward is read at each sequence's last real token.
+    head, drawn under ``params.seed``; ``config.pad_token_id`` is set so the reward is read at each sequence's
+    last real token.
     """
     ensure_pad_token(tokenizer)
     # A checkpoint's new score head is drawn from torch's global generator, as a tiny model's every weight is.
