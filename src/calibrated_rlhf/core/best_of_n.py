@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from calibrated_rlhf.core.evaluation import mean_interval
+from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.overoptimization import CurveFit, best_of_n, bon_kl_bound, fit_curve, held_out_r2
 from calibrated_rlhf.core.policy import decode_samples, sample_ids
 from calibrated_rlhf.core.scoring import RewardScorer
-from calibrated_rlhf.core.synthetic import SyntheticTask
 
 CURVE_COLUMNS = ("n", "kl_bound", "kl", "d", "proxy_gain", "proxy_gain_ci_low", "proxy_gain_ci_high",
                  "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high")
@@ -36,14 +36,14 @@ class Pool:
     gold: np.ndarray | None
 
 
-def sample_pool(reference: Any, tokenizer: Any, scorer: RewardScorer, task: SyntheticTask | None,
+def sample_pool(reference: Any, tokenizer: Any, scorer: RewardScorer, task: Gold | None,
                 prompts: Sequence[Any], pool_size: int, max_new_tokens: int, seed: int) -> Pool:
     """Sample ``pool_size`` responses per prompt from the reference policy and score them once."""
     rows = sample_ids(reference, tokenizer, list(prompts), pool_size, max_new_tokens, seed=seed,
                       desc="best-of-n pool")
     texts = decode_samples(tokenizer, rows)
     proxy = scorer.score([prompt for prompt, _, _ in rows], texts).calibrated
-    gold = None if task is None else np.array([task.gold_reward(t) for t in texts])
+    gold = None if task is None else task.gold_rewards([prompt for prompt, _, _ in rows], texts)
     shape = (len(prompts), pool_size)
     return Pool(proxy=np.asarray(proxy).reshape(shape), gold=None if gold is None else gold.reshape(shape))
 

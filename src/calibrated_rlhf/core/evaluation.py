@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.policy import decode_samples, sample_ids
 from calibrated_rlhf.core.progress import Progress
-from calibrated_rlhf.core.synthetic import SyntheticTask
 
 Z_95 = 1.96
 
@@ -75,7 +75,7 @@ def sequence_logprobs(model: torch.nn.Module, prompt_ids: Sequence[list[int]], r
 
 
 def evaluate_policy(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, prompts: list,
-                    task: SyntheticTask | None, samples_per_prompt: int, max_new_tokens: int,
+                    task: Gold | None, samples_per_prompt: int, max_new_tokens: int,
                     seed: int) -> PolicyEvaluation:
     """Sample ``samples_per_prompt`` responses per prompt from both policies with the same seed; the gold gain
     is paired by prompt, and the KL is measured on the policy's own samples."""
@@ -96,8 +96,8 @@ def evaluate_policy(policy: torch.nn.Module, reference: torch.nn.Module, tokeniz
             _, ref_texts = sample(reference)
 
             def per_prompt(responses: list[str]) -> np.ndarray:
-                g = np.array([task.gold_reward(r) for r in responses]).reshape(len(prompts), samples_per_prompt)
-                return g.mean(axis=1)
+                g = task.gold_rewards([r[0] for r in rows], responses)
+                return g.reshape(len(prompts), samples_per_prompt).mean(axis=1)
 
             ref, new = per_prompt(ref_texts), per_prompt(texts)
             gold = (float(ref.mean()), float(new.mean()), *mean_interval(new - ref))

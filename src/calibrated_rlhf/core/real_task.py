@@ -1,15 +1,16 @@
 """A preference task with a known gold over a real model's own text.
 
 The synthetic task's gold lives in words its random policy invents; a pretrained model never writes
-them. Here the responses are the model's own samples, and the gold is the same kind of function
-(:class:`~calibrated_rlhf.core.synthetic.SyntheticTask`: mean hidden utility of a response's words), but over
-the real English words the model actually uses most in those samples. So every stage's gold figure
-(PPO's and RLOO's gold gain, the calibration's oracle) reads on real text as it does on the synthetic task:
+them. Here the responses are the model's own samples and the gold is a hidden function of them, so every
+stage's gold figure (PPO's and RLOO's gold gain, the calibration's oracle) reads on real text as it does on
+the synthetic task:
 
 * prompts: instruction templates over several topics (:func:`make_prompts`);
 * responses: ``samples_per_prompt`` samples per prompt through the chat template (the caller generates);
-* gold: utilities drawn from U[-1, 1] for the ``n_words`` most frequent words of at least ``min_word_length``
-  letters in the samples (:func:`make_gold`); other words count 0, as in the synthetic task;
+* gold: a hidden direction in the model's own last hidden state (:class:`~calibrated_rlhf.core.gold.
+  HiddenStateGold`, drawn by the caller from the samples' states), or the synthetic task's kind
+  (:class:`~calibrated_rlhf.core.synthetic.SyntheticTask`): utilities from U[-1, 1] for the ``n_words`` most
+  frequent words of at least ``min_word_length`` letters in the samples (:func:`make_gold`), other words 0;
 * scale: chosen so the pairs' Bayes accuracy is ``bayes_accuracy`` (:func:`scale_for_bayes_accuracy`);
 * pairs: every two distinct samples of a prompt, the label drawn from
   ``sigmoid(scale * (gold_a - gold_b))`` and that probability kept (:func:`make_real_pairs`).
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.synthetic import SyntheticTask, bayes_accuracy
 
 SUBJECTS = (
@@ -112,37 +114,40 @@ def scale_for_bayes_accuracy(gold_diff: np.ndarray, target: float) -> float:
     return float(np.sqrt(lo * hi))
 
 
-def make_real_pairs(prompts: list[str], samples: list[list[str]], spec: RealTaskSpec,
-                    ) -> tuple[pd.DataFrame, SyntheticTask]:
+def make_real_pairs(prompts: list[str], samples: list[list[str]], spec: RealTaskSpec, gold: Gold | None = None,
+                    ) -> tuple[pd.DataFrame, Gold]:
     """Pairs of every two distinct samples of each prompt, in TRL's conversational form, with sampled labels.
 
-    Returns the pairs (``prompt``, ``chosen``, ``rejected`` as messages; ``gold_chosen``, ``gold_rejected``,
-    ``true_prob`` = P(chosen preferred)) and the task holding the hidden gold (words, utilities, scale).
+    ``gold`` is the hidden gold at scale 1 (a :class:`~calibrated_rlhf.core.gold.HiddenStateGold` over the
+    model's states); None draws the words gold of :func:`make_gold`. Returns the pairs (``prompt``, ``chosen``,
+    ``rejected`` as messages; ``gold_chosen``, ``gold_rejected``, ``true_prob`` = P(chosen preferred)) and the
+    gold at the scale that gives ``spec.bayes_accuracy``.
     """
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} lists of samples")
-    words, utilities = make_gold([r for rs in samples for r in rs], spec)
-    unscaled = SyntheticTask(words=words, utilities=utilities, scale=1.0)
-    candidates = []
-    for prompt, responses in zip(prompts, samples):
-        distinct = list(dict.fromkeys(r.strip() for r in responses if r.strip()))
-        candidates += [(prompt, a, b) for a, b in itertools.combinations(distinct, 2)]
+    if gold is None:
+        words, utilities = make_gold([r for rs in samples for r in rs], spec)
+        gold = SyntheticTask(words=words, utilities=utilities, scale=1.0)
+    responses = [(prompt, r) for prompt, rs in zip(prompts, samples) for r in dict.fromkeys(x.strip() for x in rs)
+                 if r]
+    values = gold.gold_rewards([[{"role": "user", "content": p}] for p, _ in responses], [r for _, r in responses])
+    value = dict(zip(responses, values.tolist()))
+    candidates = [(prompt, a, b) for prompt, rs in zip(prompts, samples)
+                  for a, b in itertools.combinations([r for p, r in responses if p == prompt], 2)]
     if not candidates:
         raise ValueError("no prompt has two distinct non-empty samples")
-    gold = {r: unscaled.gold_reward(r) for _, a, b in candidates for r in (a, b)}
-    diff = np.array([gold[a] - gold[b] for _, a, b in candidates])
-    task = SyntheticTask(words=words, utilities=utilities, scale=scale_for_bayes_accuracy(diff, spec.bayes_accuracy))
-    rng = np.random.default_rng([spec.seed, 5])
-    p_a = task.true_prob(diff, 0.0)
-    a_wins = rng.random(len(candidates)) < p_a
+    diff = np.array([value[(p, a)] - value[(p, b)] for p, a, b in candidates])
+    gold = gold.with_scale(scale_for_bayes_accuracy(diff, spec.bayes_accuracy))
+    p_a = 1.0 / (1.0 + np.exp(-gold.scale * diff))
+    a_wins = np.random.default_rng([spec.seed, 5]).random(len(candidates)) < p_a
     rows = []
     for (prompt, a, b), p, win in zip(candidates, p_a, a_wins):
         chosen, rejected = (a, b) if win else (b, a)
         rows.append({"prompt": [{"role": "user", "content": prompt}],
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}],
-                     "gold_chosen": gold[chosen], "gold_rejected": gold[rejected],
+                     "gold_chosen": value[(prompt, chosen)], "gold_rejected": value[(prompt, rejected)],
                      "true_prob": float(p if win else 1.0 - p)})
     pairs = pd.DataFrame(rows)
     assert abs(bayes_accuracy(pairs["true_prob"].to_numpy()) - spec.bayes_accuracy) < 1e-6
-    return pairs, task
+    return pairs, gold

@@ -16,13 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibrated_rlhf.core.chat import response_text
 from calibrated_rlhf.core.ensemble import RewardEnsemble
+from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
                                                 RunningNormalizer, minmax_batch, whiten_batch)
 from calibrated_rlhf.core.preferences import is_conversational, render_many
 from calibrated_rlhf.core.progress import Progress
-from calibrated_rlhf.core.synthetic import SyntheticTask
 
 
 def iter_rewards(
@@ -136,7 +135,7 @@ class RewardScorer:
 
 # ---- the reward an RL run optimizes -----------------------------------------------------------------
 
-def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any],
+def gold_offset(scorer: RewardScorer, task: Gold, prompts: Sequence[Any],
                 responses: Sequence[Any]) -> float | None:
     """Mean of ``calibrated - scale * gold`` over a reference set: where the proxy-gold gap counts from.
 
@@ -146,7 +145,7 @@ def gold_offset(scorer: RewardScorer, task: SyntheticTask, prompts: Sequence[Any
     if not len(responses):
         return None
     calibrated = scorer.score(prompts, responses).calibrated
-    gold = np.array([task.gold_reward(response_text(r)) for r in responses])
+    gold = task.gold_rewards(prompts, responses)
     return float(np.mean(calibrated - task.scale * gold))
 
 
@@ -162,7 +161,7 @@ class RLScoreFn:
     near 0 and grows when RL exploits the reward model's errors (calibrated-logit units).
     """
 
-    def __init__(self, scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
+    def __init__(self, scorer: RewardScorer, method: NormalizationMethod, task: Gold | None = None,
                  offset: float | None = None) -> None:
         self.scorer, self.method, self.task, self.offset = scorer, method, task, offset
         self.clip = scorer.transform.clip if scorer.transform is not None else None
@@ -187,7 +186,7 @@ class RLScoreFn:
             out[OPTIMIZED[self.method]] = self._batch_form(scored)
         out["score"] = out[OPTIMIZED[self.method]]
         if self.task is not None:
-            out["gold"] = np.array([self.task.gold_reward(response_text(r)) for r in responses])
+            out["gold"] = self.task.gold_rewards(prompts, responses)
             if self.offset is not None:
                 out["gold_gap"] = out["calibrated"] - self.task.scale * out["gold"] - self.offset
         return {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
@@ -207,7 +206,7 @@ class RLScoreFn:
 BATCH_FORMS = ("minmax_batch", "whiten_batch", "running_zscore", "calibrated_clip")
 
 
-def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: SyntheticTask | None = None,
+def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: Gold | None = None,
                 offset: float | None = None) -> RLScoreFn:
     """The score function RL optimizes under ``method`` (:class:`RLScoreFn`)."""
     return RLScoreFn(scorer, method, task, offset)

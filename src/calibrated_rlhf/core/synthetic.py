@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from calibrated_rlhf.core.chat import response_text
 
 CITIES = (
     "Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Delhi", "Quito", "Rome", "Berlin", "Madrid",
@@ -65,6 +69,13 @@ class SyntheticTask:
         if not tokens:
             return 0.0
         return float(np.mean([table.get(t, 0.0) for t in tokens]))
+
+    def gold_rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
+        """:meth:`gold_reward` of each response (given as text or as messages); the prompts do not count."""
+        return np.array([self.gold_reward(response_text(r)) for r in responses], dtype=np.float64)
+
+    def with_scale(self, scale: float) -> SyntheticTask:
+        return replace(self, scale=float(scale))
 
     def true_prob(self, gold_a: np.ndarray, gold_b: np.ndarray) -> np.ndarray:
         """P(a preferred over b) under the task's Bradley-Terry model."""

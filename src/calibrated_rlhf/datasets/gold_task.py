@@ -1,5 +1,6 @@
-"""The hidden gold a preference file was labelled with (``gold_task`` in the catalog): words, utilities and scale,
-as ``python -m calibrated_rlhf.runtime.real_task`` writes them (``gold_task.json``).
+"""The hidden gold a preference file was labelled with (``gold_task`` in the catalog), as ``python -m
+calibrated_rlhf.runtime.real_task`` writes it (``gold_task.json``): words, utilities and scale, or (``kind:
+hidden_state``) a model folder, a direction in its hidden state, an offset and scale (``core.gold``).
 
 Its ``filepath`` follows the same setting as ``data_prep.source.gold_task`` (``--params
 data_prep.source.gold_task=...``, else ``preference_source.gold_task`` in the environment's ``globals.yml``), so the
@@ -16,30 +17,55 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from calibrated_rlhf.core.synthetic import SyntheticTask
+from calibrated_rlhf.core.gold import HiddenStateGold, load_gold
 
 FIELDS = ("words", "utilities", "scale")
+HIDDEN_STATE_FIELDS = ("model", "direction", "offset", "scale")
 
 
 class GoldTaskError(ValueError):
     """A gold-task file that cannot be read as one; the message names the file and the field."""
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _hidden_state_problem(task: dict[str, Any]) -> tuple[str, str] | None:
+    for field in HIDDEN_STATE_FIELDS:
+        if field not in task:
+            return field, "missing"
+    if not isinstance(task["model"], str) or not Path(task["model"]).is_dir():
+        return "model", f"expected the folder of the gold's model, got {task['model']!r} (not a folder here)"
+    direction = task["direction"]
+    if not isinstance(direction, list) or not direction or not all(_finite(x) for x in direction):
+        return "direction", "expected a non-empty list of finite numbers"
+    config = Path(task["model"], "config.json")
+    hidden = json.loads(config.read_text()).get("hidden_size") if config.is_file() else None
+    if hidden is not None and hidden != len(direction):
+        return "direction", f"{len(direction)} entries for the model's hidden size {hidden}"
+    if not _finite(task["offset"]):
+        return "offset", f"expected a finite number, got {task['offset']!r}"
+    if not _finite(task["scale"]) or task["scale"] <= 0:
+        return "scale", f"expected a positive number, got {task['scale']!r}"
+    return None
+
+
 def _field_problem(task: dict[str, Any]) -> tuple[str, str] | None:
     """The first field at fault and what is wrong with it, or None."""
+    if task.get("kind") == HiddenStateGold.kind:
+        return _hidden_state_problem(task)
     for field in FIELDS:
         if field not in task:
             return field, "missing"
     words, utilities, scale = (task[f] for f in FIELDS)
     if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
         return "words", "expected a non-empty list of words"
-    numbers = all(isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) for u in utilities) \
-        if isinstance(utilities, list) else False
-    if not numbers:
+    if not isinstance(utilities, list) or not all(_finite(u) for u in utilities):
         return "utilities", "expected a list of finite numbers"
     if len(utilities) != len(words):
         return "utilities", f"{len(utilities)} utilities for {len(words)} words"
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if not _finite(scale) or scale <= 0:
         return "scale", f"expected a positive number, got {scale!r}"
     return None
 
@@ -60,7 +86,7 @@ def read_gold_task(path: str) -> dict[str, Any]:
     problem = _field_problem(task)
     if problem is not None:
         raise GoldTaskError(f"{where}, field '{problem[0]}': {problem[1]}")
-    SyntheticTask.from_dict(task)  # the stages' own reading: what passed above must pass here
+    load_gold(task)  # the stages' own reading: what passed above must pass here
     return task
 
 

@@ -10,9 +10,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.checkpointing import digest
+from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
 from calibrated_rlhf.core.scoring import reward_fingerprint
-from calibrated_rlhf.core.synthetic import SyntheticTask
 
 
 class EvaluationParams(BaseModel):
@@ -39,7 +39,7 @@ def check_transform_matches(transform: RewardTransform, reward_model: Any, finge
                          "pin matching versions with --load-versions, or rerun normalization")
 
 
-def stage_fingerprint(reward_model: str, transform: RewardTransform, params: Any, task: SyntheticTask | None,
+def stage_fingerprint(reward_model: str, transform: RewardTransform, params: Any, task: Gold | None,
                       gold_offset: float | None, method: NormalizationMethod = "zscore") -> dict[str, Any]:
     """What changes the run's result beyond the trainer's own fingerprint: the reward model's weights,
     the reward transform applied (the rescaled one in the scale experiment), which reward is optimized,

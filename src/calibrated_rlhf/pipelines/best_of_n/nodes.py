@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from calibrated_rlhf.core import best_of_n, plots
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.gold import load_gold
 from calibrated_rlhf.core.normalization import RewardTransform
 from calibrated_rlhf.core.preferences import distinct_prompts
 from calibrated_rlhf.core.scoring import RewardScorer
-from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_metrics
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def best_of_n_curve(reference_policy: Any, tokenizer: Any, reward_model: Any, re
                     test_pairs: pd.DataFrame, synthetic_task: dict[str, Any], params: BestOfNParams) -> pd.DataFrame:
     """The best-of-n curve over ``params.ns``: KL (measured and bound), proxy and gold gains with intervals."""
     scorer = RewardScorer(reward_model, tokenizer, RewardTransform.from_dict(reward_transform))
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     prompts = distinct_prompts(test_pairs)[: params.n_prompts]
     pool = best_of_n.sample_pool(reference_policy, tokenizer, scorer, task, prompts, params.pool_size,
                                  params.response_length, params.seed)

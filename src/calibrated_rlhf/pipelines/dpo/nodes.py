@@ -10,9 +10,9 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.gold import load_gold
 from calibrated_rlhf.core.preferences import distinct_prompts
 from calibrated_rlhf.core.rl import dpo
-from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.params import StrictParams
 from calibrated_rlhf.pipelines.stage import EvaluationParams
@@ -54,7 +54,7 @@ def evaluate_dpo_policy(dpo_policy: Any, reference_policy: Any, tokenizer: Any, 
                         synthetic_task: dict[str, Any], params: DPOParams) -> Metrics:
     """The one evaluation protocol (``core.evaluation``), under the keys every method's evaluation uses."""
     ev = params.evaluation
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     values = evaluation.evaluate_policy(dpo_policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
                                         task, ev.samples_per_prompt, params.response_length, ev.seed).metrics()
     log.info("DPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
+from calibrated_rlhf.core.gold import Gold, load_gold
 from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationMethod, NormalizationParams, RewardTransform
@@ -21,7 +22,6 @@ from calibrated_rlhf.core.ppo import PPOConfig, PPOTrainer
 from calibrated_rlhf.core.ppo.results import sample_frame
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
-from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
@@ -58,14 +58,14 @@ class PPOParams(CheckpointParams):
         return self
 
 
-def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask | None,
+def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: Gold | None,
                   method: NormalizationMethod, multiplier: float, offset: float | None = None):
     """The trainer's ``score_fn`` over the library's one scoring path (see ``core.scoring.rl_score_fn``)."""
     return rl_score_fn(RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier), method, task,
                        offset)
 
 
-def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: SyntheticTask,
+def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: Gold,
                 responses: pd.DataFrame, multiplier: float = 1.0) -> float | None:
     """Where the proxy-gold gap counts from, on the reference set (``core.scoring.gold_offset``)."""
     scorer = RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier)
@@ -99,7 +99,7 @@ def train_ppo(
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
     transform = original.rescaled(params.raw_reward_multiplier)
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
     run_dir = checkpoint_folder(root)
     config = trainer_config(params, original, method, run_dir)
@@ -191,7 +191,7 @@ def evaluate_policy(policy: Any, reference_policy: Any, tokenizer: Any, test_pai
     protocol of every RL method (``core.evaluation``). Off the synthetic task there is no gold reward, and
     only the KL is reported."""
     ev = params.evaluation
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     values = evaluation.evaluate_policy(policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
                                         task, ev.samples_per_prompt, params.trainer.response_length, ev.seed).metrics()
     log.info("PPO evaluation: %s", {k: round(v, 4) for k, v in values.items()})

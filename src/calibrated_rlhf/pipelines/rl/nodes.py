@@ -12,6 +12,7 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation, plots, scoring
 from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.gold import load_gold
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
 from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
@@ -21,7 +22,6 @@ from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl.kl_control import BETA, SEQUENCE_KL
 from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
-from calibrated_rlhf.core.synthetic import SyntheticTask
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
 from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
@@ -62,7 +62,7 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
     transform = original.rescaled(params.raw_reward_multiplier)
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     # in process or through a server, one scoring path: the offset and the score function read the same scorer
     scorer = (served_scorer(params, original) if params.reward_url is not None
               else RewardScorer(reward_model, tokenizer, transform, raw_multiplier=params.raw_reward_multiplier))
@@ -128,7 +128,7 @@ def evaluate_rl_policy(rl_policy: Any, reference_policy: Any, tokenizer: Any, te
     """The one evaluation protocol (``core.evaluation``): gold gain over the reference with a 95% interval
     and the KL to the reference on the same samples, under the ``eval/`` keys of every method."""
     ev = params.evaluation
-    task = SyntheticTask.from_dict(synthetic_task) if synthetic_task else None
+    task = load_gold(synthetic_task) if synthetic_task else None
     result = evaluation.evaluate_policy(rl_policy, reference_policy, tokenizer, distinct_prompts(test_pairs)[: ev.n_prompts],
                                         task, ev.samples_per_prompt, params.response_length, ev.seed)
     values = result.metrics()
