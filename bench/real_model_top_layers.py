@@ -123,9 +123,14 @@ def main() -> None:
             scores = {}
             for start in range(0, len(test_seqs), 32):
                 scores.update(zip(test_seqs[start:start + 32], rewards(test_seqs[start:start + 32]).tolist()))
-        accuracy = np.mean([scores[key(p, "chosen")] > scores[key(p, "rejected")] for p in test])
-        print(f"epoch {epoch}: train loss {np.mean(losses):.3f}, test accuracy {accuracy:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        ahead = [scores[key(p, "chosen")] > scores[key(p, "rejected")] for p in test]
+        # accuracy in expectation over the label noise (the kept true probability): Bayes's own terms
+        expected = np.mean([p["true_prob"] if a else 1 - p["true_prob"] for p, a in zip(test, ahead)])
+        gold = {key(p, s): p[f"gold_{s}"] for p in test for s in ("chosen", "rejected")}
+        corr = np.corrcoef([scores[k] for k in gold], list(gold.values()))[0, 1]
+        print(f"epoch {epoch}: train loss {np.mean(losses):.3f}, test accuracy {np.mean(ahead):.3f}, expected "
+              f"accuracy {expected:.3f}, correlation with the gold {corr:.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
 
 
 if __name__ == "__main__":
