@@ -31,11 +31,14 @@ from calibrated_rlhf.core.preferences import is_conversational, render_many
 
 
 class Gold(Protocol):
-    """What the stages read of a gold: the true Bradley-Terry ``scale`` and the gold of (prompt, response)."""
+    """What the stages read of a gold: the true Bradley-Terry ``scale`` and the gold of (prompt, response);
+    the generator sets the scale (``with_scale``) that gives the pairs their Bayes accuracy."""
 
     scale: float
 
     def gold_rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray: ...
+
+    def with_scale(self, scale: float) -> Gold: ...
 
     def to_dict(self) -> dict: ...
 
