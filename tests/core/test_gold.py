@@ -46,6 +46,8 @@ def test_the_direction_lies_in_the_top_components_and_standardizes_the_samples()
     assert np.isfinite(direction_in_top_components(flat, 3, seed=0)[0]).all()
     with pytest.raises(ValueError, match="1 states; a direction needs at least 2"):
         direction_in_top_components(states[:1], 3, seed=0)
+    with pytest.raises(ValueError, match="the 4 states are all the same"):
+        direction_in_top_components(np.full((4, 16), 3.0), 3, seed=0)
 
 
 def test_the_gold_round_trips_and_refuses_a_model_of_another_width(chat_checkpoint):

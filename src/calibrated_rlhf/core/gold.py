@@ -68,11 +68,15 @@ def last_token_states(model: Any, tokenizer: Any, prompts: Sequence[Any], respon
 
 def direction_in_top_components(states: np.ndarray, n_components: int, seed: int) -> tuple[np.ndarray, float]:
     """A hidden direction ``d`` and offset ``b`` such that ``states @ d - b`` has mean 0 and standard deviation 1
-    over ``states``: a standard-normal combination of their top ``n_components`` principal components."""
+    over ``states``: a standard-normal combination of their top ``n_components`` principal components (fewer
+    where the states span fewer directions). Fewer than two states, or states all alike, have no such direction:
+    a ValueError says which."""
     if len(states) < 2:
         raise ValueError(f"{len(states)} states; a direction needs at least 2")
     mean = states.mean(axis=0)
     _, singular, components = np.linalg.svd(states - mean, full_matrices=False)
+    if singular[0] <= 1e-12 * max(1.0, float(np.abs(mean).max())):
+        raise ValueError(f"the {len(states)} states are all the same; no direction separates any two responses")
     k = min(n_components, int(np.sum(singular > 1e-9 * singular[0])))
     direction = components[:k].T @ np.random.default_rng([seed, 6]).standard_normal(k)
     direction /= np.std((states - mean) @ direction)
