@@ -141,19 +141,13 @@ def upstream_versions(project: Path, env: str | None, runtime_params: dict[str, 
 
     An input that no completed run has produced is an error here, naming it, before any rank starts.
     """
-    from kedro.framework.hooks.manager import _create_hook_manager
-    from kedro.framework.project import PACKAGE_NAME, pipelines, settings
+    from kedro.framework.project import pipelines
     from kedro.pipeline import Pipeline
 
-    from calibrated_rlhf.runtime.run_integrity import resolve_versions
+    from calibrated_rlhf.runtime.run_integrity import quiet_catalog, resolve_versions
 
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(project / settings.CONF_SOURCE), env=env,
-                                          runtime_params=runtime_params, **settings.CONFIG_LOADER_ARGS)
-    # A context with no hooks registered: looking at the catalog must not open a run, sweep or mark anything.
-    context = settings.CONTEXT_CLASS(package_name=PACKAGE_NAME, project_path=project, config_loader=loader,
-                                     env=env, runtime_params=runtime_params, hook_manager=_create_hook_manager())
     pipeline = sum((pipelines[name] for name in pipeline_names), Pipeline([]))
-    resolved = resolve_versions(pipeline, context.catalog, pins)
+    resolved = resolve_versions(pipeline, quiet_catalog(project, env, runtime_params), pins)
     produced = pipeline.all_outputs()
     return {**pins, **{name: v for name, v in resolved.items() if name not in produced}}
 

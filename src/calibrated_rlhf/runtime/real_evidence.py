@@ -1,9 +1,13 @@
 """Real-text evidence from a project's newest runs: what the trained policies write, how far their text is from
 the reference's, and where each run lands on gold against KL.
 
-``python -m calibrated_rlhf.runtime.real_evidence [--out FILE]`` reads, from the project folder it runs in, the
-newest completed ``reference_policy``, ``policy`` (PPO) and ``rl_policy`` (RLOO or GRPO), the test prompts
-and the run's gold (``synthetic_task``), and writes one Markdown file:
+``python -m calibrated_rlhf.runtime.real_evidence [--out FILE] [--env ENV] [--load-versions policy:V,...]`` reads,
+through the catalog of the project folder it runs in, the newest completed ``policy`` (PPO) and ``rl_policy``
+(RLOO or GRPO), or the pinned ones, and the ``reference_policy``, tokenizer, test prompts and gold
+(``synthetic_task``) *they were made from*, as their completion markers' lineage records. Taking each artifact's
+newest version on its own would pair a policy with a later run's tokenizer or gold; two policies made from
+different runs are refused, naming both, as ``kedro run`` refuses inputs that do not belong together. It writes
+one Markdown file:
 
 * ``--n-show`` test prompts with the reference's and each policy's response, sampled with one seed;
 * the reference's per-token NLL of each policy's samples beside the NLL of its own samples on the same
@@ -17,19 +21,54 @@ Nothing is trained; the file is written to a staging name and renamed into place
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from kedro.io.core import Version
+
+from calibrated_rlhf.runtime.run_integrity import InconsistentArtifacts, latest_complete, read_marker
 
 
-def newest(project: Path, filepath: str) -> Path | None:
-    """The newest completed version of a versioned catalog entry, or None when no run saved one."""
-    root = project / filepath
-    done = sorted(p for p in root.iterdir() if (p / "_complete.json").exists()) if root.is_dir() else []
-    return done[-1] / root.name if done else None
+POLICIES = {"PPO": "policy", "RL": "rl_policy"}
+MADE_FROM = ("reference_policy", "tokenizer", "test_pairs", "synthetic_task")
+
+
+def evidence_versions(catalog: Any, pins: dict[str, str]) -> dict[str, str]:
+    """Dataset name -> version for everything the evidence reads: each trained policy (its pin, else the newest
+    version of a completed run) and the ``MADE_FROM`` artifacts its marker's lineage names. Raises
+    ``InconsistentArtifacts`` when no policy is found or two policies were made from different versions."""
+    versions: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for name in POLICIES.values():
+        ds = catalog.get(name)
+        version = pins.get(name) or latest_complete(ds)
+        if version is None:
+            continue
+        marker = read_marker(ds, version)
+        if marker is None:
+            raise InconsistentArtifacts(f"'{name}' version {version} is not from a run that completed")
+        versions[name] = version
+        for ancestor in MADE_FROM:
+            made_from = marker.get("lineage", {}).get(ancestor)
+            if made_from is None:
+                raise InconsistentArtifacts(f"'{name}' version {version}: its marker names no '{ancestor}'")
+            if versions.setdefault(ancestor, made_from) != made_from:
+                first = owner[ancestor]
+                raise InconsistentArtifacts(
+                    f"'{first}' version {versions[first]} was made from '{ancestor}' version {versions[ancestor]}, "
+                    f"but '{name}' version {version} from version {made_from}. Pin policies of one run with "
+                    "--load-versions.")
+            owner.setdefault(ancestor, name)
+    if not set(POLICIES.values()) & set(versions):
+        raise InconsistentArtifacts("no completed run saved a trained policy ('policy' or 'rl_policy') here")
+    return versions
+
+
+def load_version(catalog: Any, name: str, version: str) -> Any:
+    return catalog.get(name, version=Version(version, None)).load()
 
 
 def sample_with(model, tokenizer, prompts: list, n: int, max_new_tokens: int, seed: int):
@@ -70,9 +109,11 @@ def markdown(table: pd.DataFrame) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone, load_tokenizer
+    from kedro.framework.startup import bootstrap_project
+
     from calibrated_rlhf.core.gold import load_gold
     from calibrated_rlhf.core.preferences import distinct_prompts
+    from calibrated_rlhf.runtime.run_integrity import quiet_catalog
 
     parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.real_evidence",
                                      description=__doc__.split("\n")[0])
@@ -82,24 +123,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--env", default=None, help="the Kedro environment whose catalog to read")
+    parser.add_argument("--load-versions", default="", help="pins, as kedro run takes them: policy:V,rl_policy:V")
     args = parser.parse_args(argv)
     project = Path.cwd()
-    folders = {"reference": newest(project, "data/06_models/reference_policy"),
-               "PPO": newest(project, "data/06_models/policy"), "RL": newest(project, "data/06_models/rl_policy")}
-    if folders["reference"] is None or (folders["PPO"] is None and folders["RL"] is None):
-        print("error: no completed run saved a reference policy and a trained policy here")
+    if not (project / "pyproject.toml").exists():
+        print(f"error: {project} is not a Kedro project folder; run this in the project")
         return 1
-    tokenizer = load_tokenizer(str(newest(project, "data/06_models/tokenizer")))
-    test = pd.read_parquet(newest(project, "data/03_primary/test_pairs.parquet"))
-    prompts = distinct_prompts(test)[: args.n_prompts]
-    gold = load_gold(json.loads(newest(project, "data/01_raw/synthetic_task.json").read_text()))
-    models = {name: build_causal_backbone(BackboneParams(name_or_path=str(f)), tokenizer).eval()
-              for name, f in folders.items() if f is not None}
+    bootstrap_project(project)
+    catalog = quiet_catalog(project, args.env)
+    pins = dict(pin.split(":", 1) for pin in args.load_versions.split(",") if pin)
+    try:
+        versions = evidence_versions(catalog, pins)
+    except InconsistentArtifacts as err:
+        print(f"error: {err}")
+        return 1
+    tokenizer = load_version(catalog, "tokenizer", versions["tokenizer"])
+    prompts = distinct_prompts(load_version(catalog, "test_pairs", versions["test_pairs"]))[: args.n_prompts]
+    gold = load_gold(load_version(catalog, "synthetic_task", versions["synthetic_task"]))
+    models = {label: load_version(catalog, name, versions[name]).eval()
+              for label, name in {"reference": "reference_policy", **POLICIES}.items() if name in versions}
     torch.manual_seed(args.seed)
     samples = {name: sample_with(m, tokenizer, prompts, args.samples_per_prompt, args.max_new_tokens, args.seed)
                for name, m in models.items()}
-    lines = ["# Real-text evidence", "", f"Policies: {', '.join(f'{k} `{v.parent.name}`' for k, v in folders.items() if v)}."
-             f" {len(prompts)} test prompts x {args.samples_per_prompt} samples, seed {args.seed}.", "",
+    lines = ["# Real-text evidence", "", "Read: " + ", ".join(f"{name} `{v}`" for name, v in sorted(versions.items()))
+             + f". {len(prompts)} test prompts x {args.samples_per_prompt} samples, seed {args.seed}.", "",
              "## Responses side by side", ""]
     names = list(samples)
     lines += ["| prompt | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]

@@ -124,6 +124,19 @@ def _versioned(catalog: Any, name: str) -> AbstractVersionedDataset | None:
     return ds if isinstance(ds, AbstractVersionedDataset) and ds._version is not None else None
 
 
+def quiet_catalog(project: Path, env: str | None, runtime_params: dict[str, Any] | None = None) -> Any:
+    """The project's catalog for ``env``, from a context with no hooks registered: looking at the catalog must not
+    open an MLflow run, sweep a run's outputs or mark anything. The project must be bootstrapped."""
+    from kedro.framework.hooks.manager import _create_hook_manager
+    from kedro.framework.project import PACKAGE_NAME, settings
+
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(project / settings.CONF_SOURCE), env=env,
+                                          runtime_params=runtime_params, **settings.CONFIG_LOADER_ARGS)
+    context = settings.CONTEXT_CLASS(package_name=PACKAGE_NAME, project_path=project, config_loader=loader,
+                                     env=env, runtime_params=runtime_params, hook_manager=_create_hook_manager())
+    return context.catalog
+
+
 def resolve_versions(pipeline: Any, catalog: Any, load_versions: dict[str, str] | None = None) -> dict[str, str]:
     """Pin every versioned dataset of ``pipeline`` in ``catalog``; returns name -> version.
 
