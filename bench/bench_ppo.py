@@ -51,6 +51,14 @@ def resize(cfg, hidden: int | None, layers: int | None = None, heads: int | None
     return cfg
 
 
+def top_layers(cfg, n: int) -> list[str]:
+    """The linear layers of a Llama config's top ``n`` decoder layers, as LoRA target modules."""
+    layers = range(cfg.num_hidden_layers - n, cfg.num_hidden_layers)
+    return [f"layers.{i}.{m}" for i in layers for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                      "mlp.down_proj")]
+
+
 def peak_memory_mib() -> float:
     """torch.cuda.max_memory_allocated on a GPU, else this process's peak RSS."""
     import torch
@@ -62,8 +70,11 @@ def peak_memory_mib() -> float:
 
 def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: dict | None = None,
            batch: int = 16, response_length: int = 24, hidden: int | None = None, layers: int | None = None,
-           heads: int | None = None, intermediate: int | None = None, dtype: str = "float32") -> dict:
-    """One measured run of this project's PPO, in this process."""
+           heads: int | None = None, intermediate: int | None = None, dtype: str = "float32",
+           lora_top: int | None = None) -> dict:
+    """One measured run of this project's PPO, in this process. ``lora_top``: rank-16 adapters on the top layers'
+    linear layers of the policy and of a value model started from the policy's trunk (as ``conf/real_model``
+    trains), the reference the policy with its adapters off."""
     sys.path.insert(0, str(BASELINES))
     import numpy as np
     import torch
@@ -84,6 +95,10 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
     vcfg.num_labels = 1
     torch.manual_seed(1)
     value = AutoModelForSequenceClassification.from_config(vcfg) if value_model == "separate" else None
+    if lora_top:
+        value.model.load_state_dict(policy.model.state_dict())
+        ref_policy = None
+        overrides = {**(overrides or {}), "lora": {"r": 16, "alpha": 32, "target_modules": top_layers(cfg, lora_top)}}
     torch.manual_seed(2)
     rm = AutoModelForSequenceClassification.from_config(vcfg).eval()
     if torch.cuda.is_available():  # where TRL keeps its reward model too
@@ -230,12 +245,14 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=None, help="attention heads (with --single)")
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (with --single; default 2x hidden)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of every model")
+    ap.add_argument("--lora-top", type=int, default=None,
+                    help="with --single: LoRA r=16 on the top N layers of the policy and value model")
     ap.add_argument("--override", default="{}",
                     help='PPOConfig fields as JSON, e.g. \'{"speed": {"cpu_parallel": false}}\'')
     a = ap.parse_args()
     if a.single:
         res = single(a.ppo_epochs[0], a.total_episodes, a.value_model, json.loads(a.override),
-                     a.batch, a.response_length, a.hidden, a.layers, a.heads, a.intermediate, a.dtype)
+                     a.batch, a.response_length, a.hidden, a.layers, a.heads, a.intermediate, a.dtype, a.lora_top)
         print("RESULT_JSON=" + json.dumps(res))
         return
 

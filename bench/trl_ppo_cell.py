@@ -17,6 +17,23 @@ import sys
 from paths import BASELINES, HERE
 
 
+def with_adapters(trainer_class, n: int, top_layers):
+    """PPOTrainer with LoRA on the top ``n`` layers, set up as ``bench_ppo.py --lora-top`` sets up ours."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def build(**kw):
+        policy, value = kw["model"], kw["value_model"]
+        targets = top_layers(policy.config, n)
+        value.model.load_state_dict(policy.model.state_dict())
+        inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=targets), value)
+        for name, p in value.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("score."))
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM")
+        return trainer_class(**{**kw, "ref_model": None, "peft_config": peft_config})
+
+    return build
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=128)
@@ -28,13 +45,16 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--intermediate", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of every model")
+    ap.add_argument("--lora-top", type=int, default=None,
+                    help="LoRA r=16 on the top N layers: the policy through PPOTrainer's peft_config (its reference "
+                    "the policy with adapters off), the value model from the policy's trunk with the same adapters")
     a = ap.parse_args()
     sys.path[:0] = [str(BASELINES), str(HERE)]
     import torch
     import trl.experimental.ppo as trl_ppo
     import trl_ppo_anchor as anchor
     import workload as W
-    from bench_ppo import resize
+    from bench_ppo import resize, top_layers
 
     llama_config, ppo_config = W.llama_config, trl_ppo.PPOConfig
     W.llama_config = lambda *args, **kw: resize(llama_config(*args, **kw), a.hidden, a.layers, a.heads,
@@ -44,6 +64,8 @@ def main() -> None:
     trl_ppo.PPOConfig = lambda **kw: ppo_config(**{**kw, "response_length": a.response_length,
                                                    "per_device_train_batch_size": a.batch, "use_cpu": not gpu,
                                                    "bf16": gpu and a.dtype == "bfloat16"})
+    if a.lora_top:
+        trl_ppo.PPOTrainer = with_adapters(trl_ppo.PPOTrainer, a.lora_top, top_layers)
     torch.set_default_dtype(getattr(torch, a.dtype))  # every model of the run in that dtype, as in ours
     res = anchor.single(a.ppo_epochs, "random", a.updates * a.batch, None, gc_freeze=True)
     res["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if gpu else res["peak_rss_mib"])

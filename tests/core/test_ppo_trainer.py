@@ -344,8 +344,8 @@ def test_trimmed_last_layer_trains_as_the_full_forward(tok) -> None:
                 assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
 
 
-@pytest.mark.parametrize("key", ["decode_threads", "fast_decode", "trim_last_layer", "cpu_malloc_tuning",
-                                 "cpu_parallel"])
+@pytest.mark.parametrize("key", ["decode_threads", "fast_decode", "trim_last_layer", "frozen_trunk",
+                                 "cpu_malloc_tuning", "cpu_parallel"])
 def test_a_speed_knob_at_its_old_flat_place_is_refused(key: str) -> None:
     from calibrated_rlhf.core.speed.config import PPOSpeed
 

@@ -8,15 +8,17 @@ logits are only computed over the response window. A separate value model is a t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from calibrated_rlhf.core.causal_lm import backbone_of, response_mask, sample_categorical, value_head_of
+from calibrated_rlhf.core.causal_lm import (backbone_of, position_ids_from_mask, response_mask, sample_categorical,
+                                            value_head_of)
 from calibrated_rlhf.core.ppo.losses import logprobs_from_logits
-from calibrated_rlhf.core.speed import trimmed_forward
+from calibrated_rlhf.core.speed import frozen_trunk, trimmed_forward
 from calibrated_rlhf.core.speed.config import PPOSpeed
 from calibrated_rlhf.core.speed.fast_decode import Decoding
 
@@ -28,20 +30,27 @@ def _response_hidden(
     position_ids: torch.Tensor,
     response_start: int,
     trim: bool = False,
+    trunk: frozen_trunk.Trunk | None = None,
 ) -> torch.Tensor:
     """Last hidden states at the positions that predict each response token: [B, R, H].
 
     The final token is left out of the forward: nothing is predicted from it and, attention being
     causal, no earlier position depends on it. ``trim`` runs the last layer at those positions only
-    (:mod:`~calibrated_rlhf.core.speed.trimmed_forward`) where the architecture allows it.
+    (:mod:`~calibrated_rlhf.core.speed.trimmed_forward`) where the architecture allows it; ``trunk`` (the
+    batch's frozen layers, run once: :mod:`~calibrated_rlhf.core.speed.frozen_trunk`) starts the forward above
+    them where the model shares them.
     """
     ids, attn, pos = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
     backbone = backbone_of(model)
-    if trim:
-        h = trimmed_forward.response_hidden(model, backbone, ids, attn, pos, response_start - 1)
-        if h is not None:
-            return h
-    h = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+    shared = frozen_trunk.starts_from(model, trunk, ids, attn, pos)
+    with frozen_trunk.layers_from(backbone, trunk.layer) if shared else contextlib.nullcontext():
+        embeds = trunk.hidden if shared else None
+        if trim:
+            h = trimmed_forward.response_hidden(model, backbone, ids, attn, pos, response_start - 1, embeds)
+            if h is not None:
+                return h
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        h = backbone(**inputs, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     return h[:, response_start - 1 :]
 
 
@@ -71,6 +80,7 @@ class PolicyAndValue(nn.Module):
         position_ids: torch.Tensor,
         response_start: int,
         sampling_temperature: float = 1.0,
+        trunk: frozen_trunk.Trunk | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, R, V] (already divided by sampling_temperature) and values [B, R] for the response.
 
@@ -78,12 +88,12 @@ class PolicyAndValue(nn.Module):
         state before it is emitted.
         """
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start,
-                                  self.trim_last_layer)
+                                  self.trim_last_layer, trunk)
         logits = self._logits(h_resp, sampling_temperature)
         if self.value_head is not None:
             values = self.value_head(h_resp).squeeze(-1)
         else:
-            values = self.values(input_ids, attention_mask, position_ids, response_start)
+            values = self.values(input_ids, attention_mask, position_ids, response_start, trunk)
         return logits, values
 
     def policy_logits(
@@ -93,10 +103,11 @@ class PolicyAndValue(nn.Module):
         position_ids: torch.Tensor,
         response_start: int,
         sampling_temperature: float = 1.0,
+        trunk: frozen_trunk.Trunk | None = None,
     ) -> torch.Tensor:
         """The policy half of ``forward`` (separate value model only)."""
         h_resp = _response_hidden(self.policy, input_ids, attention_mask, position_ids, response_start,
-                                  self.trim_last_layer)
+                                  self.trim_last_layer, trunk)
         return self._logits(h_resp, sampling_temperature)
 
     def _logits(self, h_resp: torch.Tensor, sampling_temperature: float) -> torch.Tensor:
@@ -104,11 +115,12 @@ class PolicyAndValue(nn.Module):
         return logits / sampling_temperature if sampling_temperature != 1.0 else logits
 
     def values(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, response_start: int,
+        trunk: frozen_trunk.Trunk | None = None,
     ) -> torch.Tensor:
         """The value half of ``forward`` (separate value model only)."""
         return sequence_values(self.value_model, input_ids, attention_mask, position_ids, response_start,
-                               self.trim_last_layer)
+                               self.trim_last_layer, trunk)
 
 
 def sequence_values(
@@ -118,9 +130,10 @@ def sequence_values(
     position_ids: torch.Tensor,
     response_start: int,
     trim: bool = False,
+    trunk: frozen_trunk.Trunk | None = None,
 ) -> torch.Tensor:
     """Per-token values [B, R] from a sequence-classification model's head applied at every position."""
-    h = _response_hidden(value_model, input_ids, attention_mask, position_ids, response_start, trim)
+    h = _response_hidden(value_model, input_ids, attention_mask, position_ids, response_start, trim, trunk)
     return value_head_of(value_model)(h).squeeze(-1).float()
 
 
@@ -132,9 +145,10 @@ def response_logprobs(
     response_start: int,
     sampling_temperature: float = 1.0,
     trim: bool = False,
+    trunk: frozen_trunk.Trunk | None = None,
 ) -> torch.Tensor:
     """log p(response token) [B, R] under a causal LM, with the sampling temperature applied."""
-    h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start, trim)
+    h = _response_hidden(model, input_ids, attention_mask, position_ids, response_start, trim, trunk)
     logits = model.get_output_embeddings()(h).float()
     if sampling_temperature != 1.0:
         logits = logits / sampling_temperature
@@ -161,11 +175,23 @@ class Inputs:
     pos: torch.Tensor
     start: int
     sampling_temperature: float
+    trunk: frozen_trunk.Trunk | None = None  # the frozen layers' output over ``ids[:, :-1]`` (speed.frozen_trunk)
 
     def select(self, sel: torch.Tensor | None) -> "Inputs":
         if sel is None:
             return self
-        return Inputs(self.ids[sel], self.attn[sel], self.pos[sel], self.start, self.sampling_temperature)
+        return Inputs(self.ids[sel], self.attn[sel], self.pos[sel], self.start, self.sampling_temperature,
+                      self.trunk.select(sel) if self.trunk is not None else None)
+
+
+def batch_inputs(ids: torch.Tensor, attn: torch.Tensor, start: int, sampling_temperature: float, policy: nn.Module,
+                 speed: PPOSpeed) -> Inputs:
+    """A sampled batch as the models read it; with ``speed.frozen_trunk`` (the knobs that apply), the policy's
+    frozen layers run over it once here, for every later forward to start above them."""
+    pos = position_ids_from_mask(attn)
+    trunk = (frozen_trunk.run_trunk(policy, ids[:, :-1], attn[:, :-1], pos[:, :-1]) if speed.frozen_trunk
+             else None)
+    return Inputs(ids, attn, pos, start, sampling_temperature, trunk)
 
 
 @dataclass

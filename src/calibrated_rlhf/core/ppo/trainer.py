@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from calibrated_rlhf.core import metric_keys as K
-from calibrated_rlhf.core.causal_lm import decode_responses, left_pad, position_ids_from_mask
+from calibrated_rlhf.core.causal_lm import decode_responses, left_pad
 from calibrated_rlhf.core.chat import prompt_label, stop_token_id
 from calibrated_rlhf.core.checkpointing import checkpoints as ckpt
 from calibrated_rlhf.core.kl import kl_per_token
@@ -45,8 +45,8 @@ from calibrated_rlhf.core.ppo.models import (adamw, disable_dropout, frozen_refe
                                              reference_logprobs, with_lora)
 from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
-from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, response_logprobs,
-                                              sample_responses, score_tensors)
+from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, batch_inputs,
+                                              response_logprobs, sample_responses, score_tensors)
 from calibrated_rlhf.core.ppo.stats import OPTIM_STATS, optimization_metrics, perf_metrics, rollout_metrics, stop_reason
 from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.speed.schedule import make_schedule
@@ -241,13 +241,14 @@ class PPOTrainer:
         ids = torch.cat([query, samples.responses], dim=1)
         # post-EOS positions stay attendable: causality keeps them from touching earlier tokens
         attn = torch.cat([query_mask, torch.ones_like(samples.responses)], dim=1)
-        x = Inputs(ids, attn, position_ids_from_mask(attn), query.shape[1], cfg.sampling_temperature)
+        x = batch_inputs(ids, attn, query.shape[1], cfg.sampling_temperature, unwrapped.policy, cfg.speed.active())
         old = self.schedule.old_passes(
             x,
             reference=lambda: reference_logprobs(self.ref_policy, lambda ref: response_logprobs(
-                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature, cfg.speed.active().trim_last_layer)),
+                ref, x.ids, x.attn, x.pos, x.start, x.sampling_temperature, cfg.speed.active().trim_last_layer,
+                x.trunk)),
             old_values=lambda: (samples.values if samples.values is not None else unwrapped.values(
-                x.ids, x.attn, x.pos, x.start)),
+                x.ids, x.attn, x.pos, x.start, x.trunk)),
             score=lambda: self._score(idx, samples.responses, samples.mask),
             was_training=was_training)
         mask = samples.mask.float()

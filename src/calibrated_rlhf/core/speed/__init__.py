@@ -8,6 +8,8 @@ against the model's own forward on first use, falling back to it otherwise) and 
 - ``fast_decode``: a lean KV-cached decoding step, and ``Decoding``, PPO's sampling state that drives it
   (``speed.fast_decode``);
 - ``trimmed_forward``: the last layer at the read positions only (PPO's forwards; ``speed.trim_last_layer``);
+- ``frozen_trunk``: the frozen layers below the first adapted one run once per PPO batch, every later forward
+  starting above them (``speed.frozen_trunk``);
 - ``readout`` and ``pair_packing``: the reward model's rewards read the same way, on padded rows (always, where
   the layers allow it) and on packed rows (``speed.padding_free``);
 - ``buckets``: padded batches in length buckets (``speed.length_buckets``) and ``TrainingBatches``, the reward

@@ -80,6 +80,14 @@ class PPOSpeed(BaseModel):
         "sequence. The first forward of each model is checked against its full forward; other architectures, "
         "and any model that disagrees, keep the full forward. Same values up to float rounding.",
     )
+    frozen_trunk: bool = Field(
+        True,
+        description="With adapters on the top layers only, run the layers below the first trained one once per "
+        "batch, after sampling, and start every later forward (reference logprobs, old values, each PPO epoch's "
+        "policy and value model) above them (core/speed/frozen_trunk.py). Llama, Mistral and Qwen2 models whose "
+        "frozen layers equal the policy's; each model's first use is checked against its full forward. No effect "
+        "on full fine-tuning, where layer 0 trains. Same values up to float rounding.",
+    )
     cpu_malloc_tuning: bool = Field(
         True,
         description="On CPU under glibc (Linux), raise malloc's mmap and trim thresholds for the process when the "
@@ -99,4 +107,4 @@ class PPOSpeed(BaseModel):
         if self.enabled:
             return self
         return self.model_copy(update={"decode_threads": None, "fast_decode": False, "trim_last_layer": False,
-                                       "cpu_malloc_tuning": False, "cpu_parallel": False})
+                                       "frozen_trunk": False, "cpu_malloc_tuning": False, "cpu_parallel": False})

@@ -92,27 +92,33 @@ def within_tolerance(ours: torch.Tensor, reference: torch.Tensor) -> tuple[bool,
     return bool(torch.isfinite(ours).all()) and error <= check_tolerance(reference.dtype) * scale, error
 
 
-class _LastLayerReached(Exception):
-    """Raised by the pre-hook to end the model's forward once the last layer's input is known."""
+class _LayerReached(Exception):
+    """Raised by the pre-hook to end the model's forward once a layer's input is known."""
 
 
-def last_layer_input(backbone: nn.Module, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """The hidden states entering the last layer [B, T, H] and the rotary tables, from the model's own forward."""
+def layer_input(backbone: nn.Module, index: int, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The hidden states entering layer ``index`` [B, T, H] and the rotary tables, from the model's own forward
+    (which stops there: the layers from ``index`` on do not run)."""
     captured: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured["h"] = args[0] if args else kwargs["hidden_states"]
         captured["rope"] = kwargs["position_embeddings"]
-        raise _LastLayerReached
+        raise _LayerReached
 
-    handle = backbone.layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = backbone.layers[index].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         backbone(use_cache=False, **forward_kwargs)
-    except _LastLayerReached:
+    except _LayerReached:
         pass
     finally:
         handle.remove()
     return captured["h"], captured["rope"]
+
+
+def last_layer_input(backbone: nn.Module, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The hidden states entering the last layer [B, T, H] and the rotary tables, from the model's own forward."""
+    return layer_input(backbone, -1, **forward_kwargs)
 
 
 def last_layer_at(layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

@@ -27,8 +27,9 @@ from torch import nn
 
 S = TypeVar("S")
 # The algorithm's types, duck-typed so that this package imports no algorithm: a batch of model inputs (``ids``,
-# ``attn``, ``pos``, ``start``, ``sampling_temperature``; PPO's ``rollout.Inputs``) and a policy with its value
-# model behind one forward (``policy``, ``value_model``, ``policy_logits``, ``values``; PPO's ``PolicyAndValue``).
+# ``attn``, ``pos``, ``start``, ``sampling_temperature``, ``trunk``; PPO's ``rollout.Inputs``) and a policy with its
+# value model behind one forward (``policy``, ``value_model``, ``policy_logits``, ``values``; PPO's
+# ``PolicyAndValue``).
 Inputs = Any
 PolicyAndValue = Any
 # A loss half: the network's output -> (statistics to log, the loss to backpropagate).
@@ -91,7 +92,8 @@ class Sequential:
         t_score = time.perf_counter()
         scored = score()
         t_scored = time.perf_counter()
-        first = self.model(x.ids, x.attn, x.pos, x.start, x.sampling_temperature) if self.reuse_first else None
+        first = (self.model(x.ids, x.attn, x.pos, x.start, x.sampling_temperature, x.trunk) if self.reuse_first
+                 else None)
         if first is not None:
             values = first[1].detach().float()
         return OldPasses(ref, values, first, scored, t_score, t_scored)
@@ -100,7 +102,7 @@ class Sequential:
                  value_loss: LossFn, max_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Forward (unless ``first`` is given), backward and clipping: (statistics, loss, gradient norm)."""
         logits, vpred = first if first is not None else self.model(x.ids, x.attn, x.pos, x.start,
-                                                                   x.sampling_temperature)
+                                                                   x.sampling_temperature, x.trunk)
         p_stats, p_loss = policy_loss(logits)
         v_stats, v_loss = value_loss(vpred)
         total = p_loss + v_loss
@@ -138,14 +140,15 @@ class CpuOverlap(Sequential):
             torch.set_num_threads(1)  # a thread's intra-op setting is its own
             with torch.inference_mode():
                 ref = reference()
-            return ref, self.unwrapped.values(x.ids, x.attn, x.pos, x.start)
+            return ref, self.unwrapped.values(x.ids, x.attn, x.pos, x.start, x.trunk)
 
         worker = self.pool.submit(worker_job)
         t_score = time.perf_counter()
         with cpu_threads(1):
             try:
                 scored = score()
-                logits = self.unwrapped.policy_logits(x.ids, x.attn, x.pos, x.start, x.sampling_temperature)
+                logits = self.unwrapped.policy_logits(x.ids, x.attn, x.pos, x.start, x.sampling_temperature,
+                                                      x.trunk)
             finally:
                 ref, vpred = worker.result()  # waits even when scoring failed
         return OldPasses(ref, vpred.detach().float(), (logits, vpred), scored, t_score, time.perf_counter())
@@ -157,7 +160,7 @@ class CpuOverlap(Sequential):
 
         def value_job() -> tuple[dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor]]:
             torch.set_num_threads(1)
-            v = vpred if vpred is not None else self.unwrapped.values(x.ids, x.attn, x.pos, x.start)
+            v = vpred if vpred is not None else self.unwrapped.values(x.ids, x.attn, x.pos, x.start, x.trunk)
             stats, v_loss = value_loss(v)
             self.accelerator.backward(v_loss)
             return stats, v_loss.detach(), grad_norms(value_params)
@@ -166,7 +169,7 @@ class CpuOverlap(Sequential):
             future = self.pool.submit(value_job)
             try:
                 lg = logits if logits is not None else self.unwrapped.policy_logits(
-                    x.ids, x.attn, x.pos, x.start, x.sampling_temperature)
+                    x.ids, x.attn, x.pos, x.start, x.sampling_temperature, x.trunk)
                 p_stats, p_loss = policy_loss(lg)
                 self.accelerator.backward(p_loss)
                 p_norms = grad_norms(policy_params)

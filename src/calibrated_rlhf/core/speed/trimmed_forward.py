@@ -30,34 +30,36 @@ _checked: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictiona
 
 
 def response_hidden(backbone_owner: nn.Module, backbone: nn.Module, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, position_ids: torch.Tensor, first: int) -> torch.Tensor | None:
+                    attention_mask: torch.Tensor, position_ids: torch.Tensor, first: int,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
     """Final-norm hidden states at rows ``first:`` [B, T - first, H], or None where the full forward must run.
 
     ``backbone_owner`` is the model whose config and layers are checked (the causal LM or the
     sequence-classification model); ``backbone`` its trunk. Rows ``first:`` must all be real tokens
-    (PPO reads the last prompt token and the response, after any left padding).
+    (PPO reads the last prompt token and the response, after any left padding). ``inputs_embeds``, when given,
+    enter the backbone in place of ``input_ids``' embeddings (``frozen_trunk``: the states entering its top layers).
     """
     if _checked.get(backbone_owner) is False or unsupported_reason(backbone_owner, input_ids.shape[1]) is not None:
         return None
-    h, rope = last_layer_input(backbone, input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids)
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    h, rope = last_layer_input(backbone, **inputs, attention_mask=attention_mask, position_ids=position_ids)
     T = input_ids.shape[1]
     queries = torch.arange(first, T, device=h.device).expand(h.shape[0], -1)
     # row first + i attends to the real keys at or before it
     causal = torch.ones((T - first, T), dtype=torch.bool, device=h.device).tril(diagonal=first)
     out = backbone.norm(last_layer_at(backbone.layers[-1], h, rope, queries,
                                       causal & attention_mask[:, None, :].bool()))
-    if backbone_owner not in _checked and not _agrees(backbone_owner, backbone, out, input_ids, attention_mask,
+    if backbone_owner not in _checked and not _agrees(backbone_owner, backbone, out, inputs, attention_mask,
                                                       position_ids, first):
         return None
     return out
 
 
-def _agrees(model: nn.Module, backbone: nn.Module, trimmed: torch.Tensor, input_ids: torch.Tensor,
+def _agrees(model: nn.Module, backbone: nn.Module, trimmed: torch.Tensor, inputs: dict[str, torch.Tensor],
             attention_mask: torch.Tensor, position_ids: torch.Tensor, first: int) -> bool:
     """Record (and return) whether the trimmed rows match the full forward's; warn once if not."""
     with torch.no_grad():
-        full = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        full = backbone(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False).last_hidden_state[:, first:]
     ok, error = within_tolerance(trimmed, full)
     _checked[model] = ok
