@@ -20,6 +20,7 @@ layer 0, so there is no trunk and nothing changes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from torch import nn
 
 from calibrated_rlhf.core.causal_lm import backbone_of
 from calibrated_rlhf.core.speed.layers import architecture_reason, layer_input, within_tolerance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def starts_from(model: nn.Module, trunk: Trunk | None, input_ids: torch.Tensor, 
     key = (id(trunk.source), trunk.layer)
     if key not in verdicts:
         verdicts[key] = _same_trunk(model, trunk) and _agrees(model, trunk, input_ids, attention_mask, position_ids)
+        log.info("%s %s", type(model).__name__, f"starts its forwards at layer {trunk.layer}, above the frozen trunk"
+                 if verdicts[key] else "does not share the policy's frozen trunk: it runs its full forward")
     return verdicts[key]
 
 
