@@ -47,8 +47,10 @@ class Trunk:
         return Trunk(self.layer, self.hidden[rows], self.source)
 
 
-# model -> {(id of the trunk's source, layer): whether the model may start from that trunk}
-_verdicts: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], bool]]" = weakref.WeakKeyDictionary()
+# model -> {(id of the trunk's source, layer): (the source, whether the model may start from that trunk)}; the source
+# is held weakly and compared, so a verdict never passes to a later policy that happens to reuse a dead one's id
+_verdicts: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], tuple[weakref.ref, bool]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def first_trained_layer(backbone: nn.Module) -> int:
@@ -97,11 +99,17 @@ def starts_from(model: nn.Module, trunk: Trunk | None, input_ids: torch.Tensor, 
         return False
     verdicts = _verdicts.setdefault(model, {})
     key = (id(trunk.source), trunk.layer)
-    if key not in verdicts:
-        verdicts[key] = _same_trunk(model, trunk) and _agrees(model, trunk, input_ids, attention_mask, position_ids)
+    if key not in verdicts or verdicts[key][0]() is not trunk.source:
+        ok = _same_trunk(model, trunk) and _agrees(model, trunk, input_ids, attention_mask, position_ids)
+        verdicts[key] = (weakref.ref(trunk.source), ok)
         log.info("%s %s", type(model).__name__, f"starts its forwards at layer {trunk.layer}, above the frozen trunk"
-                 if verdicts[key] else "does not share the policy's frozen trunk: it runs its full forward")
-    return verdicts[key]
+                 if ok else "does not share the policy's frozen trunk: it runs its full forward")
+    return verdicts[key][1]
+
+
+def verdicts(model: nn.Module) -> list[bool]:
+    """Whether ``model`` may start from each trunk it was checked against (empty: never checked)."""
+    return [ok for _, ok in _verdicts.get(model, {}).values()]
 
 
 def _same_trunk(model: nn.Module, trunk: Trunk) -> bool:
