@@ -116,11 +116,11 @@ def single(ppo_epochs: int, total_episodes: int, value_model: str, overrides: di
             s = rm.score(h[torch.arange(h.shape[0]), last]).squeeze(-1)
         return {"normalized": s.float().cpu()}
 
-    config = PPOConfig(
-        seed=0, num_updates=total_episodes // batch, batch_size=batch, num_mini_batches=1,
-        num_ppo_epochs=ppo_epochs, response_length=response_length, sampling_temperature=1.0, learning_rate=5e-5,
-        kl_control="fixed", beta=0.05, value_model=value_model, **(overrides or {}),
-    )
+    config = PPOConfig(**{
+        "seed": 0, "num_updates": total_episodes // batch, "batch_size": batch, "num_mini_batches": 1,
+        "num_ppo_epochs": ppo_epochs, "response_length": response_length, "sampling_temperature": 1.0,
+        "learning_rate": 5e-5, "kl_control": "fixed", "beta": 0.05, "value_model": value_model, **(overrides or {}),
+    })
     prompts = [r["prompt"] for r in wl["train"]]
     trainer = PPOTrainer(config, policy, tok, prompts, score_fn, ref_policy=ref_policy, value_model=value)
     t_setup = time.perf_counter() - t_setup0
