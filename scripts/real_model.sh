@@ -37,7 +37,7 @@ fi
 step dag "$kedro" run --env real_model "$@"
 step rloo "$kedro" run --env real_model --pipelines rl "$@"
 # responses side by side, the reference's NLL of the policies' samples, gold against KL (from the runs above)
-step evidence "$python" -m calibrated_rlhf.runtime.real_evidence --out data/08_reporting/real_evidence.md
+step evidence "$python" -m calibrated_rlhf.runtime.real_evidence --env real_model --out data/08_reporting/real_evidence.md
 # The scale experiment: the same short PPO run on the raw rewards x 0.25, 1 and 4, through the reward transform.
 for a in 0.25 1 4; do
   step "ppo_scale_$a" "$kedro" run --env real_model --pipelines ppo \
