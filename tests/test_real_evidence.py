@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.project import kedro_env
+
 pytestmark = pytest.mark.slow
 
 
@@ -18,7 +20,8 @@ def test_the_evidence_is_read_from_the_newest_run_and_written_once(tiny_run_proj
     out = tiny_run_project / "data" / "08_reporting" / "evidence.md"
     cmd = [sys.executable, "-m", "calibrated_rlhf.runtime.real_evidence", "--out", str(out), "--n-show", "3",
            "--n-prompts", "6", "--max-new-tokens", "8"]
-    proc = subprocess.run(cmd, cwd=tiny_run_project, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tiny_run_project, env=kedro_env(tiny_run_project), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
     side_by_side = text.split("## Responses side by side")[1].split("##")[0]
@@ -55,7 +58,7 @@ def evidence(project, *args):
     out = project / "data" / "08_reporting" / "evidence.md"
     proc = subprocess.run([sys.executable, "-m", "calibrated_rlhf.runtime.real_evidence", "--out", str(out),
                            "--n-show", "1", "--n-prompts", "2", "--max-new-tokens", "4", *args], cwd=project,
-                          capture_output=True, text=True, timeout=300)
+                          env=kedro_env(project), capture_output=True, text=True, timeout=300)
     return proc, out
 
 
@@ -70,6 +73,10 @@ def test_the_tokenizer_and_gold_read_are_the_policys_not_a_later_runs(tiny_run_t
     header = out.read_text().split("## Responses")[0]
     assert f"tokenizer `{used}`" in header and later not in header
     assert f"synthetic_task `{used_gold}`" in header and later_gold not in header
+    # the gold-against-KL points come from the store named, as every MLflow reader of the project takes it
+    proc, out = evidence(project, "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| ppo |" not in out.read_text().split("## Gold against KL")[1]
 
 
 def test_policies_made_from_different_runs_are_refused_naming_both(tiny_run_template, tmp_path):

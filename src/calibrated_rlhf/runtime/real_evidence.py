@@ -12,7 +12,8 @@ one Markdown file:
 * ``--n-show`` test prompts with the reference's and each policy's response, sampled with one seed;
 * the reference's per-token NLL of each policy's samples beside the NLL of its own samples on the same
   prompts (how far from the reference's text a policy moved), with the gold of both;
-* every run in the MLflow store with an evaluation: its method, KL target, second-half KL, evaluation KL and
+* every run in the MLflow store (``--tracking-uri``: ``$MLFLOW_TRACKING_URI``, else the project's own, as in
+  ``conf/base/mlflow.yml``) with an evaluation: its method, KL target, second-half KL, evaluation KL and
   gold gain with its 95% interval (the gold-against-KL points).
 
 Nothing is trained; the file is written to a staging name and renamed into place.
@@ -85,25 +86,21 @@ def per_token_nll(reference, rows, pad_token_id: int) -> np.ndarray:
     return -logp / np.array([max(len(r[2]), 1) for r in rows])
 
 
-def gold_against_kl(project: Path) -> pd.DataFrame:
+def gold_against_kl(tracking_uri: str, experiment: str) -> str:
+    """Every evaluated run of the experiment, oldest first, as a Markdown table of its gold-against-KL point."""
     import mlflow
 
+    from calibrated_rlhf.reporting.render import markdown_table
+    from calibrated_rlhf.reporting.runs import RunSelection, load_runs
     from calibrated_rlhf.reporting.table import comparison_table
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["calibrated_rlhf"], order_by=["attributes.start_time ASC"])
-    table = comparison_table(runs)
+    mlflow.set_tracking_uri(tracking_uri)
+    runs, _ = load_runs(RunSelection(experiment=experiment))
+    table = comparison_table(runs.iloc[::-1])  # load_runs gives the newest first
     cols = ["run_id", "method", "kl_target", "kl_second_half_mean", "kl_reference", "gold_gain", "gold_gain_ci_low",
             "gold_gain_ci_high", "rm_accuracy", "rm_bayes_accuracy"]
-    return table.loc[table["gold_gain"].notna(), cols]
-
-
-def markdown(table: pd.DataFrame) -> list[str]:
-    def cell(v) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return (["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
-            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)])
+    points = table.loc[table["gold_gain"].notna(), cols] if "gold_gain" in table else pd.DataFrame(columns=cols)
+    return markdown_table(points.map(lambda v: f"{v:.3f}" if isinstance(v, float) else v))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from calibrated_rlhf.core.gold import load_gold
     from calibrated_rlhf.core.preferences import distinct_prompts
+    from calibrated_rlhf.runtime.report_cli import DEFAULT_TRACKING_URI
     from calibrated_rlhf.runtime.run_integrity import quiet_catalog
 
     parser = argparse.ArgumentParser(prog="python -m calibrated_rlhf.runtime.real_evidence",
@@ -125,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--env", default=None, help="the Kedro environment whose catalog to read")
     parser.add_argument("--load-versions", default="", help="pins, as kedro run takes them: policy:V,rl_policy:V")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+                        help="MLflow store of the gold-against-KL points (default: $MLFLOW_TRACKING_URI, else "
+                        "%(default)s).")
+    parser.add_argument("--experiment", default="calibrated_rlhf", help="MLflow experiment to read.")
     args = parser.parse_args(argv)
     project = Path.cwd()
     if not (project / "pyproject.toml").exists():
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         g = gold.gold_rewards([r[0] for r in rows], texts)
         lines.append(f"| {name} | {nll.mean():.3f} ± {1.96 * nll.std(ddof=1) / np.sqrt(len(nll)):.3f} "
                      f"| {g.mean():+.3f} |")
-    lines += ["", "## Gold against KL: every evaluated run in the store", "", *markdown(gold_against_kl(project)), ""]
+    lines += ["", "## Gold against KL: every evaluated run in the store", "",
+              gold_against_kl(args.tracking_uri, args.experiment), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial")
