@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from calibrated_rlhf.core.synthetic import SyntheticSpec, bayes_accuracy, make_pairs, make_task
+from calibrated_rlhf.core.synthetic import SyntheticSpec, SyntheticTask, bayes_accuracy, make_pairs, make_task
 
 
 def test_same_seed_same_pairs_other_seed_other_pairs():
@@ -33,6 +35,35 @@ def test_gold_reward_is_mean_word_utility_and_defined_on_any_text():
     assert task.gold_reward(f"{w[0]} zzz") == pytest.approx(u[0] / 2)  # unknown words count as 0
     assert task.gold_reward("") == 0.0
     assert make_task(SyntheticSpec(seed=0, n_words=5)).to_dict() == task.to_dict()
+
+
+def test_repeats_past_max_repeats_carry_the_repeat_utility_and_the_pairs_use_that_gold():
+    spec = SyntheticSpec(seed=0, n_words=5, n_pairs=400, max_repeats=2, repeat_utility=-0.5)
+    task = make_task(spec)
+    w, u = task.words, task.utilities
+    # the third and fourth "w0" are repeats; "w1" twice is not; the count is per word and per response
+    text = f"{w[0]} {w[1]} {w[0]} {w[1]} {w[0]} {w[0]}"
+    assert task.gold_reward(text) == pytest.approx((2 * u[0] + 2 * u[1] - 0.5 - 0.5) / 6)
+    assert task.gold_reward(f"{w[0]} {w[0]}") == pytest.approx(u[0])
+    assert task.gold_reward("zzz zzz zzz") == 0.0  # words outside the task are never repeats
+    off = replace(task, max_repeats=0, repeat_utility=-1.0)
+    assert off.gold_reward(text) == pytest.approx((4 * u[0] + 2 * u[1]) / 6)
+    # saved and read back with the option; a task without it keeps its old file
+    assert SyntheticTask.from_dict(task.to_dict()) == task
+    assert "max_repeats" not in off.to_dict() and SyntheticTask.from_dict(off.to_dict()) == off
+    # the pairs' gold is the capped one: five words over up to eight draws repeat often enough to see
+    df = make_pairs(spec, task)
+    np.testing.assert_allclose(df["gold_chosen"], task.gold_rewards(df["prompt"], df["chosen"]), rtol=1e-12)
+    assert (df["gold_chosen"] != off.gold_rewards(df["prompt"], df["chosen"])).any()
+
+
+def test_without_max_repeats_every_occurrence_counts():
+    spec = SyntheticSpec(seed=0, n_pairs=300)
+    task = make_task(spec)
+    df = make_pairs(spec, task)
+    table = dict(zip(task.words, task.utilities))
+    np.testing.assert_allclose(df["gold_chosen"], [np.mean([table[t] for t in c.split()]) for c in df["chosen"]],
+                               rtol=1e-12)
 
 
 def test_ratings_are_ordered_like_gold_rewards():

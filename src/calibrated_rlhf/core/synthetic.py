@@ -1,7 +1,10 @@
 """A synthetic preference task whose true preference probabilities are known.
 
 Every word of a small vocabulary carries a hidden utility; a response's gold reward is the mean utility
-of its words. A pair's label is drawn with the true probability
+of its words. With ``max_repeats`` set, a word's occurrences past that many in one response carry
+``repeat_utility`` instead: a rater tires of the same word. The pairs' uniform draws rarely repeat a word that
+often, so a reward model learns the penalty from a few pairs at most, and a policy that concentrates on its
+best words meets it where the proxy does not: the over-optimization task (docs/overoptimization.md). A pair's label is drawn with the true probability
 ``p = sigmoid(scale * (gold_a - gold_b))``, and ``p`` is kept beside the pair, so every quality figure
 (accuracy, NLL, ECE, the recovered scale) can be read against its optimum. The pairs come as text or, with
 ``format="conversational"``, as chat messages: the same draws, labels and gold rewards.
@@ -57,18 +60,30 @@ class SyntheticTask:
     words: tuple[str, ...]
     utilities: tuple[float, ...]
     scale: float
+    max_repeats: int = 0  # 0: every occurrence counts its word's utility
+    repeat_utility: float = -1.0
 
     def gold_reward(self, response: str) -> float:
-        """Mean utility of the task's words in ``response``; other tokens count as utility 0.
+        """Mean utility of the task's words in ``response``; other tokens count as utility 0, and so does a
+        response with no words at all. With ``max_repeats``, occurrences of a word past that many count
+        ``repeat_utility``.
 
         Works on any text, so the gold reward of a policy's generated responses is defined too.
-        A response with no words at all scores 0.
         """
-        table = dict(zip(self.words, self.utilities))
         tokens = re.findall(r"[A-Za-z]+", response.lower())
-        if not tokens:
-            return 0.0
-        return float(np.mean([table.get(t, 0.0) for t in tokens]))
+        return float(np.mean(self.token_utilities(tokens))) if tokens else 0.0
+
+    def token_utilities(self, tokens: Sequence[str]) -> list[float]:
+        """Each token's utility in its response, repeats past ``max_repeats`` included."""
+        table = dict(zip(self.words, self.utilities))
+        if self.max_repeats <= 0:
+            return [table.get(t, 0.0) for t in tokens]
+        seen: dict[str, int] = {}
+        out = []
+        for t in tokens:
+            seen[t] = seen.get(t, 0) + 1
+            out.append(table.get(t, 0.0) if t not in table or seen[t] <= self.max_repeats else self.repeat_utility)
+        return out
 
     def gold_rewards(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
         """:meth:`gold_reward` of each response (given as text or as messages); the prompts do not count."""
@@ -82,11 +97,14 @@ class SyntheticTask:
         return 1.0 / (1.0 + np.exp(-self.scale * (np.asarray(gold_a) - np.asarray(gold_b))))
 
     def to_dict(self) -> dict:
-        return {"words": list(self.words), "utilities": list(self.utilities), "scale": self.scale}
+        d = {"words": list(self.words), "utilities": list(self.utilities), "scale": self.scale}
+        # Written only when on, so a task without it keeps the file it always had.
+        return {**d, "max_repeats": self.max_repeats, "repeat_utility": self.repeat_utility} if self.max_repeats else d
 
     @classmethod
     def from_dict(cls, d: dict) -> SyntheticTask:
-        return cls(words=tuple(d["words"]), utilities=tuple(float(u) for u in d["utilities"]), scale=float(d["scale"]))
+        return cls(words=tuple(d["words"]), utilities=tuple(float(u) for u in d["utilities"]), scale=float(d["scale"]),
+                   max_repeats=int(d.get("max_repeats", 0)), repeat_utility=float(d.get("repeat_utility", -1.0)))
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,8 @@ class SyntheticSpec:
     pairs_per_prompt: int = 4
     n_rating_levels: int = 0  # > 0 adds chosen_rating / rejected_rating columns (graded preferences)
     format: str = "text"  # or "conversational": the same pairs as a user message and assistant replies
+    max_repeats: int = 0  # > 0: a word's occurrences past this many in a response carry repeat_utility
+    repeat_utility: float = -1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +134,10 @@ def make_task(spec: SyntheticSpec) -> SyntheticTask:
     rng = np.random.default_rng([spec.seed, 1])
     words = tuple(rng.permutation(WORDS)[: spec.n_words].tolist())
     utilities = tuple(float(u) for u in rng.uniform(-1.0, 1.0, size=spec.n_words))
-    return SyntheticTask(words=words, utilities=utilities, scale=float(spec.scale))
+    if spec.max_repeats < 0:
+        raise ValueError(f"max_repeats must be >= 0 (0: off), got {spec.max_repeats}")
+    return SyntheticTask(words=words, utilities=utilities, scale=float(spec.scale), max_repeats=spec.max_repeats,
+                         repeat_utility=float(spec.repeat_utility))
 
 
 def make_pairs(spec: SyntheticSpec, task: SyntheticTask) -> pd.DataFrame:
@@ -142,7 +165,8 @@ def make_pairs(spec: SyntheticSpec, task: SyntheticTask) -> pd.DataFrame:
         n = int(rng.integers(spec.min_words, spec.max_words + 1))
         idx = rng.integers(len(utility), size=n)
         # A leading space: TRL joins prompt and completion as plain strings.
-        return " " + " ".join(task.words[i] for i in idx), float(utility[idx].mean())
+        text = " " + " ".join(task.words[i] for i in idx)
+        return text, task.gold_reward(text) if task.max_repeats else float(utility[idx].mean())
 
     rows = []
     for k in range(spec.n_pairs):

@@ -33,6 +33,9 @@ class SyntheticParams(StrictParams):
     format: Literal["text", "conversational"] = Field(
         "text", description="text pairs, or the same pairs as chat messages (a user prompt, assistant replies) "
         "rendered with the tokenizer's chat template in every stage.")
+    max_repeats: int = Field(0, ge=0, description="> 0: a word's occurrences past this many in one response carry "
+                             "repeat_utility in the gold (the over-optimization task); 0: off.")
+    repeat_utility: float = Field(-1.0, description="The gold utility of a repeat past max_repeats.")
 
 
 class SourceParams(StrictParams):
