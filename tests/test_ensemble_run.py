@@ -108,3 +108,54 @@ def test_the_rest_reads_the_members_and_trains_one_policy(finished):
     assert len(set(transform["ensemble"]["member_versions"])) == 2
     assert all(len(list((models / f"member_{i}" / "reward_model").iterdir())) == 1 for i in (0, 1))
     assert len(list((models / "policy").iterdir())) == 1
+
+
+@pytest.mark.parametrize("stage", ["rl", "ppo"])
+def test_the_stop_rule_ends_a_run_where_the_members_disagree_and_keeps_that_update(finished, stage):
+    """``<stage>.ensemble_std_stop_multiple`` far below the disagreement any policy meets: the run stops at its first
+    batch, says so, and its checkpoint folder holds the policy it fired on; far above it, the run trains to the end.
+    PPO checks a rollout before optimizing on it, so it keeps the policy that sampled the batch (update 0); TRL
+    scores and steps in one call, so RLOO keeps the policy one update past it (update 1)."""
+    from calibrated_rlhf.core.checkpointing import list_checkpoints
+
+    project, client, _ = finished
+    size = "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std"
+    updates = 3  # conf/tiny: both stages
+    common = f"{size},{stage}.checkpoint_every=100"
+    ended = {}
+    for multiple in (1e-3, 1e3):
+        code, out = kedro_run(project, "--env", "tiny", "--pipelines", stage, "--params",
+                              f"{common},{stage}.ensemble_std_stop_multiple={multiple}", name=f"{stage}_{multiple}")
+        assert code == 0, out[-3000:]
+        run = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
+                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
+        ended[multiple] = (run.data.metrics["eval/stopped_early"], run.data.metrics["eval/updates"], out)
+        folder = project / "data" / "06_models" / f"{stage}_checkpoints" / run.info.run_id
+        ended[multiple] += ([int(p.name.split("_")[1]) for p in list_checkpoints(folder)],)
+    stopped, updates_run, out, saved = ended[1e-3]
+    fired = {"ppo": 0, "rl": 1}[stage]
+    assert (stopped, updates_run, saved) == (1.0, float(fired), [fired])
+    assert "reward ensemble std" in out and "exceeds ensemble_std_stop" in out
+    stopped, updates_run, _, saved = ended[1e3]
+    assert (stopped, updates_run, saved) == (0.0, float(updates), [updates])
+
+
+def test_best_of_n_ranks_the_pool_by_every_member_and_aggregation(finished):
+    """One pool, every ranking: the members alone and each aggregation. The transform ranks by the ensemble's own
+    aggregation (mean_minus_std here), so those two curves are one; the members, who disagree, rank otherwise."""
+    from tests.harness import saved
+
+    project, _, _ = finished
+    size = "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std"
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", "best_of_n", "--params", size, name="best_of_n")
+    assert code == 0, out[-3000:]
+    curves = saved(project, "data/08_reporting/best_of_n_rankings.csv")
+    assert list(dict.fromkeys(curves["ranking"])) == ["transform", "member_0", "member_1", "mean", "min",
+                                                      "mean_minus_std"]
+    by = {name: group.reset_index(drop=True) for name, group in curves.groupby("ranking")}
+    assert by["transform"]["gold_gain"].to_numpy() == pytest.approx(by["mean_minus_std"]["gold_gain"].to_numpy())
+    assert not np.allclose(by["member_0"]["gold_gain"], by["member_1"]["gold_gain"])
+    points = saved(project, "data/08_reporting/best_of_n_points.csv")
+    assert points["gold_gain"].to_numpy() == pytest.approx(by["transform"]["gold_gain"].to_numpy())
+    for group in by.values():  # every ranking's KL within the bound and growing with n
+        assert (group["kl"] <= group["kl_bound"] + 1e-12).all() and group["kl"].is_monotonic_increasing

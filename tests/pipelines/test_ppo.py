@@ -6,6 +6,7 @@ from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
 from calibrated_rlhf.core.synthetic import SyntheticSpec, make_task
 from calibrated_rlhf.pipelines.ppo import nodes
+from calibrated_rlhf.pipelines.stage import ensemble_std_stop
 from tests.conftest import TINY_BACKBONE
 
 
@@ -115,15 +116,15 @@ def test_gold_gap_counts_from_the_reference_set(reward_model, tiny_tokenizer, sy
 
 def test_ensemble_stop_needs_an_ensemble_and_scales_its_reference_std():
     t = transform()
-    assert nodes.ensemble_std_stop(t, None) is None
+    assert ensemble_std_stop(t, None, "ppo") is None
     with pytest.raises(ValueError, match="ensemble_std_stop_multiple needs a reward ensemble"):
-        nodes.ensemble_std_stop(t, 2.0)
+        ensemble_std_stop(t, 2.0, "ppo")
     from calibrated_rlhf.core.ensemble import EnsembleSpec
 
     ens = RewardTransform.from_dict({**t.to_dict(),
                                      "ensemble": EnsembleSpec("mean", (1.0, 1.0),
                                                               reference_ensemble_std=0.25).to_dict()})
-    assert nodes.ensemble_std_stop(ens, 3.0) == pytest.approx(0.75)
+    assert ensemble_std_stop(ens, 3.0, "ppo") == pytest.approx(0.75)
 
 
 ISSUE_KEYS = ("ppo/objective/kl", "ppo/objective/beta", "ppo/rewards/raw", "ppo/rewards/calibrated",

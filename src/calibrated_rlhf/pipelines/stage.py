@@ -55,3 +55,15 @@ def stage_fingerprint(reward_model: str, transform: RewardTransform, params: Any
         "synthetic_task": digest(task.to_dict()) if task is not None else None,
         "gold_offset": gold_offset,
     }
+
+
+def ensemble_std_stop(transform: RewardTransform, multiple: float | None, stage: str) -> float | None:
+    """A trainer's absolute threshold on the reward ensemble's disagreement, from ``<stage>.ensemble_std_stop_multiple``
+    times the disagreement on the reference set that the transform records."""
+    if multiple is None:
+        return None
+    reference = (transform.ensemble or {}).get("reference_ensemble_std")
+    if reference is None:
+        raise ValueError(f"{stage}.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
+                         "whose transform records its reference disagreement")
+    return multiple * reference

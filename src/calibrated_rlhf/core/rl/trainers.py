@@ -63,10 +63,11 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
 
 
 def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prompts: list[str], reward: Any,
-                  output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0
-                  ) -> tuple[Any, HistoryCallback]:
+                  output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0,
+                  ensemble_std_stop: float | None = None) -> tuple[Any, HistoryCallback]:
     """The trainer and the recorder of its log. The policy and TRL's frozen reference are both loaded from
-    ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to."""
+    ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to.
+    ``ensemble_std_stop``: see :class:`StopOnDisagreement`."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -80,6 +81,8 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
                                                  episodes_per_step=config.episodes_per_update,
                                                  reward_scale=reward_scale, gain=config.kl_gain))
     trainer.add_callback(StopOnSignal())
+    if ensemble_std_stop is not None:
+        trainer.add_callback(StopOnDisagreement(ensemble_std_stop))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
@@ -97,28 +100,48 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+class StopOnDisagreement(TrainerCallback):
+    """The over-optimization stop rule (``core.early_warning``), PPO's ``ensemble_std_stop``: end training after the
+    update whose batch mean of the reward ensemble's disagreement exceeds ``threshold``, saving that update's
+    checkpoint when the run checkpoints, so the policy it fired on is kept (and published)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.reason: str | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
+        value = (logs or {}).get(reward_metric("ensemble_std"))
+        if self.reason is None and value is not None and value > self.threshold:
+            self.reason = (f"reward ensemble std {value:.3f} exceeds ensemble_std_stop = {self.threshold:.3f} "
+                           f"at update {state.global_step}")
+            control.should_save = args.save_strategy != "no"
+            control.should_training_stop = True
+
+
 @dataclass
 class RLResult:
     policy: Any
     history: list[dict[str, float]]  # TRL's log records with the KL callback's figures, one per update
     runtime_s: float
+    stop_reason: str | None = None  # why training ended before num_updates (the stop rule), else None
 
 
 def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
           reward_scale: float = 1.0, workdir: str | Path | None = None,
-          checkpointing: Checkpointing | None = None) -> RLResult:
+          checkpointing: Checkpointing | None = None, ensemble_std_stop: float | None = None) -> RLResult:
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
     frozen reference from); returns the trained policy on CPU and the per-update records.
 
     ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.checkpointing.trl_checkpoints``), and a run
-    resumed from ``resume`` after checking its fingerprint; the records then cover the whole run."""
+    resumed from ``resume`` after checking its fingerprint; the records then cover the whole run.
+    ``ensemble_std_stop``: the disagreement past which training stops (:class:`StopOnDisagreement`); None = off."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")
         saving = checkpointing is not None and checkpointing.saving
         with (trl_output_dir(checkpointing.run_dir) if saving else nullcontext(Path(work) / "trainer")) as out:
             trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
                                              save_steps=checkpointing.every if saving else None,
-                                             reward_scale=reward_scale)
+                                             reward_scale=reward_scale, ensemble_std_stop=ensemble_std_stop)
             resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
             with stop_signals.deferred():
@@ -129,4 +152,5 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
         if checkpointing is not None:
             rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
-    return RLResult(merged(trainer.model).to("cpu").eval(), points, runtime)
+    stop = next((c.reason for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDisagreement)), None)
+    return RLResult(merged(trainer.model).to("cpu").eval(), points, runtime, stop)

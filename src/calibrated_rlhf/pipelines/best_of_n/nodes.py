@@ -40,14 +40,16 @@ class BestOfNParams(BaseModel):
 
 
 def best_of_n_curve(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_transform: dict[str, Any],
-                    test_pairs: pd.DataFrame, synthetic_task: dict[str, Any], params: BestOfNParams) -> pd.DataFrame:
-    """The best-of-n curve over ``params.ns``: KL (measured and bound), proxy and gold gains with intervals."""
+                    test_pairs: pd.DataFrame, synthetic_task: dict[str, Any], params: BestOfNParams
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The best-of-n curve over ``params.ns``: KL (measured and bound), proxy and gold gains with intervals; and
+    the same curve for every ranking of the pool (an ensemble's members and aggregations; one model: its own)."""
     scorer = RewardScorer(reward_model, tokenizer, RewardTransform.from_dict(reward_transform))
     task = load_gold(synthetic_task) if synthetic_task else None
     prompts = distinct_prompts(test_pairs)[: params.n_prompts]
     pool = best_of_n.sample_pool(reference_policy, tokenizer, scorer, task, prompts, params.pool_size,
                                  params.response_length, params.seed)
-    return best_of_n.curve(pool, params.ns)
+    return best_of_n.curve(pool, params.ns), best_of_n.ranking_curves(pool, params.ns)
 
 
 def report_best_of_n(points: pd.DataFrame) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, float]],

@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(nodes.best_of_n_curve,
                  ["reference_policy", "tokenizer", "reward_model", "reward_transform", "test_pairs", "synthetic_task",
                   "params:best_of_n"],
-                 "best_of_n_points", name="best_of_n_curve"),
+                 ["best_of_n_points", "best_of_n_rankings"], name="best_of_n_curve"),
             Node(nodes.report_best_of_n, "best_of_n_points",
                  ["best_of_n_history", "best_of_n_fit", "best_of_n_diagram"], name="report_best_of_n"),
         ]

@@ -24,7 +24,8 @@ from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, ensemble_std_stop,
+                                             stage_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def trainer_config(params: PPOParams, transform: RewardTransform, method: Normal
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
         "keep_checkpoints": params.keep_checkpoints,
-        "ensemble_std_stop": ensemble_std_stop(transform, params.ensemble_std_stop_multiple),
+        "ensemble_std_stop": ensemble_std_stop(transform, params.ensemble_std_stop_multiple, "ppo"),
     })
 
 
@@ -150,17 +151,6 @@ def _outputs(result: Any, config: PPOConfig) -> tuple[dict, pd.DataFrame, Figure
                               [h[keys.PPO_BETA] for h in result.history], config.kl_target, config.kl_control)
     return (history, sample_frame(result.samples), figure,
             training_summary(result.history, config, result.stopped_early), {keys.RL_ALGORITHM_TAG: "ppo"})
-
-
-def ensemble_std_stop(transform: RewardTransform, multiple: float | None) -> float | None:
-    """The trainer's absolute threshold on the ensemble's disagreement, from a multiple of the reference one."""
-    if multiple is None:
-        return None
-    reference = (transform.ensemble or {}).get("reference_ensemble_std")
-    if reference is None:
-        raise ValueError("ppo.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
-                         "whose transform records its reference disagreement")
-    return multiple * reference
 
 
 def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped_early: bool) -> dict[str, dict[str, float]]:
@@ -178,7 +168,7 @@ def training_summary(history: list[dict[str, float]], config: PPOConfig, stopped
     # Over-optimization signals at the end of training.
     for key, eval_key in ((keys.PPO_REWARD_GOLD_GAP, keys.EVAL_FINAL_GOLD_GAP),
                           (keys.PPO_REWARD_ENSEMBLE_STD, keys.EVAL_FINAL_ENSEMBLE_STD)):
-        if key in history[-1]:
+        if history and key in history[-1]:  # a stop rule may fire on the first rollout: no update, no history
             values[eval_key] = end_of_training_mean([h[key] for h in history])
     log.info("PPO training: %s", {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)

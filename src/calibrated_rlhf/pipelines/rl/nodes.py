@@ -24,7 +24,8 @@ from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import EvaluationParams, check_transform_matches, stage_fingerprint
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, ensemble_std_stop,
+                                             stage_fingerprint)
 from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class RLParams(RLConfig, CheckpointParams):
         "e.g. http://127.0.0.1:5000, instead of in process; its token from CALIBRATED_RLHF_REWARD_TOKEN. It must "
         "serve this project's reward (the same reward transform); the rewards and metrics are then the in-process "
         "ones. null = in process.")
+    ensemble_std_stop_multiple: float | None = Field(
+        None, gt=0, description="Reward ensembles: stop once the members' disagreement on the batch's completions "
+        "exceeds this multiple of their disagreement on the reference set (the over-optimization warning, "
+        "docs/overoptimization.md), keeping that update's checkpoint; null = off.")
     checkpoint_root: str = Field(
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
@@ -75,12 +80,16 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     # The KL weight follows the scale known at calibration time (the original transform), as PPO's does: in
     # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
     result = trainers.train(config, reference_policy, tokenizer, prompts, ScoreReward(score_fn, tokenizer),
-                            reward_scale=original.scale_of(method), checkpointing=checkpointing)
+                            reward_scale=original.scale_of(method), checkpointing=checkpointing,
+                            ensemble_std_stop=ensemble_std_stop(transform, params.ensemble_std_stop_multiple, "rl"))
+    if result.stop_reason is not None:
+        log.warning("%s stopped early: %s", params.algorithm.upper(), result.stop_reason)
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
     figure = plots.kl_control([p["step"] for p in points], [p[SEQUENCE_KL] for p in points],
                               [p[BETA] for p in points], params.kl_target, params.kl_control)
     return (result.policy, as_history(points, trainers.METRIC_KEYS), figure,
-            training_summary(points, params, result.runtime_s), {keys.RL_ALGORITHM_TAG: params.algorithm})
+            training_summary(points, params, result.runtime_s, result.stop_reason is not None),
+            {keys.RL_ALGORITHM_TAG: params.algorithm})
 
 
 def served_scorer(params: RLParams, transform: RewardTransform) -> RemoteScorer:
@@ -113,12 +122,14 @@ def prepare_checkpoints(params: RLParams, fingerprint: dict[str, Any]) -> rl_che
     return rl_checkpoint.Checkpointing(run_dir, fingerprint, params.checkpoint_every, params.keep_checkpoints, resume)
 
 
-def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s: float) -> dict[str, dict[str, float]]:
+def training_summary(points: list[dict[str, float]], params: RLParams, runtime_s: float,
+                     stopped_early: bool = False) -> dict[str, dict[str, float]]:
     """How well KL tracked its target over the second half of training (``core.kl_tracking``), the final beta."""
     tracking = summarize_kl_tracking([p[SEQUENCE_KL] for p in points], params.kl_target, [p[BETA] for p in points])
     values = {keys.EVAL_KL_SECOND_HALF_MEAN: tracking.kl_second_half_mean,
               keys.EVAL_KL_TRACKING_ERROR: tracking.kl_tracking_error, keys.EVAL_FINAL_BETA: tracking.final_beta,
-              keys.EVAL_UPDATES: float(tracking.updates), keys.EVAL_RUNTIME_S: runtime_s}
+              keys.EVAL_UPDATES: float(tracking.updates), keys.EVAL_RUNTIME_S: runtime_s,
+              keys.EVAL_STOPPED_EARLY: float(stopped_early)}
     log.info("%s training: %s", params.algorithm.upper(), {k: round(v, 4) for k, v in values.items()})
     return as_metrics(values)
 
