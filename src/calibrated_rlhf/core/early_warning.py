@@ -1,0 +1,131 @@
+"""An over-optimization warning that needs no gold, and the gold-based judgement of any such warning.
+
+A user running RL on a learned reward cannot see the gold reward; by the time a held-out human evaluation
+shows the policy got worse, the damage is done. What a user can see at every update is the policy's KL to the
+reference, its entropy, and, with a reward ensemble, how much the members disagree on the policy's samples.
+Disagreement is the one of these that measures what over-optimization is: the policy reaching responses the
+reward models' training pairs did not pin down, where each member extrapolates its own way (Coste et al.,
+ICLR 2024; Eisenstein et al., 2023). KL and entropy only say how far the policy has moved.
+
+A rule here fires at the first update whose signal crosses its threshold, on the raw per-update value: the
+same test :func:`calibrated_rlhf.core.ppo.stats.stop_reason` and the RL trainers' stop callback apply online,
+so a threshold chosen here behaves the same as a stop rule. Relative rules divide by the signal's value at
+the first update, whose samples are the reference policy's.
+
+The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
+few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the
+peak plus ``late_fraction`` of the run; on a run that does not over-optimize, any firing is a *false alarm*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SIGNALS = ("ensemble_std", "kl", "entropy")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Fire when ``signal`` (relative to its first value if ``relative``) goes above ``threshold``, or below it
+    when ``below``."""
+
+    signal: str
+    threshold: float
+    relative: bool = False
+    below: bool = False
+
+    def describe(self) -> str:
+        value = f"{self.signal} / its first value" if self.relative else self.signal
+        return f"{value} {'<' if self.below else '>'} {self.threshold:g}"
+
+    def fires_at(self, values: Sequence[float]) -> int | None:
+        """Index of the first update at which the rule fires, or None. Non-finite values never fire: a missing
+        measurement is not evidence."""
+        x = np.asarray(values, dtype=np.float64)
+        if self.relative:
+            if not len(x) or not np.isfinite(x[0]) or x[0] <= 0:
+                return None
+            x = x / x[0]
+        with np.errstate(invalid="ignore"):
+            hits = np.flatnonzero(x < self.threshold if self.below else x > self.threshold)
+        return int(hits[0]) if len(hits) else None
+
+
+@dataclass(frozen=True)
+class GoldPath:
+    """A run's gold along its updates, as the judgement reads it."""
+
+    peak: int  # update of the smoothed gold's maximum
+    drop: float  # smoothed gold at the peak minus at the end (>= 0)
+    over_optimized: bool
+    n_updates: int
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Centred moving mean, shrinking at the ends so every update keeps a value: the judgement looks at a finished
+    run, so it may use the updates after each one."""
+    x = np.asarray(values, dtype=np.float64)
+    half = window // 2
+    return np.array([x[max(0, i - half):i + half + 1].mean() for i in range(len(x))])
+
+
+def gold_path(gold: Sequence[float], window: int = 5, min_drop: float = 0.1) -> GoldPath:
+    """Where a run's gold peaked and whether it then fell by ``min_drop`` (gold units). The smoothing keeps one
+    noisy batch from making a peak; ``min_drop`` should sit above the smoothed curve's noise (a batch mean of 32
+    responses varies by about 0.05 on the synthetic task, a 5-update mean by about 0.02)."""
+    g = smooth(gold, window)
+    if not len(g):
+        raise ValueError("a gold path needs at least one update")
+    peak = int(np.argmax(g))
+    drop = float(g[peak] - g[-1])
+    return GoldPath(peak=peak, drop=drop, over_optimized=drop >= min_drop, n_updates=len(g))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One rule on one run: where it fired and how the gold judges that."""
+
+    fired: int | None
+    over_optimized: bool
+    caught: bool  # over-optimized and fired by the peak plus late_fraction of the run
+    false_alarm: bool  # not over-optimized, yet fired
+
+
+def judge(rule: Rule, signal: Sequence[float], path: GoldPath, late_fraction: float = 0.1) -> Verdict:
+    """The rule on one run's ``signal``, judged by its gold ``path``."""
+    fired = rule.fires_at(signal)
+    deadline = path.peak + late_fraction * path.n_updates
+    caught = path.over_optimized and fired is not None and fired <= deadline
+    return Verdict(fired=fired, over_optimized=path.over_optimized, caught=caught,
+                   false_alarm=not path.over_optimized and fired is not None)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A rule over many runs: the share of over-optimizing runs caught and of safe runs falsely alarmed."""
+
+    rule: Rule
+    n_over: int
+    n_safe: int
+    caught: float  # NaN without over-optimizing runs
+    false_alarms: float  # NaN without safe runs
+
+
+def score(rule: Rule, verdicts: Sequence[Verdict]) -> Score:
+    over = [v for v in verdicts if v.over_optimized]
+    safe = [v for v in verdicts if not v.over_optimized]
+    return Score(rule=rule, n_over=len(over), n_safe=len(safe),
+                 caught=float(np.mean([v.caught for v in over])) if over else float("nan"),
+                 false_alarms=float(np.mean([v.false_alarm for v in safe])) if safe else float("nan"))
+
+
+def best_threshold(scores: Sequence[Score], max_false_alarms: float) -> Score | None:
+    """Among one signal's thresholds, the one that catches most runs with at most ``max_false_alarms`` (ties: the
+    fewer false alarms, then the earlier in ``scores``); None if no threshold stays that quiet."""
+    allowed = [s for s in scores if not s.false_alarms > max_false_alarms]
+    if not allowed:
+        return None
+    return max(allowed, key=lambda s: (np.nan_to_num(s.caught, nan=-1.0), -np.nan_to_num(s.false_alarms)))

@@ -1,0 +1,88 @@
+"""The over-optimization warning: its rules, the gold-based judgement, and the stop rule inside TRL's RLOO."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from calibrated_rlhf.core.early_warning import Rule, best_threshold, gold_path, judge, score, smooth
+
+
+def test_rules_fire_at_the_first_crossing_above_below_and_relative():
+    kl = [0.5, 1.0, 3.0, 2.0, 9.0]
+    assert Rule("kl", 2.5).fires_at(kl) == 2
+    assert Rule("kl", 10.0).fires_at(kl) is None
+    entropy = [2.0, 1.9, 1.5, 0.9, 0.4]
+    assert Rule("entropy", 0.5, relative=True, below=True).fires_at(entropy) == 3  # 0.9 / 2.0 < 0.5
+    assert Rule("ensemble_std", 2.0, relative=True).fires_at([0.1, 0.15, 0.21, 0.3]) == 2
+    # a missing measurement is no evidence; without a usable first value a relative rule cannot fire
+    assert Rule("kl", 1.0).fires_at([0.5, math.nan, 2.0]) == 2
+    assert Rule("ensemble_std", 2.0, relative=True).fires_at([math.nan, 1.0, 5.0]) is None
+    assert Rule("ensemble_std", 2.0, relative=True).fires_at([]) is None
+    assert Rule("entropy", 0.5, relative=True, below=True).describe() == "entropy / its first value < 0.5"
+
+
+def test_gold_path_finds_a_smoothed_peak_and_ignores_one_noisy_batch():
+    rising = np.linspace(0.0, 1.0, 40)
+    spike = rising.copy()
+    spike[10] = 1.5  # one batch above the end: smoothed, it stays below the end
+    assert not gold_path(rising).over_optimized and gold_path(rising).peak == 39
+    assert gold_path(spike, window=5).drop < 0.1 and not gold_path(spike, window=5).over_optimized
+    hump = np.concatenate([np.linspace(0.0, 1.0, 20), np.linspace(1.0, 0.3, 20)])
+    path = gold_path(hump, window=5, min_drop=0.1)
+    assert path.over_optimized and 17 <= path.peak <= 20 and path.drop == pytest.approx(0.7 - 0.7 / 19 / 1.5, abs=0.05)
+    assert path.n_updates == 40
+    np.testing.assert_allclose(smooth([1.0, 2.0, 3.0], 3), [1.5, 2.0, 2.5])
+    with pytest.raises(ValueError, match="at least one update"):
+        gold_path([])
+
+
+def test_judge_and_score_count_catches_by_the_deadline_and_false_alarms():
+    hump = np.concatenate([np.linspace(0.0, 1.0, 20), np.linspace(1.0, 0.0, 20)])
+    over, safe = gold_path(hump), gold_path(np.linspace(0.0, 1.0, 40))
+    rule = Rule("kl", 5.0)
+    deadline = over.peak + 4  # 10% of 40 updates
+    on_time = np.where(np.arange(40) >= deadline, 10.0, 0.0)
+    late = np.where(np.arange(40) >= deadline + 1, 10.0, 0.0)
+    assert judge(rule, on_time, over).caught and not judge(rule, late, over).caught
+    assert judge(rule, on_time, safe).false_alarm and not judge(rule, np.zeros(40), safe).false_alarm
+    verdicts = [judge(rule, on_time, over), judge(rule, late, over), judge(rule, on_time, safe),
+                judge(rule, np.zeros(40), safe), judge(rule, np.zeros(40), safe)]
+    s = score(rule, verdicts)
+    assert (s.n_over, s.n_safe, s.caught, s.false_alarms) == (2, 3, 0.5, pytest.approx(1 / 3))
+    quiet, loud = score(Rule("kl", 9.0), verdicts[:2] + verdicts[3:]), s
+    assert best_threshold([loud, quiet], max_false_alarms=0.1) is quiet
+    assert best_threshold([loud], max_false_alarms=0.1) is None
+    assert math.isnan(score(rule, []).caught)
+
+
+def test_rloo_stops_after_the_update_whose_disagreement_crosses_and_keeps_its_checkpoint(tiny_tokenizer,
+                                                                                          synthetic_pairs, tmp_path):
+    from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
+    from calibrated_rlhf.core.rl.config import RLConfig
+    from calibrated_rlhf.core.rl.reward import ScoreReward
+    from calibrated_rlhf.core.rl.trainers import StopOnDisagreement, build_trainer
+    from tests.conftest import TINY_BACKBONE
+
+    policy_dir = tmp_path / "policy"
+    build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).save_pretrained(policy_dir)
+    prompts = list(dict.fromkeys(synthetic_pairs["prompt"]))[:16]
+    calls = []
+
+    def score_fn(prompts, responses):  # a disagreement that grows by 0.1 per update: 0.1, 0.2, 0.3, ...
+        calls.append(len(responses))
+        n = len(responses)
+        return {"score": torch.tensor([len(r.split()) / 5.0 for r in responses]),
+                "ensemble_std": torch.full((n,), 0.1 * len(calls))}
+
+    config = RLConfig(algorithm="rloo", num_updates=8, batch_size=4, num_generations=2, response_length=6,
+                      learning_rate=5e-3, beta=0.2, kl_target=1.0)
+    trainer, history = build_trainer(config, policy_dir, tiny_tokenizer, prompts, ScoreReward(score_fn, tiny_tokenizer),
+                                     tmp_path / "out", save_steps=100, ensemble_std_stop=0.25)
+    trainer.train()
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDisagreement))
+    assert trainer.state.global_step == 3 and "at update 3" in stop.reason
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]  # the one it fired on
