@@ -100,3 +100,17 @@ def load_histories(run_ids: Iterable[str], keys: Sequence[str] = HISTORY_KEYS) -
     rows = [(run_id, key, m.step, m.value) for run_id in run_ids for key in keys
             for m in client.get_metric_history(run_id, key)]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def load_artifact_table(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV a run logged as an artifact (``best_of_n/best_of_n_rankings.csv``), or None where it logged none."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return pd.read_csv(local)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Over-optimization on the task that shows it (conf/overoptimization): for each reward-model data size, the DAG
+# (three bootstrap reward models, calibrated, normalized), best-of-n up to n = 2048, then PPO and RLOO at each KL
+# target and seed, every run tagged with its size's scenario; then the report (fits, figures, warning rules)
+# under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its mlflow.db.
+# Usage: bash scripts/overoptimization.sh
+#   SIZES ("9600 2400 600": preference pairs), TARGETS ("1 2 4 8 16 32 64"), METHODS ("ppo rloo"), SEEDS ("0 1"),
+#   OUT (docs/results/overoptimization), REPORT_ONLY=1: the report from the runs already in the store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+read -r -a sizes <<< "${SIZES:-9600 2400 600}"
+read -r -a targets <<< "${TARGETS:-1 2 4 8 16 32 64}"
+read -r -a methods <<< "${METHODS:-ppo rloo}"
+read -r -a seeds <<< "${SEEDS:-0 1}"
+out=${OUT:-docs/results/overoptimization}
+python=${PYTHON:-python}
+kedro() { "$python" -m kedro run --env overoptimization "$@"; }
+
+if [ "${REPORT_ONLY:-0}" != 1 ]; then
+  for size in "${sizes[@]}"; do
+    tag="scenario=overoptimization_rm$size"
+    # the DAG first: every later run of this size loads its reward models, transform and reference (the latest)
+    kedro --pipelines data_prep,reward_model,calibration,policy_init,normalization \
+      --params "data_prep.source.synthetic.n_pairs=$size,$tag"
+    kedro --pipelines best_of_n --params "$tag"
+    for seed in "${seeds[@]}"; do
+      for kl in "${targets[@]}"; do
+        for method in "${methods[@]}"; do
+          if [ "$method" = ppo ]; then
+            kedro --pipelines ppo --params "ppo.trainer.kl_target=$kl,ppo.trainer.seed=$seed,$tag"
+          else
+            kedro --pipelines rl --params "rl.algorithm=$method,rl.kl_target=$kl,rl.seed=$seed,$tag"
+          fi
+        done
+      done
+    done
+  done
+fi
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
+"$python" -m calibrated_rlhf.reporting.overoptimization --sizes "$(IFS=,; echo "${sizes[*]}")" --out "$out"

@@ -1,0 +1,354 @@
+"""The over-optimization report (scripts/overoptimization.sh): per reward-model data size, best-of-n and RL on the
+gold-against-KL plane with Gao et al.'s forms fitted; over every RL run, how early each gold-free warning fires.
+
+Runs are selected by the scenario tag ``overoptimization_rm<size>`` the script sets. Each RL run gives a frontier
+point from the evaluation protocol (``reporting.frontier``) and its per-update history, read here as the
+signals a user has (KL, entropy, the reward ensemble's disagreement, the normalized proxy) and the gold that
+judges them (``core.early_warning``). A rule's threshold is chosen on the runs of seed 0 and scored on the
+other seeds, so the table's figures are not the ones the threshold was tuned on. Plain pandas and matplotlib:
+``runs`` reads MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from calibrated_rlhf.core import metric_keys as keys
+from calibrated_rlhf.core.early_warning import Rule, best_threshold, gold_path, judge, score
+from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2
+from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
+from calibrated_rlhf.reporting.render import markdown_table
+from calibrated_rlhf.reporting.table import as_float, method_of
+
+SEED_PARAMS = {"ppo": "ppo.trainer.seed", "rloo": "rl.seed", "grpo": "rl.seed"}
+# per method: the history key of each signal (and of the gold that judges it)
+HISTORY = {
+    "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
+            "proxy": keys.ppo_reward("normalized"), "gold": keys.ppo_reward("gold")},
+    "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
+           "proxy": keys.rl_reward("normalized"), "gold": keys.RL_REWARD_GOLD},
+}
+# The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
+# proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
+# every reward model, so one threshold can serve them all.
+GRIDS: dict[str, tuple[Rule, ...]] = {
+    "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
+    "entropy": tuple(Rule("entropy", t, relative=True, below=True) for t in np.round(np.arange(0.50, 0.99, 0.04), 2)),
+    "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (0.5, 0.75, 1.25, 1.5, 2.0, 3.0)),
+    "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
+                              for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
+}
+EFFICIENCY_MIN_KL = 1.0
+WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
+MAX_FALSE_ALARMS = 0.10
+LATE_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class RunSignals:
+    """One RL run's per-update signals (trailing means over :data:`WINDOW`), its gold and identity."""
+
+    run_id: str
+    size: int
+    method: str
+    kl_target: float
+    seed: int
+    signals: Mapping[str, np.ndarray]
+    gold: np.ndarray
+
+
+def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last ``window`` updates (fewer at the start): what a rule can compute online."""
+    c = np.concatenate([[0.0], np.cumsum(np.nan_to_num(x))])
+    n = np.concatenate([[0], np.cumsum(np.isfinite(x))])
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, i - window)
+    counts = n[i] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (c[i] - c[lo]) / np.maximum(counts, 1), np.nan)
+
+
+def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The signals of one run's long-form history (``key``, ``step``, ``value``), in step order, and its gold."""
+    names = HISTORY["ppo" if method == "ppo" else "rl"]
+    wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
+    get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
+           for name, key in names.items()}
+    smoothed = {name: trailing_mean(get[name], window) for name in ("kl", "entropy", "ensemble_std", "proxy")}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
+        smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
+                                                smoothed["proxy"] / np.sqrt(smoothed["kl"]), np.nan)
+    return smoothed, get["gold"]
+
+
+def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> pd.DataFrame:
+    """Per signal: the threshold chosen on the runs of ``fit_seed`` (most caught with at most
+    :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the others."""
+    rows = []
+    for family, grid in GRIDS.items():
+        def verdicts(subset):
+            return [[judge(rule, r.signals[family], gold_path(r.gold), LATE_FRACTION) for r in subset] for rule in grid]
+
+        fit = [r for r in runs if r.seed == fit_seed]
+        held = [r for r in runs if r.seed != fit_seed]
+        chosen = best_threshold([score(rule, v) for rule, v in zip(grid, verdicts(fit))], MAX_FALSE_ALARMS)
+        row = {"signal": family, "rule": chosen.rule.describe() if chosen else "none quiet enough"}
+        for name, subset in (("fit", fit), ("held_out", held)):
+            s = score(chosen.rule, [judge(chosen.rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
+                                    for r in subset]) if chosen else None
+            row.update({f"{name}_over": s.n_over if s else math.nan, f"{name}_caught": s.caught if s else math.nan,
+                        f"{name}_safe": s.n_safe if s else math.nan,
+                        f"{name}_false_alarms": s.false_alarms if s else math.nan})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule]) -> pd.DataFrame:
+    """One row per run: the gold's peak and drop, and the update each chosen rule fired at (updates counted from 1,
+    as the runs' MLflow steps are)."""
+    rows = []
+    for r in runs:
+        path = gold_path(r.gold)
+        row = {"size": r.size, "method": r.method, "kl_target": r.kl_target, "seed": r.seed, "updates": path.n_updates,
+               "gold_peak_update": path.peak + 1, "gold_drop": path.drop, "over_optimized": path.over_optimized}
+        for family, rule in rules.items():
+            fired = rule.fires_at(r.signals[family])
+            row[f"{family}_fires"] = math.nan if fired is None else fired + 1
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- the frontier per reward-model size: best-of-n and RL, gold and proxy, Gao et al.'s forms ----------------
+
+def proxy_gain(signals_history: pd.DataFrame, method: str) -> float:
+    """An RL run's calibrated proxy gained over training: the mean over its last 10% of updates minus its first
+    update's (the reference policy's own samples), in the units of best-of-n's ``proxy_gain``."""
+    key = keys.ppo_reward("calibrated") if method == "ppo" else keys.rl_reward("calibrated")
+    values = (signals_history[signals_history["key"] == key].sort_values("step")["value"]).to_numpy(dtype=float)
+    if len(values) < 2:
+        return math.nan
+    return float(values[-max(1, len(values) // 10):].mean() - values[0])
+
+
+def bon_fit_row(curve: pd.DataFrame) -> dict[str, float]:
+    """Gao et al.'s best-of-n form fitted to a best-of-n curve, in :data:`FIT_COLUMNS`' terms."""
+    d, gain = curve["d"].to_numpy(), curve["gold_gain"].to_numpy()
+    fit = fit_curve(d, gain, "bon")
+    try:
+        held = held_out_r2(d, gain, "bon")
+    except ValueError:
+        held = math.nan
+    return {"method": "best_of_n", "form": "bon", "points": len(d), "alpha": fit.alpha, "alpha_ci_low": fit.alpha_ci[0],
+            "alpha_ci_high": fit.alpha_ci[1], "beta": fit.beta, "beta_ci_low": fit.beta_ci[0],
+            "beta_ci_high": fit.beta_ci[1], "r2": fit.r2, "held_out_r2": held, "d_peak_fitted": fit.d_peak,
+            "d_peak_observed": float(d[np.argmax(gain)]), "d_max": float(d.max())}
+
+
+def size_figure(size: int, points: pd.DataFrame, bon: pd.DataFrame | None, fits: pd.DataFrame) -> Figure:
+    """Gold (left) and calibrated proxy (right) gains against d = sqrt(KL), best-of-n as a curve and each RL
+    run as a point, with each method's own form fitted to its gold (dashed)."""
+    fig = Figure(figsize=(11, 4.2))
+    gold_ax, proxy_ax = fig.subplots(1, 2)
+    colours = {"best_of_n": "black", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green"}
+    if bon is not None and len(bon):
+        for ax, col in ((gold_ax, "gold_gain"), (proxy_ax, "proxy_gain")):
+            ax.plot(bon["d"], bon[col], marker=".", color="black", label="best-of-n")
+    for method, group in points.groupby("method", sort=True):
+        gold_ax.scatter(group["sqrt_kl"], group["gold_gain"], color=colours.get(method), label=method, s=18)
+        proxy_ax.scatter(group["sqrt_kl"], group["proxy_gain"], color=colours.get(method), label=method, s=18)
+    for fit in fits.itertuples():
+        if (fit.method == "best_of_n") != (fit.form == "bon"):
+            continue  # each method with its own law: best-of-n's for best-of-n, the RL law for RL
+        d = np.linspace(1e-3, fit.d_max, 100)
+        shape = d * (fit.alpha - fit.beta * (d if fit.form == "bon" else np.log(d)))
+        gold_ax.plot(d, shape, linestyle="--", linewidth=0.9, color=colours.get(fit.method, "grey"))
+    for ax, what in ((gold_ax, "gold"), (proxy_ax, "calibrated proxy")):
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("d = sqrt(KL to the reference), sqrt(nats)")
+        ax.set_ylabel(f"{what} gain over the reference")
+        ax.legend(fontsize=8)
+    gold_ax.set_title(f"Gold, {size} preference pairs")
+    proxy_ax.set_title(f"Proxy, {size} preference pairs")
+    fig.tight_layout()
+    return fig
+
+
+def matched_gain(x: np.ndarray, y: np.ndarray, kl: float) -> float:
+    """Gain at ``kl``, linear in d between measured points; NaN outside them."""
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    d = math.sqrt(kl)
+    return float(np.interp(d, x, y)) if len(x) and x.min() <= d <= x.max() else math.nan
+
+
+def bon_efficiency_verdict(points: pd.DataFrame, bon: pd.DataFrame | None, kl_levels: Sequence[float]) -> str:
+    """"Best-of-n is more KL-efficient than RL": at each KL both reach, best-of-n's gold against each RL method's
+    (RL interpolated between its runs' mean gains per target)."""
+    if bon is None or not len(bon):
+        return "best-of-n is more KL-efficient than RL: not measured (no best-of-n curve)."
+    cells, wins = [], []
+    for method, group in points.groupby("method", sort=True):
+        mean = group.groupby("budget")[["sqrt_kl", "gold_gain"]].mean()
+        for kl in kl_levels:
+            b = matched_gain(bon["d"].to_numpy(), bon["gold_gain"].to_numpy(), kl)
+            r = matched_gain(mean["sqrt_kl"].to_numpy(), mean["gold_gain"].to_numpy(), kl)
+            if not (math.isnan(b) or math.isnan(r)):
+                cells.append(f"KL {kl:g}: best-of-n {b:.3f}, {method} {r:.3f}")
+                wins.append(b > r)
+    if not wins:
+        return "best-of-n is more KL-efficient than RL: not measured (no KL that both reach)."
+    status = "supported" if all(wins) else ("not supported" if not any(wins) else "mixed")
+    return f"best-of-n is more KL-efficient than RL: {status} ({'; '.join(cells)})."
+
+
+def conservative_verdict(rankings: pd.DataFrame | None) -> str:
+    """"Conservative ensembles delay the peak": best-of-n's observed gold peak (the n of its largest gain) under
+    ``min`` and ``mean_minus_std`` against ``mean``; a curve still rising at the largest n peaks there."""
+    if rankings is None or "mean" not in set(rankings["ranking"]):
+        return "conservative ensembles delay the peak: not measured (no ensemble rankings)."
+    peak = {name: (int(g["n"].iloc[int(np.argmax(g["gold_gain"]))]), float(g["gold_gain"].max()),
+                   float(g["gold_gain"].iloc[-1]), int(g["n"].max()))
+            for name, g in rankings.groupby("ranking")}
+    found = [f"{name}: peak at n = {p[0]} (gain {p[1]:.3f}; {p[2]:.3f} at n = {p[3]})"
+             for name, p in peak.items() if name in ("mean", "min", "mean_minus_std")]
+    later = [peak[c][0] > peak["mean"][0] or (peak[c][0] == peak["mean"][0] and peak[c][2] > peak["mean"][2])
+             for c in ("min", "mean_minus_std")]
+    status = "supported" if all(later) else ("not supported" if not any(later) else "mixed")
+    return f"conservative ensembles delay the peak: {status} ({'; '.join(found)})."
+
+
+# ---- reading the runs, writing the report ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SizeResults:
+    """Everything the report shows of one reward-model data size."""
+
+    size: int
+    points: pd.DataFrame  # frontier_points plus seed and proxy_gain, one row per RL run
+    bon: pd.DataFrame | None  # best-of-n ranked by the transform's proxy: n, kl, kl_bound, d, gains
+    rankings: pd.DataFrame | None  # best-of-n under every ranking (an ensemble's members and aggregations)
+    runs: list[RunSignals]
+
+
+def bon_curve(history: pd.DataFrame) -> pd.DataFrame:
+    """The best-of-n curve back from its MLflow histories (``best_of_n/curve/<column>``, step = n)."""
+    prefix = keys.best_of_n_curve("")
+    wide = (history.assign(column=history["key"].str[len(prefix):])
+            .pivot_table(index="step", columns="column", values="value").sort_index())
+    return wide.rename_axis(index="n", columns=None).reset_index()
+
+
+def load_size(size: int, experiment: str) -> tuple[SizeResults, list[str]]:
+    """The runs tagged ``overoptimization_rm<size>``: RL runs as frontier points and signals, the newest best-of-n."""
+    from calibrated_rlhf.reporting.runs import RunSelection, load_artifact_table, load_histories, load_runs
+
+    runs, notes = load_runs(RunSelection(experiment=experiment, scenarios=(f"overoptimization_rm{size}",)))
+    points = frontier_points(runs)
+    by_id = runs.set_index("run_id")
+    signals, seeds, gains = [], [], []
+    for p in points.itertuples():
+        history = load_histories([p.run_id], [*HISTORY["ppo" if p.method == "ppo" else "rl"].values(),
+                                              keys.ppo_reward("calibrated") if p.method == "ppo"
+                                              else keys.rl_reward("calibrated")])
+        seed = int(as_float(by_id.loc[p.run_id].get(f"params.{SEED_PARAMS[p.method]}")))
+        values, gold = run_signals(history, p.method)
+        signals.append(RunSignals(p.run_id, size, p.method, p.budget, seed, values, gold))
+        seeds.append(seed)
+        gains.append(proxy_gain(history, p.method))
+    points = points.assign(seed=seeds, proxy_gain=gains)
+    bon = rankings = None
+    bon_runs = runs[runs.get(f"metrics.{keys.best_of_n_fit('alpha')}", pd.Series(dtype=float)).notna()] \
+        if f"metrics.{keys.best_of_n_fit('alpha')}" in runs else runs.iloc[:0]
+    if len(bon_runs):
+        newest = bon_runs.iloc[0]["run_id"]  # load_runs: newest first
+        columns = ["kl", "kl_bound", "d", "gold_gain", "proxy_gain", "gold_gain_ci_low", "gold_gain_ci_high"]
+        bon = bon_curve(load_histories([newest], [keys.best_of_n_curve(c) for c in columns]))
+        rankings = load_artifact_table(newest, "best_of_n/best_of_n_rankings.csv")
+    return SizeResults(size, points, bon, rankings, signals), notes
+
+
+def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4)
+                 ) -> Path:
+    """``README.md`` (per size: the points, the fits, the verdicts; then the warning rules over every run) and one
+    figure per size, ``rm_<size>.png``, under ``out_dir``."""
+    from calibrated_rlhf.reporting.frontier import overoptimization_verdict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
+             "Written by `python -m calibrated_rlhf.reporting.overoptimization` from the runs of "
+             "`scripts/overoptimization.sh`; how to read it: [docs/overoptimization.md](../../overoptimization.md).", ""]
+    all_runs: list[RunSignals] = []
+    for r in results:
+        fits = overoptimization_fits(r.points)
+        fits = fits[fits["form"] == "rl"]
+        if r.bon is not None and len(r.bon) >= 5:
+            fits = pd.concat([fits, pd.DataFrame([bon_fit_row(r.bon)])], ignore_index=True).infer_objects()
+        size_figure(r.size, r.points, r.bon, fits).savefig(out / f"rm_{r.size}.png", dpi=100)
+        shown = r.points[["method", "budget", "seed", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
+                          "proxy_gain"]].rename(columns={"budget": "kl_target"})
+        lines += [f"## {r.size} preference pairs", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
+                  markdown_table(shown.sort_values(["method", "kl_target", "seed"]).round(4)), ""]
+        if r.bon is not None:
+            lines += ["Best-of-n, ranked by the reward transform's proxy:", "",
+                      markdown_table(r.bon[["n", "kl_bound", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
+                                            "proxy_gain"]].round(4)), ""]
+        if len(fits):
+            turned = overoptimization_verdict(fits[fits["method"] != "best_of_n"])
+            lines += ["Fits of gold gain against d (RL: `d (alpha - beta ln d)`; best-of-n: `d (alpha - beta d)`; "
+                      "95% intervals; held-out R^2 on every third point):", "",
+                      markdown_table(fits[FIT_COLUMNS].round(4)), "", f"- {turned.claim}: **{turned.status}** "
+                      f"({turned.evidence})."]
+        lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}",
+                  f"- {conservative_verdict(r.rankings)}", ""]
+        if r.rankings is not None:
+            wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
+            lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
+                      markdown_table(wide.reset_index().round(4)), ""]
+        all_runs += r.runs
+    if all_runs:
+        table = warning_table(all_runs)
+        chosen = {}
+        for family, grid in GRIDS.items():
+            row = table[table["signal"] == family].iloc[0]
+            chosen[family] = next((rule for rule in grid if rule.describe() == row["rule"]), None)
+        per_run = run_table(all_runs, {f: rule for f, rule in chosen.items() if rule is not None})
+        lines += ["## Warnings that need no gold", "",
+                  f"Each signal is a trailing mean over {WINDOW} updates. Its threshold is the one that catches the "
+                  f"most over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the "
+                  "held-out columns score that threshold on the other seeds. A run over-optimizes when its gold, "
+                  "smoothed over 5 updates, ends 0.1 or more below its peak; a warning catches it when it fires "
+                  f"by the peak plus {LATE_FRACTION:.0%} of the run.", "", markdown_table(table.round(3)), "",
+                  markdown_table(per_run.round(3)), ""]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "README.md"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m calibrated_rlhf.reporting.overoptimization --sizes 9600,2400,600 --out DIR``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="calibrated_rlhf")
+    parser.add_argument("--sizes", default="9600,2400,600", help="reward-model data sizes (preference pairs)")
+    parser.add_argument("--out", default="docs/results/overoptimization")
+    args = parser.parse_args(argv)
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        result, notes = load_size(size, args.experiment)
+        results.append(result)
+        for note in notes:
+            print(f"rm_{size}: {note}")
+    print(f"over-optimization report: {write_report(results, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
