@@ -75,6 +75,24 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert "best-of-n is more KL-efficient than RL" in text
 
 
+def test_a_size_can_come_from_another_store(tmp_path):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(other)
+    try:
+        mlflow.set_experiment("calibrated_rlhf")
+        log_ppo_run(mlflow, 64.0, 0, over=True)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
+        report.main(["--sizes", f"100@{other},7", "--out", str(tmp_path / "out")])
+        assert mlflow.get_tracking_uri().endswith("empty.db")  # put back
+    finally:
+        mlflow.set_tracking_uri(previous)
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 |" in text and "## 7 preference pairs" in text
+
+
 def test_trailing_mean_uses_only_past_updates_and_skips_gaps():
     x = np.array([1.0, 3.0, np.nan, 5.0, 7.0])
     np.testing.assert_allclose(report.trailing_mean(x, 2), [1.0, 2.0, 3.0, 5.0, 6.0])

@@ -44,8 +44,11 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
     "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (0.5, 0.75, 1.25, 1.5, 2.0, 3.0)),
     "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
+    "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
+                           for t in (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)),
 }
 EFFICIENCY_MIN_KL = 1.0
+MIN_KL_RISE = 2.0
 WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 MAX_FALSE_ALARMS = 0.10
 LATE_FRACTION = 0.10
@@ -86,7 +89,21 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
                                                 smoothed["proxy"] / np.sqrt(smoothed["kl"]), np.nan)
+    smoothed["proxy_per_nat"] = marginal_proxy_per_nat(smoothed["proxy"], smoothed["kl"], 2 * window)
     return smoothed, get["gold"]
+
+
+def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_rise: float = MIN_KL_RISE
+                           ) -> np.ndarray:
+    """The normalized proxy the last ``lag`` updates bought per nat of KL they spent, where they spent at least
+    ``min_kl_rise`` nats (NaN elsewhere: a policy holding its KL is not spending any). Once the proxy, the optimistic
+    estimate of the gold, stops paying for more KL, the gold is at best flat."""
+    out = np.full(len(kl), np.nan)
+    if len(kl) > lag:
+        rise = kl[lag:] - kl[:-lag]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lag:] = np.where(rise >= min_kl_rise, (proxy[lag:] - proxy[:-lag]) / rise, np.nan)
+    return out
 
 
 def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> pd.DataFrame:
@@ -338,12 +355,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="calibrated_rlhf")
-    parser.add_argument("--sizes", default="9600,2400,600", help="reward-model data sizes (preference pairs)")
+    parser.add_argument("--sizes", default="9600,2400,600",
+                        help="reward-model data sizes (preference pairs), comma separated; SIZE@URI reads that size's "
+                        "runs from another MLflow store than $MLFLOW_TRACKING_URI's")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
+    import mlflow
+
+    default_uri = mlflow.get_tracking_uri()
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        result, notes = load_size(size, args.experiment)
+    for item in args.sizes.split(","):
+        size, _, uri = item.partition("@")
+        mlflow.set_tracking_uri(uri or default_uri)
+        try:
+            result, notes = load_size(int(size), args.experiment)
+        finally:
+            mlflow.set_tracking_uri(default_uri)
         results.append(result)
         for note in notes:
             print(f"rm_{size}: {note}")
