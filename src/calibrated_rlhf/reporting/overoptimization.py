@@ -360,17 +360,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "runs from another MLflow store than $MLFLOW_TRACKING_URI's")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
-    import mlflow
+    from calibrated_rlhf.reporting.runs import tracking_store
 
-    default_uri = mlflow.get_tracking_uri()
     results = []
     for item in args.sizes.split(","):
         size, _, uri = item.partition("@")
-        mlflow.set_tracking_uri(uri or default_uri)
-        try:
+        with tracking_store(uri):
             result, notes = load_size(int(size), args.experiment)
-        finally:
-            mlflow.set_tracking_uri(default_uri)
         results.append(result)
         for note in notes:
             print(f"rm_{size}: {note}")

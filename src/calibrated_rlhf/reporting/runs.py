@@ -6,7 +6,8 @@ Everything it returns is plain pandas (the ``search_runs`` shape, and curves in 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
@@ -100,6 +101,17 @@ def load_histories(run_ids: Iterable[str], keys: Sequence[str] = HISTORY_KEYS) -
     rows = [(run_id, key, m.step, m.value) for run_id in run_ids for key in keys
             for m in client.get_metric_history(run_id, key)]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+@contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """Read from the MLflow store at ``uri`` inside the block (None or "": the current one), then put it back."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri or previous)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def load_artifact_table(run_id: str, path: str) -> pd.DataFrame | None:

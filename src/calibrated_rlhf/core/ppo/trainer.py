@@ -205,8 +205,7 @@ class PPOTrainer:
                 bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])
             ckpt.stop_if_signalled(self)
         bar.close()
-        # at the end, and where a stop rule fired: the policy whose samples it fired on is kept
-        if (cfg.checkpoint_every is not None
+        if (cfg.checkpoint_every is not None  # at the end, and where a stop rule fired (the policy it fired on)
                 and (self.last_checkpoint is None or Path(self.last_checkpoint).name != ckpt.ckpt_name(self.update))):
             self.save_checkpoint()
         if run_dir is not None and self.is_main_process and (stopped or self.update >= cfg.num_updates):
