@@ -3,14 +3,17 @@
 A user running RL on a learned reward cannot see the gold reward; by the time a held-out human evaluation
 shows the policy got worse, the damage is done. What a user can see at every update is the policy's KL to the
 reference, its entropy, and, with a reward ensemble, how much the members disagree on the policy's samples.
-Disagreement is the one of these that measures what over-optimization is: the policy reaching responses the
-reward models' training pairs did not pin down, where each member extrapolates its own way (Coste et al.,
-ICLR 2024; Eisenstein et al., 2023). KL and entropy only say how far the policy has moved.
+Disagreement is meant to measure what over-optimization is: the policy reaching responses the reward models'
+training pairs did not pin down, where each member extrapolates its own way (Coste et al., ICLR 2024; Eisenstein
+et al., 2023). It does so only where the members err independently: on the over-optimization task they share
+one blind spot, and their disagreement falls as the gold does (docs/overoptimization.md). KL and entropy only
+say how far the policy has moved.
 
-A rule here fires at the first update whose signal crosses its threshold, on the raw per-update value: the
-same test :func:`calibrated_rlhf.core.ppo.stats.stop_reason` and the RL trainers' stop callback apply online,
-so a threshold chosen here behaves the same as a stop rule. Relative rules divide by the signal's value at
-the first update, whose samples are the reference policy's.
+A rule here fires at the first update at which the series it is given crosses its threshold; relative rules
+divide by the series' first value, whose samples are the reference policy's. The report gives it trailing means
+of the logged per-update figures. The online stop rules (PPO's ``ensemble_std_stop`` and ``kl_stop_multiple``,
+RLOO's and GRPO's ``StopOnDisagreement``) test each raw batch value against a threshold set from the reference
+set, so a threshold chosen here carries over to them approximately, not exactly.
 
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
 few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the
@@ -23,9 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-SIGNALS = ("ensemble_std", "kl", "entropy")
-
 
 @dataclass(frozen=True)
 class Rule:

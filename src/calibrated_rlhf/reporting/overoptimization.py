@@ -41,7 +41,7 @@ HISTORY = {
 GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
     "entropy": tuple(Rule("entropy", t, relative=True, below=True) for t in np.round(np.arange(0.50, 0.99, 0.04), 2)),
-    "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (0.5, 0.75, 1.25, 1.5, 2.0, 3.0)),
+    "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (1.1, 1.25, 1.5, 2.0, 3.0)),
     "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)

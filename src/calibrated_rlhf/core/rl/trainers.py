@@ -101,7 +101,7 @@ class StopOnSignal(TrainerCallback):
 
 
 class StopOnDisagreement(TrainerCallback):
-    """The over-optimization stop rule (``core.early_warning``), PPO's ``ensemble_std_stop``: end training after the
+    """The disagreement stop rule, PPO's ``ensemble_std_stop`` (docs/overoptimization.md): end training after the
     update whose batch mean of the reward ensemble's disagreement exceeds ``threshold``, saving that update's
     checkpoint when the run checkpoints, so the policy it fired on is kept (and published)."""
 
