@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Over-optimization on the task that shows it (conf/overoptimization): for each reward-model data size, the DAG
 # (three bootstrap reward models, calibrated, normalized), best-of-n up to n = 2048, then PPO and RLOO at each KL
-# target and seed, every run tagged with its size's scenario; then the report (fits, figures, warning rules)
-# under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its mlflow.db.
+# target and seed, every run tagged with its size's scenario, and PPO at a fixed beta on the raw and on the
+# transform's reward with the raw outputs times 0.25, 1 and 4 (the scale runs); then the report (fits, figures,
+# verdicts, warning rules) under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its mlflow.db.
 # Usage: bash scripts/overoptimization.sh
 #   SIZES ("9600 2400 600": preference pairs), TARGETS ("1 2 4 8 16 32 64"), METHODS ("ppo rloo"), SEEDS ("0 1"),
-#   OUT (docs/results/overoptimization), REPORT_ONLY=1: the report from the runs already in the store.
+#   OUT (docs/results/overoptimization), SCALE=0 skips the scale runs, REPORT_ONLY=1: the report from the runs
+#   already in the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -24,6 +26,15 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
     kedro --pipelines data_prep,reward_model,calibration,policy_init,normalization \
       --params "data_prep.source.synthetic.n_pairs=$size,$tag"
     kedro --pipelines best_of_n --params "$tag"
+    if [ "${SCALE:-1}" = 1 ]; then  # at a fixed beta: the settled beta * target of PPO's controller, 0.2, at target 4
+      scale="${tag}_scale,ppo.trainer.kl_control=fixed,ppo.trainer.beta=0.05"
+      for a in 0.25 1 4; do
+        kedro --pipelines ppo --params "normalization.method=raw,ppo.raw_reward_multiplier=$a,${scale}"
+      done
+      for a in 0.25 4; do
+        kedro --pipelines ppo --params "ppo.raw_reward_multiplier=$a,${scale}"
+      done
+    fi
     for seed in "${seeds[@]}"; do
       for kl in "${targets[@]}"; do
         for method in "${methods[@]}"; do

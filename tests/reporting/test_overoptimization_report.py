@@ -105,3 +105,29 @@ def test_proxy_efficiency_waits_for_a_nat_of_kl():
     signals, gold = report.run_signals(history, "ppo", window=1)
     assert np.isnan(signals["proxy_efficiency"][:2]).all() and signals["proxy_efficiency"][2] == pytest.approx(1.0)
     np.testing.assert_allclose(gold, [0.1, 0.2, 0.3])
+
+
+def test_transform_verdict_reads_the_scale_runs_against_the_ppo_curve():
+    from calibrated_rlhf.reporting.frontier import overoptimization_fits
+
+    d = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0])
+    wiggle = 0.01 * np.array([1, -1, 1, -1, 1, -1, 1, -1])
+    points = pd.DataFrame({"method": "ppo", "sqrt_kl": d, "kl": d ** 2,
+                           "gold_gain": d * (0.4 - 0.2 * np.log(d)) + wiggle})
+    fits = overoptimization_fits(points)
+
+    def scale(rows):
+        frame = pd.DataFrame(rows, columns=["normalization", "multiplier", "kl", "gold_gain"])
+        return frame.assign(sqrt_kl=np.sqrt(frame["kl"]))
+
+    def on_curve(kl):
+        return float(np.sqrt(kl) * (0.4 - 0.2 * np.log(np.sqrt(kl))))
+
+    landed = scale([("transform", 0.25, 4.0, on_curve(4.0)), ("transform", 4.0, 4.0, on_curve(4.0)),
+                    ("raw", 0.25, 1.0, on_curve(1.0)), ("raw", 4.0, 16.0, on_curve(16.0))])
+    assert report.transform_verdict(points, fits, landed).split(" (")[0].endswith(": supported")
+    off = landed.assign(gold_gain=landed["gold_gain"] + np.array([0.0, 0.0, 0.0, 0.3]))  # a raw run above the curve
+    assert ": not supported (" in report.transform_verdict(points, fits, off)
+    moved = landed.assign(kl=[4.0, 4.6, 1.0, 16.0], sqrt_kl=np.sqrt([4.0, 4.6, 1.0, 16.0]))
+    assert ": mixed (" in report.transform_verdict(points, fits, moved.assign(gold_gain=[on_curve(k) for k in moved["kl"]]))
+    assert report.transform_verdict(points, fits, None).endswith("not measured (no scale runs, or no PPO fit).")

@@ -226,6 +226,36 @@ def bon_efficiency_verdict(points: pd.DataFrame, bon: pd.DataFrame | None, kl_le
     return f"best-of-n is more KL-efficient than RL: {status} ({'; '.join(cells)})."
 
 
+def rl_law(fit: object, d: np.ndarray) -> np.ndarray:
+    """Gao et al.'s RL law with a fit's coefficients, at ``d``."""
+    d = np.maximum(np.asarray(d, dtype=float), 1e-12)
+    return d * (fit.alpha - fit.beta * np.log(d))
+
+
+def transform_verdict(points: pd.DataFrame, fits: pd.DataFrame, scale: pd.DataFrame | None) -> str:
+    """"The frozen transform changes where a KL target lands on the frontier, not the frontier": the scale runs
+    (PPO on the transform's reward or on the raw one, the raw outputs times ``multiplier``) against the
+    RL law fitted to the size's PPO runs. Supported when the transform's runs land at one KL whatever the multiplier
+    (within 5%), the raw ones do not, and every scale run's gold gain lies within twice the fit's residual
+    standard deviation of the curve at its KL."""
+    claim = "the frozen transform changes where a KL target lands on the frontier, not the frontier"
+    rows = fits[(fits["method"] == "ppo") & (fits["form"] == "rl")]
+    if scale is None or not len(scale) or rows.empty:
+        return f"{claim}: not measured (no scale runs, or no PPO fit)."
+    fit = rows.iloc[0]
+    ppo = points[points["method"] == "ppo"]
+    spread = 2 * float(np.std(ppo["gold_gain"].to_numpy() - rl_law(fit, ppo["sqrt_kl"].to_numpy()), ddof=2))
+    off = scale["gold_gain"].to_numpy() - rl_law(fit, scale["sqrt_kl"].to_numpy())
+    kl_range = {m: g["kl"].max() / g["kl"].min() - 1 for m, g in scale.groupby("normalization")}
+    on_curve = bool(np.all(np.abs(off) <= spread))
+    lands = kl_range.get("transform", math.inf) <= 0.05 and kl_range.get("raw", 0.0) > 0.05
+    status = "supported" if on_curve and lands else ("not supported" if not on_curve else "mixed")
+    cells = "; ".join(f"{r.normalization} x{r.multiplier:g}: KL {r.kl:.2f}, gold {r.gold_gain:.3f} "
+                      f"(curve {r.gold_gain - o:.3f})" for r, o in zip(scale.itertuples(), off))
+    return (f"{claim}: {status} ({cells}; the curve's band +-{spread:.3f}; KL range over the multipliers: "
+            + ", ".join(f"{m} {v:.0%}" for m, v in kl_range.items()) + ").")
+
+
 def conservative_verdict(rankings: pd.DataFrame | None) -> str:
     """"Conservative ensembles delay the peak": best-of-n's observed gold peak (the n of its largest gain) under
     ``min`` and ``mean_minus_std`` against ``mean``; a curve still rising at the largest n peaks there."""
@@ -253,6 +283,7 @@ class SizeResults:
     bon: pd.DataFrame | None  # best-of-n ranked by the transform's proxy: n, kl, kl_bound, d, gains
     rankings: pd.DataFrame | None  # best-of-n under every ranking (an ensemble's members and aggregations)
     runs: list[RunSignals]
+    scale: pd.DataFrame | None = None  # PPO on the raw or normalized reward, raw outputs times a multiplier
 
 
 def bon_curve(history: pd.DataFrame) -> pd.DataFrame:
@@ -289,7 +320,17 @@ def load_size(size: int, experiment: str) -> tuple[SizeResults, list[str]]:
         columns = ["kl", "kl_bound", "d", "gold_gain", "proxy_gain", "gold_gain_ci_low", "gold_gain_ci_high"]
         bon = bon_curve(load_histories([newest], [keys.best_of_n_curve(c) for c in columns]))
         rankings = load_artifact_table(newest, "best_of_n/best_of_n_rankings.csv")
-    return SizeResults(size, points, bon, rankings, signals), notes
+    scale_runs, scale_notes = load_runs(RunSelection(experiment=experiment,
+                                                     scenarios=(f"overoptimization_rm{size}_scale",)))
+    scale = None
+    if len(scale_runs):
+        by_scale = scale_runs.set_index("run_id")
+        scale = frontier_points(scale_runs).query("method == 'ppo'")
+        scale = scale.assign(
+            normalization=["raw" if by_scale.loc[i].get("params.normalization.method") == "raw" else "transform"
+                           for i in scale["run_id"]],
+            multiplier=[as_float(by_scale.loc[i].get("params.ppo.raw_reward_multiplier")) for i in scale["run_id"]])
+    return SizeResults(size, points, bon, rankings, signals, scale), notes
 
 
 def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4)
@@ -325,7 +366,7 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
                       markdown_table(fits[FIT_COLUMNS].round(4)), "", f"- {turned.claim}: **{turned.status}** "
                       f"({turned.evidence})."]
         lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}",
-                  f"- {conservative_verdict(r.rankings)}", ""]
+                  f"- {conservative_verdict(r.rankings)}", f"- {transform_verdict(r.points, fits, r.scale)}", ""]
         if r.rankings is not None:
             wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
             lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
