@@ -3,7 +3,8 @@
 # (three bootstrap reward models, calibrated, normalized), best-of-n up to n = 2048, then PPO and RLOO at each KL
 # target and seed, every run tagged with its size's scenario, and PPO at a fixed beta on the raw and on the
 # transform's reward with the raw outputs times 0.25, 1 and 4 (the scale runs); then the report (fits, figures,
-# verdicts, warning rules) under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its mlflow.db.
+# verdicts, warning rules) under docs/results/overoptimization/. Run in a project folder of its own: every run
+# goes to its mlflow.db.
 # Usage: bash scripts/overoptimization.sh
 #   SIZES ("9600 2400 600": preference pairs), TARGETS ("1 2 4 8 16 32 64"), METHODS ("ppo rloo"), SEEDS ("0 1"),
 #   OUT (docs/results/overoptimization), SCALE=0 skips the scale runs, REPORT_ONLY=1: the report from the runs
