@@ -19,6 +19,7 @@ from calibrated_rlhf.pipelines.calibration.nodes import CalibrationParams
 from calibrated_rlhf.pipelines.data_prep import create_pipeline as data_prep
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticParams
 from calibrated_rlhf.pipelines.reward_ensemble.nodes import member_key
+from calibrated_rlhf.pipelines.reward_model.nodes import RewardModelSize
 from calibrated_rlhf.core.ensemble import EnsembleParams
 from tests.conftest import TINY_BACKBONE
 from tests.pipelines.helpers import data_prep_params, run
@@ -142,6 +143,7 @@ def ensemble_run():
         "params:backbone": BackboneParams(**TINY_BACKBONE),
         "params:reward_model.training": TRAINING,
         "params:reward_model.ensemble": EnsembleParams(aggregation="mean_minus_std", std_penalty=0.5, bootstrap=True),
+        "params:reward_model.size": RewardModelSize(),
         "params:calibration": CalibrationParams(),
     })
 

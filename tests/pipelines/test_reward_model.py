@@ -7,6 +7,7 @@ from calibrated_rlhf.pipelines.data_prep import create_pipeline as data_prep
 from calibrated_rlhf.pipelines.data_prep.nodes import SourceParams, SyntheticParams
 from calibrated_rlhf.core.preferences import SplitParams
 from calibrated_rlhf.pipelines.reward_model import create_pipeline as reward_model
+from calibrated_rlhf.pipelines.reward_model.nodes import RewardModelSize, reward_backbone
 from calibrated_rlhf.pipelines.pair_scores import score_pairs
 from tests.conftest import TINY_BACKBONE
 from tests.pipelines.helpers import data_prep_params, run
@@ -20,7 +21,7 @@ def prepared():
     return run(data_prep(), data_prep_params(source))
 
 
-def train(prepared, **overrides):
+def train(prepared, size=None, **overrides):
     return run(reward_model(), {
         "tokenizer": prepared["tokenizer"],
         "train_pairs": prepared["train_pairs"],
@@ -28,7 +29,19 @@ def train(prepared, **overrides):
         "test_pairs": prepared["test_pairs"],
         "params:backbone": BackboneParams(**TINY_BACKBONE),
         "params:reward_model.training": RewardTrainingParams(**{**TRAINING, **overrides}),
+        "params:reward_model.size": size or RewardModelSize(),
     })
+
+
+def test_the_reward_model_takes_its_own_size_and_only_from_config(prepared):
+    shared = BackboneParams(**TINY_BACKBONE)
+    out = train(prepared, size=RewardModelSize(num_hidden_layers=2, hidden_size=48), num_train_epochs=1)
+    config = out["reward_model"].config
+    assert (config.num_hidden_layers, config.hidden_size) == (2, 48)
+    assert (shared.num_hidden_layers, shared.hidden_size) != (2, 48)  # the shared block was something else
+    assert reward_backbone(shared, RewardModelSize()) == shared
+    with pytest.raises(ValueError, match="applies to a backbone built from config"):
+        reward_backbone(shared.model_copy(update={"name_or_path": "some/folder"}), RewardModelSize(hidden_size=64))
 
 
 def test_reward_model_learns_and_reports_the_issue_metrics(prepared):
@@ -83,6 +96,7 @@ def _train_seeded(prepared, seed: int, **overrides):
         "test_pairs": prepared["test_pairs"],
         "params:backbone": BackboneParams(**{**TINY_BACKBONE, "seed": seed}),
         "params:reward_model.training": RewardTrainingParams(**{**TRAINING, "seed": seed, **overrides}),
+        "params:reward_model.size": RewardModelSize(),
     })
 
 

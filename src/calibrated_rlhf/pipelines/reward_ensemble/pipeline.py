@@ -18,7 +18,7 @@ from calibrated_rlhf.pipelines.reward_ensemble import nodes
 
 SHARED_DATA = {"tokenizer", "train_pairs", "validation_pairs", "test_pairs", "calibration_pairs", "synthetic_task"}
 SHARED_PARAMS = {"params:backbone", "params:reward_model.training", "params:reward_model.ensemble",
-                 "params:calibration"}
+                 "params:reward_model.size", "params:calibration"}
 
 
 @contextmanager

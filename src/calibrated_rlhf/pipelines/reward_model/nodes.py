@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import reward_model as rm
@@ -15,6 +16,7 @@ from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.ensemble import EnsembleParams, bootstrap_indices
 from calibrated_rlhf.core.preferences import tokenize_pairs
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
+from calibrated_rlhf.pipelines.params import StrictParams
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,37 @@ TRAIN_CURVES = {
 }
 
 
+class RewardModelSize(StrictParams):
+    """The reward model's own size where it differs from the shared ``backbone`` block (null: the backbone's), so a
+    reward model can be larger or smaller than the policy (Gao et al. vary it). Only a backbone built from config has
+    a size to change: a pretrained one has the size it has."""
+
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=8)
+    num_hidden_layers: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+
+
+def reward_backbone(backbone: BackboneParams, size: RewardModelSize) -> BackboneParams:
+    """The shared backbone with the reward model's own size; refused for a pretrained backbone."""
+    changes = size.model_dump(exclude_none=True)
+    if changes and backbone.name_or_path is not None:
+        raise ValueError(f"reward_model.size {changes} applies to a backbone built from config, but "
+                         f"backbone.name_or_path is {backbone.name_or_path!r}: leave reward_model.size null")
+    return backbone.model_copy(update=changes)
+
+
 def train_reward_model(
     tokenizer: Any,
     train_pairs: pd.DataFrame,
     validation_pairs: pd.DataFrame,
     backbone: BackboneParams,
     training: rm.RewardTrainingParams,
+    size: RewardModelSize = RewardModelSize(),
 ) -> tuple[Any, dict[str, list[dict[str, float]]]]:
-    """Build the backbone and train it with the centering (and, with margins, the margin) loss."""
-    model = build_reward_backbone(backbone, tokenizer)
+    """Build the backbone (at the reward model's own size) and train it with the centering (and, with margins, the
+    margin) loss."""
+    model = build_reward_backbone(reward_backbone(backbone, size), tokenizer)
     model, history = rm.train_reward_model(
         model,
         tokenizer,
@@ -67,6 +91,7 @@ def member_trainer(member: int) -> Callable[..., tuple[Any, dict[str, list[dict[
         backbone: BackboneParams,
         training: rm.RewardTrainingParams,
         ensemble: EnsembleParams,
+        size: RewardModelSize = RewardModelSize(),
     ) -> tuple[Any, dict[str, list[dict[str, float]]]]:
         """Train one member: its own seed (initialization and data order), and its own resample if asked."""
         seed = training.seed + member
@@ -75,7 +100,7 @@ def member_trainer(member: int) -> Callable[..., tuple[Any, dict[str, list[dict[
         log.info("ensemble member %d: seed %d, %d training pairs%s", member, seed, len(train_pairs),
                  " (bootstrap)" if ensemble.bootstrap else "")
         return train_reward_model(tokenizer, train_pairs, validation_pairs, backbone,
-                                  training.model_copy(update={"seed": seed}))
+                                  training.model_copy(update={"seed": seed}), size)
 
     return train_member
 

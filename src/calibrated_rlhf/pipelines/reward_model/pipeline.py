@@ -10,12 +10,13 @@ def create_pipeline(member: int | None = None, **kwargs) -> Pipeline:
     """One reward model; ``member`` = i builds member i of an ensemble (namespaced by the caller)."""
     if member is None:
         train = Node(nodes.train_reward_model,
-                     ["tokenizer", "train_pairs", "validation_pairs", "params:backbone", "params:reward_model.training"],
+                     ["tokenizer", "train_pairs", "validation_pairs", "params:backbone", "params:reward_model.training",
+                      "params:reward_model.size"],
                      ["reward_model", "rm_training_history"], name="train_reward_model")
     else:
         train = Node(nodes.member_trainer(member),
                      ["tokenizer", "train_pairs", "validation_pairs", "params:backbone", "params:reward_model.training",
-                      "params:reward_model.ensemble"],
+                      "params:reward_model.ensemble", "params:reward_model.size"],
                      ["reward_model", "rm_training_history"], name="train_reward_model")
     return Pipeline(
         [
