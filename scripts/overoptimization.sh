@@ -8,7 +8,8 @@
 # Usage: bash scripts/overoptimization.sh
 #   SIZES ("9600 2400 600": preference pairs), TARGETS ("1 2 4 8 16 32 64"), METHODS ("ppo rloo"), SEEDS ("0 1"),
 #   OUT (docs/results/overoptimization), SCALE=0 skips the scale runs, REPORT_ONLY=1: the report from the runs
-#   already in the store.
+#   already in the store; RM: --params for the reward models (e.g. "reward_model.size.num_hidden_layers=4") with
+#   LABEL, the suffix that tells their runs apart (scenario overoptimization_rm<size>_<LABEL>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -22,10 +23,10 @@ kedro() { "$python" -m kedro run --env overoptimization "$@"; }
 
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   for size in "${sizes[@]}"; do
-    tag="scenario=overoptimization_rm$size"
+    tag="scenario=overoptimization_rm$size${LABEL:+_$LABEL}"
     # the DAG first: every later run of this size loads its reward models, transform and reference (the latest)
     kedro --pipelines data_prep,reward_model,calibration,policy_init,normalization \
-      --params "data_prep.source.synthetic.n_pairs=$size,$tag"
+      --params "data_prep.source.synthetic.n_pairs=$size,$tag${RM:+,$RM}"
     kedro --pipelines best_of_n --params "$tag"
     if [ "${SCALE:-1}" = 1 ]; then  # at a fixed beta: the settled beta * target of PPO's controller, 0.2, at target 4
       scale="${tag}_scale,ppo.trainer.kl_control=fixed,ppo.trainer.beta=0.05"
@@ -50,4 +51,5 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   done
 fi
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
-"$python" -m calibrated_rlhf.reporting.overoptimization --sizes "$(IFS=,; echo "${sizes[*]}")" --out "$out"
+labels=("${sizes[@]/%/${LABEL:+_$LABEL}}")
+"$python" -m calibrated_rlhf.reporting.overoptimization --sizes "$(IFS=,; echo "${labels[*]}")" --out "$out"

@@ -85,12 +85,12 @@ def test_a_size_can_come_from_another_store(tmp_path):
         mlflow.set_experiment("calibrated_rlhf")
         log_ppo_run(mlflow, 64.0, 0, over=True)
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'empty.db'}")
-        report.main(["--sizes", f"100@{other},7", "--out", str(tmp_path / "out")])
+        report.main(["--sizes", f"100@{other},7_large", "--out", str(tmp_path / "out")])
         assert mlflow.get_tracking_uri().endswith("empty.db")  # put back
     finally:
         mlflow.set_tracking_uri(previous)
     text = (tmp_path / "out" / "README.md").read_text()
-    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 |" in text and "## 7 preference pairs" in text
+    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 |" in text and "## 7 preference pairs, large reward models" in text
 
 
 def test_trailing_mean_uses_only_past_updates_and_skips_gaps():

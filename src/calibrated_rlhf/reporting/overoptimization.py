@@ -59,7 +59,7 @@ class RunSignals:
     """One RL run's per-update signals (trailing means over :data:`WINDOW`), its gold and identity."""
 
     run_id: str
-    size: int
+    size: str  # the reward models' label: their data size, and a name where their own size differs (2400_large)
     method: str
     kl_target: float
     seed: int
@@ -169,7 +169,14 @@ def bon_fit_row(curve: pd.DataFrame) -> dict[str, float]:
             "d_peak_observed": float(d[np.argmax(gain)]), "d_max": float(d.max())}
 
 
-def size_figure(size: int, points: pd.DataFrame, bon: pd.DataFrame | None, fits: pd.DataFrame) -> Figure:
+def describe(label: str) -> str:
+    """A label as the report's headings say it: ``2400`` -> "2400 preference pairs", ``2400_large`` -> "2400
+    preference pairs, large reward models"."""
+    pairs, _, name = label.partition("_")
+    return f"{pairs} preference pairs" + (f", {name} reward models" if name else "")
+
+
+def size_figure(size: str, points: pd.DataFrame, bon: pd.DataFrame | None, fits: pd.DataFrame) -> Figure:
     """Gold (left) and calibrated proxy (right) gains against d = sqrt(KL), best-of-n as a curve and each RL
     run as a point, with each method's own form fitted to its gold (dashed)."""
     fig = Figure(figsize=(11, 4.2))
@@ -192,8 +199,8 @@ def size_figure(size: int, points: pd.DataFrame, bon: pd.DataFrame | None, fits:
         ax.set_xlabel("d = sqrt(KL to the reference), sqrt(nats)")
         ax.set_ylabel(f"{what} gain over the reference")
         ax.legend(fontsize=8)
-    gold_ax.set_title(f"Gold, {size} preference pairs")
-    proxy_ax.set_title(f"Proxy, {size} preference pairs")
+    gold_ax.set_title(f"Gold, {describe(size)}")
+    proxy_ax.set_title(f"Proxy, {describe(size)}")
     fig.tight_layout()
     return fig
 
@@ -278,7 +285,7 @@ def conservative_verdict(rankings: pd.DataFrame | None) -> str:
 class SizeResults:
     """Everything the report shows of one reward-model data size."""
 
-    size: int
+    size: str
     points: pd.DataFrame  # frontier_points plus seed and proxy_gain, one row per RL run
     bon: pd.DataFrame | None  # best-of-n ranked by the transform's proxy: n, kl, kl_bound, d, gains
     rankings: pd.DataFrame | None  # best-of-n under every ranking (an ensemble's members and aggregations)
@@ -294,7 +301,7 @@ def bon_curve(history: pd.DataFrame) -> pd.DataFrame:
     return wide.rename_axis(index="n", columns=None).reset_index()
 
 
-def load_size(size: int, experiment: str) -> tuple[SizeResults, list[str]]:
+def load_size(size: str, experiment: str) -> tuple[SizeResults, list[str]]:
     """The runs tagged ``overoptimization_rm<size>``: RL runs as frontier points and signals, the newest best-of-n."""
     from calibrated_rlhf.reporting.runs import RunSelection, load_artifact_table, load_histories, load_runs
 
@@ -353,7 +360,7 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
         size_figure(r.size, r.points, r.bon, fits).savefig(out / f"rm_{r.size}.png", dpi=100)
         shown = r.points[["method", "budget", "seed", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
                           "proxy_gain"]].rename(columns={"budget": "kl_target"})
-        lines += [f"## {r.size} preference pairs", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
+        lines += [f"## {describe(r.size)}", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
                   markdown_table(shown.sort_values(["method", "kl_target", "seed"]).round(4)), ""]
         if r.bon is not None:
             lines += ["Best-of-n, ranked by the reward transform's proxy:", "",
@@ -397,8 +404,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="calibrated_rlhf")
     parser.add_argument("--sizes", default="9600,2400,600",
-                        help="reward-model data sizes (preference pairs), comma separated; SIZE@URI reads that size's "
-                        "runs from another MLflow store than $MLFLOW_TRACKING_URI's")
+                        help="the reward models' labels (scenario overoptimization_rm<label>): their data size in "
+                        "preference pairs, then _NAME where their own size differs (2400_large); comma separated; "
+                        "LABEL@URI reads that label's runs from another MLflow store than $MLFLOW_TRACKING_URI's")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
     from calibrated_rlhf.reporting.runs import tracking_store
@@ -407,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for item in args.sizes.split(","):
         size, _, uri = item.partition("@")
         with tracking_store(uri):
-            result, notes = load_size(int(size), args.experiment)
+            result, notes = load_size(size, args.experiment)
         results.append(result)
         for note in notes:
             print(f"rm_{size}: {note}")
