@@ -106,26 +106,27 @@ def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_r
     return out
 
 
-def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> pd.DataFrame:
+def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> tuple[pd.DataFrame, dict[str, Rule]]:
     """Per signal: the threshold chosen on the runs of ``fit_seed`` (most caught with at most
-    :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the others."""
-    rows = []
+    :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the others; and the chosen
+    rules (a signal with no threshold that quiet has none)."""
+    rows, chosen = [], {}
+    fit = [r for r in runs if r.seed == fit_seed]
+    held = [r for r in runs if r.seed != fit_seed]
     for family, grid in GRIDS.items():
-        def verdicts(subset):
-            return [[judge(rule, r.signals[family], gold_path(r.gold), LATE_FRACTION) for r in subset] for rule in grid]
-
-        fit = [r for r in runs if r.seed == fit_seed]
-        held = [r for r in runs if r.seed != fit_seed]
-        chosen = best_threshold([score(rule, v) for rule, v in zip(grid, verdicts(fit))], MAX_FALSE_ALARMS)
-        row = {"signal": family, "rule": chosen.rule.describe() if chosen else "none quiet enough"}
+        best = best_threshold([score(rule, [judge(rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
+                                            for r in fit]) for rule in grid], MAX_FALSE_ALARMS)
+        row = {"signal": family, "rule": best.rule.describe() if best else "none quiet enough"}
         for name, subset in (("fit", fit), ("held_out", held)):
-            s = score(chosen.rule, [judge(chosen.rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
-                                    for r in subset]) if chosen else None
+            s = score(best.rule, [judge(best.rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
+                                  for r in subset]) if best else None
             row.update({f"{name}_over": s.n_over if s else math.nan, f"{name}_caught": s.caught if s else math.nan,
                         f"{name}_safe": s.n_safe if s else math.nan,
                         f"{name}_false_alarms": s.false_alarms if s else math.nan})
         rows.append(row)
-    return pd.DataFrame(rows)
+        if best:
+            chosen[family] = best.rule
+    return pd.DataFrame(rows), chosen
 
 
 def run_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule]) -> pd.DataFrame:
@@ -340,59 +341,68 @@ def load_size(size: str, experiment: str) -> tuple[SizeResults, list[str]]:
     return SizeResults(size, points, bon, rankings, signals, scale), notes
 
 
-def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4)
-                 ) -> Path:
-    """``README.md`` (per size: the points, the fits, the verdicts; then the warning rules over every run) and one
-    figure per size, ``rm_<size>.png``, under ``out_dir``."""
+def size_fits(r: SizeResults) -> pd.DataFrame:
+    """The RL law fitted to each RL method's points, and best-of-n's law to its curve."""
+    fits = overoptimization_fits(r.points)
+    fits = fits[fits["form"] == "rl"]
+    if r.bon is not None and len(r.bon) >= 5:
+        fits = pd.concat([fits, pd.DataFrame([bon_fit_row(r.bon)])], ignore_index=True).infer_objects()
+    return fits
+
+
+def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[str]:
+    """One set of reward models' part of the report (its figure written beside it)."""
     from calibrated_rlhf.reporting.frontier import overoptimization_verdict
 
+    fits = size_fits(r)
+    size_figure(r.size, r.points, r.bon, fits).savefig(out / f"rm_{r.size}.png", dpi=100)
+    shown = r.points[["method", "budget", "seed", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
+                      "proxy_gain"]].rename(columns={"budget": "kl_target"})
+    lines = [f"## {describe(r.size)}", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
+             markdown_table(shown.sort_values(["method", "kl_target", "seed"]).round(4)), ""]
+    if r.bon is not None:
+        lines += ["Best-of-n, ranked by the reward transform's proxy:", "",
+                  markdown_table(r.bon[["n", "kl_bound", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
+                                        "proxy_gain"]].round(4)), ""]
+    if len(fits):
+        turned = overoptimization_verdict(fits[fits["method"] != "best_of_n"])
+        lines += ["Fits of gold gain against d (RL: `d (alpha - beta ln d)`; best-of-n: `d (alpha - beta d)`; "
+                  "95% intervals; held-out R^2 on every third point):", "", markdown_table(fits[FIT_COLUMNS].round(4)),
+                  "", f"- {turned.claim}: **{turned.status}** ({turned.evidence})."]
+    lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}", f"- {conservative_verdict(r.rankings)}",
+              f"- {transform_verdict(r.points, fits, r.scale)}", ""]
+    if r.rankings is not None:
+        wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
+        lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
+                  markdown_table(wide.reset_index().round(4)), ""]
+    return lines
+
+
+def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
+    """The warning rules over every RL run: each signal's chosen threshold and scores, then each run's firings."""
+    table, chosen = warning_table(runs)
+    return ["## Warnings that need no gold", "",
+            f"Each signal is a trailing mean over {WINDOW} updates. Its threshold is the one that catches the most "
+            f"over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the held-out columns "
+            "score that threshold on the other seeds. A run over-optimizes when its gold, smoothed over 5 updates, "
+            f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "
+            "of the run.", "", markdown_table(table.round(3)), "", markdown_table(run_table(runs, chosen).round(3)), ""]
+
+
+def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4)
+                 ) -> Path:
+    """``README.md`` (per set of reward models: the points, the fits, the verdicts; then the warning rules over every
+    run) and one figure per set, ``rm_<label>.png``, under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
              "Written by `python -m calibrated_rlhf.reporting.overoptimization` from the runs of "
              "`scripts/overoptimization.sh`; how to read it: [docs/overoptimization.md](../../overoptimization.md).", ""]
-    all_runs: list[RunSignals] = []
     for r in results:
-        fits = overoptimization_fits(r.points)
-        fits = fits[fits["form"] == "rl"]
-        if r.bon is not None and len(r.bon) >= 5:
-            fits = pd.concat([fits, pd.DataFrame([bon_fit_row(r.bon)])], ignore_index=True).infer_objects()
-        size_figure(r.size, r.points, r.bon, fits).savefig(out / f"rm_{r.size}.png", dpi=100)
-        shown = r.points[["method", "budget", "seed", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
-                          "proxy_gain"]].rename(columns={"budget": "kl_target"})
-        lines += [f"## {describe(r.size)}", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
-                  markdown_table(shown.sort_values(["method", "kl_target", "seed"]).round(4)), ""]
-        if r.bon is not None:
-            lines += ["Best-of-n, ranked by the reward transform's proxy:", "",
-                      markdown_table(r.bon[["n", "kl_bound", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
-                                            "proxy_gain"]].round(4)), ""]
-        if len(fits):
-            turned = overoptimization_verdict(fits[fits["method"] != "best_of_n"])
-            lines += ["Fits of gold gain against d (RL: `d (alpha - beta ln d)`; best-of-n: `d (alpha - beta d)`; "
-                      "95% intervals; held-out R^2 on every third point):", "",
-                      markdown_table(fits[FIT_COLUMNS].round(4)), "", f"- {turned.claim}: **{turned.status}** "
-                      f"({turned.evidence})."]
-        lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}",
-                  f"- {conservative_verdict(r.rankings)}", f"- {transform_verdict(r.points, fits, r.scale)}", ""]
-        if r.rankings is not None:
-            wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
-            lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
-                      markdown_table(wide.reset_index().round(4)), ""]
-        all_runs += r.runs
-    if all_runs:
-        table = warning_table(all_runs)
-        chosen = {}
-        for family, grid in GRIDS.items():
-            row = table[table["signal"] == family].iloc[0]
-            chosen[family] = next((rule for rule in grid if rule.describe() == row["rule"]), None)
-        per_run = run_table(all_runs, {f: rule for f, rule in chosen.items() if rule is not None})
-        lines += ["## Warnings that need no gold", "",
-                  f"Each signal is a trailing mean over {WINDOW} updates. Its threshold is the one that catches the "
-                  f"most over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the "
-                  "held-out columns score that threshold on the other seeds. A run over-optimizes when its gold, "
-                  "smoothed over 5 updates, ends 0.1 or more below its peak; a warning catches it when it fires "
-                  f"by the peak plus {LATE_FRACTION:.0%} of the run.", "", markdown_table(table.round(3)), "",
-                  markdown_table(per_run.round(3)), ""]
+        lines += size_section(r, out, kl_levels)
+    runs = [run for r in results for run in r.runs]
+    if runs:
+        lines += warnings_section(runs)
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
 
