@@ -328,17 +328,23 @@ def load_size(size: str, experiment: str) -> tuple[SizeResults, list[str]]:
         columns = ["kl", "kl_bound", "d", "gold_gain", "proxy_gain", "gold_gain_ci_low", "gold_gain_ci_high"]
         bon = bon_curve(load_histories([newest], [keys.best_of_n_curve(c) for c in columns]))
         rankings = load_artifact_table(newest, "best_of_n/best_of_n_rankings.csv")
-    scale_runs, scale_notes = load_runs(RunSelection(experiment=experiment,
-                                                     scenarios=(f"overoptimization_rm{size}_scale",)))
-    scale = None
-    if len(scale_runs):
-        by_scale = scale_runs.set_index("run_id")
-        scale = frontier_points(scale_runs).query("method == 'ppo'")
-        scale = scale.assign(
-            normalization=["raw" if by_scale.loc[i].get("params.normalization.method") == "raw" else "transform"
-                           for i in scale["run_id"]],
-            multiplier=[as_float(by_scale.loc[i].get("params.ppo.raw_reward_multiplier")) for i in scale["run_id"]])
-    return SizeResults(size, points, bon, rankings, signals, scale), notes
+    return SizeResults(size, points, bon, rankings, signals, load_scale(size, experiment)), notes
+
+
+def load_scale(size: str, experiment: str) -> pd.DataFrame | None:
+    """The scale runs of a set of reward models (scenario ``overoptimization_rm<label>_scale``) as frontier points
+    with their reward (``raw`` or ``transform``) and multiplier; None without any."""
+    from calibrated_rlhf.reporting.runs import RunSelection, load_runs
+
+    runs, _ = load_runs(RunSelection(experiment=experiment, scenarios=(f"overoptimization_rm{size}_scale",)))
+    if not len(runs):
+        return None
+    by_id = runs.set_index("run_id")
+    scale = frontier_points(runs).query("method == 'ppo'")
+    return scale.assign(
+        normalization=["raw" if by_id.loc[i].get("params.normalization.method") == "raw" else "transform"
+                       for i in scale["run_id"]],
+        multiplier=[as_float(by_id.loc[i].get("params.ppo.raw_reward_multiplier")) for i in scale["run_id"]])
 
 
 def size_fits(r: SizeResults) -> pd.DataFrame:
