@@ -21,8 +21,8 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
-        mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1], "eval/gold_gain_ci_low": gold[-1] - .1,
-                            "eval/gold_gain_ci_high": gold[-1] + .1})
+        mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1],
+                            "eval/gold_gain_ci_low": gold[-1] - .1, "eval/gold_gain_ci_high": gold[-1] + .1})
         for step, k, g in zip(steps, kl, gold):
             mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
                                 "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
@@ -129,5 +129,6 @@ def test_transform_verdict_reads_the_scale_runs_against_the_ppo_curve():
     off = landed.assign(gold_gain=landed["gold_gain"] + np.array([0.0, 0.0, 0.0, 0.3]))  # a raw run above the curve
     assert ": not supported (" in report.transform_verdict(points, fits, off)
     moved = landed.assign(kl=[4.0, 4.6, 1.0, 16.0], sqrt_kl=np.sqrt([4.0, 4.6, 1.0, 16.0]))
-    assert ": mixed (" in report.transform_verdict(points, fits, moved.assign(gold_gain=[on_curve(k) for k in moved["kl"]]))
+    moved = moved.assign(gold_gain=[on_curve(k) for k in moved["kl"]])
+    assert ": mixed (" in report.transform_verdict(points, fits, moved)
     assert report.transform_verdict(points, fits, None).endswith("not measured (no scale runs, or no PPO fit).")

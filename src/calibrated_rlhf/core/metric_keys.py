@@ -199,7 +199,7 @@ EVAL_FINAL_BETA = eval_key("final_beta")
 EVAL_UPDATES = eval_key("updates")
 # The rest of the training summary, where a method logs it.
 EVAL_EPISODES_PER_S = eval_key("episodes_per_s")  # PPO: median over updates
-EVAL_STOPPED_EARLY = eval_key("stopped_early")  # PPO
+EVAL_STOPPED_EARLY = eval_key("stopped_early")  # PPO, RLOO, GRPO: a stop rule ended training
 EVAL_FINAL_GOLD_GAP = eval_key("final_gold_gap")  # PPO, synthetic task: proxy minus gold at the end
 EVAL_FINAL_ENSEMBLE_STD = eval_key("final_ensemble_std")  # PPO with a reward ensemble
 EVAL_RUNTIME_S = eval_key("runtime_s")  # RLOO, GRPO: the trainer's wall clock

@@ -4,10 +4,12 @@ Every word of a small vocabulary carries a hidden utility; a response's gold rew
 of its words. With ``max_repeats`` set, a word's occurrences past that many in one response carry
 ``repeat_utility`` instead: a rater tires of the same word. The pairs' uniform draws rarely repeat a word that
 often, so a reward model learns the penalty from a few pairs at most, and a policy that concentrates on its
-best words meets it where the proxy does not: the over-optimization task (docs/overoptimization.md). A pair's label is drawn with the true probability
-``p = sigmoid(scale * (gold_a - gold_b))``, and ``p`` is kept beside the pair, so every quality figure
-(accuracy, NLL, ECE, the recovered scale) can be read against its optimum. The pairs come as text or, with
-``format="conversational"``, as chat messages: the same draws, labels and gold rewards.
+best words meets it where the proxy does not: the over-optimization task (docs/overoptimization.md).
+
+A pair's label is drawn with the true probability ``p = sigmoid(scale * (gold_a - gold_b))``, and ``p`` is kept
+beside the pair, so every quality figure (accuracy, NLL, ECE, the recovered scale) can be read against its
+optimum. The pairs come as text or, with ``format="conversational"``, as chat messages: the same draws, labels
+and gold rewards.
 """
 
 from __future__ import annotations

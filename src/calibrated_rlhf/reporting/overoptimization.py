@@ -403,7 +403,8 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
              "Written by `python -m calibrated_rlhf.reporting.overoptimization` from the runs of "
-             "`scripts/overoptimization.sh`; how to read it: [docs/overoptimization.md](../../overoptimization.md).", ""]
+             "`scripts/overoptimization.sh`; how to read it: "
+             "[docs/overoptimization.md](../../overoptimization.md).", ""]
     for r in results:
         lines += size_section(r, out, kl_levels)
     runs = [run for r in results for run in r.runs]
