@@ -165,3 +165,9 @@ def test_initial_beta_prices_the_whole_budget_at_a_quarter_of_a_reward_standard_
     assert PPOConfig(beta=None).beta == pytest.approx(PENALTY_AT_TARGET / PPOConfig().kl_target)
     assert RLConfig(beta=None, kl_target=0.5).beta == pytest.approx(PENALTY_AT_TARGET / 0.5)
     assert RLConfig(beta=0.3, kl_target=0.5).beta == 0.3  # a beta given is kept
+    # a model that settles higher starts higher: penalty_at_target scales every target's start alike
+    assert PPOConfig(beta=None, kl_target=4.0, penalty_at_target=0.75).beta == pytest.approx(0.1875)
+    assert RLConfig(beta=None, kl_target=1.0, penalty_at_target=0.75).beta == pytest.approx(0.75)
+    assert PPOConfig(beta=0.3, penalty_at_target=0.75).beta == 0.3
+    with pytest.raises(ValueError, match="penalty_at_target > 0"):
+        initial_beta(1.0, 0.0)

@@ -73,23 +73,29 @@ TREND_WEIGHT = 0.25
 CLIMB_LEAD = 0.05
 
 
-def initial_beta(kl_target: float) -> float:
-    """The starting KL weight for a target, in normalized-reward units per nat: ``PENALTY_AT_TARGET / kl_target``.
+def initial_beta(kl_target: float, penalty_at_target: float = PENALTY_AT_TARGET) -> float:
+    """The starting KL weight for a target, in normalized-reward units per nat: ``penalty_at_target / kl_target``.
 
     With the reward normalized, ``beta * kl`` is a penalty in reward standard deviations, so the beta that holds a
     target scales as ``1 / kl_target``: on the default task the controllers settled at ``beta * kl_target`` of
     0.19-0.22 for PPO, 0.35-0.39 for RLOO and 0.53 for GRPO over targets 0.5 to 16. Starting at 0.25 of a
     standard deviation leaves the integral a factor of about two to find, where a constant start was off by up to
-    50x at the ends of that range. Refuses a target that is not positive."""
+    50x at the ends of that range. A model whose policy moves further per update settles higher: SmolLM2-135M's PPO
+    with LoRA held ``beta * kl_target`` at 0.4-1.2, and from 0.25 its KL overshot a target of 4 to 9.5 before beta
+    caught up (conf/real_model sets 0.75). Refuses a target or a penalty that is not positive."""
     if not kl_target > 0:
         raise ValueError(f"an initial beta needs kl_target > 0, got {kl_target}")
-    return PENALTY_AT_TARGET / kl_target
+    if not penalty_at_target > 0:
+        raise ValueError(f"an initial beta needs penalty_at_target > 0, got {penalty_at_target}")
+    return penalty_at_target / kl_target
 
 
 def derive_beta(params: Any, default_target: float) -> Any:
-    """Config data with ``beta: null`` given ``initial_beta`` of its ``kl_target`` (``default_target`` if absent)."""
+    """Config data with ``beta: null`` given ``initial_beta`` of its ``kl_target`` (``default_target`` if absent) and
+    its ``penalty_at_target`` (:data:`PENALTY_AT_TARGET` if absent)."""
     if isinstance(params, dict) and "beta" in params and params["beta"] is None:
-        return {**params, "beta": initial_beta(float(params.get("kl_target", default_target)))}
+        penalty = float(params.get("penalty_at_target", PENALTY_AT_TARGET))
+        return {**params, "beta": initial_beta(float(params.get("kl_target", default_target)), penalty)}
     return params
 
 

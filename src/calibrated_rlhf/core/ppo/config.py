@@ -89,7 +89,11 @@ class PPOConfig(BaseModel):
         "Ziegler et al. (2019) controller; 'fixed': constant beta."
     )
     beta: float = Field(0.1, ge=0, description="Initial KL weight, in normalized-reward units per nat; "
-                        "null: core.kl_controller.initial_beta(kl_target), 0.25 / kl_target.")
+                        "null: core.kl_controller.initial_beta: penalty_at_target / kl_target.")
+    penalty_at_target: float = Field(
+        0.25, gt=0, description="beta: null starts at this penalty, in reward standard deviations, for a KL at "
+        "target: 0.25 on the default task, where the controller settles at 0.2-0.5; a model whose KL answers beta "
+        "late wants a start near where it settles (conf/real_model: 0.75).")
     kl_target: float = Field(6.0, gt=0, description="Target sequence KL (nats) of the pi and adaptive controllers.")
     kl_horizon: int = Field(10000, gt=0, description="Controller horizon, in episodes: a sustained unit error moves "
                             "log beta by one over it (the integral time of 'pi').")

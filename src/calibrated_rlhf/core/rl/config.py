@@ -42,7 +42,11 @@ class RLConfig(BaseModel):
         "or Ziegler's) sets beta after each update from the per-sequence KL; fixed: beta stays as given (TRL's own "
         "behaviour).")
     beta: float = Field(0.1, gt=0, description="Initial KL weight, in optimized-reward units per nat; "
-                        "null: core.kl_controller.initial_beta(kl_target), 0.25 / kl_target.")
+                        "null: core.kl_controller.initial_beta: penalty_at_target / kl_target.")
+    penalty_at_target: float = Field(
+        0.25, gt=0, description="beta: null starts at this penalty, in reward standard deviations, for a KL at "
+        "target: 0.25 on the default task, where the controller settles at 0.2-0.5; a model whose KL answers beta "
+        "late wants a start near where it settles (conf/real_model: 0.75).")
     kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the controller, nats.")
     kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes (the integral time of pi).")
     kl_gain: float = Field(2.0, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
