@@ -49,24 +49,26 @@ def sample_pool(reference: Any, tokenizer: Any, scorer: RewardScorer, task: Gold
     rows = sample_ids(reference, tokenizer, list(prompts), pool_size, max_new_tokens, seed=seed,
                       desc="best-of-n pool")
     texts = decode_samples(tokenizer, rows)
-    proxy = scorer.score([prompt for prompt, _, _ in rows], texts).calibrated
-    gold = None if task is None else task.gold_rewards([prompt for prompt, _, _ in rows], texts)
+    prompts_of = [prompt for prompt, _, _ in rows]
+    gold = None if task is None else task.gold_rewards(prompts_of, texts)
     shape = (len(prompts), pool_size)
-    members, penalty = None, 1.0
-    if isinstance(scorer.reward_model, RewardEnsemble):
-        members = member_rewards(scorer, [prompt for prompt, _, _ in rows], texts).reshape(*shape, -1)
-        penalty = scorer.reward_model.spec.std_penalty
-    return Pool(proxy=np.asarray(proxy).reshape(shape), gold=None if gold is None else gold.reshape(shape),
-                members=members, std_penalty=penalty)
+    if not isinstance(scorer.reward_model, RewardEnsemble):
+        proxy = scorer.score(prompts_of, texts).calibrated
+        return Pool(proxy=np.asarray(proxy).reshape(shape), gold=None if gold is None else gold.reshape(shape))
+    # An ensemble's members score the pool once: its own proxy is their aggregate, calibrated by the transform,
+    # as the scorer would compute it from the same member scores.
+    spec = scorer.reward_model.spec
+    raw = scorer.raw_multiplier * member_raw(scorer, prompts_of, texts)
+    proxy = scorer.transform.calibrate(spec.aggregate(raw)[0])
+    return Pool(proxy=proxy.reshape(shape), gold=None if gold is None else gold.reshape(shape),
+                members=spec.calibrate_members(raw).reshape(*shape, -1), std_penalty=spec.std_penalty)
 
 
-def member_rewards(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
-    """Each ensemble member's calibrated reward ``r_i / T_i`` of each response, ``[responses, K]``."""
-    ensemble = scorer.reward_model
+def member_raw(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
+    """Each ensemble member's raw reward of each response, ``[responses, K]``."""
     ids = scorer.render(prompts, responses)
-    raw = np.stack([score_rewards(m, ids, scorer.tokenizer.pad_token_id, scorer.batch_size)[0]
-                    for m in ensemble.members], axis=1)
-    return ensemble.spec.calibrate_members(scorer.raw_multiplier * raw)
+    return np.stack([score_rewards(m, ids, scorer.tokenizer.pad_token_id, scorer.batch_size)[0]
+                     for m in scorer.reward_model.members], axis=1)
 
 
 def rankings(pool: Pool) -> dict[str, np.ndarray]:

@@ -90,7 +90,12 @@ class CurveFit:
     d_peak: float  # the fitted curve's maximum; inf when it has none (beta <= 0)
 
     def predict(self, d: np.ndarray) -> np.ndarray:
-        return _design(np.asarray(d, dtype=np.float64), self.form) @ np.array([self.alpha, self.beta])
+        return law(d, self.alpha, self.beta, self.form)
+
+
+def law(d: np.ndarray, alpha: float, beta: float, form: Form) -> np.ndarray:
+    """Gao et al.'s gold gain at ``d`` under ``form`` with coefficients ``alpha`` and ``beta``."""
+    return _design(np.asarray(d, dtype=np.float64), form) @ np.array([alpha, beta])
 
 
 def _design(d: np.ndarray, form: Form) -> np.ndarray:

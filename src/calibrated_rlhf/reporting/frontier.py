@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2
+from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.table import METHOD_KEYS, as_float, method_of, with_current_keys
 from calibrated_rlhf.reporting.verdicts import Verdict
 
@@ -111,7 +111,7 @@ def frontier_figure(points: pd.DataFrame, fits: pd.DataFrame | None = None) -> F
         if method in rl_fits:
             fit = rl_fits[method]
             d = np.linspace(1e-3, fit.d_max, 100)
-            ax.plot(d, d * (fit.alpha - fit.beta * np.log(d)), linestyle="--", linewidth=0.9,
+            ax.plot(d, law(d, fit.alpha, fit.beta, "rl"), linestyle="--", linewidth=0.9,
                     color=line.lines[0].get_color())
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("sqrt(KL to the reference policy), sqrt(nats per sequence)")

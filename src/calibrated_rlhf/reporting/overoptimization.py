@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.early_warning import Rule, best_threshold, gold_path, judge, score
-from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2
+from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
 from calibrated_rlhf.reporting.table import as_float, method_of
@@ -193,7 +193,7 @@ def size_figure(size: str, points: pd.DataFrame, bon: pd.DataFrame | None, fits:
         if (fit.method == "best_of_n") != (fit.form == "bon"):
             continue  # each method with its own law: best-of-n's for best-of-n, the RL law for RL
         d = np.linspace(1e-3, fit.d_max, 100)
-        shape = d * (fit.alpha - fit.beta * (d if fit.form == "bon" else np.log(d)))
+        shape = law(d, fit.alpha, fit.beta, fit.form)
         gold_ax.plot(d, shape, linestyle="--", linewidth=0.9, color=colours.get(fit.method, "grey"))
     for ax, what in ((gold_ax, "gold"), (proxy_ax, "calibrated proxy")):
         ax.axhline(0.0, color="grey", lw=0.8)
@@ -234,12 +234,6 @@ def bon_efficiency_verdict(points: pd.DataFrame, bon: pd.DataFrame | None, kl_le
     return f"best-of-n is more KL-efficient than RL: {status} ({'; '.join(cells)})."
 
 
-def rl_law(fit: object, d: np.ndarray) -> np.ndarray:
-    """Gao et al.'s RL law with a fit's coefficients, at ``d``."""
-    d = np.maximum(np.asarray(d, dtype=float), 1e-12)
-    return d * (fit.alpha - fit.beta * np.log(d))
-
-
 def transform_verdict(points: pd.DataFrame, fits: pd.DataFrame, scale: pd.DataFrame | None) -> str:
     """"The frozen transform changes where a KL target lands on the frontier, not the frontier": the scale runs
     (PPO on the transform's reward or on the raw one, the raw outputs times ``multiplier``) against the
@@ -252,8 +246,8 @@ def transform_verdict(points: pd.DataFrame, fits: pd.DataFrame, scale: pd.DataFr
         return f"{claim}: not measured (no scale runs, or no PPO fit)."
     fit = rows.iloc[0]
     ppo = points[points["method"] == "ppo"]
-    spread = 2 * float(np.std(ppo["gold_gain"].to_numpy() - rl_law(fit, ppo["sqrt_kl"].to_numpy()), ddof=2))
-    off = scale["gold_gain"].to_numpy() - rl_law(fit, scale["sqrt_kl"].to_numpy())
+    spread = 2 * float(np.std(ppo["gold_gain"].to_numpy() - law(ppo["sqrt_kl"].to_numpy(), fit.alpha, fit.beta, "rl"), ddof=2))
+    off = scale["gold_gain"].to_numpy() - law(scale["sqrt_kl"].to_numpy(), fit.alpha, fit.beta, "rl")
     kl_range = {m: g["kl"].max() / g["kl"].min() - 1 for m, g in scale.groupby("normalization")}
     on_curve = bool(np.all(np.abs(off) <= spread))
     lands = kl_range.get("transform", math.inf) <= 0.05 and kl_range.get("raw", 0.0) > 0.05
