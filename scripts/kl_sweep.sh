@@ -5,7 +5,7 @@
 # Usage: bash scripts/kl_sweep.sh
 #   TARGETS ("0.5 1 2 4 8 16"), METHODS ("ppo rloo grpo"), SEEDS ("0 1": pi's), ADAPTIVE_SEEDS ("0": Ziegler's);
 #   ADAPTIVE_HORIZON (1000) and ADAPTIVE_BETA (0.1): Ziegler's controller as the project ran it before pi; GRPO_LRS ("1e-4 3e-4"):
-#   GRPO's extra learning rates at target 4 (pi, seed 0; 1e-3 is the default and in the grid); OUT: the report
+#   GRPO's extra learning rates at target 4 (pi, every seed; 1e-3 is the default and in the grid); OUT: the report
 #   folder; ADAPTIVE_TARGETS (TARGETS): Ziegler's targets; PI=0 skips pi's runs, REPORT_ONLY=1 every run; INCLUDE:
 #   earlier sweeps' runs.csv files whose runs join the report. Every setting not named here is the default.
 set -euo pipefail
@@ -52,11 +52,12 @@ grid() {  # controller seed...
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   # in order of what the conclusions need most: pi on every target, GRPO's step sizes, Ziegler's for comparison
   if [ "${PI:-1}" = 1 ]; then
-    grid pi "${seeds[0]}"
-    for lr in "${grpo_lrs[@]}"; do
-      run grpo pi 4 "${seeds[0]}" ",rl.learning_rate=$lr"
+    for seed in "${seeds[@]}"; do
+      grid pi "$seed"
+      for lr in "${grpo_lrs[@]}"; do
+        run grpo pi 4 "$seed" ",rl.learning_rate=$lr"
+      done
     done
-    grid pi "${seeds[@]:1}"
   fi
   grid adaptive "${adaptive_seeds[@]}"
 fi

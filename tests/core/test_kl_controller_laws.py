@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from calibrated_rlhf.core.kl_controller import (AdaptiveKLController, FixedKLController, PIKLController,
+from calibrated_rlhf.core.kl_controller import (STEP_SCALE_MAX, AdaptiveKLController, FixedKLController, PIKLController,
                                                 make_kl_controller)
 from calibrated_rlhf.core.kl import kl_per_token
 
@@ -97,7 +97,7 @@ def test_pi_state_resumes_the_same_trajectory():
     a = PIKLController(beta=0.2, kl_target=2.0, horizon=50, gain=1.5)
     assert a.state_dict() == {"kind": "pi", "beta": 0.2, "kl_target": 2.0, "horizon": 50, "steps": 0, "gain": 1.5,
                               "log_beta0": math.log(0.2), "integral": 0.0, "error": 0.0, "kl_trend": 0.0,
-                              "reached": False}  # nothing seen yet
+                              "reached": False, "climb_episodes": None, "step_scale": 1.0}  # nothing seen yet
     for kl in (0.5, 1.5):  # still climbing: the trend and the not-yet-reached flag decide the next integration
         a.update(kl=kl, n_episodes=16)
     state = a.state_dict()
@@ -167,3 +167,48 @@ def test_a_pi_checkpoint_from_before_the_climb_gate_resumes_integrating_every_ba
     integral = ctl.integral
     ctl.update(kl=1.0, n_episodes=16)  # under the target and above the trend: integrated, as before the gate
     assert ctl.integral == pytest.approx(integral + (1.0 / 2.0 - 1.0) * 16 / 50)
+
+
+def test_a_slow_climb_raises_the_step_until_the_target_is_reached():
+    """``climb_episodes``: each update whose KL trend rises by less than ``kl_target * n / climb_episodes``
+    multiplies ``step_scale`` by ``e^(n / climb_episodes)``; a climb at that pace, or one that has reached the
+    target, leaves it; it never passes STEP_SCALE_MAX; and it rides with the state through a resume."""
+    ctl = PIKLController(beta=0.1, kl_target=4.0, horizon=100, climb_episodes=100)
+    ctl.update(kl=0.2, n_episodes=25)  # trend rise 0.05 < 4 * 25 / 100 = 1: slow
+    assert ctl.step_scale == pytest.approx(math.exp(0.25))
+    ctl.update(kl=0.4, n_episodes=25)  # rise 0.25 * (0.4 - 0.05) = 0.0875: slow
+    assert ctl.step_scale == pytest.approx(math.exp(0.5))
+    ctl.update(kl=8.0, n_episodes=25)  # rise 1.9 >= 1: at pace, and the target is reached
+    assert ctl.step_scale == pytest.approx(math.exp(0.5)) and ctl.reached
+    ctl.update(kl=0.1, n_episodes=25)  # past the first crossing the step stays where the climb left it
+    assert ctl.step_scale == pytest.approx(math.exp(0.5))
+
+    stuck = PIKLController(beta=0.1, kl_target=4.0, horizon=100, climb_episodes=100)
+    for _ in range(20):  # a policy that never climbs: the scale stops at the bound
+        stuck.update(kl=0.0, n_episodes=25)
+    assert stuck.step_scale == STEP_SCALE_MAX == 10.0
+
+    fast = PIKLController(beta=0.1, kl_target=10.0, horizon=100, climb_episodes=250)
+    plain = PIKLController(beta=0.1, kl_target=10.0, horizon=100)
+    off = PIKLController(beta=0.1, kl_target=4.0, horizon=100)
+    for kl in (5.0, 9.0):  # trend rises 1.25, then 1.94: at least 10 * 25 / 250, and still short of the target
+        fast.update(kl=kl, n_episodes=25)
+        plain.update(kl=kl, n_episodes=25)
+        off.update(kl=0.0, n_episodes=25)
+    assert not fast.reached and fast.step_scale == off.step_scale == 1.0
+    assert fast.beta == plain.beta and fast.integral == plain.integral  # the step leaves beta alone
+    for other in (AdaptiveKLController(0.1, 4.0, 100), FixedKLController(0.1, 4.0, 100)):
+        other.update(kl=0.0, n_episodes=25)
+        assert other.step_scale == 1.0
+
+    a = PIKLController(beta=0.1, kl_target=4.0, horizon=100, climb_episodes=50)
+    a.update(kl=0.3, n_episodes=25)
+    b = PIKLController(beta=0.1, kl_target=4.0, horizon=100)
+    b.load_state_dict(a.state_dict())
+    for kl in (0.5, 0.6, 5.0, 1.0):
+        a.update(kl=kl, n_episodes=25)
+        b.update(kl=kl, n_episodes=25)
+        assert b.step_scale == a.step_scale
+    assert a.step_scale == pytest.approx(math.exp(1.5))  # three slow updates of half the budget each
+    with pytest.raises(ValueError, match=r"^pi KL control needs climb_episodes > 0 or None, got 0$"):
+        PIKLController(beta=0.1, kl_target=1.0, horizon=10, climb_episodes=0)

@@ -210,6 +210,24 @@ def test_pi_controller_resumes_to_the_uninterrupted_beta_trajectory(tok, tmp_pat
     assert resumed.kl_controller.state_dict() == full.kl_controller.state_dict()
 
 
+def test_a_slow_climb_raises_ppos_step_and_a_resumed_run_keeps_it(tok, tmp_path: Path) -> None:
+    """``kl_climb_episodes``: with a target no batch reaches, every update is a slow climb, so the PI controller's
+    step scale grows by e^(16 / 64) per update of 16 episodes and each update's logged rate is the configured one
+    times the scale the updates before it left; resumed from update 3, the rates and weights are the uninterrupted
+    run's (the scaled rate is in the optimizer's saved state)."""
+    kw = dict(num_updates=6, checkpoint_every=3, num_mini_batches=1, kl_control="pi", kl_target=1e3,
+              kl_climb_episodes=64)
+    full = make_trainer(tok, checkpoint_dir=str(tmp_path / "a"), **kw)
+    rates = [h["ppo/optim/lr"] for h in full.train().history]
+    assert rates == pytest.approx([1e-3 * math.exp(0.25 * k) for k in range(6)], rel=1e-9)
+    resumed = make_trainer(tok, checkpoint_dir=str(tmp_path / "b"), **kw)
+    resumed.load_checkpoint(tmp_path / "a" / "update_000003")
+    assert [h["ppo/optim/lr"] for h in resumed.train().history] == rates
+    assert resumed.kl_controller.step_scale == full.kl_controller.step_scale == pytest.approx(math.exp(1.5))
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def running_zscore_score(tok):
     """The library's running_zscore score function over a tiny reward model: stateful, its moments grow with
     every batch."""

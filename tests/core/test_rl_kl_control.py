@@ -4,6 +4,7 @@ point (``core.rl.trainers.train`` with ``core.checkpointing.trl_checkpoints``), 
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -64,7 +65,8 @@ def test_fixed_beta_stays_and_state_rebuilds_the_callback():
         KLControlCallback("adaptive", beta=0.0)
 
 
-def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, save_steps=None, kl_control="adaptive"):
+def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, save_steps=None, kl_control="adaptive",
+           climb_episodes=None):
     from calibrated_rlhf.core.rl.config import RLConfig
     from calibrated_rlhf.core.rl.kl_control import kl_callback
     from calibrated_rlhf.core.rl.reward import ScoreReward
@@ -73,14 +75,39 @@ def _train(tiny_tokenizer, policy_dir, prompts, out, max_steps=4, resume=None, s
     def score_fn(prompts, responses):  # any deterministic reward of the text will do
         return {"score": torch.tensor([len(r.split()) / 5.0 for r in responses])}
 
-    # a KL target far below what sampling reaches, so beta moves at every update
+    # a KL target far below what sampling reaches, so beta moves at every update; with a climb, one far above, so
+    # every update is a slow climb and the step grows at each
     config = RLConfig(algorithm="rloo", num_updates=max_steps, batch_size=4, num_generations=2, response_length=6,
-                      learning_rate=5e-3, beta=0.2, kl_target=1e-3, kl_horizon=8, kl_control=kl_control)
+                      learning_rate=5e-3, beta=0.2, kl_target=1e3 if climb_episodes else 1e-3, kl_horizon=8,
+                      kl_control=kl_control, kl_climb_episodes=climb_episodes, lr_schedule="linear")
     trainer, history = build_trainer(config, policy_dir, tiny_tokenizer, prompts, ScoreReward(score_fn, tiny_tokenizer),
                                      out, save_steps=save_steps)
     trainer.train(resume_from_checkpoint=resume)
     params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     return kl_callback(trainer), trainer.beta, params, history.points
+
+
+def test_a_slow_climb_scales_the_trl_step_and_a_resumed_run_keeps_it(tiny_tokenizer, synthetic_pairs, tmp_path):
+    """The PI controller's ``step_scale`` reaches TRL's optimizer through its schedule (linear here, so the test
+    also sees the scale compose with the decay), and a run resumed from update 2 steps at the same rates."""
+    from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
+    from tests.conftest import TINY_BACKBONE
+
+    policy_dir = tmp_path / "policy"
+    build_causal_backbone(BackboneParams(**TINY_BACKBONE), tiny_tokenizer).save_pretrained(policy_dir)
+    prompts = list(dict.fromkeys(synthetic_pairs["prompt"]))[:16]
+    run = dict(kl_control="pi", climb_episodes=8)
+    whole_cb, _, whole_params, whole_points = _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "a", **run)
+    _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "b", save_steps=2, **run)
+    resumed_cb, _, resumed_params, resumed_points = _train(tiny_tokenizer, policy_dir, prompts, tmp_path / "c",
+                                                           resume=str(tmp_path / "b" / "checkpoint-2"), **run)
+    lrs = [p["learning_rate"] for p in whole_points if "learning_rate" in p]
+    # TRL logs the rate the update used: linear decay over 4 steps times e^(4 / 8) per slow update before it
+    assert lrs == pytest.approx([5e-3 * (1 - k / 4) * math.exp(0.5 * k) for k in range(4)], rel=1e-9)
+    assert whole_cb.controller.step_scale == pytest.approx(math.exp(2.0))
+    assert [p["learning_rate"] for p in resumed_points if "learning_rate" in p] == pytest.approx(lrs[2:], rel=1e-12)
+    assert resumed_cb.controller.state_dict() == pytest.approx(whole_cb.controller.state_dict())
+    assert torch.allclose(resumed_params, whole_params, atol=1e-6)
 
 
 @pytest.mark.parametrize("kl_control", ["pi", "adaptive"])

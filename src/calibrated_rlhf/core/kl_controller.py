@@ -29,6 +29,18 @@ standard deviations, and the betas the controller settled at held ``beta * kl_ta
 target and method, so a start at 0.25 / kl_target leaves the integral a factor of about two to find instead of
 the 50x a constant start missed by at the ends of the range.
 
+Why the step moves too, during a slow climb (``climb_episodes``): a climb limited by the policy's step is one
+beta cannot speed up (while the gate holds the integral, beta already sits at ``e^-1`` of its start, a penalty of a
+few hundredths of a reward standard deviation). GRPO at a learning rate of 1e-4 was still climbing towards a
+target of 4 at update 85 of 120, so the judged second half held the climb. A trainer that asks for it gets
+``step_scale``, a factor on its learning rate: each update of the climb whose trend rises by less than
+``kl_target * n_episodes / climb_episodes`` (the pace that reaches the target within ``climb_episodes``)
+multiplies it by ``e^(n_episodes / climb_episodes)``, up to :data:`STEP_SCALE_MAX`. Once the KL has reached the
+target, the scale stays where the climb left it: that is the step at which this policy answers at the asked
+pace, and for GRPO, whose penalty acts through the same step, the step at which beta has authority.
+Measured on GRPO (target 4, two seeds): 1e-4 went from 3.98 and 3.27 to 4.22 and 4.29; 3e-4 from 4.63 and
+4.41 to 4.27 and 4.25; every default-step run climbs faster than the pace and keeps a scale of about one.
+
 Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
 over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a
 log error it is the geometric mean, below the arithmetic one by about half the squared coefficient of variation
@@ -71,6 +83,9 @@ TREND_WEIGHT = 0.25
 # How far above its trend a batch's KL must be to count as still climbing. PPO's climbs to targets 4 and 16 led their
 # trend by 8-30%; a KL creeping towards a level short of the target leads by less and less, and integrates again.
 CLIMB_LEAD = 0.05
+# The step's range during a slow climb: tenfold takes a step of 1e-4 to the RL stage's default of 1e-3, and no
+# further, so a policy that cannot climb at all (its reward flat) is not driven to a step that diverges.
+STEP_SCALE_MAX = 10.0
 
 
 def initial_beta(kl_target: float, penalty_at_target: float = PENALTY_AT_TARGET) -> float:
@@ -107,6 +122,7 @@ class AdaptiveKLController:
     """
 
     kind = "adaptive"
+    step_scale = 1.0  # the factor on the trainer's learning rate; only the PI controller's climb moves it
 
     def __init__(self, beta: float, kl_target: float, horizon: int) -> None:
         self.beta = float(beta)
@@ -159,17 +175,21 @@ class PIKLController(AdaptiveKLController):
     a steady-state error. Until the KL first reaches the target, a batch more than ``CLIMB_LEAD`` above the KL's
     trend (an exponential average of weight ``TREND_WEIGHT``) leaves the integral where it is (module docstring).
     Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the beta bounds, so a
-    saturated controller comes back as soon as the error changes sign. A KL that is not finite is an error: the
+    saturated controller comes back as soon as the error changes sign. ``climb_episodes`` (None: off) lets a slow
+    climb raise :attr:`step_scale`, the factor the trainer puts on its learning rate (module docstring). A KL that is not finite is an error: the
     trainer's own checks stop a diverged run before its KL reaches the controller.
     """
 
     kind = "pi"
 
-    def __init__(self, beta: float, kl_target: float, horizon: int, gain: float = DEFAULT_GAIN) -> None:
+    def __init__(self, beta: float, kl_target: float, horizon: int, gain: float = DEFAULT_GAIN,
+                 climb_episodes: int | None = None) -> None:
         if not BETA_MIN <= beta <= BETA_MAX:
             raise ValueError(f"pi KL control needs {BETA_MIN:g} <= beta <= {BETA_MAX:g}, got {beta}")
         if gain < 0:
             raise ValueError(f"pi KL control needs gain >= 0, got {gain}")
+        if climb_episodes is not None and climb_episodes <= 0:
+            raise ValueError(f"pi KL control needs climb_episodes > 0 or None, got {climb_episodes}")
         super().__init__(beta, kl_target, horizon)
         self.gain = float(gain)
         self.log_beta0 = math.log(self.beta)
@@ -177,6 +197,8 @@ class PIKLController(AdaptiveKLController):
         self.error = 0.0  # the last update's clipped error, kept for diagnostics
         self.kl_trend = 0.0  # moving average of the batch KL; 0 is the KL of the reference the run starts at
         self.reached = False  # whether a batch's KL has reached the target yet (the climb is over)
+        self.climb_episodes = None if climb_episodes is None else int(climb_episodes)
+        self.step_scale = 1.0
 
     def update(self, kl: float, n_episodes: int) -> float:
         if not math.isfinite(kl):
@@ -192,7 +214,12 @@ class PIKLController(AdaptiveKLController):
         if not heading_for_target:
             self.integral = min(max(self.integral + e * n_episodes / self.horizon, lo - self.log_beta0),
                                 hi - self.log_beta0)
-        self.kl_trend += TREND_WEIGHT * (kl - self.kl_trend)
+        rise = TREND_WEIGHT * (kl - self.kl_trend)
+        self.kl_trend += rise
+        if self.climb_episodes is not None and not self.reached:
+            pace = n_episodes / self.climb_episodes  # of the climb budget this batch spent
+            if rise < self.kl_target * pace:
+                self.step_scale = min(self.step_scale * math.exp(pace), STEP_SCALE_MAX)
         self.beta = math.exp(min(max(self.log_beta0 + self.integral + self.gain * e, lo), hi))
         self.error = e
         self.steps += 1
@@ -200,7 +227,8 @@ class PIKLController(AdaptiveKLController):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "gain": self.gain, "log_beta0": self.log_beta0, "integral": self.integral,
-                "error": self.error, "kl_trend": self.kl_trend, "reached": self.reached}
+                "error": self.error, "kl_trend": self.kl_trend, "reached": self.reached,
+                "climb_episodes": self.climb_episodes, "step_scale": self.step_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -211,13 +239,17 @@ class PIKLController(AdaptiveKLController):
         # a checkpoint from before the climb's gate integrated every batch, as this controller does once past it
         self.kl_trend = float(state.get("kl_trend", 0.0))
         self.reached = bool(state.get("reached", True))
+        # a checkpoint from before the climb's step control ran without it
+        self.climb_episodes = state.get("climb_episodes")
+        self.step_scale = float(state.get("step_scale", 1.0))
 
 
-def make_kl_controller(kind: KLControl, beta: float, kl_target: float, horizon: int,
-                       gain: float = DEFAULT_GAIN) -> AdaptiveKLController:
-    """Controller for ``PPOConfig.kl_control`` / ``RLConfig.kl_control``; ``gain`` is the PI controller's."""
+def make_kl_controller(kind: KLControl, beta: float, kl_target: float, horizon: int, gain: float = DEFAULT_GAIN,
+                       climb_episodes: int | None = None) -> AdaptiveKLController:
+    """Controller for ``PPOConfig.kl_control`` / ``RLConfig.kl_control``; ``gain`` and ``climb_episodes`` are the PI
+    controller's (the others keep a step scale of one)."""
     if kind == "pi":
-        return PIKLController(beta, kl_target, horizon, gain)
+        return PIKLController(beta, kl_target, horizon, gain, climb_episodes)
     if kind == "adaptive":
         return AdaptiveKLController(beta, kl_target, horizon)
     if kind == "fixed":

@@ -98,6 +98,9 @@ class PPOConfig(BaseModel):
     kl_horizon: int = Field(10000, gt=0, description="Controller horizon, in episodes: a sustained unit error moves "
                             "log beta by one over it (the integral time of 'pi').")
     kl_gain: float = Field(2.0, ge=0, description="'pi' only: proportional gain on the error kl / kl_target - 1.")
+    kl_climb_episodes: int | None = Field(
+        None, gt=0, description="'pi' only: a climb to the target slower than kl_target per this many episodes "
+        "raises the learning rate, up to tenfold (core.kl_controller: step_scale); null: the step stays as given.")
     score_key: str = Field(
         "normalized",
         description="Which score_fn output is optimized (the others are only logged); its units are the "

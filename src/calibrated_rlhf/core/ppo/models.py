@@ -78,6 +78,12 @@ def policy_and_value(config: PPOConfig, policy: nn.Module, value_model: nn.Modul
     return wrapper
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's rate, from the next step on; it is saved with the optimizer's state, so a resumed run keeps it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def adamw(params: list[nn.Parameter], config: PPOConfig) -> torch.optim.Optimizer:
     """AdamW, fused where torch supports it for these parameters (one kernel instead of a
     per-tensor loop: the step of a small model is otherwise dominated by dispatch overhead)."""

@@ -10,7 +10,7 @@ One update (``PPOTrainer.step``) reads top to bottom, as CleanRL's ppo.py does:
 4. ``_check``: the rollout's figures; the safety stops;
 5. ``_optimize``: ``num_ppo_epochs`` passes of ``num_mini_batches`` minibatches: clipped policy
    loss, clipped value loss, gradient clipping, AdamW;
-6. ``_finish``: feed the batch KL to the KL controller; log; sample rows; checkpoint.
+6. ``_finish``: feed the batch KL to the KL controller (beta, and the step of a slow climb); log; checkpoint.
 
 Where the passes run (one thread, or the value model beside the policy on CPU) is the
 ``schedule``'s business (``schedule.py``); the algorithm is the same either way. Statistics that
@@ -37,12 +37,12 @@ from calibrated_rlhf.core.causal_lm import decode_responses, left_pad
 from calibrated_rlhf.core.chat import prompt_label, stop_token_id
 from calibrated_rlhf.core.checkpointing import checkpoints as ckpt
 from calibrated_rlhf.core.kl import kl_per_token
-from calibrated_rlhf.core.kl_controller import AdaptiveKLController, make_kl_controller
+from calibrated_rlhf.core.kl_controller import make_kl_controller
 from calibrated_rlhf.core.ppo.config import PPOConfig
 from calibrated_rlhf.core.ppo.gae import compute_gae, masked_whiten
 from calibrated_rlhf.core.ppo.losses import policy_terms, value_terms
 from calibrated_rlhf.core.ppo.models import (adamw, disable_dropout, frozen_reference, policy_and_value,
-                                             reference_logprobs, with_lora)
+                                             reference_logprobs, set_learning_rate, with_lora)
 from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
 from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, batch_inputs,
@@ -113,8 +113,8 @@ class PPOTrainer:
         self.data = PromptStream(prompts, tokenizer, config.seed, config.batch_size, self.rank, self.world_size)
         self._global_batch = self.data.global_batch
         self._build_models(policy, ref_policy, value_model, fingerprint)
-        self.kl_controller: AdaptiveKLController = make_kl_controller(
-            config.kl_control, config.beta, config.kl_target, config.kl_horizon, config.kl_gain)
+        self.kl_controller = make_kl_controller(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
+                                                config.kl_gain, config.kl_climb_episodes)
 
         self.update = 0  # completed updates
         self.episodes = 0  # episodes consumed, all processes
@@ -351,12 +351,12 @@ class PPOTrainer:
                 t_start: float) -> dict[str, float]:
         cfg = self.config
         self.kl_controller.update(metrics[K.PPO_KL], self._global_batch)
+        set_learning_rate(self.optimizer, cfg.learning_rate * self.kl_controller.step_scale)  # a slow climb's step
         self.update += 1
         self.episodes += self._global_batch
         t_gen, t_score, t_rollout = roll.times
         metrics.update({
-            K.PPO_STEP: float(self.update),
-            K.PPO_EPISODES: float(self.episodes),
+            K.PPO_STEP: float(self.update), K.PPO_EPISODES: float(self.episodes),
             K.PPO_BETA_NEXT: self.kl_controller.value,
             **perf_metrics(self._global_batch, t_start, t_gen, t_score, t_rollout, time.perf_counter()),
         })

@@ -31,9 +31,13 @@ class RLConfig(BaseModel):
     response_length: int = Field(24, gt=0, description="Maximum new tokens sampled per completion.")
     sampling_temperature: float = Field(1.0, gt=0, description="Temperature of the policy's sampling.")
     learning_rate: float = Field(
-        1e-3, gt=0, description="AdamW learning rate, linear decay. One pass per batch (PPO takes four) needs a "
+        1e-3, gt=0, description="AdamW learning rate (lr_schedule over the run). One pass per batch (PPO takes four) needs a "
         "larger step to reach the KL target; GRPO, whose group scaling and loss-side KL move the policy faster, "
         "held its target on the default task at 3e-4 with beta 0.2 (docs/results.md: the settings tried).")
+    lr_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="The learning rate over the run: linear (decay to zero, TRL's default) or constant. "
+        "Held KL needs a step that still answers beta in the second half, where a target is judged: conf/base "
+        "sets constant.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     num_iterations: int = Field(1, gt=0, description="Optimization passes over each generation batch.")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the importance ratio.")
@@ -50,9 +54,20 @@ class RLConfig(BaseModel):
     kl_target: float = Field(4.0, gt=0, description="Per-sequence KL target of the controller, nats.")
     kl_horizon: int = Field(1000, gt=0, description="Controller horizon, episodes (the integral time of pi).")
     kl_gain: float = Field(2.0, ge=0, description="pi only: proportional gain on the error kl / kl_target - 1.")
+    kl_climb_episodes: int | None = Field(
+        None, gt=0, description="pi only: a climb to the target slower than kl_target per this many episodes raises "
+        "the learning rate, up to tenfold (core.kl_controller: step_scale); null: the step stays as given.")
+    kl_bias_correction: bool = Field(
+        False, description="GRPO: TRL's use_bias_correction_kl (its default, true). true weighs the KL term's "
+        "gradient by log(pi / pi_ref), whose mean under the policy is the KL itself: a score-function gradient "
+        "without a baseline, whose noise grows with beta (GRPO's KL rose from 0.5 to 2 as beta climbed to 80); "
+        "false weighs it by 1 - pi_ref / pi, whose mean is zero, and held a target of 0.5. RLOO's KL is in its "
+        "reward, with nothing to correct: false.")
     scale_rewards: Literal["group", "batch", "none"] | None = Field(
-        None, description="GRPO only: divide rewards by the group's (group), the batch's (batch) or no (none) "
-        "standard deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score.")
+        None, description="GRPO: divide rewards by the group's (group), the batch's (batch) or no (none) standard "
+        "deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score, and put the "
+        "advantages, and so beta, in units of a standard deviation that moves with the group; none keeps them in "
+        "normalized-reward units, as RLOO's and PPO's (conf/base). RLOO divides by nothing: null or none.")
     normalize_advantages: bool | None = Field(
         None, description="RLOO only: whiten the advantages over the batch; null = TRL's default (off).")
     lora: LoraParams | None = Field(
@@ -69,8 +84,11 @@ class RLConfig(BaseModel):
         if self.batch_size % self.num_generations:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                              f"({self.num_generations})")
-        if self.algorithm != "grpo" and self.scale_rewards is not None:
-            raise ValueError(f"scale_rewards is GRPO's; algorithm is {self.algorithm!r}: leave it null")
+        if self.algorithm != "grpo" and self.kl_bias_correction:
+            raise ValueError(f"kl_bias_correction is GRPO's; algorithm is {self.algorithm!r}: leave it false")
+        # "none" is what RLOO does (no reward is divided by a standard deviation), so one config serves both
+        if self.algorithm != "grpo" and self.scale_rewards not in (None, "none"):
+            raise ValueError(f"scale_rewards is GRPO's; algorithm is {self.algorithm!r}: leave it null or none")
         if self.algorithm != "rloo" and self.normalize_advantages is not None:
             raise ValueError(f"normalize_advantages is RLOO's; algorithm is {self.algorithm!r}: leave it null")
         return self

@@ -43,12 +43,16 @@ class KLControlCallback(TrainerCallback, ExportableState):
     the trainer applies ``beta * reward_scale``, as PPO does, so one ``beta`` means the same across reward
     models; ``beta`` itself, in normalized-reward units, is what the controller moves and the log shows.
 
+    ``climb_episodes``: the PI controller's climb pace (``core.kl_controller``); its ``step_scale`` multiplies the
+    trainer's learning-rate schedule (:func:`scale_step`).
+
     Register it before the callbacks that record logs: it adds :data:`SEQUENCE_KL`, :data:`BETA` and
     :data:`BETA_NEXT` to each record that carries a KL."""
 
     def __init__(self, kind: KLControl = "adaptive", beta: float = 0.05, kl_target: float = 4.0,
                  horizon: int = 1000, episodes_per_step: int = 1, reward_scale: float = 1.0,
-                 controller_state: dict | None = None, last_step: int = 0, gain: float = DEFAULT_GAIN) -> None:
+                 controller_state: dict | None = None, last_step: int = 0, gain: float = DEFAULT_GAIN,
+                 climb_episodes: int | None = None) -> None:
         if beta <= 0:
             # TRL loads no reference model when beta starts at 0, and a multiplicative controller never leaves 0
             raise ValueError(f"KL control needs beta > 0, got {beta}")
@@ -56,7 +60,9 @@ class KLControlCallback(TrainerCallback, ExportableState):
         self.episodes_per_step = int(episodes_per_step)
         self.reward_scale = float(reward_scale)
         self.gain = float(gain)
-        self.controller: AdaptiveKLController = make_kl_controller(kind, beta, kl_target, horizon, gain)
+        self.climb_episodes = climb_episodes
+        self.controller: AdaptiveKLController = make_kl_controller(kind, beta, kl_target, horizon, gain,
+                                                                   climb_episodes)
         if controller_state is not None:
             self.controller.load_state_dict(controller_state)
         self.last_step = int(last_step)
@@ -69,6 +75,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
     def bind(self, trainer: Any) -> None:
         self.trainer = trainer
         trainer.beta = self.controller.value * self.reward_scale
+        scale_step(trainer, self.controller.step_scale)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         kl = sequence_kl(logs or {})
@@ -80,6 +87,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
         new = self.controller.update(kl, n)
         if self.trainer is not None:
             self.trainer.beta = new * self.reward_scale
+            scale_step(self.trainer, self.controller.step_scale)
         # into the record itself, so the callbacks after this one (history, trackers) log them with the KL
         logs.update({SEQUENCE_KL: kl, BETA: applied, BETA_NEXT: new})
 
@@ -88,8 +96,25 @@ class KLControlCallback(TrainerCallback, ExportableState):
         return {"args": {"kind": self.kind, "beta": self.init_beta, "kl_target": self.kl_target,
                          "horizon": self.horizon, "episodes_per_step": self.episodes_per_step,
                          "reward_scale": self.reward_scale, "gain": self.gain,
+                         "climb_episodes": self.climb_episodes,
                          "controller_state": self.controller.state_dict(), "last_step": self.last_step},
                 "attributes": {}}
+
+
+def scale_step(trainer: Any, scale: float) -> None:
+    """From the next optimizer step on, the trainer's learning rate is ``scale`` times its schedule's. Setting it
+    twice gives the same rates, so a resumed run whose scheduler state carries a scaled base gets them too: the
+    scale multiplies each group's ``initial_lr``, which the scheduler set once and the optimizer's state keeps.
+    Before the trainer has built its optimizer (a bind ahead of ``train``) there is nothing to scale."""
+    optimizer, scheduler = getattr(trainer, "optimizer", None), getattr(trainer, "lr_scheduler", None)
+    if optimizer is None or scheduler is None:
+        return
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper, where there is one
+    for i, group in enumerate(optimizer.param_groups):
+        scheduler.base_lrs[i] = group["initial_lr"] * scale
+        group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    # the trainer logs get_last_lr() as the rate of the coming step: without this it would show the old scale
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class _BindKLControl(TrainerCallback):

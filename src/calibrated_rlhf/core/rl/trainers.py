@@ -44,7 +44,7 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
         output_dir=str(output_dir), seed=config.seed, data_seed=config.seed, max_steps=config.num_updates,
         per_device_train_batch_size=config.batch_size, num_generations=config.num_generations,
         max_completion_length=config.response_length, temperature=config.sampling_temperature,
-        learning_rate=config.learning_rate, max_grad_norm=config.max_grad_norm,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_schedule, max_grad_norm=config.max_grad_norm,
         num_iterations=config.num_iterations, epsilon=config.epsilon, beta=config.beta,
         # one generation per update: a checkpoint then never falls inside a generation buffer
         gradient_accumulation_steps=1, steps_per_generation=1,
@@ -56,6 +56,7 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
     )
     if config.algorithm == "grpo":
         extra = {"scale_rewards": config.scale_rewards} if config.scale_rewards is not None else {}
+        extra["use_bias_correction_kl"] = config.kl_bias_correction
         return GRPOConfig(**common, **extra)
     extra = ({"normalize_advantages": config.normalize_advantages}
              if config.normalize_advantages is not None else {})
@@ -79,7 +80,8 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
                   train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer, **peft)
     attach_kl_control(trainer, KLControlCallback(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
                                                  episodes_per_step=config.episodes_per_update,
-                                                 reward_scale=reward_scale, gain=config.kl_gain))
+                                                 reward_scale=reward_scale, gain=config.kl_gain,
+                                                 climb_episodes=config.kl_climb_episodes))
     trainer.add_callback(StopOnSignal())
     if ensemble_std_stop is not None:
         trainer.add_callback(StopOnDisagreement(ensemble_std_stop))
