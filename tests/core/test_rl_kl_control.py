@@ -214,3 +214,25 @@ def test_interrupted_rloo_run_resumes_through_the_library_to_the_uninterrupted_r
     assert len([p for p in whole.history if BETA in p]) == 4
     for a, b in zip(whole.policy.parameters(), resumed.policy.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_grpo_settings_reach_trls_config_and_rloo_refuses_what_it_cannot_do(tmp_path):
+    """The step schedule, GRPO's reward scaling and its KL gradient go to TRL's config as set, null leaves TRL's
+    defaults, and RLOO takes only the values that describe what it does (no scaling, no KL correction)."""
+    from pydantic import ValidationError
+
+    from calibrated_rlhf.core.rl.config import RLConfig
+    from calibrated_rlhf.core.rl.trainers import trl_config
+
+    grpo = trl_config(RLConfig(algorithm="grpo", lr_schedule="constant", scale_rewards="none",
+                               kl_bias_correction=False), tmp_path)
+    assert (grpo.lr_scheduler_type, grpo.scale_rewards, grpo.use_bias_correction_kl) == ("constant", "none", False)
+    trl_default = trl_config(RLConfig(algorithm="grpo"), tmp_path)
+    assert (trl_default.lr_scheduler_type, trl_default.scale_rewards, trl_default.use_bias_correction_kl) == \
+        ("linear", "group", True)
+    rloo = trl_config(RLConfig(algorithm="rloo", scale_rewards="none", kl_bias_correction=False), tmp_path)
+    assert type(rloo).__name__ == "RLOOConfig"
+    with pytest.raises(ValidationError, match="kl_bias_correction is GRPO's"):
+        RLConfig(algorithm="rloo", kl_bias_correction=True)
+    with pytest.raises(ValidationError, match="scale_rewards is GRPO's"):
+        RLConfig(algorithm="rloo", scale_rewards="group")

@@ -57,12 +57,12 @@ class RLConfig(BaseModel):
     kl_climb_episodes: int | None = Field(
         None, gt=0, description="pi only: a climb to the target slower than kl_target per this many episodes raises "
         "the learning rate, up to tenfold (core.kl_controller: step_scale); null: the step stays as given.")
-    kl_bias_correction: bool = Field(
-        False, description="GRPO: TRL's use_bias_correction_kl (its default, true). true weighs the KL term's "
+    kl_bias_correction: bool | None = Field(
+        None, description="GRPO: TRL's use_bias_correction_kl; null = TRL's default (true). true weighs the KL term's "
         "gradient by log(pi / pi_ref), whose mean under the policy is the KL itself: a score-function gradient "
         "without a baseline, whose noise grows with beta (GRPO's KL rose from 0.5 to 2 as beta climbed to 80); "
-        "false weighs it by 1 - pi_ref / pi, whose mean is zero, and held a target of 0.5. RLOO's KL is in its "
-        "reward, with nothing to correct: false.")
+        "false weighs it by 1 - pi_ref / pi, whose mean is zero, and held a target of 0.5 (conf/base). RLOO's KL "
+        "is in its reward, with nothing to correct: null or false.")
     scale_rewards: Literal["group", "batch", "none"] | None = Field(
         None, description="GRPO: divide rewards by the group's (group), the batch's (batch) or no (none) standard "
         "deviation; null = TRL's default (group). Group and batch cancel the temperature and z-score, and put the "
@@ -85,7 +85,7 @@ class RLConfig(BaseModel):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                              f"({self.num_generations})")
         if self.algorithm != "grpo" and self.kl_bias_correction:
-            raise ValueError(f"kl_bias_correction is GRPO's; algorithm is {self.algorithm!r}: leave it false")
+            raise ValueError(f"kl_bias_correction is GRPO's; algorithm is {self.algorithm!r}: leave it null or false")
         # "none" is what RLOO does (no reward is divided by a standard deviation), so one config serves both
         if self.algorithm != "grpo" and self.scale_rewards not in (None, "none"):
             raise ValueError(f"scale_rewards is GRPO's; algorithm is {self.algorithm!r}: leave it null or none")

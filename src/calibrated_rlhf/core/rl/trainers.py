@@ -56,7 +56,8 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
     )
     if config.algorithm == "grpo":
         extra = {"scale_rewards": config.scale_rewards} if config.scale_rewards is not None else {}
-        extra["use_bias_correction_kl"] = config.kl_bias_correction
+        if config.kl_bias_correction is not None:
+            extra["use_bias_correction_kl"] = config.kl_bias_correction
         return GRPOConfig(**common, **extra)
     extra = ({"normalize_advantages": config.normalize_advantages}
              if config.normalize_advantages is not None else {})
