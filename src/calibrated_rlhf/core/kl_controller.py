@@ -37,9 +37,13 @@ target of 4 at update 85 of 120, so the judged second half held the climb. A tra
 ``kl_target * n_episodes / climb_episodes`` (the pace that reaches the target within ``climb_episodes``)
 multiplies it by ``e^(n_episodes / climb_episodes)``, up to :data:`STEP_SCALE_MAX`. Once the KL has reached the
 target, the scale stays where the climb left it: that is the step at which this policy answers at the asked
-pace, and for GRPO, whose penalty acts through the same step, the step at which beta has authority.
-Measured on GRPO (target 4, two seeds): 1e-4 went from 3.98 and 3.27 to 4.22 and 4.29; 3e-4 from 4.63 and
-4.41 to 4.27 and 4.25; every default-step run climbs faster than the pace and keeps a scale of about one.
+pace, and for GRPO, whose penalty acts through the same step, the step at which beta has authority. The budget
+is a third of the run (conf/base: 1,200 of RLOO's and GRPO's 3,840 episodes), so the climb ends before the judged
+second half. A tighter one misfires: every climb starts at KL 0 and its first updates rise slowly whatever the
+step, so at 400 episodes the climbs to 8 and 16 at the default step counted as slow, ran at 1.4-1.8 times it, and
+overshot (RLOO 6.91 for 8, 13.59 for 16; 7.55 and 15.70 at 1,200). Measured on GRPO at a target of 4 (seeds 0,
+1): at 1e-4 the second-half KL went from 3.98 and 3.27 without the climb's step to 3.83 and 4.19 with it; at
+3e-4 from 4.63 and 4.41 to 4.44 and 4.22.
 
 Why the error is linear in the KL, not ``log(kl / target)``: the integral settles where the error averages zero
 over the batches. With a linear error that is the arithmetic mean KL, the figure a target is judged by; with a

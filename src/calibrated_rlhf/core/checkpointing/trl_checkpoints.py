@@ -40,7 +40,7 @@ TRL_DIR = "trl"
 def resume_fingerprint(config: BaseModel, reference_policy: Any, tokenizer: Any, prompts: Sequence[Any],
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """PPO's resume fingerprint (``checkpoints.resume_fingerprint``) of an RL run: every field of its ``config``
-    (``core.rl.config.RLConfig``; ``num_updates`` too: TRL's learning rate decays to 0 at the last update), the reference
+    (``core.rl.config.RLConfig``; ``num_updates`` too: a linear schedule decays to 0 at the last update), the reference
     policy's weights (the policy starts from them), the tokenizer and its chat template, the prompts, the
     number of processes, and ``extra`` (the reward model, the reward transform, ...)."""
     from accelerate import PartialState
