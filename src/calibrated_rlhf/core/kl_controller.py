@@ -180,8 +180,8 @@ class PIKLController(AdaptiveKLController):
     trend (an exponential average of weight ``TREND_WEIGHT``) leaves the integral where it is (module docstring).
     Anti-windup: the integral is clamped so ``log beta_0 + integral`` stays inside the beta bounds, so a
     saturated controller comes back as soon as the error changes sign. ``climb_episodes`` (None: off) lets a slow
-    climb raise :attr:`step_scale`, the factor the trainer puts on its learning rate (module docstring). A KL that is not finite is an error: the
-    trainer's own checks stop a diverged run before its KL reaches the controller.
+    climb raise :attr:`step_scale`, the factor the trainer puts on its learning rate (module docstring). A KL that
+    is not finite is an error: the trainer's own checks stop a diverged run before its KL reaches the controller.
     """
 
     kind = "pi"

@@ -10,7 +10,7 @@ One update (``PPOTrainer.step``) reads top to bottom, as CleanRL's ppo.py does:
 4. ``_check``: the rollout's figures; the safety stops;
 5. ``_optimize``: ``num_ppo_epochs`` passes of ``num_mini_batches`` minibatches: clipped policy
    loss, clipped value loss, gradient clipping, AdamW;
-6. ``_finish``: feed the batch KL to the KL controller (beta, and the step of a slow climb); log; checkpoint.
+6. ``_finish``: feed the batch KL to the KL controller (beta, and a slow climb's step); log; sample rows; checkpoint.
 
 Where the passes run (one thread, or the value model beside the policy on CPU) is the
 ``schedule``'s business (``schedule.py``); the algorithm is the same either way. Statistics that

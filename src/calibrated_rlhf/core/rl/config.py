@@ -31,9 +31,8 @@ class RLConfig(BaseModel):
     response_length: int = Field(24, gt=0, description="Maximum new tokens sampled per completion.")
     sampling_temperature: float = Field(1.0, gt=0, description="Temperature of the policy's sampling.")
     learning_rate: float = Field(
-        1e-3, gt=0, description="AdamW learning rate (lr_schedule over the run). One pass per batch (PPO takes four) needs a "
-        "larger step to reach the KL target; GRPO, whose group scaling and loss-side KL move the policy faster, "
-        "held its target on the default task at 3e-4 with beta 0.2 (docs/results.md: the settings tried).")
+        1e-3, gt=0, description="AdamW learning rate, shaped by lr_schedule and a slow climb's step "
+        "(kl_climb_episodes). One pass per batch (PPO takes four) needs a larger step than PPO's to reach a KL target.")
     lr_schedule: Literal["linear", "constant"] = Field(
         "linear", description="The learning rate over the run: linear (decay to zero, TRL's default) or constant. "
         "Held KL needs a step that still answers beta in the second half, where a target is judged: conf/base "
