@@ -37,12 +37,18 @@ def test_grpo_runs_on_the_tiny_run_with_the_pi_controller_and_the_evaluation_pro
     # started from the completed run's reference policy, scored through its transform
     for name in ("reference_policy", "reward_transform"):
         assert run.data.tags[f"provenance/loaded/{name}"] == template.data.tags["run_id"]
-    # the controller's formula on the logged per-sequence KL gives the logged betas (tiny: 8 episodes an update)
-    kl, beta = _history(client, run, keys.RL_KL), _history(client, run, keys.RL_BETA)
-    assert len(kl) == len(beta) == 3
-    controller = PIKLController(initial_beta(0.05), 0.05, 400, gain=2.0)  # conf/base rl: pi, beta null, horizon
-    for k, b in zip(kl, beta):
+    # conf/base's GRPO settings reach the run: advantages unscaled unless asked (here: batch), k3's KL gradient,
+    # a constant step that a slow climb may raise
+    assert (run.data.params["rl.lr_schedule"], run.data.params["rl.kl_bias_correction"]) == ("constant", "False")
+    assert run.data.params["rl.kl_climb_episodes"] == "1200"
+    # the controller's formula on the logged per-sequence KL gives the logged betas and learning rates (tiny: 8
+    # episodes an update; conf/base rl: pi, beta null, horizon 400, 1e-3 times the climb's step)
+    kl, beta, lr = (_history(client, run, k) for k in (keys.RL_KL, keys.RL_BETA, keys.RL_LR))
+    assert len(kl) == len(beta) == len(lr) == 3
+    controller = PIKLController(initial_beta(0.05), 0.05, 400, gain=2.0, climb_episodes=1200)
+    for k, b, rate in zip(kl, beta, lr):
         assert b == pytest.approx(controller.value, rel=1e-9)
+        assert rate == pytest.approx(1e-3 * controller.step_scale, rel=1e-9)
         controller.update(k, 8)
     assert run.data.metrics[keys.EVAL_FINAL_BETA] == pytest.approx(beta[-1])
     assert kl[-1] > 0 and beta[-1] != 0.1

@@ -246,7 +246,8 @@ def transform_verdict(points: pd.DataFrame, fits: pd.DataFrame, scale: pd.DataFr
         return f"{claim}: not measured (no scale runs, or no PPO fit)."
     fit = rows.iloc[0]
     ppo = points[points["method"] == "ppo"]
-    spread = 2 * float(np.std(ppo["gold_gain"].to_numpy() - law(ppo["sqrt_kl"].to_numpy(), fit.alpha, fit.beta, "rl"), ddof=2))
+    residual = ppo["gold_gain"].to_numpy() - law(ppo["sqrt_kl"].to_numpy(), fit.alpha, fit.beta, "rl")
+    spread = 2 * float(np.std(residual, ddof=2))
     off = scale["gold_gain"].to_numpy() - law(scale["sqrt_kl"].to_numpy(), fit.alpha, fit.beta, "rl")
     kl_range = {m: g["kl"].max() / g["kl"].min() - 1 for m, g in scale.groupby("normalization")}
     on_curve = bool(np.all(np.abs(off) <= spread))
