@@ -114,6 +114,8 @@ def test_the_rest_reads_the_members_and_trains_one_policy(finished):
 def test_the_stop_rule_ends_a_run_where_the_members_disagree_and_keeps_that_update(finished, stage):
     """``<stage>.ensemble_std_stop_multiple`` far below the disagreement any policy meets: the run stops at its first
     batch, says so, and its checkpoint folder holds the policy it fired on; far above it, the run trains to the end.
+    The rules share their path from the params to the trainers (``pipelines.stage.warning_stops``), so this run
+    stands for ``repeated_words_stop_multiple`` too, whose tiny policy's gibberish never repeats a word.
     PPO checks a rollout before optimizing on it, so it keeps the policy that sampled the batch (update 0); TRL
     scores and steps in one call, so RLOO keeps the policy one update past it (update 1)."""
     from calibrated_rlhf.core.checkpointing import list_checkpoints

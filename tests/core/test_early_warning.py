@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from calibrated_rlhf.core.early_warning import Rule, best_threshold, gold_path, judge, score, smooth
+from calibrated_rlhf.core.early_warning import (Rule, best_threshold, gold_path, judge, repeated_words, score, smooth,
+                                                warning_reason)
+
+
+def test_repeated_words_is_each_responses_share_of_words_said_before_in_it():
+    responses = ["calm calm calm", "Calm quiet CALM", "a b c d", "", [{"role": "assistant", "content": "hi  hi\nthere"}]]
+    np.testing.assert_allclose(repeated_words(responses), [2 / 3, 1 / 3, 0.0, 0.0, 1 / 3])
+    assert warning_reason("repeated_words", 0.5, 0.25) == "repeated words 0.500 exceeds repeated_words_stop = 0.250"
 
 
 def test_rules_fire_at_the_first_crossing_above_below_and_relative():
@@ -64,7 +71,7 @@ def test_rloo_stops_after_the_update_whose_disagreement_crosses_and_keeps_its_ch
     from calibrated_rlhf.core.backbone import BackboneParams, build_causal_backbone
     from calibrated_rlhf.core.rl.config import RLConfig
     from calibrated_rlhf.core.rl.reward import ScoreReward
-    from calibrated_rlhf.core.rl.trainers import StopOnDisagreement, build_trainer
+    from calibrated_rlhf.core.rl.trainers import StopOnWarning, build_trainer
     from tests.conftest import TINY_BACKBONE
 
     policy_dir = tmp_path / "policy"
@@ -81,8 +88,8 @@ def test_rloo_stops_after_the_update_whose_disagreement_crosses_and_keeps_its_ch
     config = RLConfig(algorithm="rloo", num_updates=8, batch_size=4, num_generations=2, response_length=6,
                       learning_rate=5e-3, beta=0.2, kl_target=1.0)
     trainer, history = build_trainer(config, policy_dir, tiny_tokenizer, prompts, ScoreReward(score_fn, tiny_tokenizer),
-                                     tmp_path / "out", save_steps=100, ensemble_std_stop=0.25)
+                                     tmp_path / "out", save_steps=100, warning_stops={"ensemble_std": 0.25})
     trainer.train()
-    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDisagreement))
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnWarning))
     assert trainer.state.global_step == 3 and "at update 3" in stop.reason
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-3"]  # the one it fired on

@@ -141,6 +141,22 @@ def test_ensemble_disagreement_stop(tok) -> None:
     assert not make_trainer(tok, num_updates=1, ensemble_std_stop=1e-6).train().stopped_early
 
 
+def test_repeated_words_stop(tok) -> None:
+    """The score function's share of repeated words (every score function of the project returns it) past its
+    threshold stops the run before the batch is optimized on; a threshold above any batch's share never does."""
+    from calibrated_rlhf.core.early_warning import repeated_words
+
+    def counting_score(prompts, responses):
+        return {**score_fn(prompts, responses), "repeated_words": torch.as_tensor(repeated_words(responses))}
+
+    calm = make_trainer(tok, num_updates=2, score=counting_score, repeated_words_stop=1.0).train()
+    share = calm.history[0]["ppo/rewards/repeated_words"]
+    assert not calm.stopped_early and 0 < share < 1
+    stopped = make_trainer(tok, num_updates=2, score=counting_score, repeated_words_stop=share / 2).train()
+    assert stopped.stopped_early and stopped.updates == 0
+    assert stopped.stop_reason == f"repeated words {share:.3f} exceeds repeated_words_stop = {share / 2:.3f}"
+
+
 def test_nonfinite_reward_stops(tok) -> None:
     def bad_score(prompts, responses):
         out = score_fn(prompts, responses)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from calibrated_rlhf.core.early_warning import repeated_words
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.ensemble import EnsembleSpec, RewardEnsemble
 from calibrated_rlhf.core.normalization import RewardTransform
@@ -128,7 +129,8 @@ def test_score_is_what_the_method_optimizes_and_every_reward_is_returned(reward_
     np.testing.assert_allclose(out["gold_gap"].numpy(), f32(scored.calibrated - 4.0 * gold - 0.25), rtol=1e-5,
                                atol=1e-6)
     named = {"minmax_batch", "whiten_batch", "running_zscore", "calibrated_clip"}
-    base = {"raw", "calibrated", "normalized", "score", "gold", "gold_gap"}
+    base = {"raw", "calibrated", "normalized", "score", "gold", "gold_gap", "repeated_words"}
+    np.testing.assert_allclose(out["repeated_words"].numpy(), f32(repeated_words(RESPONSES)))
     assert set(out) == base | ({method} if method in named else set())
     if method in named:
         torch.testing.assert_close(out[method], out["score"])
@@ -137,7 +139,8 @@ def test_score_is_what_the_method_optimizes_and_every_reward_is_returned(reward_
 
 def test_without_a_task_or_offset_there_is_no_gold(reward_model, tiny_tokenizer):
     scorer = RewardScorer(reward_model, tiny_tokenizer, transform=_transform())
-    assert set(rl_score_fn(scorer, "zscore")(PROMPTS, RESPONSES)) == {"raw", "calibrated", "normalized", "score"}
+    assert set(rl_score_fn(scorer, "zscore")(PROMPTS, RESPONSES)) == {"raw", "calibrated", "normalized", "score",
+                                                                          "repeated_words"}
     task = SyntheticTask.from_dict(TASK)
     assert "gold_gap" not in rl_score_fn(scorer, "zscore", task)(PROMPTS, RESPONSES)
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import pandas as pd
 
 from calibrated_rlhf.core.backbone import BackboneParams, build_reward_backbone
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
@@ -125,6 +126,23 @@ def test_ensemble_stop_needs_an_ensemble_and_scales_its_reference_std():
                                      "ensemble": EnsembleSpec("mean", (1.0, 1.0),
                                                               reference_ensemble_std=0.25).to_dict()})
     assert ensemble_std_stop(ens, 3.0, "ppo") == pytest.approx(0.75)
+
+
+def test_repeated_words_stop_scales_the_reference_sets_share_and_joins_the_ensembles(tmp_path):
+    from calibrated_rlhf.pipelines.stage import repeated_words_stop, warning_stops
+
+    reference = pd.DataFrame({"prompt": ["p", "p", "q"], "response": ["a a b b", "a b c", "x x x x"]})  # 1/2, 0, 3/4
+    reference.to_parquet(tmp_path / "ref.parquet")
+    reread = pd.read_parquet(tmp_path / "ref.parquet")
+    assert repeated_words_stop(reread, None) is None
+    assert repeated_words_stop(reread, 2.0) == pytest.approx(2.0 * 1.25 / 3)
+
+    class Params:
+        ensemble_std_stop_multiple, repeated_words_stop_multiple = None, 2.0
+
+    assert warning_stops(transform(), reread, Params, "rl") == {"repeated_words": pytest.approx(2.5 / 3)}
+    Params.repeated_words_stop_multiple = None
+    assert warning_stops(transform(), reread, Params, "rl") == {}
 
 
 ISSUE_KEYS = ("ppo/objective/kl", "ppo/objective/beta", "ppo/rewards/raw", "ppo/rewards/calibrated",

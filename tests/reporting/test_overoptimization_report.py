@@ -18,15 +18,16 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
     steps = np.arange(1, UPDATES + 1)
     kl = np.linspace(0.0, 40.0 if over else 4.0, UPDATES)
     gold = np.where(steps <= 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
+    repeated = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
         mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1],
                             "eval/gold_gain_ci_low": gold[-1] - .1, "eval/gold_gain_ci_high": gold[-1] + .1})
-        for step, k, g in zip(steps, kl, gold):
+        for step, k, g, rep in zip(steps, kl, gold, repeated):
             mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
                                 "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
-                                "ppo/rewards/ensemble_std": 0.1}, step=int(step))
+                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repeated_words": rep}, step=int(step))
 
 
 def log_best_of_n_run(mlflow, tmp_path) -> None:
@@ -40,9 +41,14 @@ def log_best_of_n_run(mlflow, tmp_path) -> None:
             for name, value in {"kl": k, "kl_bound": k, "d": dd, "gold_gain": dd * (0.3 - 0.05 * dd),
                                 "proxy_gain": 0.4 * dd, "gold_gain_ci_low": 0.0, "gold_gain_ci_high": 1.0}.items():
                 mlflow.log_metric(f"best_of_n/curve/{name}", value, step=n)
-        rankings = pd.DataFrame([(r, n, g) for r, shift in (("mean", 0), ("min", 2), ("mean_minus_std", 1))
-                                 for n, g in zip(ns, np.concatenate([np.arange(4 + shift), 3 + shift - np.arange(
-                                     len(ns) - 4 - shift)]))], columns=["ranking", "n", "gold_gain"])
+        # each ranking's gold follows best-of-n's form, d (a - b d): member_0's peaks at d = 1 (n = 8 measured) and
+        # falls far below its interval; mean_minus_std's peaks at n = 32 and falls within it; the rest still rise
+        forms = {"mean": (0.3, 0.05), "member_1": (0.3, 0.05), "min": (0.25, 0.02), "member_0": (0.4, 0.2),
+                 "mean_minus_std": (0.35, 0.11)}
+        rankings = pd.DataFrame([{"ranking": r, "n": n, "d": dd, "gold_gain": dd * (a - b * dd),
+                                  "gold_gain_ci_low": dd * (a - b * dd) - 0.02, "gold_gain_ci_high": dd * (a - b * dd)
+                                  + 0.02, "proxy_gain": 0.4 * dd} for r, (a, b) in forms.items()
+                                 for n, dd in zip(ns, d)])
         rankings.to_csv(tmp_path / "best_of_n_rankings.csv", index=False)
         mlflow.log_artifact(str(tmp_path / "best_of_n_rankings.csv"), "best_of_n")
 
@@ -67,11 +73,20 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # the seed it was chosen on and on the other; a flat entropy and a flat disagreement catch nothing
     assert "| kl | kl > 4 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |" in text
     assert "| entropy | entropy / its first value < 0.5 | 1 | 0.0 | 1 | 0.0 | 1 | 0.0 | 1 | 0.0 |" in text
+    # the repeated words' share: its lowest threshold, 1.1 times the first value, fires at update 17 (the trailing
+    # mean of 0.05, 0.05, 0.05, 0.06, 0.07 is 0.056), by the deadline (update 21 + 6) on both seeds, never on the safe
+    assert ("| repeated_words | repeated_words / its first value > 1.1 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |"
+            in text)
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan |" in text
+    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | 17.0 | nan |" in text
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
-    assert "conservative ensembles delay the peak: supported (mean: peak at n = 8" in text
+    assert ("conservative ensembles delay the peak: supported (mean: does not turn, peak at n = 64 (gain 0.376; 0.376 "
+            "at n = 64); mean_minus_std: does not turn, peak at n = 32") in text
+    assert "member_0: turns, peak at n = 8" in text and "member_1" not in text.split("delay the peak")[1].split("\n")[0]
+    # member_0's curve is best-of-n's form exactly: held-out R^2 1, d* = 1 against the observed 1.10 (9%)
+    assert "observed peak: best_of_n by member_0, bon form." in text
+    assert "| best_of_n by member_0 | bon | 7 | 0.4 |" in text
     assert "best-of-n is more KL-efficient than RL" in text
 
 

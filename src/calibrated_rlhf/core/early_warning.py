@@ -12,7 +12,7 @@ say how far the policy has moved.
 A rule here fires at the first update at which the series it is given crosses its threshold; relative rules
 divide by the series' first value, whose samples are the reference policy's. The report gives it trailing means
 of the logged per-update figures. The online stop rules (PPO's ``ensemble_std_stop`` and ``kl_stop_multiple``,
-RLOO's and GRPO's ``StopOnDisagreement``) test each raw batch value against a threshold set from the reference
+and ``repeated_words_stop``, RLOO's and GRPO's ``StopOnWarning``) test each raw batch value against a threshold set from the reference
 set, so a threshold chosen here carries over to them approximately, not exactly.
 
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
@@ -24,8 +24,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from calibrated_rlhf.core.chat import response_text
+
+REPEATED_WORDS = "repeated_words"  # the score function's entry, logged as <stage>/rewards/repeated_words
+
+
+def repeated_words(responses: Sequence[Any]) -> np.ndarray:
+    """Each response's share of words that repeat an earlier word of the same response (0 for an empty one).
+
+    Degenerate repetition is the oldest reward hack of text generation, and one a reward model cannot flag when
+    its training pairs hardly show it: every member then extrapolates the same way (the blind spot above). The
+    policy's samples show it directly, so their share of repeated words, against the reference policy's, needs
+    neither gold nor a second reward model. Words are whitespace-separated, case-folded.
+    """
+    out = np.zeros(len(responses))
+    for i, response in enumerate(responses):
+        words = response_text(response).lower().split()
+        if words:
+            out[i] = 1.0 - len(set(words)) / len(words)
+    return out
+
+def warning_reason(name: str, value: float, threshold: float) -> str:
+    """Why a stop rule fired, in the words every trainer logs and a run's summary keeps."""
+    what = {"ensemble_std": "reward ensemble std", REPEATED_WORDS: "repeated words"}.get(name, name)
+    return f"{what} {value:.3f} exceeds {name}_stop = {threshold:.3f}"
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, repeated_words
 from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
@@ -152,7 +153,8 @@ def gold_offset(scorer: RewardScorer, task: Gold, prompts: Sequence[Any],
 class RLScoreFn:
     """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
     under normalization ``method`` (also under its own name when computed from the batch), and, for an
-    ensemble, ``ensemble_std``. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
+    ensemble, ``ensemble_std``; and each response's ``repeated_words`` (:func:`core.early_warning.repeated_words`),
+    a warning sign that needs no gold. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
     function's state (``state_dict`` / ``load_state_dict``), which every checkpoint carries, so a resumed run
     continues the same rewards.
 
@@ -182,6 +184,7 @@ class RLScoreFn:
         out = {"raw": scored.raw, "calibrated": scored.calibrated, "normalized": scored.normalized}
         if scored.ensemble_std is not None:
             out["ensemble_std"] = scored.ensemble_std
+        out[REPEATED_WORDS] = repeated_words(responses)
         if self.method in BATCH_FORMS:
             out[OPTIMIZED[self.method]] = self._batch_form(scored)
         out["score"] = out[OPTIMIZED[self.method]]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.checkpointing import digest
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, repeated_words
 from calibrated_rlhf.core.gold import Gold
+from calibrated_rlhf.core.preferences import plain_frame
 from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
 from calibrated_rlhf.core.scoring import reward_fingerprint
 
@@ -67,3 +70,20 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None, stage:
         raise ValueError(f"{stage}.ensemble_std_stop_multiple needs a reward ensemble (reward_model.ensemble_size > 1) "
                          "whose transform records its reference disagreement")
     return multiple * reference
+
+
+def repeated_words_stop(reference_responses: pd.DataFrame, multiple: float | None) -> float | None:
+    """A trainer's absolute threshold on the sampled responses' share of repeated words, from
+    ``<stage>.repeated_words_stop_multiple`` times that share on the reference set (the reference policy's own
+    samples, so a policy that writes as it did never trips it)."""
+    if multiple is None:
+        return None
+    return multiple * float(repeated_words(list(plain_frame(reference_responses)["response"])).mean())
+
+
+def warning_stops(transform: RewardTransform, reference_responses: pd.DataFrame, params: Any, stage: str
+                  ) -> dict[str, float]:
+    """The gold-free stop rules a stage's params turn on, as ``{score-function entry: threshold}``."""
+    stops = {"ensemble_std": ensemble_std_stop(transform, params.ensemble_std_stop_multiple, stage),
+             REPEATED_WORDS: repeated_words_stop(reference_responses, params.repeated_words_stop_multiple)}
+    return {name: threshold for name, threshold in stops.items() if threshold is not None}

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import Rule, best_threshold, gold_path, judge, score
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, Rule, best_threshold, gold_path, judge, score
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
@@ -31,9 +31,11 @@ SEED_PARAMS = {"ppo": "ppo.trainer.seed", "rloo": "rl.seed", "grpo": "rl.seed"}
 # per method: the history key of each signal (and of the gold that judges it)
 HISTORY = {
     "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
-            "proxy": keys.ppo_reward("normalized"), "gold": keys.ppo_reward("gold")},
+            REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS), "proxy": keys.ppo_reward("normalized"),
+            "gold": keys.ppo_reward("gold")},
     "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
-           "proxy": keys.rl_reward("normalized"), "gold": keys.RL_REWARD_GOLD},
+           REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS), "proxy": keys.rl_reward("normalized"),
+           "gold": keys.RL_REWARD_GOLD},
 }
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
@@ -42,6 +44,7 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
     "entropy": tuple(Rule("entropy", t, relative=True, below=True) for t in np.round(np.arange(0.50, 0.99, 0.04), 2)),
     "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (1.1, 1.25, 1.5, 2.0, 3.0)),
+    REPEATED_WORDS: tuple(Rule(REPEATED_WORDS, t, relative=True) for t in (1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)),
     "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
@@ -84,7 +87,8 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
     wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
     get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
            for name, key in names.items()}
-    smoothed = {name: trailing_mean(get[name], window) for name in ("kl", "entropy", "ensemble_std", "proxy")}
+    smoothed = {name: trailing_mean(get[name], window)
+                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, "proxy")}
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
@@ -156,18 +160,69 @@ def proxy_gain(signals_history: pd.DataFrame, method: str) -> float:
     return float(values[-max(1, len(values) // 10):].mean() - values[0])
 
 
-def bon_fit_row(curve: pd.DataFrame) -> dict[str, float]:
-    """Gao et al.'s best-of-n form fitted to a best-of-n curve, in :data:`FIT_COLUMNS`' terms."""
-    d, gain = curve["d"].to_numpy(), curve["gold_gain"].to_numpy()
-    fit = fit_curve(d, gain, "bon")
+def curve_fit_row(method: str, d: np.ndarray, gain: np.ndarray, form: str) -> dict[str, float]:
+    """One of Gao et al.'s forms fitted to gold gain against ``d``, in :data:`FIT_COLUMNS`' terms."""
+    fit = fit_curve(d, gain, form)
     try:
-        held = held_out_r2(d, gain, "bon")
+        held = held_out_r2(d, gain, form)
     except ValueError:
         held = math.nan
-    return {"method": "best_of_n", "form": "bon", "points": len(d), "alpha": fit.alpha, "alpha_ci_low": fit.alpha_ci[0],
+    return {"method": method, "form": form, "points": len(d), "alpha": fit.alpha, "alpha_ci_low": fit.alpha_ci[0],
             "alpha_ci_high": fit.alpha_ci[1], "beta": fit.beta, "beta_ci_low": fit.beta_ci[0],
             "beta_ci_high": fit.beta_ci[1], "r2": fit.r2, "held_out_r2": held, "d_peak_fitted": fit.d_peak,
             "d_peak_observed": float(d[np.argmax(gain)]), "d_max": float(d.max())}
+
+
+def bon_fit_row(curve: pd.DataFrame) -> dict[str, float]:
+    """Gao et al.'s best-of-n form fitted to a best-of-n curve, in :data:`FIT_COLUMNS`' terms."""
+    return curve_fit_row("best_of_n", curve["d"].to_numpy(), curve["gold_gain"].to_numpy(), "bon")
+
+
+def turned(curve: pd.DataFrame) -> bool:
+    """Whether a best-of-n curve turned within the n measured: its gold at the largest n lies below the 95%
+    interval (over prompts) of its peak, so the fall is more than the prompts' noise."""
+    curve = curve.sort_values("n")
+    peak = int(np.argmax(curve["gold_gain"].to_numpy()))
+    return bool(curve["gold_gain"].iloc[-1] < curve["gold_gain_ci_low"].iloc[peak])
+
+
+def ranking_fits(rankings: pd.DataFrame) -> pd.DataFrame:
+    """Both forms fitted to best-of-n's curve under each ranking of one pool (each member alone, each aggregation),
+    and whether that curve turned (:func:`turned`): a single reward model can over-optimize where the ensemble's
+    aggregate does not."""
+    rows = []
+    for name, curve in rankings.groupby("ranking", sort=True):
+        curve = curve.sort_values("n")
+        d, gain = curve["d"].to_numpy(dtype=float), curve["gold_gain"].to_numpy(dtype=float)
+        rows += [{**curve_fit_row(f"best_of_n by {name}", d, gain, form), "turned": turned(curve)}
+                 for form in ("bon", "rl")]
+    return pd.DataFrame(rows, columns=[*FIT_COLUMNS, "turned"])
+
+
+MIN_HELD_OUT_R2 = 0.95  # the issue's marks for a fitted form
+MAX_PEAK_ERROR = 0.15
+
+
+def meets_marks(fit: pd.Series, peaked: bool) -> bool:
+    """A form fits well enough to predict the peak: held-out R^2 of at least :data:`MIN_HELD_OUT_R2`, and its ``d*``
+    within :data:`MAX_PEAK_ERROR` of an observed peak (one with less gold past it: ``peaked``)."""
+    return bool(peaked and fit.held_out_r2 >= MIN_HELD_OUT_R2
+                and abs(fit.d_peak_fitted / fit.d_peak_observed - 1) <= MAX_PEAK_ERROR)
+
+
+def marks_line(fits: pd.DataFrame, rankings: pd.DataFrame) -> str:
+    """Which fits meet :func:`meets_marks`: RL methods' (a run at larger d with less gold than the best) and each
+    best-of-n ranking's (a curve that :func:`turned`)."""
+    found = []
+    for fit in fits[fits["method"] != "best_of_n"].itertuples():
+        if meets_marks(pd.Series(fit._asdict()), fit.d_peak_observed < fit.d_max):
+            found.append(f"{fit.method}, {fit.form} form")
+    for fit in rankings.itertuples():
+        if meets_marks(pd.Series(fit._asdict()), fit.turned):
+            found.append(f"{fit.method}, {fit.form} form")
+    claim = (f"a form fits with held-out R^2 >= {MIN_HELD_OUT_R2} and puts d* within {MAX_PEAK_ERROR:.0%} of an "
+             "observed peak")
+    return f"{claim}: " + ("; ".join(found) if found else "none") + "."
 
 
 def describe(label: str) -> str:
@@ -177,15 +232,24 @@ def describe(label: str) -> str:
     return f"{pairs} preference pairs" + (f", {name} reward models" if name else "")
 
 
-def size_figure(size: str, points: pd.DataFrame, bon: pd.DataFrame | None, fits: pd.DataFrame) -> Figure:
+def size_figure(size: str, points: pd.DataFrame, bon: pd.DataFrame | None, fits: pd.DataFrame,
+                rankings: pd.DataFrame | None = None) -> Figure:
     """Gold (left) and calibrated proxy (right) gains against d = sqrt(KL), best-of-n as a curve and each RL
-    run as a point, with each method's own form fitted to its gold (dashed)."""
+    run as a point, with each method's own form fitted to its gold (dashed); best-of-n by each single member of an
+    ensemble in grey (dotted)."""
     fig = Figure(figsize=(11, 4.2))
     gold_ax, proxy_ax = fig.subplots(1, 2)
     colours = {"best_of_n": "black", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green"}
     if bon is not None and len(bon):
         for ax, col in ((gold_ax, "gold_gain"), (proxy_ax, "proxy_gain")):
             ax.plot(bon["d"], bon[col], marker=".", color="black", label="best-of-n")
+    members = rankings[rankings["ranking"].str.startswith("member_")] if rankings is not None and "d" in rankings \
+        else pd.DataFrame(columns=["ranking"])
+    for i, (name, curve) in enumerate(members.groupby("ranking", sort=True)):
+        curve = curve.sort_values("n")
+        for ax, col in ((gold_ax, "gold_gain"), (proxy_ax, "proxy_gain")):
+            ax.plot(curve["d"], curve[col], linestyle=":", color="grey", lw=1,
+                    label="best-of-n, one member" if i == 0 else None)
     for method, group in points.groupby("method", sort=True):
         gold_ax.scatter(group["sqrt_kl"], group["gold_gain"], color=colours.get(method), label=method, s=18)
         proxy_ax.scatter(group["sqrt_kl"], group["proxy_gain"], color=colours.get(method), label=method, s=18)
@@ -259,20 +323,29 @@ def transform_verdict(points: pd.DataFrame, fits: pd.DataFrame, scale: pd.DataFr
             + ", ".join(f"{m} {v:.0%}" for m, v in kl_range.items()) + ").")
 
 
+CONSERVATIVE = ("min", "mean_minus_std")
+
+
 def conservative_verdict(rankings: pd.DataFrame | None) -> str:
-    """"Conservative ensembles delay the peak": best-of-n's observed gold peak (the n of its largest gain) under
-    ``min`` and ``mean_minus_std`` against ``mean``; a curve still rising at the largest n peaks there."""
-    if rankings is None or "mean" not in set(rankings["ranking"]):
-        return "conservative ensembles delay the peak: not measured (no ensemble rankings)."
-    peak = {name: (int(g["n"].iloc[int(np.argmax(g["gold_gain"]))]), float(g["gold_gain"].max()),
-                   float(g["gold_gain"].iloc[-1]), int(g["n"].max()))
-            for name, g in rankings.groupby("ranking")}
-    found = [f"{name}: peak at n = {p[0]} (gain {p[1]:.3f}; {p[2]:.3f} at n = {p[3]})"
-             for name, p in peak.items() if name in ("mean", "min", "mean_minus_std")]
-    later = [peak[c][0] > peak["mean"][0] or (peak[c][0] == peak["mean"][0] and peak[c][2] > peak["mean"][2])
-             for c in ("min", "mean_minus_std")]
+    """"Conservative ensembles delay the peak" (Coste et al., ICLR 2024): best-of-n ranked by ``min`` and by
+    ``mean_minus_std`` against each single member whose own ranking turned (:func:`turned`). A conservative ranking
+    delays the peak when it does not turn within the n measured, or turns at a larger n. Without a member that
+    turns there is no peak to delay."""
+    claim = "conservative ensembles delay the peak"
+    if rankings is None or not set(CONSERVATIVE) <= set(rankings["ranking"]):
+        return f"{claim}: not measured (no ensemble rankings)."
+    curves = {name: g.sort_values("n") for name, g in rankings.groupby("ranking")}
+    peak_n = {name: int(g["n"].iloc[int(np.argmax(g["gold_gain"]))]) for name, g in curves.items()}
+    turns = {name: turned(g) for name, g in curves.items()}
+    members = sorted(m for m in curves if m.startswith("member_") and turns[m])
+    found = "; ".join(f"{name}: {'turns' if turns[name] else 'does not turn'}, peak at n = {peak_n[name]} (gain "
+                      f"{g['gold_gain'].max():.3f}; {g['gold_gain'].iloc[-1]:.3f} at n = {int(g['n'].iloc[-1])})"
+                      for name, g in sorted(curves.items()) if name in (*members, *CONSERVATIVE, "mean"))
+    if not members:
+        return f"{claim}: not measured (no single reward model's best-of-n turns; {found})."
+    later = [not turns[c] or peak_n[c] > peak_n[m] for c in CONSERVATIVE for m in members]
     status = "supported" if all(later) else ("not supported" if not any(later) else "mixed")
-    return f"conservative ensembles delay the peak: {status} ({'; '.join(found)})."
+    return f"{claim}: {status} ({found})."
 
 
 # ---- reading the runs, writing the report ----------------------------------------------------------------------
@@ -343,9 +416,8 @@ def load_scale(size: str, experiment: str) -> pd.DataFrame | None:
 
 
 def size_fits(r: SizeResults) -> pd.DataFrame:
-    """The RL law fitted to each RL method's points, and best-of-n's law to its curve."""
+    """Both laws fitted to each RL method's points, and best-of-n's law to its curve."""
     fits = overoptimization_fits(r.points)
-    fits = fits[fits["form"] == "rl"]
     if r.bon is not None and len(r.bon) >= 5:
         fits = pd.concat([fits, pd.DataFrame([bon_fit_row(r.bon)])], ignore_index=True).infer_objects()
     return fits
@@ -356,7 +428,7 @@ def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[
     from calibrated_rlhf.reporting.frontier import overoptimization_verdict
 
     fits = size_fits(r)
-    size_figure(r.size, r.points, r.bon, fits).savefig(out / f"rm_{r.size}.png", dpi=100)
+    size_figure(r.size, r.points, r.bon, fits, r.rankings).savefig(out / f"rm_{r.size}.png", dpi=100)
     shown = r.points[["method", "budget", "seed", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
                       "proxy_gain"]].rename(columns={"budget": "kl_target"})
     lines = [f"## {describe(r.size)}", "", f"![gold and proxy against d](rm_{r.size}.png)", "",
@@ -366,16 +438,23 @@ def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[
                   markdown_table(r.bon[["n", "kl_bound", "kl", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high",
                                         "proxy_gain"]].round(4)), ""]
     if len(fits):
-        turned = overoptimization_verdict(fits[fits["method"] != "best_of_n"])
-        lines += ["Fits of gold gain against d (RL: `d (alpha - beta ln d)`; best-of-n: `d (alpha - beta d)`; "
-                  "95% intervals; held-out R^2 on every third point):", "", markdown_table(fits[FIT_COLUMNS].round(4)),
-                  "", f"- {turned.claim}: **{turned.status}** ({turned.evidence})."]
+        verdict = overoptimization_verdict(fits[fits["method"] != "best_of_n"])
+        lines += ["Fits of gold gain against d (Gao et al.'s RL form `d (alpha - beta ln d)` and best-of-n form "
+                  "`d (alpha - beta d)`; 95% intervals; held-out R^2 on every third point):", "",
+                  markdown_table(fits[FIT_COLUMNS].round(4)), "", f"- {verdict.claim}: **{verdict.status}** "
+                  f"({verdict.evidence})."]
+    by_ranking = ranking_fits(r.rankings) if r.rankings is not None and "d" in r.rankings else None
+    if by_ranking is not None:
+        lines.append(f"- {marks_line(fits, by_ranking)}")
     lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}", f"- {conservative_verdict(r.rankings)}",
               f"- {transform_verdict(r.points, fits, r.scale)}", ""]
     if r.rankings is not None:
         wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
         lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
                   markdown_table(wide.reset_index().round(4)), ""]
+    if by_ranking is not None:
+        lines += ["Both forms fitted to each ranking's curve (`turned`: its gold at the largest n below its peak's "
+                  "95% interval over prompts):", "", markdown_table(by_ranking.round(4)), ""]
     return lines
 
 

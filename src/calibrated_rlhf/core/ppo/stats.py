@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from calibrated_rlhf.core import metric_keys as K
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, warning_reason
 from calibrated_rlhf.core.ppo.config import PPOConfig
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -58,18 +59,18 @@ def rollout_metrics(
 
 
 def stop_reason(metrics: Mapping[str, float], nonfinite: bool, config: PPOConfig) -> str | None:
-    """Why the run must stop after this rollout (non-finite numbers, KL blow-up, reward models in
-    disagreement), or None."""
+    """Why the run must stop after this rollout (non-finite numbers, KL blow-up, a gold-free warning), or None."""
     if nonfinite:
         return "non-finite reward, logprob, value or advantage in the rollout"
     kl = metrics[K.PPO_KL]
     if config.kl_stop_multiple is not None and kl > config.kl_stop_multiple * config.kl_target:
         return (f"KL {kl:.3f} exceeds kl_stop_multiple * kl_target = "
                 f"{config.kl_stop_multiple * config.kl_target:.3f}")
-    disagreement = metrics.get(K.PPO_REWARD_ENSEMBLE_STD)
-    if config.ensemble_std_stop is not None and disagreement is not None and disagreement > config.ensemble_std_stop:
-        # The policy has moved to where the reward models disagree: past it, the proxy is not to be trusted.
-        return f"reward ensemble std {disagreement:.3f} exceeds ensemble_std_stop = {config.ensemble_std_stop:.3f}"
+    # The gold-free warnings (docs/overoptimization.md): past them the proxy is not to be trusted.
+    for name, threshold in (("ensemble_std", config.ensemble_std_stop), (REPEATED_WORDS, config.repeated_words_stop)):
+        value = metrics.get(K.ppo_reward(name))
+        if threshold is not None and value is not None and value > threshold:
+            return warning_reason(name, value, threshold)
     return None
 
 

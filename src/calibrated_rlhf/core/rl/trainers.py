@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from calibrated_rlhf.core.checkpointing.trl_checkpoints import Checkpointing, tr
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, warning_reason
 from calibrated_rlhf.core.rl.reward import SCORE_NAME, reward_metric
 from calibrated_rlhf.core.staging import staging_dir
 
@@ -32,7 +34,8 @@ METRIC_KEYS: dict[str, str] = {
     kl_control.TRL_MEAN_LENGTH: keys.RL_RESPONSE_LENGTH, "completions/clipped_ratio": keys.RL_CLIPPED_FRACTION,
     "entropy": keys.RL_ENTROPY, "loss": keys.RL_LOSS, "grad_norm": keys.RL_GRAD_NORM, "learning_rate": keys.RL_LR,
     **{reward_metric(name): keys.rl_reward(name)
-       for name in ("raw", "calibrated", "normalized", "minmax_batch", "gold", "gold_gap", "ensemble_std")},
+       for name in ("raw", "calibrated", "normalized", "minmax_batch", "gold", "gold_gap", "ensemble_std",
+                    REPEATED_WORDS)},
 }
 
 
@@ -66,10 +69,10 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
 
 def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prompts: list[str], reward: Any,
                   output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0,
-                  ensemble_std_stop: float | None = None) -> tuple[Any, HistoryCallback]:
+                  warning_stops: Mapping[str, float] | None = None) -> tuple[Any, HistoryCallback]:
     """The trainer and the recorder of its log. The policy and TRL's frozen reference are both loaded from
     ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to.
-    ``ensemble_std_stop``: see :class:`StopOnDisagreement`."""
+    ``warning_stops``: a score-function entry's threshold per stop rule (:class:`StopOnWarning`)."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -84,8 +87,8 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
                                                  reward_scale=reward_scale, gain=config.kl_gain,
                                                  climb_episodes=config.kl_climb_episodes))
     trainer.add_callback(StopOnSignal())
-    if ensemble_std_stop is not None:
-        trainer.add_callback(StopOnDisagreement(ensemble_std_stop))
+    for name, threshold in (warning_stops or {}).items():
+        trainer.add_callback(StopOnWarning(name, threshold))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
@@ -103,20 +106,20 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-class StopOnDisagreement(TrainerCallback):
-    """The disagreement stop rule, PPO's ``ensemble_std_stop`` (docs/overoptimization.md): end training after the
-    update whose batch mean of the reward ensemble's disagreement exceeds ``threshold``, saving that update's
-    checkpoint when the run checkpoints, so the policy it fired on is kept (and published)."""
+class StopOnWarning(TrainerCallback):
+    """A gold-free stop rule (docs/overoptimization.md), PPO's ``<name>_stop``: end training after the update whose
+    batch mean of the score function's ``name`` entry (``ensemble_std``: the reward ensemble's disagreement;
+    ``repeated_words``) exceeds ``threshold``, saving that update's checkpoint when the run checkpoints, so the
+    policy it fired on is kept (and published)."""
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
+    def __init__(self, name: str, threshold: float) -> None:
+        self.name, self.threshold = name, threshold
         self.reason: str | None = None
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
-        value = (logs or {}).get(reward_metric("ensemble_std"))
+        value = (logs or {}).get(reward_metric(self.name))
         if self.reason is None and value is not None and value > self.threshold:
-            self.reason = (f"reward ensemble std {value:.3f} exceeds ensemble_std_stop = {self.threshold:.3f} "
-                           f"at update {state.global_step}")
+            self.reason = warning_reason(self.name, value, self.threshold) + f" at update {state.global_step}"
             control.should_save = args.save_strategy != "no"
             control.should_training_stop = True
 
@@ -131,20 +134,20 @@ class RLResult:
 
 def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
           reward_scale: float = 1.0, workdir: str | Path | None = None,
-          checkpointing: Checkpointing | None = None, ensemble_std_stop: float | None = None) -> RLResult:
+          checkpointing: Checkpointing | None = None, warning_stops: Mapping[str, float] | None = None) -> RLResult:
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
     frozen reference from); returns the trained policy on CPU and the per-update records.
 
     ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.checkpointing.trl_checkpoints``), and a run
     resumed from ``resume`` after checking its fingerprint; the records then cover the whole run.
-    ``ensemble_std_stop``: the disagreement past which training stops (:class:`StopOnDisagreement`); None = off."""
+    ``warning_stops``: per score-function entry, the batch mean past which training stops (:class:`StopOnWarning`)."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")
         saving = checkpointing is not None and checkpointing.saving
         with (trl_output_dir(checkpointing.run_dir) if saving else nullcontext(Path(work) / "trainer")) as out:
             trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
                                              save_steps=checkpointing.every if saving else None,
-                                             reward_scale=reward_scale, ensemble_std_stop=ensemble_std_stop)
+                                             reward_scale=reward_scale, warning_stops=warning_stops)
             resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
             with stop_signals.deferred():
@@ -155,5 +158,6 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
         if checkpointing is not None:
             rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
-    stop = next((c.reason for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDisagreement)), None)
+    stop = next((c.reason for c in trainer.callback_handler.callbacks if isinstance(c, StopOnWarning) and c.reason),
+                None)
     return RLResult(merged(trainer.model).to("cpu").eval(), points, runtime, stop)

@@ -24,7 +24,7 @@ from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, ensemble_std_stop,
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, warning_stops,
                                              stage_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ class PPOParams(CheckpointParams):
         None, gt=0, description="Reward ensembles: stop early when the members' disagreement on the sampled "
         "responses (ppo/rewards/ensemble_std) exceeds this multiple of their disagreement on the reference "
         "set (stored in the reward transform); null = off.")
+    repeated_words_stop_multiple: float | None = Field(
+        None, gt=0, description="Stop once the sampled responses' share of words repeating an earlier word of the "
+        "same response (ppo/rewards/repeated_words) exceeds this multiple of its value on the reference set: the "
+        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that batch's policy; null = off.")
 
     @model_validator(mode="after")
     def _checkpoints_are_the_stages(self) -> "PPOParams":
@@ -103,7 +107,8 @@ def train_ppo(
     task = load_gold(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
     run_dir = checkpoint_folder(root)
-    config = trainer_config(params, original, method, run_dir)
+    config = trainer_config(params, original, method, run_dir,
+                            warning_stops(transform, reference_responses, params, "ppo"))
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     reference_policy = prepare_for_training(reference_policy, backbone)
@@ -127,7 +132,7 @@ def train_ppo(
 
 
 def trainer_config(params: PPOParams, transform: RewardTransform, method: NormalizationMethod,
-                   run_dir: Path) -> PPOConfig:
+                   run_dir: Path, stops: dict[str, float] | None = None) -> PPOConfig:
     """The trainer's config: the stage's checkpoints, and the KL weight's scale for the optimized reward."""
     return PPOConfig(**{
         **params.trainer.model_dump(),
@@ -138,7 +143,7 @@ def trainer_config(params: PPOParams, transform: RewardTransform, method: Normal
         "checkpoint_dir": str(run_dir) if params.checkpoint_every else None,
         "checkpoint_every": params.checkpoint_every,
         "keep_checkpoints": params.keep_checkpoints,
-        "ensemble_std_stop": ensemble_std_stop(transform, params.ensemble_std_stop_multiple, "ppo"),
+        **{f"{name}_stop": threshold for name, threshold in (stops or {}).items()},
     })
 
 
