@@ -13,7 +13,8 @@ from calibrated_rlhf.core.early_warning import (Rule, best_threshold, gold_path,
 
 
 def test_repeated_words_is_each_responses_share_of_words_said_before_in_it():
-    responses = ["calm calm calm", "Calm quiet CALM", "a b c d", "", [{"role": "assistant", "content": "hi  hi\nthere"}]]
+    chat = [{"role": "assistant", "content": "hi  hi\nthere"}]
+    responses = ["calm calm calm", "Calm quiet CALM", "a b c d", "", chat]
     np.testing.assert_allclose(repeated_words(responses), [2 / 3, 1 / 3, 0.0, 0.0, 1 / 3])
     assert warning_reason("repeated_words", 0.5, 0.25) == "repeated words 0.500 exceeds repeated_words_stop = 0.250"
 
@@ -30,6 +31,10 @@ def test_rules_fire_at_the_first_crossing_above_below_and_relative():
     assert Rule("ensemble_std", 2.0, relative=True).fires_at([math.nan, 1.0, 5.0]) is None
     assert Rule("ensemble_std", 2.0, relative=True).fires_at([]) is None
     assert Rule("entropy", 0.5, relative=True, below=True).describe() == "entropy / its first value < 0.5"
+    # against a later base: the base's own value, and nothing before it, can fire
+    steady = Rule("repeated_words", 2.0, relative=True, base=2)
+    assert steady.fires_at([0.01, 0.5, 0.1, 0.15, 0.21, 0.3]) == 4 and steady.fires_at([0.1, 0.5]) is None
+    assert steady.describe() == "repeated_words / its value at update 3 > 2"
 
 
 def test_gold_path_finds_a_smoothed_peak_and_ignores_one_noisy_batch():

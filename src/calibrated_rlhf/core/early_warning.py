@@ -10,10 +10,10 @@ one blind spot, and their disagreement falls as the gold does (docs/overoptimiza
 say how far the policy has moved.
 
 A rule here fires at the first update at which the series it is given crosses its threshold; relative rules
-divide by the series' first value, whose samples are the reference policy's. The report gives it trailing means
-of the logged per-update figures. The online stop rules (PPO's ``ensemble_std_stop`` and ``kl_stop_multiple``,
-and ``repeated_words_stop``, RLOO's and GRPO's ``StopOnWarning``) test each raw batch value against a threshold set from the reference
-set, so a threshold chosen here carries over to them approximately, not exactly.
+divide by the series' value at an early update, whose samples are (nearly) the reference policy's. The report gives it trailing means
+of the logged per-update figures. The online stop rules (PPO's ``kl_stop_multiple``, ``ensemble_std_stop`` and
+``repeated_words_stop``; RLOO's and GRPO's ``StopOnWarning``) test each raw batch value against a threshold set
+from the reference set, so a threshold chosen here carries over to them approximately, not exactly.
 
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
 few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the
@@ -56,29 +56,33 @@ def warning_reason(name: str, value: float, threshold: float) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """Fire when ``signal`` (relative to its first value if ``relative``) goes above ``threshold``, or below it
-    when ``below``."""
+    """Fire when ``signal`` (relative to its value at update ``base`` if ``relative``) goes above ``threshold``, or
+    below it when ``below``. A relative rule cannot fire before its base: a trailing mean's value at update ``base``
+    averages the first ``base + 1`` batches, a steadier yardstick than the first batch alone."""
 
     signal: str
     threshold: float
     relative: bool = False
     below: bool = False
+    base: int = 0
 
     def describe(self) -> str:
-        value = f"{self.signal} / its first value" if self.relative else self.signal
+        where = "its first value" if self.base == 0 else f"its value at update {self.base + 1}"
+        value = f"{self.signal} / {where}" if self.relative else self.signal
         return f"{value} {'<' if self.below else '>'} {self.threshold:g}"
 
     def fires_at(self, values: Sequence[float]) -> int | None:
         """Index of the first update at which the rule fires, or None. Non-finite values never fire: a missing
         measurement is not evidence."""
         x = np.asarray(values, dtype=np.float64)
+        start = 0
         if self.relative:
-            if not len(x) or not np.isfinite(x[0]) or x[0] <= 0:
+            if len(x) <= self.base or not np.isfinite(x[self.base]) or x[self.base] <= 0:
                 return None
-            x = x / x[0]
+            x, start = x[self.base:] / x[self.base], self.base
         with np.errstate(invalid="ignore"):
             hits = np.flatnonzero(x < self.threshold if self.below else x > self.threshold)
-        return int(hits[0]) if len(hits) else None
+        return int(hits[0]) + start if len(hits) else None
 
 
 @dataclass(frozen=True)

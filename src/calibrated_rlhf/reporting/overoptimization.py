@@ -40,11 +40,15 @@ HISTORY = {
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
 # every reward model, so one threshold can serve them all.
+WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
+BASE = WINDOW - 1  # relative rules divide by the mean of the first WINDOW updates
 GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
-    "entropy": tuple(Rule("entropy", t, relative=True, below=True) for t in np.round(np.arange(0.50, 0.99, 0.04), 2)),
-    "ensemble_std": tuple(Rule("ensemble_std", t, relative=True) for t in (1.1, 1.25, 1.5, 2.0, 3.0)),
-    REPEATED_WORDS: tuple(Rule(REPEATED_WORDS, t, relative=True) for t in (1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)),
+    "entropy": tuple(Rule("entropy", t, relative=True, below=True, base=BASE)
+                     for t in np.round(np.arange(0.50, 0.99, 0.04), 2)),
+    "ensemble_std": tuple(Rule("ensemble_std", t, relative=True, base=BASE) for t in (1.1, 1.25, 1.5, 2.0, 3.0)),
+    REPEATED_WORDS: tuple(Rule(REPEATED_WORDS, t, relative=True, base=BASE)
+                          for t in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)),
     "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
@@ -52,7 +56,6 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
 }
 EFFICIENCY_MIN_KL = 1.0
 MIN_KL_RISE = 2.0
-WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 MAX_FALSE_ALARMS = 0.10
 LATE_FRACTION = 0.10
 
@@ -462,7 +465,8 @@ def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
     """The warning rules over every RL run: each signal's chosen threshold and scores, then each run's firings."""
     table, chosen = warning_table(runs)
     return ["## Warnings that need no gold", "",
-            f"Each signal is a trailing mean over {WINDOW} updates. Its threshold is the one that catches the most "
+            f"Each signal is a trailing mean over {WINDOW} updates; a relative rule divides it by its value at update "
+            f"{BASE + 1}, the mean of the first {WINDOW}. Its threshold is the one that catches the most "
             f"over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the held-out columns "
             "score that threshold on the other seeds. A run over-optimizes when its gold, smoothed over 5 updates, "
             f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "

@@ -52,7 +52,8 @@ class PPOParams(CheckpointParams):
     repeated_words_stop_multiple: float | None = Field(
         None, gt=0, description="Stop once the sampled responses' share of words repeating an earlier word of the "
         "same response (ppo/rewards/repeated_words) exceeds this multiple of its value on the reference set: the "
-        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that batch's policy; null = off.")
+        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that batch's policy; "
+        "null = off.")
 
     @model_validator(mode="after")
     def _checkpoints_are_the_stages(self) -> "PPOParams":

@@ -50,7 +50,8 @@ class RLParams(RLConfig, CheckpointParams):
     repeated_words_stop_multiple: float | None = Field(
         None, gt=0, description="Stop once the sampled responses' share of words repeating an earlier word of the "
         "same response (rl/rewards/repeated_words) exceeds this multiple of its value on the reference set: the "
-        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that update's checkpoint; null = off.")
+        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that update's checkpoint; "
+        "null = off.")
     checkpoint_root: str = Field(
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
