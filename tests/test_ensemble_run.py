@@ -110,14 +110,15 @@ def test_the_rest_reads_the_members_and_trains_one_policy(finished):
     assert len(list((models / "policy").iterdir())) == 1
 
 
+@pytest.mark.parametrize("rule, says", [("ensemble_std", "reward ensemble std"),
+                                        ("repetition_surprisal", "repetition surprisal")])
 @pytest.mark.parametrize("stage", ["rl", "ppo"])
-def test_the_stop_rule_ends_a_run_where_the_members_disagree_and_keeps_that_update(finished, stage):
-    """``<stage>.ensemble_std_stop_multiple`` far below the disagreement any policy meets: the run stops at its first
-    batch, says so, and its checkpoint folder holds the policy it fired on; far above it, the run trains to the end.
-    The rules share their path from the params to the trainers (``pipelines.stage.warning_stops``), so this run
-    stands for ``repeated_words_stop_multiple`` too, whose tiny policy's gibberish never repeats a word.
-    PPO checks a rollout before optimizing on it, so it keeps the policy that sampled the batch (update 0); TRL
-    scores and steps in one call, so RLOO keeps the policy one update past it (update 1)."""
+def test_a_stop_rule_ends_the_run_where_it_fires_and_keeps_that_update(finished, stage, rule, says):
+    """``<stage>.<rule>_stop_multiple`` far below what any batch shows (the members' disagreement; the repetition
+    surprisal, never 0): the run stops at its first batch, says so, and its checkpoint folder holds the policy it
+    fired on; far above it, the run trains to the end. PPO checks a rollout before optimizing on it, so it keeps the
+    policy that sampled the batch (update 0); TRL scores and steps in one call, so RLOO keeps the policy one update
+    past it (update 1)."""
     from calibrated_rlhf.core.checkpointing import list_checkpoints
 
     project, client, _ = finished
@@ -127,7 +128,7 @@ def test_the_stop_rule_ends_a_run_where_the_members_disagree_and_keeps_that_upda
     ended = {}
     for multiple in (1e-3, 1e3):
         code, out = kedro_run(project, "--env", "tiny", "--pipelines", stage, "--params",
-                              f"{common},{stage}.ensemble_std_stop_multiple={multiple}", name=f"{stage}_{multiple}")
+                              f"{common},{stage}.{rule}_stop_multiple={multiple}", name=f"{stage}_{rule}_{multiple}")
         assert code == 0, out[-3000:]
         run = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
@@ -137,7 +138,7 @@ def test_the_stop_rule_ends_a_run_where_the_members_disagree_and_keeps_that_upda
     stopped, updates_run, out, saved = ended[1e-3]
     fired = {"ppo": 0, "rl": 1}[stage]
     assert (stopped, updates_run, saved) == (1.0, float(fired), [fired])
-    assert "reward ensemble std" in out and "exceeds ensemble_std_stop" in out
+    assert says in out and f"exceeds {rule}_stop" in out
     stopped, updates_run, _, saved = ended[1e3]
     assert (stopped, updates_run, saved) == (0.0, float(updates), [updates])
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibrated_rlhf.core.early_warning import (Rule, best_threshold, gold_path, judge, repeated_words, score, smooth,
+from calibrated_rlhf.core.early_warning import (RepetitionProfile, Rule, best_threshold, gold_path, judge, repeated_words, score, smooth,
                                                 warning_reason)
 
 
@@ -16,7 +16,20 @@ def test_repeated_words_is_each_responses_share_of_words_said_before_in_it():
     chat = [{"role": "assistant", "content": "hi  hi\nthere"}]
     responses = ["calm calm calm", "Calm quiet CALM", "a b c d", "", chat]
     np.testing.assert_allclose(repeated_words(responses), [2 / 3, 1 / 3, 0.0, 0.0, 1 / 3])
-    assert warning_reason("repeated_words", 0.5, 0.25) == "repeated words 0.500 exceeds repeated_words_stop = 0.250"
+    assert warning_reason("repetition_surprisal", 2.0, 1.5) == ("repetition surprisal 2.000 exceeds "
+                                                                "repetition_surprisal_stop = 1.500")
+
+
+def test_repetition_surprisal_is_how_rarely_the_training_responses_repeat_a_word_as_often():
+    training = ["a b c", "a a b", "c d", "x y x", "p"]  # most frequent word: 1, 2, 1, 2, 1
+    profile = RepetitionProfile.of(training)
+    np.testing.assert_allclose(profile.probabilities, [1 / 9, 4 / 9, 3 / 9, 1 / 9])  # add-one: 0, 1, 2, beyond
+    responses = ["calm quiet", "calm calm", "calm calm calm", "calm " * 7, ""]
+    np.testing.assert_allclose(profile.surprisal(responses), -np.log([4 / 9, 3 / 9, 1 / 9, 1 / 9, 1 / 9]))
+    # a word said twice is what the training responses show; three times they never did
+    assert profile.surprisal(["b b"])[0] < 1.1 < profile.surprisal(["b b b"])[0]
+    with pytest.raises(ValueError, match="at least one training response"):
+        RepetitionProfile.of([])
 
 
 def test_rules_fire_at_the_first_crossing_above_below_and_relative():

@@ -141,20 +141,23 @@ def test_ensemble_disagreement_stop(tok) -> None:
     assert not make_trainer(tok, num_updates=1, ensemble_std_stop=1e-6).train().stopped_early
 
 
-def test_repeated_words_stop(tok) -> None:
-    """The score function's share of repeated words (every score function of the project returns it) past its
-    threshold stops the run before the batch is optimized on; a threshold above any batch's share never does."""
-    from calibrated_rlhf.core.early_warning import repeated_words
+def test_repetition_surprisal_stop(tok) -> None:
+    """The score function's repetition surprisal past its threshold stops the run before the batch is optimized on;
+    a threshold above any batch's never does."""
+    from calibrated_rlhf.core.early_warning import RepetitionProfile
+
+    profile = RepetitionProfile.of(["a b c", "a b", "a a b"])  # never a word three times
 
     def counting_score(prompts, responses):
-        return {**score_fn(prompts, responses), "repeated_words": torch.as_tensor(repeated_words(responses))}
+        return {**score_fn(prompts, responses), "repetition_surprisal": torch.as_tensor(profile.surprisal(responses))}
 
-    calm = make_trainer(tok, num_updates=2, score=counting_score, repeated_words_stop=1.0).train()
-    share = calm.history[0]["ppo/rewards/repeated_words"]
-    assert not calm.stopped_early and 0 < share < 1
-    stopped = make_trainer(tok, num_updates=2, score=counting_score, repeated_words_stop=share / 2).train()
+    calm = make_trainer(tok, num_updates=2, score=counting_score, repetition_surprisal_stop=100.0).train()
+    surprisal = calm.history[0]["ppo/rewards/repetition_surprisal"]
+    assert not calm.stopped_early and surprisal > 0
+    stopped = make_trainer(tok, num_updates=2, score=counting_score, repetition_surprisal_stop=surprisal / 2).train()
     assert stopped.stopped_early and stopped.updates == 0
-    assert stopped.stop_reason == f"repeated words {share:.3f} exceeds repeated_words_stop = {share / 2:.3f}"
+    assert stopped.stop_reason == (f"repetition surprisal {surprisal:.3f} exceeds repetition_surprisal_stop = "
+                                   f"{surprisal / 2:.3f}")
 
 
 def test_nonfinite_reward_stops(tok) -> None:

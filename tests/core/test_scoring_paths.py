@@ -137,6 +137,16 @@ def test_score_is_what_the_method_optimizes_and_every_reward_is_returned(reward_
     assert all(v.dtype == torch.float32 for v in out.values())
 
 
+def test_a_repetition_profile_adds_each_responses_surprisal(reward_model, tiny_tokenizer):
+    from calibrated_rlhf.core.early_warning import RepetitionProfile
+
+    profile = RepetitionProfile.of(list(RESPONSES))
+    out = rl_score_fn(RewardScorer(reward_model, tiny_tokenizer, transform=_transform()), "zscore",
+                      profile=profile)(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(out["repetition_surprisal"].numpy(),
+                               np.asarray(profile.surprisal(RESPONSES), dtype=np.float32))
+
+
 def test_without_a_task_or_offset_there_is_no_gold(reward_model, tiny_tokenizer):
     scorer = RewardScorer(reward_model, tiny_tokenizer, transform=_transform())
     assert set(rl_score_fn(scorer, "zscore")(PROMPTS, RESPONSES)) == {"raw", "calibrated", "normalized", "score",

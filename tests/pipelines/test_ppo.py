@@ -128,21 +128,28 @@ def test_ensemble_stop_needs_an_ensemble_and_scales_its_reference_std():
     assert ensemble_std_stop(ens, 3.0, "ppo") == pytest.approx(0.75)
 
 
-def test_repeated_words_stop_scales_the_reference_sets_share_and_joins_the_ensembles(tmp_path):
-    from calibrated_rlhf.pipelines.stage import repeated_words_stop, warning_stops
+def test_repetition_stop_scales_the_reference_sets_surprisal_under_the_training_pairs_profile(tmp_path):
+    from calibrated_rlhf.pipelines.stage import repetition_profile, repetition_surprisal_stop, warning_stops
 
-    reference = pd.DataFrame({"prompt": ["p", "p", "q"], "response": ["a a b b", "a b c", "x x x x"]})  # 1/2, 0, 3/4
-    reference.to_parquet(tmp_path / "ref.parquet")
+    # the training responses' most frequent word: once in 3 of 4, twice in 1; never three times
+    pairs = pd.DataFrame({"prompt": ["p", "q"], "chosen": ["a b", "c d e"], "rejected": ["x x", "y"]})
+    reference = pd.DataFrame({"prompt": ["p", "q"], "response": ["a b", "z z z"]})
+    for name, frame in (("pairs", pairs), ("ref", reference)):
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+    profile = repetition_profile(pd.read_parquet(tmp_path / "pairs.parquet"))
+    # add-one over counts 0, 1, 2 and one bin beyond: (1, 4, 2, 1) / 8
+    np.testing.assert_allclose(profile.probabilities, [1 / 8, 4 / 8, 2 / 8, 1 / 8])
     reread = pd.read_parquet(tmp_path / "ref.parquet")
-    assert repeated_words_stop(reread, None) is None
-    assert repeated_words_stop(reread, 2.0) == pytest.approx(2.0 * 1.25 / 3)
+    want = 2.0 * (np.log(2) + np.log(8)) / 2
+    assert repetition_surprisal_stop(profile, reread, None) is None
+    assert repetition_surprisal_stop(profile, reread, 2.0) == pytest.approx(want)
 
     class Params:
-        ensemble_std_stop_multiple, repeated_words_stop_multiple = None, 2.0
+        ensemble_std_stop_multiple, repetition_surprisal_stop_multiple = None, 2.0
 
-    assert warning_stops(transform(), reread, Params, "rl") == {"repeated_words": pytest.approx(2.5 / 3)}
-    Params.repeated_words_stop_multiple = None
-    assert warning_stops(transform(), reread, Params, "rl") == {}
+    assert warning_stops(transform(), reread, profile, Params, "rl") == {"repetition_surprisal": pytest.approx(want)}
+    Params.repetition_surprisal_stop_multiple = None
+    assert warning_stops(transform(), reread, profile, Params, "rl") == {}
 
 
 ISSUE_KEYS = ("ppo/objective/kl", "ppo/objective/beta", "ppo/rewards/raw", "ppo/rewards/calibrated",

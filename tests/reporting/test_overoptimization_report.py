@@ -18,16 +18,16 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
     steps = np.arange(1, UPDATES + 1)
     kl = np.linspace(0.0, 40.0 if over else 4.0, UPDATES)
     gold = np.where(steps <= 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
-    repeated = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
+    surprisal = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
         mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1],
                             "eval/gold_gain_ci_low": gold[-1] - .1, "eval/gold_gain_ci_high": gold[-1] + .1})
-        for step, k, g, rep in zip(steps, kl, gold, repeated):
+        for step, k, g, rep in zip(steps, kl, gold, surprisal):
             mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
                                 "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
-                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repeated_words": rep}, step=int(step))
+                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep}, step=int(step))
 
 
 def log_best_of_n_run(mlflow, tmp_path) -> None:
@@ -73,13 +73,13 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # the seed it was chosen on and on the other; a flat entropy and a flat disagreement catch nothing
     assert "| kl | kl > 4 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |" in text
     assert "| entropy | entropy / its value at update 5 < 0.5 | 1 | 0.0 | 1 | 0.0 | 1 | 0.0 | 1 | 0.0 |" in text
-    # the repeated words' share: its lowest threshold, 1.25 times its mean over the first 5 updates (0.05), fires at
-    # update 19 (the trailing mean of 0.05 to 0.09 is 0.07; at 18 it is 0.062), by the deadline (update 21 + 6) on
-    # both seeds, never on the safe runs
-    assert ("| repeated_words | repeated_words / its value at update 5 > 1.25 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |"
-            in text)
+    # the repetition surprisal: its lowest threshold, 1.1 times its mean over the first 5 updates (0.05), fires at
+    # update 17 (the trailing mean of 0.05, 0.05, 0.05, 0.06, 0.07 is 0.056; at 16 it is 0.052), by the deadline
+    # (update 21 + 6) on both seeds, never on the safe runs
+    assert ("| repetition_surprisal | repetition_surprisal / its value at update 5 > 1.1 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 "
+            "| 1 | 0.0 |" in text)
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | 19.0 | nan |" in text
+    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan |" in text
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
     assert ("conservative ensembles delay the peak: supported (mean: does not turn, peak at n = 64 (gain 0.376; 0.376 "

@@ -30,27 +30,65 @@ import numpy as np
 
 from calibrated_rlhf.core.chat import response_text
 
-REPEATED_WORDS = "repeated_words"  # the score function's entry, logged as <stage>/rewards/repeated_words
+REPEATED_WORDS = "repeated_words"  # the score function's entries, logged as <stage>/rewards/<name>
+REPETITION_SURPRISAL = "repetition_surprisal"
+
+
+def word_counts(response: Any) -> list[int]:
+    """How often each distinct word of a response occurs in it (whitespace-separated, case-folded)."""
+    words = response_text(response).lower().split()
+    return sorted({w: words.count(w) for w in words}.values())
 
 
 def repeated_words(responses: Sequence[Any]) -> np.ndarray:
     """Each response's share of words that repeat an earlier word of the same response (0 for an empty one).
 
     Degenerate repetition is the oldest reward hack of text generation, and one a reward model cannot flag when
-    its training pairs hardly show it: every member then extrapolates the same way (the blind spot above). The
-    policy's samples show it directly, so their share of repeated words, against the reference policy's, needs
-    neither gold nor a second reward model. Words are whitespace-separated, case-folded.
+    its training pairs hardly show it: every member then extrapolates the same way (the blind spot above). But a
+    policy that says its best word twice is not yet exploiting anything: this share rises in runs that only
+    improve, so it is a diagnostic here, and :class:`RepetitionProfile` the warning.
     """
     out = np.zeros(len(responses))
     for i, response in enumerate(responses):
-        words = response_text(response).lower().split()
-        if words:
-            out[i] = 1.0 - len(set(words)) / len(words)
+        counts = word_counts(response)
+        if counts:
+            out[i] = 1.0 - len(counts) / sum(counts)
     return out
+
+
+@dataclass(frozen=True)
+class RepetitionProfile:
+    """How often the reward model's training responses repeat their most frequent word, to score how far outside
+    that support a response lies: the surprisal ``-log P(c)`` of its own most frequent word's count ``c``.
+
+    A reward model is only trustworthy where its training pairs put data; over-optimization is the policy moving to
+    where they put little. A count most training responses show (a word said twice) costs under a nat; one they
+    almost never show costs several, whatever the reward model makes of it. Add-one smoothing over the counts seen
+    plus one bin for any larger count keeps every surprisal finite, so an unseen count costs about ``log N``
+    nats for ``N`` training responses. Needs no gold and no second model: only the pairs the reward model was
+    trained on.
+    """
+
+    probabilities: tuple[float, ...]  # P(c) for c = 0 (an empty response) .. the largest seen, then any larger
+
+    @classmethod
+    def of(cls, responses: Sequence[Any]) -> RepetitionProfile:
+        top = np.array([max(word_counts(r), default=0) for r in responses], dtype=int)
+        if not len(top):
+            raise ValueError("a repetition profile needs at least one training response")
+        counts = np.bincount(top, minlength=top.max() + 2).astype(np.float64) + 1.0  # + 1: add-one smoothing
+        return cls(tuple(float(p) for p in counts / counts.sum()))
+
+    def surprisal(self, responses: Sequence[Any]) -> np.ndarray:
+        """``-log P(c)`` of each response's most frequent word's count, nats."""
+        last = len(self.probabilities) - 1
+        top = [min(max(word_counts(r), default=0), last) for r in responses]
+        return -np.log(np.asarray(self.probabilities)[top]) if top else np.zeros(0)
+
 
 def warning_reason(name: str, value: float, threshold: float) -> str:
     """Why a stop rule fired, in the words every trainer logs and a run's summary keeps."""
-    what = {"ensemble_std": "reward ensemble std", REPEATED_WORDS: "repeated words"}.get(name, name)
+    what = {"ensemble_std": "reward ensemble std", REPETITION_SURPRISAL: "repetition surprisal"}.get(name, name)
     return f"{what} {value:.3f} exceeds {name}_stop = {threshold:.3f}"
 
 

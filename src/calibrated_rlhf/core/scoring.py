@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, repeated_words
+from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, RepetitionProfile,
+                                                repeated_words)
 from calibrated_rlhf.core.ensemble import RewardEnsemble
 from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.normalization import (OPTIMIZED, NormalizationMethod, RewardStats, RewardTransform,
@@ -153,8 +154,8 @@ def gold_offset(scorer: RewardScorer, task: Gold, prompts: Sequence[Any],
 class RLScoreFn:
     """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
     under normalization ``method`` (also under its own name when computed from the batch), and, for an
-    ensemble, ``ensemble_std``; and each response's ``repeated_words`` (:func:`core.early_warning.repeated_words`),
-    a warning sign that needs no gold. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
+    ensemble, ``ensemble_std``; each response's ``repeated_words`` and, given the reward model's training
+    responses' ``profile``, its ``repetition_surprisal`` (``core.early_warning``): warning signs that need no gold. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
     function's state (``state_dict`` / ``load_state_dict``), which every checkpoint carries, so a resumed run
     continues the same rewards.
 
@@ -164,8 +165,8 @@ class RLScoreFn:
     """
 
     def __init__(self, scorer: RewardScorer, method: NormalizationMethod, task: Gold | None = None,
-                 offset: float | None = None) -> None:
-        self.scorer, self.method, self.task, self.offset = scorer, method, task, offset
+                 offset: float | None = None, profile: RepetitionProfile | None = None) -> None:
+        self.scorer, self.method, self.task, self.offset, self.profile = scorer, method, task, offset, profile
         self.clip = scorer.transform.clip if scorer.transform is not None else None
         self.normalizer = RunningNormalizer(self.clip) if method == "running_zscore" else None
 
@@ -185,6 +186,8 @@ class RLScoreFn:
         if scored.ensemble_std is not None:
             out["ensemble_std"] = scored.ensemble_std
         out[REPEATED_WORDS] = repeated_words(responses)
+        if self.profile is not None:
+            out[REPETITION_SURPRISAL] = self.profile.surprisal(responses)
         if self.method in BATCH_FORMS:
             out[OPTIMIZED[self.method]] = self._batch_form(scored)
         out["score"] = out[OPTIMIZED[self.method]]
@@ -210,9 +213,9 @@ BATCH_FORMS = ("minmax_batch", "whiten_batch", "running_zscore", "calibrated_cli
 
 
 def rl_score_fn(scorer: RewardScorer, method: NormalizationMethod, task: Gold | None = None,
-                offset: float | None = None) -> RLScoreFn:
+                offset: float | None = None, profile: RepetitionProfile | None = None) -> RLScoreFn:
     """The score function RL optimizes under ``method`` (:class:`RLScoreFn`)."""
-    return RLScoreFn(scorer, method, task, offset)
+    return RLScoreFn(scorer, method, task, offset, profile)
 
 
 def reference_statistics(scorer: RewardScorer, prompts: Sequence[Any], responses: Sequence[Any],

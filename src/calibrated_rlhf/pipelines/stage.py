@@ -11,7 +11,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibrated_rlhf.core.checkpointing import digest
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, repeated_words
+from calibrated_rlhf.core.early_warning import REPETITION_SURPRISAL, RepetitionProfile
 from calibrated_rlhf.core.gold import Gold
 from calibrated_rlhf.core.preferences import plain_frame
 from calibrated_rlhf.core.normalization import NormalizationMethod, RewardTransform
@@ -72,18 +72,27 @@ def ensemble_std_stop(transform: RewardTransform, multiple: float | None, stage:
     return multiple * reference
 
 
-def repeated_words_stop(reference_responses: pd.DataFrame, multiple: float | None) -> float | None:
-    """A trainer's absolute threshold on the sampled responses' share of repeated words, from
-    ``<stage>.repeated_words_stop_multiple`` times that share on the reference set (the reference policy's own
+def repetition_profile(train_pairs: pd.DataFrame) -> RepetitionProfile:
+    """How the reward model's training responses (both sides of its pairs) repeat words: the support the
+    repetition warning measures a policy's samples against."""
+    pairs = plain_frame(train_pairs)  # read back from Parquet: message lists arrive as numpy arrays
+    return RepetitionProfile.of([*pairs["chosen"], *pairs["rejected"]])
+
+
+def repetition_surprisal_stop(profile: RepetitionProfile, reference_responses: pd.DataFrame,
+                              multiple: float | None) -> float | None:
+    """A trainer's absolute threshold on the sampled responses' repetition surprisal, from
+    ``<stage>.repetition_surprisal_stop_multiple`` times its mean on the reference set (the reference policy's own
     samples, so a policy that writes as it did never trips it)."""
     if multiple is None:
         return None
-    return multiple * float(repeated_words(list(plain_frame(reference_responses)["response"])).mean())
+    return multiple * float(profile.surprisal(list(plain_frame(reference_responses)["response"])).mean())
 
 
-def warning_stops(transform: RewardTransform, reference_responses: pd.DataFrame, params: Any, stage: str
-                  ) -> dict[str, float]:
+def warning_stops(transform: RewardTransform, reference_responses: pd.DataFrame, profile: RepetitionProfile,
+                  params: Any, stage: str) -> dict[str, float]:
     """The gold-free stop rules a stage's params turn on, as ``{score-function entry: threshold}``."""
     stops = {"ensemble_std": ensemble_std_stop(transform, params.ensemble_std_stop_multiple, stage),
-             REPEATED_WORDS: repeated_words_stop(reference_responses, params.repeated_words_stop_multiple)}
+             REPETITION_SURPRISAL: repetition_surprisal_stop(profile, reference_responses,
+                                                             params.repetition_surprisal_stop_multiple)}
     return {name: threshold for name, threshold in stops.items() if threshold is not None}

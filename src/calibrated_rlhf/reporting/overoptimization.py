@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, Rule, best_threshold, gold_path, judge, score
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, REPETITION_SURPRISAL, Rule, best_threshold, gold_path, judge, score
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
@@ -31,10 +31,12 @@ SEED_PARAMS = {"ppo": "ppo.trainer.seed", "rloo": "rl.seed", "grpo": "rl.seed"}
 # per method: the history key of each signal (and of the gold that judges it)
 HISTORY = {
     "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
-            REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS), "proxy": keys.ppo_reward("normalized"),
+            REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS),
+            REPETITION_SURPRISAL: keys.ppo_reward(REPETITION_SURPRISAL), "proxy": keys.ppo_reward("normalized"),
             "gold": keys.ppo_reward("gold")},
     "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
-           REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS), "proxy": keys.rl_reward("normalized"),
+           REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS),
+           REPETITION_SURPRISAL: keys.rl_reward(REPETITION_SURPRISAL), "proxy": keys.rl_reward("normalized"),
            "gold": keys.RL_REWARD_GOLD},
 }
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
@@ -49,6 +51,8 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
     "ensemble_std": tuple(Rule("ensemble_std", t, relative=True, base=BASE) for t in (1.1, 1.25, 1.5, 2.0, 3.0)),
     REPEATED_WORDS: tuple(Rule(REPEATED_WORDS, t, relative=True, base=BASE)
                           for t in (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)),
+    REPETITION_SURPRISAL: tuple(Rule(REPETITION_SURPRISAL, t, relative=True, base=BASE)
+                                for t in (1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)),
     "proxy_efficiency": tuple(Rule("proxy_efficiency", t, below=True)
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
@@ -91,7 +95,7 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
     get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
            for name, key in names.items()}
     smoothed = {name: trailing_mean(get[name], window)
-                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, "proxy")}
+                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, REPETITION_SURPRISAL, "proxy")}
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,

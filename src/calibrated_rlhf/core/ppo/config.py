@@ -121,9 +121,10 @@ class PPOConfig(BaseModel):
         None, gt=0, description="Stop early when the batch mean of score_fn's 'ensemble_std' (the reward "
         "ensemble's disagreement, logged as ppo/rewards/ensemble_std) exceeds this; None = off.",
     )
-    repeated_words_stop: float | None = Field(
-        None, gt=0, description="Stop early when the batch mean of score_fn's 'repeated_words' (each response's "
-        "share of words repeating an earlier one, logged as ppo/rewards/repeated_words) exceeds this; None = off.",
+    repetition_surprisal_stop: float | None = Field(
+        None, gt=0, description="Stop early when the batch mean of score_fn's 'repetition_surprisal' (how rarely "
+        "the reward model's training responses repeat a word as often, logged as ppo/rewards/repetition_surprisal) "
+        "exceeds this; None = off.",
     )
 
     # --- speed ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from calibrated_rlhf.core import metric_keys as K
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, warning_reason
+from calibrated_rlhf.core.early_warning import REPETITION_SURPRISAL, warning_reason
 from calibrated_rlhf.core.ppo.config import PPOConfig
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -67,7 +67,8 @@ def stop_reason(metrics: Mapping[str, float], nonfinite: bool, config: PPOConfig
         return (f"KL {kl:.3f} exceeds kl_stop_multiple * kl_target = "
                 f"{config.kl_stop_multiple * config.kl_target:.3f}")
     # The gold-free warnings (docs/overoptimization.md): past them the proxy is not to be trusted.
-    for name, threshold in (("ensemble_std", config.ensemble_std_stop), (REPEATED_WORDS, config.repeated_words_stop)):
+    for name, threshold in (("ensemble_std", config.ensemble_std_stop),
+                            (REPETITION_SURPRISAL, config.repetition_surprisal_stop)):
         value = metrics.get(K.ppo_reward(name))
         if threshold is not None and value is not None and value > threshold:
             return warning_reason(name, value, threshold)

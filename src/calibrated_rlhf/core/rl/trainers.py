@@ -23,7 +23,7 @@ from calibrated_rlhf.core.checkpointing.trl_checkpoints import Checkpointing, tr
 from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, warning_reason
+from calibrated_rlhf.core.early_warning import REPEATED_WORDS, REPETITION_SURPRISAL, warning_reason
 from calibrated_rlhf.core.rl.reward import SCORE_NAME, reward_metric
 from calibrated_rlhf.core.staging import staging_dir
 
@@ -35,7 +35,7 @@ METRIC_KEYS: dict[str, str] = {
     "entropy": keys.RL_ENTROPY, "loss": keys.RL_LOSS, "grad_norm": keys.RL_GRAD_NORM, "learning_rate": keys.RL_LR,
     **{reward_metric(name): keys.rl_reward(name)
        for name in ("raw", "calibrated", "normalized", "minmax_batch", "gold", "gold_gap", "ensemble_std",
-                    REPEATED_WORDS)},
+                    REPEATED_WORDS, REPETITION_SURPRISAL)},
 }
 
 
@@ -109,7 +109,7 @@ class StopOnSignal(TrainerCallback):
 class StopOnWarning(TrainerCallback):
     """A gold-free stop rule (docs/overoptimization.md), PPO's ``<name>_stop``: end training after the update whose
     batch mean of the score function's ``name`` entry (``ensemble_std``: the reward ensemble's disagreement;
-    ``repeated_words``) exceeds ``threshold``, saving that update's checkpoint when the run checkpoints, so the
+    ``repetition_surprisal``) exceeds ``threshold``, saving that update's checkpoint when the run checkpoints, so the
     policy it fired on is kept (and published)."""
 
     def __init__(self, name: str, threshold: float) -> None:

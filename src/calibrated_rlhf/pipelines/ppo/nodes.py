@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
+from calibrated_rlhf.core.early_warning import RepetitionProfile
 from calibrated_rlhf.core.gold import Gold, load_gold
 from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
@@ -24,7 +25,7 @@ from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, warning_stops,
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile, warning_stops,
                                              stage_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ class PPOParams(CheckpointParams):
         None, gt=0, description="Reward ensembles: stop early when the members' disagreement on the sampled "
         "responses (ppo/rewards/ensemble_std) exceeds this multiple of their disagreement on the reference "
         "set (stored in the reward transform); null = off.")
-    repeated_words_stop_multiple: float | None = Field(
-        None, gt=0, description="Stop once the sampled responses' share of words repeating an earlier word of the "
-        "same response (ppo/rewards/repeated_words) exceeds this multiple of its value on the reference set: the "
+    repetition_surprisal_stop_multiple: float | None = Field(
+        None, gt=0, description="Stop once the sampled responses' repetition surprisal (how rarely the reward model's "
+        "training responses repeat a word as often, ppo/rewards/repetition_surprisal) exceeds this multiple of its "
+        "mean on the reference set: the "
         "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that batch's policy; "
         "null = off.")
 
@@ -65,10 +67,11 @@ class PPOParams(CheckpointParams):
 
 
 def make_score_fn(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: Gold | None,
-                  method: NormalizationMethod, multiplier: float, offset: float | None = None):
+                  method: NormalizationMethod, multiplier: float, offset: float | None = None,
+                  profile: RepetitionProfile | None = None):
     """The trainer's ``score_fn`` over the library's one scoring path (see ``core.scoring.rl_score_fn``)."""
     return rl_score_fn(RewardScorer(reward_model, tokenizer, transform, raw_multiplier=multiplier), method, task,
-                       offset)
+                       offset, profile)
 
 
 def gold_offset(reward_model: Any, tokenizer: Any, transform: RewardTransform, task: Gold,
@@ -108,8 +111,9 @@ def train_ppo(
     task = load_gold(synthetic_task) if synthetic_task else None
     root = Path(params.checkpoint_root)
     run_dir = checkpoint_folder(root)
+    profile = repetition_profile(train_pairs)
     config = trainer_config(params, original, method, run_dir,
-                            warning_stops(transform, reference_responses, params, "ppo"))
+                            warning_stops(transform, reference_responses, profile, params, "ppo"))
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     reference_policy = prepare_for_training(reference_policy, backbone)
@@ -119,7 +123,7 @@ def train_ppo(
     policy = reference_policy if config.lora else copy.deepcopy(reference_policy).requires_grad_(True)
     trainer = PPOTrainer(config, policy, tokenizer, distinct_prompts(train_pairs),
                          make_score_fn(reward_model, tokenizer, transform, task, method,
-                                       params.raw_reward_multiplier, offset),
+                                       params.raw_reward_multiplier, offset, profile),
                          ref_policy=None if config.lora else reference_policy,
                          fingerprint=stage_fingerprint(rm_fingerprint, transform, params, task, offset, method))
     resume = prepare_resume("ppo", "PPO", params.resume_from, root, trainer.fingerprint, run_dir,

@@ -24,7 +24,7 @@ from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, warning_stops,
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile, warning_stops,
                                              stage_fingerprint)
 from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
@@ -47,9 +47,10 @@ class RLParams(RLConfig, CheckpointParams):
         None, gt=0, description="Reward ensembles: stop once the members' disagreement on the batch's completions "
         "exceeds this multiple of their disagreement on the reference set (the over-optimization warning, "
         "docs/overoptimization.md), keeping that update's checkpoint; null = off.")
-    repeated_words_stop_multiple: float | None = Field(
-        None, gt=0, description="Stop once the sampled responses' share of words repeating an earlier word of the "
-        "same response (rl/rewards/repeated_words) exceeds this multiple of its value on the reference set: the "
+    repetition_surprisal_stop_multiple: float | None = Field(
+        None, gt=0, description="Stop once the sampled responses' repetition surprisal (how rarely the reward model's "
+        "training responses repeat a word as often, rl/rewards/repetition_surprisal) exceeds this multiple of its "
+        "mean on the reference set: the "
         "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that update's checkpoint; "
         "null = off.")
     checkpoint_root: str = Field(
@@ -77,7 +78,8 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     scorer = (served_scorer(params, original) if params.reward_url is not None
               else RewardScorer(reward_model, tokenizer, transform, raw_multiplier=params.raw_reward_multiplier))
     offset = scoring.gold_offset(scorer, task, *reference_rows(reference_responses)) if task is not None else None
-    score_fn = rl_score_fn(scorer, method, task, offset)
+    profile = repetition_profile(train_pairs)
+    score_fn = rl_score_fn(scorer, method, task, offset, profile)
     config, prompts = params.trainer_config(), distinct_prompts(train_pairs)
     checkpointing = prepare_checkpoints(params, rl_checkpoint.resume_fingerprint(
         config, reference_policy, tokenizer, prompts, stage_fingerprint(rm_fingerprint, transform, params, task, offset,
@@ -86,7 +88,7 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
     result = trainers.train(config, reference_policy, tokenizer, prompts, ScoreReward(score_fn, tokenizer),
                             reward_scale=original.scale_of(method), checkpointing=checkpointing,
-                            warning_stops=warning_stops(transform, reference_responses, params, "rl"))
+                            warning_stops=warning_stops(transform, reference_responses, profile, params, "rl"))
     if result.stop_reason is not None:
         log.warning("%s stopped early: %s", params.algorithm.upper(), result.stop_reason)
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
