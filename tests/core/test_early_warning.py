@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibrated_rlhf.core.early_warning import (RepetitionProfile, Rule, best_threshold, gold_path, judge, repeated_words, score, smooth,
-                                                warning_reason)
+from calibrated_rlhf.core.early_warning import (RepetitionProfile, Rule, best_threshold, gold_path, judge,
+                                                repeated_words, score, smooth, warning_reason)
 
 
 def test_repeated_words_is_each_responses_share_of_words_said_before_in_it():

@@ -27,7 +27,8 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
         for step, k, g, rep in zip(steps, kl, gold, surprisal):
             mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
                                 "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
-                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep}, step=int(step))
+                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep},
+                               step=int(step))
 
 
 def log_best_of_n_run(mlflow, tmp_path) -> None:

@@ -2,18 +2,24 @@
 
 A user running RL on a learned reward cannot see the gold reward; by the time a held-out human evaluation
 shows the policy got worse, the damage is done. What a user can see at every update is the policy's KL to the
-reference, its entropy, and, with a reward ensemble, how much the members disagree on the policy's samples.
-Disagreement is meant to measure what over-optimization is: the policy reaching responses the reward models'
-training pairs did not pin down, where each member extrapolates its own way (Coste et al., ICLR 2024; Eisenstein
-et al., 2023). It does so only where the members err independently: on the over-optimization task they share
-one blind spot, and their disagreement falls as the gold does (docs/overoptimization.md). KL and entropy only
-say how far the policy has moved.
+reference, its entropy, with a reward ensemble how much the members disagree on the policy's samples, and the
+samples themselves. Disagreement is meant to measure what over-optimization is: the policy reaching responses the
+reward models' training pairs did not pin down, where each member extrapolates its own way (Coste et al., ICLR
+2024; Eisenstein et al., 2023). It does so only where the members err independently: on the over-optimization
+task they share one blind spot, and their disagreement falls as the gold does (docs/overoptimization.md). KL and
+entropy only say how far the policy has moved.
+
+The blind spot is where the training pairs put little data, and that a user can measure without any reward
+model: :class:`RepetitionProfile` scores each sample by how rarely the training responses repeat a word as often
+(its surprisal under them). It is one feature; the principle, samples leaving the support of the reward model's
+data, carries to whatever features a domain's known hacks move (length, format).
 
 A rule here fires at the first update at which the series it is given crosses its threshold; relative rules
-divide by the series' value at an early update, whose samples are (nearly) the reference policy's. The report gives it trailing means
-of the logged per-update figures. The online stop rules (PPO's ``kl_stop_multiple``, ``ensemble_std_stop`` and
-``repeated_words_stop``; RLOO's and GRPO's ``StopOnWarning``) test each raw batch value against a threshold set
-from the reference set, so a threshold chosen here carries over to them approximately, not exactly.
+divide by the series' value at an early update, whose samples are (nearly) the reference policy's. The report
+gives it trailing means of the logged per-update figures. The online stop rules (PPO's ``kl_stop_multiple``,
+``ensemble_std_stop`` and ``repetition_surprisal_stop``; RLOO's and GRPO's ``StopOnWarning``) test each raw batch
+value against a threshold set from the reference set, so a threshold chosen here carries over to them
+approximately, not exactly.
 
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
 few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the

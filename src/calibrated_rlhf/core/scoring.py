@@ -155,9 +155,10 @@ class RLScoreFn:
     """``score_fn(prompts, responses)``: raw, calibrated and normalized rewards, the ``score`` RL optimizes
     under normalization ``method`` (also under its own name when computed from the batch), and, for an
     ensemble, ``ensemble_std``; each response's ``repeated_words`` and, given the reward model's training
-    responses' ``profile``, its ``repetition_surprisal`` (``core.early_warning``): warning signs that need no gold. ``running_zscore`` keeps its running moments in ``normalizer``; they are the
-    function's state (``state_dict`` / ``load_state_dict``), which every checkpoint carries, so a resumed run
-    continues the same rewards.
+    responses' ``profile``, its ``repetition_surprisal`` (``core.early_warning``): warning signs that need no
+    gold. ``running_zscore`` keeps its running moments in ``normalizer``; they are the function's state
+    (``state_dict`` / ``load_state_dict``), which every checkpoint carries, so a resumed run continues the same
+    rewards.
 
     On the synthetic task it adds ``gold`` and, given ``offset`` (:func:`gold_offset`), ``gold_gap``:
     calibrated proxy minus the true logit ``scale * gold``, relative to the reference set, so it starts

@@ -21,7 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, REPETITION_SURPRISAL, Rule, best_threshold, gold_path, judge, score
+from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, Rule, best_threshold, gold_path,
+                                                judge, score)
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table

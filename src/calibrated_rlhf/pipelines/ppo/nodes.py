@@ -25,8 +25,8 @@ from calibrated_rlhf.core.preferences import distinct_prompts, plain_frame
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile, warning_stops,
-                                             stage_fingerprint)
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile,
+                                             warning_stops, stage_fingerprint)
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from calibrated_rlhf.core.rl.reward import ScoreReward
 from calibrated_rlhf.core.scoring import RewardScorer, reward_fingerprint, rl_score_fn
 from calibrated_rlhf.pipelines.checkpoints import CheckpointParams, checkpoint_folder, prepare_resume
 from calibrated_rlhf.pipelines.metrics import as_history, as_metrics
-from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile, warning_stops,
-                                             stage_fingerprint)
+from calibrated_rlhf.pipelines.stage import (EvaluationParams, check_transform_matches, repetition_profile,
+                                             warning_stops, stage_fingerprint)
 from calibrated_rlhf.serving.clients import RemoteScorer, RewardClient
 
 log = logging.getLogger(__name__)
