@@ -79,6 +79,9 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # (update 21 + 6) on both seeds, never on the safe runs
     assert ("| repetition_surprisal | repetition_surprisal / its value at update 5 > 1.1 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 "
             "| 1 | 0.0 |" in text)
+    # every threshold over all four runs: 5x its start (0.25) comes after the deadline on both over-optimizing runs
+    assert "| repetition_surprisal / its value at update 5 > 1.1 | 2 | 2 | 2 | 2 | 0 |" in text
+    assert "| repetition_surprisal / its value at update 5 > 5 | 2 | 0 | 2 | 2 | 0 |" in text
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
     assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan |" in text
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
