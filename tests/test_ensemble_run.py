@@ -134,13 +134,15 @@ def test_a_stop_rule_ends_the_run_where_it_fires_and_keeps_that_update(finished,
                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
         ended[multiple] = (run.data.metrics["eval/stopped_early"], run.data.metrics["eval/updates"], out)
         folder = project / "data" / "06_models" / f"{stage}_checkpoints" / run.info.run_id
-        ended[multiple] += ([int(p.name.split("_")[1]) for p in list_checkpoints(folder)],)
-    stopped, updates_run, out, saved = ended[1e-3]
+        ended[multiple] += ([int(p.name.split("_")[1]) for p in list_checkpoints(folder)],
+                            len(client.get_metric_history(run.info.run_id, f"{stage}/rewards/{rule}")))
+    stopped, updates_run, out, saved, _ = ended[1e-3]
     fired = {"ppo": 0, "rl": 1}[stage]
     assert (stopped, updates_run, saved) == (1.0, float(fired), [fired])
     assert says in out and f"exceeds {rule}_stop" in out
-    stopped, updates_run, _, saved = ended[1e3]
+    stopped, updates_run, _, saved, logged = ended[1e3]
     assert (stopped, updates_run, saved) == (0.0, float(updates), [updates])
+    assert logged == updates  # the signal reaches the run's MLflow history, one point per update
 
 
 def test_best_of_n_ranks_the_pool_by_every_member_and_aggregation(finished):

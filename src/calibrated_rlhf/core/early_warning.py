@@ -28,6 +28,7 @@ peak plus ``late_fraction`` of the run; on a run that does not over-optimize, an
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,7 @@ REPETITION_SURPRISAL = "repetition_surprisal"
 
 def word_counts(response: Any) -> list[int]:
     """How often each distinct word of a response occurs in it (whitespace-separated, case-folded)."""
-    words = response_text(response).lower().split()
-    return sorted({w: words.count(w) for w in words}.values())
+    return sorted(Counter(response_text(response).lower().split()).values())
 
 
 def repeated_words(responses: Sequence[Any]) -> np.ndarray:

@@ -53,9 +53,8 @@ class PPOParams(CheckpointParams):
     repetition_surprisal_stop_multiple: float | None = Field(
         None, gt=0, description="Stop once the sampled responses' repetition surprisal (how rarely the reward model's "
         "training responses repeat a word as often, ppo/rewards/repetition_surprisal) exceeds this multiple of its "
-        "mean on the reference set: the "
-        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that batch's policy; "
-        "null = off.")
+        "mean on the reference set: the over-optimization warning that needs no gold (docs/overoptimization.md), "
+        "keeping that batch's policy; null = off.")
 
     @model_validator(mode="after")
     def _checkpoints_are_the_stages(self) -> "PPOParams":

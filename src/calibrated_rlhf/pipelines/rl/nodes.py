@@ -50,9 +50,8 @@ class RLParams(RLConfig, CheckpointParams):
     repetition_surprisal_stop_multiple: float | None = Field(
         None, gt=0, description="Stop once the sampled responses' repetition surprisal (how rarely the reward model's "
         "training responses repeat a word as often, rl/rewards/repetition_surprisal) exceeds this multiple of its "
-        "mean on the reference set: the "
-        "over-optimization warning that needs no gold (docs/overoptimization.md), keeping that update's checkpoint; "
-        "null = off.")
+        "mean on the reference set: the over-optimization warning that needs no gold (docs/overoptimization.md), "
+        "keeping that update's checkpoint; null = off.")
     checkpoint_root: str = Field(
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
