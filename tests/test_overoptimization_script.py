@@ -47,7 +47,7 @@ def test_each_sizes_dag_runs_alone_before_its_runs_then_they_go_two_at_once(tmp_
     assert len(dags) == 3  # 9600, 600, then the large reward models at 2400
     assert "n_pairs=2400" in lines[dags[2]] and "reward_model.size.num_hidden_layers=4" in lines[dags[2]]
     assert all(lines[i].split()[1] == "unset" for i in dags)  # the DAG keeps torch's threads
-    threads = str(max(1, os.cpu_count() // 2))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))  # as nproc counts the cores
     queued = [i for i in starts(lines, "kedro run") if i not in dags]
     assert queued and all(lines[i].split()[1] == threads for i in queued)
     for dag, next_dag in zip(dags, dags[1:] + [len(lines)]):  # after its DAG ended, before the next DAG
