@@ -24,14 +24,18 @@ large_rm=${LARGE_RM:-$large,reward_model.size.intermediate_size=512,reward_model
 out=${OUT:-docs/results/overoptimization}
 python=${PYTHON:-python}
 jobs=${JOBS:-2}
+scale_at=${SCALE:-first}
+# refused before any run: a typo would otherwise cost an hour of runs without what was asked for
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "JOBS must be a positive integer, got '$jobs'" >&2; exit 2; }
+[[ "$scale_at" =~ ^(first|all|0)$ ]] || { echo "SCALE must be first, all or 0, got '$scale_at'" >&2; exit 2; }
 threads=$(( $(nproc) / jobs > 0 ? $(nproc) / jobs : 1 ))
 queue=$(mktemp)
 trap 'rm -f "$queue"' EXIT
 
-kedro() { "$python" -m kedro run --env overoptimization "$@"; }
+kedro=("$python" -m kedro run --env overoptimization)
 enqueue() { echo "--pipelines $1 --params $2" >> "$queue"; }  # no spaces inside: xargs splits on them
 drain() {  # the queued runs, JOBS at once; fails once they are done if any failed
-  OMP_NUM_THREADS=$threads xargs -P "$jobs" -L 1 "$python" -m kedro run --env overoptimization < "$queue"
+  OMP_NUM_THREADS=$threads xargs -P "$jobs" -L 1 "${kedro[@]}" < "$queue"
   : > "$queue"
 }
 
@@ -41,7 +45,7 @@ size_runs() {
   local tag="scenario=overoptimization_rm$1${2:+_$2}"
   # the DAG first: every later run of this size loads its reward models, transform and reference (the latest
   # completed ones), so the queued runs may overlap each other but not it
-  kedro --pipelines data_prep,reward_model,calibration,policy_init,normalization \
+  "${kedro[@]}" --pipelines data_prep,reward_model,calibration,policy_init,normalization \
     --params "data_prep.source.synthetic.n_pairs=$1,$tag${3:+,$3}"
   enqueue best_of_n "$tag"
   if [ "$4" = 1 ]; then  # at a fixed beta: the settled beta * target of PPO's controller, 0.2, at target 4
@@ -68,7 +72,7 @@ if [ "$large_size" != 0 ]; then labels+=("${large_size}_large"); fi
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
   for i in "${!sizes[@]}"; do
     scale=0
-    if [ "${SCALE:-first}" = all ] || { [ "${SCALE:-first}" = first ] && [ "$i" = 0 ]; }; then scale=1; fi
+    if [ "$scale_at" = all ] || { [ "$scale_at" = first ] && [ "$i" = 0 ]; }; then scale=1; fi
     size_runs "${sizes[$i]}" "" "" "$scale"
   done
   if [ "$large_size" != 0 ]; then size_runs "$large_size" large "$large_rm" 0; fi

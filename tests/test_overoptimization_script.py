@@ -74,3 +74,10 @@ def test_a_failed_run_fails_the_script_before_the_next_size_and_the_report(tmp_p
     assert len(starts(lines, "--pipelines data_prep,reward_model")) == 1
     assert not starts(lines, "calibrated_rlhf.reporting.overoptimization")
     assert len(starts(lines, "kedro run")) == 9  # the first size's DAG and its eight queued runs all ran
+
+
+def test_a_mistyped_setting_is_refused_before_any_run(tmp_path):
+    for setting, value in (("SCALE", "1"), ("JOBS", "0"), ("JOBS", "two")):
+        proc, lines = run_script(tmp_path, **{setting: value})
+        assert proc.returncode == 2 and f"{setting} must be" in proc.stderr and f"'{value}'" in proc.stderr
+        assert lines == []
