@@ -102,23 +102,39 @@ def warning_reason(name: str, value: float, threshold: float) -> str:
 class Rule:
     """Fire when ``signal`` (relative to its value at update ``base`` if ``relative``) goes above ``threshold``, or
     below it when ``below``. A relative rule cannot fire before its base: a trailing mean's value at update ``base``
-    averages the first ``base + 1`` batches, a steadier yardstick than the first batch alone."""
+    averages the first ``base + 1`` batches, a steadier yardstick than the first batch alone.
+
+    A ``drawdown`` rule fires when the signal falls more than ``threshold`` below its highest value so far, from
+    update ``base`` on: a fall, not a level, is what a gain that has turned shows, whatever level it turned at."""
 
     signal: str
     threshold: float
     relative: bool = False
     below: bool = False
     base: int = 0
+    drawdown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.drawdown and (self.relative or self.below):
+            raise ValueError(f"rule on {self.signal}: a drawdown is measured in the signal's own units from its "
+                             "maximum, so it is neither relative nor below")
 
     def describe(self) -> str:
+        if self.drawdown:
+            return f"{self.signal} more than {self.threshold:g} below its maximum so far"
         where = "its first value" if self.base == 0 else f"its value at update {self.base + 1}"
         value = f"{self.signal} / {where}" if self.relative else self.signal
         return f"{value} {'<' if self.below else '>'} {self.threshold:g}"
 
     def fires_at(self, values: Sequence[float]) -> int | None:
         """Index of the first update at which the rule fires, or None. Non-finite values never fire: a missing
-        measurement is not evidence."""
+        measurement is not evidence (nor is it a maximum)."""
         x = np.asarray(values, dtype=np.float64)
+        if self.drawdown:
+            peak = np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf)) if len(x) else x
+            with np.errstate(invalid="ignore"):
+                hits = np.flatnonzero((x < peak - self.threshold) & (np.arange(len(x)) >= self.base))
+            return int(hits[0]) if len(hits) else None
         start = 0
         if self.relative:
             if len(x) <= self.base or not np.isfinite(x[self.base]) or x[self.base] <= 0:
