@@ -82,8 +82,10 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # every threshold over all four runs: 5x its start (0.25) comes after the deadline on both over-optimizing runs
     assert "| repetition_surprisal / its value at update 5 > 1.1 | 2 | 2 | 2 | 2 | 0 |" in text
     assert "| repetition_surprisal / its value at update 5 > 5 | 2 | 0 | 2 | 2 | 0 |" in text
+    # the gold itself, the ceiling: its trailing mean falls 0.02 below its maximum at update 25, by the deadline
+    assert "| gold | gold more than 0.02 below its maximum so far | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |" in text
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan |" in text
+    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 25.0 |" in text
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
     assert ("conservative ensembles delay the peak: supported (mean: does not turn, peak at n = 64 (gain 0.376; 0.376 "
@@ -111,6 +113,24 @@ def test_a_size_can_come_from_another_store(tmp_path):
         mlflow.set_tracking_uri(previous)
     text = (tmp_path / "out" / "README.md").read_text()
     assert "| 100 | ppo | 64.0 | 0 | 60 | 21 |" in text and "## 7 preference pairs, large reward models" in text
+
+
+def test_the_deadline_table_chooses_and_scores_each_deadline_on_its_own():
+    """KL jumps 12 updates after the gold's peak, 20% of a 60-update run: late by the peak + 10%, in time by 25%."""
+    steps = np.arange(UPDATES)
+    hump = np.where(steps < 20, steps / 20, 1.0 - (steps - 20) / 40)
+    runs = []
+    for seed in (0, 1):
+        for over in (True, False):
+            signals = {family: np.full(UPDATES, np.nan) for family in report.GRIDS}
+            signals["kl"] = np.where(over & (steps >= 32), 40.0, 1.0)
+            gold = hump if over else steps / UPDATES
+            runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", 64.0, seed, signals, gold))
+    table = report.deadline_table(runs, deadlines=(0.10, 0.25))
+    kl = table.set_index("signal").loc["kl"]
+    assert kl["by the peak + 10%"] == "0 of 1, 0 of 1" and kl["by the peak + 25%"] == "1 of 1, 0 of 1"
+    # a signal never measured fires on nothing: caught none, alarmed none, at every deadline
+    assert table.set_index("signal").loc["entropy", "by the peak + 25%"] == "0 of 1, 0 of 1"
 
 
 def test_trailing_mean_uses_only_past_updates_and_skips_gaps():

@@ -43,6 +43,7 @@ HISTORY = {
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
 # every reward model, so one threshold can serve them all.
+GOLD_CEILING = "gold"
 WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 BASE = WINDOW - 1  # relative rules divide by the mean of the first WINDOW updates
 GRIDS: dict[str, tuple[Rule, ...]] = {
@@ -58,7 +59,12 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
                            for t in (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)),
+    # Not a warning: the gold itself, read as the run goes, is what no user has. Its best rule is the ceiling for
+    # any rule that reads a run online under the same judgement, whatever its signal.
+    GOLD_CEILING: tuple(Rule(GOLD_CEILING, t, drawdown=True, base=BASE)
+                        for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
 }
+DEADLINES = (0.10, 0.25, 0.50, 1.00)  # late fractions the deadline table scores; 1.0: fired at all before the end
 EFFICIENCY_MIN_KL = 1.0
 MIN_KL_RISE = 2.0
 MAX_FALSE_ALARMS = 0.10
@@ -102,6 +108,7 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
                                                 smoothed["proxy"] / np.sqrt(smoothed["kl"]), np.nan)
     smoothed["proxy_per_nat"] = marginal_proxy_per_nat(smoothed["proxy"], smoothed["kl"], 2 * window)
+    smoothed[GOLD_CEILING] = trailing_mean(get["gold"], window)
     return smoothed, get["gold"]
 
 
@@ -118,19 +125,20 @@ def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_r
     return out
 
 
-def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> tuple[pd.DataFrame, dict[str, Rule]]:
-    """Per signal: the threshold chosen on the runs of ``fit_seed`` (most caught with at most
-    :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the others; and the chosen
-    rules (a signal with no threshold that quiet has none)."""
+def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0, late_fraction: float = LATE_FRACTION
+                  ) -> tuple[pd.DataFrame, dict[str, Rule]]:
+    """Per signal: the threshold chosen on the runs of ``fit_seed`` (most caught by the peak plus ``late_fraction``
+    of the run, with at most :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the
+    others; and the chosen rules (a signal with no threshold that quiet has none)."""
     rows, chosen = [], {}
     fit = [r for r in runs if r.seed == fit_seed]
     held = [r for r in runs if r.seed != fit_seed]
     for family, grid in GRIDS.items():
-        best = best_threshold([score(rule, [judge(rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
+        best = best_threshold([score(rule, [judge(rule, r.signals[family], gold_path(r.gold), late_fraction)
                                             for r in fit]) for rule in grid], MAX_FALSE_ALARMS)
         row = {"signal": family, "rule": best.rule.describe() if best else "none quiet enough"}
         for name, subset in (("fit", fit), ("held_out", held)):
-            s = score(best.rule, [judge(best.rule, r.signals[family], gold_path(r.gold), LATE_FRACTION)
+            s = score(best.rule, [judge(best.rule, r.signals[family], gold_path(r.gold), late_fraction)
                                   for r in subset]) if best else None
             row.update({f"{name}_over": s.n_over if s else math.nan, f"{name}_caught": s.caught if s else math.nan,
                         f"{name}_safe": s.n_safe if s else math.nan,
@@ -139,6 +147,20 @@ def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> tuple[pd.Dat
         if best:
             chosen[family] = best.rule
     return pd.DataFrame(rows), chosen
+
+
+def deadline_table(runs: Sequence[RunSignals], deadlines: Sequence[float] = DEADLINES) -> pd.DataFrame:
+    """Per signal and deadline (the peak plus that fraction of the run): the held-out runs caught and the safe ones
+    alarmed, by the threshold chosen on seed 0 for that deadline (:func:`warning_table`); "-" where none is quiet
+    enough. Whether a later deadline lets a signal meet the target says if the signal or the deadline is short."""
+    cells: dict[str, dict[str, str]] = {family: {"signal": family} for family in GRIDS}
+    for late in deadlines:
+        table, _ = warning_table(runs, late_fraction=late)
+        for row in table.itertuples():
+            cells[row.signal][f"by the peak + {late:.0%}"] = "-" if math.isnan(row.held_out_caught) else (
+                f"{round(row.held_out_caught * row.held_out_over)} of {int(row.held_out_over)}, "
+                f"{round(row.held_out_false_alarms * row.held_out_safe)} of {int(row.held_out_safe)}")
+    return pd.DataFrame(list(cells.values()))
 
 
 def grid_table(runs: Sequence[RunSignals], families: Sequence[str] = (REPETITION_SURPRISAL, REPEATED_WORDS)
@@ -491,7 +513,11 @@ def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
             f"over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the held-out columns "
             "score that threshold on the other seeds. A run over-optimizes when its gold, smoothed over 5 updates, "
             f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "
-            "of the run.", "", markdown_table(table.round(3)), "",
+            f"of the run. The row `{GOLD_CEILING}` is not a warning: it reads the gold itself as the run goes (a fall "
+            "from its maximum so far), the ceiling for any rule read online under this judgement.", "",
+            markdown_table(table.round(3)), "",
+            "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
+            markdown_table(deadline_table(runs)), "",
             "Each threshold of the signals read off the samples, over all runs (runs caught in time, fired on at all, "
             "safe runs alarmed):", "", markdown_table(grid_table(runs)), "",
             markdown_table(run_table(runs, chosen).round(3)), ""]
