@@ -23,7 +23,9 @@ approximately, not exactly.
 
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
 few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the
-peak plus ``late_fraction`` of the run; on a run that does not over-optimize, any firing is a *false alarm*.
+peak plus ``late_fraction`` of the run; on a run that does not over-optimize, any firing is a *false alarm*. A
+drawdown rule on the gold itself is no warning, but it bounds what any rule read online can score under this
+judgement: a turn smaller than a batch's noise cannot be seen by the deadline even in the gold.
 """
 
 from __future__ import annotations
