@@ -59,8 +59,8 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
                            for t in (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)),
-    # Not a warning: the gold itself, read as the run goes, is what no user has. Its best rule is the ceiling for
-    # any rule that reads a run online under the same judgement, whatever its signal.
+    # Not a warning: the gold itself, read as the run goes, is what no user has. Its best rule bounds what the
+    # rules above can score online under the same judgement: a turn the gold cannot show in time, they cannot.
     GOLD_CEILING: tuple(Rule(GOLD_CEILING, t, drawdown=True, base=BASE)
                         for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
 }
@@ -514,7 +514,7 @@ def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
             "score that threshold on the other seeds. A run over-optimizes when its gold, smoothed over 5 updates, "
             f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "
             f"of the run. The row `{GOLD_CEILING}` is not a warning: it reads the gold itself as the run goes (a fall "
-            "from its maximum so far), the ceiling for any rule read online under this judgement.", "",
+            "from its maximum so far), a ceiling for the rules above.", "",
             markdown_table(table.round(3)), "",
             "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
             markdown_table(deadline_table(runs)), "",
