@@ -131,6 +131,10 @@ def test_the_deadline_table_chooses_and_scores_each_deadline_on_its_own():
     assert kl["by the peak + 10%"] == "0 of 1, 0 of 1" and kl["by the peak + 25%"] == "1 of 1, 0 of 1"
     # a signal never measured fires on nothing: caught none, alarmed none, at every deadline
     assert table.set_index("signal").loc["entropy", "by the peak + 25%"] == "0 of 1, 0 of 1"
+    # held-out runs that are all over-optimizing: no safe run to alarm, counted as none of none
+    only_over = [r for r in runs if r.seed == 0 or r.gold is hump]
+    assert report.deadline_table(only_over, deadlines=(0.25,)).set_index("signal").loc[
+        "kl", "by the peak + 25%"] == "1 of 1, 0 of 0"
 
 
 def test_trailing_mean_uses_only_past_updates_and_skips_gaps():

@@ -43,9 +43,9 @@ HISTORY = {
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
 # every reward model, so one threshold can serve them all.
-GOLD_CEILING = "gold"
 WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 BASE = WINDOW - 1  # relative rules divide by the mean of the first WINDOW updates
+GOLD_CEILING = "gold"  # the gold's own trailing mean, scored as a rule is: no warning, a ceiling
 GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
     "entropy": tuple(Rule("entropy", t, relative=True, below=True, base=BASE)
@@ -153,13 +153,16 @@ def deadline_table(runs: Sequence[RunSignals], deadlines: Sequence[float] = DEAD
     """Per signal and deadline (the peak plus that fraction of the run): the held-out runs caught and the safe ones
     alarmed, by the threshold chosen on seed 0 for that deadline (:func:`warning_table`); "-" where none is quiet
     enough. Whether a later deadline lets a signal meet the target says if the signal or the deadline is short."""
+    def count(share: float, n: float) -> int:
+        return round(share * n) if n else 0  # a share of no runs is NaN, and so many runs none
+
     cells: dict[str, dict[str, str]] = {family: {"signal": family} for family in GRIDS}
     for late in deadlines:
-        table, _ = warning_table(runs, late_fraction=late)
+        table, chosen = warning_table(runs, late_fraction=late)
         for row in table.itertuples():
-            cells[row.signal][f"by the peak + {late:.0%}"] = "-" if math.isnan(row.held_out_caught) else (
-                f"{round(row.held_out_caught * row.held_out_over)} of {int(row.held_out_over)}, "
-                f"{round(row.held_out_false_alarms * row.held_out_safe)} of {int(row.held_out_safe)}")
+            cells[row.signal][f"by the peak + {late:.0%}"] = "-" if row.signal not in chosen else (
+                f"{count(row.held_out_caught, row.held_out_over)} of {int(row.held_out_over)}, "
+                f"{count(row.held_out_false_alarms, row.held_out_safe)} of {int(row.held_out_safe)}")
     return pd.DataFrame(list(cells.values()))
 
 
