@@ -19,16 +19,17 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
     kl = np.linspace(0.0, 40.0 if over else 4.0, UPDATES)
     gold = np.where(steps <= 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
     surprisal = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
+    length = 6.0 + (0.5 * np.maximum(steps - 20, 0) if over else 0.0 * steps)  # and, after the turn, length
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
         mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1],
                             "eval/gold_gain_ci_low": gold[-1] - .1, "eval/gold_gain_ci_high": gold[-1] + .1})
-        for step, k, g, rep in zip(steps, kl, gold, surprisal):
+        for step, k, g, rep, n in zip(steps, kl, gold, surprisal, length):
             mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
                                 "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
-                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep},
-                               step=int(step))
+                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep,
+                                "ppo/rollout/response_length": n}, step=int(step))
 
 
 def log_best_of_n_run(mlflow, tmp_path) -> None:
@@ -82,10 +83,14 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # every threshold over all four runs: 5x its start (0.25) comes after the deadline on both over-optimizing runs
     assert "| repetition_surprisal / its value at update 5 > 1.1 | 2 | 2 | 2 | 2 | 0 |" in text
     assert "| repetition_surprisal / its value at update 5 > 5 | 2 | 0 | 2 | 2 | 0 |" in text
+    # the response length: its mean over updates 20-24 (7.0) is the first above 1.1 times its start (6.6), in time
+    assert ("| response_length | response_length / its value at update 5 > 1.1 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 "
+            "| 0.0 |" in text)
     # the gold itself, the ceiling: its trailing mean falls 0.02 below its maximum at update 25, by the deadline
     assert "| gold | gold more than 0.02 below its maximum so far | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |" in text
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert "| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 25.0 |" in text
+    assert ("| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 24.0 "
+            "| 25.0 |" in text)
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
     assert ("conservative ensembles delay the peak: supported (mean: does not turn, peak at n = 64 (gain 0.376; 0.376 "

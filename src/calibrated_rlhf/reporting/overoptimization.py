@@ -34,11 +34,11 @@ HISTORY = {
     "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
             REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS),
             REPETITION_SURPRISAL: keys.ppo_reward(REPETITION_SURPRISAL), "proxy": keys.ppo_reward("normalized"),
-            "gold": keys.ppo_reward("gold")},
+            "response_length": keys.PPO_RESPONSE_LENGTH, "gold": keys.ppo_reward("gold")},
     "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
            REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS),
            REPETITION_SURPRISAL: keys.rl_reward(REPETITION_SURPRISAL), "proxy": keys.rl_reward("normalized"),
-           "gold": keys.RL_REWARD_GOLD},
+           "response_length": keys.RL_RESPONSE_LENGTH, "gold": keys.RL_REWARD_GOLD},
 }
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
@@ -61,6 +61,9 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
                            for t in (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)),
     # Not a warning: the gold itself, read as the run goes, is what no user has. Its best rule bounds what the
     # rules above can score online under the same judgement: a turn the gold cannot show in time, they cannot.
+    # the sampled responses' mean length in tokens: the best-known drift of RLHF policies (Singhal et al., 2023)
+    "response_length": tuple(Rule("response_length", t, relative=True, base=BASE)
+                             for t in (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)),
     GOLD_CEILING: tuple(Rule(GOLD_CEILING, t, drawdown=True, base=BASE)
                         for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
 }
@@ -102,7 +105,8 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
     get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
            for name, key in names.items()}
     smoothed = {name: trailing_mean(get[name], window)
-                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, REPETITION_SURPRISAL, "proxy")}
+                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, REPETITION_SURPRISAL, "proxy",
+                             "response_length")}
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
