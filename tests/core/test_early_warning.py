@@ -52,15 +52,18 @@ def test_rules_fire_at_the_first_crossing_above_below_and_relative():
 
 def test_a_drawdown_rule_fires_on_a_fall_from_the_maximum_so_far_not_on_a_level():
     fall = Rule("gold", 0.2, drawdown=True)
-    # a fall of 0.25 from a peak of 0.3 fires; one of 0.15 from the first peak does not
+    # a fall of 0.15 from the first peak does not fire; one of 0.25 from the second does
     assert fall.fires_at([0.0, 0.3, 0.15, 0.6, 0.5, 0.35]) == 5
     # the level is no evidence: a series that only rises never fires, however low it starts
     assert fall.fires_at([-3.0, -2.5, -2.0]) is None and fall.fires_at([]) is None
     # a missing measurement is neither a fall nor a maximum
-    assert fall.fires_at([0.5, math.nan, 0.2]) == 2 and fall.fires_at([math.nan, 0.5, 0.4]) is None
-    # before its base a fall is not read (the first batches' noise), though their maximum counts
+    assert fall.fires_at([0.5, math.nan, 0.2]) == 2 and fall.fires_at([math.nan, 0.5, 0.2]) == 2
+    assert fall.fires_at([0.5, -math.inf, 0.4]) is None
+    # before its base nothing is read, neither a fall nor a maximum (the first batches' noise)
     late = Rule("gold", 0.2, drawdown=True, base=3)
-    assert late.fires_at([1.0, 0.5, 0.5, 0.7, 0.9]) == 3 and late.fires_at([1.0, 0.5, 0.9]) is None
+    assert late.fires_at([1.0, 0.5, 0.5, 0.7, 0.9]) is None and late.fires_at([1.0, 0.5, 0.9]) is None
+    assert late.fires_at([0.0, 0.0, 0.0, 0.7, 0.9, 0.6]) == 5
+    assert late.describe() == "gold more than 0.2 below its maximum since update 4"
     assert fall.describe() == "gold more than 0.2 below its maximum so far"
     with pytest.raises(ValueError, match="neither relative nor below"):
         Rule("gold", 0.2, drawdown=True, relative=True)

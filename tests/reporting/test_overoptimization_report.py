@@ -19,7 +19,7 @@ def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
     kl = np.linspace(0.0, 40.0 if over else 4.0, UPDATES)
     gold = np.where(steps <= 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
     surprisal = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
-    length = 6.0 + (0.5 * np.maximum(steps - 20, 0) if over else 0.0 * steps)  # and, after the turn, length
+    length = 6.0 + (0.6 * np.maximum(steps - 20, 0) if over else 0.0 * steps)  # and, after the turn, length
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
@@ -83,13 +83,14 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # every threshold over all four runs: 5x its start (0.25) comes after the deadline on both over-optimizing runs
     assert "| repetition_surprisal / its value at update 5 > 1.1 | 2 | 2 | 2 | 2 | 0 |" in text
     assert "| repetition_surprisal / its value at update 5 > 5 | 2 | 0 | 2 | 2 | 0 |" in text
-    # the response length: its mean over updates 20-24 (7.0) is the first above 1.1 times its start (6.6), in time
+    # the response length: its mean over updates 19-23 (6.72) is the first above 1.1 times its start (6.6), in time
     assert ("| response_length | response_length / its value at update 5 > 1.1 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 "
             "| 0.0 |" in text)
-    # the gold itself, the ceiling: its trailing mean falls 0.02 below its maximum at update 25, by the deadline
-    assert "| gold | gold more than 0.02 below its maximum so far | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |" in text
+    # the gold itself, the yardstick: its trailing mean falls 0.02 below its maximum at update 25, by the deadline
+    assert ("| gold | gold more than 0.02 below its maximum since update 5 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |"
+            in text)
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert ("| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 24.0 "
+    assert ("| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 23.0 "
             "| 25.0 |" in text)
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
@@ -131,15 +132,29 @@ def test_the_deadline_table_chooses_and_scores_each_deadline_on_its_own():
             signals["kl"] = np.where(over & (steps >= 32), 40.0, 1.0)
             gold = hump if over else steps / UPDATES
             runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", 64.0, seed, signals, gold))
-    table = report.deadline_table(runs, deadlines=(0.10, 0.25))
+    table = report.deadline_table(runs, late_fractions=(0.10, 0.25))
     kl = table.set_index("signal").loc["kl"]
     assert kl["by the peak + 10%"] == "0 of 1, 0 of 1" and kl["by the peak + 25%"] == "1 of 1, 0 of 1"
     # a signal never measured fires on nothing: caught none, alarmed none, at every deadline
     assert table.set_index("signal").loc["entropy", "by the peak + 25%"] == "0 of 1, 0 of 1"
     # held-out runs that are all over-optimizing: no safe run to alarm, counted as none of none
     only_over = [r for r in runs if r.seed == 0 or r.gold is hump]
-    assert report.deadline_table(only_over, deadlines=(0.25,)).set_index("signal").loc[
+    assert report.deadline_table(only_over, late_fractions=(0.25,)).set_index("signal").loc[
         "kl", "by the peak + 25%"] == "1 of 1, 0 of 0"
+
+
+def test_an_rl_history_gives_the_same_signals_under_its_own_keys():
+    """RLOO's and GRPO's histories log under rl/...: the response length and the gold reach the rules as PPO's do."""
+    steps = np.arange(1, 11)
+    history = pd.DataFrame([{"key": key, "step": int(s), "value": float(v)}
+                            for key, values in {"rl/rollout/response_length": 6.0 + steps,
+                                                "rl/rewards/gold": 0.1 * steps}.items()
+                            for s, v in zip(steps, values)])
+    signals, gold = report.run_signals(history, "rloo")
+    np.testing.assert_allclose(gold, 0.1 * steps)
+    np.testing.assert_allclose(signals["response_length"][-1], np.mean(6.0 + steps[-5:]))
+    np.testing.assert_allclose(signals[report.GOLD][-1], np.mean(0.1 * steps[-5:]))
+    assert np.isnan(signals["kl"]).all()  # not logged: no evidence, never fires
 
 
 def test_trailing_mean_uses_only_past_updates_and_skips_gaps():

@@ -24,8 +24,8 @@ approximately, not exactly.
 The judgement needs the gold (the synthetic task's): a run *over-optimizes* when its gold, smoothed over a
 few updates, ends ``min_drop`` or more below its peak. A warning *catches* it when it fires no later than the
 peak plus ``late_fraction`` of the run; on a run that does not over-optimize, any firing is a *false alarm*. A
-drawdown rule on the gold itself is no warning, but it bounds what any rule read online can score under this
-judgement: a turn smaller than a batch's noise cannot be seen by the deadline even in the gold.
+drawdown rule on the gold itself is no warning but a yardstick for the rest: a turn that is still inside a batch's
+noise at the deadline cannot be seen then even in the gold.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ class Rule:
     below it when ``below``. A relative rule cannot fire before its base: a trailing mean's value at update ``base``
     averages the first ``base + 1`` batches, a steadier yardstick than the first batch alone.
 
-    A ``drawdown`` rule fires when the signal falls more than ``threshold`` below its highest value so far, from
-    update ``base`` on: a fall, not a level, is what a gain that has turned shows, whatever level it turned at."""
+    A ``drawdown`` rule fires when the signal falls more than ``threshold`` below its highest value since update
+    ``base`` (updates before it are not read): a fall, not a level, is what a gain that has turned shows, whatever
+    level it turned at."""
 
     signal: str
     threshold: float
@@ -123,7 +124,8 @@ class Rule:
 
     def describe(self) -> str:
         if self.drawdown:
-            return f"{self.signal} more than {self.threshold:g} below its maximum so far"
+            since = "so far" if self.base == 0 else f"since update {self.base + 1}"
+            return f"{self.signal} more than {self.threshold:g} below its maximum {since}"
         where = "its first value" if self.base == 0 else f"its value at update {self.base + 1}"
         value = f"{self.signal} / {where}" if self.relative else self.signal
         return f"{value} {'<' if self.below else '>'} {self.threshold:g}"
@@ -133,10 +135,12 @@ class Rule:
         measurement is not evidence (nor is it a maximum)."""
         x = np.asarray(values, dtype=np.float64)
         if self.drawdown:
-            peak = np.maximum.accumulate(np.where(np.isfinite(x), x, -np.inf)) if len(x) else x
-            with np.errstate(invalid="ignore"):
-                hits = np.flatnonzero((x < peak - self.threshold) & (np.arange(len(x)) >= self.base))
-            return int(hits[0]) if len(hits) else None
+            # the first updates' trailing means average fewer batches: as a maximum they would be noise to fall from
+            x = x[self.base:]
+            finite = np.isfinite(x)
+            peak = np.maximum.accumulate(np.where(finite, x, -np.inf))
+            hits = np.flatnonzero(finite & (np.where(finite, x, 0.0) < peak - self.threshold))
+            return int(hits[0]) + self.base if len(hits) else None
         start = 0
         if self.relative:
             if len(x) <= self.base or not np.isfinite(x[self.base]) or x[self.base] <= 0:

@@ -45,7 +45,7 @@ HISTORY = {
 # every reward model, so one threshold can serve them all.
 WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 BASE = WINDOW - 1  # relative rules divide by the mean of the first WINDOW updates
-GOLD_CEILING = "gold"  # the gold's own trailing mean, scored as a rule is: no warning, a ceiling
+GOLD = "gold"  # the gold's own trailing mean, scored as the signals are: no warning, a yardstick for them
 GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
     "entropy": tuple(Rule("entropy", t, relative=True, below=True, base=BASE)
@@ -59,15 +59,14 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
                               for t in np.round(np.arange(0.30, 0.80, 0.025), 3)),
     "proxy_per_nat": tuple(Rule("proxy_per_nat", t, below=True)
                            for t in (0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)),
-    # Not a warning: the gold itself, read as the run goes, is what no user has. Its best rule bounds what the
-    # rules above can score online under the same judgement: a turn the gold cannot show in time, they cannot.
     # the sampled responses' mean length in tokens: the best-known drift of RLHF policies (Singhal et al., 2023)
     "response_length": tuple(Rule("response_length", t, relative=True, base=BASE)
                              for t in (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)),
-    GOLD_CEILING: tuple(Rule(GOLD_CEILING, t, drawdown=True, base=BASE)
-                        for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
+    # Not a warning: the gold itself, read as the run goes, is what no user has. How its best rule scores shows how
+    # much of a turn the gold shows by the deadline, the judgement's limit rather than the signals'.
+    GOLD: tuple(Rule(GOLD, t, drawdown=True, base=BASE) for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
 }
-DEADLINES = (0.10, 0.25, 0.50, 1.00)  # late fractions the deadline table scores; 1.0: fired at all before the end
+LATE_FRACTIONS = (0.10, 0.25, 0.50, 1.00)  # the deadline table's; 1.0: fired at all before the end
 EFFICIENCY_MIN_KL = 1.0
 MIN_KL_RISE = 2.0
 MAX_FALSE_ALARMS = 0.10
@@ -112,7 +111,7 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
                                                 smoothed["proxy"] / np.sqrt(smoothed["kl"]), np.nan)
     smoothed["proxy_per_nat"] = marginal_proxy_per_nat(smoothed["proxy"], smoothed["kl"], 2 * window)
-    smoothed[GOLD_CEILING] = trailing_mean(get["gold"], window)
+    smoothed[GOLD] = trailing_mean(get["gold"], window)
     return smoothed, get["gold"]
 
 
@@ -153,7 +152,7 @@ def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0, late_fraction: 
     return pd.DataFrame(rows), chosen
 
 
-def deadline_table(runs: Sequence[RunSignals], deadlines: Sequence[float] = DEADLINES) -> pd.DataFrame:
+def deadline_table(runs: Sequence[RunSignals], late_fractions: Sequence[float] = LATE_FRACTIONS) -> pd.DataFrame:
     """Per signal and deadline (the peak plus that fraction of the run): the held-out runs caught and the safe ones
     alarmed, by the threshold chosen on seed 0 for that deadline (:func:`warning_table`); "-" where none is quiet
     enough. Whether a later deadline lets a signal meet the target says if the signal or the deadline is short."""
@@ -161,7 +160,7 @@ def deadline_table(runs: Sequence[RunSignals], deadlines: Sequence[float] = DEAD
         return round(share * n) if n else 0  # a share of no runs is NaN, and so many runs none
 
     cells: dict[str, dict[str, str]] = {family: {"signal": family} for family in GRIDS}
-    for late in deadlines:
+    for late in late_fractions:
         table, chosen = warning_table(runs, late_fraction=late)
         for row in table.itertuples():
             cells[row.signal][f"by the peak + {late:.0%}"] = "-" if row.signal not in chosen else (
@@ -520,8 +519,8 @@ def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
             f"over-optimizing runs of seed 0 with at most {MAX_FALSE_ALARMS:.0%} false alarms; the held-out columns "
             "score that threshold on the other seeds. A run over-optimizes when its gold, smoothed over 5 updates, "
             f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "
-            f"of the run. The row `{GOLD_CEILING}` is not a warning: it reads the gold itself as the run goes (a fall "
-            "from its maximum so far), a ceiling for the rules above.", "",
+            f"of the run. The row `{GOLD}` is not a warning: it reads the gold itself as the run goes (a fall from "
+            "its maximum), a yardstick for the rules above.", "",
             markdown_table(table.round(3)), "",
             "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
             markdown_table(deadline_table(runs)), "",
