@@ -139,7 +139,7 @@ class Rule:
             x = x[self.base:]
             finite = np.isfinite(x)
             peak = np.maximum.accumulate(np.where(finite, x, -np.inf))
-            hits = np.flatnonzero(finite & (np.where(finite, x, 0.0) < peak - self.threshold))
+            hits = np.flatnonzero(finite & (x < peak - self.threshold))
             return int(hits[0]) + self.base if len(hits) else None
         start = 0
         if self.relative:

@@ -11,6 +11,7 @@ other seeds, so the table's figures are not the ones the threshold was tuned on.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,31 +22,31 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, Rule, best_threshold, gold_path,
-                                                judge, score)
+from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, GoldPath, Rule, best_threshold,
+                                                gold_path, judge, score)
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
 from calibrated_rlhf.reporting.table import as_float, method_of
 
 SEED_PARAMS = {"ppo": "ppo.trainer.seed", "rloo": "rl.seed", "grpo": "rl.seed"}
+GOLD = "gold"  # judges every rule; its own trailing mean is scored as the signals are: no warning, a yardstick
 # per method: the history key of each signal (and of the gold that judges it)
 HISTORY = {
     "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
             REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS),
             REPETITION_SURPRISAL: keys.ppo_reward(REPETITION_SURPRISAL), "proxy": keys.ppo_reward("normalized"),
-            "response_length": keys.PPO_RESPONSE_LENGTH, "gold": keys.ppo_reward("gold")},
+            "response_length": keys.PPO_RESPONSE_LENGTH, GOLD: keys.ppo_reward("gold")},
     "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
            REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS),
            REPETITION_SURPRISAL: keys.rl_reward(REPETITION_SURPRISAL), "proxy": keys.rl_reward("normalized"),
-           "response_length": keys.RL_RESPONSE_LENGTH, "gold": keys.RL_REWARD_GOLD},
+           "response_length": keys.RL_RESPONSE_LENGTH, GOLD: keys.RL_REWARD_GOLD},
 }
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
 # every reward model, so one threshold can serve them all.
 WINDOW = 5  # updates in the trailing mean every rule reads: one batch's KL or entropy is noisy
 BASE = WINDOW - 1  # relative rules divide by the mean of the first WINDOW updates
-GOLD = "gold"  # the gold's own trailing mean, scored as the signals are: no warning, a yardstick for them
 GRIDS: dict[str, tuple[Rule, ...]] = {
     "kl": tuple(Rule("kl", t) for t in (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)),
     "entropy": tuple(Rule("entropy", t, relative=True, below=True, base=BASE)
@@ -85,6 +86,11 @@ class RunSignals:
     signals: Mapping[str, np.ndarray]
     gold: np.ndarray
 
+    @functools.cached_property
+    def path(self) -> GoldPath:
+        """The gold's path as the judgement reads it, found once: every rule at every deadline is judged by it."""
+        return gold_path(self.gold)
+
 
 def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
     """Mean over the last ``window`` updates (fewer at the start): what a rule can compute online."""
@@ -103,16 +109,13 @@ def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tup
     wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
     get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
            for name, key in names.items()}
-    smoothed = {name: trailing_mean(get[name], window)
-                for name in ("kl", "entropy", "ensemble_std", REPEATED_WORDS, REPETITION_SURPRISAL, "proxy",
-                             "response_length")}
+    smoothed = {name: trailing_mean(series, window) for name, series in get.items()}  # GOLD's too: the yardstick
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
         smoothed["proxy_efficiency"] = np.where(smoothed["kl"] >= EFFICIENCY_MIN_KL,
                                                 smoothed["proxy"] / np.sqrt(smoothed["kl"]), np.nan)
     smoothed["proxy_per_nat"] = marginal_proxy_per_nat(smoothed["proxy"], smoothed["kl"], 2 * window)
-    smoothed[GOLD] = trailing_mean(get["gold"], window)
-    return smoothed, get["gold"]
+    return smoothed, get[GOLD]
 
 
 def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_rise: float = MIN_KL_RISE
@@ -137,11 +140,11 @@ def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0, late_fraction: 
     fit = [r for r in runs if r.seed == fit_seed]
     held = [r for r in runs if r.seed != fit_seed]
     for family, grid in GRIDS.items():
-        best = best_threshold([score(rule, [judge(rule, r.signals[family], gold_path(r.gold), late_fraction)
+        best = best_threshold([score(rule, [judge(rule, r.signals[family], r.path, late_fraction)
                                             for r in fit]) for rule in grid], MAX_FALSE_ALARMS)
         row = {"signal": family, "rule": best.rule.describe() if best else "none quiet enough"}
         for name, subset in (("fit", fit), ("held_out", held)):
-            s = score(best.rule, [judge(best.rule, r.signals[family], gold_path(r.gold), late_fraction)
+            s = score(best.rule, [judge(best.rule, r.signals[family], r.path, late_fraction)
                                   for r in subset]) if best else None
             row.update({f"{name}_over": s.n_over if s else math.nan, f"{name}_caught": s.caught if s else math.nan,
                         f"{name}_safe": s.n_safe if s else math.nan,
@@ -177,7 +180,7 @@ def grid_table(runs: Sequence[RunSignals], families: Sequence[str] = (REPETITION
     rows = []
     for family in families:
         for rule in GRIDS[family]:
-            verdicts = [judge(rule, r.signals[family], gold_path(r.gold), LATE_FRACTION) for r in runs]
+            verdicts = [judge(rule, r.signals[family], r.path, LATE_FRACTION) for r in runs]
             over = [v for v in verdicts if v.over_optimized]
             rows.append({"rule": rule.describe(), "over": len(over), "caught": sum(v.caught for v in over),
                          "fired": sum(v.fired is not None for v in over), "safe": len(verdicts) - len(over),
@@ -190,7 +193,7 @@ def run_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule]) -> pd.DataF
     as the runs' MLflow steps are)."""
     rows = []
     for r in runs:
-        path = gold_path(r.gold)
+        path = r.path
         row = {"size": r.size, "method": r.method, "kl_target": r.kl_target, "seed": r.seed, "updates": path.n_updates,
                "gold_peak_update": path.peak + 1, "gold_drop": path.drop, "over_optimized": path.over_optimized}
         for family, rule in rules.items():
