@@ -145,6 +145,30 @@ def test_a_stop_rule_ends_the_run_where_it_fires_and_keeps_that_update(finished,
     assert logged == updates  # the signal reaches the run's MLflow history, one point per update
 
 
+@pytest.mark.parametrize("stage", ["rl", "ppo"])
+def test_a_fitted_warning_stops_the_run_after_the_update_it_fires_on_and_keeps_its_policy(finished, stage, tmp_path):
+    """``<stage>.fitted_warning``: a warning whose score is its bias alone (every weight 0), above its threshold, with
+    its base at update 2. Its score is NaN until every signal it reads has been logged under the stage's keys and
+    the base is reached, so the run stops after update 2 and keeps the policy that update made, in both stages."""
+    from calibrated_rlhf.core.checkpointing import list_checkpoints
+    from calibrated_rlhf.core.fitted_warning import FEATURES, FittedWarning
+
+    project, client, _ = finished
+    n = len(FEATURES)
+    path = tmp_path / "fitted_warning.json"
+    FittedWarning((0.0,) * n, (1.0,) * n, (0.0,) * n, bias=1.0, threshold=0.0, window=1, base=1).save(path)
+    size = "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std"
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", stage, "--params",
+                          f"{size},{stage}.checkpoint_every=100,{stage}.fitted_warning={path}", name=f"{stage}_fitted")
+    assert code == 0, out[-3000:]
+    run = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    folder = project / "data" / "06_models" / f"{stage}_checkpoints" / run.info.run_id
+    assert (run.data.metrics["eval/stopped_early"], run.data.metrics["eval/updates"]) == (1.0, 2.0)
+    assert [int(p.name.split("_")[1]) for p in list_checkpoints(folder)] == [2]
+    assert "fitted warning score 1.000 exceeds its threshold 0.000 at update 2" in out
+
+
 def test_best_of_n_ranks_the_pool_by_every_member_and_aggregation(finished):
     """One pool, every ranking: the members alone and each aggregation. The transform ranks by the ensemble's own
     aggregation (mean_minus_std here), so those two curves are one; the members, who disagree, rank otherwise."""

@@ -3,33 +3,44 @@ script's: RL runs with their per-update histories, a best-of-n run with its curv
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from calibrated_rlhf.core.fitted_warning import FittedWarning
 from calibrated_rlhf.reporting import overoptimization as report
 
 UPDATES = 60
 
 
-def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
-    """A PPO run whose KL climbs to 40 while its gold peaks at update 20 and falls (``over``), or one that holds KL 4
-    while its gold rises."""
+def ppo_records(over: bool) -> list[dict[str, float]]:
+    """A PPO run's per-update metrics: its KL climbs to 40 while its gold peaks at update 20 and falls (``over``), or
+    it holds KL 4 while its gold rises."""
     steps = np.arange(1, UPDATES + 1)
     kl = np.linspace(0.0, 40.0 if over else 4.0, UPDATES)
     gold = np.where(steps <= 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
     surprisal = 0.05 + (0.01 * np.maximum(steps - 15, 0) if over else 0.0 * steps)  # repetition grows as gold turns
     length = 6.0 + (0.6 * np.maximum(steps - 20, 0) if over else 0.0 * steps)  # and, after the turn, length
+    return [{"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
+             "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
+             "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep,
+             "ppo/rewards/repeated_words": 0.1 + rep, "ppo/rollout/response_length": n}
+            for k, g, rep, n in zip(kl, gold, surprisal, length)]
+
+
+def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
+    records = ppo_records(over)
     with mlflow.start_run():
         mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
-        mlflow.log_metrics({"eval/kl_reference": kl[-1], "eval/gold_gain": gold[-1],
-                            "eval/gold_gain_ci_low": gold[-1] - .1, "eval/gold_gain_ci_high": gold[-1] + .1})
-        for step, k, g, rep, n in zip(steps, kl, gold, surprisal, length):
-            mlflow.log_metrics({"ppo/objective/kl": k, "ppo/rewards/gold": g, "ppo/policy/entropy": 3.0,
-                                "ppo/rewards/normalized": np.sqrt(k), "ppo/rewards/calibrated": 0.2 + np.sqrt(k),
-                                "ppo/rewards/ensemble_std": 0.1, "ppo/rewards/repetition_surprisal": rep,
-                                "ppo/rollout/response_length": n}, step=int(step))
+        last = records[-1]
+        mlflow.log_metrics({"eval/kl_reference": last["ppo/objective/kl"], "eval/gold_gain": last["ppo/rewards/gold"],
+                            "eval/gold_gain_ci_low": last["ppo/rewards/gold"] - .1,
+                            "eval/gold_gain_ci_high": last["ppo/rewards/gold"] + .1})
+        for step, metrics in enumerate(records, start=1):
+            mlflow.log_metrics(metrics, step=step)
 
 
 def log_best_of_n_run(mlflow, tmp_path) -> None:
@@ -89,8 +100,19 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     # the gold itself, the yardstick: its trailing mean falls 0.02 below its maximum at update 25, by the deadline
     assert ("| gold | gold more than 0.02 below its maximum since update 5 | 1 | 1.0 | 1 | 0.0 | 1 | 1.0 | 1 | 0.0 |"
             in text)
+    # the fitted warning, chosen and scored as the rest; saved with its threshold, it stops the over-optimizing run
+    # by the deadline and never the safe one
+    assert re.search(r"\| fitted_warning \| fitted_warning > -?[0-9.]+ \| 1 \| 1.0 \| 1 \| 0.0 \| 1 \| 1.0 \| 1 \| 0.0 \|",
+                     text)
+    assert "| seed 1, scored on seed 0 |" in text and "| seed 0 without size 100, scored on seed 1's | none:" in text
+    warning = FittedWarning.load(tmp_path / "out" / "fitted_warning.json")
+    assert f"fitted_warning > {warning.threshold:g} |" in text
+    for over, target in ((True, 64.0), (False, 4.0)):
+        records = ppo_records(over)
+        fired = next((i for i in range(UPDATES) if warning.stop_reason(records[:i + 1], "ppo", target)), None)
+        assert (fired is not None and fired <= 20 + 6) if over else fired is None
     # the smoothed gold peaks at update 21 (it rises twice as fast as it falls) and falls by 0.935; KL > 4 fires at 9
-    assert ("| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | nan | 17.0 | nan | 25.0 | 23.0 "
+    assert ("| 100 | ppo | 64.0 | 0 | 60 | 21 | 0.935 | True | 9.0 | nan | nan | 21.0 | 17.0 | nan | 25.0 | 23.0 | 6.0 "
             "| 25.0 |" in text)
     # best-of-n: its form fits its curve exactly; the conservative rankings peak at larger n than the mean's
     assert "| best_of_n | bon | 7 | 0.3 | 0.3 | 0.3 | 0.05 | 0.05 | 0.05 | 1.0 | 1.0 | 3.0 |" in text
@@ -196,3 +218,53 @@ def test_transform_verdict_reads_the_scale_runs_against_the_ppo_curve():
     moved = moved.assign(gold_gain=[on_curve(k) for k in moved["kl"]])
     assert ": mixed (" in report.transform_verdict(points, fits, moved)
     assert report.transform_verdict(points, fits, None).endswith("not measured (no scale runs, or no PPO fit).")
+
+
+def test_the_fitted_warning_reads_the_kl_against_the_runs_target_where_no_kl_threshold_can():
+    """Over-optimizing runs overshoot a target of 4 to KL 8; safe runs hold a target of 16. Any KL threshold that
+    catches the first alarms the second; the fitted warning, reading the KL beside the target, tells them apart on
+    the held-out seed."""
+    steps = np.arange(UPDATES)
+    runs = []
+    for seed in (0, 1):
+        for over in (True, False):
+            top, target = (8.0, 4.0) if over else (16.0, 16.0)
+            raw = {"kl": np.minimum(steps, 20) / 20 * top + 0.1 * seed, "proxy": 0.5 + 0.0 * steps,
+                   "entropy": 2.0 + 0.0 * steps, "repeated_words": 0.1 + 0.0 * steps,
+                   "repetition_surprisal": 0.3 + 0.0 * steps, "response_length": 6.0 + 0.0 * steps}
+            gold = np.where(steps < 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
+            signals = {family: np.full(UPDATES, np.nan) for family in report.GRIDS}
+            signals["kl"] = report.trailing_mean(raw["kl"], report.WINDOW)
+            runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", target, seed, signals, gold, raw))
+    runs, warning = report.with_fitted_warning(runs)
+    table = report.warning_table(runs)[0].set_index("signal")
+    assert table.loc["kl", "held_out_caught"] == 0.0  # the quiet KL thresholds sit above both runs' KL
+    fitted = table.loc[report.FITTED]
+    assert (fitted["held_out_caught"], fitted["held_out_false_alarms"]) == (1.0, 0.0)
+    weights = dict(zip(warning.features, warning.weights))
+    assert weights["log_kl"] > 0 > weights["log_kl_target"]  # the KL counts against the target it was told
+
+
+def test_the_kept_gold_table_weighs_each_rule_by_the_gold_of_the_policy_it_keeps():
+    """A KL rule firing at update 10 keeps the over-optimizing run's policy before its gold's fall (less than the
+    peak's) and never fires on the safe run, which keeps its end; only the held-out seed is counted."""
+    from calibrated_rlhf.core.early_warning import Rule, smooth
+
+    steps = np.arange(UPDATES)
+    hump = np.where(steps < 20, steps / 20, 1.0 - (steps - 20) / 40)
+    runs = []
+    for seed in (0, 1):
+        for over in (True, False):
+            kl = np.where(over & (steps >= 10), 40.0, 1.0)
+            gold = hump if over else steps / UPDATES * (3.0 if seed == 0 else 1.0)  # seed 0 must not count
+            runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", 64.0, seed, {"kl": kl}, gold))
+    table = report.kept_gold_table(runs, {"kl": Rule("kl", 32)}).set_index("stopped by")
+    h, s = smooth(hump, report.WINDOW), smooth(steps / UPDATES, report.WINDOW)
+    assert table.loc["kl > 32", "over-optimizing runs"] == pytest.approx(h[10] - h[0])
+    assert table.loc["kl > 32", "safe runs"] == pytest.approx(s[-1] - s[0])
+    never = table.loc["never (the end of the run)"]
+    assert never["over-optimizing runs"] == pytest.approx(h[-1] - h[0])
+    assert never["over-optimizing runs"] < table.loc["kl > 32", "over-optimizing runs"]
+    peak = table.loc["the gold's peak (hindsight)"]
+    assert peak["over-optimizing runs"] == pytest.approx(h.max() - h[0])
+    assert peak["all runs"] == pytest.approx(np.mean([h.max() - h[0], s.max() - s[0]]))

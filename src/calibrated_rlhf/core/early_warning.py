@@ -100,6 +100,17 @@ def warning_reason(name: str, value: float, threshold: float) -> str:
     return f"{what} {value:.3f} exceeds {name}_stop = {threshold:.3f}"
 
 
+def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last ``window`` updates (fewer at the start): what a rule can compute online."""
+    c = np.concatenate([[0.0], np.cumsum(np.nan_to_num(x))])
+    n = np.concatenate([[0], np.cumsum(np.isfinite(x))])
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, i - window)
+    counts = n[i] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (c[i] - c[lo]) / np.maximum(counts, 1), np.nan)
+
+
 @dataclass(frozen=True)
 class Rule:
     """Fire when ``signal`` (relative to its value at update ``base`` if ``relative``) goes above ``threshold``, or

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +23,20 @@ from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, GoldPath, Rule, best_threshold,
-                                                gold_path, judge, score)
+                                                gold_path, judge, score, smooth, trailing_mean)
+from calibrated_rlhf.core.fitted_warning import SIGNAL_KEYS, FittedWarning, features, fit_warning, labels
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
 from calibrated_rlhf.reporting.table import as_float, method_of
 
 SEED_PARAMS = {"ppo": "ppo.trainer.seed", "rloo": "rl.seed", "grpo": "rl.seed"}
+FITTED = "fitted_warning"  # the logistic score over the signals and the run's settings (core.fitted_warning)
 GOLD = "gold"  # judges every rule; its own trailing mean is scored as the signals are: no warning, a yardstick
-# per method: the history key of each signal (and of the gold that judges it)
-HISTORY = {
-    "ppo": {"kl": keys.PPO_KL, "entropy": keys.PPO_POLICY_ENTROPY, "ensemble_std": keys.ppo_reward("ensemble_std"),
-            REPEATED_WORDS: keys.ppo_reward(REPEATED_WORDS),
-            REPETITION_SURPRISAL: keys.ppo_reward(REPETITION_SURPRISAL), "proxy": keys.ppo_reward("normalized"),
-            "response_length": keys.PPO_RESPONSE_LENGTH, GOLD: keys.ppo_reward("gold")},
-    "rl": {"kl": keys.RL_KL, "entropy": keys.RL_ENTROPY, "ensemble_std": keys.rl_reward("ensemble_std"),
-           REPEATED_WORDS: keys.rl_reward(REPEATED_WORDS),
-           REPETITION_SURPRISAL: keys.rl_reward(REPETITION_SURPRISAL), "proxy": keys.rl_reward("normalized"),
-           "response_length": keys.RL_RESPONSE_LENGTH, GOLD: keys.RL_REWARD_GOLD},
-}
+# per method: the history key of each signal (the fitted warning's, the disagreement's, and the gold's that judges them)
+HISTORY = {method: {**SIGNAL_KEYS[method], "ensemble_std": reward("ensemble_std"), GOLD: gold}
+           for method, reward, gold in (("ppo", keys.ppo_reward, keys.ppo_reward("gold")),
+                                        ("rl", keys.rl_reward, keys.RL_REWARD_GOLD))}
 # The candidate rules, one family per signal, each over a grid of thresholds. proxy_efficiency is the normalized
 # proxy per unit of d = sqrt(KL): the frozen normalization puts it in the reference's standard deviations for
 # every reward model, so one threshold can serve them all.
@@ -63,6 +58,8 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
     # the sampled responses' mean length in tokens: the best-known drift of RLHF policies (Singhal et al., 2023)
     "response_length": tuple(Rule("response_length", t, relative=True, base=BASE)
                              for t in (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)),
+    # in logits: 0 is even odds that the run is at or past its gold's turn
+    FITTED: tuple(Rule(FITTED, t) for t in np.round(np.arange(-4.0, 4.01, 0.25), 2)),
     # Not a warning: the gold itself, read as the run goes, is what no user has. How its best rule scores shows how
     # much of a turn the gold shows by the deadline, the judgement's limit rather than the signals'.
     GOLD: tuple(Rule(GOLD, t, drawdown=True, base=BASE) for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
@@ -85,6 +82,7 @@ class RunSignals:
     seed: int
     signals: Mapping[str, np.ndarray]
     gold: np.ndarray
+    raw: Mapping[str, np.ndarray] = field(default_factory=dict)  # the series as logged: the fitted warning's input
 
     @functools.cached_property
     def path(self) -> GoldPath:
@@ -92,23 +90,17 @@ class RunSignals:
         return gold_path(self.gold)
 
 
-def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Mean over the last ``window`` updates (fewer at the start): what a rule can compute online."""
-    c = np.concatenate([[0.0], np.cumsum(np.nan_to_num(x))])
-    n = np.concatenate([[0], np.cumsum(np.isfinite(x))])
-    i = np.arange(1, len(x) + 1)
-    lo = np.maximum(0, i - window)
-    counts = n[i] - n[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, (c[i] - c[lo]) / np.maximum(counts, 1), np.nan)
+def raw_series(history: pd.DataFrame, method: str) -> dict[str, np.ndarray]:
+    """Every :data:`HISTORY` series of one run's long-form history (``key``, ``step``, ``value``) as logged, in step
+    order; NaN throughout where a series was not logged."""
+    wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
+    return {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
+            for name, key in HISTORY["ppo" if method == "ppo" else "rl"].items()}
 
 
 def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The signals of one run's long-form history (``key``, ``step``, ``value``), in step order, and its gold."""
-    names = HISTORY["ppo" if method == "ppo" else "rl"]
-    wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
-    get = {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
-           for name, key in names.items()}
+    get = raw_series(history, method)
     smoothed = {name: trailing_mean(series, window) for name, series in get.items()}  # GOLD's too: the yardstick
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
@@ -129,6 +121,55 @@ def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_r
         with np.errstate(invalid="ignore", divide="ignore"):
             out[lag:] = np.where(rise >= min_kl_rise, (proxy[lag:] - proxy[:-lag]) / rise, np.nan)
     return out
+
+
+def fitted_on(runs: Sequence[RunSignals]) -> FittedWarning:
+    """The fitted warning on ``runs``: each update of a run labelled by its gold (:func:`labels`)."""
+    return fit_warning([(features(r.raw, r.method, r.kl_target, WINDOW, BASE),
+                         labels(r.path.n_updates, r.path.peak, r.path.over_optimized, BASE)) for r in runs],
+                       window=WINDOW, base=BASE)
+
+
+def with_fitted_warning(runs: Sequence[RunSignals], fit_seed: int = 0
+                        ) -> tuple[list[RunSignals], FittedWarning | None]:
+    """The runs with the score of the warning fitted on the runs of ``fit_seed`` as one more signal, :data:`FITTED`,
+    and that warning; None, and the score NaN, where those runs lack a turning run or a safe one to learn from."""
+    try:
+        warning = fitted_on([r for r in runs if r.seed == fit_seed])
+    except ValueError:
+        warning = None
+    return [replace(r, signals={**r.signals, FITTED: warning.scores(r.raw, r.method, r.kl_target) if warning
+                                else np.full(len(r.gold), np.nan)}) for r in runs], warning
+
+
+def transfer_row(name: str, fit: Sequence[RunSignals], held: Sequence[RunSignals]) -> dict[str, object]:
+    """The warning fitted and its threshold chosen on ``fit`` (as :func:`warning_table` chooses), scored on ``held``."""
+    try:
+        warning = fitted_on(fit)
+    except ValueError:
+        return {"fitted on": name, "threshold": "none: no turning run or no safe run to fit on"}
+    score_on = {id(r): warning.scores(r.raw, r.method, r.kl_target) for r in [*fit, *held]}
+    best = best_threshold([score(rule, [judge(rule, score_on[id(r)], r.path, LATE_FRACTION) for r in fit])
+                           for rule in GRIDS[FITTED]], MAX_FALSE_ALARMS)
+    if best is None:
+        return {"fitted on": name, "threshold": "none quiet enough"}
+    s = score(best.rule, [judge(best.rule, score_on[id(r)], r.path, LATE_FRACTION) for r in held])
+    return {"fitted on": name, "threshold": best.rule.threshold,
+            "caught": f"{round(s.caught * s.n_over) if s.n_over else 0} of {s.n_over}",
+            "false alarms": f"{round(s.false_alarms * s.n_safe) if s.n_safe else 0} of {s.n_safe}"}
+
+
+def transfer_table(runs: Sequence[RunSignals]) -> pd.DataFrame:
+    """How far the fitted warning carries: fitted on one seed's runs of some reward models or methods and scored on
+    the other seed's runs of the rest (each group left out in turn, its scores summed)."""
+    rows = [transfer_row("seed 1, scored on seed 0", [r for r in runs if r.seed == 1],
+                         [r for r in runs if r.seed == 0])]
+    for attribute in ("size", "method"):
+        parts = [transfer_row(f"{v}", [r for r in runs if r.seed == 0 and getattr(r, attribute) != v],
+                              [r for r in runs if r.seed == 1 and getattr(r, attribute) == v])
+                 for v in sorted({getattr(r, attribute) for r in runs})]
+        rows += [{**p, "fitted on": f"seed 0 without {attribute} {p['fitted on']}, scored on seed 1's"} for p in parts]
+    return pd.DataFrame(rows)
 
 
 def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0, late_fraction: float = LATE_FRACTION
@@ -186,6 +227,29 @@ def grid_table(runs: Sequence[RunSignals], families: Sequence[str] = (REPETITION
                          "fired": sum(v.fired is not None for v in over), "safe": len(verdicts) - len(over),
                          "false_alarms": sum(v.false_alarm for v in verdicts)})
     return pd.DataFrame(rows)
+
+
+def kept_gold_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule], fit_seed: int = 0) -> pd.DataFrame:
+    """What a stop rule buys, in gold: on the runs not of ``fit_seed``, the mean gold gained (smoothed as the
+    judgement smooths it, from update 1) by the policy a user keeps, the one of the update the rule fires on or
+    else the last; beside never stopping, and stopping at the gold's peak, which only hindsight can. Early firing
+    costs gold here and late firing saves less, so this weighs what catches and false alarms only count."""
+    held = [r for r in runs if r.seed != fit_seed]
+
+    def row(name: str, stop: Callable[[RunSignals], int | None]) -> dict[str, object]:
+        gains = {}
+        for r in held:
+            g = smooth(r.gold, WINDOW)
+            at = stop(r)
+            gains.setdefault(r.path.over_optimized, []).append(g[len(g) - 1 if at is None else at] - g[0])
+        return {"stopped by": name, "over-optimizing runs": np.mean(gains.get(True, [np.nan])),
+                "safe runs": np.mean(gains.get(False, [np.nan])), "all runs": np.mean([*gains.get(True, []),
+                                                                                     *gains.get(False, [])])}
+
+    return pd.DataFrame([row("never (the end of the run)", lambda r: None),
+                         *(row(rule.describe(), lambda r, f=family, rule=rule: rule.fires_at(r.signals[f]))
+                           for family, rule in rules.items()),
+                         row("the gold's peak (hindsight)", lambda r: r.path.peak)])
 
 
 def run_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule]) -> pd.DataFrame:
@@ -439,7 +503,8 @@ def load_size(size: str, experiment: str) -> tuple[SizeResults, list[str]]:
                                               else keys.rl_reward("calibrated")])
         seed = int(as_float(by_id.loc[p.run_id].get(f"params.{SEED_PARAMS[p.method]}")))
         values, gold = run_signals(history, p.method)
-        signals.append(RunSignals(p.run_id, size, p.method, p.budget, seed, values, gold))
+        signals.append(RunSignals(p.run_id, size, p.method, p.budget, seed, values, gold,
+                                  raw_series(history, p.method)))
         seeds.append(seed)
         gains.append(proxy_gain(history, p.method))
     points = points.assign(seed=seeds, proxy_gain=gains)
@@ -513,9 +578,23 @@ def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[
     return lines
 
 
-def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
-    """The warning rules over every RL run: each signal's chosen threshold and scores, then each run's firings."""
+def warnings_section(runs: Sequence[RunSignals], out: Path) -> list[str]:
+    """The warning rules over every RL run: each signal's chosen threshold and scores, then each run's firings. The
+    fitted warning (seed 0's, at the threshold chosen there) is saved as ``fitted_warning.json`` beside the report."""
+    runs, warning = with_fitted_warning(runs)
     table, chosen = warning_table(runs)
+    fitted = []
+    if warning is not None and FITTED in chosen:
+        warning = replace(warning, threshold=chosen[FITTED].threshold)
+        warning.save(out / "fitted_warning.json")
+        weights = pd.DataFrame({"feature": warning.features, "weight (per standard deviation)": warning.weights,
+                                "mean over the fit": warning.mean, "standard deviation": warning.scale})
+        fitted = [f"The fitted warning (`{FITTED}`, `fitted_warning.json`): a logistic score over the signals (the "
+                  f"relative ones as log ratios to their value at update {BASE + 1}) and the run's settings, fitted "
+                  f"on seed 0's updates (bias {warning.bias:.3f}, threshold {warning.threshold:g}):", "",
+                  markdown_table(weights.round(3)), "",
+                  "How far it carries: fitted (and its threshold chosen) on some runs, scored on others:", "",
+                  markdown_table(transfer_table(runs).fillna("-")), ""]
     return ["## Warnings that need no gold", "",
             f"Each signal is a trailing mean over {WINDOW} updates; a relative rule divides it by its value at update "
             f"{BASE + 1}, the mean of the first {WINDOW}. Its threshold is the one that catches the most "
@@ -524,7 +603,10 @@ def warnings_section(runs: Sequence[RunSignals]) -> list[str]:
             f"ends 0.1 or more below its peak; a warning catches it when it fires by the peak plus {LATE_FRACTION:.0%} "
             f"of the run. The row `{GOLD}` is not a warning: it reads the gold itself as the run goes (a fall from "
             "its maximum), a yardstick for the rules above.", "",
-            markdown_table(table.round(3)), "",
+            markdown_table(table.round(3)), "", *fitted,
+            "The gold a user keeps: the held-out runs' mean gold gain (smoothed, from update 1) at the update each "
+            "chosen rule fires on, or at the end where it never fires:", "",
+            markdown_table(kept_gold_table(runs, chosen).round(3)), "",
             "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
             markdown_table(deadline_table(runs)), "",
             "Each threshold of the signals read off the samples, over all runs (runs caught in time, fired on at all, "
@@ -546,7 +628,7 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
         lines += size_section(r, out, kl_levels)
     runs = [run for r in results for run in r.runs]
     if runs:
-        lines += warnings_section(runs)
+        lines += warnings_section(runs, out)
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
 

@@ -126,6 +126,11 @@ class PPOConfig(BaseModel):
         "the reward model's training responses repeat a word as often, logged as ppo/rewards/repetition_surprisal) "
         "exceeds this; None = off.",
     )
+    fitted_warning: dict[str, Any] | None = Field(
+        None, description="A fitted warning (core.fitted_warning.FittedWarning as saved, the stage reads it from "
+        "ppo.fitted_warning): stop after the update whose score over the run's signals and settings exceeds its "
+        "threshold, keeping the policy that update made; None = off.",
+    )
 
     # --- speed ----------------------------------------------------------------------------------
     speed: PPOSpeed = Field(

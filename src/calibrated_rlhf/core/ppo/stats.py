@@ -8,6 +8,7 @@ import torch
 
 from calibrated_rlhf.core import metric_keys as K
 from calibrated_rlhf.core.early_warning import REPETITION_SURPRISAL, warning_reason
+from calibrated_rlhf.core.fitted_warning import FittedWarning
 from calibrated_rlhf.core.ppo.config import PPOConfig
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -73,6 +74,15 @@ def stop_reason(metrics: Mapping[str, float], nonfinite: bool, config: PPOConfig
         if threshold is not None and value is not None and value > threshold:
             return warning_reason(name, value, threshold)
     return None
+
+
+def fitted_warning_reason(history: Sequence[Mapping[str, float]], config: PPOConfig) -> str | None:
+    """Why the run must stop after its last finished update (``config.fitted_warning``), or None. Unlike the
+    batch rules above it reads the update's optimization figures (the entropy) too, so it judges a finished update
+    and keeps the policy that update made, as RLOO's and GRPO's rules do."""
+    if config.fitted_warning is None:
+        return None
+    return FittedWarning.from_dict(config.fitted_warning).stop_reason(history, "ppo", config.kl_target)
 
 
 def optimization_metrics(stats: Mapping[str, list[torch.Tensor]], reduce: Reducer, world_size: int,

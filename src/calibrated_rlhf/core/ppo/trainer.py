@@ -47,7 +47,8 @@ from calibrated_rlhf.core.ppo.prompts import PromptStream
 from calibrated_rlhf.core.ppo.results import PPOEarlyStop, PPOResult, ScoreFn, UpdateCallback, sample_rows
 from calibrated_rlhf.core.ppo.rollout import (Inputs, Minibatch, PolicyAndValue, Rollout, batch_inputs,
                                               response_logprobs, sample_responses, score_tensors)
-from calibrated_rlhf.core.ppo.stats import OPTIM_STATS, optimization_metrics, perf_metrics, rollout_metrics, stop_reason
+from calibrated_rlhf.core.ppo.stats import (OPTIM_STATS, fitted_warning_reason, optimization_metrics, perf_metrics,
+                                             rollout_metrics, stop_reason)
 from calibrated_rlhf.core.progress import Progress
 from calibrated_rlhf.core.speed.schedule import make_schedule
 
@@ -103,7 +104,6 @@ class PPOTrainer:
                              else stop_token_id(tokenizer, prompts))
         if self.pad_token_id is None or self.eos_token_id is None:
             raise ValueError("tokenizer needs a pad token and an EOS token (or set config.eos_token_id)")
-
         # Distinct sampling noise per rank; prompt order is shared and sliced by rank.
         random.seed(config.seed + self.rank)
         np.random.seed((config.seed + self.rank) % 2**32)
@@ -115,14 +115,12 @@ class PPOTrainer:
         self._build_models(policy, ref_policy, value_model, fingerprint)
         self.kl_controller = make_kl_controller(config.kl_control, config.beta, config.kl_target, config.kl_horizon,
                                                 config.kl_gain, config.kl_climb_episodes)
-
         self.update = 0  # completed updates
         self.episodes = 0  # episodes consumed, all processes
         self.history: list[dict[str, float]] = []
         self.samples: list[dict[str, Any]] = []
         self.last_checkpoint: str | None = None
-        # {"run", "update", "checkpoint"} of the checkpoint this trainer continued from
-        self.resumed_from: dict[str, Any] | None = None
+        self.resumed_from: dict[str, Any] | None = None  # continued from: {"run", "update", "checkpoint"}
         self._score_keys: list[str] | None = None
 
     def _build_models(self, policy: nn.Module, ref_policy: nn.Module | None, value_model: nn.Module | None,
@@ -371,6 +369,8 @@ class PPOTrainer:
         if self.is_main_process:
             for cb in self.callbacks:
                 cb(self.update, metrics, rows)
+        if (reason := fitted_warning_reason(self.history, cfg)) is not None:  # every rank: histories are reduced
+            raise PPOEarlyStop(reason, metrics)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints

@@ -24,6 +24,7 @@ from calibrated_rlhf.core.rl.config import RLConfig
 from calibrated_rlhf.core.rl import kl_control
 from calibrated_rlhf.core.rl.kl_control import KLControlCallback, attach_kl_control
 from calibrated_rlhf.core.early_warning import REPEATED_WORDS, REPETITION_SURPRISAL, warning_reason
+from calibrated_rlhf.core.fitted_warning import FittedWarning
 from calibrated_rlhf.core.rl.reward import SCORE_NAME, reward_metric
 from calibrated_rlhf.core.staging import staging_dir
 
@@ -69,10 +70,12 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
 
 def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prompts: list[str], reward: Any,
                   output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0,
-                  warning_stops: Mapping[str, float] | None = None) -> tuple[Any, HistoryCallback]:
+                  warning_stops: Mapping[str, float] | None = None, fitted_warning: FittedWarning | None = None
+                  ) -> tuple[Any, HistoryCallback]:
     """The trainer and the recorder of its log. The policy and TRL's frozen reference are both loaded from
     ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to.
-    ``warning_stops``: a score-function entry's threshold per stop rule (:class:`StopOnWarning`)."""
+    ``warning_stops``: a score-function entry's threshold per stop rule (:class:`StopOnWarning`);
+    ``fitted_warning``: a stop rule over the run's signals together (:class:`StopOnFittedWarning`)."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -91,6 +94,8 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
         trainer.add_callback(StopOnWarning(name, threshold))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
+    if fitted_warning is not None:  # after the history: it reads the run's records through this update's
+        trainer.add_callback(StopOnFittedWarning(fitted_warning, config.algorithm, config.kl_target, history))
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
                                                         "reward": "reward"})
     return trainer, history
@@ -124,6 +129,26 @@ class StopOnWarning(TrainerCallback):
             control.should_training_stop = True
 
 
+class StopOnFittedWarning(TrainerCallback):
+    """PPO's ``fitted_warning`` for RLOO and GRPO: end training after the update whose fitted warning score exceeds
+    its threshold, saving that update's checkpoint when the run checkpoints. It reads the history's records (TRL's
+    keys, named as the stage logs them), which a resumed run restores, so the trailing means span the whole run."""
+
+    def __init__(self, warning: FittedWarning, method: str, kl_target: float, history: HistoryCallback) -> None:
+        self.warning, self.method, self.kl_target, self.history = warning, method, kl_target, history
+        self.reason: str | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
+        if self.reason is not None or not logs or kl_control.SEQUENCE_KL not in logs:
+            return  # not an update's record (TRL's final summary has no KL)
+        records = [{METRIC_KEYS.get(k, k): v for k, v in p.items()} for p in self.history.points
+                   if kl_control.SEQUENCE_KL in p]
+        self.reason = self.warning.stop_reason(records, self.method, self.kl_target)
+        if self.reason is not None:
+            control.should_save = args.save_strategy != "no"
+            control.should_training_stop = True
+
+
 @dataclass
 class RLResult:
     policy: Any
@@ -134,20 +159,23 @@ class RLResult:
 
 def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
           reward_scale: float = 1.0, workdir: str | Path | None = None,
-          checkpointing: Checkpointing | None = None, warning_stops: Mapping[str, float] | None = None) -> RLResult:
+          checkpointing: Checkpointing | None = None, warning_stops: Mapping[str, float] | None = None,
+          fitted_warning: FittedWarning | None = None) -> RLResult:
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
     frozen reference from); returns the trained policy on CPU and the per-update records.
 
     ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.checkpointing.trl_checkpoints``), and a run
     resumed from ``resume`` after checking its fingerprint; the records then cover the whole run.
-    ``warning_stops``: per score-function entry, the batch mean past which training stops (:class:`StopOnWarning`)."""
+    ``warning_stops``: per score-function entry, the batch mean past which training stops (:class:`StopOnWarning`);
+    ``fitted_warning``: the score over the run's signals past which it stops (:class:`StopOnFittedWarning`)."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")
         saving = checkpointing is not None and checkpointing.saving
         with (trl_output_dir(checkpointing.run_dir) if saving else nullcontext(Path(work) / "trainer")) as out:
             trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
                                              save_steps=checkpointing.every if saving else None,
-                                             reward_scale=reward_scale, warning_stops=warning_stops)
+                                             reward_scale=reward_scale, warning_stops=warning_stops,
+                                             fitted_warning=fitted_warning)
             resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
             with stop_signals.deferred():
@@ -158,6 +186,6 @@ def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list
         if checkpointing is not None:
             rl_checkpoint.mark_complete(checkpointing, int(trainer.state.global_step))
     points = [p for p in history.points if kl_control.BETA in p or kl_control.TRL_KL in p or "loss" in p]
-    stop = next((c.reason for c in trainer.callback_handler.callbacks if isinstance(c, StopOnWarning) and c.reason),
-                None)
+    stop = next((c.reason for c in trainer.callback_handler.callbacks
+                 if isinstance(c, StopOnWarning | StopOnFittedWarning) and c.reason), None)
     return RLResult(merged(trainer.model).to("cpu").eval(), points, runtime, stop)
