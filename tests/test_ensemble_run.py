@@ -147,9 +147,10 @@ def test_a_stop_rule_ends_the_run_where_it_fires_and_keeps_that_update(finished,
 
 @pytest.mark.parametrize("stage", ["rl", "ppo"])
 def test_a_fitted_warning_stops_the_run_after_the_update_it_fires_on_and_keeps_its_policy(finished, stage, tmp_path):
-    """``<stage>.fitted_warning``: a warning whose score is its bias alone (every weight 0), above its threshold, with
-    its base at update 2. Its score is NaN until every signal it reads has been logged under the stage's keys and
-    the base is reached, so the run stops after update 2 and keeps the policy that update made, in both stages."""
+    """``ppo.trainer.fitted_warning`` / ``rl.fitted_warning``: a warning whose score is its bias alone (every weight
+    0), above its threshold, with its base at update 2. The rule refuses a run that does not log a signal it reads
+    under the stage's keys, and its score is NaN before the base, so the run stops after update 2 and keeps the
+    policy that update made, in both stages."""
     from calibrated_rlhf.core.checkpointing import list_checkpoints
     from calibrated_rlhf.core.fitted_warning import FEATURES, FittedWarning
 
@@ -158,8 +159,9 @@ def test_a_fitted_warning_stops_the_run_after_the_update_it_fires_on_and_keeps_i
     path = tmp_path / "fitted_warning.json"
     FittedWarning((0.0,) * n, (1.0,) * n, (0.0,) * n, bias=1.0, threshold=0.0, window=1, base=1).save(path)
     size = "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std"
+    key = {"ppo": "ppo.trainer.fitted_warning", "rl": "rl.fitted_warning"}[stage]
     code, out = kedro_run(project, "--env", "tiny", "--pipelines", stage, "--params",
-                          f"{size},{stage}.checkpoint_every=100,{stage}.fitted_warning={path}", name=f"{stage}_fitted")
+                          f"{size},{stage}.checkpoint_every=100,{key}={path}", name=f"{stage}_fitted")
     assert code == 0, out[-3000:]
     run = client.search_runs([client.get_experiment_by_name("calibrated_rlhf").experiment_id],
                              order_by=["attributes.start_time DESC"], max_results=1)[0]

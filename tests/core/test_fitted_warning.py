@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.fitted_warning import (FEATURES, FLOOR, RELATIVE, SIGNAL_KEYS, SIGNALS, FittedWarning, features,
-                                                 fit_logistic, fit_warning, labels)
+from calibrated_rlhf.core.fitted_warning import (FEATURES, FLOOR, RELATIVE, SIGNAL_KEYS, SIGNALS, FittedWarning,
+                                                 features, fit_logistic, fit_warning, labels, read_fitted_warning)
 
 WINDOW, BASE = 5, 4
 
@@ -76,16 +76,25 @@ def fitted(turn_at: int = 20) -> FittedWarning:
     return fit_warning(data, window=WINDOW, base=BASE)
 
 
-def test_a_fitted_warning_fires_on_the_turning_run_not_the_safe_one_and_round_trips(tmp_path):
+def first_above(warning: FittedWarning, series: dict[str, np.ndarray], method: str = "ppo") -> int | None:
+    with np.errstate(invalid="ignore"):
+        hits = np.flatnonzero(warning.scores(series, method, 8.0) > warning.threshold)
+    return int(hits[0]) if len(hits) else None
+
+
+def test_a_fitted_warning_scores_the_turning_run_above_the_safe_one_and_round_trips(tmp_path):
     warning = fitted()
-    fired = warning.fires_at(run(turn=20), "ppo", 8.0)
+    fired = first_above(warning, run(turn=20))
     assert fired is not None and 20 <= fired <= 24  # the trailing means see the climb within a window
-    assert warning.fires_at(run(), "ppo", 8.0) is None
+    assert first_above(warning, run()) is None
     path = tmp_path / "w.json"
     warning.save(path)
     again = FittedWarning.load(path)
     assert again == warning
     np.testing.assert_allclose(again.scores(run(turn=20), "ppo", 8.0), warning.scores(run(turn=20), "ppo", 8.0))
+    # a config reads the file once, when it is built, and keeps the warning itself
+    assert read_fitted_warning(str(path)) == warning.to_dict() == read_fitted_warning(warning.to_dict())
+    assert read_fitted_warning(None) is None
 
 
 def test_the_stop_rule_reads_a_stages_records_under_its_keys_and_never_fires_on_what_is_missing():
@@ -96,16 +105,20 @@ def test_the_stop_rule_reads_a_stages_records_under_its_keys_and_never_fires_on_
         records = [{names[s]: float(series[s][i]) for s in SIGNALS} for i in range(40)]
         reasons = [warning.stop_reason(records[:i + 1], method, 8.0) for i in range(40)]
         first = next(i for i, r in enumerate(reasons) if r is not None)
-        want = warning.fires_at(series, method, 8.0)
+        want = first_above(warning, series, method)
         assert first == want and f"at update {first + 1}" in reasons[first]
         assert "exceeds its threshold" in reasons[first]
     # a signal never logged (say, the entropy under another key) would leave every score NaN, a rule that cannot
-    # fire: refused by name once the base is reached, and quiet before it
-    records = [{k: v for k, v in r.items() if k != keys.PPO_POLICY_ENTROPY}
-               for r in [{SIGNAL_KEYS["ppo"][s]: float(series[s][i]) for s in SIGNALS} for i in range(40)]]
-    assert all(warning.stop_reason(records[:i + 1], "ppo", 8.0) is None for i in range(BASE))
+    # fire: refused by name at the first update
+    full = [{SIGNAL_KEYS["ppo"][s]: float(series[s][i]) for s in SIGNALS} for i in range(40)]
+    records = [{k: v for k, v in r.items() if k != keys.PPO_POLICY_ENTROPY} for r in full]
     with pytest.raises(ValueError, match=keys.PPO_POLICY_ENTROPY):
-        warning.stop_reason(records[:BASE + 1], "ppo", 8.0)
+        warning.stop_reason(records[:1], "ppo", 8.0)
+    # one logged but blank at the base leaves its log ratio NaN for good: refused when the base is reached
+    blank = [{**r, keys.PPO_POLICY_ENTROPY: float("nan")} if i <= BASE else r for i, r in enumerate(full)]
+    assert all(warning.stop_reason(blank[:i + 1], "ppo", 8.0) is None for i in range(BASE))
+    with pytest.raises(ValueError, match=f"entropy had no value at update {BASE + 1}"):
+        warning.stop_reason(blank[:BASE + 1], "ppo", 8.0)
     assert warning.stop_reason([], "ppo", 8.0) is None
 
 
@@ -118,5 +131,12 @@ def test_a_bad_file_and_a_warning_of_other_features_are_refused_by_name(tmp_path
         FittedWarning.load(tmp_path / "missing.json")
     n = len(FEATURES)
     with pytest.raises(ValueError, match="fit it again"):
-        FittedWarning((0.0,) * n, (1.0,) * n, (0.0,) * n, 0.0, features=FEATURES[:-1] + ("other",))
+        FittedWarning((0.0,) * n, (1.0,) * n, (0.0,) * n, 0.0, feature_names=FEATURES[:-1] + ("other",))
     assert set(RELATIVE) < set(FEATURES)
+    # a trainer config reads the file when it is built: a bad one stops the stage before any training
+    from calibrated_rlhf.core.ppo.config import PPOConfig
+    from calibrated_rlhf.core.rl.config import RLConfig
+
+    for config in (PPOConfig, RLConfig):
+        with pytest.raises(ValueError, match="broken.json"):
+            config(fitted_warning=str(bad))

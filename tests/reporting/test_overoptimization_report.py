@@ -102,9 +102,10 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
             in text)
     # the fitted warning, chosen and scored as the rest; saved with its threshold, it stops the over-optimizing run
     # by the deadline and never the safe one
-    assert re.search(r"\| fitted_warning \| fitted_warning > -?[0-9.]+ \| 1 \| 1.0 \| 1 \| 0.0 \| 1 \| 1.0 \| 1 \| 0.0 \|",
-                     text)
-    assert "| seed 1, scored on seed 0 |" in text and "| seed 0 without size 100, scored on seed 1's | none:" in text
+    scores = r"\| 1 \| 1.0 \| 1 \| 0.0 \| 1 \| 1.0 \| 1 \| 0.0 \|"
+    assert re.search(r"\| fitted_warning \| fitted_warning > -?[0-9.]+ " + scores, text)
+    assert "| the other seeds | seed 0 |" in text
+    assert "| seed 0, all but size 100 | the other seeds, size 100 | none:" in text
     warning = FittedWarning.load(tmp_path / "out" / "fitted_warning.json")
     assert f"fitted_warning > {warning.threshold:g} |" in text
     for over, target in ((True, 64.0), (False, 4.0)):
@@ -220,33 +221,35 @@ def test_transform_verdict_reads_the_scale_runs_against_the_ppo_curve():
     assert report.transform_verdict(points, fits, None).endswith("not measured (no scale runs, or no PPO fit).")
 
 
-def test_the_fitted_warning_reads_the_kl_against_the_runs_target_where_no_kl_threshold_can():
-    """Over-optimizing runs overshoot a target of 4 to KL 8; safe runs hold a target of 16. Any KL threshold that
-    catches the first alarms the second; the fitted warning, reading the KL beside the target, tells them apart on
-    the held-out seed."""
+def test_the_fitted_warning_reads_the_kl_against_the_runs_target_where_neither_alone_can():
+    """At each of two targets, 4 and 16, one run overshoots to twice its target and turns while another holds its
+    target and stays safe. The target alone cannot tell them apart (each target has both), nor can a KL threshold
+    (the turning run at 4 reaches KL 8, the safe one at 16 holds 16); the KL read against the target can."""
     steps = np.arange(UPDATES)
     runs = []
     for seed in (0, 1):
-        for over in (True, False):
-            top, target = (8.0, 4.0) if over else (16.0, 16.0)
-            raw = {"kl": np.minimum(steps, 20) / 20 * top + 0.1 * seed, "proxy": 0.5 + 0.0 * steps,
-                   "entropy": 2.0 + 0.0 * steps, "repeated_words": 0.1 + 0.0 * steps,
-                   "repetition_surprisal": 0.3 + 0.0 * steps, "response_length": 6.0 + 0.0 * steps}
-            gold = np.where(steps < 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
-            signals = {family: np.full(UPDATES, np.nan) for family in report.GRIDS}
-            signals["kl"] = report.trailing_mean(raw["kl"], report.WINDOW)
-            runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", target, seed, signals, gold, raw))
+        for target in (4.0, 16.0):
+            for over in (True, False):
+                top = 2 * target if over else target
+                raw = {"kl": np.minimum(steps, 20) / 20 * top + 0.1 * seed, "proxy": 0.5 + 0.0 * steps,
+                       "entropy": 2.0 + 0.0 * steps, "repeated_words": 0.1 + 0.0 * steps,
+                       "repetition_surprisal": 0.3 + 0.0 * steps, "response_length": 6.0 + 0.0 * steps}
+                gold = np.where(steps < 20, steps / 20, 1.0 - (steps - 20) / 40) if over else steps / UPDATES
+                signals = {family: np.full(UPDATES, np.nan) for family in report.GRIDS}
+                signals["kl"] = report.trailing_mean(raw["kl"], report.WINDOW)
+                runs.append(report.RunSignals(f"{seed}{target}{over}", "100", "ppo", target, seed, signals, gold,
+                                              raw))
     runs, warning = report.with_fitted_warning(runs)
     table = report.warning_table(runs)[0].set_index("signal")
-    assert table.loc["kl", "held_out_caught"] == 0.0  # the quiet KL thresholds sit above both runs' KL
+    assert table.loc["kl", "held_out_caught"] < 1.0  # a quiet KL threshold sits above the turning run at 4
     fitted = table.loc[report.FITTED]
     assert (fitted["held_out_caught"], fitted["held_out_false_alarms"]) == (1.0, 0.0)
-    weights = dict(zip(warning.features, warning.weights))
+    weights = dict(zip(warning.feature_names, warning.weights))
     assert weights["log_kl"] > 0 > weights["log_kl_target"]  # the KL counts against the target it was told
 
 
 def test_the_kept_gold_table_weighs_each_rule_by_the_gold_of_the_policy_it_keeps():
-    """A KL rule firing at update 10 keeps the over-optimizing run's policy before its gold's fall (less than the
+    """A KL rule firing at update 11 keeps the over-optimizing run's policy before its gold's fall (less than the
     peak's) and never fires on the safe run, which keeps its end; only the held-out seed is counted."""
     from calibrated_rlhf.core.early_warning import Rule, smooth
 
@@ -260,7 +263,8 @@ def test_the_kept_gold_table_weighs_each_rule_by_the_gold_of_the_policy_it_keeps
             runs.append(report.RunSignals(f"{seed}{over}", "100", "ppo", 64.0, seed, {"kl": kl}, gold))
     table = report.kept_gold_table(runs, {"kl": Rule("kl", 32)}).set_index("stopped by")
     h, s = smooth(hump, report.WINDOW), smooth(steps / UPDATES, report.WINDOW)
-    assert table.loc["kl > 32", "over-optimizing runs"] == pytest.approx(h[10] - h[0])
+    # it fires on update 11's figures (index 10) and keeps the policy that update makes, sampled at index 11
+    assert table.loc["kl > 32", "over-optimizing runs"] == pytest.approx(h[11] - h[0])
     assert table.loc["kl > 32", "safe runs"] == pytest.approx(s[-1] - s[0])
     never = table.loc["never (the end of the run)"]
     assert never["over-optimizing runs"] == pytest.approx(h[-1] - h[0])

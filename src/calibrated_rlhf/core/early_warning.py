@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 
 from calibrated_rlhf.core.chat import response_text
+from calibrated_rlhf.core.signals import REPEATED_WORDS, REPETITION_SURPRISAL
 
-REPEATED_WORDS = "repeated_words"  # the score function's entries, logged as <stage>/rewards/<name>
-REPETITION_SURPRISAL = "repetition_surprisal"
 
 
 def word_counts(response: Any) -> list[int]:
@@ -98,17 +97,6 @@ def warning_reason(name: str, value: float, threshold: float) -> str:
     """Why a stop rule fired, in the words every trainer logs and a run's summary keeps."""
     what = {"ensemble_std": "reward ensemble std", REPETITION_SURPRISAL: "repetition surprisal"}.get(name, name)
     return f"{what} {value:.3f} exceeds {name}_stop = {threshold:.3f}"
-
-
-def trailing_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Mean over the last ``window`` updates (fewer at the start): what a rule can compute online."""
-    c = np.concatenate([[0.0], np.cumsum(np.nan_to_num(x))])
-    n = np.concatenate([[0], np.cumsum(np.isfinite(x))])
-    i = np.arange(1, len(x) + 1)
-    lo = np.maximum(0, i - window)
-    counts = n[i] - n[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, (c[i] - c[lo]) / np.maximum(counts, 1), np.nan)
 
 
 @dataclass(frozen=True)

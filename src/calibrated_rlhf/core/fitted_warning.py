@@ -23,12 +23,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BeforeValidator
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import REPEATED_WORDS, REPETITION_SURPRISAL, trailing_mean
+from calibrated_rlhf.core.signals import REPEATED_WORDS, REPETITION_SURPRISAL, trailing_mean
 
 RELATIVE = ("entropy", REPEATED_WORDS, REPETITION_SURPRISAL, "response_length")  # divided by their value at base
 SIGNALS = ("kl", "proxy", *RELATIVE)  # the per-update series a run logs (the report's names for them)
@@ -113,35 +114,37 @@ class FittedWarning:
     threshold: float = 0.0
     window: int = 5
     base: int = 4
-    features: tuple[str, ...] = FEATURES
+    feature_names: tuple[str, ...] = FEATURES
 
     def __post_init__(self) -> None:
-        if self.features != FEATURES:
-            raise ValueError(f"a fitted warning over {list(self.features)} cannot read this version's features "
-                             f"{list(FEATURES)}: fit it again")
+        if self.feature_names != FEATURES:
+            raise ValueError(f"a fitted warning over {list(self.feature_names)} cannot read this version's "
+                             f"features {list(FEATURES)}: fit it again")
 
     def scores(self, series: Mapping[str, Sequence[float]], method: str, kl_target: float) -> np.ndarray:
         """The score at every update (NaN before ``base``, and where a signal is missing)."""
-        x = features(series, method, kl_target, self.window, self.base)
-        return ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.weights) + self.bias
+        return self._standardized(features(series, method, kl_target, self.window, self.base))
 
-    def fires_at(self, series: Mapping[str, Sequence[float]], method: str, kl_target: float) -> int | None:
-        with np.errstate(invalid="ignore"):
-            hits = np.flatnonzero(self.scores(series, method, kl_target) > self.threshold)
-        return int(hits[0]) if len(hits) else None
+    def _standardized(self, x: np.ndarray) -> np.ndarray:
+        return ((x - np.array(self.mean)) / np.array(self.scale)) @ np.array(self.weights) + self.bias
 
     def stop_reason(self, records: Sequence[Mapping[str, float]], method: str, kl_target: float) -> str | None:
         """Why a run whose per-update metrics so far are ``records`` (keyed as :data:`SIGNAL_KEYS` logs them) must
         stop after its last update, or None. The whole series is scored again each time: the trailing means and
         the relative features' yardstick at ``base`` need the run from its start, and a hundred updates cost
-        nothing against one update's training."""
+        nothing against one update's training. A signal the run does not log, or one with no value at ``base``,
+        would leave every score NaN: a stop rule that cannot fire is refused, not run quietly."""
+        if not records:
+            return None
         names = SIGNAL_KEYS["ppo" if method == "ppo" else "rl"]
-        series = {name: [float(r.get(key, np.nan)) for r in records] for name, key in names.items()}
-        missing = [names[name] for name, x in series.items() if len(x) > self.base and np.isnan(x).all()]
-        if missing:  # it would never fire: a stop rule that cannot is an error, not a quiet run
+        if missing := [key for key in names.values() if key not in records[0]]:
             raise ValueError(f"the fitted warning reads {', '.join(missing)}, which this run does not log")
-        last = float(self.scores(series, method, kl_target)[-1]) if records else float("nan")
-        if not last > self.threshold:  # NaN (before base, a missing signal) never fires
+        series = {name: [float(r.get(key, np.nan)) for r in records] for name, key in names.items()}
+        x = features(series, method, kl_target, self.window, self.base)
+        if len(records) > self.base and (blank := [f for f, v in zip(FEATURES, x[self.base]) if not np.isfinite(v)]):
+            raise ValueError(f"the fitted warning's {', '.join(blank)} had no value at update {self.base + 1}")
+        last = float(self._standardized(x)[-1])
+        if not last > self.threshold:  # NaN before the base never fires
             return None
         return f"fitted warning score {last:.3f} exceeds its threshold {self.threshold:.3f} at update {len(records)}"
 
@@ -163,6 +166,20 @@ class FittedWarning:
             return cls.from_dict(raw)
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"fitted warning {path}: {e}") from e
+
+
+def read_fitted_warning(value: Any) -> dict[str, Any] | None:
+    """A config's ``fitted_warning``: the path of a saved warning, read and checked when the config is built (before
+    any training), or the warning's own dict; the config keeps the dict, so a checkpoint's fingerprint holds what
+    the rule reads, not where it was."""
+    if value is None:
+        return None
+    warning = FittedWarning.load(value) if isinstance(value, str | Path) else FittedWarning.from_dict(value)
+    return warning.to_dict()
+
+
+# A trainer config's field: set it to a saved warning's path (or its dict); None leaves the rule off.
+FittedWarningField = Annotated[dict[str, Any] | None, BeforeValidator(read_fitted_warning)]
 
 
 def fit_warning(runs: Sequence[tuple[np.ndarray, np.ndarray]], l2: float = 1.0, window: int = 5, base: int = 4

@@ -23,9 +23,10 @@ from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, GoldPath, Rule, best_threshold,
-                                                gold_path, judge, score, smooth, trailing_mean)
+                                                gold_path, judge, score, smooth)
 from calibrated_rlhf.core.fitted_warning import SIGNAL_KEYS, FittedWarning, features, fit_warning, labels
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
+from calibrated_rlhf.core.signals import trailing_mean
 from calibrated_rlhf.reporting.frontier import FIT_COLUMNS, frontier_points, overoptimization_fits
 from calibrated_rlhf.reporting.render import markdown_table
 from calibrated_rlhf.reporting.table import as_float, method_of
@@ -123,7 +124,7 @@ def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_r
     return out
 
 
-def fitted_on(runs: Sequence[RunSignals]) -> FittedWarning:
+def fitted_on_runs(runs: Sequence[RunSignals]) -> FittedWarning:
     """The fitted warning on ``runs``: each update of a run labelled by its gold (:func:`labels`)."""
     return fit_warning([(features(r.raw, r.method, r.kl_target, WINDOW, BASE),
                          labels(r.path.n_updates, r.path.peak, r.path.over_optimized, BASE)) for r in runs],
@@ -135,40 +136,42 @@ def with_fitted_warning(runs: Sequence[RunSignals], fit_seed: int = 0
     """The runs with the score of the warning fitted on the runs of ``fit_seed`` as one more signal, :data:`FITTED`,
     and that warning; None, and the score NaN, where those runs lack a turning run or a safe one to learn from."""
     try:
-        warning = fitted_on([r for r in runs if r.seed == fit_seed])
+        warning = fitted_on_runs([r for r in runs if r.seed == fit_seed])
     except ValueError:
         warning = None
     return [replace(r, signals={**r.signals, FITTED: warning.scores(r.raw, r.method, r.kl_target) if warning
                                 else np.full(len(r.gold), np.nan)}) for r in runs], warning
 
 
-def transfer_row(name: str, fit: Sequence[RunSignals], held: Sequence[RunSignals]) -> dict[str, object]:
+def transfer_row(fitted_on: str, scored_on: str, fit: Sequence[RunSignals], held: Sequence[RunSignals]
+                 ) -> dict[str, object]:
     """The warning fitted and its threshold chosen on ``fit`` (as :func:`warning_table` chooses), scored on ``held``."""
+    row: dict[str, object] = {"fitted on": fitted_on, "scored on": scored_on}
     try:
-        warning = fitted_on(fit)
+        warning = fitted_on_runs(fit)
     except ValueError:
-        return {"fitted on": name, "threshold": "none: no turning run or no safe run to fit on"}
+        return {**row, "threshold": "none: no turning run or no safe run to fit on"}
     score_on = {id(r): warning.scores(r.raw, r.method, r.kl_target) for r in [*fit, *held]}
     best = best_threshold([score(rule, [judge(rule, score_on[id(r)], r.path, LATE_FRACTION) for r in fit])
                            for rule in GRIDS[FITTED]], MAX_FALSE_ALARMS)
     if best is None:
-        return {"fitted on": name, "threshold": "none quiet enough"}
+        return {**row, "threshold": "none quiet enough"}
     s = score(best.rule, [judge(best.rule, score_on[id(r)], r.path, LATE_FRACTION) for r in held])
-    return {"fitted on": name, "threshold": best.rule.threshold,
+    return {**row, "threshold": best.rule.threshold,
             "caught": f"{round(s.caught * s.n_over) if s.n_over else 0} of {s.n_over}",
             "false alarms": f"{round(s.false_alarms * s.n_safe) if s.n_safe else 0} of {s.n_safe}"}
 
 
-def transfer_table(runs: Sequence[RunSignals]) -> pd.DataFrame:
-    """How far the fitted warning carries: fitted on one seed's runs of some reward models or methods and scored on
-    the other seed's runs of the rest (each group left out in turn, its scores summed)."""
-    rows = [transfer_row("seed 1, scored on seed 0", [r for r in runs if r.seed == 1],
-                         [r for r in runs if r.seed == 0])]
+def transfer_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> pd.DataFrame:
+    """How far the fitted warning carries: fitted on the other seed's runs, and fitted on ``fit_seed``'s runs of all
+    but one set of reward models (or one method) and scored on the other seeds' runs of that one, each in turn."""
+    fit, held = [r for r in runs if r.seed == fit_seed], [r for r in runs if r.seed != fit_seed]
+    rows = [transfer_row("the other seeds", f"seed {fit_seed}", held, fit)]
     for attribute in ("size", "method"):
-        parts = [transfer_row(f"{v}", [r for r in runs if r.seed == 0 and getattr(r, attribute) != v],
-                              [r for r in runs if r.seed == 1 and getattr(r, attribute) == v])
-                 for v in sorted({getattr(r, attribute) for r in runs})]
-        rows += [{**p, "fitted on": f"seed 0 without {attribute} {p['fitted on']}, scored on seed 1's"} for p in parts]
+        for v in sorted({getattr(r, attribute) for r in runs}):
+            rows.append(transfer_row(f"seed {fit_seed}, all but {attribute} {v}", f"the other seeds, {attribute} {v}",
+                                     [r for r in fit if getattr(r, attribute) != v],
+                                     [r for r in held if getattr(r, attribute) == v]))
     return pd.DataFrame(rows)
 
 
@@ -230,10 +233,12 @@ def grid_table(runs: Sequence[RunSignals], families: Sequence[str] = (REPETITION
 
 
 def kept_gold_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule], fit_seed: int = 0) -> pd.DataFrame:
-    """What a stop rule buys, in gold: on the runs not of ``fit_seed``, the mean gold gained (smoothed as the
-    judgement smooths it, from update 1) by the policy a user keeps, the one of the update the rule fires on or
-    else the last; beside never stopping, and stopping at the gold's peak, which only hindsight can. Early firing
-    costs gold here and late firing saves less, so this weighs what catches and false alarms only count."""
+    """What a stop rule would buy, in gold, replayed on the logged runs: on the runs not of ``fit_seed``, the mean
+    gold gained (smoothed as the judgement smooths it, from update 1) by the policy a user keeps; beside never
+    stopping, and stopping at the gold's peak, which only hindsight can. A rule fires on update ``i``'s figures
+    (index ``i``, the batch the policy of ``i`` updates sampled) and keeps the policy that update makes, whose own
+    batch is the next. Early firing costs gold here and late firing saves less: this weighs what catches and false
+    alarms only count."""
     held = [r for r in runs if r.seed != fit_seed]
 
     def row(name: str, stop: Callable[[RunSignals], int | None]) -> dict[str, object]:
@@ -241,7 +246,8 @@ def kept_gold_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule], fit_s
         for r in held:
             g = smooth(r.gold, WINDOW)
             at = stop(r)
-            gains.setdefault(r.path.over_optimized, []).append(g[len(g) - 1 if at is None else at] - g[0])
+            kept = len(g) - 1 if at is None else min(at + 1, len(g) - 1)
+            gains.setdefault(r.path.over_optimized, []).append(g[kept] - g[0])
         return {"stopped by": name, "over-optimizing runs": np.mean(gains.get(True, [np.nan])),
                 "safe runs": np.mean(gains.get(False, [np.nan])), "all runs": np.mean([*gains.get(True, []),
                                                                                      *gains.get(False, [])])}
@@ -249,7 +255,7 @@ def kept_gold_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule], fit_s
     return pd.DataFrame([row("never (the end of the run)", lambda r: None),
                          *(row(rule.describe(), lambda r, f=family, rule=rule: rule.fires_at(r.signals[f]))
                            for family, rule in rules.items()),
-                         row("the gold's peak (hindsight)", lambda r: r.path.peak)])
+                         row("the gold's peak (hindsight)", lambda r: r.path.peak - 1)])
 
 
 def run_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule]) -> pd.DataFrame:
@@ -578,23 +584,27 @@ def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[
     return lines
 
 
+def fitted_section(runs: Sequence[RunSignals], warning: FittedWarning, out: Path) -> list[str]:
+    """The fitted warning at its chosen threshold, saved as ``fitted_warning.json`` beside the report: its weights,
+    and how far it carries."""
+    warning.save(out / "fitted_warning.json")
+    weights = pd.DataFrame({"feature": warning.feature_names, "weight (per standard deviation)": warning.weights,
+                            "mean over the fit": warning.mean, "standard deviation": warning.scale})
+    return [f"The fitted warning (`{FITTED}`, `fitted_warning.json`): a logistic score over the signals (the relative "
+            f"ones as log ratios to their value at update {BASE + 1}) and the run's settings, fitted on seed 0's "
+            f"updates (bias {warning.bias:.3f}, threshold {warning.threshold:g}):", "",
+            markdown_table(weights.round(3)), "",
+            "How far it carries: fitted (and its threshold chosen) on some runs, scored on others:", "",
+            markdown_table(transfer_table(runs).fillna("-")), ""]
+
+
 def warnings_section(runs: Sequence[RunSignals], out: Path) -> list[str]:
-    """The warning rules over every RL run: each signal's chosen threshold and scores, then each run's firings. The
-    fitted warning (seed 0's, at the threshold chosen there) is saved as ``fitted_warning.json`` beside the report."""
+    """The warning rules over every RL run: each signal's chosen threshold and scores, the fitted warning, the gold
+    each rule keeps, then each run's firings."""
     runs, warning = with_fitted_warning(runs)
     table, chosen = warning_table(runs)
-    fitted = []
-    if warning is not None and FITTED in chosen:
-        warning = replace(warning, threshold=chosen[FITTED].threshold)
-        warning.save(out / "fitted_warning.json")
-        weights = pd.DataFrame({"feature": warning.features, "weight (per standard deviation)": warning.weights,
-                                "mean over the fit": warning.mean, "standard deviation": warning.scale})
-        fitted = [f"The fitted warning (`{FITTED}`, `fitted_warning.json`): a logistic score over the signals (the "
-                  f"relative ones as log ratios to their value at update {BASE + 1}) and the run's settings, fitted "
-                  f"on seed 0's updates (bias {warning.bias:.3f}, threshold {warning.threshold:g}):", "",
-                  markdown_table(weights.round(3)), "",
-                  "How far it carries: fitted (and its threshold chosen) on some runs, scored on others:", "",
-                  markdown_table(transfer_table(runs).fillna("-")), ""]
+    fitted = (fitted_section(runs, replace(warning, threshold=chosen[FITTED].threshold), out)
+              if warning is not None and FITTED in chosen else [])
     return ["## Warnings that need no gold", "",
             f"Each signal is a trailing mean over {WINDOW} updates; a relative rule divides it by its value at update "
             f"{BASE + 1}, the mean of the first {WINDOW}. Its threshold is the one that catches the most "
@@ -604,8 +614,9 @@ def warnings_section(runs: Sequence[RunSignals], out: Path) -> list[str]:
             f"of the run. The row `{GOLD}` is not a warning: it reads the gold itself as the run goes (a fall from "
             "its maximum), a yardstick for the rules above.", "",
             markdown_table(table.round(3)), "", *fitted,
-            "The gold a user keeps: the held-out runs' mean gold gain (smoothed, from update 1) at the update each "
-            "chosen rule fires on, or at the end where it never fires:", "",
+            "The gold a user would keep, replayed on the logged runs: the held-out runs' mean gold gain (smoothed, "
+            "from update 1) of the policy each chosen rule keeps (the one the update it fires on makes), or of the "
+            "last where it never fires:", "",
             markdown_table(kept_gold_table(runs, chosen).round(3)), "",
             "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
             markdown_table(deadline_table(runs)), "",

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.fitted_warning import FittedWarningField
 from calibrated_rlhf.core.kl_controller import derive_beta
 from calibrated_rlhf.core.lora import LoraParams
 from calibrated_rlhf.core.speed.config import PPOSpeed
@@ -126,10 +127,11 @@ class PPOConfig(BaseModel):
         "the reward model's training responses repeat a word as often, logged as ppo/rewards/repetition_surprisal) "
         "exceeds this; None = off.",
     )
-    fitted_warning: dict[str, Any] | None = Field(
-        None, description="A fitted warning (core.fitted_warning.FittedWarning as saved, the stage reads it from "
-        "ppo.fitted_warning): stop after the update whose score over the run's signals and settings exceeds its "
-        "threshold, keeping the policy that update made; None = off.",
+    fitted_warning: FittedWarningField = Field(
+        None, description="A fitted warning's JSON path (core.fitted_warning; the over-optimization report writes one "
+        "for its own task), read when the config is built: stop after the update whose score over the run's signals "
+        "and settings exceeds its threshold, keeping the policy that update made. A model of the runs it was fitted "
+        "on (PPO and RLOO): fit one on a pilot with known gold before trusting it; None = off.",
     )
 
     # --- speed ----------------------------------------------------------------------------------

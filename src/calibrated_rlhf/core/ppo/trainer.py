@@ -197,7 +197,7 @@ class PPOTrainer:
             except PPOEarlyStop as e:
                 stopped, reason = True, e.reason
                 if self.is_main_process:
-                    logger.warning("PPO early stop at update %d: %s", self.update + 1, e.reason)
+                    logger.warning("PPO early stop after %d updates: %s", self.update, e.reason)
                 break
             if self.is_main_process:
                 bar.update(1, kl=m[K.PPO_KL], beta=m[K.PPO_BETA], score=m[K.PPO_SCORE])

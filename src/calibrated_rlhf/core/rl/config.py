@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from calibrated_rlhf.core.fitted_warning import FittedWarningField
 from calibrated_rlhf.core.kl_controller import derive_beta
 from calibrated_rlhf.core.lora import LoraParams
 
@@ -69,6 +70,12 @@ class RLConfig(BaseModel):
         "normalized-reward units, as RLOO's and PPO's (conf/base). RLOO divides by nothing: null or none.")
     normalize_advantages: bool | None = Field(
         None, description="RLOO only: whiten the advantages over the batch; null = TRL's default (off).")
+    fitted_warning: FittedWarningField = Field(
+        None, description="A fitted warning's JSON path (core.fitted_warning; the over-optimization report writes one "
+        "for its own task), read when the config is built: stop after the update whose score over the run's signals "
+        "and settings exceeds its threshold, keeping that update's checkpoint. A model of the runs it was fitted "
+        "on (PPO and RLOO; GRPO reads as RLOO): fit one on a pilot with known gold before trusting it; None = off.",
+    )
     lora: LoraParams | None = Field(
         None, description="LoRA adapters instead of a full fine-tune (TRL's reference is then the policy with its "
         "adapters off: no second model); the trained policy is merged. null trains every weight.")

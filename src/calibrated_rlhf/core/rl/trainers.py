@@ -70,12 +70,11 @@ def trl_config(config: RLConfig, output_dir: str | Path, save_steps: int | None 
 
 def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prompts: list[str], reward: Any,
                   output_dir: str | Path, save_steps: int | None = None, reward_scale: float = 1.0,
-                  warning_stops: Mapping[str, float] | None = None, fitted_warning: FittedWarning | None = None
-                  ) -> tuple[Any, HistoryCallback]:
+                  warning_stops: Mapping[str, float] | None = None) -> tuple[Any, HistoryCallback]:
     """The trainer and the recorder of its log. The policy and TRL's frozen reference are both loaded from
     ``policy_dir`` (the reference policy, saved): the same weights PPO starts from and is anchored to.
-    ``warning_stops``: a score-function entry's threshold per stop rule (:class:`StopOnWarning`);
-    ``fitted_warning``: a stop rule over the run's signals together (:class:`StopOnFittedWarning`)."""
+    ``warning_stops``: a score-function entry's threshold per stop rule (:class:`StopOnWarning`); the config's
+    ``fitted_warning`` one over the run's signals together (:class:`StopOnFittedWarning`)."""
     from datasets import Dataset
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -94,8 +93,9 @@ def build_trainer(config: RLConfig, policy_dir: str | Path, tokenizer: Any, prom
         trainer.add_callback(StopOnWarning(name, threshold))
     history = HistoryCallback()
     trainer.add_callback(history)  # after the KL callback: it records the beta and KL that callback adds
-    if fitted_warning is not None:  # after the history: it reads the run's records through this update's
-        trainer.add_callback(StopOnFittedWarning(fitted_warning, config.algorithm, config.kl_target, history))
+    if config.fitted_warning is not None:  # after the history: it reads the run's records through this update's
+        trainer.add_callback(StopOnFittedWarning(FittedWarning.from_dict(config.fitted_warning), config.algorithm,
+                                                 config.kl_target, history))
     attach_progress(trainer, config.algorithm.upper(), {"kl": kl_control.SEQUENCE_KL, "beta": kl_control.BETA,
                                                         "reward": "reward"})
     return trainer, history
@@ -159,23 +159,20 @@ class RLResult:
 
 def train(config: RLConfig, reference_policy: Any, tokenizer: Any, prompts: list[str], reward: Any,
           reward_scale: float = 1.0, workdir: str | Path | None = None,
-          checkpointing: Checkpointing | None = None, warning_stops: Mapping[str, float] | None = None,
-          fitted_warning: FittedWarning | None = None) -> RLResult:
+          checkpointing: Checkpointing | None = None, warning_stops: Mapping[str, float] | None = None) -> RLResult:
     """RLOO or GRPO from ``reference_policy`` (saved to a staging folder for TRL to load the policy and its
     frozen reference from); returns the trained policy on CPU and the per-update records.
 
     ``checkpointing``: checkpoints every ``every`` updates into ``run_dir`` (``core.checkpointing.trl_checkpoints``), and a run
     resumed from ``resume`` after checking its fingerprint; the records then cover the whole run.
-    ``warning_stops``: per score-function entry, the batch mean past which training stops (:class:`StopOnWarning`);
-    ``fitted_warning``: the score over the run's signals past which it stops (:class:`StopOnFittedWarning`)."""
+    ``warning_stops``: per score-function entry, the batch mean past which training stops (:class:`StopOnWarning`)."""
     with staging_dir(workdir or tempfile.gettempdir(), f"rl-{config.algorithm}") as work:
         reference_policy.save_pretrained(Path(work) / "reference_policy")
         saving = checkpointing is not None and checkpointing.saving
         with (trl_output_dir(checkpointing.run_dir) if saving else nullcontext(Path(work) / "trainer")) as out:
             trainer, history = build_trainer(config, Path(work) / "reference_policy", tokenizer, prompts, reward, out,
                                              save_steps=checkpointing.every if saving else None,
-                                             reward_scale=reward_scale, warning_stops=warning_stops,
-                                             fitted_warning=fitted_warning)
+                                             reward_scale=reward_scale, warning_stops=warning_stops)
             resume = rl_checkpoint.attach(trainer, checkpointing, reward, history.points) if checkpointing else None
             start = time.perf_counter()
             with stop_signals.deferred():

@@ -15,7 +15,6 @@ from calibrated_rlhf.core import metric_keys as keys
 from calibrated_rlhf.core import evaluation, plots, scoring, stop_signals
 from calibrated_rlhf.core.backbone import BackboneParams, prepare_for_training
 from calibrated_rlhf.core.early_warning import RepetitionProfile
-from calibrated_rlhf.core.fitted_warning import FittedWarning
 from calibrated_rlhf.core.gold import Gold, load_gold
 from calibrated_rlhf.core.lora import merged
 from calibrated_rlhf.core.kl_tracking import end_of_training_mean, summarize_kl_tracking
@@ -56,11 +55,6 @@ class PPOParams(CheckpointParams):
         "training responses repeat a word as often, ppo/rewards/repetition_surprisal) exceeds this multiple of its "
         "mean on the reference set: the over-optimization warning that needs no gold (docs/overoptimization.md), "
         "keeping that batch's policy; null = off.")
-    fitted_warning: str | None = Field(
-        None, description="A fitted warning's JSON (core.fitted_warning; the over-optimization report writes one, "
-        "docs/results/overoptimization/fitted_warning.json, for its own task): stop after the update whose score "
-        "over the run's signals and settings exceeds the warning's threshold, keeping the policy that update made. "
-        "A model of the runs it was fitted on: fit one on a pilot with known gold before trusting it; null = off.")
 
     @model_validator(mode="after")
     def _checkpoints_are_the_stages(self) -> "PPOParams":
@@ -109,7 +103,6 @@ def train_ppo(
     ``<checkpoint_root>/<MLflow run id>/``; ``resume_from`` continues a run of the same configuration
     (its resume fingerprint: the trainer's plus :func:`stage_fingerprint`)."""
     method = normalization.method
-    fitted = FittedWarning.load(params.fitted_warning) if params.fitted_warning is not None else None
     original = RewardTransform.from_dict(reward_transform)
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
@@ -119,7 +112,7 @@ def train_ppo(
     run_dir = checkpoint_folder(root)
     profile = repetition_profile(train_pairs)
     config = trainer_config(params, original, method, run_dir,
-                            warning_stops(transform, reference_responses, profile, params, "ppo"), fitted)
+                            warning_stops(transform, reference_responses, profile, params, "ppo"))
     offset = (gold_offset(reward_model, tokenizer, transform, task, reference_responses, params.raw_reward_multiplier)
               if task is not None else None)
     reference_policy = prepare_for_training(reference_policy, backbone)
@@ -143,8 +136,7 @@ def train_ppo(
 
 
 def trainer_config(params: PPOParams, transform: RewardTransform, method: NormalizationMethod,
-                   run_dir: Path, stops: dict[str, float] | None = None, fitted: FittedWarning | None = None
-                   ) -> PPOConfig:
+                   run_dir: Path, stops: dict[str, float] | None = None) -> PPOConfig:
     """The trainer's config: the stage's checkpoints, and the KL weight's scale for the optimized reward."""
     return PPOConfig(**{
         **params.trainer.model_dump(),
@@ -156,7 +148,6 @@ def trainer_config(params: PPOParams, transform: RewardTransform, method: Normal
         "checkpoint_every": params.checkpoint_every,
         "keep_checkpoints": params.keep_checkpoints,
         **{f"{name}_stop": threshold for name, threshold in (stops or {}).items()},
-        "fitted_warning": fitted.to_dict() if fitted is not None else None,
     })
 
 

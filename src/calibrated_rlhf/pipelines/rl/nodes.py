@@ -12,7 +12,6 @@ from pydantic import Field
 
 from calibrated_rlhf.core import evaluation, plots, scoring
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.fitted_warning import FittedWarning
 from calibrated_rlhf.core.gold import load_gold
 from calibrated_rlhf.core.kl_tracking import summarize_kl_tracking
 from calibrated_rlhf.core.normalization import NormalizationParams, RewardTransform
@@ -53,11 +52,6 @@ class RLParams(RLConfig, CheckpointParams):
         "training responses repeat a word as often, rl/rewards/repetition_surprisal) exceeds this multiple of its "
         "mean on the reference set: the over-optimization warning that needs no gold (docs/overoptimization.md), "
         "keeping that update's checkpoint; null = off.")
-    fitted_warning: str | None = Field(
-        None, description="A fitted warning's JSON (core.fitted_warning; the over-optimization report writes one, "
-        "docs/results/overoptimization/fitted_warning.json, for its own task): stop after the update whose score "
-        "over the run's signals and settings exceeds the warning's threshold, keeping the policy that update made. "
-        "A model of the runs it was fitted on: fit one on a pilot with known gold before trusting it; null = off.")
     checkpoint_root: str = Field(
         "data/06_models/rl_checkpoints",
         description="Checkpoints go to <root>/<MLflow run id>/ (logged as rl.checkpoint_dir); a run never touches "
@@ -74,7 +68,6 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     """RLOO or GRPO from the reference policy on the reward ``normalization.method`` names, through the
     frozen transform; returns the policy, per-update curves, the KL-control plot, the summary and tags."""
     method = normalization.method
-    fitted = FittedWarning.load(params.fitted_warning) if params.fitted_warning is not None else None
     original = RewardTransform.from_dict(reward_transform)
     rm_fingerprint = reward_fingerprint(reward_model)
     check_transform_matches(original, reward_model, rm_fingerprint)
@@ -94,8 +87,7 @@ def train_rl(reference_policy: Any, tokenizer: Any, reward_model: Any, reward_tr
     # the scale experiment the raw arm's beta stays tied to the a = 1 scale, so a drift goes unnoticed.
     result = trainers.train(config, reference_policy, tokenizer, prompts, ScoreReward(score_fn, tokenizer),
                             reward_scale=original.scale_of(method), checkpointing=checkpointing,
-                            warning_stops=warning_stops(transform, reference_responses, profile, params, "rl"),
-                            fitted_warning=fitted)
+                            warning_stops=warning_stops(transform, reference_responses, profile, params, "rl"))
     if result.stop_reason is not None:
         log.warning("%s stopped early: %s", params.algorithm.upper(), result.stop_reason)
     points = [{**p, "step": int(p["step"])} for p in result.history if BETA in p]
