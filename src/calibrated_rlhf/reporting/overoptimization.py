@@ -335,19 +335,55 @@ def meets_marks(fit: pd.Series, peaked: bool) -> bool:
                 and abs(fit.d_peak_fitted / fit.d_peak_observed - 1) <= MAX_PEAK_ERROR)
 
 
-def marks_line(fits: pd.DataFrame, rankings: pd.DataFrame) -> str:
+def rl_marks(fits: pd.DataFrame) -> list[str]:
+    """The RL methods' fits that meet :func:`meets_marks`, peaked meaning a point at larger d with less gold."""
+    return [f"{fit.method}, {fit.form} form" for fit in fits[fits["method"] != "best_of_n"].itertuples()
+            if meets_marks(pd.Series(fit._asdict()), fit.d_peak_observed < fit.d_max)]
+
+
+def marks_line(fits: pd.DataFrame, rankings: pd.DataFrame | None = None) -> str:
     """Which fits meet :func:`meets_marks`: RL methods' (a run at larger d with less gold than the best) and each
     best-of-n ranking's (a curve that :func:`turned`)."""
-    found = []
-    for fit in fits[fits["method"] != "best_of_n"].itertuples():
-        if meets_marks(pd.Series(fit._asdict()), fit.d_peak_observed < fit.d_max):
-            found.append(f"{fit.method}, {fit.form} form")
-    for fit in rankings.itertuples():
+    found = rl_marks(fits)
+    for fit in (rankings.itertuples() if rankings is not None else ()):
         if meets_marks(pd.Series(fit._asdict()), fit.turned):
             found.append(f"{fit.method}, {fit.form} form")
     claim = (f"a form fits with held-out R^2 >= {MIN_HELD_OUT_R2} and puts d* within {MAX_PEAK_ERROR:.0%} of an "
              "observed peak")
     return f"{claim}: " + ("; ".join(found) if found else "none") + "."
+
+
+TRAJECTORY_BINS = 30  # quantile bins of d per method: ten held out, each bin a mean over dozens of batches
+
+
+def trajectory_points(runs: Sequence[RunSignals], bins: int = TRAJECTORY_BINS) -> pd.DataFrame:
+    """Gold against ``d`` along training, as Gao et al. fit RL (checkpoints along a run, not one point per run):
+    every update of every run of a method, the batch gold's gain over the reference (the first update's batch,
+    averaged over the runs: all sample the reference then) against the batch KL, pooled and averaged in ``bins``
+    quantile bins of ``d``. One batch's gold is noise; the bins keep the curve's shape and let every update count."""
+    rows = []
+    for method in sorted({r.method for r in runs}):
+        mine = [r for r in runs if r.method == method and len(r.gold)]
+        reference = float(np.nanmean([r.raw[GOLD][0] for r in mine]))
+        d = np.sqrt(np.maximum(np.concatenate([r.raw["kl"] for r in mine]), 0.0))
+        gain = np.concatenate([r.raw[GOLD] for r in mine]) - reference
+        keep = np.isfinite(d) & np.isfinite(gain)
+        d, gain = d[keep], gain[keep]
+        which = np.clip(np.searchsorted(np.quantile(d, np.linspace(0, 1, bins + 1)), d, side="right") - 1, 0, bins - 1)
+        rows += [{"method": method, "sqrt_kl": d[which == b].mean(), "gold_gain": gain[which == b].mean()}
+                 for b in np.unique(which)]
+    frame = pd.DataFrame(rows, columns=["method", "sqrt_kl", "gold_gain"])
+    return frame.assign(kl=frame["sqrt_kl"] ** 2)
+
+
+def trajectory_lines(runs: Sequence[RunSignals]) -> list[str]:
+    """Both forms fitted along training (:func:`trajectory_points`), and which meet the marks."""
+    fits = overoptimization_fits(trajectory_points(runs))
+    if not len(fits):
+        return []
+    return [f"Along training, as Gao et al. fit RL: every update's batch gold gain and KL, pooled over a method's "
+            f"runs and averaged in {TRAJECTORY_BINS} quantile bins of d, fitted the same way:", "",
+            markdown_table(fits[FIT_COLUMNS].round(4)), "", f"- along training, {marks_line(fits)}", ""]
 
 
 def describe(label: str) -> str:
@@ -574,6 +610,7 @@ def size_section(r: SizeResults, out: Path, kl_levels: Sequence[float]) -> list[
         lines.append(f"- {marks_line(fits, by_ranking)}")
     lines += [f"- {bon_efficiency_verdict(r.points, r.bon, kl_levels)}", f"- {conservative_verdict(r.rankings)}",
               f"- {transform_verdict(r.points, fits, r.scale)}", ""]
+    lines += trajectory_lines(r.runs)
     if r.rankings is not None:
         wide = r.rankings.pivot_table(index="n", columns="ranking", values="gold_gain")
         lines += ["Best-of-n's gold gain under each ranking of the same pool:", "",
