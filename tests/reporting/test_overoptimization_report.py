@@ -30,10 +30,10 @@ def ppo_records(over: bool) -> list[dict[str, float]]:
             for k, g, rep, n in zip(kl, gold, surprisal, length)]
 
 
-def log_ppo_run(mlflow, target: float, seed: int, over: bool) -> None:
+def log_ppo_run(mlflow, target: float, seed: int, over: bool, scenario: str = "overoptimization_rm100") -> None:
     records = ppo_records(over)
     with mlflow.start_run():
-        mlflow.set_tags({"scenario": "overoptimization_rm100", "rl/algorithm": "ppo"})
+        mlflow.set_tags({"scenario": scenario, "rl/algorithm": "ppo"})
         mlflow.log_params({"ppo.trainer.kl_target": target, "ppo.trainer.seed": seed})
         last = records[-1]
         mlflow.log_metrics({"eval/kl_reference": last["ppo/objective/kl"], "eval/gold_gain": last["ppo/rewards/gold"],
@@ -77,7 +77,9 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
             log_ppo_run(mlflow, 64.0, seed, over=True)
             log_ppo_run(mlflow, 4.0, seed, over=False)
         log_best_of_n_run(mlflow, tmp_path)
-        report.main(["--sizes", "100", "--out", str(tmp_path / "out")])
+        for over, target in ((True, 64.0), (False, 4.0)):  # made after the rules were chosen: scored, not chosen on
+            log_ppo_run(mlflow, target, 2, over, scenario="overoptimization_rm100_untouched")
+        report.main(["--sizes", "100", "--untouched", "100", "--out", str(tmp_path / "out")])
     finally:
         mlflow.set_tracking_uri(previous)
     text = (tmp_path / "out" / "README.md").read_text()
@@ -106,6 +108,9 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert re.search(r"\| fitted_warning \| fitted_warning > -?[0-9.]+ " + scores, text)
     assert "| the other seeds | seed 0 |" in text
     assert "| seed 0, all but size 100 | the other seeds, size 100 | none:" in text
+    untouched = text.split("## The rules on untouched runs (seed 2)")[1]
+    assert "| kl | kl > 4 | 1 of 1 | 0 of 1 |" in untouched
+    assert re.search(r"\| fitted_warning \| fitted_warning > -?[0-9.]+ \| 1 of 1 \| 0 of 1 \|", untouched)
     warning = FittedWarning.load(tmp_path / "out" / "fitted_warning.json")
     assert f"fitted_warning > {warning.threshold:g} |" in text
     for over, target in ((True, 64.0), (False, 4.0)):

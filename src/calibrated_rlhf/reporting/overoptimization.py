@@ -635,13 +635,33 @@ def fitted_section(runs: Sequence[RunSignals], warning: FittedWarning, out: Path
             markdown_table(transfer_table(runs).fillna("-")), ""]
 
 
-def warnings_section(runs: Sequence[RunSignals], out: Path) -> list[str]:
+def untouched_section(untouched: Sequence[RunSignals], warning: FittedWarning | None, chosen: Mapping[str, Rule]
+                      ) -> list[str]:
+    """Every chosen rule, the fitted warning as fitted on seed 0, scored on runs made after all of them were chosen
+    (scenario ``overoptimization_rm<label>_untouched``): the held-out figures of runs nothing was looked at on."""
+    runs = [replace(r, signals={**r.signals, FITTED: warning.scores(r.raw, r.method, r.kl_target) if warning
+                                else np.full(len(r.gold), np.nan)}) for r in untouched]
+    rows = []
+    for family, rule in chosen.items():
+        s = score(rule, [judge(rule, r.signals[family], r.path, LATE_FRACTION) for r in runs])
+        rows.append({"signal": family, "rule": rule.describe(),
+                     "caught": f"{round(s.caught * s.n_over) if s.n_over else 0} of {s.n_over}",
+                     "false alarms": f"{round(s.false_alarms * s.n_safe) if s.n_safe else 0} of {s.n_safe}"})
+    seeds = ", ".join(str(seed) for seed in sorted({r.seed for r in runs}))
+    return [f"## The rules on untouched runs (seed {seeds})", "",
+            f"{len(runs)} runs made after every rule above, and the fitted warning, were chosen on seed 0, with the "
+            "same settings; each rule is scored as above:", "", markdown_table(pd.DataFrame(rows)), "",
+            "The gold a user would keep on them:", "", markdown_table(kept_gold_table(runs, chosen).round(3)), ""]
+
+
+def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[RunSignals] = ()) -> list[str]:
     """The warning rules over every RL run: each signal's chosen threshold and scores, the fitted warning, the gold
-    each rule keeps, then each run's firings."""
+    each rule keeps, each run's firings; then the chosen rules on ``untouched`` runs, if any."""
     runs, warning = with_fitted_warning(runs)
     table, chosen = warning_table(runs)
-    fitted = (fitted_section(runs, replace(warning, threshold=chosen[FITTED].threshold), out)
-              if warning is not None and FITTED in chosen else [])
+    if warning is not None and FITTED in chosen:
+        warning = replace(warning, threshold=chosen[FITTED].threshold)
+    fitted = fitted_section(runs, warning, out) if warning is not None and FITTED in chosen else []
     return ["## Warnings that need no gold", "",
             f"Each signal is a trailing mean over {WINDOW} updates; a relative rule divides it by its value at update "
             f"{BASE + 1}, the mean of the first {WINDOW}. Its threshold is the one that catches the most "
@@ -659,13 +679,14 @@ def warnings_section(runs: Sequence[RunSignals], out: Path) -> list[str]:
             markdown_table(deadline_table(runs)), "",
             "Each threshold of the signals read off the samples, over all runs (runs caught in time, fired on at all, "
             "safe runs alarmed):", "", markdown_table(grid_table(runs)), "",
-            markdown_table(run_table(runs, chosen).round(3)), ""]
+            markdown_table(run_table(runs, chosen).round(3)), "",
+            *(untouched_section(untouched, warning, chosen) if untouched else [])]
 
 
-def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4)
-                 ) -> Path:
+def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4),
+                 untouched: Sequence[RunSignals] = ()) -> Path:
     """``README.md`` (per set of reward models: the points, the fits, the verdicts; then the warning rules over every
-    run) and one figure per set, ``rm_<label>.png``, under ``out_dir``."""
+    run, and over ``untouched`` runs) and one figure per set, ``rm_<label>.png``, under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
@@ -676,7 +697,7 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
         lines += size_section(r, out, kl_levels)
     runs = [run for r in results for run in r.runs]
     if runs:
-        lines += warnings_section(runs, out)
+        lines += warnings_section(runs, out, untouched)
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
 
@@ -691,19 +712,27 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the reward models' labels (scenario overoptimization_rm<label>): their data size in "
                         "preference pairs, then _NAME where their own size differs (2400_large); comma separated; "
                         "LABEL@URI reads that label's runs from another MLflow store than $MLFLOW_TRACKING_URI's")
+    parser.add_argument("--untouched", default="",
+                        help="labels as --sizes whose runs tagged overoptimization_rm<label>_untouched were made after "
+                        "the rules were chosen: every chosen rule is scored on them too")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
+    results = [load_labelled(item, "", args.experiment) for item in args.sizes.split(",")]
+    untouched = [run for item in filter(None, args.untouched.split(","))
+                 for run in load_labelled(item, "_untouched", args.experiment).runs]
+    print(f"over-optimization report: {write_report(results, args.out, untouched=untouched)}")
+
+
+def load_labelled(item: str, suffix: str, experiment: str) -> SizeResults:
+    """``LABEL`` or ``LABEL@URI`` of ``--sizes``: the runs of scenario ``overoptimization_rm<LABEL><suffix>``."""
     from calibrated_rlhf.reporting.runs import tracking_store
 
-    results = []
-    for item in args.sizes.split(","):
-        size, _, uri = item.partition("@")
-        with tracking_store(uri):
-            result, notes = load_size(size, args.experiment)
-        results.append(result)
-        for note in notes:
-            print(f"rm_{size}: {note}")
-    print(f"over-optimization report: {write_report(results, args.out)}")
+    size, _, uri = item.partition("@")
+    with tracking_store(uri):
+        result, notes = load_size(size + suffix, experiment)
+    for note in notes:
+        print(f"rm_{size}{suffix}: {note}")
+    return result
 
 
 if __name__ == "__main__":
