@@ -2,11 +2,11 @@
 
 Each signal alone moves along one trade-off on the over-optimization task (docs/overoptimization.md): the
 entropy's fall, the KL and the response length catch a third of the runs that lose gold before any threshold
-alarms too many safe ones, because a safe run at a high KL target moves as far as a turning one at a low target.
-What a signal means depends on where the run was told to go, and the user knows that: the method and the KL
-target are in the config. So the score reads the signals (trailing means, the relative ones divided by their
-value at update ``base``, as :class:`~calibrated_rlhf.core.early_warning.Rule` does) beside two settings, the
-method (PPO or not) and ``log`` of the KL target.
+alarms too many safe ones, because how far a run moves, and how its samples change, depends on where it was sent.
+The user knows that: the method and the KL target are in the config. So the score reads the signals (trailing
+means, the relative ones as log ratios to their value at update ``base``, the yardstick
+:class:`~calibrated_rlhf.core.early_warning.Rule` divides by) beside two settings, the method (PPO or not) and
+``log`` of the KL target.
 
 Its weights come from runs whose gold is known (a pilot, or on the synthetic task one seed's runs), exactly as
 every single-signal threshold of the report is chosen on such runs; it then needs no gold to run. It is a model
