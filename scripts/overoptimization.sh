@@ -10,7 +10,8 @@
 #   SEEDS ("0 1"), OUT (docs/results/overoptimization), SCALE (first: the scale runs at the first size; all; 0: none),
 #   LARGE_SIZE (2400: the size the larger reward models are trained on; 0: none), LARGE_RM (their --params),
 #   JOBS (2: runs at once after each size's DAG, each on nproc / JOBS torch threads: one CPU run uses two cores
-#   poorly), REPORT_ONLY=1: the report from the runs already in the store.
+#   poorly), UNTOUCHED_SEEDS ("": more seeds of every RL run, tagged <scenario>_untouched: no rule is chosen on
+#   them, the report scores every chosen rule on them), REPORT_ONLY=1: the report from the runs already in the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KEDRO_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -18,6 +19,7 @@ read -r -a sizes <<< "${SIZES:-9600 2400 600}"
 read -r -a targets <<< "${TARGETS:-1 2 3 4 6 8 12 16 24 32 64}"
 read -r -a methods <<< "${METHODS:-ppo rloo}"
 read -r -a seeds <<< "${SEEDS:-0 1}"
+read -r -a untouched <<< "${UNTOUCHED_SEEDS:-}"
 large_size=${LARGE_SIZE:-2400}
 large=reward_model.size.num_hidden_layers=4,reward_model.size.hidden_size=256
 large_rm=${LARGE_RM:-$large,reward_model.size.intermediate_size=512,reward_model.size.num_attention_heads=8}
@@ -53,18 +55,22 @@ size_runs() {
     for a in 0.25 1 4; do enqueue ppo "normalization.method=raw,ppo.raw_reward_multiplier=$a,$scale"; done
     for a in 0.25 4; do enqueue ppo "ppo.raw_reward_multiplier=$a,$scale"; done
   fi
-  for seed in "${seeds[@]}"; do
-    for kl in "${targets[@]}"; do
-      for method in "${methods[@]}"; do
-        if [ "$method" = ppo ]; then
-          enqueue ppo "ppo.trainer.kl_target=$kl,ppo.trainer.seed=$seed,$tag"
-        else
-          enqueue rl "rl.algorithm=$method,rl.kl_target=$kl,rl.seed=$seed,$tag"
-        fi
-      done
+  for seed in "${seeds[@]}"; do rl_runs "$seed" "$tag"; done
+  for seed in "${untouched[@]}"; do rl_runs "$seed" "${tag}_untouched"; done
+  drain
+}
+
+# $1 seed, $2 the scenario tag: PPO and RLOO (METHODS) at every KL target
+rl_runs() {
+  for kl in "${targets[@]}"; do
+    for method in "${methods[@]}"; do
+      if [ "$method" = ppo ]; then
+        enqueue ppo "ppo.trainer.kl_target=$kl,ppo.trainer.seed=$1,$2"
+      else
+        enqueue rl "rl.algorithm=$method,rl.kl_target=$kl,rl.seed=$1,$2"
+      fi
     done
   done
-  drain
 }
 
 labels=("${sizes[@]}")
@@ -78,4 +84,7 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
   if [ "$large_size" != 0 ]; then size_runs "$large_size" large "$large_rm" 0; fi
 fi
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}
-"$python" -m calibrated_rlhf.reporting.overoptimization --sizes "$(IFS=,; echo "${labels[*]}")" --out "$out"
+checked=()
+if [ "${#untouched[@]}" -gt 0 ]; then checked=(--untouched "$(IFS=,; echo "${labels[*]}")"); fi
+"$python" -m calibrated_rlhf.reporting.overoptimization --sizes "$(IFS=,; echo "${labels[*]}")" "${checked[@]}" \
+  --out "$out"

@@ -81,3 +81,17 @@ def test_a_mistyped_setting_is_refused_before_any_run(tmp_path):
         proc, lines = run_script(tmp_path, **{setting: value})
         assert proc.returncode == 2 and f"{setting} must be" in proc.stderr and f"'{value}'" in proc.stderr
         assert lines == []
+
+
+def test_untouched_seeds_run_every_rl_run_again_under_their_own_tag_and_the_report_scores_them(tmp_path):
+    proc, lines = run_script(tmp_path, UNTOUCHED_SEEDS="2", LARGE_SIZE="0", SCALE="0")
+    assert proc.returncode == 0, proc.stderr
+    checked = starts(lines, "_untouched")
+    assert len(checked) == 4  # PPO and RLOO at the one target, for each of the two sizes
+    assert all("seed=2,scenario=overoptimization_rm" in lines[i] and lines[i].endswith("_untouched") for i in checked)
+    assert not [i for i in starts(lines, "seed=0") if "_untouched" in lines[i]]
+    report = lines[starts(lines, "calibrated_rlhf.reporting.overoptimization")[0]]
+    assert "--sizes 9600,600 --untouched 9600,600" in report
+    (tmp_path / "plain").mkdir()
+    _, plain = run_script(tmp_path / "plain", LARGE_SIZE="0")  # none asked for: none run, none read
+    assert not [line for line in plain if "_untouched" in line or "--untouched" in line]
