@@ -301,3 +301,8 @@ def test_trajectory_points_pool_every_update_against_the_reference_and_recover_t
     assert fits.loc["rl", "beta"] == pytest.approx(0.2, abs=0.02)
     assert "along training, a form fits with held-out R^2 >= 0.95 and puts d* within 15% of an observed peak: rloo, " \
            "rl form" in "\n".join(lines)
+    # a method whose runs never logged their gold (or not from the start) gives no points, not an error
+    unlogged = report.RunSignals("x", "100", "ppo", 4.0, 0, {}, np.zeros(UPDATES),
+                                 {"kl": kl, report.GOLD: gold * np.nan})
+    assert set(report.trajectory_points([*runs, unlogged], bins=20)["method"]) == {"rloo"}
+    assert report.trajectory_lines([unlogged]) == []

@@ -363,12 +363,16 @@ def trajectory_points(runs: Sequence[RunSignals], bins: int = TRAJECTORY_BINS) -
     quantile bins of ``d``. One batch's gold is noise; the bins keep the curve's shape and let every update count."""
     rows = []
     for method in sorted({r.method for r in runs}):
-        mine = [r for r in runs if r.method == method and len(r.gold)]
-        reference = float(np.nanmean([r.raw[GOLD][0] for r in mine]))
+        mine = [r for r in runs if r.method == method and len(r.raw.get(GOLD, ())) and np.isfinite(r.raw[GOLD][0])]
+        if not mine:  # no run of it logged its gold from the start: nothing to measure a gain from
+            continue
+        reference = float(np.mean([r.raw[GOLD][0] for r in mine]))
         d = np.sqrt(np.maximum(np.concatenate([r.raw["kl"] for r in mine]), 0.0))
         gain = np.concatenate([r.raw[GOLD] for r in mine]) - reference
         keep = np.isfinite(d) & np.isfinite(gain)
         d, gain = d[keep], gain[keep]
+        if not len(d):
+            continue
         which = np.clip(np.searchsorted(np.quantile(d, np.linspace(0, 1, bins + 1)), d, side="right") - 1, 0, bins - 1)
         rows += [{"method": method, "sqrt_kl": d[which == b].mean(), "gold_gain": gain[which == b].mean()}
                  for b in np.unique(which)]
