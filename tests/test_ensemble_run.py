@@ -171,6 +171,23 @@ def test_a_fitted_warning_stops_the_run_after_the_update_it_fires_on_and_keeps_i
     assert "fitted warning score 1.000 exceeds its threshold 0.000 at update 2" in out
 
 
+@pytest.mark.parametrize("stage", ["rl", "ppo"])
+def test_a_broken_fitted_warning_file_stops_the_stage_by_name_before_it_writes_anything(finished, stage, tmp_path):
+    """A fitted warning file that is not one (a user's typo, a truncated copy): the run fails naming the file, and no
+    model, checkpoint or data version appears that a later run would load."""
+    project, _, _ = finished
+    broken = tmp_path / "broken_warning.json"
+    broken.write_text('{"mean": [0.0')
+    models = project / "data"
+    before = sorted(p for p in models.rglob("*") if p.is_file())
+    key = {"ppo": "ppo.trainer.fitted_warning", "rl": "rl.fitted_warning"}[stage]
+    size = "reward_model.ensemble_size=2,reward_model.ensemble.aggregation=mean_minus_std"
+    code, out = kedro_run(project, "--env", "tiny", "--pipelines", stage, "--params", f"{size},{key}={broken}",
+                          name=f"{stage}_broken_warning")
+    assert code != 0 and "broken_warning.json" in out
+    assert sorted(p for p in models.rglob("*") if p.is_file()) == before
+
+
 def test_best_of_n_ranks_the_pool_by_every_member_and_aggregation(finished):
     """One pool, every ranking: the members alone and each aggregation. The transform ranks by the ensemble's own
     aggregation (mean_minus_std here), so those two curves are one; the members, who disagree, rank otherwise."""

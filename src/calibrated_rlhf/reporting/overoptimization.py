@@ -22,8 +22,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calibrated_rlhf.core import metric_keys as keys
-from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, GoldPath, Rule, best_threshold,
-                                                gold_path, judge, score, smooth)
+from calibrated_rlhf.core.early_warning import (REPEATED_WORDS, REPETITION_SURPRISAL, GoldPath, Rule, Score,
+                                                best_threshold, gold_path, judge, score, smooth)
 from calibrated_rlhf.core.fitted_warning import SIGNAL_KEYS, FittedWarning, features, fit_warning, labels
 from calibrated_rlhf.core.overoptimization import fit_curve, held_out_r2, law
 from calibrated_rlhf.core.signals import trailing_mean
@@ -101,7 +101,11 @@ def raw_series(history: pd.DataFrame, method: str) -> dict[str, np.ndarray]:
 
 def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The signals of one run's long-form history (``key``, ``step``, ``value``), in step order, and its gold."""
-    get = raw_series(history, method)
+    return signals_of(raw_series(history, method), window)
+
+
+def signals_of(get: Mapping[str, np.ndarray], window: int = WINDOW) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The signals (trailing means, and the proxy's efficiency and rate) of a run's :func:`raw_series`, and its gold."""
     smoothed = {name: trailing_mean(series, window) for name, series in get.items()}  # GOLD's too: the yardstick
     with np.errstate(invalid="ignore", divide="ignore"):
         # below a nat the ratio is noise over noise, and a policy that close to the reference is no concern
@@ -124,6 +128,22 @@ def marginal_proxy_per_nat(proxy: np.ndarray, kl: np.ndarray, lag: int, min_kl_r
     return out
 
 
+def family_score(rule: Rule, runs: Sequence[RunSignals], family: str, late_fraction: float = LATE_FRACTION) -> Score:
+    """``rule`` on the signal ``family`` of every run, judged by each run's gold."""
+    return score(rule, [judge(rule, r.signals[family], r.path, late_fraction) for r in runs])
+
+
+def choose_threshold(family: str, runs: Sequence[RunSignals], late_fraction: float = LATE_FRACTION) -> Score | None:
+    """The threshold of ``family``'s grid that catches the most of ``runs`` with at most :data:`MAX_FALSE_ALARMS`."""
+    return best_threshold([family_score(rule, runs, family, late_fraction) for rule in GRIDS[family]],
+                          MAX_FALSE_ALARMS)
+
+
+def of(share: float, n: float) -> str:
+    """A share of ``n`` runs as a count: "3 of 28"; a share of no runs is NaN, and so many runs none."""
+    return f"{round(share * n) if n else 0} of {int(n)}"
+
+
 def fitted_on_runs(runs: Sequence[RunSignals]) -> FittedWarning:
     """The fitted warning on ``runs``: each update of a run labelled by its gold (:func:`labels`)."""
     return fit_warning([(features(r.raw, r.method, r.kl_target, WINDOW, BASE),
@@ -139,8 +159,13 @@ def with_fitted_warning(runs: Sequence[RunSignals], fit_seed: int = 0
         warning = fitted_on_runs([r for r in runs if r.seed == fit_seed])
     except ValueError:
         warning = None
+    return scored(runs, warning), warning
+
+
+def scored(runs: Sequence[RunSignals], warning: FittedWarning | None) -> list[RunSignals]:
+    """The runs with ``warning``'s score as the signal :data:`FITTED` (NaN throughout without a warning)."""
     return [replace(r, signals={**r.signals, FITTED: warning.scores(r.raw, r.method, r.kl_target) if warning
-                                else np.full(len(r.gold), np.nan)}) for r in runs], warning
+                                else np.full(len(r.gold), np.nan)}) for r in runs]
 
 
 def transfer_row(fitted_on: str, scored_on: str, fit: Sequence[RunSignals], held: Sequence[RunSignals]
@@ -151,15 +176,12 @@ def transfer_row(fitted_on: str, scored_on: str, fit: Sequence[RunSignals], held
         warning = fitted_on_runs(fit)
     except ValueError:
         return {**row, "threshold": "none: no turning run or no safe run to fit on"}
-    score_on = {id(r): warning.scores(r.raw, r.method, r.kl_target) for r in [*fit, *held]}
-    best = best_threshold([score(rule, [judge(rule, score_on[id(r)], r.path, LATE_FRACTION) for r in fit])
-                           for rule in GRIDS[FITTED]], MAX_FALSE_ALARMS)
+    best = choose_threshold(FITTED, scored(fit, warning))
     if best is None:
         return {**row, "threshold": "none quiet enough"}
-    s = score(best.rule, [judge(best.rule, score_on[id(r)], r.path, LATE_FRACTION) for r in held])
-    return {**row, "threshold": best.rule.threshold,
-            "caught": f"{round(s.caught * s.n_over) if s.n_over else 0} of {s.n_over}",
-            "false alarms": f"{round(s.false_alarms * s.n_safe) if s.n_safe else 0} of {s.n_safe}"}
+    s = family_score(best.rule, scored(held, warning), FITTED)
+    return {**row, "threshold": best.rule.threshold, "caught": of(s.caught, s.n_over),
+            "false alarms": of(s.false_alarms, s.n_safe)}
 
 
 def transfer_table(runs: Sequence[RunSignals], fit_seed: int = 0) -> pd.DataFrame:
@@ -180,39 +202,33 @@ def warning_table(runs: Sequence[RunSignals], fit_seed: int = 0, late_fraction: 
     """Per signal: the threshold chosen on the runs of ``fit_seed`` (most caught by the peak plus ``late_fraction``
     of the run, with at most :data:`MAX_FALSE_ALARMS`), then its catches and false alarms on those runs and on the
     others; and the chosen rules (a signal with no threshold that quiet has none)."""
-    rows, chosen = [], {}
+    rows, rules = [], {}
     fit = [r for r in runs if r.seed == fit_seed]
     held = [r for r in runs if r.seed != fit_seed]
-    for family, grid in GRIDS.items():
-        best = best_threshold([score(rule, [judge(rule, r.signals[family], r.path, late_fraction)
-                                            for r in fit]) for rule in grid], MAX_FALSE_ALARMS)
+    for family in GRIDS:
+        best = choose_threshold(family, fit, late_fraction)
         row = {"signal": family, "rule": best.rule.describe() if best else "none quiet enough"}
         for name, subset in (("fit", fit), ("held_out", held)):
-            s = score(best.rule, [judge(best.rule, r.signals[family], r.path, late_fraction)
-                                  for r in subset]) if best else None
+            s = family_score(best.rule, subset, family, late_fraction) if best else None
             row.update({f"{name}_over": s.n_over if s else math.nan, f"{name}_caught": s.caught if s else math.nan,
                         f"{name}_safe": s.n_safe if s else math.nan,
                         f"{name}_false_alarms": s.false_alarms if s else math.nan})
         rows.append(row)
         if best:
-            chosen[family] = best.rule
-    return pd.DataFrame(rows), chosen
+            rules[family] = best.rule
+    return pd.DataFrame(rows), rules
 
 
 def deadline_table(runs: Sequence[RunSignals], late_fractions: Sequence[float] = LATE_FRACTIONS) -> pd.DataFrame:
     """Per signal and deadline (the peak plus that fraction of the run): the held-out runs caught and the safe ones
     alarmed, by the threshold chosen on seed 0 for that deadline (:func:`warning_table`); "-" where none is quiet
     enough. Whether a later deadline lets a signal meet the target says if the signal or the deadline is short."""
-    def count(share: float, n: float) -> int:
-        return round(share * n) if n else 0  # a share of no runs is NaN, and so many runs none
-
     cells: dict[str, dict[str, str]] = {family: {"signal": family} for family in GRIDS}
     for late in late_fractions:
-        table, chosen = warning_table(runs, late_fraction=late)
+        table, rules = warning_table(runs, late_fraction=late)
         for row in table.itertuples():
-            cells[row.signal][f"by the peak + {late:.0%}"] = "-" if row.signal not in chosen else (
-                f"{count(row.held_out_caught, row.held_out_over)} of {int(row.held_out_over)}, "
-                f"{count(row.held_out_false_alarms, row.held_out_safe)} of {int(row.held_out_safe)}")
+            cells[row.signal][f"by the peak + {late:.0%}"] = "-" if row.signal not in rules else (
+                f"{of(row.held_out_caught, row.held_out_over)}, {of(row.held_out_false_alarms, row.held_out_safe)}")
     return pd.DataFrame(list(cells.values()))
 
 
@@ -239,12 +255,11 @@ def kept_gold_table(runs: Sequence[RunSignals], rules: Mapping[str, Rule], fit_s
     (index ``i``, the batch the policy of ``i`` updates sampled) and keeps the policy that update makes, whose own
     batch is the next. Early firing costs gold here and late firing saves less: this weighs what catches and false
     alarms only count."""
-    held = [r for r in runs if r.seed != fit_seed]
+    held = [(r, smooth(r.gold, WINDOW)) for r in runs if r.seed != fit_seed]
 
     def row(name: str, stop: Callable[[RunSignals], int | None]) -> dict[str, object]:
         gains = {}
-        for r in held:
-            g = smooth(r.gold, WINDOW)
+        for r, g in held:
             at = stop(r)
             kept = len(g) - 1 if at is None else min(at + 1, len(g) - 1)
             gains.setdefault(r.path.over_optimized, []).append(g[kept] - g[0])
@@ -548,9 +563,8 @@ def load_size(size: str, experiment: str) -> tuple[SizeResults, list[str]]:
                                               keys.ppo_reward("calibrated") if p.method == "ppo"
                                               else keys.rl_reward("calibrated")])
         seed = int(as_float(by_id.loc[p.run_id].get(f"params.{SEED_PARAMS[p.method]}")))
-        values, gold = run_signals(history, p.method)
-        signals.append(RunSignals(p.run_id, size, p.method, p.budget, seed, values, gold,
-                                  raw_series(history, p.method)))
+        raw = raw_series(history, p.method)
+        signals.append(RunSignals(p.run_id, size, p.method, p.budget, seed, *signals_of(raw), raw))
         seeds.append(seed)
         gains.append(proxy_gain(history, p.method))
     points = points.assign(seed=seeds, proxy_gain=gains)
@@ -639,33 +653,31 @@ def fitted_section(runs: Sequence[RunSignals], warning: FittedWarning, out: Path
             markdown_table(transfer_table(runs).fillna("-")), ""]
 
 
-def untouched_section(untouched: Sequence[RunSignals], warning: FittedWarning | None, chosen: Mapping[str, Rule]
+def untouched_section(untouched: Sequence[RunSignals], warning: FittedWarning | None, rules: Mapping[str, Rule]
                       ) -> list[str]:
     """Every chosen rule, the fitted warning as fitted on seed 0, scored on runs made after all of them were chosen
     (scenario ``overoptimization_rm<label>_untouched``): the held-out figures of runs nothing was looked at on."""
-    runs = [replace(r, signals={**r.signals, FITTED: warning.scores(r.raw, r.method, r.kl_target) if warning
-                                else np.full(len(r.gold), np.nan)}) for r in untouched]
+    runs = scored(untouched, warning)
     rows = []
-    for family, rule in chosen.items():
-        s = score(rule, [judge(rule, r.signals[family], r.path, LATE_FRACTION) for r in runs])
-        rows.append({"signal": family, "rule": rule.describe(),
-                     "caught": f"{round(s.caught * s.n_over) if s.n_over else 0} of {s.n_over}",
-                     "false alarms": f"{round(s.false_alarms * s.n_safe) if s.n_safe else 0} of {s.n_safe}"})
+    for family, rule in rules.items():
+        s = family_score(rule, runs, family)
+        rows.append({"signal": family, "rule": rule.describe(), "caught": of(s.caught, s.n_over),
+                     "false alarms": of(s.false_alarms, s.n_safe)})
     seeds = ", ".join(str(seed) for seed in sorted({r.seed for r in runs}))
     return [f"## The rules on untouched runs (seed {seeds})", "",
             f"{len(runs)} runs made after every rule above, and the fitted warning, were chosen on seed 0, with the "
             "same settings; each rule is scored as above:", "", markdown_table(pd.DataFrame(rows)), "",
-            "The gold a user would keep on them:", "", markdown_table(kept_gold_table(runs, chosen).round(3)), ""]
+            "The gold a user would keep on them:", "", markdown_table(kept_gold_table(runs, rules).round(3)), ""]
 
 
 def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[RunSignals] = ()) -> list[str]:
     """The warning rules over every RL run: each signal's chosen threshold and scores, the fitted warning, the gold
     each rule keeps, each run's firings; then the chosen rules on ``untouched`` runs, if any."""
     runs, warning = with_fitted_warning(runs)
-    table, chosen = warning_table(runs)
-    if warning is not None and FITTED in chosen:
-        warning = replace(warning, threshold=chosen[FITTED].threshold)
-    fitted = fitted_section(runs, warning, out) if warning is not None and FITTED in chosen else []
+    table, rules = warning_table(runs)
+    if warning is not None and FITTED in rules:
+        warning = replace(warning, threshold=rules[FITTED].threshold)
+    fitted = fitted_section(runs, warning, out) if warning is not None and FITTED in rules else []
     return ["## Warnings that need no gold", "",
             f"Each signal is a trailing mean over {WINDOW} updates; a relative rule divides it by its value at update "
             f"{BASE + 1}, the mean of the first {WINDOW}. Its threshold is the one that catches the most "
@@ -678,13 +690,13 @@ def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[
             "The gold a user would keep, replayed on the logged runs: the held-out runs' mean gold gain (smoothed, "
             "from update 1) of the policy each chosen rule keeps (the one the update it fires on makes), or of the "
             "last where it never fires:", "",
-            markdown_table(kept_gold_table(runs, chosen).round(3)), "",
+            markdown_table(kept_gold_table(runs, rules).round(3)), "",
             "The same choice and held-out score at later deadlines (held-out runs caught, safe runs alarmed):", "",
             markdown_table(deadline_table(runs)), "",
             "Each threshold of the signals read off the samples, over all runs (runs caught in time, fired on at all, "
             "safe runs alarmed):", "", markdown_table(grid_table(runs)), "",
-            markdown_table(run_table(runs, chosen).round(3)), "",
-            *(untouched_section(untouched, warning, chosen) if untouched else [])]
+            markdown_table(run_table(runs, rules).round(3)), "",
+            *(untouched_section(untouched, warning, rules) if untouched else [])]
 
 
 def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4),
