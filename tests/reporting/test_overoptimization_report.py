@@ -129,6 +129,34 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert "observed peak: best_of_n by member_0, bon form." in text
     assert "| best_of_n by member_0 | bon | 7 | 0.4 |" in text
     assert "best-of-n is more KL-efficient than RL" in text
+    # every RL run's series, written beside the report, gives the same warnings section and warning without the store
+    report.main(["--series", str(tmp_path / "out" / "runs.csv.gz"), "--out", str(tmp_path / "again")])
+    again = (tmp_path / "again" / "README.md").read_text()
+    assert "## Warnings that need no gold" in again and "(seed 2)" in again
+    assert again.split("## Warnings that need no gold")[1] == text.split("## Warnings that need no gold")[1]
+    refit = FittedWarning.load(tmp_path / "again" / "fitted_warning.json")  # the file keeps 10 digits of each value
+    assert refit.threshold == warning.threshold and np.allclose(refit.weights, warning.weights, rtol=1e-6)
+    assert not (tmp_path / "again" / "runs.csv.gz").exists() and not list((tmp_path / "again").glob("*.png"))
+
+
+def test_run_series_round_trip_through_their_file_with_every_signal_and_gap(tmp_path):
+    history = pd.DataFrame([{"key": key, "step": step, "value": value}
+                            for step, metrics in enumerate(ppo_records(True), start=1)
+                            for key, value in metrics.items() if not (key == "ppo/policy/entropy" and step == 7)])
+    raw = report.raw_series(history, "ppo")
+    run = report.RunSignals("a1", "2400_large", "ppo", 64.0, 3, *report.signals_of(raw), raw)
+    safe = report.RunSignals("b2", "600", "rloo", 4.0, 1, *report.signals_of(raw), raw)
+    report.series_frame([safe], [run]).to_csv(tmp_path / "runs.csv.gz", index=False, float_format="%.10g")
+    (chosen_on,), (untouched,) = report.runs_from_series(pd.read_csv(tmp_path / "runs.csv.gz"))
+    for got, want in ((chosen_on, safe), (untouched, run)):
+        assert (got.run_id, got.size, got.method, got.kl_target, got.seed) == (
+            want.run_id, want.size, want.method, want.kl_target, want.seed)
+        for name, series in want.raw.items():
+            np.testing.assert_allclose(got.raw[name], series, rtol=1e-9)
+        np.testing.assert_allclose(got.signals["proxy_per_nat"], want.signals["proxy_per_nat"], rtol=1e-9)
+    assert np.isnan(untouched.raw["entropy"][6]) and np.isfinite(untouched.raw["entropy"][5])
+    with pytest.raises(ValueError, match="gold"):
+        report.runs_from_series(pd.read_csv(tmp_path / "runs.csv.gz").drop(columns="gold"))
 
 
 def test_a_size_can_come_from_another_store(tmp_path):

@@ -65,6 +65,8 @@ GRIDS: dict[str, tuple[Rule, ...]] = {
     # much of a turn the gold shows by the deadline, the judgement's limit rather than the signals'.
     GOLD: tuple(Rule(GOLD, t, drawdown=True, base=BASE) for t in np.round(np.arange(0.02, 0.31, 0.02), 2)),
 }
+SERIES_FILE = "runs.csv.gz"  # beside the report: every RL run's series (series_frame)
+SERIES_IDENTITY = ("run_id", "size", "method", "kl_target", "seed", "untouched", "update")
 LATE_FRACTIONS = (0.10, 0.25, 0.50, 1.00)  # the deadline table's; 1.0: fired at all before the end
 EFFICIENCY_MIN_KL = 1.0
 MIN_KL_RISE = 2.0
@@ -97,6 +99,35 @@ def raw_series(history: pd.DataFrame, method: str) -> dict[str, np.ndarray]:
     wide = history.pivot_table(index="step", columns="key", values="value").sort_index()
     return {name: wide[key].to_numpy(dtype=float) if key in wide else np.full(len(wide), np.nan)
             for name, key in HISTORY["ppo" if method == "ppo" else "rl"].items()}
+
+
+def series_frame(runs: Sequence[RunSignals], untouched: Sequence[RunSignals] = ()) -> pd.DataFrame:
+    """Every run's series as logged (:func:`raw_series`) in one table, a row per update: who the run is, whether it
+    is ``untouched`` (made after the rules were chosen), its ``update`` from 1, and a column per :data:`HISTORY`
+    name. What the warnings section reads, so it can be written again, and a warning fitted anew, without the
+    store."""
+    names = list(HISTORY["ppo"])  # the same names for every method: only the metric keys differ
+    frames = [pd.DataFrame({"run_id": r.run_id, "size": r.size, "method": r.method, "kl_target": r.kl_target,
+                            "seed": r.seed, "untouched": flag, "update": np.arange(1, len(r.gold) + 1),
+                            **{name: r.raw[name] for name in names}})
+              for flag, group in ((False, runs), (True, untouched)) for r in group]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*SERIES_IDENTITY, *names])
+
+
+def runs_from_series(frame: pd.DataFrame) -> tuple[list[RunSignals], list[RunSignals]]:
+    """The runs of a :func:`series_frame` (read back from its file), split as it was written: the runs the rules
+    are chosen on, and the untouched ones."""
+    if missing := [c for c in (*SERIES_IDENTITY, *HISTORY["ppo"]) if c not in frame]:
+        raise ValueError(f"a run-series table needs the columns {', '.join(missing)}")
+    split: dict[bool, list[RunSignals]] = {False: [], True: []}
+    for run_id, rows in frame.groupby("run_id", sort=False):
+        rows = rows.sort_values("update")
+        first = rows.iloc[0]
+        raw = {name: rows[name].to_numpy(dtype=float) for name in HISTORY["ppo"]}
+        split[bool(first["untouched"])].append(RunSignals(
+            str(run_id), str(first["size"]), str(first["method"]), float(first["kl_target"]), int(first["seed"]),
+            *signals_of(raw), raw))
+    return split[False], split[True]
 
 
 def run_signals(history: pd.DataFrame, method: str, window: int = WINDOW) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -700,9 +731,11 @@ def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[
 
 
 def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4),
-                 untouched: Sequence[RunSignals] = ()) -> Path:
+                 untouched: Sequence[RunSignals] = (), series: Sequence[RunSignals] | None = None) -> Path:
     """``README.md`` (per set of reward models: the points, the fits, the verdicts; then the warning rules over every
-    run, and over ``untouched`` runs) and one figure per set, ``rm_<label>.png``, under ``out_dir``."""
+    run, and over ``untouched`` runs), one figure per set, ``rm_<label>.png``, and every RL run's series,
+    :data:`SERIES_FILE`, under ``out_dir``. With ``series`` (runs read back from that file) and no ``results``, only
+    the warnings section, from those runs, and the file is left as it is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
@@ -711,7 +744,9 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
              "[docs/overoptimization.md](../../overoptimization.md).", ""]
     for r in results:
         lines += size_section(r, out, kl_levels)
-    runs = [run for r in results for run in r.runs]
+    runs = [run for r in results for run in r.runs] if series is None else list(series)
+    if series is None and (runs or untouched):
+        series_frame(runs, untouched).to_csv(out / SERIES_FILE, index=False, float_format="%.10g")
     if runs:
         lines += warnings_section(runs, out, untouched)
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -731,8 +766,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--untouched", default="",
                         help="labels as --sizes whose runs tagged overoptimization_rm<label>_untouched were made after "
                         "the rules were chosen: every chosen rule is scored on them too")
+    parser.add_argument("--series", default="",
+                        help=f"a {SERIES_FILE} an earlier report wrote: the warnings section again from its runs, "
+                        "with no store (--sizes and --untouched are not read)")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
+    if args.series:
+        runs, untouched = runs_from_series(pd.read_csv(args.series))
+        print(f"over-optimization report: {write_report([], args.out, untouched=untouched, series=runs)}")
+        return
     results = [load_labelled(item, "", args.experiment) for item in args.sizes.split(",")]
     untouched = [run for item in filter(None, args.untouched.split(","))
                  for run in load_labelled(item, "_untouched", args.experiment).runs]
