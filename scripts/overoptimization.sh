@@ -4,7 +4,8 @@
 # KL target and seed, every run tagged with its size's scenario; at the first size also PPO at a fixed beta on the
 # raw and on the transform's reward with the raw outputs times 0.25, 1 and 4 (the scale runs); then the same for
 # larger reward models at one size; then the report (fits, figures, verdicts, warning rules, runs.csv.gz: every RL
-# run's series) under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its mlflow.db.
+# run's series) under docs/results/overoptimization/. Run in a project folder of its own: every run goes to its
+# mlflow.db.
 # Usage: bash scripts/overoptimization.sh
 #   SIZES ("9600 2400 600": preference pairs), TARGETS ("1 2 3 4 6 8 12 16 24 32 64"), METHODS ("ppo rloo"),
 #   SEEDS ("0 1"), OUT (docs/results/overoptimization), SCALE (first: the scale runs at the first size; all; 0: none),
