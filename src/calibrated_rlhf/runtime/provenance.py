@@ -101,11 +101,29 @@ def _package_module(path: str) -> str | None:
     return ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
 
 
+def machine() -> str:
+    """The CPU and the vector instructions torch's kernels use (``AVX2``, ``AVX512``), and the GPU if any. Runs are
+    bit-identical only on the same kind of machine: another vector width sums floats in another order, and an RL
+    run's sampling turns a last-bit difference into another trajectory (docs/runs-and-tracking.md)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}){gpu}"
+
+
 def provenance_tags(project_path: str | os.PathLike[str] | None = None,
                     states: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """Git commit and dirty flag, package versions, the interpreter and the exact command line."""
     tags = {"provenance/command": command_line(), "provenance/python": sys.version.split()[0],
-            "provenance/platform": sys.platform}
+            "provenance/platform": sys.platform, "provenance/machine": machine()}
     for prefix, state in (git_states(project_path) if states is None else states).items():
         tags[f"provenance/{prefix}commit"] = state["commit"]
         tags[f"provenance/{prefix}dirty"] = state["dirty"]
