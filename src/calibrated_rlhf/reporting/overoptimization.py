@@ -701,6 +701,23 @@ def untouched_section(untouched: Sequence[RunSignals], warning: FittedWarning | 
             "The gold a user would keep on them:", "", markdown_table(kept_gold_table(runs, rules).round(3)), ""]
 
 
+def saved_warning_section(warning: FittedWarning, source: str, runs: Sequence[RunSignals],
+                          untouched: Sequence[RunSignals] = ()) -> list[str]:
+    """A fitted warning saved by another report (fitted, and its threshold chosen, on other runs: another seed's,
+    another machine's) scored as it is, threshold included, on these runs: nothing of it was chosen on them."""
+    rule = Rule(FITTED, warning.threshold)
+    every = scored([*runs, *untouched], warning)
+    groups = [("every run", every), *((f"{attribute} {v}", [r for r in every if getattr(r, attribute) == v])
+                                      for attribute in ("method", "size")
+                                      for v in sorted({getattr(r, attribute) for r in every}))]
+    rows = [{"runs": name, "caught": of(s.caught, s.n_over), "false alarms": of(s.false_alarms, s.n_safe)}
+            for name, s in ((name, family_score(rule, group, FITTED)) for name, group in groups)]
+    return ["## A saved warning on these runs", "",
+            f"`{source}` (threshold {warning.threshold:g}) on all {len(every)} runs above, scored as the rules are:",
+            "",
+            markdown_table(pd.DataFrame(rows)), ""]
+
+
 def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[RunSignals] = ()) -> list[str]:
     """The warning rules over every RL run: each signal's chosen threshold and scores, the fitted warning, the gold
     each rule keeps, each run's firings; then the chosen rules on ``untouched`` runs, if any."""
@@ -731,11 +748,13 @@ def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[
 
 
 def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4),
-                 untouched: Sequence[RunSignals] = (), series: Sequence[RunSignals] | None = None) -> Path:
+                 untouched: Sequence[RunSignals] = (), series: Sequence[RunSignals] | None = None,
+                 saved: str = "") -> Path:
     """``README.md`` (per set of reward models: the points, the fits, the verdicts; then the warning rules over every
     run, and over ``untouched`` runs), one figure per set, ``rm_<label>.png``, and every RL run's series,
     :data:`SERIES_FILE`, under ``out_dir``. With ``series`` (runs read back from that file) and no ``results``, only
-    the warnings section, from those runs, and the file is left as it is."""
+    the warnings section, from those runs, and the file is left as it is. ``saved``: the path of a fitted warning
+    another report saved, scored on all these runs as it is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
@@ -749,6 +768,8 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
         series_frame(runs, untouched).to_csv(out / SERIES_FILE, index=False, float_format="%.10g")
     if runs:
         lines += warnings_section(runs, out, untouched)
+    if saved and (runs or untouched):
+        lines += saved_warning_section(FittedWarning.load(saved), saved, runs, untouched)
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
 
@@ -769,16 +790,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--series", default="",
                         help=f"a {SERIES_FILE} an earlier report wrote: the warnings section again from its runs, "
                         "with no store (--sizes and --untouched are not read)")
+    parser.add_argument("--warning", default="",
+                        help="a fitted_warning.json another report saved: scored as it is on every run read here")
     parser.add_argument("--out", default="docs/results/overoptimization")
     args = parser.parse_args(argv)
+    if args.warning:
+        FittedWarning.load(args.warning)  # a missing or broken file is named before any run is read
     if args.series:
         runs, untouched = runs_from_series(pd.read_csv(args.series))
-        print(f"over-optimization report: {write_report([], args.out, untouched=untouched, series=runs)}")
+        path = write_report([], args.out, untouched=untouched, series=runs, saved=args.warning)
+        print(f"over-optimization report: {path}")
         return
     results = [load_labelled(item, "", args.experiment) for item in args.sizes.split(",")]
     untouched = [run for item in filter(None, args.untouched.split(","))
                  for run in load_labelled(item, "_untouched", args.experiment).runs]
-    print(f"over-optimization report: {write_report(results, args.out, untouched=untouched)}")
+    print(f"over-optimization report: {write_report(results, args.out, untouched=untouched, saved=args.warning)}")
 
 
 def load_labelled(item: str, suffix: str, experiment: str) -> SizeResults:
