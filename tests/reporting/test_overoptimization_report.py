@@ -130,8 +130,6 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert "| best_of_n by member_0 | bon | 7 | 0.4 |" in text
     assert "best-of-n is more KL-efficient than RL" in text
     # every RL run's series, written beside the report, gives the same warnings section and warning without the store
-    saved = tmp_path / "saved.json"  # another report's warning: fires on neither run where its threshold is above all
-    FittedWarning.from_dict({**warning.to_dict(), "threshold": 50.0}).save(saved)
     report.main(["--series", str(tmp_path / "out" / "runs.csv.gz"), "--out", str(tmp_path / "again"),
                  "--warning", str(tmp_path / "out" / "fitted_warning.json")])
     again = (tmp_path / "again" / "README.md").read_text()
@@ -140,6 +138,8 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert warnings == text.split("## Warnings that need no gold")[1]
     # the first report's warning scored as it is on all six runs: every over-optimizing one caught, no false alarm
     assert "| every run | 3 of 3 | 0 of 3 |" in saved_section and "| method ppo | 3 of 3 | 0 of 3 |" in saved_section
+    saved = tmp_path / "saved.json"  # another report's warning: fires on no run, its threshold above every score
+    FittedWarning.from_dict({**warning.to_dict(), "threshold": 50.0}).save(saved)
     report.main(["--series", str(tmp_path / "out" / "runs.csv.gz"), "--out", str(tmp_path / "quiet"),
                  "--warning", str(saved)])
     assert "| every run | 0 of 3 | 0 of 3 |" in (tmp_path / "quiet" / "README.md").read_text()
