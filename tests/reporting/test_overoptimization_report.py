@@ -152,6 +152,13 @@ def test_report_reads_the_runs_fits_the_curves_and_scores_the_warnings(tmp_path)
     assert not (tmp_path / "again" / "runs.csv.gz").exists() and not list((tmp_path / "again").glob("*.png"))
 
 
+def test_the_report_links_its_guide_from_any_depth_of_the_docs_folder(tmp_path):
+    assert report.guide_link(tmp_path / "docs" / "results" / "overoptimization") == "../../overoptimization.md"
+    rerun = tmp_path / "docs" / "results" / "overoptimization" / "rerun"
+    assert report.guide_link(rerun) == "../../../overoptimization.md"
+    assert report.guide_link(tmp_path / "out") == "docs/overoptimization.md"
+
+
 def test_run_series_round_trip_through_their_file_with_every_signal_and_gap(tmp_path):
     history = pd.DataFrame([{"key": key, "step": step, "value": value}
                             for step, metrics in enumerate(ppo_records(True), start=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -747,6 +748,14 @@ def warnings_section(runs: Sequence[RunSignals], out: Path, untouched: Sequence[
             *(untouched_section(untouched, warning, rules) if untouched else [])]
 
 
+def guide_link(out: Path) -> str:
+    """The link from a report written under ``out`` to the guide that explains it: relative where ``out`` lies in
+    the project's docs folder (at any depth), the project path elsewhere."""
+    where = out.resolve()
+    docs = next((parent for parent in where.parents if parent.name == "docs"), None)
+    return os.path.relpath(docs / "overoptimization.md", where) if docs else "docs/overoptimization.md"
+
+
 def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels: Sequence[float] = (1, 2, 4),
                  untouched: Sequence[RunSignals] = (), series: Sequence[RunSignals] | None = None,
                  saved: str = "") -> Path:
@@ -760,12 +769,14 @@ def write_report(results: Sequence[SizeResults], out_dir: str | Path, kl_levels:
     lines = ["# Over-optimization: gold and proxy against KL, per reward-model data size", "",
              "Written by `python -m calibrated_rlhf.reporting.overoptimization` from the runs of "
              "`scripts/overoptimization.sh`; how to read it: "
-             "[docs/overoptimization.md](../../overoptimization.md).", ""]
+             f"[docs/overoptimization.md]({guide_link(out)}).", ""]
     for r in results:
         lines += size_section(r, out, kl_levels)
     runs = [run for r in results for run in r.runs] if series is None else list(series)
     if series is None and (runs or untouched):
-        series_frame(runs, untouched).to_csv(out / SERIES_FILE, index=False, float_format="%.10g")
+        # mtime 0: the same runs give the same bytes, so a report written again shows no change in git
+        series_frame(runs, untouched).to_csv(out / SERIES_FILE, index=False, float_format="%.10g",
+                                             compression={"method": "gzip", "mtime": 0})
     if runs:
         lines += warnings_section(runs, out, untouched)
     if saved and (runs or untouched):
